@@ -1,0 +1,387 @@
+//! The eBPF datapath as userspace sees it: the embedded object, loading with or without pins,
+//! typed access to every map, and attaching the programs to interfaces.
+//!
+//! Pins live under `<root>/v<SCHEMA_VERSION>/` (`maps/`, `links/`), so an agent, the CNI plugin
+//! and the CLI of one node share maps, several simulated nodes never do, and a new map layout
+//! never reuses an old map.
+use std::{
+    io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, Xdp,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::{XdpLink, XdpMode},
+    },
+    sys::SyscallError,
+};
+use ipnet::Ipv4Net;
+use weft_common::{
+    DropReason, EndpointInfo, Ipv4Key, NodeConfig, NodeInfo, RouteInfo, SCHEMA_VERSION, Stat,
+    map_names, prog_names,
+};
+
+/// The compiled `node-ebpf` object (BTF included).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft"));
+
+/// The schema-versioned pin directory under a pin root (e.g. `/sys/fs/bpf/weft/v1`).
+pub fn pin_dir(root: &Path) -> PathBuf {
+    root.join(format!("v{SCHEMA_VERSION}"))
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    /// Schema-versioned pin directory, when pinned.
+    pin_dir: Option<PathBuf>,
+}
+
+impl Datapath {
+    /// Loads the object with private, unpinned maps (packet-injection tests, benchmarks).
+    pub fn load_unpinned() -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+        load_programs(&mut ebpf)?;
+        Ok(Self {
+            ebpf,
+            pin_dir: None,
+        })
+    }
+
+    /// Loads the object reusing the maps pinned under `pin_root` (creating and pinning them on
+    /// first use): what the agent and the CNI plugin do.
+    pub fn load_pinned(pin_root: &Path) -> Result<Self> {
+        let dir = pin_dir(pin_root);
+        let maps_dir = dir.join("maps");
+        std::fs::create_dir_all(&maps_dir)
+            .with_context(|| format!("creating the pin directory {}", maps_dir.display()))?;
+        std::fs::create_dir_all(dir.join("links"))?;
+        let mut loader = EbpfLoader::new();
+        for name in map_names::ALL {
+            loader.map_pin_path(name, maps_dir.join(name));
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).with_context(|| {
+            format!(
+                "loading the eBPF object with maps pinned in {}",
+                maps_dir.display()
+            )
+        })?;
+        load_programs(&mut ebpf)?;
+        Ok(Self {
+            ebpf,
+            pin_dir: Some(dir),
+        })
+    }
+
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    pub fn tc_program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
+        let prog = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+        prog.try_into()
+            .with_context(|| format!("{name} is not a tc program"))
+    }
+
+    pub fn xdp_program(&mut self) -> Result<&mut Xdp> {
+        let prog = self
+            .ebpf
+            .program_mut(prog_names::XDP_UNDERLAY)
+            .ok_or_else(|| anyhow!("program xdp_underlay missing from the object"))?;
+        prog.try_into()
+            .context("xdp_underlay is not an XDP program")
+    }
+
+    // --- maps -----------------------------------------------------------------------------
+
+    fn map(&self, name: &str) -> Result<&aya::maps::Map> {
+        self.ebpf
+            .map(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the object"))
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the object"))
+    }
+
+    pub fn set_config(&mut self, cfg: &NodeConfig) -> Result<()> {
+        let mut map: Array<&mut MapData, NodeConfig> =
+            self.map_mut(map_names::CONFIG)?.try_into()?;
+        map.set(0, cfg, 0).context("writing the node config")
+    }
+
+    pub fn config(&self) -> Result<NodeConfig> {
+        let map: Array<&MapData, NodeConfig> = self.map(map_names::CONFIG)?.try_into()?;
+        map.get(&0, 0).context("reading the node config")
+    }
+
+    pub fn upsert_route(&mut self, cidr: Ipv4Net, info: &RouteInfo) -> Result<()> {
+        let mut map: LpmTrie<&mut MapData, [u8; 4], RouteInfo> =
+            self.map_mut(map_names::ROUTES)?.try_into()?;
+        let key = Key::new(cidr.prefix_len() as u32, cidr.network().octets());
+        map.insert(&key, info, 0)
+            .with_context(|| format!("inserting route {cidr}"))
+    }
+
+    pub fn remove_route(&mut self, cidr: Ipv4Net) -> Result<()> {
+        let mut map: LpmTrie<&mut MapData, [u8; 4], RouteInfo> =
+            self.map_mut(map_names::ROUTES)?.try_into()?;
+        let key = Key::new(cidr.prefix_len() as u32, cidr.network().octets());
+        map.remove(&key)
+            .with_context(|| format!("removing route {cidr}"))
+    }
+
+    pub fn routes(&self) -> Result<Vec<(Ipv4Net, RouteInfo)>> {
+        let map: LpmTrie<&MapData, [u8; 4], RouteInfo> = self.map(map_names::ROUTES)?.try_into()?;
+        let mut out = Vec::new();
+        for entry in map.iter() {
+            let (key, info) = entry.context("iterating routes")?;
+            let net = Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8)
+                .context("route key with an invalid prefix length")?;
+            out.push((net, info));
+        }
+        out.sort_by_key(|(net, _)| *net);
+        Ok(out)
+    }
+
+    pub fn upsert_endpoint(&mut self, addr: Ipv4Addr, info: &EndpointInfo) -> Result<()> {
+        let mut map: HashMap<&mut MapData, Ipv4Key, EndpointInfo> =
+            self.map_mut(map_names::ENDPOINTS)?.try_into()?;
+        map.insert(
+            Ipv4Key {
+                addr: addr.octets(),
+            },
+            info,
+            0,
+        )
+        .with_context(|| format!("inserting endpoint {addr}"))
+    }
+
+    pub fn remove_endpoint(&mut self, addr: Ipv4Addr) -> Result<()> {
+        let mut map: HashMap<&mut MapData, Ipv4Key, EndpointInfo> =
+            self.map_mut(map_names::ENDPOINTS)?.try_into()?;
+        map.remove(&Ipv4Key {
+            addr: addr.octets(),
+        })
+        .with_context(|| format!("removing endpoint {addr}"))
+    }
+
+    pub fn endpoints(&self) -> Result<Vec<(Ipv4Addr, EndpointInfo)>> {
+        let map: HashMap<&MapData, Ipv4Key, EndpointInfo> =
+            self.map(map_names::ENDPOINTS)?.try_into()?;
+        let mut out = Vec::new();
+        for entry in map.iter() {
+            let (key, info) = entry.context("iterating endpoints")?;
+            out.push((Ipv4Addr::from(key.addr), info));
+        }
+        out.sort_by_key(|(a, _)| *a);
+        Ok(out)
+    }
+
+    pub fn upsert_node(&mut self, addr: Ipv4Addr, info: &NodeInfo) -> Result<()> {
+        let mut map: HashMap<&mut MapData, Ipv4Key, NodeInfo> =
+            self.map_mut(map_names::NODES)?.try_into()?;
+        map.insert(
+            Ipv4Key {
+                addr: addr.octets(),
+            },
+            info,
+            0,
+        )
+        .with_context(|| format!("inserting node {addr}"))
+    }
+
+    pub fn remove_node(&mut self, addr: Ipv4Addr) -> Result<()> {
+        let mut map: HashMap<&mut MapData, Ipv4Key, NodeInfo> =
+            self.map_mut(map_names::NODES)?.try_into()?;
+        map.remove(&Ipv4Key {
+            addr: addr.octets(),
+        })
+        .with_context(|| format!("removing node {addr}"))
+    }
+
+    pub fn nodes(&self) -> Result<Vec<(Ipv4Addr, NodeInfo)>> {
+        let map: HashMap<&MapData, Ipv4Key, NodeInfo> = self.map(map_names::NODES)?.try_into()?;
+        let mut out = Vec::new();
+        for entry in map.iter() {
+            let (key, info) = entry.context("iterating nodes")?;
+            out.push((Ipv4Addr::from(key.addr), info));
+        }
+        out.sort_by_key(|(a, _)| *a);
+        Ok(out)
+    }
+
+    fn per_cpu_sum(&self, name: &str, index: u32) -> Result<u64> {
+        let map: PerCpuArray<&MapData, u64> = self.map(name)?.try_into()?;
+        let values = map
+            .get(&index, 0)
+            .with_context(|| format!("reading {name}[{index}]"))?;
+        Ok(values.iter().sum())
+    }
+
+    /// Drop counters summed over CPUs.
+    pub fn drops(&self) -> Result<Vec<(DropReason, u64)>> {
+        DropReason::ALL
+            .iter()
+            .map(|r| Ok((*r, self.per_cpu_sum(map_names::DROPS, *r as u32)?)))
+            .collect()
+    }
+
+    pub fn drop_count(&self, reason: DropReason) -> Result<u64> {
+        self.per_cpu_sum(map_names::DROPS, reason as u32)
+    }
+
+    /// Path counters summed over CPUs.
+    pub fn stats(&self) -> Result<Vec<(Stat, u64)>> {
+        Stat::ALL
+            .iter()
+            .map(|s| Ok((*s, self.per_cpu_sum(map_names::STATS, *s as u32)?)))
+            .collect()
+    }
+
+    pub fn stat_count(&self, stat: Stat) -> Result<u64> {
+        self.per_cpu_sum(map_names::STATS, stat as u32)
+    }
+
+    // --- attaching ------------------------------------------------------------------------
+    //
+    // Attachments are bpf_links. When the datapath is pinned, links are pinned too: they outlive
+    // the process (the CNI plugin exits after ADD; the agent may be killed), and a restarted
+    // agent atomically swaps its freshly loaded program into the existing link, so no packet
+    // ever meets an interface without a program.
+
+    fn link_pin(&self, prog: &str, ifname: &str) -> Option<PathBuf> {
+        self.pin_dir
+            .as_ref()
+            .map(|d| d.join("links").join(format!("{prog}@{ifname}")))
+    }
+
+    /// Attaches `from_pod` to the tc ingress of a pod's host-side veth (in the current netns).
+    pub fn attach_from_pod(&mut self, ifname: &str) -> Result<()> {
+        self.attach_tc(prog_names::FROM_POD, ifname)
+    }
+
+    /// Attaches the underlay programs to the node's NIC: XDP (decapsulation, optional) and tc
+    /// ingress (delivery, decapsulation fallback).
+    pub fn attach_underlay(&mut self, ifname: &str, with_xdp: bool) -> Result<()> {
+        self.attach_tc(prog_names::FROM_UNDERLAY, ifname)?;
+        if with_xdp {
+            self.attach_xdp(ifname)?;
+        }
+        Ok(())
+    }
+
+    fn attach_tc(&mut self, prog_name: &str, ifname: &str) -> Result<()> {
+        let pin = self.link_pin(prog_name, ifname);
+        let prog = self.tc_program(prog_name)?;
+        if let Some(pin) = &pin {
+            match PinnedLink::from_pin(pin) {
+                Ok(old) => {
+                    let link = SchedClassifierLink::try_from(FdLink::from(old))
+                        .context("pinned link is not a tc link")?;
+                    let id = prog
+                        .attach_to_link(link)
+                        .with_context(|| format!("replacing {prog_name} on {ifname}"))?;
+                    // The pin keeps the link; our handle may go.
+                    let link = prog.take_link(id)?;
+                    std::mem::drop(FdLink::try_from(link)?);
+                    return Ok(());
+                }
+                Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+                    if io_error.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).context(format!("opening {}", pin.display())),
+            }
+        }
+        let id = prog
+            .attach_with_options(
+                ifname,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .with_context(|| format!("attaching {prog_name} to {ifname}"))?;
+        if let Some(pin) = pin {
+            let link = prog.take_link(id)?;
+            FdLink::try_from(link)?
+                .pin(&pin)
+                .with_context(|| format!("pinning the link at {}", pin.display()))?;
+        }
+        Ok(())
+    }
+
+    fn attach_xdp(&mut self, ifname: &str) -> Result<()> {
+        let pin = self.link_pin(prog_names::XDP_UNDERLAY, ifname);
+        let prog = self.xdp_program()?;
+        if let Some(pin) = &pin {
+            match PinnedLink::from_pin(pin) {
+                Ok(old) => {
+                    let link = XdpLink::try_from(FdLink::from(old))
+                        .context("pinned link is not an XDP link")?;
+                    let id = prog
+                        .attach_to_link(link)
+                        .with_context(|| format!("replacing xdp_underlay on {ifname}"))?;
+                    let link = prog.take_link(id)?;
+                    std::mem::drop(FdLink::try_from(link)?);
+                    return Ok(());
+                }
+                Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+                    if io_error.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).context(format!("opening {}", pin.display())),
+            }
+        }
+        let id = prog
+            .attach(ifname, XdpMode::default())
+            .with_context(|| format!("attaching xdp_underlay to {ifname}"))?;
+        if let Some(pin) = pin {
+            let link = prog.take_link(id)?;
+            FdLink::try_from(link)?
+                .pin(&pin)
+                .with_context(|| format!("pinning the link at {}", pin.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the pinned link of `prog_name` on `ifname` (detaching it), if any.
+    pub fn detach_pinned(&self, prog_name: &str, ifname: &str) -> Result<()> {
+        if let Some(pin) = self.link_pin(prog_name, ifname) {
+            match std::fs::remove_file(&pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
+    for name in [prog_names::FROM_POD, prog_names::FROM_UNDERLAY] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("loading (verifying) {name}"))?;
+    }
+    let xdp: &mut Xdp = ebpf
+        .program_mut(prog_names::XDP_UNDERLAY)
+        .ok_or_else(|| anyhow!("program xdp_underlay missing from the object"))?
+        .try_into()?;
+    xdp.load().context("loading (verifying) xdp_underlay")?;
+    Ok(())
+}

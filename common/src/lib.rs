@@ -1,0 +1,274 @@
+//! Types shared by the kernel-side programs (`node-ebpf`) and userspace (`weft-agent`, tests).
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding so that both sides agree on the
+//! layout byte for byte and the kernel never sees uninitialised padding. Addresses are big-endian
+//! byte arrays (network order, as on the wire); plain integers are host order.
+#![no_std]
+
+/// Version of the map layout. It is part of the pin path, so a new layout never reuses maps
+/// pinned by an older agent (aya reuses a pinned map without checking its shape).
+pub const SCHEMA_VERSION: u32 = 1;
+/// Default root of the pins; the schema directory `v{SCHEMA_VERSION}` lives under it.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/weft";
+
+/// Map names, as declared in `node-ebpf` and as pinned.
+pub mod map_names {
+    pub const CONFIG: &str = "WEFT_CONFIG";
+    pub const ROUTES: &str = "WEFT_ROUTES";
+    pub const ENDPOINTS: &str = "WEFT_ENDPOINTS";
+    pub const NODES: &str = "WEFT_NODES";
+    pub const DROPS: &str = "WEFT_DROPS";
+    pub const STATS: &str = "WEFT_STATS";
+    pub const ALL: [&str; 6] = [CONFIG, ROUTES, ENDPOINTS, NODES, DROPS, STATS];
+}
+
+/// Program names (the Rust function names in `node-ebpf`).
+pub mod prog_names {
+    /// tc ingress on the host side of a pod's veth: traffic leaving a pod.
+    pub const FROM_POD: &str = "from_pod";
+    /// XDP on the underlay NIC: tunnel decapsulation before GRO.
+    pub const XDP_UNDERLAY: &str = "xdp_underlay";
+    /// tc ingress on the underlay NIC: delivery to pods, tc decapsulation fallback.
+    pub const FROM_UNDERLAY: &str = "from_underlay";
+}
+
+pub const ROUTES_MAX: u32 = 65_536;
+pub const ENDPOINTS_MAX: u32 = 16_384;
+pub const NODES_MAX: u32 = 65_536;
+
+pub const VXLAN_PORT_DEFAULT: u16 = 8472;
+pub const VXLAN_VNI_DEFAULT: u32 = 1;
+/// Outer Ethernet + IPv4 + UDP + VXLAN + inner Ethernet header.
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// Outer IPv4 header only.
+pub const IPIP_OVERHEAD: u32 = 20;
+
+/// How packets reach the node owning a route.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteMode {
+    /// VXLAN encapsulation (flannel-compatible: VNI and port from the config).
+    Vxlan = 1,
+    /// IPv4-in-IPv4 encapsulation (Calico-compatible).
+    Ipip = 2,
+    /// No encapsulation: routed to the owning node on the shared L2 segment (host-gw).
+    Direct = 3,
+}
+
+impl RouteMode {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Vxlan),
+            2 => Some(Self::Ipip),
+            3 => Some(Self::Direct),
+            _ => None,
+        }
+    }
+}
+
+/// Where a pod CIDR lives: the owning node's underlay address and how to reach it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteInfo {
+    /// Owning node's underlay IPv4 address (network order).
+    pub node_ip: [u8; 4],
+    /// The owning node's VTEP MAC (inner destination MAC for VXLAN).
+    pub vtep_mac: [u8; 6],
+    /// A [`RouteMode`] as u8.
+    pub mode: u8,
+    pub _pad: u8,
+}
+
+/// Key of the endpoint map and the node map: an IPv4 address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ipv4Key {
+    pub addr: [u8; 4],
+}
+
+/// A pod attached to this node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// ifindex of the host side of the pod's veth (in the node's namespace).
+    pub host_ifindex: u32,
+    /// MAC of the pod's interface (the peer of the host-side veth).
+    pub pod_mac: [u8; 6],
+    /// MAC of the host side of the veth: the pod's gateway MAC.
+    pub host_mac: [u8; 6],
+    pub flags: u32,
+}
+
+/// A known tunnel peer: the only outer sources the decapsulation accepts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub vtep_mac: [u8; 6],
+    /// A [`RouteMode`] as u8 (the peer's default mode).
+    pub mode: u8,
+    pub _pad: u8,
+}
+
+/// Node-wide configuration, one entry in an array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// This node's underlay IPv4 address (network order); tunnels are addressed to it.
+    pub node_ip: [u8; 4],
+    /// ifindex of the underlay NIC; encapsulated packets leave through it.
+    pub underlay_ifindex: u32,
+    /// VXLAN network identifier (host order, 24 bits used).
+    pub vni: u32,
+    /// VXLAN UDP destination port (host order).
+    pub vxlan_port: u16,
+    /// `CONFIG_F_*` bits.
+    pub flags: u16,
+    /// This node's VTEP MAC: inner source MAC of the VXLAN frames it sends.
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// The config entry is valid (userspace wrote it). Programs pass everything untouched before.
+pub const CONFIG_F_READY: u16 = 1 << 0;
+
+/// Why a packet was dropped. Index into the per-CPU drop counter array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// Source IPv4 address of a pod packet is not the endpoint's.
+    SpoofedIp = 0,
+    /// Source MAC of a pod packet is not the endpoint's.
+    SpoofedMac = 1,
+    /// IPv4 header truncated or invalid (IHL < 5, version != 4, total length beyond the frame).
+    MalformedIpv4 = 2,
+    /// A tunnel packet addressed to this node comes from an address that is not a known node.
+    UnknownTunnelSource = 3,
+    /// A tunnel packet addressed to this node is truncated or its VXLAN header is invalid.
+    MalformedTunnel = 4,
+    /// The decapsulated inner frame is not IPv4.
+    InnerNotIpv4 = 5,
+    /// `bpf_skb_adjust_room` / `bpf_xdp_adjust_head` failed.
+    AdjustRoomFailed = 6,
+    /// Writing a header into the packet failed.
+    StoreFailed = 7,
+    /// The route's mode is unknown (map corrupted or newer agent).
+    BadRouteMode = 8,
+    /// The packet's TTL would reach zero when forwarded (when it cannot be handed to the stack).
+    TtlExceeded = 9,
+    /// The kernel's FIB has no usable route to the remote node's underlay address.
+    NoUnderlayRoute = 10,
+}
+
+pub const DROP_REASON_COUNT: u32 = 11;
+
+impl DropReason {
+    pub const ALL: [DropReason; DROP_REASON_COUNT as usize] = [
+        Self::SpoofedIp,
+        Self::SpoofedMac,
+        Self::MalformedIpv4,
+        Self::UnknownTunnelSource,
+        Self::MalformedTunnel,
+        Self::InnerNotIpv4,
+        Self::AdjustRoomFailed,
+        Self::StoreFailed,
+        Self::BadRouteMode,
+        Self::TtlExceeded,
+        Self::NoUnderlayRoute,
+    ];
+
+    /// Stable snake_case name, used by the CLI and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SpoofedIp => "spoofed_ip",
+            Self::SpoofedMac => "spoofed_mac",
+            Self::MalformedIpv4 => "malformed_ipv4",
+            Self::UnknownTunnelSource => "unknown_tunnel_source",
+            Self::MalformedTunnel => "malformed_tunnel",
+            Self::InnerNotIpv4 => "inner_not_ipv4",
+            Self::AdjustRoomFailed => "adjust_room_failed",
+            Self::StoreFailed => "store_failed",
+            Self::BadRouteMode => "bad_route_mode",
+            Self::TtlExceeded => "ttl_exceeded",
+            Self::NoUnderlayRoute => "no_underlay_route",
+        }
+    }
+}
+
+/// What happened to packets that were not dropped. Index into the per-CPU stats array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// Delivered from a pod to a pod on this node.
+    LocalDelivered = 0,
+    /// Encapsulated in VXLAN and sent to a remote node.
+    VxlanEncap = 1,
+    /// Encapsulated in IPIP and sent to a remote node.
+    IpipEncap = 2,
+    /// Routed without encapsulation to a remote node.
+    DirectForward = 3,
+    /// VXLAN decapsulated by XDP.
+    XdpVxlanDecap = 4,
+    /// IPIP decapsulated by XDP.
+    XdpIpipDecap = 5,
+    /// VXLAN or IPIP decapsulated by tc (XDP absent).
+    TcDecap = 6,
+    /// Delivered from the underlay to a local pod with `bpf_redirect_peer`.
+    UnderlayDelivered = 7,
+    /// Handed to the host stack (not weft's, or no route).
+    PassedToStack = 8,
+    /// Next hop not resolved by the FIB; handed to `bpf_redirect_neigh`.
+    NeighResolve = 9,
+}
+
+pub const STAT_COUNT: u32 = 10;
+
+impl Stat {
+    pub const ALL: [Stat; STAT_COUNT as usize] = [
+        Self::LocalDelivered,
+        Self::VxlanEncap,
+        Self::IpipEncap,
+        Self::DirectForward,
+        Self::XdpVxlanDecap,
+        Self::XdpIpipDecap,
+        Self::TcDecap,
+        Self::UnderlayDelivered,
+        Self::PassedToStack,
+        Self::NeighResolve,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::LocalDelivered => "local_delivered",
+            Self::VxlanEncap => "vxlan_encap",
+            Self::IpipEncap => "ipip_encap",
+            Self::DirectForward => "direct_forward",
+            Self::XdpVxlanDecap => "xdp_vxlan_decap",
+            Self::XdpIpipDecap => "xdp_ipip_decap",
+            Self::TcDecap => "tc_decap",
+            Self::UnderlayDelivered => "underlay_delivered",
+            Self::PassedToStack => "passed_to_stack",
+            Self::NeighResolve => "neigh_resolve",
+        }
+    }
+}
+
+// Layout checks: no hidden padding anywhere (the kernel compares keys bytewise).
+const _: () = {
+    assert!(core::mem::size_of::<RouteInfo>() == 12);
+    assert!(core::mem::size_of::<Ipv4Key>() == 4);
+    assert!(core::mem::size_of::<EndpointInfo>() == 20);
+    assert!(core::mem::size_of::<NodeInfo>() == 8);
+    assert!(core::mem::size_of::<NodeConfig>() == 24);
+};
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    use super::*;
+    // SAFETY: all these types are repr(C), Copy, without implicit padding (checked above), and
+    // every bit pattern is valid.
+    unsafe impl aya::Pod for RouteInfo {}
+    unsafe impl aya::Pod for Ipv4Key {}
+    unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for NodeInfo {}
+    unsafe impl aya::Pod for NodeConfig {}
+}

@@ -1,0 +1,190 @@
+//! Encapsulation in tc (`bpf_skb_adjust_room`) and the hand-off to the underlay NIC.
+//!
+//! The inserted headers are declared to the kernel (`ENCAP_*` flags) so GSO packets from pods
+//! are segmented as tunnel packets on the way out. `FIXED_GSO` keeps the pod's MSS: the pod MTU
+//! already leaves room for the overhead, so shrinking segments would only waste bytes.
+use aya_ebpf::{
+    bindings::{
+        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LOOKUP_OUTPUT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
+        bpf_redir_neigh,
+    },
+    helpers::{bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use weft_common::{DropReason, NodeConfig, RouteInfo};
+
+use crate::{
+    checksum,
+    parse::{
+        ETH_HLEN, ETH_P_IPV4, EthHdr, IPPROTO_IPIP, IPPROTO_UDP, IPV4_DF, IPV4_HLEN, Ipv4Hdr,
+        UDP_HLEN, UdpHdr, VXLAN_ENCAP_LEN, VXLAN_FLAG_VNI, VXLAN_HLEN, VxlanHdr, ptr_at,
+    },
+};
+
+const AF_INET: u8 = 2;
+/// TTL of the outer header (the kernel's default).
+const OUTER_TTL: u8 = 64;
+/// UDP source ports are spread over the dynamic range (RFC 7348 §5) by the flow hash, so
+/// receivers' RSS and ECMP on the underlay keep one flow on one path.
+const SPORT_MIN: u32 = 49152;
+const SPORT_RANGE: u32 = 65536 - SPORT_MIN;
+/// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`: length of the inner L2 header, in the top byte.
+const fn encap_l2_len(len: u64) -> u64 {
+    (len & 0xff) << 56
+}
+
+/// Source port for a flow hash (the kernel's `udp_flow_src_port` scaling).
+#[inline(always)]
+pub fn flow_sport(hash: u32) -> u16 {
+    (((hash as u64 * SPORT_RANGE as u64) >> 32) as u32 + SPORT_MIN) as u16
+}
+
+/// Writes an option-less outer IPv4 header with DF set, id 0 and its checksum.
+#[inline(always)]
+fn write_outer_ipv4(ip: &mut Ipv4Hdr, tot_len: u16, protocol: u8, saddr: [u8; 4], daddr: [u8; 4]) {
+    ip.version_ihl = 0x45;
+    ip.tos = 0;
+    ip.tot_len = tot_len.to_be_bytes();
+    ip.id = [0, 0];
+    ip.frag_off = IPV4_DF.to_be_bytes();
+    ip.ttl = OUTER_TTL;
+    ip.protocol = protocol;
+    ip.check = [0, 0];
+    ip.saddr = saddr;
+    ip.daddr = daddr;
+    let words: [u16; 10] = [
+        0x4500u16.to_be(),
+        tot_len.to_be(),
+        0,
+        IPV4_DF.to_be(),
+        u16::from_be_bytes([OUTER_TTL, protocol]).to_be(),
+        0,
+        u16::from_be_bytes([saddr[0], saddr[1]]).to_be(),
+        u16::from_be_bytes([saddr[2], saddr[3]]).to_be(),
+        u16::from_be_bytes([daddr[0], daddr[1]]).to_be(),
+        u16::from_be_bytes([daddr[2], daddr[3]]).to_be(),
+    ];
+    ip.check = checksum::ipv4_header(&words).to_be_bytes();
+}
+
+/// Wraps the frame in outer IPv4/UDP/VXLAN and an inner Ethernet header addressed to the
+/// remote VTEP. On return the outer Ethernet header still holds the pod's addresses; the
+/// caller resolves the underlay next hop.
+#[inline(always)]
+pub fn vxlan(ctx: &TcContext, cfg: &NodeConfig, route: &RouteInfo) -> Result<(), DropReason> {
+    let frame_len = ctx.len() as usize;
+    let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
+    let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+        | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+        | BPF_F_ADJ_ROOM_ENCAP_L2_ETH
+        | BPF_F_ADJ_ROOM_FIXED_GSO) as u64
+        | encap_l2_len(ETH_HLEN as u64);
+    ctx.adjust_room(VXLAN_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
+        .map_err(|_| DropReason::AdjustRoomFailed)?;
+
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let ip = ptr_at::<Ipv4Hdr>(data, data_end, ETH_HLEN).ok_or(DropReason::StoreFailed)?;
+    let udp_off = ETH_HLEN + IPV4_HLEN;
+    let udp = ptr_at::<UdpHdr>(data, data_end, udp_off).ok_or(DropReason::StoreFailed)?;
+    let vxlan =
+        ptr_at::<VxlanHdr>(data, data_end, udp_off + UDP_HLEN).ok_or(DropReason::StoreFailed)?;
+    let inner_eth = ptr_at::<EthHdr>(data, data_end, udp_off + UDP_HLEN + VXLAN_HLEN)
+        .ok_or(DropReason::StoreFailed)?;
+
+    // Outer IPv4 covers everything after the outer Ethernet header.
+    let outer_len = (frame_len + VXLAN_ENCAP_LEN - ETH_HLEN) as u16;
+    unsafe {
+        write_outer_ipv4(&mut *ip, outer_len, IPPROTO_UDP, cfg.node_ip, route.node_ip);
+        let udp = &mut *udp;
+        udp.sport = flow_sport(hash).to_be_bytes();
+        udp.dport = cfg.vxlan_port.to_be_bytes();
+        udp.len = (outer_len - IPV4_HLEN as u16).to_be_bytes();
+        // Zero: no checksum (legal for IPv4, RFC 768); immune to checksum-offload bugs.
+        udp.check = [0, 0];
+        let vxlan = &mut *vxlan;
+        vxlan.flags = VXLAN_FLAG_VNI;
+        vxlan.reserved1 = [0; 3];
+        vxlan.vni_reserved = (cfg.vni << 8).to_be_bytes();
+        let inner_eth = &mut *inner_eth;
+        inner_eth.dst = route.vtep_mac;
+        inner_eth.src = cfg.vtep_mac;
+        inner_eth.ethertype = ETH_P_IPV4.to_be_bytes();
+    }
+    Ok(())
+}
+
+/// Wraps the IPv4 packet in an outer IPv4 header, protocol 4 (IP-in-IP, RFC 2003).
+#[inline(always)]
+pub fn ipip(ctx: &TcContext, cfg: &NodeConfig, route: &RouteInfo) -> Result<(), DropReason> {
+    let frame_len = ctx.len() as usize;
+    let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_FIXED_GSO) as u64;
+    ctx.adjust_room(IPV4_HLEN as i32, BPF_ADJ_ROOM_MAC, flags)
+        .map_err(|_| DropReason::AdjustRoomFailed)?;
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let ip = ptr_at::<Ipv4Hdr>(data, data_end, ETH_HLEN).ok_or(DropReason::StoreFailed)?;
+    let outer_len = (frame_len + IPV4_HLEN - ETH_HLEN) as u16;
+    unsafe {
+        write_outer_ipv4(
+            &mut *ip,
+            outer_len,
+            IPPROTO_IPIP,
+            cfg.node_ip,
+            route.node_ip,
+        )
+    };
+    Ok(())
+}
+
+/// Sends the (encapsulated or routed) frame toward `next_ip` through the underlay NIC, with
+/// the next hop from the kernel's FIB. Unresolved neighbours are left to
+/// `bpf_redirect_neigh`, which resolves them like the stack does.
+#[inline(always)]
+pub fn redirect_to_underlay(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    src_ip: [u8; 4],
+    next_ip: [u8; 4],
+) -> Result<(i32, bool), DropReason> {
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.ifindex = cfg.underlay_ifindex;
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src_ip);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(next_ip);
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut fib,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    };
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        let (data, data_end) = (ctx.data(), ctx.data_end());
+        let eth = ptr_at::<EthHdr>(data, data_end, 0).ok_or(DropReason::StoreFailed)?;
+        unsafe {
+            (*eth).dst = fib.dmac;
+            (*eth).src = fib.smac;
+            (*eth).ethertype = ETH_P_IPV4.to_be_bytes();
+        }
+        let ret = unsafe { bpf_redirect(fib.ifindex, 0) } as i32;
+        return Ok((ret, false));
+    }
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+        nh.nh_family = AF_INET as u32;
+        // After the lookup, ipv4_dst holds the next hop (gateway or the node itself).
+        nh.__bindgen_anon_1.ipv4_nh = unsafe { fib.__bindgen_anon_4.ipv4_dst };
+        let ret = unsafe {
+            bpf_redirect_neigh(
+                fib.ifindex,
+                &mut nh,
+                core::mem::size_of::<bpf_redir_neigh>() as i32,
+                0,
+            )
+        } as i32;
+        return Ok((ret, true));
+    }
+    Err(DropReason::NoUnderlayRoute)
+}

@@ -1,0 +1,86 @@
+//! tc ingress on the underlay NIC: delivers packets for local pods straight into the pod's
+//! namespace (`bpf_redirect_peer`), after decapsulating tunnel packets XDP did not handle
+//! (XDP not attached, or not supported by the NIC).
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    helpers::bpf_redirect_peer,
+    macros::classifier,
+    programs::TcContext,
+};
+use weft_common::{DropReason, Stat};
+
+use crate::{
+    counters::{count, count_drop},
+    decap::{Tunnel, classify},
+    parse::{EthHdr, L3, parse_ipv4},
+    route,
+};
+
+/// Enough linear bytes for an outer header with options, UDP, VXLAN and the inner headers.
+const PULL_LEN: u32 = 14 + 60 + 8 + 8 + 14 + 20;
+
+#[classifier]
+pub fn from_underlay(ctx: TcContext) -> i32 {
+    match try_from_underlay(&ctx) {
+        Ok(verdict) => verdict,
+        Err(reason) => {
+            count_drop(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn try_from_underlay(ctx: &TcContext) -> Result<i32, DropReason> {
+    let Some(cfg) = route::config() else {
+        return Ok(TC_ACT_OK);
+    };
+    let frame_len = ctx.len() as usize;
+    if ctx.data() + PULL_LEN as usize > ctx.data_end() {
+        let want = if frame_len < PULL_LEN as usize {
+            frame_len as u32
+        } else {
+            PULL_LEN
+        };
+        let _ = ctx.pull_data(want);
+    }
+    match classify(ctx.data(), ctx.data_end(), frame_len, cfg) {
+        Tunnel::NotOurs => {}
+        Tunnel::Drop(reason) => return Err(reason),
+        Tunnel::Decap {
+            outer_len,
+            inner_has_eth,
+            ..
+        } => {
+            // Remove everything between the outer Ethernet header and the inner IPv4 header;
+            // the outer Ethernet header (addressed to this NIC, type IPv4) stays.
+            let strip = if inner_has_eth {
+                outer_len + 14
+            } else {
+                outer_len
+            };
+            ctx.adjust_room(-(strip as i32), BPF_ADJ_ROOM_MAC, 0)
+                .map_err(|_| DropReason::AdjustRoomFailed)?;
+            count(Stat::TcDecap);
+        }
+    }
+
+    let frame_len = ctx.len() as usize;
+    let frame = match parse_ipv4(ctx.data(), ctx.data_end(), frame_len) {
+        L3::Ipv4(frame) => frame,
+        L3::Other | L3::Malformed => return Ok(TC_ACT_OK),
+    };
+    let (eth, ip): (&mut EthHdr, &mut _) = unsafe { (&mut *frame.eth, &mut *frame.ip) };
+    let Some(dst) = route::endpoint(ip.daddr) else {
+        return Ok(TC_ACT_OK);
+    };
+    if ip.ttl <= 1 {
+        count(Stat::PassedToStack);
+        return Ok(TC_ACT_OK);
+    }
+    ip.decrement_ttl();
+    eth.dst = dst.pod_mac;
+    eth.src = dst.host_mac;
+    count(Stat::UnderlayDelivered);
+    Ok(unsafe { bpf_redirect_peer(dst.host_ifindex, 0) } as i32)
+}

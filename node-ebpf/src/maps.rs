@@ -1,0 +1,35 @@
+//! The maps shared with userspace. All are BTF maps so `bpftool map dump` prints field names;
+//! userspace pins them under a schema-versioned directory.
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    macros::btf_map,
+};
+use weft_common::{
+    DROP_REASON_COUNT, ENDPOINTS_MAX, EndpointInfo, Ipv4Key, NODES_MAX, NodeConfig, NodeInfo,
+    ROUTES_MAX, RouteInfo, STAT_COUNT,
+};
+
+/// Node-wide configuration (index 0).
+#[btf_map]
+pub static WEFT_CONFIG: Array<NodeConfig, 1> = Array::new();
+
+/// Pod CIDRs of other nodes → owning node and mode. Longest prefix wins.
+#[btf_map]
+pub static WEFT_ROUTES: LpmTrie<[u8; 4], RouteInfo, { ROUTES_MAX as usize }> = LpmTrie::new();
+
+/// Pods on this node, by IPv4 address.
+#[btf_map]
+pub static WEFT_ENDPOINTS: HashMap<Ipv4Key, EndpointInfo, { ENDPOINTS_MAX as usize }> =
+    HashMap::new();
+
+/// Known tunnel peers by underlay address: the only accepted outer sources.
+#[btf_map]
+pub static WEFT_NODES: HashMap<Ipv4Key, NodeInfo, { NODES_MAX as usize }> = HashMap::new();
+
+/// Per-CPU drop counters, indexed by `DropReason`.
+#[btf_map]
+pub static WEFT_DROPS: PerCpuArray<u64, { DROP_REASON_COUNT as usize }> = PerCpuArray::new();
+
+/// Per-CPU path counters, indexed by `Stat`.
+#[btf_map]
+pub static WEFT_STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
