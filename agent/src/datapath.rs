@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, LinkError, PinnedLink},
@@ -38,6 +38,7 @@ pub fn pin_dir(root: &Path) -> PathBuf {
 
 pub struct Datapath {
     ebpf: Ebpf,
+    pub maps: Maps,
     /// Schema-versioned pin directory, when pinned.
     pin_dir: Option<PathBuf>,
 }
@@ -49,8 +50,10 @@ impl Datapath {
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         load_programs(&mut ebpf)?;
+        let maps = Maps::take_from(&mut ebpf)?;
         Ok(Self {
             ebpf,
+            maps,
             pin_dir: None,
         })
     }
@@ -74,8 +77,10 @@ impl Datapath {
             )
         })?;
         load_programs(&mut ebpf)?;
+        let maps = Maps::take_from(&mut ebpf)?;
         Ok(Self {
             ebpf,
+            maps,
             pin_dir: Some(dir),
         })
     }
@@ -106,18 +111,158 @@ impl Datapath {
             .context("xdp_underlay is not an XDP program")
     }
 
-    // --- maps -----------------------------------------------------------------------------
+    // --- attaching ------------------------------------------------------------------------
+    //
+    // Attachments are bpf_links. When the datapath is pinned, links are pinned too: they outlive
+    // the process (the CNI plugin exits after ADD; the agent may be killed), and a restarted
+    // agent atomically swaps its freshly loaded program into the existing link, so no packet
+    // ever meets an interface without a program.
 
-    fn map(&self, name: &str) -> Result<&aya::maps::Map> {
-        self.ebpf
-            .map(name)
-            .ok_or_else(|| anyhow!("map {name} missing from the object"))
+    fn link_pin(&self, prog: &str, ifname: &str) -> Option<PathBuf> {
+        self.pin_dir
+            .as_ref()
+            .map(|d| d.join("links").join(format!("{prog}@{ifname}")))
     }
 
-    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
-        self.ebpf
-            .map_mut(name)
-            .ok_or_else(|| anyhow!("map {name} missing from the object"))
+    /// Attaches `from_pod` to the tc ingress of a pod's host-side veth (in the current netns).
+    pub fn attach_from_pod(&mut self, ifname: &str) -> Result<()> {
+        self.attach_tc(prog_names::FROM_POD, ifname)
+    }
+
+    /// Attaches the underlay programs to the node's NIC: XDP (decapsulation, optional) and tc
+    /// ingress (delivery, decapsulation fallback).
+    pub fn attach_underlay(&mut self, ifname: &str, with_xdp: bool) -> Result<()> {
+        self.attach_tc(prog_names::FROM_UNDERLAY, ifname)?;
+        if with_xdp {
+            self.attach_xdp(ifname)?;
+        }
+        Ok(())
+    }
+
+    fn attach_tc(&mut self, prog_name: &str, ifname: &str) -> Result<()> {
+        let pin = self.link_pin(prog_name, ifname);
+        let prog = self.tc_program(prog_name)?;
+        attach_tc_ingress(prog, prog_name, ifname, pin.as_deref())
+    }
+
+    /// Pins the loaded programs under `<pin dir>/progs/` so the CNI plugin attaches them
+    /// without loading (and verifying) the object on every ADD. Replaces older pins atomically
+    /// (pin under a temporary name, then rename).
+    pub fn pin_programs(&mut self) -> Result<()> {
+        let Some(dir) = self.pin_dir.clone() else {
+            return Err(anyhow!("the datapath is not pinned"));
+        };
+        let progs = dir.join("progs");
+        std::fs::create_dir_all(&progs)?;
+        for name in [
+            prog_names::FROM_POD,
+            prog_names::FROM_UNDERLAY,
+            prog_names::XDP_UNDERLAY,
+        ] {
+            let tmp = progs.join(format!(".{name}.{}", std::process::id()));
+            let _ = std::fs::remove_file(&tmp);
+            let prog = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+            prog.pin(&tmp).with_context(|| format!("pinning {name}"))?;
+            std::fs::rename(&tmp, progs.join(name))
+                .with_context(|| format!("renaming the pin of {name}"))?;
+        }
+        Ok(())
+    }
+
+    fn attach_xdp(&mut self, ifname: &str) -> Result<()> {
+        let pin = self.link_pin(prog_names::XDP_UNDERLAY, ifname);
+        let prog = self.xdp_program()?;
+        if let Some(pin) = &pin {
+            match PinnedLink::from_pin(pin) {
+                Ok(old) => {
+                    let link = XdpLink::try_from(FdLink::from(old))
+                        .context("pinned link is not an XDP link")?;
+                    let id = prog
+                        .attach_to_link(link)
+                        .with_context(|| format!("replacing xdp_underlay on {ifname}"))?;
+                    let link = prog.take_link(id)?;
+                    std::mem::drop(FdLink::try_from(link)?);
+                    return Ok(());
+                }
+                Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+                    if io_error.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).context(format!("opening {}", pin.display())),
+            }
+        }
+        let id = prog
+            .attach(ifname, XdpMode::default())
+            .with_context(|| format!("attaching xdp_underlay to {ifname}"))?;
+        if let Some(pin) = pin {
+            let link = prog.take_link(id)?;
+            FdLink::try_from(link)?
+                .pin(&pin)
+                .with_context(|| format!("pinning the link at {}", pin.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the pinned link of `prog_name` on `ifname` (detaching it), if any.
+    pub fn detach_pinned(&self, prog_name: &str, ifname: &str) -> Result<()> {
+        if let Some(pin) = self.link_pin(prog_name, ifname) {
+            match std::fs::remove_file(&pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Typed access to every map of the datapath, either taken from a loaded object or opened from
+/// the pins of a running node (the CNI plugin and the CLI open pins: no program load, no
+/// verifier run).
+pub struct Maps {
+    maps: std::collections::HashMap<&'static str, Map>,
+}
+
+impl Maps {
+    fn take_from(ebpf: &mut Ebpf) -> Result<Self> {
+        let mut maps = std::collections::HashMap::new();
+        for name in map_names::ALL {
+            let map = ebpf
+                .take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
+            maps.insert(name, map);
+        }
+        Ok(Self { maps })
+    }
+
+    /// Opens the maps pinned under `pin_root` by a node's agent.
+    pub fn open_pinned(pin_root: &Path) -> Result<Self> {
+        let dir = pin_dir(pin_root).join("maps");
+        let mut maps = std::collections::HashMap::new();
+        for name in map_names::ALL {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).with_context(|| {
+                format!(
+                    "opening pinned map {} (is the agent running?)",
+                    path.display()
+                )
+            })?;
+            maps.insert(name, Map::from_map_data(data)?);
+        }
+        Ok(Self { maps })
+    }
+
+    fn map(&self, name: &str) -> Result<&Map> {
+        self.maps
+            .get(name)
+            .ok_or_else(|| anyhow!("map {name} missing"))
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut Map> {
+        self.maps
+            .get_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing"))
     }
 
     pub fn set_config(&mut self, cfg: &NodeConfig) -> Result<()> {
@@ -258,114 +403,79 @@ impl Datapath {
     pub fn stat_count(&self, stat: Stat) -> Result<u64> {
         self.per_cpu_sum(map_names::STATS, stat as u32)
     }
+}
 
-    // --- attaching ------------------------------------------------------------------------
-    //
-    // Attachments are bpf_links. When the datapath is pinned, links are pinned too: they outlive
-    // the process (the CNI plugin exits after ADD; the agent may be killed), and a restarted
-    // agent atomically swaps its freshly loaded program into the existing link, so no packet
-    // ever meets an interface without a program.
-
-    fn link_pin(&self, prog: &str, ifname: &str) -> Option<PathBuf> {
-        self.pin_dir
-            .as_ref()
-            .map(|d| d.join("links").join(format!("{prog}@{ifname}")))
-    }
-
-    /// Attaches `from_pod` to the tc ingress of a pod's host-side veth (in the current netns).
-    pub fn attach_from_pod(&mut self, ifname: &str) -> Result<()> {
-        self.attach_tc(prog_names::FROM_POD, ifname)
-    }
-
-    /// Attaches the underlay programs to the node's NIC: XDP (decapsulation, optional) and tc
-    /// ingress (delivery, decapsulation fallback).
-    pub fn attach_underlay(&mut self, ifname: &str, with_xdp: bool) -> Result<()> {
-        self.attach_tc(prog_names::FROM_UNDERLAY, ifname)?;
-        if with_xdp {
-            self.attach_xdp(ifname)?;
-        }
-        Ok(())
-    }
-
-    fn attach_tc(&mut self, prog_name: &str, ifname: &str) -> Result<()> {
-        let pin = self.link_pin(prog_name, ifname);
-        let prog = self.tc_program(prog_name)?;
-        if let Some(pin) = &pin {
-            match PinnedLink::from_pin(pin) {
-                Ok(old) => {
-                    let link = SchedClassifierLink::try_from(FdLink::from(old))
-                        .context("pinned link is not a tc link")?;
-                    let id = prog
-                        .attach_to_link(link)
-                        .with_context(|| format!("replacing {prog_name} on {ifname}"))?;
-                    // The pin keeps the link; our handle may go.
-                    let link = prog.take_link(id)?;
-                    std::mem::drop(FdLink::try_from(link)?);
-                    return Ok(());
-                }
-                Err(LinkError::SyscallError(SyscallError { io_error, .. }))
-                    if io_error.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).context(format!("opening {}", pin.display())),
+/// Attaches `prog` to the tc ingress of `ifname` (current netns) as a TCX link. With a pin
+/// path, the link is pinned there; an existing pinned link is atomically switched to `prog`.
+fn attach_tc_ingress(
+    prog: &mut SchedClassifier,
+    prog_name: &str,
+    ifname: &str,
+    pin: Option<&Path>,
+) -> Result<()> {
+    if let Some(pin) = pin {
+        match PinnedLink::from_pin(pin) {
+            Ok(old) => {
+                let link = SchedClassifierLink::try_from(FdLink::from(old))
+                    .context("pinned link is not a tc link")?;
+                let id = prog
+                    .attach_to_link(link)
+                    .with_context(|| format!("replacing {prog_name} on {ifname}"))?;
+                // The pin keeps the link; our handle may go.
+                let link = prog.take_link(id)?;
+                std::mem::drop(FdLink::try_from(link)?);
+                return Ok(());
             }
+            Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).context(format!("opening {}", pin.display())),
         }
-        let id = prog
-            .attach_with_options(
-                ifname,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-            .with_context(|| format!("attaching {prog_name} to {ifname}"))?;
-        if let Some(pin) = pin {
-            let link = prog.take_link(id)?;
-            FdLink::try_from(link)?
-                .pin(&pin)
-                .with_context(|| format!("pinning the link at {}", pin.display()))?;
-        }
-        Ok(())
     }
-
-    fn attach_xdp(&mut self, ifname: &str) -> Result<()> {
-        let pin = self.link_pin(prog_names::XDP_UNDERLAY, ifname);
-        let prog = self.xdp_program()?;
-        if let Some(pin) = &pin {
-            match PinnedLink::from_pin(pin) {
-                Ok(old) => {
-                    let link = XdpLink::try_from(FdLink::from(old))
-                        .context("pinned link is not an XDP link")?;
-                    let id = prog
-                        .attach_to_link(link)
-                        .with_context(|| format!("replacing xdp_underlay on {ifname}"))?;
-                    let link = prog.take_link(id)?;
-                    std::mem::drop(FdLink::try_from(link)?);
-                    return Ok(());
-                }
-                Err(LinkError::SyscallError(SyscallError { io_error, .. }))
-                    if io_error.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).context(format!("opening {}", pin.display())),
-            }
-        }
-        let id = prog
-            .attach(ifname, XdpMode::default())
-            .with_context(|| format!("attaching xdp_underlay to {ifname}"))?;
-        if let Some(pin) = pin {
-            let link = prog.take_link(id)?;
-            FdLink::try_from(link)?
-                .pin(&pin)
-                .with_context(|| format!("pinning the link at {}", pin.display()))?;
-        }
-        Ok(())
+    let id = prog
+        .attach_with_options(
+            ifname,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .with_context(|| format!("attaching {prog_name} to {ifname}"))?;
+    if let Some(pin) = pin {
+        let link = prog.take_link(id)?;
+        FdLink::try_from(link)?
+            .pin(pin)
+            .with_context(|| format!("pinning the link at {}", pin.display()))?;
     }
+    Ok(())
+}
 
-    /// Removes the pinned link of `prog_name` on `ifname` (detaching it), if any.
-    pub fn detach_pinned(&self, prog_name: &str, ifname: &str) -> Result<()> {
-        if let Some(pin) = self.link_pin(prog_name, ifname) {
-            match std::fs::remove_file(&pin) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
-            }
-        }
-        Ok(())
+/// Path of the pinned link of `prog_name` on `ifname` for the node pinned under `pin_root`.
+pub fn link_pin_path(pin_root: &Path, prog_name: &str, ifname: &str) -> PathBuf {
+    pin_dir(pin_root)
+        .join("links")
+        .join(format!("{prog_name}@{ifname}"))
+}
+
+/// Attaches the node's pinned `from_pod` program (pinned by the agent) to a pod's host-side
+/// veth in the current netns, pinning the link: what the CNI plugin does on ADD. No object
+/// load, no verifier run.
+pub fn attach_pinned_from_pod(pin_root: &Path, ifname: &str) -> Result<()> {
+    let prog_path = pin_dir(pin_root).join("progs").join(prog_names::FROM_POD);
+    let mut prog = SchedClassifier::from_pin(&prog_path).with_context(|| {
+        format!(
+            "opening the pinned program {} (is the agent running?)",
+            prog_path.display()
+        )
+    })?;
+    let pin = link_pin_path(pin_root, prog_names::FROM_POD, ifname);
+    attach_tc_ingress(&mut prog, prog_names::FROM_POD, ifname, Some(&pin))
+}
+
+/// Detaches `from_pod` from a pod's veth by removing its pinned link (idempotent).
+pub fn detach_pinned_from_pod(pin_root: &Path, ifname: &str) -> Result<()> {
+    let pin = link_pin_path(pin_root, prog_names::FROM_POD, ifname);
+    match std::fs::remove_file(&pin) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", pin.display())),
     }
 }
 

@@ -1,3 +1,4 @@
-//! weft's userspace: the datapath loader and map access shared by the agent, the CNI plugin,
-//! the CLI and the tests.
+//! weft's userspace: the datapath loader and map access, and the modules shared by the agent
+//! (`weft-agent`), the CNI plugin (`weft-cni`), the CLI (`weft`) and the tests.
 pub mod datapath;
+pub mod subnet_env;
