@@ -157,9 +157,12 @@ pub enum DropReason {
     TtlExceeded = 9,
     /// The kernel's FIB has no usable route to the remote node's underlay address.
     NoUnderlayRoute = 10,
+    /// IPv4 forwarding is disabled on the underlay NIC (`net.ipv4.conf.<nic>.forwarding`): the
+    /// kernel's FIB refuses to route for it. The agent enables it; this says someone undid it.
+    ForwardingDisabled = 11,
 }
 
-pub const DROP_REASON_COUNT: u32 = 11;
+pub const DROP_REASON_COUNT: u32 = 12;
 
 impl DropReason {
     pub const ALL: [DropReason; DROP_REASON_COUNT as usize] = [
@@ -174,6 +177,7 @@ impl DropReason {
         Self::BadRouteMode,
         Self::TtlExceeded,
         Self::NoUnderlayRoute,
+        Self::ForwardingDisabled,
     ];
 
     /// Stable snake_case name, used by the CLI and metrics.
@@ -190,6 +194,7 @@ impl DropReason {
             Self::BadRouteMode => "bad_route_mode",
             Self::TtlExceeded => "ttl_exceeded",
             Self::NoUnderlayRoute => "no_underlay_route",
+            Self::ForwardingDisabled => "forwarding_disabled",
         }
     }
 }

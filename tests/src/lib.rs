@@ -1,6 +1,8 @@
 //! Test harness shared by weft's test suites: network namespaces and pin directories that clean
 //! up after themselves (also on panic), running code inside a namespace, and packet-injection
 //! helpers around `BPF_PROG_TEST_RUN`.
+pub mod fixture;
 pub mod netns;
+pub mod packets;
 pub mod pins;
 pub mod testrun;

@@ -1,0 +1,147 @@
+//! Frames for packet-injection tests, built with etherparse, and the expected results of the
+//! datapath's rewrites computed independently of the datapath's own code.
+use etherparse::{
+    EtherType, Ethernet2Header, IpNumber, Ipv4Header, PacketBuilder, TcpHeader, UdpHeader,
+};
+
+pub const ETH_P_IPV4: u16 = 0x0800;
+
+/// An Ethernet/IPv4/TCP frame with `payload`.
+pub fn tcp_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1000, 64240);
+    let mut out = Vec::with_capacity(builder.size(payload.len()));
+    builder
+        .write(&mut out, payload)
+        .expect("building a TCP frame");
+    out
+}
+
+/// An Ethernet/IPv4/UDP frame with `payload`.
+pub fn udp_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src, dst, 64)
+        .udp(sport, dport);
+    let mut out = Vec::with_capacity(builder.size(payload.len()));
+    builder
+        .write(&mut out, payload)
+        .expect("building a UDP frame");
+    out
+}
+
+/// An Ethernet frame of `ethertype` carrying `payload` verbatim.
+pub fn raw_frame(src_mac: [u8; 6], dst_mac: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Ethernet2Header {
+        source: src_mac,
+        destination: dst_mac,
+        ether_type: EtherType(ethertype),
+    }
+    .to_bytes()
+    .to_vec();
+    out.extend_from_slice(payload);
+    out
+}
+
+/// An Ethernet frame whose IPv4 header is `ip` (options included) followed by `l4`.
+pub fn ipv4_frame(src_mac: [u8; 6], dst_mac: [u8; 6], ip: &Ipv4Header, l4: &[u8]) -> Vec<u8> {
+    let mut ip = ip.clone();
+    ip.set_payload_len(l4.len()).expect("payload length");
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut out = raw_frame(src_mac, dst_mac, ETH_P_IPV4, &[]);
+    out.extend_from_slice(&ip.to_bytes());
+    out.extend_from_slice(l4);
+    out
+}
+
+/// The IPv4 packet of `frame` (after the Ethernet header) with its TTL dropped by one and the
+/// header checksum recomputed from scratch: what a router's forwarding yields.
+pub fn forwarded_ip(frame: &[u8]) -> Vec<u8> {
+    let (mut ip, rest) = Ipv4Header::from_slice(&frame[14..]).expect("frame has an IPv4 header");
+    ip.time_to_live -= 1;
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut out = ip.to_bytes().to_vec();
+    out.extend_from_slice(rest);
+    out
+}
+
+/// The outer IPv4 header weft writes: no options, DF, id 0, TTL 64.
+pub fn outer_ipv4(protocol: u8, src: [u8; 4], dst: [u8; 4], payload_len: usize) -> Vec<u8> {
+    let mut ip = Ipv4Header::new(payload_len as u16, 64, IpNumber(protocol), src, dst)
+        .expect("outer header");
+    ip.dont_fragment = true;
+    ip.identification = 0;
+    ip.header_checksum = ip.calc_header_checksum();
+    ip.to_bytes().to_vec()
+}
+
+/// The 8-byte VXLAN header for `vni` with the I flag.
+pub fn vxlan_header(vni: u32) -> [u8; 8] {
+    let v = (vni << 8).to_be_bytes();
+    [0x08, 0, 0, 0, v[0], v[1], v[2], v[3]]
+}
+
+/// A VXLAN packet on the wire: outer Ethernet/IPv4/UDP(sport → dport, checksum 0)/VXLAN around
+/// `inner` (a whole Ethernet frame).
+pub fn vxlan_frame(
+    outer_src_mac: [u8; 6],
+    outer_dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    vni: u32,
+    inner: &[u8],
+) -> Vec<u8> {
+    let mut udp_payload = vxlan_header(vni).to_vec();
+    udp_payload.extend_from_slice(inner);
+    let udp = UdpHeader {
+        source_port: sport,
+        destination_port: dport,
+        length: (8 + udp_payload.len()) as u16,
+        checksum: 0,
+    };
+    let mut l4 = udp.to_bytes().to_vec();
+    l4.extend_from_slice(&udp_payload);
+    let mut out = raw_frame(outer_src_mac, outer_dst_mac, ETH_P_IPV4, &[]);
+    out.extend_from_slice(&outer_ipv4(17, src, dst, l4.len()));
+    out.extend_from_slice(&l4);
+    out
+}
+
+/// An IPIP packet on the wire: outer Ethernet/IPv4 (protocol 4) around the IPv4 packet of
+/// `inner` (an Ethernet frame whose header is dropped).
+pub fn ipip_frame(
+    outer_src_mac: [u8; 6],
+    outer_dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    inner: &[u8],
+) -> Vec<u8> {
+    let inner_ip = &inner[14..];
+    let mut out = raw_frame(outer_src_mac, outer_dst_mac, ETH_P_IPV4, &[]);
+    out.extend_from_slice(&outer_ipv4(4, src, dst, inner_ip.len()));
+    out.extend_from_slice(inner_ip);
+    out
+}
+
+/// A TCP header as bytes, for hand-assembled frames.
+pub fn tcp_header_bytes(sport: u16, dport: u16) -> Vec<u8> {
+    TcpHeader::new(sport, dport, 1, 64240).to_bytes().to_vec()
+}
