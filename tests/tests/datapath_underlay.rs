@@ -1,0 +1,295 @@
+//! Packet injection into the underlay programs: `xdp_underlay` (decapsulation before GRO) and
+//! `from_underlay` (tc decapsulation fallback and delivery into pods).
+use etherparse::{IpNumber, Ipv4Header, Ipv4Options, UdpHeader};
+use weft_common::{DropReason, Stat, prog_names};
+use weft_tests::{
+    fixture::*,
+    packets::*,
+    testrun::{Outcome, run_tc, run_xdp},
+};
+
+const XDP_DROP: i32 = 1;
+const XDP_PASS: i32 = 2;
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+const TC_ACT_REDIRECT: i32 = 7;
+
+const NIC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x50, 0x01];
+const UNKNOWN_NODE_IP: [u8; 4] = [192, 168, 50, 77];
+
+fn xdp(node: &mut Node, frame: &[u8]) -> Outcome {
+    run_xdp(node.dp.xdp_program().unwrap(), frame, 1)
+}
+
+fn tc(node: &mut Node, frame: &[u8]) -> Outcome {
+    let prog = node.dp.tc_program(prog_names::FROM_UNDERLAY).unwrap();
+    run_tc(prog, frame, 0, 1)
+}
+
+fn drops(node: &Node, r: DropReason) -> u64 {
+    node.dp.maps.drop_count(r).unwrap()
+}
+
+fn stat(node: &Node, s: Stat) -> u64 {
+    node.dp.maps.stat_count(s).unwrap()
+}
+
+/// A frame from a remote pod to local pod 1, as the remote VTEP sends it.
+fn inner_to_pod1(payload: &[u8]) -> Vec<u8> {
+    tcp_frame(
+        PEER_VTEP_MAC,
+        VTEP_MAC,
+        REMOTE_VXLAN_IP,
+        POD1_IP,
+        80,
+        40000,
+        payload,
+    )
+}
+
+fn vxlan_from(src: [u8; 4], dport: u16, vni: u32, inner: &[u8]) -> Vec<u8> {
+    vxlan_frame(PEER_MAC, NIC_MAC, src, NODE_IP, 51000, dport, vni, inner)
+}
+
+/// What the stack receives after XDP decapsulation: the inner packet under the outer MACs.
+fn decapsulated(inner: &[u8]) -> Vec<u8> {
+    let mut out = NIC_MAC.to_vec();
+    out.extend_from_slice(&PEER_MAC);
+    out.extend_from_slice(&[0x08, 0x00]);
+    out.extend_from_slice(&inner[14..]);
+    out
+}
+
+#[test]
+fn xdp_decapsulates_vxlan_exactly() {
+    with_node(|node| {
+        let inner = inner_to_pod1(b"reply from a remote pod");
+        let out = xdp(node, &vxlan_from(PEER_IP, VXLAN_PORT, VNI, &inner));
+        assert_eq!(out.verdict, XDP_PASS);
+        assert_eq!(out.data, decapsulated(&inner));
+        assert_eq!(stat(node, Stat::XdpVxlanDecap), 1);
+    });
+}
+
+#[test]
+fn xdp_decapsulates_ipip_exactly() {
+    with_node(|node| {
+        let inner = inner_to_pod1(b"ipip reply");
+        let out = xdp(
+            node,
+            &ipip_frame(PEER_MAC, NIC_MAC, PEER_IP, NODE_IP, &inner),
+        );
+        assert_eq!(out.verdict, XDP_PASS);
+        assert_eq!(out.data, decapsulated(&inner));
+        assert_eq!(stat(node, Stat::XdpIpipDecap), 1);
+    });
+}
+
+#[test]
+fn xdp_decapsulates_outer_headers_with_options() {
+    with_node(|node| {
+        let inner = inner_to_pod1(b"options");
+        let mut l4 = UdpHeader {
+            source_port: 51000,
+            destination_port: VXLAN_PORT,
+            length: (16 + inner.len()) as u16,
+            checksum: 0,
+        }
+        .to_bytes()
+        .to_vec();
+        l4.extend_from_slice(&vxlan_header(VNI));
+        l4.extend_from_slice(&inner);
+        let mut ip = Ipv4Header::new(0, 64, IpNumber::UDP, PEER_IP, NODE_IP).unwrap();
+        ip.options = Ipv4Options::try_from(&[1u8, 1, 1, 0][..]).unwrap();
+        let frame = ipv4_frame(PEER_MAC, NIC_MAC, &ip, &l4);
+        let out = xdp(node, &frame);
+        assert_eq!(out.verdict, XDP_PASS);
+        assert_eq!(out.data, decapsulated(&inner));
+    });
+}
+
+#[test]
+fn xdp_leaves_what_is_not_its_tunnel_untouched() {
+    with_node(|node| {
+        let inner = inner_to_pod1(b"x");
+        let wrong_port = vxlan_from(PEER_IP, 4789, VNI, &inner);
+        let wrong_vni = vxlan_from(PEER_IP, VXLAN_PORT, 42, &inner);
+        let foreign_dst = vxlan_frame(
+            PEER_MAC,
+            NIC_MAC,
+            PEER_IP,
+            [192, 168, 50, 9],
+            1,
+            VXLAN_PORT,
+            VNI,
+            &inner,
+        );
+        let plain_udp = udp_frame(PEER_MAC, NIC_MAC, PEER_IP, NODE_IP, 1234, 53, b"dns");
+        let arp = raw_frame(PEER_MAC, [0xff; 6], 0x0806, &[0u8; 28]);
+        let ipv6 = raw_frame(PEER_MAC, NIC_MAC, 0x86dd, &[0x60; 60]);
+        let mut vlan_payload = vec![0x00, 0x07, 0x08, 0x00];
+        vlan_payload.extend_from_slice(&vxlan_from(PEER_IP, VXLAN_PORT, VNI, &inner)[14..]);
+        let vlan = raw_frame(PEER_MAC, NIC_MAC, 0x8100, &vlan_payload);
+        // An outer fragment: reassembly is the stack's job.
+        let mut frag = vxlan_from(PEER_IP, VXLAN_PORT, VNI, &inner);
+        frag[20] = 0x20; // MF
+        frag[24] = 0;
+        frag[25] = 0;
+        let check = Ipv4Header::from_slice(&frag[14..])
+            .unwrap()
+            .0
+            .calc_header_checksum();
+        frag[24..26].copy_from_slice(&check.to_be_bytes());
+        for frame in [
+            &wrong_port,
+            &wrong_vni,
+            &foreign_dst,
+            &plain_udp,
+            &arp,
+            &ipv6,
+            &vlan,
+            &frag,
+        ] {
+            let out = xdp(node, frame);
+            assert_eq!(out.verdict, XDP_PASS);
+            assert_eq!(&out.data, frame, "passed untouched");
+        }
+        let total: u64 = node.dp.maps.drops().unwrap().iter().map(|(_, n)| n).sum();
+        assert_eq!(total, 0);
+        assert_eq!(stat(node, Stat::XdpVxlanDecap), 0);
+    });
+}
+
+#[test]
+fn xdp_drops_tunnel_packets_from_unknown_sources() {
+    with_node(|node| {
+        let inner = inner_to_pod1(b"injected");
+        let vx = vxlan_from(UNKNOWN_NODE_IP, VXLAN_PORT, VNI, &inner);
+        assert_eq!(xdp(node, &vx).verdict, XDP_DROP);
+        let ipip = ipip_frame(PEER_MAC, NIC_MAC, UNKNOWN_NODE_IP, NODE_IP, &inner);
+        assert_eq!(xdp(node, &ipip).verdict, XDP_DROP);
+        assert_eq!(drops(node, DropReason::UnknownTunnelSource), 2);
+        // The tc fallback applies the same rule.
+        assert_eq!(tc(node, &vx).verdict, TC_ACT_SHOT);
+        assert_eq!(drops(node, DropReason::UnknownTunnelSource), 3);
+    });
+}
+
+#[test]
+fn xdp_drops_malformed_tunnel_packets_with_reasons() {
+    with_node(|node| {
+        let inner = inner_to_pod1(b"payload");
+        // VXLAN without the I flag.
+        let mut no_flag = vxlan_from(PEER_IP, VXLAN_PORT, VNI, &inner);
+        no_flag[42] = 0;
+        assert_eq!(xdp(node, &no_flag).verdict, XDP_DROP);
+        assert_eq!(drops(node, DropReason::MalformedTunnel), 1);
+        // An inner ARP frame.
+        let inner_arp = raw_frame(PEER_VTEP_MAC, [0xff; 6], 0x0806, &[0u8; 28]);
+        assert_eq!(
+            xdp(node, &vxlan_from(PEER_IP, VXLAN_PORT, VNI, &inner_arp)).verdict,
+            XDP_DROP
+        );
+        assert_eq!(drops(node, DropReason::InnerNotIpv4), 1);
+        // Consistent lengths, but the UDP payload is shorter than VXLAN + inner headers.
+        let full = vxlan_from(PEER_IP, VXLAN_PORT, VNI, &inner);
+        let mut expected = 2;
+        for udp_payload in 0..(8 + 14 + 20) {
+            let frame = vxlan_from(PEER_IP, VXLAN_PORT, VNI, &[]);
+            let mut frame = frame[..42].to_vec();
+            frame.extend_from_slice(&full[42..42 + udp_payload]);
+            let mut ip = Ipv4Header::from_slice(&frame[14..]).unwrap().0;
+            ip.total_len = (frame.len() - 14) as u16;
+            ip.header_checksum = ip.calc_header_checksum();
+            frame[14..34].copy_from_slice(&ip.to_bytes());
+            frame[38..40].copy_from_slice(&((8 + udp_payload) as u16).to_be_bytes());
+            let out = xdp(node, &frame);
+            assert_eq!(out.verdict, XDP_DROP, "UDP payload of {udp_payload} bytes");
+            expected += 1;
+            let counted =
+                drops(node, DropReason::MalformedTunnel) + drops(node, DropReason::InnerNotIpv4);
+            assert_eq!(counted, expected, "UDP payload of {udp_payload} bytes");
+        }
+    });
+}
+
+#[test]
+fn xdp_every_truncation_has_a_defined_verdict() {
+    with_node(|node| {
+        let frame = vxlan_from(PEER_IP, VXLAN_PORT, VNI, &inner_to_pod1(b"truncate me"));
+        for len in 14..frame.len() {
+            let before: u64 = node.dp.maps.drops().unwrap().iter().map(|(_, n)| n).sum();
+            let out = xdp(node, &frame[..len]);
+            // The outer total length now exceeds the frame: not a valid packet for this node,
+            // so it is the stack's (which discards it); it must reach it untouched.
+            assert_eq!(out.verdict, XDP_PASS, "truncated to {len}");
+            assert_eq!(&out.data[..], &frame[..len], "truncated to {len}");
+            let after: u64 = node.dp.maps.drops().unwrap().iter().map(|(_, n)| n).sum();
+            assert_eq!(after, before);
+        }
+        assert_eq!(stat(node, Stat::XdpVxlanDecap), 0);
+    });
+}
+
+#[test]
+fn tc_decapsulates_and_delivers_when_xdp_is_absent() {
+    with_node(|node| {
+        let inner = inner_to_pod1(b"tc fallback");
+        let out = tc(node, &vxlan_from(PEER_IP, VXLAN_PORT, VNI, &inner));
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        let mut expected = POD1_MAC.to_vec();
+        expected.extend_from_slice(&node.pod1_host_mac);
+        expected.extend_from_slice(&[0x08, 0x00]);
+        expected.extend_from_slice(&forwarded_ip(&inner));
+        assert_eq!(out.data, expected);
+        assert_eq!(stat(node, Stat::TcDecap), 1);
+        assert_eq!(stat(node, Stat::UnderlayDelivered), 1);
+
+        let out = tc(
+            node,
+            &ipip_frame(PEER_MAC, NIC_MAC, PEER_IP, NODE_IP, &inner),
+        );
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(out.data, expected);
+        assert_eq!(stat(node, Stat::TcDecap), 2);
+    });
+}
+
+#[test]
+fn tc_delivers_decapsulated_and_routed_packets_to_pods() {
+    with_node(|node| {
+        let inner = inner_to_pod1(b"after xdp");
+        let after_xdp = decapsulated(&inner);
+        let out = tc(node, &after_xdp);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(&out.data[0..6], &POD1_MAC);
+        assert_eq!(&out.data[6..12], &node.pod1_host_mac);
+        assert_eq!(&out.data[14..], &forwarded_ip(&after_xdp)[..]);
+        // Packets for the node itself, or anything else, are the stack's.
+        let to_node = tcp_frame(PEER_MAC, NIC_MAC, PEER_IP, NODE_IP, 1, 22, b"ssh");
+        let out = tc(node, &to_node);
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert_eq!(out.data, to_node);
+        let mut ttl1 = inner_to_pod1(b"");
+        ttl1[22] = 1;
+        let out = tc(node, &ttl1);
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert_eq!(out.data, ttl1);
+        let total: u64 = node.dp.maps.drops().unwrap().iter().map(|(_, n)| n).sum();
+        assert_eq!(total, 0);
+    });
+}
+
+#[test]
+fn tc_every_truncation_has_a_defined_verdict() {
+    with_node(|node| {
+        let frame = vxlan_from(PEER_IP, VXLAN_PORT, VNI, &inner_to_pod1(b"truncate me"));
+        for len in 34..frame.len() {
+            let out = tc(node, &frame[..len]);
+            assert_eq!(out.verdict, TC_ACT_OK, "truncated to {len}");
+            assert_eq!(&out.data[..], &frame[..len], "truncated to {len}");
+        }
+        let total: u64 = node.dp.maps.drops().unwrap().iter().map(|(_, n)| n).sum();
+        assert_eq!(total, 0);
+    });
+}
