@@ -36,6 +36,29 @@ pub fn pin_dir(root: &Path) -> PathBuf {
     root.join(format!("v{SCHEMA_VERSION}"))
 }
 
+/// `BPF_FS_MAGIC` from the kernel's `magic.h`.
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Makes sure a bpffs is mounted at `/sys/fs/bpf` (a fresh host may not have one), as Cilium's
+/// agent does: pins live there and must survive agent restarts.
+pub fn ensure_bpffs() -> Result<()> {
+    let mount_point = Path::new("/sys/fs/bpf");
+    if let Ok(st) = nix::sys::statfs::statfs(mount_point)
+        && st.filesystem_type().0 as i64 == BPF_FS_MAGIC
+    {
+        return Ok(());
+    }
+    std::fs::create_dir_all(mount_point).context("creating /sys/fs/bpf")?;
+    nix::mount::mount(
+        Some("bpf"),
+        mount_point,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mounting bpffs at /sys/fs/bpf")
+}
+
 pub struct Datapath {
     ebpf: Ebpf,
     pub maps: Maps,
@@ -61,6 +84,9 @@ impl Datapath {
     /// Loads the object reusing the maps pinned under `pin_root` (creating and pinning them on
     /// first use): what the agent and the CNI plugin do.
     pub fn load_pinned(pin_root: &Path) -> Result<Self> {
+        if pin_root.starts_with("/sys/fs/bpf") {
+            ensure_bpffs()?;
+        }
         let dir = pin_dir(pin_root);
         let maps_dir = dir.join("maps");
         std::fs::create_dir_all(&maps_dir)
@@ -159,7 +185,8 @@ impl Datapath {
             prog_names::FROM_UNDERLAY,
             prog_names::XDP_UNDERLAY,
         ] {
-            let tmp = progs.join(format!(".{name}.{}", std::process::id()));
+            // bpffs refuses names containing dots.
+            let tmp = progs.join(format!("tmp_{name}_{}", std::process::id()));
             let _ = std::fs::remove_file(&tmp);
             let prog = self
                 .ebpf

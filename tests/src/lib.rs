@@ -2,6 +2,8 @@
 //! up after themselves (also on panic), running code inside a namespace, and packet-injection
 //! helpers around `BPF_PROG_TEST_RUN`.
 pub mod fixture;
+pub mod flow;
+pub mod manual;
 pub mod netns;
 pub mod packets;
 pub mod pins;

@@ -9,6 +9,7 @@ pub struct PinDir {
 
 impl PinDir {
     pub fn new(prefix: &str) -> Self {
+        weft_agent::datapath::ensure_bpffs().expect("bpffs at /sys/fs/bpf");
         let path = Path::new("/sys/fs/bpf").join(unique_name(&format!("weft-test-{prefix}-")));
         std::fs::create_dir_all(&path)
             .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));

@@ -1,0 +1,111 @@
+//! Traffic between namespaces for end-to-end checks: TCP bulk transfers with a content hash,
+//! run on threads inside the sender's and receiver's namespaces.
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use crate::netns::Netns;
+
+/// FNV-1a over a byte stream: cheap, order-sensitive, enough to prove the bytes arrived intact.
+#[derive(Clone, Copy)]
+pub struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    pub fn update(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= *b as u64;
+            self.0 = self.0.wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    pub fn value(self) -> u64 {
+        self.0
+    }
+}
+
+/// Deterministic non-repeating test data.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+pub struct Transfer {
+    pub bytes: usize,
+    pub elapsed: Duration,
+}
+
+/// Sends `len` bytes over TCP from `client_ns` to `server_ip:port` in `server_ns` and checks
+/// that exactly those bytes arrived. Panics with context on any failure or after `timeout`.
+pub fn tcp_transfer(
+    server_ns: &Netns,
+    server_ip: Ipv4Addr,
+    port: u16,
+    client_ns: &Netns,
+    len: usize,
+    timeout: Duration,
+) -> Transfer {
+    let data = pattern(len, port as u64);
+    let mut expected = Fnv::default();
+    expected.update(&data);
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server = server_ns.spawn(move || {
+        let listener = TcpListener::bind(SocketAddr::from((server_ip, port)))
+            .unwrap_or_else(|e| panic!("binding {server_ip}:{port}: {e}"));
+        ready_tx.send(()).unwrap();
+        let (mut conn, _) = listener
+            .accept()
+            .expect("accepting the transfer connection");
+        conn.set_read_timeout(Some(timeout)).unwrap();
+        let mut hash = Fnv::default();
+        let mut total = 0usize;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = conn
+                .read(&mut buf)
+                .unwrap_or_else(|e| panic!("receiving after {total} bytes: {e}"));
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+            total += n;
+        }
+        (total, hash.value())
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("server did not start");
+    let start = Instant::now();
+    client_ns.run(move || {
+        let mut conn = TcpStream::connect_timeout(&SocketAddr::from((server_ip, port)), timeout)
+            .unwrap_or_else(|e| panic!("connecting to {server_ip}:{port}: {e}"));
+        conn.set_write_timeout(Some(timeout)).unwrap();
+        conn.write_all(&data)
+            .unwrap_or_else(|e| panic!("sending to {server_ip}:{port}: {e}"));
+        conn.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let (total, hash) = server
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e));
+    let elapsed = start.elapsed();
+    assert_eq!(total, len, "bytes received");
+    assert_eq!(hash, expected.value(), "content hash of the received bytes");
+    Transfer {
+        bytes: total,
+        elapsed,
+    }
+}
