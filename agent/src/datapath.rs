@@ -165,6 +165,11 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches `from_host` to the ingress of `weft_net` (the peer of `weft_host`).
+    pub fn attach_from_host(&mut self, ifname: &str) -> Result<()> {
+        self.attach_tc(prog_names::FROM_HOST, ifname)
+    }
+
     fn attach_tc(&mut self, prog_name: &str, ifname: &str) -> Result<()> {
         let pin = self.link_pin(prog_name, ifname);
         let prog = self.tc_program(prog_name)?;
@@ -183,6 +188,7 @@ impl Datapath {
         for name in [
             prog_names::FROM_POD,
             prog_names::FROM_UNDERLAY,
+            prog_names::FROM_HOST,
             prog_names::XDP_UNDERLAY,
         ] {
             // bpffs refuses names containing dots.
@@ -507,7 +513,11 @@ pub fn detach_pinned_from_pod(pin_root: &Path, ifname: &str) -> Result<()> {
 }
 
 fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
-    for name in [prog_names::FROM_POD, prog_names::FROM_UNDERLAY] {
+    for name in [
+        prog_names::FROM_POD,
+        prog_names::FROM_UNDERLAY,
+        prog_names::FROM_HOST,
+    ] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or_else(|| anyhow!("program {name} missing from the object"))?

@@ -30,7 +30,15 @@ pub mod prog_names {
     pub const XDP_UNDERLAY: &str = "xdp_underlay";
     /// tc ingress on the underlay NIC: delivery to pods, tc decapsulation fallback.
     pub const FROM_UNDERLAY: &str = "from_underlay";
+    /// tc ingress on `weft_net`, peer of `weft_host`: the node's own traffic to remote pods.
+    pub const FROM_HOST: &str = "from_host";
 }
+
+/// The veth pair through which the node's own traffic to pods on other nodes enters the
+/// datapath (the agent routes the cluster network via `HOST_DEV`; `from_host` runs on the
+/// ingress of `HOST_PEER_DEV`).
+pub const HOST_DEV: &str = "weft_host";
+pub const HOST_PEER_DEV: &str = "weft_net";
 
 pub const ROUTES_MAX: u32 = 65_536;
 pub const ENDPOINTS_MAX: u32 = 16_384;

@@ -6,15 +6,14 @@
 //! outside world) goes to the host stack, which masquerades it.
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_redirect_peer,
     macros::classifier,
     programs::TcContext,
 };
-use weft_common::{DropReason, RouteMode, Stat};
+use weft_common::DropReason;
 
 use crate::{
-    counters::{count, count_drop},
-    encap,
+    counters::count_drop,
+    forward,
     parse::{ETH_HLEN, EthHdr, IPV4_HLEN, Ipv4Hdr, L3, parse_ipv4},
     route,
 };
@@ -57,46 +56,5 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         return Err(DropReason::SpoofedMac);
     }
 
-    if let Some(dst) = route::endpoint(ip.daddr) {
-        if ip.ttl <= 1 {
-            // The stack answers with ICMP time exceeded.
-            count(Stat::PassedToStack);
-            return Ok(TC_ACT_OK);
-        }
-        ip.decrement_ttl();
-        eth.dst = dst.pod_mac;
-        eth.src = dst.host_mac;
-        count(Stat::LocalDelivered);
-        return Ok(unsafe { bpf_redirect_peer(dst.host_ifindex, 0) } as i32);
-    }
-
-    let Some(route) = route::route(ip.daddr) else {
-        count(Stat::PassedToStack);
-        return Ok(TC_ACT_OK);
-    };
-    if ip.ttl <= 1 {
-        count(Stat::PassedToStack);
-        return Ok(TC_ACT_OK);
-    }
-    ip.decrement_ttl();
-    let stat = match RouteMode::from_u8(route.mode) {
-        Some(RouteMode::Vxlan) => {
-            encap::vxlan(ctx, cfg, route)?;
-            Stat::VxlanEncap
-        }
-        Some(RouteMode::Ipip) => {
-            encap::ipip(ctx, cfg, route)?;
-            Stat::IpipEncap
-        }
-        Some(RouteMode::Direct) => Stat::DirectForward,
-        None => return Err(DropReason::BadRouteMode),
-    };
-    // The next hop is always the owning node: tunnels are addressed to it, and direct routing
-    // sends the unchanged packet to its MAC (host-gw: the node is on-link).
-    let (verdict, neigh) = encap::redirect_to_underlay(ctx, cfg, cfg.node_ip, route.node_ip)?;
-    count(stat);
-    if neigh {
-        count(Stat::NeighResolve);
-    }
-    Ok(verdict)
+    forward::forward(ctx, cfg, eth, ip)
 }

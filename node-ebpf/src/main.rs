@@ -8,10 +8,12 @@ mod checksum;
 mod counters;
 mod decap;
 mod encap;
+mod forward;
 mod maps;
 mod parse;
 mod route;
 
+mod from_host;
 mod from_pod;
 mod from_underlay;
 mod xdp_underlay;

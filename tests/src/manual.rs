@@ -35,7 +35,18 @@ impl WeftNode {
     pub fn new(ns: Netns, ip: Ipv4Addr, underlay: &str, vtep_mac: [u8; 6], with_xdp: bool) -> Self {
         let pins = PinDir::new("node");
         ns.sysctl("net.ipv4.ip_forward", "1");
+        // Pod traffic to this node arrives on the underlay while replies leave via weft_host.
+        ns.sysctl("net.ipv4.conf.all.rp_filter", "0");
+        ns.sysctl("net.ipv4.conf.default.rp_filter", "0");
         let underlay_ifindex = ns.ifindex(underlay);
+        // The node's own traffic to remote pods enters the datapath through weft_host.
+        ns.ip(&format!(
+            "link add {} type veth peer name {}",
+            weft_common::HOST_DEV,
+            weft_common::HOST_PEER_DEV
+        ));
+        ns.ip(&format!("link set {} arp off up", weft_common::HOST_DEV));
+        ns.ip(&format!("link set {} up", weft_common::HOST_PEER_DEV));
         let root = pins.path.clone();
         let dev = underlay.to_string();
         ns.run(move || {
@@ -54,6 +65,8 @@ impl WeftNode {
                 .expect("writing the config");
             dp.attach_underlay(&dev, with_xdp)
                 .expect("attaching underlay programs");
+            dp.attach_from_host(weft_common::HOST_PEER_DEV)
+                .expect("attaching from_host");
         });
         Self {
             ns,
@@ -62,6 +75,15 @@ impl WeftNode {
             vtep_mac,
             underlay: underlay.to_string(),
         }
+    }
+
+    /// Routes the cluster network through `weft_host` (local pods have /32 routes, which win).
+    pub fn route_cluster_network(&self, network: Ipv4Net) {
+        self.ns.ip(&format!(
+            "route replace {network} dev {} src {}",
+            weft_common::HOST_DEV,
+            self.ip
+        ));
     }
 
     pub fn maps(&self) -> Maps {

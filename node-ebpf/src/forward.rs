@@ -1,0 +1,63 @@
+//! Forwarding an IPv4 packet by its destination: into a local pod, or toward the node owning
+//! the destination (encapsulated or routed). Shared by `from_pod` and `from_host`.
+use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_redirect_peer, programs::TcContext};
+use weft_common::{DropReason, NodeConfig, RouteMode, Stat};
+
+use crate::{
+    counters::count,
+    encap,
+    parse::{EthHdr, Ipv4Hdr},
+    route,
+};
+
+/// Forwards the packet whose headers are `eth`/`ip`; `Ok(TC_ACT_OK)` hands it to the stack.
+#[inline(always)]
+pub fn forward(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    eth: &mut EthHdr,
+    ip: &mut Ipv4Hdr,
+) -> Result<i32, DropReason> {
+    if let Some(dst) = route::endpoint(ip.daddr) {
+        if ip.ttl <= 1 {
+            // The stack answers with ICMP time exceeded.
+            count(Stat::PassedToStack);
+            return Ok(TC_ACT_OK);
+        }
+        ip.decrement_ttl();
+        eth.dst = dst.pod_mac;
+        eth.src = dst.host_mac;
+        count(Stat::LocalDelivered);
+        return Ok(unsafe { bpf_redirect_peer(dst.host_ifindex, 0) } as i32);
+    }
+
+    let Some(route) = route::route(ip.daddr) else {
+        count(Stat::PassedToStack);
+        return Ok(TC_ACT_OK);
+    };
+    if ip.ttl <= 1 {
+        count(Stat::PassedToStack);
+        return Ok(TC_ACT_OK);
+    }
+    ip.decrement_ttl();
+    let stat = match RouteMode::from_u8(route.mode) {
+        Some(RouteMode::Vxlan) => {
+            encap::vxlan(ctx, cfg, route)?;
+            Stat::VxlanEncap
+        }
+        Some(RouteMode::Ipip) => {
+            encap::ipip(ctx, cfg, route)?;
+            Stat::IpipEncap
+        }
+        Some(RouteMode::Direct) => Stat::DirectForward,
+        None => return Err(DropReason::BadRouteMode),
+    };
+    // The next hop is always the owning node: tunnels are addressed to it, and direct routing
+    // sends the unchanged packet to its MAC (host-gw: the node is on-link).
+    let (verdict, neigh) = encap::redirect_to_underlay(ctx, cfg, cfg.node_ip, route.node_ip)?;
+    count(stat);
+    if neigh {
+        count(Stat::NeighResolve);
+    }
+    Ok(verdict)
+}

@@ -1,0 +1,237 @@
+//! Two weft nodes, every backend: pod to pod on one node and across nodes, node to remote pod
+//! and pod to remote node, ICMP and TCP, with and without XDP; and a live switch of the backend
+//! while a flow runs, with the loss counted.
+use std::{
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use ipnet::Ipv4Net;
+use weft_common::{RouteMode, Stat};
+use weft_tests::{
+    flow::tcp_transfer,
+    manual::{Pod, WeftNode, mtu_wire},
+    netns::{Netns, veth_pair},
+};
+
+const POD_MTU: u32 = 1450;
+
+struct Cluster {
+    a: WeftNode,
+    b: WeftNode,
+    a1: Pod,
+    a2: Pod,
+    b1: Pod,
+}
+
+fn cluster(with_xdp: bool) -> Cluster {
+    let ns_a = Netns::new("na");
+    let ns_b = Netns::new("nb");
+    veth_pair(&ns_a, "eth0", &ns_b, "eth0");
+    mtu_wire(&ns_a, "eth0");
+    mtu_wire(&ns_b, "eth0");
+    ns_a.ip("addr add 192.168.70.1/24 dev eth0");
+    ns_b.ip("addr add 192.168.70.2/24 dev eth0");
+    let a = WeftNode::new(
+        ns_a,
+        Ipv4Addr::new(192, 168, 70, 1),
+        "eth0",
+        [2, 0x77, 0, 0, 0, 1],
+        with_xdp,
+    );
+    let b = WeftNode::new(
+        ns_b,
+        Ipv4Addr::new(192, 168, 70, 2),
+        "eth0",
+        [2, 0x77, 0, 0, 0, 2],
+        with_xdp,
+    );
+    let network: Ipv4Net = "10.244.0.0/16".parse().unwrap();
+    a.route_cluster_network(network);
+    b.route_cluster_network(network);
+    let a1 = a.add_pod(Ipv4Addr::new(10, 244, 1, 2), POD_MTU);
+    let a2 = a.add_pod(Ipv4Addr::new(10, 244, 1, 3), POD_MTU);
+    let b1 = b.add_pod(Ipv4Addr::new(10, 244, 2, 2), POD_MTU);
+    Cluster { a, b, a1, a2, b1 }
+}
+
+fn set_mode(c: &Cluster, mode: RouteMode) {
+    c.a.add_peer("10.244.2.0/24".parse().unwrap(), c.b.ip, c.b.vtep_mac, mode);
+    c.b.add_peer("10.244.1.0/24".parse().unwrap(), c.a.ip, c.a.vtep_mac, mode);
+}
+
+fn ping(from: &Netns, to: Ipv4Addr) {
+    from.exec(
+        "ping",
+        &["-c", "2", "-i", "0.2", "-W", "2", &to.to_string()],
+    );
+}
+
+fn connectivity(c: &Cluster, port: u16) {
+    // Same node, across nodes, both directions.
+    for (from, to) in [
+        (&c.a1, &c.a2),
+        (&c.a2, &c.a1),
+        (&c.a1, &c.b1),
+        (&c.b1, &c.a1),
+    ] {
+        ping(&from.ns, to.ip);
+    }
+    // Node to local pod, node to remote pod, pod to remote node.
+    ping(&c.a.ns, c.a1.ip);
+    ping(&c.a.ns, c.b1.ip);
+    ping(&c.b.ns, c.a2.ip);
+    ping(&c.b1.ns, c.a.ip);
+    // Largest unfragmented ICMP across nodes.
+    let max = (POD_MTU - 28).to_string();
+    c.a1.ns.exec(
+        "ping",
+        &[
+            "-c",
+            "2",
+            "-W",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            &max,
+            &c.b1.ip.to_string(),
+        ],
+    );
+    // TCP both ways across nodes and on one node.
+    let t = Duration::from_secs(20);
+    tcp_transfer(&c.b1.ns, c.b1.ip, port, &c.a1.ns, 4 << 20, t);
+    tcp_transfer(&c.a1.ns, c.a1.ip, port + 1, &c.b1.ns, 4 << 20, t);
+    tcp_transfer(&c.a2.ns, c.a2.ip, port + 2, &c.a1.ns, 4 << 20, t);
+    assert_eq!(
+        c.a.drops_total(),
+        0,
+        "node A drops: {:?}",
+        c.a.maps().drops().unwrap()
+    );
+    assert_eq!(
+        c.b.drops_total(),
+        0,
+        "node B drops: {:?}",
+        c.b.maps().drops().unwrap()
+    );
+}
+
+fn stat(node: &WeftNode, s: Stat) -> u64 {
+    node.maps().stat_count(s).unwrap()
+}
+
+#[test]
+fn vxlan_backend_full_connectivity() {
+    let c = cluster(true);
+    set_mode(&c, RouteMode::Vxlan);
+    connectivity(&c, 6001);
+    assert!(stat(&c.a, Stat::VxlanEncap) > 0 && stat(&c.b, Stat::XdpVxlanDecap) > 0);
+    assert!(stat(&c.a, Stat::LocalDelivered) > 0);
+}
+
+#[test]
+fn ipip_backend_full_connectivity() {
+    let c = cluster(true);
+    set_mode(&c, RouteMode::Ipip);
+    connectivity(&c, 6101);
+    assert!(stat(&c.a, Stat::IpipEncap) > 0 && stat(&c.b, Stat::XdpIpipDecap) > 0);
+    assert_eq!(stat(&c.a, Stat::VxlanEncap), 0);
+}
+
+#[test]
+fn direct_backend_full_connectivity() {
+    let c = cluster(true);
+    set_mode(&c, RouteMode::Direct);
+    connectivity(&c, 6201);
+    assert!(stat(&c.a, Stat::DirectForward) > 0 && stat(&c.b, Stat::UnderlayDelivered) > 0);
+    assert_eq!(
+        stat(&c.a, Stat::VxlanEncap) + stat(&c.a, Stat::IpipEncap),
+        0
+    );
+}
+
+#[test]
+fn tunnels_work_without_xdp_through_tc_decapsulation() {
+    let c = cluster(false);
+    set_mode(&c, RouteMode::Vxlan);
+    connectivity(&c, 6301);
+    set_mode(&c, RouteMode::Ipip);
+    connectivity(&c, 6311);
+    assert!(stat(&c.b, Stat::TcDecap) > 0);
+    assert_eq!(
+        stat(&c.b, Stat::XdpVxlanDecap) + stat(&c.b, Stat::XdpIpipDecap),
+        0
+    );
+}
+
+/// Switches the backend every 150 ms while a sequenced UDP flow runs between pods on the two
+/// nodes; counts what did not arrive.
+#[test]
+fn live_backend_switch_loses_nothing() {
+    let c = cluster(true);
+    set_mode(&c, RouteMode::Vxlan);
+    ping(&c.a1.ns, c.b1.ip);
+    let server_ip = c.b1.ip;
+    let stop = Arc::new(AtomicBool::new(false));
+    let receiver = c.b1.ns.spawn(move || {
+        let sock = UdpSocket::bind(SocketAddr::from((server_ip, 7000))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = sock.recv(&mut buf) {
+            if n >= 8 {
+                seen.insert(u64::from_be_bytes(buf[..8].try_into().unwrap()));
+            }
+        }
+        seen
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let stop_tx = stop.clone();
+    let sender = c.a1.ns.spawn(move || {
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let mut seq = 0u64;
+        let start = Instant::now();
+        while !stop_tx.load(Ordering::Relaxed) {
+            sock.send_to(&seq.to_be_bytes(), SocketAddr::from((server_ip, 7000)))
+                .unwrap();
+            seq += 1;
+            // About 5,000 packets a second.
+            let due = start + Duration::from_micros(200 * seq);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        seq
+    });
+    let modes = [
+        RouteMode::Ipip,
+        RouteMode::Direct,
+        RouteMode::Vxlan,
+        RouteMode::Direct,
+        RouteMode::Ipip,
+        RouteMode::Vxlan,
+    ];
+    for mode in modes {
+        std::thread::sleep(Duration::from_millis(150));
+        set_mode(&c, mode);
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender.join().unwrap();
+    let seen = receiver.join().unwrap();
+    let lost = sent - seen.len() as u64;
+    eprintln!(
+        "live backend switch: {} switches, {sent} packets sent, {lost} lost",
+        modes.len()
+    );
+    assert!(sent > 1000, "the flow ran ({sent} packets)");
+    assert_eq!(lost, 0, "packets lost during live backend switches");
+    for s in [Stat::VxlanEncap, Stat::IpipEncap, Stat::DirectForward] {
+        assert!(stat(&c.a, s) > 0, "{s:?} used");
+    }
+}
