@@ -293,3 +293,56 @@ fn tc_every_truncation_has_a_defined_verdict() {
         assert_eq!(total, 0);
     });
 }
+
+#[test]
+fn ipip_malformed_input_has_defined_verdicts() {
+    with_node(|node| {
+        let inner = inner_to_pod1(b"ipip payload");
+        let full = ipip_frame(PEER_MAC, NIC_MAC, PEER_IP, NODE_IP, &inner);
+        // Every truncation of the wire frame: the outer total length no longer fits, so it is
+        // not a packet for this node; it reaches the stack untouched.
+        for len in 14..full.len() {
+            let out = xdp(node, &full[..len]);
+            assert_eq!(out.verdict, XDP_PASS, "truncated to {len}");
+            assert_eq!(&out.data[..], &full[..len]);
+        }
+        // Consistent outer lengths but an inner packet shorter than an IPv4 header.
+        for inner_len in 0..20 {
+            let mut frame = full[..34].to_vec();
+            frame.extend_from_slice(&inner[14..14 + inner_len]);
+            let mut ip = Ipv4Header::from_slice(&frame[14..]).unwrap().0;
+            ip.total_len = (frame.len() - 14) as u16;
+            ip.header_checksum = ip.calc_header_checksum();
+            frame[14..34].copy_from_slice(&ip.to_bytes());
+            assert_eq!(xdp(node, &frame).verdict, XDP_DROP, "inner of {inner_len} bytes");
+        }
+        assert_eq!(drops(node, DropReason::MalformedTunnel), 20);
+        // Inner version 6 and inner IHL below 5.
+        for (offset, value) in [(34usize, 0x65u8), (34, 0x44)] {
+            let mut frame = full.clone();
+            frame[offset] = value;
+            assert_eq!(xdp(node, &frame).verdict, XDP_DROP);
+        }
+        assert_eq!(drops(node, DropReason::MalformedTunnel), 22);
+        // The same through the tc fallback.
+        let mut frame = full.clone();
+        frame[34] = 0x65;
+        assert_eq!(tc(node, &frame).verdict, TC_ACT_SHOT);
+        assert_eq!(drops(node, DropReason::MalformedTunnel), 23);
+        for len in 34..full.len() {
+            let out = tc(node, &full[..len]);
+            assert_eq!(out.verdict, TC_ACT_OK, "truncated to {len}");
+            assert_eq!(&out.data[..], &full[..len]);
+        }
+        // An IPIP fragment is the stack's.
+        let mut frag = full.clone();
+        frag[20] = 0x20;
+        let mut ip = Ipv4Header::from_slice(&frag[14..]).unwrap().0;
+        ip.header_checksum = ip.calc_header_checksum();
+        frag[14..34].copy_from_slice(&ip.to_bytes());
+        let out = xdp(node, &frag);
+        assert_eq!(out.verdict, XDP_PASS);
+        assert_eq!(out.data, frag);
+        assert_eq!(stat(node, Stat::XdpIpipDecap), 0);
+    });
+}
