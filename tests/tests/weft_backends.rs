@@ -107,6 +107,9 @@ fn connectivity(c: &Cluster, port: u16) {
     tcp_transfer(&c.b1.ns, c.b1.ip, port, &c.a1.ns, 4 << 20, t);
     tcp_transfer(&c.a1.ns, c.a1.ip, port + 1, &c.b1.ns, 4 << 20, t);
     tcp_transfer(&c.a2.ns, c.a2.ip, port + 2, &c.a1.ns, 4 << 20, t);
+    // The node's own bulk traffic to a remote pod and back (hostNetwork pods, probes).
+    tcp_transfer(&c.b1.ns, c.b1.ip, port + 3, &c.a.ns, 4 << 20, t);
+    tcp_transfer(&c.b.ns, c.b.ip, port + 4, &c.a1.ns, 4 << 20, t);
     assert_eq!(
         c.a.drops_total(),
         0,
