@@ -44,7 +44,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 pub fn ensure_bpffs() -> Result<()> {
     let mount_point = Path::new("/sys/fs/bpf");
     if let Ok(st) = nix::sys::statfs::statfs(mount_point)
-        && st.filesystem_type().0 as i64 == BPF_FS_MAGIC
+        && st.filesystem_type().0 == BPF_FS_MAGIC
     {
         return Ok(());
     }
@@ -163,6 +163,32 @@ impl Datapath {
             self.attach_xdp(ifname)?;
         }
         Ok(())
+    }
+
+    /// Switches every pod link pinned by the CNI plugin to this object's `from_pod` (an agent
+    /// upgrade or restart): atomic per link, no packet meets a veth without a program. Links
+    /// whose veth is gone are unpinned. Returns how many links were switched.
+    pub fn reattach_pods(&mut self) -> Result<usize> {
+        let Some(dir) = self.pin_dir.clone() else {
+            return Ok(0);
+        };
+        let prefix = format!("{}@", prog_names::FROM_POD);
+        let mut switched = 0;
+        for entry in std::fs::read_dir(dir.join("links"))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(ifname) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            if nix::net::if_::if_nametoindex(ifname).is_err() {
+                // The pod is gone (DEL never ran): drop the stale link.
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            }
+            self.attach_from_pod(ifname)?;
+            switched += 1;
+        }
+        Ok(switched)
     }
 
     /// Attaches `from_host` to the ingress of `weft_net` (the peer of `weft_host`).

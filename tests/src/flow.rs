@@ -109,3 +109,80 @@ pub fn tcp_transfer(
         elapsed,
     }
 }
+
+/// A sequenced UDP flow at about 5,000 packets a second from one namespace to another; on
+/// `stop` it reports how many packets were sent and how many never arrived. Used to count
+/// loss across reloads, restarts and backend switches.
+pub struct SequencedFlow {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sender: std::thread::JoinHandle<u64>,
+    receiver: std::thread::JoinHandle<std::collections::BTreeSet<u64>>,
+}
+
+pub struct FlowLoss {
+    pub sent: u64,
+    pub lost: u64,
+}
+
+impl SequencedFlow {
+    pub fn start(sender_ns: &Netns, receiver_ns: &Netns, server_ip: Ipv4Addr, port: u16) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let receiver = receiver_ns.spawn(move || {
+            let sock = std::net::UdpSocket::bind(SocketAddr::from((server_ip, port)))
+                .unwrap_or_else(|e| panic!("binding {server_ip}:{port}: {e}"));
+            sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            ready_tx.send(()).unwrap();
+            let mut seen = std::collections::BTreeSet::new();
+            let mut buf = [0u8; 64];
+            while let Ok(n) = sock.recv(&mut buf) {
+                if n >= 8 {
+                    seen.insert(u64::from_be_bytes(buf[..8].try_into().unwrap()));
+                }
+            }
+            seen
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("receiver did not start");
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stop_tx = stop.clone();
+        let sender = sender_ns.spawn(move || {
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            let mut seq = 0u64;
+            let start = Instant::now();
+            while !stop_tx.load(Ordering::Relaxed) {
+                sock.send_to(&seq.to_be_bytes(), SocketAddr::from((server_ip, port)))
+                    .unwrap_or_else(|e| panic!("sending packet {seq}: {e}"));
+                seq += 1;
+                let due = start + Duration::from_micros(200 * seq);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            seq
+        });
+        Self {
+            stop,
+            sender,
+            receiver,
+        }
+    }
+
+    /// Stops sending, waits for the receiver to drain (2 s of silence) and counts.
+    pub fn stop(self) -> FlowLoss {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let sent = self
+            .sender
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e));
+        let seen = self
+            .receiver
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e));
+        FlowLoss {
+            sent,
+            lost: sent - seen.range(..sent).count() as u64,
+        }
+    }
+}

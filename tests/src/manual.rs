@@ -46,7 +46,10 @@ impl WeftNode {
             weft_common::HOST_PEER_DEV
         ));
         // Room for the largest encapsulation, as for pods: node traffic is tunnelled too.
-        ns.ip(&format!("link set {} mtu 1450 arp off up", weft_common::HOST_DEV));
+        ns.ip(&format!(
+            "link set {} mtu 1450 arp off up",
+            weft_common::HOST_DEV
+        ));
         ns.ip(&format!("link set {} up", weft_common::HOST_PEER_DEV));
         let root = pins.path.clone();
         let dev = underlay.to_string();

@@ -99,16 +99,7 @@ pub fn vxlan_header(vni: u32) -> [u8; 8] {
 
 /// A VXLAN packet on the wire: outer Ethernet/IPv4/UDP(sport → dport, checksum 0)/VXLAN around
 /// `inner` (a whole Ethernet frame).
-pub fn vxlan_frame(
-    outer_src_mac: [u8; 6],
-    outer_dst_mac: [u8; 6],
-    src: [u8; 4],
-    dst: [u8; 4],
-    sport: u16,
-    dport: u16,
-    vni: u32,
-    inner: &[u8],
-) -> Vec<u8> {
+pub fn vxlan_frame(outer: &Outer, sport: u16, dport: u16, vni: u32, inner: &[u8]) -> Vec<u8> {
     let mut udp_payload = vxlan_header(vni).to_vec();
     udp_payload.extend_from_slice(inner);
     let udp = UdpHeader {
@@ -119,10 +110,18 @@ pub fn vxlan_frame(
     };
     let mut l4 = udp.to_bytes().to_vec();
     l4.extend_from_slice(&udp_payload);
-    let mut out = raw_frame(outer_src_mac, outer_dst_mac, ETH_P_IPV4, &[]);
-    out.extend_from_slice(&outer_ipv4(17, src, dst, l4.len()));
+    let mut out = raw_frame(outer.src_mac, outer.dst_mac, ETH_P_IPV4, &[]);
+    out.extend_from_slice(&outer_ipv4(17, outer.src, outer.dst, l4.len()));
     out.extend_from_slice(&l4);
     out
+}
+
+/// Outer Ethernet and IPv4 addresses of a tunnel packet.
+pub struct Outer {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
 }
 
 /// An IPIP packet on the wire: outer Ethernet/IPv4 (protocol 4) around the IPv4 packet of

@@ -48,7 +48,18 @@ fn inner_to_pod1(payload: &[u8]) -> Vec<u8> {
 }
 
 fn vxlan_from(src: [u8; 4], dport: u16, vni: u32, inner: &[u8]) -> Vec<u8> {
-    vxlan_frame(PEER_MAC, NIC_MAC, src, NODE_IP, 51000, dport, vni, inner)
+    vxlan_frame(
+        &Outer {
+            src_mac: PEER_MAC,
+            dst_mac: NIC_MAC,
+            src,
+            dst: NODE_IP,
+        },
+        51000,
+        dport,
+        vni,
+        inner,
+    )
 }
 
 /// What the stack receives after XDP decapsulation: the inner packet under the outer MACs.
@@ -115,10 +126,12 @@ fn xdp_leaves_what_is_not_its_tunnel_untouched() {
         let wrong_port = vxlan_from(PEER_IP, 4789, VNI, &inner);
         let wrong_vni = vxlan_from(PEER_IP, VXLAN_PORT, 42, &inner);
         let foreign_dst = vxlan_frame(
-            PEER_MAC,
-            NIC_MAC,
-            PEER_IP,
-            [192, 168, 50, 9],
+            &Outer {
+                src_mac: PEER_MAC,
+                dst_mac: NIC_MAC,
+                src: PEER_IP,
+                dst: [192, 168, 50, 9],
+            },
             1,
             VXLAN_PORT,
             VNI,
@@ -314,7 +327,11 @@ fn ipip_malformed_input_has_defined_verdicts() {
             ip.total_len = (frame.len() - 14) as u16;
             ip.header_checksum = ip.calc_header_checksum();
             frame[14..34].copy_from_slice(&ip.to_bytes());
-            assert_eq!(xdp(node, &frame).verdict, XDP_DROP, "inner of {inner_len} bytes");
+            assert_eq!(
+                xdp(node, &frame).verdict,
+                XDP_DROP,
+                "inner of {inner_len} bytes"
+            );
         }
         assert_eq!(drops(node, DropReason::MalformedTunnel), 20);
         // Inner version 6 and inner IHL below 5.

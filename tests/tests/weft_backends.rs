@@ -1,19 +1,12 @@
 //! Two weft nodes, every backend: pod to pod on one node and across nodes, node to remote pod
 //! and pod to remote node, ICMP and TCP, with and without XDP; and a live switch of the backend
 //! while a flow runs, with the loss counted.
-use std::{
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::{net::Ipv4Addr, time::Duration};
 
 use ipnet::Ipv4Net;
 use weft_common::{RouteMode, Stat};
 use weft_tests::{
-    flow::tcp_transfer,
+    flow::{FlowLoss, SequencedFlow, tcp_transfer},
     manual::{Pod, WeftNode, mtu_wire},
     netns::{Netns, veth_pair},
 };
@@ -179,38 +172,7 @@ fn live_backend_switch_loses_nothing() {
     let c = cluster(true);
     set_mode(&c, RouteMode::Vxlan);
     ping(&c.a1.ns, c.b1.ip);
-    let server_ip = c.b1.ip;
-    let stop = Arc::new(AtomicBool::new(false));
-    let receiver = c.b1.ns.spawn(move || {
-        let sock = UdpSocket::bind(SocketAddr::from((server_ip, 7000))).unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let mut seen = std::collections::BTreeSet::new();
-        let mut buf = [0u8; 64];
-        while let Ok(n) = sock.recv(&mut buf) {
-            if n >= 8 {
-                seen.insert(u64::from_be_bytes(buf[..8].try_into().unwrap()));
-            }
-        }
-        seen
-    });
-    std::thread::sleep(Duration::from_millis(200));
-    let stop_tx = stop.clone();
-    let sender = c.a1.ns.spawn(move || {
-        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
-        let mut seq = 0u64;
-        let start = Instant::now();
-        while !stop_tx.load(Ordering::Relaxed) {
-            sock.send_to(&seq.to_be_bytes(), SocketAddr::from((server_ip, 7000)))
-                .unwrap();
-            seq += 1;
-            // About 5,000 packets a second.
-            let due = start + Duration::from_micros(200 * seq);
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-        }
-        seq
-    });
+    let flow = SequencedFlow::start(&c.a1.ns, &c.b1.ns, c.b1.ip, 7000);
     let modes = [
         RouteMode::Ipip,
         RouteMode::Direct,
@@ -224,10 +186,7 @@ fn live_backend_switch_loses_nothing() {
         set_mode(&c, mode);
     }
     std::thread::sleep(Duration::from_millis(150));
-    stop.store(true, Ordering::Relaxed);
-    let sent = sender.join().unwrap();
-    let seen = receiver.join().unwrap();
-    let lost = sent - seen.len() as u64;
+    let FlowLoss { sent, lost } = flow.stop();
     eprintln!(
         "live backend switch: {} switches, {sent} packets sent, {lost} lost",
         modes.len()
@@ -237,4 +196,47 @@ fn live_backend_switch_loses_nothing() {
     for s in [Stat::VxlanEncap, Stat::IpipEncap, Stat::DirectForward] {
         assert!(stat(&c.a, s) > 0, "{s:?} used");
     }
+}
+
+/// What a restarted agent does to the datapath: load the object again (adopting the pinned
+/// maps) and switch every pinned link to the new programs.
+fn restart_datapath(node: &WeftNode) -> usize {
+    let root = node.pins.path.clone();
+    let dev = node.underlay.clone();
+    node.ns.run(move || {
+        let mut dp = weft_agent::datapath::Datapath::load_pinned(&root).expect("reloading");
+        dp.pin_programs().expect("pinning programs");
+        dp.attach_underlay(&dev, true)
+            .expect("re-attaching the underlay");
+        dp.attach_from_host(weft_common::HOST_PEER_DEV)
+            .expect("re-attaching from_host");
+        dp.reattach_pods().expect("re-attaching pods")
+    })
+}
+
+/// Reloading the datapath while a flow runs: links are switched atomically, maps adopted.
+#[test]
+fn datapath_reload_during_a_flow_loses_nothing() {
+    let c = cluster(true);
+    set_mode(&c, RouteMode::Vxlan);
+    ping(&c.a1.ns, c.b1.ip);
+    let flow = SequencedFlow::start(&c.a1.ns, &c.b1.ns, c.b1.ip, 7001);
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(
+            restart_datapath(&c.a),
+            2,
+            "both pod links of node A switched"
+        );
+        assert_eq!(restart_datapath(&c.b), 1, "the pod link of node B switched");
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    let FlowLoss { sent, lost } = flow.stop();
+    eprintln!("datapath reloads during a flow: 6 reloads, {sent} packets sent, {lost} lost");
+    assert!(sent > 1000);
+    assert_eq!(lost, 0, "packets lost during reloads");
+    // The maps survived: routes and endpoints still there, traffic still flows.
+    assert_eq!(c.a.maps().endpoints().unwrap().len(), 2);
+    assert_eq!(c.a.maps().routes().unwrap().len(), 1);
+    ping(&c.b1.ns, c.a2.ip);
 }
