@@ -1,0 +1,119 @@
+//! An etcd server (Debian's `etcd-server`) for the harness, listening on an address inside a
+//! namespace of the harness, with its data in a temporary directory. Stoppable and restartable
+//! (datastore outage tests); killed by pid and cleaned up on drop.
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::PathBuf,
+    time::Duration,
+};
+
+use crate::{
+    netns::{Netns, unique_name},
+    process::{NsProcess, wait_until},
+};
+
+pub struct Etcd {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    ns_path: String,
+    ns_name: String,
+    data_dir: PathBuf,
+    process: Option<NsProcess>,
+}
+
+impl Etcd {
+    /// Starts etcd in `ns`, serving clients on `ip:port` (an address of `ns`).
+    pub fn start(ns: &Netns, ip: Ipv4Addr, port: u16) -> Self {
+        let data_dir = std::env::temp_dir().join(unique_name("weft-etcd-"));
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let mut etcd = Self {
+            ip,
+            port,
+            ns_path: ns.path(),
+            ns_name: ns.name.clone(),
+            data_dir,
+            process: None,
+        };
+        etcd.resume();
+        etcd
+    }
+
+    /// Client URL for agents.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}:{}", self.ip, self.port)
+    }
+
+    /// Stops the server (SIGKILL): a datastore outage. Data is kept.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts the server again on the same data.
+    pub fn resume(&mut self) {
+        let ns = Netns {
+            name: self.ns_name.clone(),
+        };
+        let url = self.endpoint();
+        let args: Vec<String> = [
+            "--name",
+            "weft-test",
+            "--data-dir",
+            self.data_dir.to_str().unwrap(),
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+            "--listen-peer-urls",
+            &format!("http://{}:{}", self.ip, self.port + 1),
+            "--initial-advertise-peer-urls",
+            &format!("http://{}:{}", self.ip, self.port + 1),
+            "--initial-cluster",
+            &format!("weft-test=http://{}:{}", self.ip, self.port + 1),
+            "--log-level",
+            "warn",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let log = self.data_dir.with_extension("log");
+        let process = NsProcess::spawn(&ns, &etcd_binary(), &args, &[], &log);
+        // `ns` is a borrowed handle: it must not delete the namespace when dropped.
+        std::mem::forget(ns);
+        let addr = SocketAddr::from((self.ip, self.port));
+        let ns_path = self.ns_path.clone();
+        wait_until(
+            "etcd to accept connections",
+            Duration::from_secs(20),
+            || {
+                let ns_path = ns_path.clone();
+                std::thread::spawn(move || {
+                    crate::netns::enter(&ns_path);
+                    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                })
+                .join()
+                .unwrap_or(false)
+            },
+        );
+        self.process = Some(process);
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+        let _ = std::fs::remove_file(self.data_dir.with_extension("log"));
+    }
+}
+
+/// Debian installs the server as `/usr/bin/etcd`.
+pub fn etcd_binary() -> PathBuf {
+    for candidate in ["/usr/bin/etcd", "/usr/local/bin/etcd"] {
+        if std::path::Path::new(candidate).exists() {
+            return candidate.into();
+        }
+    }
+    panic!("etcd not found: `cargo xtask test` installs Debian's etcd-server")
+}
