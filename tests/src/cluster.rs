@@ -1,0 +1,367 @@
+//! A weft cluster in network namespaces: an underlay (bridges in an underlay namespace that also
+//! routes between two node subnets), N nodes each running the real `weft-agent` with its own pin
+//! directory and files, one etcd for the cluster, and pods created by calling the real `weft-cni`
+//! binary as a container runtime does. Everything is torn down on drop, also after a panic.
+use std::{
+    io::Write,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use weft_agent::datapath::Maps;
+
+use crate::{
+    etcd::Etcd,
+    manual::mtu_wire,
+    netns::{Netns, unique_name},
+    pins::PinDir,
+    process::{NsProcess, wait_until},
+};
+
+/// The cluster network every test cluster uses.
+pub const CLUSTER_NETWORK: &str = "10.244.0.0/16";
+/// Underlay subnets: nodes are spread over both, routed by the underlay namespace.
+pub const UNDERLAY_SUBNETS: [[u8; 3]; 2] = [[192, 168, 100], [192, 168, 101]];
+const ETCD_PORT: u16 = 2379;
+
+/// Directory of the workspace's built binaries (`target/debug`), found from the test executable
+/// (`target/debug/deps/<test>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/debug")
+        .to_path_buf()
+}
+
+/// A built binary of the workspace; `cargo xtask test` builds them all before testing.
+pub fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --exclude node-ebpf` first (`cargo xtask test` does)",
+        path.display()
+    );
+    path
+}
+
+pub struct ClusterOptions {
+    pub nodes: usize,
+    /// Backend `Type` in net-conf.json: vxlan, ipip, host-gw.
+    pub backend: String,
+    pub direct_routing: bool,
+    /// Put every other node in the second underlay subnet.
+    pub two_subnets: bool,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            nodes: 3,
+            backend: "vxlan".into(),
+            direct_routing: false,
+            two_subnets: false,
+        }
+    }
+}
+
+pub struct Node {
+    pub name: String,
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    pub pins: PinDir,
+    pub dir: PathBuf,
+    pub agent: Option<NsProcess>,
+    pub pods: Vec<Pod>,
+}
+
+pub struct Pod {
+    pub ns: Netns,
+    pub container_id: String,
+    pub ip: Ipv4Addr,
+}
+
+pub struct Cluster {
+    // Field order is drop order: pods and agents go before the underlay and etcd.
+    pub nodes: Vec<Node>,
+    pub etcd: Etcd,
+    pub underlay: Netns,
+    pub net_conf: PathBuf,
+    pub options: ClusterOptions,
+    next_node: usize,
+}
+
+impl Node {
+    pub fn maps(&self) -> Maps {
+        Maps::open_pinned(&self.pins.path).expect("opening the node's pinned maps")
+    }
+
+    pub fn subnet_file(&self) -> PathBuf {
+        self.dir.join("subnet.env")
+    }
+
+    pub fn cni_conf(&self) -> serde_json::Value {
+        serde_json::json!({
+            "cniVersion": "1.1.0",
+            "name": "weft",
+            "type": "weft-cni",
+            "subnetFile": self.subnet_file(),
+            "dataDir": self.dir.join("ipam"),
+            "pinRoot": self.pins.path,
+        })
+    }
+}
+
+impl Cluster {
+    pub fn new(options: ClusterOptions) -> Self {
+        let underlay = Netns::new("wul");
+        underlay.sysctl("net.ipv4.ip_forward", "1");
+        for (i, subnet) in UNDERLAY_SUBNETS.iter().enumerate() {
+            underlay.ip(&format!("link add br{i} type bridge"));
+            underlay.ip(&format!(
+                "addr add {}.{}.{}.1/24 dev br{i}",
+                subnet[0], subnet[1], subnet[2]
+            ));
+            underlay.ip(&format!("link set br{i} up"));
+        }
+        let etcd = Etcd::start(&underlay, Ipv4Addr::new(192, 168, 100, 1), ETCD_PORT);
+        let net_conf = std::env::temp_dir()
+            .join(unique_name("weft-net-conf-"))
+            .with_extension("json");
+        let mut cluster = Self {
+            nodes: Vec::new(),
+            etcd,
+            underlay,
+            net_conf,
+            options,
+            next_node: 0,
+        };
+        cluster.write_net_conf();
+        for _ in 0..cluster.options.nodes {
+            cluster.add_node();
+        }
+        for i in 0..cluster.nodes.len() {
+            cluster.wait_converged(i);
+        }
+        cluster
+    }
+
+    /// Writes flannel's net-conf.json for the current backend options.
+    pub fn write_net_conf(&self) {
+        let conf = serde_json::json!({
+            "Network": CLUSTER_NETWORK,
+            "SubnetLen": 24,
+            "Backend": {
+                "Type": self.options.backend,
+                "DirectRouting": self.options.direct_routing,
+            }
+        });
+        std::fs::write(&self.net_conf, serde_json::to_vec_pretty(&conf).unwrap()).unwrap();
+    }
+
+    /// Adds a node (namespace, underlay link, agent) and returns its index.
+    pub fn add_node(&mut self) -> usize {
+        let index = self.next_node;
+        self.next_node += 1;
+        let subnet = if self.options.two_subnets {
+            UNDERLAY_SUBNETS[index % 2]
+        } else {
+            UNDERLAY_SUBNETS[0]
+        };
+        let bridge = if self.options.two_subnets {
+            index % 2
+        } else {
+            0
+        };
+        let ip = Ipv4Addr::new(subnet[0], subnet[1], subnet[2], 10 + index as u8);
+        let ns = Netns::new("wn");
+        let port = unique_name("u");
+        self.underlay.ip(&format!(
+            "link add {port} type veth peer name eth0 netns {}",
+            ns.name
+        ));
+        self.underlay
+            .ip(&format!("link set {port} master br{bridge} up"));
+        ns.ip("link set eth0 up");
+        ns.ip(&format!("addr add {ip}/24 dev eth0"));
+        ns.ip(&format!(
+            "route add default via {}.{}.{}.1",
+            subnet[0], subnet[1], subnet[2]
+        ));
+        mtu_wire(&ns, "eth0");
+        let dir = std::env::temp_dir().join(unique_name("weft-node-"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let name = format!("node-{index}");
+        let mut node = Node {
+            name,
+            ns,
+            ip,
+            pins: PinDir::new("node"),
+            dir,
+            agent: None,
+            pods: Vec::new(),
+        };
+        let agent = self.start_agent(&node);
+        node.agent = Some(agent);
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    fn start_agent(&self, node: &Node) -> NsProcess {
+        let args: Vec<String> = vec![
+            "--datastore".into(),
+            "etcd".into(),
+            "--etcd-endpoints".into(),
+            self.etcd.endpoint(),
+            "--net-conf".into(),
+            self.net_conf.display().to_string(),
+            "--iface".into(),
+            "eth0".into(),
+            "--node-name".into(),
+            node.name.clone(),
+            "--pin-root".into(),
+            node.pins.path.display().to_string(),
+            "--subnet-file".into(),
+            node.subnet_file().display().to_string(),
+            "--metrics-addr".into(),
+            format!("{}:9402", node.ip),
+            "--lease-ttl".into(),
+            "20".into(),
+        ];
+        let log = node.dir.join("agent.log");
+        NsProcess::spawn(
+            &node.ns,
+            &binary("weft-agent"),
+            &args,
+            &[("RUST_LOG", "info".into())],
+            &log,
+        )
+    }
+
+    /// Kills a node's agent with SIGKILL (no clean-up can run) and starts it again.
+    pub fn restart_agent(&mut self, index: usize) {
+        self.nodes[index].agent.as_mut().unwrap().kill();
+        let agent = self.start_agent(&self.nodes[index]);
+        self.nodes[index].agent = Some(agent);
+    }
+
+    /// Removes a node: agent stopped, lease deleted or expired, namespace gone.
+    pub fn remove_node(&mut self, index: usize) -> Node {
+        let mut node = self.nodes.remove(index);
+        if let Some(agent) = node.agent.as_mut() {
+            agent.terminate(Duration::from_secs(5));
+        }
+        node
+    }
+
+    /// Waits until node `index` has written its subnet file and routes to every other node.
+    pub fn wait_converged(&self, index: usize) {
+        let node = &self.nodes[index];
+        let others = self.nodes.len() - 1;
+        wait_until(
+            &format!("{} to converge", node.name),
+            Duration::from_secs(30),
+            || {
+                node.subnet_file().exists()
+                    && Maps::open_pinned(&node.pins.path)
+                        .and_then(|m| m.routes())
+                        .map(|r| r.len() >= others)
+                        .unwrap_or(false)
+            },
+        );
+    }
+
+    /// Creates a pod on node `index` through the CNI plugin (ADD), like a runtime.
+    pub fn add_pod(&mut self, index: usize) -> Ipv4Addr {
+        let ns = Netns::new("wp");
+        let container_id = unique_name("ctr");
+        let node = &self.nodes[index];
+        let result = cni(node, "ADD", &container_id, &ns.path(), &node.cni_conf());
+        let ip = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in the ADD result: {result}"));
+        self.nodes[index].pods.push(Pod {
+            ns,
+            container_id,
+            ip,
+        });
+        ip
+    }
+
+    /// Deletes pod `pod` of node `index` through the CNI plugin (DEL).
+    pub fn delete_pod(&mut self, index: usize, pod: usize) {
+        let p = self.nodes[index].pods.remove(pod);
+        let node = &self.nodes[index];
+        cni(node, "DEL", &p.container_id, &p.ns.path(), &node.cni_conf());
+    }
+
+    pub fn all_pods(&self) -> Vec<(usize, &Pod)> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| n.pods.iter().map(move |p| (i, p)))
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(agent) = node.agent.as_mut() {
+                agent.kill();
+            }
+            node.pods.clear();
+            let _ = std::fs::remove_dir_all(&node.dir);
+        }
+        let _ = std::fs::remove_file(&self.net_conf);
+    }
+}
+
+/// Executes the CNI plugin in the node's namespace with the CNI environment and `conf` on
+/// stdin; returns the parsed result, panicking with the plugin's error output on failure.
+pub fn cni(
+    node: &Node,
+    command: &str,
+    container_id: &str,
+    netns: &str,
+    conf: &serde_json::Value,
+) -> serde_json::Value {
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={}", node.ns.path()))
+        .arg(binary("weft-cni"))
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container_id)
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", bin_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting weft-cni");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().expect("waiting for weft-cni");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        panic!(
+            "weft-cni {command} on {} failed ({}): {stdout} {}",
+            node.name,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    if stdout.trim().is_empty() {
+        return serde_json::Value::Null;
+    }
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("weft-cni {command} printed non-JSON ({e}): {stdout}"))
+}
