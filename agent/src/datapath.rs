@@ -24,8 +24,8 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use weft_common::{
-    DropReason, EndpointInfo, Ipv4Key, NodeConfig, NodeInfo, RouteInfo, SCHEMA_VERSION, Stat,
-    map_names, prog_names,
+    DropReason, EndpointInfo, Ipv4Key, NextHop, NodeConfig, NodeInfo, RouteInfo, SCHEMA_VERSION,
+    Stat, map_names, prog_names,
 };
 
 /// The compiled `node-ebpf` object (BTF included).
@@ -429,6 +429,31 @@ impl Maps {
         }
         out.sort_by_key(|(a, _)| *a);
         Ok(out)
+    }
+
+    /// Cached underlay next hops (what the datapath resolved through the kernel's FIB).
+    pub fn next_hops(&self) -> Result<Vec<(Ipv4Addr, NextHop)>> {
+        let map: HashMap<&MapData, Ipv4Key, NextHop> =
+            self.map(map_names::NEXT_HOPS)?.try_into()?;
+        let mut out = Vec::new();
+        for entry in map.iter() {
+            let (key, hop) = entry.context("iterating next hops")?;
+            out.push((Ipv4Addr::from(key.addr), hop));
+        }
+        out.sort_by_key(|(a, _)| *a);
+        Ok(out)
+    }
+
+    /// Forgets every cached next hop, so the next packet to each node asks the FIB again (the
+    /// agent calls this when the underlay's routes or neighbours change).
+    pub fn flush_next_hops(&mut self) -> Result<()> {
+        let mut map: HashMap<&mut MapData, Ipv4Key, NextHop> =
+            self.map_mut(map_names::NEXT_HOPS)?.try_into()?;
+        let keys: Vec<Ipv4Key> = map.keys().filter_map(|k| k.ok()).collect();
+        for key in keys {
+            let _ = map.remove(&key);
+        }
+        Ok(())
     }
 
     fn per_cpu_sum(&self, name: &str, index: u32) -> Result<u64> {

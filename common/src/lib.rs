@@ -19,7 +19,8 @@ pub mod map_names {
     pub const NODES: &str = "WEFT_NODES";
     pub const DROPS: &str = "WEFT_DROPS";
     pub const STATS: &str = "WEFT_STATS";
-    pub const ALL: [&str; 6] = [CONFIG, ROUTES, ENDPOINTS, NODES, DROPS, STATS];
+    pub const NEXT_HOPS: &str = "WEFT_NEXT_HOPS";
+    pub const ALL: [&str; 7] = [CONFIG, ROUTES, ENDPOINTS, NODES, DROPS, STATS, NEXT_HOPS];
 }
 
 /// Program names (the Rust function names in `node-ebpf`).
@@ -43,6 +44,11 @@ pub const HOST_PEER_DEV: &str = "weft_net";
 pub const ROUTES_MAX: u32 = 65_536;
 pub const ENDPOINTS_MAX: u32 = 16_384;
 pub const NODES_MAX: u32 = 65_536;
+pub const NEXT_HOPS_MAX: u32 = 65_536;
+/// How long a next hop resolved by the kernel's FIB is reused before it is looked up again.
+/// Short enough that underlay route or neighbour changes take effect within a second; long
+/// enough that the ~90 ns lookup is paid once per peer per second instead of per packet.
+pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
 
 pub const VXLAN_PORT_DEFAULT: u16 = 8472;
 pub const VXLAN_VNI_DEFAULT: u32 = 1;
@@ -115,6 +121,46 @@ pub struct NodeInfo {
     /// A [`RouteMode`] as u8 (the peer's default mode).
     pub mode: u8,
     pub _pad: u8,
+}
+
+/// An underlay next hop toward a node, as the kernel's FIB resolved it (cache entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NextHop {
+    /// Egress interface.
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// `bpf_ktime_get_coarse_ns` time after which the entry is stale.
+    pub expires_ns: u64,
+}
+
+/// Flow hash of a packet's addresses, protocol and ports (zero for non-first fragments and
+/// protocols without ports). Deterministic, so userspace and tests compute the same value;
+/// mixing as in MurmurHash3's finalizer.
+#[inline(always)]
+pub fn flow_hash(saddr: [u8; 4], daddr: [u8; 4], protocol: u8, ports: [u8; 4]) -> u32 {
+    let mut h = u32::from_be_bytes(saddr).wrapping_mul(0x9e37_79b1);
+    h ^= u32::from_be_bytes(daddr);
+    h = h.rotate_left(13).wrapping_mul(0x85eb_ca6b);
+    h ^= u32::from_be_bytes(ports);
+    h = h.rotate_left(11).wrapping_mul(0xc2b2_ae35);
+    h ^= protocol as u32;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7feb_352d);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846c_a68b);
+    h ^= h >> 16;
+    h
+}
+
+/// VXLAN UDP source port for a flow hash: spread over the dynamic range 49152-65535
+/// (RFC 7348 §5) so underlay ECMP and receivers' RSS keep one flow on one path.
+#[inline(always)]
+pub fn vxlan_source_port(hash: u32) -> u16 {
+    const MIN: u64 = 49152;
+    const RANGE: u64 = 65536 - MIN;
+    (((hash as u64 * RANGE) >> 32) + MIN) as u16
 }
 
 /// Node-wide configuration, one entry in an array map.
@@ -272,6 +318,7 @@ const _: () = {
     assert!(core::mem::size_of::<EndpointInfo>() == 20);
     assert!(core::mem::size_of::<NodeInfo>() == 8);
     assert!(core::mem::size_of::<NodeConfig>() == 24);
+    assert!(core::mem::size_of::<NextHop>() == 24);
 };
 
 #[cfg(feature = "user")]
@@ -284,4 +331,5 @@ mod pod_impls {
     unsafe impl aya::Pod for EndpointInfo {}
     unsafe impl aya::Pod for NodeInfo {}
     unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for NextHop {}
 }

@@ -10,13 +10,14 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
         bpf_fib_lookup, bpf_redir_neigh,
     },
-    helpers::{bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use weft_common::{DropReason, NodeConfig, RouteInfo};
+use weft_common::{DropReason, Ipv4Key, NEXT_HOP_TTL_NS, NextHop, NodeConfig, RouteInfo};
 
 use crate::{
     checksum,
+    maps::WEFT_NEXT_HOPS,
     parse::{
         ETH_HLEN, ETH_P_IPV4, EthHdr, IPPROTO_IPIP, IPPROTO_UDP, IPV4_DF, IPV4_HLEN, Ipv4Hdr,
         UDP_HLEN, UdpHdr, VXLAN_ENCAP_LEN, VXLAN_FLAG_VNI, VXLAN_HLEN, VxlanHdr, ptr_at,
@@ -26,19 +27,10 @@ use crate::{
 const AF_INET: u8 = 2;
 /// TTL of the outer header (the kernel's default).
 const OUTER_TTL: u8 = 64;
-/// UDP source ports are spread over the dynamic range (RFC 7348 §5) by the flow hash, so
-/// receivers' RSS and ECMP on the underlay keep one flow on one path.
-const SPORT_MIN: u32 = 49152;
-const SPORT_RANGE: u32 = 65536 - SPORT_MIN;
+
 /// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`: length of the inner L2 header, in the top byte.
 const fn encap_l2_len(len: u64) -> u64 {
     (len & 0xff) << 56
-}
-
-/// Source port for a flow hash (the kernel's `udp_flow_src_port` scaling).
-#[inline(always)]
-pub fn flow_sport(hash: u32) -> u16 {
-    (((hash as u64 * SPORT_RANGE as u64) >> 32) as u32 + SPORT_MIN) as u16
 }
 
 /// Writes an option-less outer IPv4 header with DF set, id 0 and its checksum.
@@ -73,9 +65,13 @@ fn write_outer_ipv4(ip: &mut Ipv4Hdr, tot_len: u16, protocol: u8, saddr: [u8; 4]
 /// remote VTEP. On return the outer Ethernet header still holds the pod's addresses; the
 /// caller resolves the underlay next hop.
 #[inline(always)]
-pub fn vxlan(ctx: &TcContext, cfg: &NodeConfig, route: &RouteInfo) -> Result<(), DropReason> {
+pub fn vxlan(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    route: &RouteInfo,
+    hash: u32,
+) -> Result<(), DropReason> {
     let frame_len = ctx.len() as usize;
-    let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
         | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
         | BPF_F_ADJ_ROOM_ENCAP_L2_ETH
@@ -98,7 +94,7 @@ pub fn vxlan(ctx: &TcContext, cfg: &NodeConfig, route: &RouteInfo) -> Result<(),
     unsafe {
         write_outer_ipv4(&mut *ip, outer_len, IPPROTO_UDP, cfg.node_ip, route.node_ip);
         let udp = &mut *udp;
-        udp.sport = flow_sport(hash).to_be_bytes();
+        udp.sport = weft_common::vxlan_source_port(hash).to_be_bytes();
         udp.dport = cfg.vxlan_port.to_be_bytes();
         udp.len = (outer_len - IPV4_HLEN as u16).to_be_bytes();
         // Zero: no checksum (legal for IPv4, RFC 768); immune to checksum-offload bugs.
@@ -147,6 +143,21 @@ pub fn redirect_to_underlay(
     src_ip: [u8; 4],
     next_ip: [u8; 4],
 ) -> Result<(i32, bool), DropReason> {
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let key = Ipv4Key { addr: next_ip };
+    if let Some(hop) = WEFT_NEXT_HOPS.get_ptr(key)
+        && unsafe { (*hop).expires_ns } > now
+    {
+        let hop = unsafe { &*hop };
+        let (data, data_end) = (ctx.data(), ctx.data_end());
+        let eth = ptr_at::<EthHdr>(data, data_end, 0).ok_or(DropReason::StoreFailed)?;
+        unsafe {
+            (*eth).dst = hop.dmac;
+            (*eth).src = hop.smac;
+            (*eth).ethertype = ETH_P_IPV4.to_be_bytes();
+        }
+        return Ok((unsafe { bpf_redirect(hop.ifindex, 0) } as i32, false));
+    }
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
     fib.ifindex = cfg.underlay_ifindex;
@@ -168,6 +179,14 @@ pub fn redirect_to_underlay(
             (*eth).src = fib.smac;
             (*eth).ethertype = ETH_P_IPV4.to_be_bytes();
         }
+        let hop = NextHop {
+            ifindex: fib.ifindex,
+            smac: fib.smac,
+            dmac: fib.dmac,
+            expires_ns: now + NEXT_HOP_TTL_NS,
+        };
+        // Best effort: a full cache only means the next packet looks up again.
+        let _ = WEFT_NEXT_HOPS.insert(key, hop, 0);
         let ret = unsafe { bpf_redirect(fib.ifindex, 0) } as i32;
         return Ok((ret, false));
     }

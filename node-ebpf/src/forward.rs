@@ -6,9 +6,26 @@ use weft_common::{DropReason, NodeConfig, RouteMode, Stat};
 use crate::{
     counters::count,
     encap,
-    parse::{EthHdr, Ipv4Hdr},
+    parse::{ETH_HLEN, EthHdr, IPPROTO_UDP, Ipv4Hdr, ptr_at},
     route,
 };
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_SCTP: u8 = 132;
+
+/// The flow hash of the packet (addresses, protocol, and ports when the packet carries them).
+#[inline(always)]
+fn flow_hash(ctx: &TcContext, ip: &Ipv4Hdr) -> u32 {
+    let mut ports = [0u8; 4];
+    let has_ports = matches!(ip.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP)
+        && u16::from_be_bytes(ip.frag_off) & 0x1fff == 0;
+    if has_ports
+        && let Some(p) = ptr_at::<[u8; 4]>(ctx.data(), ctx.data_end(), ETH_HLEN + ip.header_len())
+    {
+        ports = unsafe { *p };
+    }
+    weft_common::flow_hash(ip.saddr, ip.daddr, ip.protocol, ports)
+}
 
 /// Forwards the packet whose headers are `eth`/`ip`; `Ok(TC_ACT_OK)` hands it to the stack.
 #[inline(always)]
@@ -42,7 +59,8 @@ pub fn forward(
     ip.decrement_ttl();
     let stat = match RouteMode::from_u8(route.mode) {
         Some(RouteMode::Vxlan) => {
-            encap::vxlan(ctx, cfg, route)?;
+            let hash = flow_hash(ctx, ip);
+            encap::vxlan(ctx, cfg, route, hash)?;
             Stat::VxlanEncap
         }
         Some(RouteMode::Ipip) => {

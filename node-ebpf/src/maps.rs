@@ -1,12 +1,12 @@
 //! The maps shared with userspace. All are BTF maps so `bpftool map dump` prints field names;
 //! userspace pins them under a schema-versioned directory.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use weft_common::{
-    DROP_REASON_COUNT, ENDPOINTS_MAX, EndpointInfo, Ipv4Key, NODES_MAX, NodeConfig, NodeInfo,
-    ROUTES_MAX, RouteInfo, STAT_COUNT,
+    DROP_REASON_COUNT, ENDPOINTS_MAX, EndpointInfo, Ipv4Key, NEXT_HOPS_MAX, NODES_MAX, NextHop,
+    NodeConfig, NodeInfo, ROUTES_MAX, RouteInfo, STAT_COUNT,
 };
 
 /// Node-wide configuration (index 0).
@@ -33,3 +33,8 @@ pub static WEFT_DROPS: PerCpuArray<u64, { DROP_REASON_COUNT as usize }> = PerCpu
 /// Per-CPU path counters, indexed by `Stat`.
 #[btf_map]
 pub static WEFT_STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
+
+/// Underlay next hops resolved by the kernel's FIB, reused for `NEXT_HOP_TTL_NS`.
+#[btf_map]
+pub static WEFT_NEXT_HOPS: LruHashMap<Ipv4Key, NextHop, { NEXT_HOPS_MAX as usize }> =
+    LruHashMap::new();

@@ -75,6 +75,24 @@ fn assert_vxlan_encap(node: &Node, inner_in: &[u8], out: &[u8]) -> u16 {
     sport
 }
 
+/// The VXLAN source port weft derives from a frame's flow (addresses, protocol, ports).
+fn expected_sport(frame: &[u8]) -> u16 {
+    let (ip, rest) = Ipv4Header::from_slice(&frame[14..]).unwrap();
+    let first_fragment = ip.fragment_offset.value() == 0;
+    let ports = match ip.protocol {
+        IpNumber::TCP | IpNumber::UDP if first_fragment && rest.len() >= 4 => {
+            [rest[0], rest[1], rest[2], rest[3]]
+        }
+        _ => [0; 4],
+    };
+    weft_common::vxlan_source_port(weft_common::flow_hash(
+        ip.source,
+        ip.destination,
+        ip.protocol.0,
+        ports,
+    ))
+}
+
 #[test]
 fn vxlan_encapsulation_is_byte_exact() {
     with_node(|node| {
@@ -339,5 +357,31 @@ fn before_configuration_everything_passes() {
         let out = run_tc(prog, &frame, 0, 1);
         assert_eq!(out.verdict, TC_ACT_OK);
         assert_eq!(out.data, frame);
+    });
+}
+
+#[test]
+fn next_hops_are_cached_and_flushable() {
+    with_node(|node| {
+        let idx = node.pod1_ifindex;
+        let frame = pod1_tcp(REMOTE_VXLAN_IP, b"cache");
+        from_pod(node, &frame, idx);
+        let hops = node.dp.maps.next_hops().unwrap();
+        assert_eq!(hops.len(), 1, "{hops:?}");
+        assert_eq!(hops[0].0.octets(), PEER_IP);
+        assert_eq!(hops[0].1.dmac, PEER_MAC);
+        // The neighbour changes: the cached hop is used until it expires or is flushed.
+        weft_tests::netns::ip(
+            "neigh replace 192.168.50.2 lladdr 02:00:00:00:50:99 dev ul0 nud permanent",
+        );
+        let out = from_pod(node, &frame, idx);
+        assert_eq!(&out.data[0..6], &PEER_MAC, "cached next hop");
+        node.dp.maps.flush_next_hops().unwrap();
+        let out = from_pod(node, &frame, idx);
+        assert_eq!(
+            &out.data[0..6],
+            &[2, 0, 0, 0, 0x50, 0x99],
+            "fresh FIB lookup after a flush"
+        );
     });
 }
