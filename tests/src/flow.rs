@@ -186,3 +186,65 @@ impl SequencedFlow {
         }
     }
 }
+
+/// Sends one UDP datagram of every size in `sizes` from `client_ns` to an echo server at
+/// `server_ip:port` in `server_ns` and checks each echo byte for byte. Datagrams above the MTU
+/// are fragmented by the pod's stack, so this proves fragments and MTU-boundary sizes cross.
+/// A lost datagram is retried once; returns how many retries were needed.
+pub fn udp_echo_sizes(
+    client_ns: &Netns,
+    server_ns: &Netns,
+    server_ip: Ipv4Addr,
+    port: u16,
+    sizes: std::ops::RangeInclusive<usize>,
+) -> usize {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let max = *sizes.end();
+    let server = server_ns.spawn(move || {
+        let sock = std::net::UdpSocket::bind(SocketAddr::from((server_ip, port)))
+            .unwrap_or_else(|e| panic!("binding {server_ip}:{port}: {e}"));
+        sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        ready_tx.send(()).unwrap();
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            sock.send_to(&buf[..n], from).unwrap();
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("echo server did not start");
+    let retries = client_ns.run(move || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let target = SocketAddr::from((server_ip, port));
+        let data = pattern(max, 7);
+        let mut buf = vec![0u8; 65536];
+        let mut retries = 0;
+        for size in sizes {
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                sock.send_to(&data[..size], target)
+                    .unwrap_or_else(|e| panic!("sending {size} bytes: {e}"));
+                match sock.recv_from(&mut buf) {
+                    Ok((n, _)) => {
+                        assert_eq!(n, size, "echo of a {size}-byte datagram");
+                        assert!(buf[..n] == data[..size], "{size}-byte datagram corrupted");
+                        break;
+                    }
+                    Err(e) if attempts < 2 => {
+                        let _ = e;
+                        retries += 1;
+                    }
+                    Err(e) => panic!("{size}-byte datagram lost twice: {e}"),
+                }
+            }
+        }
+        retries
+    });
+    server
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e));
+    retries
+}
