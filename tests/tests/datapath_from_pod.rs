@@ -54,6 +54,11 @@ fn assert_vxlan_encap(node: &Node, inner_in: &[u8], out: &[u8]) -> u16 {
     );
     // UDP.
     let sport = u16::from_be_bytes([out[34], out[35]]);
+    assert_eq!(
+        sport,
+        expected_sport(inner_in),
+        "source port is the flow hash"
+    );
     assert!(
         sport >= 49152,
         "source port {sport} outside the dynamic range"

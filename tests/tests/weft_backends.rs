@@ -103,6 +103,9 @@ fn connectivity(c: &Cluster, port: u16) {
     // The node's own bulk traffic to a remote pod and back (hostNetwork pods, probes).
     tcp_transfer(&c.b1.ns, c.b1.ip, port + 3, &c.a.ns, 4 << 20, t);
     tcp_transfer(&c.b.ns, c.b.ip, port + 4, &c.a1.ns, 4 << 20, t);
+    // Every datagram size from 1 to 9000 bytes across nodes: the MTU boundary and fragments.
+    let retries = udp_echo_sizes(&c.a1.ns, &c.b1.ns, c.b1.ip, port + 5, 1..=9000);
+    assert!(retries <= 5, "{retries} datagrams needed a retry");
     assert_eq!(
         c.a.drops_total(),
         0,
