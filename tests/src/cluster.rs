@@ -365,3 +365,136 @@ pub fn cni(
     serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("weft-cni {command} printed non-JSON ({e}): {stdout}"))
 }
+
+/// One probe of the connectivity matrix.
+pub struct Probe {
+    pub from: String,
+    pub to: String,
+    pub ok: bool,
+    pub rtt_ms: Option<f64>,
+}
+
+/// Pings `to` from `ns` (three echoes, 0.1 s apart) and returns the average RTT when all came
+/// back.
+pub fn ping_rtt(ns: &Netns, to: Ipv4Addr) -> Option<f64> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.1",
+            "-W",
+            "1",
+            "-q",
+            &to.to_string(),
+        ])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    // "rtt min/avg/max/mdev = 0.041/0.055/0.070/0.012 ms"
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stats = text.split(" = ").nth(1)?;
+    stats.split('/').nth(1)?.parse().ok()
+}
+
+impl Cluster {
+    /// Every pod to every pod, every node to every pod, every pod to every node.
+    pub fn connectivity_matrix(&self) -> Vec<Probe> {
+        let mut probes = Vec::new();
+        let pods = self.all_pods();
+        let pod_name = |node: usize, ip: Ipv4Addr| format!("{}/{}", self.nodes[node].name, ip);
+        for (fi, from) in &pods {
+            for (ti, to) in &pods {
+                if from.ip == to.ip {
+                    continue;
+                }
+                let rtt = ping_rtt(&from.ns, to.ip);
+                probes.push(Probe {
+                    from: pod_name(*fi, from.ip),
+                    to: pod_name(*ti, to.ip),
+                    ok: rtt.is_some(),
+                    rtt_ms: rtt,
+                });
+            }
+            for node in &self.nodes {
+                let rtt = ping_rtt(&from.ns, node.ip);
+                probes.push(Probe {
+                    from: pod_name(*fi, from.ip),
+                    to: node.name.clone(),
+                    ok: rtt.is_some(),
+                    rtt_ms: rtt,
+                });
+            }
+        }
+        for node in &self.nodes {
+            for (ti, to) in &pods {
+                let rtt = ping_rtt(&node.ns, to.ip);
+                probes.push(Probe {
+                    from: node.name.clone(),
+                    to: pod_name(*ti, to.ip),
+                    ok: rtt.is_some(),
+                    rtt_ms: rtt,
+                });
+            }
+        }
+        probes
+    }
+
+    /// The agents' logs, for failure messages.
+    pub fn agent_logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "--- {} agent log ---\n{}",
+                    n.name,
+                    n.agent.as_ref().map(|a| a.log()).unwrap_or_default()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// A plain HTTP/1.0 GET from inside `ns`; returns (status, body).
+pub fn http_get(ns: &Netns, addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::Read;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    let ns_path = ns.path();
+    std::thread::spawn(move || {
+        crate::netns::enter(&ns_path);
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(request.as_bytes()).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        let status = out.split_whitespace().nth(1)?.parse().ok()?;
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Some((status, body))
+    })
+    .join()
+    .ok()
+    .flatten()
+}
+
+impl Cluster {
+    /// Waits until node `index`'s agent answers 200 on /readyz.
+    pub fn wait_ready(&self, index: usize) {
+        let node = &self.nodes[index];
+        let addr = std::net::SocketAddr::from((node.ip, 9402));
+        wait_until(
+            &format!("{} agent /readyz", node.name),
+            Duration::from_secs(30),
+            || matches!(http_get(&node.ns, addr, "/readyz"), Some((200, _))),
+        );
+    }
+}

@@ -1,0 +1,156 @@
+//! End to end: clusters of real agents (etcd datastore) and pods created by the real CNI plugin,
+//! in network namespaces. Connectivity matrices, churn and agent restarts.
+use std::time::Duration;
+
+use weft_tests::{
+    cluster::{Cluster, ClusterOptions},
+    flow::{FlowLoss, SequencedFlow, tcp_transfer, udp_echo_sizes},
+    process::wait_until,
+};
+
+fn assert_full_matrix(cluster: &Cluster) -> usize {
+    let probes = cluster.connectivity_matrix();
+    let failed: Vec<String> = probes
+        .iter()
+        .filter(|p| !p.ok)
+        .map(|p| format!("{} -> {}", p.from, p.to))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "unreachable: {failed:?}\n{}",
+        cluster.agent_logs()
+    );
+    probes.len()
+}
+
+fn cluster_with_pods(options: ClusterOptions, pods_per_node: usize) -> Cluster {
+    let mut cluster = Cluster::new(options);
+    for node in 0..cluster.nodes.len() {
+        for _ in 0..pods_per_node {
+            cluster.add_pod(node);
+        }
+    }
+    cluster
+}
+
+/// Traffic that would expose an MTU mistake between pods on different nodes.
+fn bulk_and_sizes(cluster: &Cluster, port: u16) {
+    let a = &cluster.nodes[0].pods[0];
+    let b = &cluster.nodes[1].pods[0];
+    tcp_transfer(&b.ns, b.ip, port, &a.ns, 8 << 20, Duration::from_secs(30));
+    tcp_transfer(
+        &a.ns,
+        a.ip,
+        port + 1,
+        &b.ns,
+        8 << 20,
+        Duration::from_secs(30),
+    );
+    let retries = udp_echo_sizes(&a.ns, &b.ns, b.ip, port + 2, 1..=9000);
+    assert!(retries <= 5, "{retries} datagrams needed a retry");
+}
+
+#[test]
+fn vxlan_cluster_full_connectivity() {
+    let cluster = cluster_with_pods(ClusterOptions::default(), 2);
+    let probes = assert_full_matrix(&cluster);
+    assert_eq!(probes, 6 * 5 + 6 * 3 + 3 * 6, "matrix size");
+    bulk_and_sizes(&cluster, 8001);
+    for node in &cluster.nodes {
+        let drops: u64 = node.maps().drops().unwrap().iter().map(|(_, n)| n).sum();
+        assert_eq!(
+            drops,
+            0,
+            "{} dropped packets: {:?}",
+            node.name,
+            node.maps().drops().unwrap()
+        );
+    }
+}
+
+#[test]
+fn churn_nodes_and_pods_converge() {
+    let mut cluster = cluster_with_pods(ClusterOptions::default(), 1);
+    let flow = SequencedFlow::start(
+        &cluster.nodes[0].pods[0].ns,
+        &cluster.nodes[1].pods[0].ns,
+        cluster.nodes[1].pods[0].ip,
+        7100,
+    );
+    // A fourth node joins: every node learns its subnet.
+    let new = cluster.add_node();
+    cluster.wait_converged(new);
+    for i in 0..cluster.nodes.len() {
+        cluster.wait_converged(i);
+    }
+    cluster.add_pod(new);
+    assert_full_matrix(&cluster);
+    // A node leaves: no node keeps a route to it.
+    let gone = cluster.remove_node(2);
+    let gone_ip = gone.ip;
+    drop(gone);
+    for node in &cluster.nodes {
+        wait_until(
+            &format!("{} to forget {gone_ip}", node.name),
+            Duration::from_secs(30),
+            || {
+                let routes = node.maps().routes().unwrap();
+                routes
+                    .iter()
+                    .all(|(_, r)| std::net::Ipv4Addr::from(r.node_ip) != gone_ip)
+                    && node
+                        .maps()
+                        .nodes()
+                        .unwrap()
+                        .iter()
+                        .all(|(ip, _)| *ip != gone_ip)
+            },
+        );
+    }
+    // Pods deleted and created: endpoints follow.
+    let node0 = &cluster.nodes[0];
+    let before = node0.maps().endpoints().unwrap().len();
+    cluster.add_pod(0);
+    assert_eq!(
+        cluster.nodes[0].maps().endpoints().unwrap().len(),
+        before + 1
+    );
+    cluster.delete_pod(0, 1);
+    assert_eq!(cluster.nodes[0].maps().endpoints().unwrap().len(), before);
+    assert_full_matrix(&cluster);
+    let FlowLoss { sent, lost } = flow.stop();
+    eprintln!("churn: flow of {sent} packets between untouched pods lost {lost}");
+    assert_eq!(
+        lost, 0,
+        "the flow between untouched pods lost packets during churn"
+    );
+}
+
+#[test]
+fn agent_sigkill_and_restart_loses_no_packets() {
+    let mut cluster = cluster_with_pods(
+        ClusterOptions {
+            nodes: 2,
+            ..Default::default()
+        },
+        1,
+    );
+    let (a, b) = (&cluster.nodes[0].pods[0], &cluster.nodes[1].pods[0]);
+    let forward = SequencedFlow::start(&a.ns, &b.ns, b.ip, 7200);
+    let backward = SequencedFlow::start(&b.ns, &a.ns, a.ip, 7201);
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        cluster.restart_agent(round % 2);
+        // The restarted agent becomes ready again (adopting its pins).
+        cluster.wait_ready(round % 2);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let f = forward.stop();
+    let b = backward.stop();
+    eprintln!(
+        "agent restarts: 3 SIGKILLs; {} + {} packets sent, {} + {} lost",
+        f.sent, b.sent, f.lost, b.lost
+    );
+    assert!(f.sent > 1000 && b.sent > 1000);
+    assert_eq!(f.lost + b.lost, 0, "packets lost across agent restarts");
+}
