@@ -1,0 +1,214 @@
+//! `cargo xtask demo`: a three-node weft cluster in network namespaces on this machine (etcd,
+//! real agents, pods created through the real CNI plugin), its measured connectivity matrix,
+//! the operator CLI's view of one node, then teardown (or `--keep`).
+use std::{
+    io::Write as _,
+    time::{Duration, Instant},
+};
+
+use weft_tests::cluster::{Cluster, ClusterOptions, bin_dir};
+
+struct Args {
+    keep: bool,
+    nodes: usize,
+    pods: usize,
+    backend: String,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        keep: false,
+        nodes: 3,
+        pods: 2,
+        backend: "vxlan".into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--keep" => args.keep = true,
+            "--nodes" => args.nodes = it.next().and_then(|v| v.parse().ok()).expect("--nodes N"),
+            "--pods" => args.pods = it.next().and_then(|v| v.parse().ok()).expect("--pods N"),
+            "--backend" => args.backend = it.next().expect("--backend vxlan|ipip|host-gw"),
+            other => {
+                eprintln!(
+                    "unknown argument {other:?}\nusage: weft-demo [--keep] [--nodes N] [--pods N] [--backend vxlan|ipip|host-gw]"
+                );
+                std::process::exit(2);
+            }
+        }
+    }
+    args
+}
+
+fn step<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    print!("  {what} ... ");
+    std::io::stdout().flush().unwrap();
+    let start = Instant::now();
+    let out = f();
+    println!("done ({:.1} s)", start.elapsed().as_secs_f64());
+    out
+}
+
+fn main() {
+    let args = parse_args();
+    let started = Instant::now();
+    println!(
+        "weft demo: {} nodes, {} pods per node, backend {}\n",
+        args.nodes, args.pods, args.backend
+    );
+    let options = ClusterOptions {
+        nodes: args.nodes,
+        backend: args.backend.clone(),
+        ..Default::default()
+    };
+    let mut cluster = step(
+        &format!("underlay, etcd and {} nodes running weft-agent", args.nodes),
+        || Cluster::new(options),
+    );
+    step(
+        &format!(
+            "{} pods through the weft-cni plugin",
+            args.nodes * args.pods
+        ),
+        || {
+            for node in 0..cluster.nodes.len() {
+                for _ in 0..args.pods {
+                    cluster.add_pod(node);
+                }
+            }
+        },
+    );
+    for node in &cluster.nodes {
+        let pods: Vec<String> = node.pods.iter().map(|p| p.ip.to_string()).collect();
+        let subnet = weft_agent::subnet_env::SubnetEnv::read(&node.subnet_file())
+            .map(|s| s.subnet.to_string())
+            .unwrap_or_else(|_| "?".into());
+        println!(
+            "    {:<8} underlay {:<16} pods {:<18} {}",
+            node.name,
+            node.ip,
+            subnet,
+            pods.join(", ")
+        );
+    }
+    let probes = step(
+        "measuring the connectivity matrix (ping, 3 echoes per pair)",
+        || cluster.connectivity_matrix(),
+    );
+
+    // The matrix: sources down, destinations across, average RTT in ms.
+    let mut dests: Vec<String> = Vec::new();
+    for p in &probes {
+        if !dests.contains(&p.to) {
+            dests.push(p.to.clone());
+        }
+    }
+    let mut sources: Vec<String> = Vec::new();
+    for p in &probes {
+        if !sources.contains(&p.from) {
+            sources.push(p.from.clone());
+        }
+    }
+    let short = |s: &str| s.rsplit('/').next().unwrap_or(s).to_string();
+    println!("\nconnectivity matrix (average RTT in ms; rows send, columns answer):\n");
+    print!("{:>22}", "");
+    for d in &dests {
+        print!(" {:>12}", short(d));
+    }
+    println!();
+    for s in &sources {
+        print!("{:>22}", s);
+        for d in &dests {
+            let cell = match probes.iter().find(|p| &p.from == s && &p.to == d) {
+                Some(p) => match p.rtt_ms {
+                    Some(rtt) => format!("{rtt:.3}"),
+                    None => "FAIL".into(),
+                },
+                None => "-".into(),
+            };
+            print!(" {cell:>12}");
+        }
+        println!();
+    }
+    let ok = probes.iter().filter(|p| p.ok).count();
+
+    let cli = bin_dir().join("weft");
+    if cli.exists() {
+        let node = &cluster.nodes[0];
+        println!(
+            "\n`weft` on {} (weft status, weft routes, weft drops):\n",
+            node.name
+        );
+        for sub in ["status", "routes", "drops"] {
+            let out = std::process::Command::new(&cli)
+                .args(["--pin-root", &node.pins.path.display().to_string(), sub])
+                .output();
+            match out {
+                Ok(out) => print!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+                Err(e) => println!("(could not run weft: {e})"),
+            }
+            println!();
+        }
+    }
+
+    println!(
+        "summary: {ok}/{} probes answered, {} nodes, {} pods, {:.1} s",
+        probes.len(),
+        cluster.nodes.len(),
+        cluster.nodes.len() * args.pods,
+        started.elapsed().as_secs_f64()
+    );
+    if args.keep {
+        println!("\nthe cluster stays up (--keep). Enter a pod's network namespace:");
+        for node in &cluster.nodes {
+            for pod in &node.pods {
+                println!(
+                    "  ip netns exec {} sh    # {} on {}",
+                    pod.ns.name, pod.ip, node.name
+                );
+            }
+        }
+        println!(
+            "nodes: {}",
+            cluster
+                .nodes
+                .iter()
+                .map(|n| n.ns.name.clone())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        println!(
+            "agent pids: {}",
+            cluster
+                .nodes
+                .iter()
+                .filter_map(|n| n.agent.as_ref().map(|a| a.pid().to_string()))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        println!(
+            "pins: {}",
+            cluster
+                .nodes
+                .iter()
+                .map(|n| n.pins.path.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        println!(
+            "tear down: kill the agent pids, `ip netns del` every namespace above and the underlay {}, remove the pin directories",
+            cluster.underlay.name
+        );
+        std::mem::forget(cluster);
+        return;
+    }
+    step("tearing down", || drop(cluster));
+    if ok != probes.len() {
+        std::process::exit(1);
+    }
+    let _ = Duration::ZERO;
+}
