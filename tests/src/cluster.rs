@@ -14,7 +14,7 @@ use weft_agent::datapath::Maps;
 
 use crate::{
     etcd::Etcd,
-    manual::mtu_wire,
+    manual::{FlannelNode, mtu_wire},
     netns::{Netns, unique_name},
     pins::PinDir,
     process::{NsProcess, wait_until},
@@ -25,6 +25,8 @@ pub const CLUSTER_NETWORK: &str = "10.244.0.0/16";
 /// Underlay subnets: nodes are spread over both, routed by the underlay namespace.
 pub const UNDERLAY_SUBNETS: [[u8; 3]; 2] = [[192, 168, 100], [192, 168, 101]];
 const ETCD_PORT: u16 = 2379;
+/// flannel's default etcd prefix; weft's etcd datastore uses the same layout.
+pub const FLANNEL_PREFIX: &str = "/coreos.com/network";
 
 /// Directory of the workspace's built binaries (`target/debug`), found from the test executable
 /// (`target/debug/deps/<test>`).
@@ -86,6 +88,7 @@ pub struct Pod {
 pub struct Cluster {
     // Field order is drop order: pods and agents go before the underlay and etcd.
     pub nodes: Vec<Node>,
+    pub flannel: Vec<FlannelNode>,
     pub etcd: Etcd,
     pub underlay: Netns,
     pub net_conf: PathBuf,
@@ -132,6 +135,7 @@ impl Cluster {
             .with_extension("json");
         let mut cluster = Self {
             nodes: Vec::new(),
+            flannel: Vec::new(),
             etcd,
             underlay,
             net_conf,
@@ -165,15 +169,32 @@ impl Cluster {
     pub fn add_node(&mut self) -> usize {
         let index = self.next_node;
         self.next_node += 1;
-        let subnet = if self.options.two_subnets {
-            UNDERLAY_SUBNETS[index % 2]
-        } else {
-            UNDERLAY_SUBNETS[0]
+        let (ns, ip) = self.node_namespace(index);
+        let dir = std::env::temp_dir().join(unique_name("weft-node-"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let name = format!("node-{index}");
+        let mut node = Node {
+            name,
+            ns,
+            ip,
+            pins: PinDir::new("node"),
+            dir,
+            agent: None,
+            pods: Vec::new(),
         };
-        let bridge = if self.options.two_subnets {
-            index % 2
+        let agent = self.start_agent(&node);
+        node.agent = Some(agent);
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    /// A node namespace with `eth0` on the underlay (subnet by index when two subnets are in
+    /// use), a default route through the underlay router, and an MTU-sized wire.
+    fn node_namespace(&self, index: usize) -> (Netns, Ipv4Addr) {
+        let (subnet, bridge) = if self.options.two_subnets {
+            (UNDERLAY_SUBNETS[index % 2], index % 2)
         } else {
-            0
+            (UNDERLAY_SUBNETS[0], 0)
         };
         let ip = Ipv4Addr::new(subnet[0], subnet[1], subnet[2], 10 + index as u8);
         let ns = Netns::new("wn");
@@ -191,22 +212,57 @@ impl Cluster {
             subnet[0], subnet[1], subnet[2]
         ));
         mtu_wire(&ns, "eth0");
-        let dir = std::env::temp_dir().join(unique_name("weft-node-"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let name = format!("node-{index}");
-        let mut node = Node {
-            name,
-            ns,
-            ip,
-            pins: PinDir::new("node"),
-            dir,
-            agent: None,
-            pods: Vec::new(),
-        };
-        let agent = self.start_agent(&node);
-        node.agent = Some(agent);
-        self.nodes.push(node);
-        self.nodes.len() - 1
+        (ns, ip)
+    }
+
+    /// Adds a node configured as flannel's vxlan backend configures one (kernel `flannel.1`,
+    /// `cni0` bridge, one pod), with its lease in etcd as flanneld writes it. Returns its index
+    /// in `flannel`.
+    pub fn add_flannel_node(&mut self, subnet: ipnet::Ipv4Net) -> usize {
+        let index = self.next_node;
+        self.next_node += 1;
+        let (ns, ip) = self.node_namespace(index);
+        let node = FlannelNode::new(ns, ip, "eth0", subnet, 1450);
+        let lease = serde_json::json!({
+            "PublicIP": ip.to_string(),
+            "BackendType": "vxlan",
+            "BackendData": {"VNI": 1, "VtepMAC": crate::netns::format_mac(&node.vtep_mac)},
+        });
+        let key = format!(
+            "{FLANNEL_PREFIX}/subnets/{}-{}",
+            subnet.network(),
+            subnet.prefix_len()
+        );
+        self.etcd.put(&key, &lease.to_string());
+        self.flannel.push(node);
+        self.flannel.len() - 1
+    }
+
+    /// What flanneld does on a flannel node: program every other lease found in etcd.
+    pub fn sync_flannel_nodes(&self) {
+        for node in &self.flannel {
+            for (key, value) in self.etcd.get_prefix(&format!("{FLANNEL_PREFIX}/subnets/")) {
+                let Some(cidr) = key.rsplit('/').next().map(|k| k.replacen('-', "/", 1)) else {
+                    continue;
+                };
+                let Ok(cidr) = cidr.parse::<ipnet::Ipv4Net>() else {
+                    continue;
+                };
+                if cidr == node.subnet {
+                    continue;
+                }
+                let lease: serde_json::Value = serde_json::from_str(&value)
+                    .unwrap_or_else(|e| panic!("lease {key} is not JSON ({e}): {value}"));
+                let ip: Ipv4Addr = lease["PublicIP"]
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or_else(|| panic!("lease {key} has no PublicIP: {value}"));
+                let mac = lease["BackendData"]["VtepMAC"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("lease {key} has no VtepMAC: {value}"));
+                node.add_peer(cidr, ip, crate::netns::parse_mac(mac));
+            }
+        }
     }
 
     fn start_agent(&self, node: &Node) -> NsProcess {

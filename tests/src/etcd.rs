@@ -117,3 +117,70 @@ pub fn etcd_binary() -> PathBuf {
     }
     panic!("etcd not found: `cargo xtask test` installs Debian's etcd-server")
 }
+
+impl Etcd {
+    /// Calls etcd's v3 JSON gateway from inside the etcd namespace.
+    fn gateway(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        use std::io::{Read, Write};
+        let addr = SocketAddr::from((self.ip, self.port));
+        let body = body.to_string();
+        let request = format!(
+            "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let ns_path = self.ns_path.clone();
+        let response = std::thread::spawn(move || {
+            crate::netns::enter(&ns_path);
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                .expect("connecting to etcd");
+            s.write_all(request.as_bytes()).unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        })
+        .join()
+        .unwrap();
+        let json = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .unwrap_or("");
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("etcd {path}: {e}: {response}"))
+    }
+
+    /// Writes `key` = `value` (no lease).
+    pub fn put(&self, key: &str, value: &str) {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        self.gateway(
+            "/v3/kv/put",
+            serde_json::json!({"key": b64.encode(key), "value": b64.encode(value)}),
+        );
+    }
+
+    /// Every key under `prefix` with its value.
+    pub fn get_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().expect("non-empty prefix") += 1;
+        let out = self.gateway(
+            "/v3/kv/range",
+            serde_json::json!({"key": b64.encode(prefix), "range_end": b64.encode(&end)}),
+        );
+        let decode = |v: &serde_json::Value| {
+            String::from_utf8(
+                b64.decode(v.as_str().unwrap_or_default())
+                    .unwrap_or_default(),
+            )
+            .unwrap_or_default()
+        };
+        out["kvs"]
+            .as_array()
+            .map(|kvs| {
+                kvs.iter()
+                    .map(|kv| (decode(&kv["key"]), decode(&kv["value"])))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}

@@ -154,3 +154,66 @@ fn agent_sigkill_and_restart_loses_no_packets() {
     assert!(f.sent > 1000 && b.sent > 1000);
     assert_eq!(f.lost + b.lost, 0, "packets lost across agent restarts");
 }
+
+#[test]
+fn flannel_node_and_weft_nodes_share_a_cluster() {
+    let cluster_opts = ClusterOptions {
+        nodes: 2,
+        ..Default::default()
+    };
+    let mut cluster = cluster_with_pods(cluster_opts, 1);
+    let subnet: ipnet::Ipv4Net = "10.244.200.0/24".parse().unwrap();
+    let f = cluster.add_flannel_node(subnet);
+    // The weft agents pick the flannel node's lease up from etcd, as flannel nodes would.
+    for node in &cluster.nodes {
+        wait_until(
+            &format!("{} to route {subnet}", node.name),
+            Duration::from_secs(30),
+            || {
+                node.maps()
+                    .routes()
+                    .unwrap()
+                    .iter()
+                    .any(|(net, _)| *net == subnet)
+            },
+        );
+    }
+    cluster.sync_flannel_nodes();
+    let flannel_pod = &cluster.flannel[f].pod;
+    for node in &cluster.nodes {
+        let pod = &node.pods[0];
+        pod.ns.exec(
+            "ping",
+            &[
+                "-c",
+                "2",
+                "-i",
+                "0.2",
+                "-W",
+                "2",
+                &flannel_pod.ip.to_string(),
+            ],
+        );
+        flannel_pod.ns.exec(
+            "ping",
+            &["-c", "2", "-i", "0.2", "-W", "2", &pod.ip.to_string()],
+        );
+    }
+    let a = &cluster.nodes[0].pods[0];
+    tcp_transfer(
+        &flannel_pod.ns,
+        flannel_pod.ip,
+        7300,
+        &a.ns,
+        4 << 20,
+        Duration::from_secs(30),
+    );
+    tcp_transfer(
+        &a.ns,
+        a.ip,
+        7301,
+        &flannel_pod.ns,
+        4 << 20,
+        Duration::from_secs(30),
+    );
+}

@@ -23,6 +23,7 @@ fn etcd_runs_inside_a_namespace_and_restarts() {
     let ns = Netns::new("etcd");
     let mut etcd = Etcd::start(&ns, Ipv4Addr::new(127, 0, 0, 1), 23790);
     assert!(get_version(&ns, &etcd).contains("etcdserver"));
+    etcd.put("/weft-test/a", "1");
     etcd.stop();
     assert!(
         ns.run(|| TcpStream::connect(("127.0.0.1", 23790)).is_err()),
@@ -30,4 +31,15 @@ fn etcd_runs_inside_a_namespace_and_restarts() {
     );
     etcd.resume();
     assert!(get_version(&ns, &etcd).contains("etcdserver"));
+    // Data written before the outage survived it.
+    etcd.put("/weft-test/b", "{\"x\":2}");
+    etcd.put("/other/c", "3");
+    let kvs = etcd.get_prefix("/weft-test/");
+    assert_eq!(
+        kvs,
+        vec![
+            ("/weft-test/a".to_string(), "1".to_string()),
+            ("/weft-test/b".to_string(), "{\"x\":2}".to_string())
+        ]
+    );
 }
