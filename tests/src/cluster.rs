@@ -433,11 +433,16 @@ pub struct Probe {
 /// Pings `to` from `ns` (three echoes, 0.1 s apart) and returns the average RTT when all came
 /// back.
 pub fn ping_rtt(ns: &Netns, to: Ipv4Addr) -> Option<f64> {
+    ping_rtt_in(&ns.name, to)
+}
+
+/// `ping_rtt` by namespace name.
+pub fn ping_rtt_in(ns_name: &str, to: Ipv4Addr) -> Option<f64> {
     let out = Command::new("ip")
         .args([
             "netns",
             "exec",
-            &ns.name,
+            ns_name,
             "ping",
             "-c",
             "3",
@@ -462,38 +467,54 @@ pub fn ping_rtt(ns: &Netns, to: Ipv4Addr) -> Option<f64> {
 impl Cluster {
     /// Every pod to every pod, every node to every pod, every pod to every node.
     pub fn connectivity_matrix(&self) -> Vec<Probe> {
-        let mut probes = Vec::new();
+        // (from label, from namespace name, to label, to address)
+        let mut plan: Vec<(String, String, String, Ipv4Addr)> = Vec::new();
         let pods = self.all_pods();
         let pod_name = |node: usize, ip: Ipv4Addr| format!("{}/{}", self.nodes[node].name, ip);
         for (fi, from) in &pods {
             for (ti, to) in &pods {
-                if from.ip == to.ip {
-                    continue;
+                if from.ip != to.ip {
+                    plan.push((
+                        pod_name(*fi, from.ip),
+                        from.ns.name.clone(),
+                        pod_name(*ti, to.ip),
+                        to.ip,
+                    ));
                 }
-                let rtt = ping_rtt(&from.ns, to.ip);
-                probes.push(Probe {
-                    from: pod_name(*fi, from.ip),
-                    to: pod_name(*ti, to.ip),
-                    ok: rtt.is_some(),
-                    rtt_ms: rtt,
-                });
             }
             for node in &self.nodes {
-                let rtt = ping_rtt(&from.ns, node.ip);
-                probes.push(Probe {
-                    from: pod_name(*fi, from.ip),
-                    to: node.name.clone(),
-                    ok: rtt.is_some(),
-                    rtt_ms: rtt,
-                });
+                plan.push((
+                    pod_name(*fi, from.ip),
+                    from.ns.name.clone(),
+                    node.name.clone(),
+                    node.ip,
+                ));
             }
         }
         for node in &self.nodes {
             for (ti, to) in &pods {
-                let rtt = ping_rtt(&node.ns, to.ip);
+                plan.push((
+                    node.name.clone(),
+                    node.ns.name.clone(),
+                    pod_name(*ti, to.ip),
+                    to.ip,
+                ));
+            }
+        }
+        // Probes run 8 at a time: each is a few pings, mostly waiting.
+        let mut probes = Vec::with_capacity(plan.len());
+        for chunk in plan.chunks(8) {
+            let results: Vec<Option<f64>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = chunk
+                    .iter()
+                    .map(|(_, ns, _, to)| scope.spawn(move || ping_rtt_in(ns, *to)))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for ((from, _, to, _), rtt) in chunk.iter().zip(results) {
                 probes.push(Probe {
-                    from: node.name.clone(),
-                    to: pod_name(*ti, to.ip),
+                    from: from.clone(),
+                    to: to.clone(),
                     ok: rtt.is_some(),
                     rtt_ms: rtt,
                 });
