@@ -20,6 +20,9 @@ use weft_tests::{
 };
 
 const POD_MTU: u32 = 1450;
+
+/// Builds a contestant's testbed; the argument selects the MTU-sized wire.
+type BuildTestbed = fn(bool) -> Testbed;
 const NODE_A: Ipv4Addr = Ipv4Addr::new(192, 168, 80, 1);
 const NODE_B: Ipv4Addr = Ipv4Addr::new(192, 168, 80, 2);
 
@@ -395,7 +398,7 @@ fn main() {
     let mut report = serde_json::Map::new();
     for (key, mtu_sized) in [("datapath", true), ("datapath_veth", false)] {
         let mut section = serde_json::Map::new();
-        let contestants: [(&str, fn(bool) -> Testbed); 7] = [
+        let contestants: [(&str, BuildTestbed); 7] = [
             ("weft-vxlan-tc", |m| weft_with(RouteMode::Vxlan, m, false)),
             ("weft-hostgw-tc", |m| weft_with(RouteMode::Direct, m, false)),
             ("kernel-hostgw", kernel_host_gw),
