@@ -1,1 +1,247 @@
-fn main() {}
+//! `cargo xtask`: the project's entry points. `test` and `demo` and `bench` first make sure the
+//! machine has what they need (installing only what is missing, so a prepared machine pays a
+//! second), then build and run.
+mod bootstrap;
+
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "weft's build, test, demo and benchmark entry points"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install prerequisites, build everything, run every test (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// A three-node weft cluster in network namespaces: connectivity matrix, CLI view, teardown.
+    Demo {
+        /// Leave the cluster running and print how to enter a pod.
+        #[arg(long)]
+        keep: bool,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 2)]
+        pods: usize,
+        /// vxlan, ipip or host-gw.
+        #[arg(long, default_value = "vxlan")]
+        backend: String,
+    },
+    /// weft's datapath, CNI plugin and agent measured side by side with the kernel's and the
+    /// reference plugins; writes target/bench/report.json.
+    Bench {
+        /// Shorter runs.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Only install the prerequisites.
+    Bootstrap,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Bootstrap => bootstrap::run(),
+        Cmd::Test { cargo_args } => {
+            require_root("tests create network namespaces and load BPF programs")?;
+            bootstrap::run()?;
+            cargo(&[
+                "build",
+                "--workspace",
+                "--exclude",
+                "node-ebpf",
+                "--bins",
+                "--tests",
+            ])?;
+            let mut args = vec!["test", "--workspace", "--exclude", "node-ebpf"];
+            let extra: Vec<&str> = cargo_args.iter().map(String::as_str).collect();
+            if !extra.is_empty() {
+                args.push("--");
+                args.extend(extra);
+            }
+            cargo(&args)
+        }
+        Cmd::Demo {
+            keep,
+            nodes,
+            pods,
+            backend,
+        } => {
+            require_root("the demo creates network namespaces and loads BPF programs")?;
+            bootstrap::run()?;
+            cargo(&["build", "--workspace", "--exclude", "node-ebpf", "--bins"])?;
+            let nodes = nodes.to_string();
+            let pods = pods.to_string();
+            let mut args = vec!["--nodes", &nodes, "--pods", &pods, "--backend", &backend];
+            if keep {
+                args.push("--keep");
+            }
+            run_bin("debug", "weft-demo", &args)
+        }
+        Cmd::Bench { quick } => {
+            require_root("benchmarks create network namespaces and load BPF programs")?;
+            bootstrap::run()?;
+            cargo(&["build", "--workspace", "--exclude", "node-ebpf", "--bins"])?;
+            cargo(&["build", "--release", "-p", "weft-tests", "--bins"])?;
+            bench(quick)
+        }
+    }
+}
+
+fn require_root(why: &str) -> Result<()> {
+    if !nix_is_root() {
+        bail!("run as root: {why}");
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("xtask: cargo {}", args.join(" "));
+    let status = Command::new(cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn run_bin(profile: &str, name: &str, args: &[&str]) -> Result<()> {
+    let path = workspace_root().join("target").join(profile).join(name);
+    let status = Command::new(&path)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {}", path.display()))?;
+    if !status.success() {
+        bail!("{name} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs a bench binary that prints one JSON object on stdout.
+fn bench_json(name: &str, args: &[&str]) -> Result<serde_json::Value> {
+    let path = workspace_root().join("target/release").join(name);
+    eprintln!("xtask: {name} {}", args.join(" "));
+    let out = Command::new(&path)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", path.display()))?;
+    if !out.status.success() {
+        bail!("{name} failed ({})", out.status);
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| format!("{name} printed no JSON object"))
+}
+
+fn bench(quick: bool) -> Result<()> {
+    let q: &[&str] = if quick { &["--quick"] } else { &[] };
+    let mut report = serde_json::Map::new();
+    let datapath = bench_json("bench-datapath", q)?;
+    if let serde_json::Value::Object(map) = datapath {
+        report.extend(map);
+    }
+    for (key, bin) in [("cni", "bench-cni"), ("agent", "bench-agent")] {
+        if workspace_root().join("target/release").join(bin).exists() {
+            report.insert(key.into(), bench_json(bin, q)?);
+        }
+    }
+    let report = serde_json::Value::Object(report);
+    let dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
+    print_table(&report);
+    println!("\nreport: {}", dir.join("report.json").display());
+    Ok(())
+}
+
+fn print_table(report: &serde_json::Value) {
+    for (section, title) in [
+        (
+            "datapath",
+            "datapath, MTU-sized frames on the wire (what a real network carries)",
+        ),
+        (
+            "datapath_veth",
+            "datapath, ideal veth offloads (64 KB super-packets on the wire)",
+        ),
+    ] {
+        let Some(rows) = report[section].as_object() else {
+            continue;
+        };
+        let base_vx = &report[section]["kernel-vxlan"];
+        let base_gw = &report[section]["kernel-hostgw"];
+        println!("\n{title}");
+        println!(
+            "{:<16} {:>9} {:>7} {:>11} {:>7} {:>9} {:>9}",
+            "contestant", "TCP Gb/s", "ratio", "UDP64 kpps", "ratio", "RTT p50", "RTT p99"
+        );
+        for (name, v) in rows {
+            // Tunnels compare with the kernel's vxlan device, routing with its host-gw.
+            let base = if name.contains("hostgw") {
+                base_gw
+            } else {
+                base_vx
+            };
+            let ratio = |k: &str| match (v[k].as_f64(), base[k].as_f64()) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+                _ => "-".into(),
+            };
+            println!(
+                "{:<16} {:>9.2} {:>7} {:>11.1} {:>7} {:>7.0}us {:>7.0}us",
+                name,
+                v["tcp_gbps"].as_f64().unwrap_or(f64::NAN),
+                ratio("tcp_gbps"),
+                v["udp64_kpps"].as_f64().unwrap_or(f64::NAN),
+                ratio("udp64_kpps"),
+                v["rtt_p50_us"].as_f64().unwrap_or(f64::NAN),
+                v["rtt_p99_us"].as_f64().unwrap_or(f64::NAN),
+            );
+        }
+    }
+    if let Some(progs) = report["prog_ns"].as_object() {
+        println!(
+            "\nper-program cost (BPF_PROG_TEST_RUN, ns per packet, harness baseline included)"
+        );
+        for (name, ns) in progs {
+            println!("  {name:<32} {:>7.1}", ns.as_f64().unwrap_or(f64::NAN));
+        }
+    }
+    for key in ["cni", "agent"] {
+        if !report[key].is_null() {
+            println!("\n{key}: {}", report[key]);
+        }
+    }
+}

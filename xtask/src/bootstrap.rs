@@ -1,0 +1,149 @@
+//! Idempotent installation of everything the build, tests, demo and benchmarks need on a fresh
+//! Debian machine of this kind. Each prerequisite is checked first; only what is missing is
+//! installed, so a prepared machine passes in about a second.
+use std::{
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Debian packages: LLVM 22 for bpf-linker, and the tools tests and benchmarks drive.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libclang-22-dev",
+    "libpolly-22-dev",
+    "bpftool",
+    "iproute2",
+    "nftables",
+    "iptables",
+    "iputils-ping",
+    "iperf3",
+    "etcd-server",
+    "containernetworking-plugins",
+    "ethtool",
+    "util-linux",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn run() -> Result<()> {
+    let start = Instant::now();
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "bootstrap: installing Debian packages: {}",
+            missing.join(" ")
+        );
+        let t = Instant::now();
+        sh("apt-get", &["update", "-qq"], &[])?;
+        let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+        args.extend(missing.iter().copied());
+        sh("apt-get", &args, &[("DEBIAN_FRONTEND", "noninteractive")])?;
+        eprintln!(
+            "bootstrap: packages installed in {:.0} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    if !nightly_has_rust_src() {
+        eprintln!("bootstrap: adding rust-src to the nightly toolchain");
+        sh(
+            "rustup",
+            &["component", "add", "rust-src", "--toolchain", "nightly"],
+            &[],
+        )?;
+    }
+    if !bpf_linker_ok() {
+        eprintln!(
+            "bootstrap: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about two minutes)"
+        );
+        let t = Instant::now();
+        let prefix = output("llvm-config-22", &["--prefix"])?;
+        let prefix = prefix.trim();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        sh(
+            &cargo,
+            &[
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+                "--force",
+            ],
+            &[("LLVM_PREFIX", prefix), ("LLVM_SYS_221_PREFIX", prefix)],
+        )?;
+        eprintln!(
+            "bootstrap: bpf-linker built in {:.0} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    eprintln!("bootstrap: ready ({:.1} s)", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .map(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).contains("install ok installed")
+        })
+        .unwrap_or(false)
+}
+
+fn nightly_has_rust_src() -> bool {
+    Command::new("rustup")
+        .args(["+nightly", "component", "list", "--installed"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.starts_with("rust-src"))
+        })
+        .unwrap_or(false)
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
+        .unwrap_or(false)
+}
+
+fn output(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn sh(cmd: &str, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+    let mut c = Command::new(cmd);
+    c.args(args).stdin(Stdio::null());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let status = c.status().with_context(|| format!("running {cmd}"))?;
+    if !status.success() {
+        bail!("{cmd} {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
