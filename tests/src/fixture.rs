@@ -56,8 +56,7 @@ pub fn namespace() -> Netns {
 }
 
 /// Loads and configures the datapath; must run inside the namespace (`Netns::run`).
-pub fn node(ns_name: &str) -> Node {
-    let _ = ns_name;
+pub fn node() -> Node {
     let link = |dev: &str| -> (u32, [u8; 6]) {
         let out = crate::netns::ip(&format!("-o link show dev {dev}"));
         let idx = out.split(':').next().unwrap().trim().parse().unwrap();
@@ -143,9 +142,8 @@ pub fn node(ns_name: &str) -> Node {
 /// Runs `test` with a configured node inside a fresh namespace.
 pub fn with_node<T: Send + 'static>(test: impl FnOnce(&mut Node) -> T + Send + 'static) -> T {
     let ns = namespace();
-    let name = ns.name.clone();
     let result = ns.run(move || {
-        let mut node = node(&name);
+        let mut node = node();
         test(&mut node)
     });
     drop(ns);

@@ -353,9 +353,7 @@ fn malformed_ipv4_is_dropped_with_a_reason() {
 #[test]
 fn before_configuration_everything_passes() {
     let ns = namespace();
-    let name = ns.name.clone();
     ns.run(move || {
-        let _ = name;
         let mut dp = weft_agent::datapath::Datapath::load_unpinned().unwrap();
         let frame = pod1_tcp(REMOTE_VXLAN_IP, b"early");
         let prog = dp.tc_program(prog_names::FROM_POD).unwrap();
