@@ -1,4 +1,8 @@
 //! weft's userspace: the datapath loader and map access, and the modules shared by the agent
 //! (`weft-agent`), the CNI plugin (`weft-cni`), the CLI (`weft`) and the tests.
+pub mod cni;
 pub mod datapath;
+pub mod ipam;
+pub mod netlink;
+pub mod ns;
 pub mod subnet_env;

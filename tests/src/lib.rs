@@ -2,6 +2,7 @@
 //! up after themselves (also on panic), running code inside a namespace, and packet-injection
 //! helpers around `BPF_PROG_TEST_RUN`.
 pub mod cluster;
+pub mod cni;
 pub mod etcd;
 pub mod fixture;
 pub mod flow;

@@ -1,0 +1,616 @@
+//! ADD, DEL, CHECK, GC, STATUS and VERSION. The plugin runs in the node's network namespace
+//! (bpffs visible); pod-side configuration runs on a thread inside the pod's namespace.
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use ipnet::Ipv4Net;
+use serde_json::{Value, json};
+use weft_common::{CONFIG_F_READY, EndpointInfo, prog_names};
+
+use super::{
+    Log,
+    error::{CniError, CniResult, code},
+    names::{AttachmentNames, HOST_IF_PREFIX, POD_GATEWAY},
+    result::{AddResult, Interface, IpConfig, Route},
+    spec::{self, Env, NetConf},
+};
+use crate::{
+    datapath::{self, Maps},
+    ipam::{Ipam, IpamError},
+    netlink::{self, format_mac},
+    ns,
+    subnet_env::SubnetEnv,
+};
+
+/// How long a plugin waits for another one holding the IPAM lock before answering "try again".
+const LOCK_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn version(stdin: &[u8]) -> Value {
+    let asked = serde_json::from_slice::<Value>(stdin)
+        .ok()
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(Value::as_str)
+                .map(String::from)
+        })
+        .filter(|v| spec::SUPPORTED_VERSIONS.contains(&v.as_str()))
+        .unwrap_or_else(|| spec::CURRENT_VERSION.to_string());
+    json!({"cniVersion": asked, "supportedVersions": spec::SUPPORTED_VERSIONS})
+}
+
+/// The node's subnet file; missing means the agent has not set the node up yet.
+fn node_subnet(conf: &NetConf, missing_code: u32) -> CniResult<SubnetEnv> {
+    SubnetEnv::read(&conf.subnet_file).map_err(|e| {
+        CniError::with_cause(
+            missing_code,
+            format!(
+                "the node's subnet file {} is not readable: is weft-agent running on this node?",
+                conf.subnet_file.display()
+            ),
+            &e,
+        )
+    })
+}
+
+fn pin_root(conf: &NetConf, subnet: Option<&SubnetEnv>) -> PathBuf {
+    conf.pin_root
+        .clone()
+        .or_else(|| subnet.map(|s| s.pin_root.clone()))
+        .unwrap_or_else(|| PathBuf::from(weft_common::DEFAULT_PIN_ROOT))
+}
+
+/// The node's pinned maps, provided the agent marked the config ready.
+fn ready_maps(pin_root: &Path, not_ready_code: u32) -> CniResult<Maps> {
+    let maps = Maps::open_pinned(pin_root).map_err(|e| {
+        CniError::with_cause(
+            not_ready_code,
+            format!(
+                "the datapath maps under {} are missing: is weft-agent running on this node?",
+                pin_root.display()
+            ),
+            &e,
+        )
+    })?;
+    let config = maps.config().map_err(|e| {
+        CniError::with_cause(not_ready_code, "reading the node config map failed", &e)
+    })?;
+    if config.flags & CONFIG_F_READY == 0 {
+        return Err(CniError::new(
+            not_ready_code,
+            format!(
+                "the datapath under {} is not configured yet (config map not READY)",
+                pin_root.display()
+            ),
+        ));
+    }
+    let prog = datapath::pin_dir(pin_root)
+        .join("progs")
+        .join(prog_names::FROM_POD);
+    if !prog.exists() {
+        return Err(CniError::new(
+            not_ready_code,
+            format!(
+                "the pinned program {} is missing: weft-agent has not pinned its programs",
+                prog.display()
+            ),
+        ));
+    }
+    Ok(maps)
+}
+
+fn ipam_error(e: IpamError) -> CniError {
+    match &e {
+        IpamError::Exhausted { .. } => CniError::new(
+            code::ADDRESSES_EXHAUSTED,
+            format!("{e}: delete unused pods or give the node a larger subnet"),
+        ),
+        IpamError::LockTimeout { .. } => CniError::new(code::TRY_AGAIN_LATER, e.to_string()),
+        IpamError::Store { .. } => CniError::new(code::IPAM_STORE, format!("{e:#}")),
+    }
+}
+
+fn prev_result(conf: &NetConf) -> CniResult<Option<AddResult>> {
+    conf.prev_result
+        .as_ref()
+        .map(|v| AddResult::parse(v).map_err(CniError::invalid_config))
+        .transpose()
+}
+
+/// What ADD has done so far, undone in reverse order when a later step fails.
+#[derive(Default)]
+struct Undo {
+    release: Option<(Ipam, String, String)>,
+    link: Option<String>,
+    endpoint: Option<Ipv4Addr>,
+    attached: Option<(PathBuf, String)>,
+}
+
+impl Undo {
+    fn run(self, maps: &mut Maps, log: &Log) {
+        if let Some((root, dev)) = self.attached
+            && let Err(e) = datapath::detach_pinned_from_pod(&root, &dev)
+        {
+            log.line(&format!("undo: detaching from_pod from {dev}: {e:#}"));
+        }
+        if let Some(ip) = self.endpoint
+            && let Err(e) = maps.remove_endpoint(ip)
+        {
+            log.line(&format!("undo: removing endpoint {ip}: {e:#}"));
+        }
+        if let Some(dev) = self.link
+            && let Err(e) = netlink::delete_link(&dev)
+        {
+            log.line(&format!("undo: deleting {dev}: {e:#}"));
+        }
+        if let Some((ipam, cid, ifname)) = self.release {
+            let released = ipam
+                .lock(LOCK_TIMEOUT)
+                .map_err(anyhow::Error::from)
+                .and_then(|mut l| {
+                    l.release(&cid, &ifname);
+                    l.commit().map_err(anyhow::Error::from)
+                });
+            if let Err(e) = released {
+                log.line(&format!("undo: releasing the address: {e:#}"));
+            }
+        }
+    }
+}
+
+pub fn add(env: &Env, conf: &NetConf, log: &Log) -> CniResult<Value> {
+    let netns = env.netns.clone().expect("ADD has CNI_NETNS");
+    if !ns::is_netns(&netns) {
+        return Err(CniError::invalid_env(format!(
+            "CNI_NETNS {} is not a network namespace",
+            netns.display()
+        )));
+    }
+    let prev = prev_result(conf)?;
+    let subnet = node_subnet(conf, code::TRY_AGAIN_LATER)?;
+    let pin_root = pin_root(conf, Some(&subnet));
+    let mtu = conf.mtu.unwrap_or(subnet.mtu);
+    let mut maps = ready_maps(&pin_root, code::TRY_AGAIN_LATER)?;
+    let names = AttachmentNames::of(&env.container_id, &env.ifname);
+
+    let ipam = Ipam::new(&conf.data_dir, &conf.name);
+    let (ip, new) = {
+        let mut locked = ipam.lock(LOCK_TIMEOUT).map_err(ipam_error)?;
+        let got = locked
+            .allocate(
+                subnet.subnet,
+                &[subnet.gateway()],
+                &env.container_id,
+                &env.ifname,
+            )
+            .map_err(ipam_error)?;
+        if got.1 {
+            locked.commit().map_err(ipam_error)?;
+        }
+        got
+    };
+    log.line(&format!("address {ip} (new: {new})"));
+    let mut undo = Undo::default();
+    if new {
+        undo.release = Some((
+            Ipam::new(&conf.data_dir, &conf.name),
+            env.container_id.clone(),
+            env.ifname.clone(),
+        ));
+    }
+    match wire_pod(
+        env, &netns, &names, ip, mtu, &pin_root, &mut maps, &mut undo,
+    ) {
+        Ok(()) => {}
+        Err(e) => {
+            undo.run(&mut maps, log);
+            return Err(e);
+        }
+    }
+    let ours = AddResult {
+        interfaces: vec![
+            Interface {
+                name: names.host_ifname.clone(),
+                mac: format_mac(&names.host_mac),
+                sandbox: None,
+                mtu: Some(mtu),
+            },
+            Interface {
+                name: env.ifname.clone(),
+                mac: format_mac(&names.pod_mac),
+                sandbox: Some(netns.display().to_string()),
+                mtu: Some(mtu),
+            },
+        ],
+        ips: vec![IpConfig {
+            address: Ipv4Net::new(ip, 32).expect("/32"),
+            gateway: Some(POD_GATEWAY),
+            interface: Some(1),
+        }],
+        routes: vec![Route {
+            dst: Ipv4Net::default(),
+            gw: Some(POD_GATEWAY),
+        }],
+        ..Default::default()
+    };
+    let result = match prev {
+        Some(prev) => prev.merge(ours),
+        None => ours,
+    };
+    Ok(result.render(&conf.cni_version))
+}
+
+/// The veth, addresses, routes and neighbours on both sides, the endpoint entry and the
+/// program; each step is recorded in `undo` once done.
+#[allow(clippy::too_many_arguments)]
+fn wire_pod(
+    env: &Env,
+    netns: &Path,
+    names: &AttachmentNames,
+    ip: Ipv4Addr,
+    mtu: u32,
+    pin_root: &Path,
+    maps: &mut Maps,
+    undo: &mut Undo,
+) -> CniResult<()> {
+    let host = &names.host_ifname;
+    let pod_if = &env.ifname;
+    let host_mac = format_mac(&names.host_mac);
+    let pod_mac = format_mac(&names.pod_mac);
+    let host_side = vec![
+        format!(
+            "link add {host} mtu {mtu} address {host_mac} type veth peer name {pod_if} mtu {mtu} address {pod_mac} netns {}",
+            netns.display()
+        ),
+        format!("link set {host} up"),
+        format!("route replace {ip}/32 dev {host} scope link"),
+        format!("neigh replace {ip} lladdr {pod_mac} dev {host} nud permanent"),
+    ];
+    let setup_err = |what: &str, e: &anyhow::Error| {
+        CniError::with_cause(code::INTERFACE_SETUP, what.to_string(), e)
+    };
+    if let Err(first) = netlink::ip_batch(&host_side) {
+        // A previous ADD of this attachment may have been killed half way: its host link
+        // (and with it the peer) goes, and the ADD is tried once more.
+        let removed = netlink::delete_link(host).unwrap_or(false);
+        if !removed {
+            return Err(setup_err(
+                &format!(
+                    "creating veth {host} <-> {pod_if} in {} failed (does {pod_if} already exist there?)",
+                    netns.display()
+                ),
+                &first,
+            ));
+        }
+        netlink::ip_batch(&host_side)
+            .map_err(|e| setup_err(&format!("creating veth {host} <-> {pod_if} failed"), &e))?;
+    }
+    undo.link = Some(host.clone());
+    let pod_side = vec![
+        format!("addr replace {ip}/32 dev {pod_if}"),
+        format!("link set {pod_if} up"),
+        format!("neigh replace {POD_GATEWAY} lladdr {host_mac} dev {pod_if} nud permanent"),
+        format!("route replace default via {POD_GATEWAY} dev {pod_if} onlink"),
+    ];
+    ns::run_in(netns, || netlink::ip_batch(&pod_side))
+        .map_err(|e| setup_err(&format!("configuring {pod_if} in {}", netns.display()), &e))?;
+    let host_ifindex = nix::net::if_::if_nametoindex(host.as_str())
+        .map_err(|e| setup_err(&format!("ifindex of {host}"), &anyhow::Error::from(e)))?;
+    maps.upsert_endpoint(
+        ip,
+        &EndpointInfo {
+            host_ifindex,
+            pod_mac: names.pod_mac,
+            host_mac: names.host_mac,
+            flags: 0,
+        },
+    )
+    .map_err(|e| CniError::with_cause(code::DATAPATH, format!("registering endpoint {ip}"), &e))?;
+    undo.endpoint = Some(ip);
+    // A pin left by an earlier, interrupted ADD holds a link severed with its device.
+    let _ = datapath::detach_pinned_from_pod(pin_root, host);
+    datapath::attach_pinned_from_pod(pin_root, host).map_err(|e| {
+        CniError::with_cause(code::DATAPATH, format!("attaching from_pod to {host}"), &e)
+    })?;
+    undo.attached = Some((pin_root.to_path_buf(), host.clone()));
+    Ok(())
+}
+
+/// Removes what ADD set up for one attachment except the allocation; every step tolerates
+/// its object being gone already.
+fn teardown(
+    maps: Option<&mut Maps>,
+    pin_root: &Path,
+    host_ifname: &str,
+    ip: Option<Ipv4Addr>,
+    log: &Log,
+) -> CniResult<()> {
+    if let (Some(maps), Some(ip)) = (maps, ip) {
+        let present = maps
+            .endpoints()
+            .map(|eps| eps.iter().any(|(a, _)| *a == ip))
+            .unwrap_or(true);
+        if present && let Err(e) = maps.remove_endpoint(ip) {
+            log.line(&format!("removing endpoint {ip}: {e:#}"));
+        }
+    }
+    datapath::detach_pinned_from_pod(pin_root, host_ifname).map_err(|e| {
+        CniError::with_cause(
+            code::DATAPATH,
+            format!("detaching from_pod from {host_ifname}"),
+            &e,
+        )
+    })?;
+    netlink::delete_link(host_ifname).map_err(|e| {
+        CniError::with_cause(code::INTERFACE_SETUP, format!("deleting {host_ifname}"), &e)
+    })?;
+    Ok(())
+}
+
+pub fn del(env: &Env, conf: &NetConf, log: &Log) -> CniResult<()> {
+    // DEL works without the agent: the subnet file only supplies the pin root.
+    let subnet = SubnetEnv::read(&conf.subnet_file).ok();
+    let pin_root = pin_root(conf, subnet.as_ref());
+    let names = AttachmentNames::of(&env.container_id, &env.ifname);
+    let ipam = Ipam::new(&conf.data_dir, &conf.name);
+    let ip = ipam
+        .lock(LOCK_TIMEOUT)
+        .map_err(ipam_error)?
+        .find(&env.container_id, &env.ifname)
+        .map(|a| a.ip);
+    let mut maps = match Maps::open_pinned(&pin_root) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            log.line(&format!("no datapath maps, skipping the endpoint: {e:#}"));
+            None
+        }
+    };
+    teardown(maps.as_mut(), &pin_root, &names.host_ifname, ip, log)?;
+    if ip.is_some() {
+        let mut locked = ipam.lock(LOCK_TIMEOUT).map_err(ipam_error)?;
+        if locked.release(&env.container_id, &env.ifname).is_some() {
+            locked.commit().map_err(ipam_error)?;
+        }
+    }
+    Ok(())
+}
+
+fn mismatch(msg: String) -> CniError {
+    CniError::new(code::CHECK_MISMATCH, msg)
+}
+
+pub fn check(env: &Env, conf: &NetConf, _log: &Log) -> CniResult<()> {
+    let netns = env.netns.clone().expect("CHECK has CNI_NETNS");
+    let prev = prev_result(conf)?;
+    let subnet = node_subnet(conf, code::TRY_AGAIN_LATER)?;
+    let pin_root = pin_root(conf, Some(&subnet));
+    let mtu = conf.mtu.unwrap_or(subnet.mtu);
+    let ipam = Ipam::new(&conf.data_dir, &conf.name);
+    let ip = ipam
+        .lock(LOCK_TIMEOUT)
+        .map_err(ipam_error)?
+        .find(&env.container_id, &env.ifname)
+        .map(|a| a.ip)
+        .ok_or_else(|| {
+            CniError::new(
+                code::UNKNOWN_CONTAINER,
+                format!(
+                    "no address is allocated to container {} interface {}: ADD never ran or DEL already did",
+                    env.container_id, env.ifname
+                ),
+            )
+        })?;
+    let want = Ipv4Net::new(ip, 32).expect("/32");
+    if let Some(prev) = &prev
+        && !prev.ips.iter().any(|c| c.address == want)
+    {
+        return Err(mismatch(format!(
+            "prevResult does not list the allocated address {want}"
+        )));
+    }
+    let names = AttachmentNames::of(&env.container_id, &env.ifname);
+    let host = &names.host_ifname;
+    let io =
+        |what: &str, e: anyhow::Error| CniError::with_cause(code::IO_FAILURE, what.to_string(), &e);
+
+    let link = netlink::link(host)
+        .map_err(|e| io("reading the host link", e))?
+        .ok_or_else(|| mismatch(format!("host interface {host} is missing")))?;
+    expect_link(&link, &names.host_mac, mtu, "host interface")?;
+    let routes = netlink::routes().map_err(|e| io("reading host routes", e))?;
+    if !routes
+        .iter()
+        .any(|(dst, _, dev)| (dst == &ip.to_string() || dst == &want.to_string()) && dev == host)
+    {
+        return Err(mismatch(format!(
+            "the host route {want} dev {host} is missing"
+        )));
+    }
+
+    let pod_if = env.ifname.clone();
+    let host_mac = format_mac(&names.host_mac);
+    let pod_mac = names.pod_mac;
+    ns::run_in(&netns, || -> anyhow::Result<Result<(), CniError>> {
+        let Some(l) = netlink::link(&pod_if)? else {
+            return Ok(Err(mismatch(format!(
+                "interface {pod_if} is missing in {}",
+                netns.display()
+            ))));
+        };
+        if let Err(e) = expect_link(&l, &pod_mac, mtu, "pod interface") {
+            return Ok(Err(e));
+        }
+        let addrs = netlink::addresses(&pod_if)?;
+        if !addrs.contains(&want.to_string()) {
+            return Ok(Err(mismatch(format!(
+                "{pod_if} has addresses {addrs:?}, expected {want}"
+            ))));
+        }
+        let routes = netlink::routes()?;
+        let gw = POD_GATEWAY.to_string();
+        if !routes.iter().any(|(dst, via, dev)| {
+            dst == "default" && via.as_deref() == Some(&gw) && dev == &pod_if
+        }) {
+            return Ok(Err(mismatch(format!(
+                "the pod's default route via {gw} dev {pod_if} is missing (routes: {routes:?})"
+            ))));
+        }
+        match netlink::permanent_neighbour(&pod_if, POD_GATEWAY)? {
+            Some(mac) if mac == host_mac => {}
+            other => {
+                return Ok(Err(mismatch(format!(
+                    "the pod's neighbour entry for {gw} is {other:?}, expected permanent {host_mac}"
+                ))));
+            }
+        }
+        Ok(Ok(()))
+    })
+    .map_err(|e| io(&format!("inspecting {}", netns.display()), e))??;
+
+    let maps = ready_maps(&pin_root, code::TRY_AGAIN_LATER)?;
+    let endpoints = maps
+        .endpoints()
+        .map_err(|e| io("reading the endpoint map", e))?;
+    let expected = EndpointInfo {
+        host_ifindex: link.ifindex,
+        pod_mac: names.pod_mac,
+        host_mac: names.host_mac,
+        flags: 0,
+    };
+    match endpoints.iter().find(|(a, _)| *a == ip) {
+        Some((_, info)) if *info == expected => {}
+        Some((_, info)) => {
+            return Err(mismatch(format!(
+                "endpoint map entry of {ip} is {info:?}, expected {expected:?}"
+            )));
+        }
+        None => return Err(mismatch(format!("endpoint map has no entry for {ip}"))),
+    }
+    let pin = datapath::link_pin_path(&pin_root, prog_names::FROM_POD, host);
+    if !pin.exists() {
+        return Err(mismatch(format!(
+            "from_pod is not attached to {host} (no link pin at {})",
+            pin.display()
+        )));
+    }
+    Ok(())
+}
+
+fn expect_link(l: &netlink::LinkInfo, mac: &[u8; 6], mtu: u32, what: &str) -> CniResult<()> {
+    if l.mac != format_mac(mac) {
+        return Err(mismatch(format!(
+            "{what} {} has MAC {}, expected {}",
+            l.name,
+            l.mac,
+            format_mac(mac)
+        )));
+    }
+    if l.mtu != mtu {
+        return Err(mismatch(format!(
+            "{what} {} has MTU {}, expected {mtu}",
+            l.name, l.mtu
+        )));
+    }
+    if !l.up {
+        return Err(mismatch(format!("{what} {} is down", l.name)));
+    }
+    Ok(())
+}
+
+pub fn gc(conf: &NetConf, log: &Log) -> CniResult<()> {
+    let valid = conf.valid_attachments.clone().ok_or_else(|| {
+        CniError::invalid_config("field `cni.dev/valid-attachments` is missing (required by GC)")
+    })?;
+    let subnet = SubnetEnv::read(&conf.subnet_file).ok();
+    let pin_root = pin_root(conf, subnet.as_ref());
+    let mut maps = Maps::open_pinned(&pin_root)
+        .map_err(|e| log.line(&format!("GC without datapath maps: {e:#}")))
+        .ok();
+    let ipam = Ipam::new(&conf.data_dir, &conf.name);
+    let mut locked = ipam.lock(LOCK_TIMEOUT).map_err(ipam_error)?;
+    let stale = locked.retain(|a| {
+        valid
+            .iter()
+            .any(|v| v.container_id == a.container_id && v.ifname == a.ifname)
+    });
+    for a in &stale {
+        let names = AttachmentNames::of(&a.container_id, &a.ifname);
+        log.line(&format!(
+            "GC: releasing {} of {}/{}",
+            a.ip, a.container_id, a.ifname
+        ));
+        teardown(
+            maps.as_mut(),
+            &pin_root,
+            &names.host_ifname,
+            Some(a.ip),
+            log,
+        )?;
+    }
+    locked.commit().map_err(ipam_error)?;
+
+    // What no allocation accounts for any more (a plugin killed between steps): endpoints of
+    // this node's subnet, host-side links and link pins.
+    let live_ips: Vec<Ipv4Addr> = locked.state.allocations.iter().map(|a| a.ip).collect();
+    let live_links: Vec<String> = locked
+        .state
+        .allocations
+        .iter()
+        .map(|a| AttachmentNames::of(&a.container_id, &a.ifname).host_ifname)
+        .collect();
+    if let Some(maps) = maps.as_mut() {
+        let endpoints = maps
+            .endpoints()
+            .map_err(|e| CniError::with_cause(code::DATAPATH, "reading endpoints", &e))?;
+        for (ip, _) in endpoints {
+            let ours = subnet.as_ref().is_some_and(|s| s.subnet.contains(&ip));
+            if ours && !live_ips.contains(&ip) {
+                log.line(&format!("GC: removing orphan endpoint {ip}"));
+                let _ = maps.remove_endpoint(ip);
+            }
+        }
+    }
+    let links = netlink::links()
+        .map_err(|e| CniError::with_cause(code::IO_FAILURE, "listing links", &e))?;
+    for l in links {
+        if l.name.starts_with(HOST_IF_PREFIX) && !live_links.contains(&l.name) {
+            log.line(&format!("GC: deleting orphan link {}", l.name));
+            teardown(None, &pin_root, &l.name, None, log)?;
+        }
+    }
+    let links_dir = datapath::pin_dir(&pin_root).join("links");
+    let prefix = format!("{}@{HOST_IF_PREFIX}", prog_names::FROM_POD);
+    if let Ok(entries) = std::fs::read_dir(&links_dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(dev) = name.strip_prefix(&format!("{}@", prog_names::FROM_POD))
+                && name.starts_with(&prefix)
+                && !live_links.iter().any(|l| l == dev)
+            {
+                log.line(&format!("GC: removing orphan link pin {name}"));
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn status(conf: &NetConf) -> CniResult<()> {
+    let subnet = node_subnet(conf, code::NOT_AVAILABLE)?;
+    let pin_root = pin_root(conf, Some(&subnet));
+    ready_maps(&pin_root, code::NOT_AVAILABLE)?;
+    // Where ADD will write: a full or read-only data directory is "not available" too.
+    std::fs::create_dir_all(&conf.data_dir)
+        .with_context(|| format!("creating {}", conf.data_dir.display()))
+        .map_err(|e| {
+            CniError::with_cause(
+                code::NOT_AVAILABLE,
+                "the IPAM data directory is not writable",
+                &e,
+            )
+        })?;
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! The CNI plugin `weft-cni`: protocol types (environment, config, results, errors) and the
+//! commands. The binary only wires stdin, stdout and the environment to [`run`].
+pub mod commands;
+pub mod error;
+pub mod names;
+pub mod result;
+pub mod spec;
+
+use std::io::Write as _;
+
+use serde_json::Value;
+
+use self::{
+    error::{CniError, code},
+    spec::{Command, Env, NetConf},
+};
+
+/// What one invocation prints and how it exits.
+#[derive(Debug)]
+pub struct Outcome {
+    /// JSON for stdout (a result, a version answer or an error); None prints nothing.
+    pub stdout: Option<Value>,
+    pub success: bool,
+}
+
+/// Runs one invocation: `get` reads the environment, `stdin` is the whole config.
+pub fn run(get: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
+    let mut version = spec::CURRENT_VERSION.to_string();
+    match run_inner(get, stdin, &mut version) {
+        Ok(stdout) => Outcome {
+            stdout,
+            success: true,
+        },
+        Err(e) => {
+            eprintln!("weft-cni: {e}");
+            Outcome {
+                stdout: Some(e.to_json(&version)),
+                success: false,
+            }
+        }
+    }
+}
+
+fn run_inner(
+    get: &dyn Fn(&str) -> Option<String>,
+    stdin: &[u8],
+    version: &mut String,
+) -> Result<Option<Value>, CniError> {
+    let command = Env::command(get)?;
+    if command == Command::Version {
+        return Ok(Some(commands::version(stdin)));
+    }
+    let raw = spec::decode(stdin)?;
+    if let Ok(v) = spec::version_of(&raw) {
+        *version = v;
+    }
+    let conf = NetConf::parse(raw)?;
+    if matches!(command, Command::Gc | Command::Status)
+        && !spec::version_at_least(&conf.cni_version, "1.1.0")
+    {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "{command:?} needs cniVersion 1.1.0 or newer, the configuration has {}",
+                conf.cni_version
+            ),
+        ));
+    }
+    let env = Env::read(command, get)?;
+    let log = Log::new(&conf, &env);
+    let started = std::time::Instant::now();
+    let out = match command {
+        Command::Add => commands::add(&env, &conf, &log).map(Some),
+        Command::Del => commands::del(&env, &conf, &log).map(|()| None),
+        Command::Check => commands::check(&env, &conf, &log).map(|()| None),
+        Command::Gc => commands::gc(&conf, &log).map(|()| None),
+        Command::Status => commands::status(&conf).map(|()| None),
+        Command::Version => unreachable!("handled above"),
+    };
+    match &out {
+        Ok(_) => log.line(&format!("{command:?} done in {:?}", started.elapsed())),
+        Err(e) => log.line(&format!("{command:?} failed: {e}")),
+    }
+    out
+}
+
+/// Log lines go to stderr and, when the config names one, to `logFile`; never to stdout.
+pub struct Log {
+    prefix: String,
+    file: Option<std::path::PathBuf>,
+}
+
+impl Log {
+    fn new(conf: &NetConf, env: &Env) -> Self {
+        Self {
+            prefix: format!(
+                "weft-cni[{}] {} {}/{}",
+                std::process::id(),
+                conf.name,
+                env.container_id,
+                env.ifname
+            ),
+            file: conf.log_file.clone(),
+        }
+    }
+
+    pub fn line(&self, msg: &str) {
+        let line = format!("{}: {msg}\n", self.prefix);
+        if let Some(path) = &self.file
+            && let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+        {
+            let _ = f.write_all(line.as_bytes());
+        } else if self.file.is_none() {
+            let _ = std::io::stderr().write_all(line.as_bytes());
+        }
+    }
+}

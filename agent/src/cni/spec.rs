@@ -1,0 +1,421 @@
+//! What a runtime hands the plugin: the `CNI_*` environment and the network configuration on
+//! stdin (a single config or one entry of a conflist, with `prevResult`, `runtimeConfig`,
+//! `args` and, for GC, `cni.dev/valid-attachments`). Every bad field is named in the error.
+use std::path::PathBuf;
+
+use serde_json::{Map, Value};
+
+use super::error::{CniError, CniResult, code};
+
+/// Versions the plugin speaks, oldest first; results are written in the version asked for.
+pub const SUPPORTED_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
+/// The newest version: what VERSION answers with when the request carries none.
+pub const CURRENT_VERSION: &str = "1.1.0";
+
+pub const DEFAULT_SUBNET_FILE: &str = crate::subnet_env::DEFAULT_PATH;
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/weft/ipam";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Add,
+    Del,
+    Check,
+    Gc,
+    Status,
+    Version,
+}
+
+impl Command {
+    pub fn parse(s: &str) -> CniResult<Self> {
+        Ok(match s {
+            "ADD" => Self::Add,
+            "DEL" => Self::Del,
+            "CHECK" => Self::Check,
+            "GC" => Self::Gc,
+            "STATUS" => Self::Status,
+            "VERSION" => Self::Version,
+            other => {
+                return Err(CniError::invalid_env(format!(
+                    "CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, GC, STATUS, VERSION"
+                )));
+            }
+        })
+    }
+
+    /// Commands that act on one attachment need container id, netns and interface name.
+    pub fn per_attachment(self) -> bool {
+        matches!(self, Self::Add | Self::Del | Self::Check)
+    }
+}
+
+/// The `CNI_*` variables of one invocation.
+#[derive(Debug, Clone)]
+pub struct Env {
+    pub command: Command,
+    pub container_id: String,
+    pub netns: Option<PathBuf>,
+    pub ifname: String,
+    pub args: String,
+}
+
+impl Env {
+    /// Reads the command only (everything else depends on it).
+    pub fn command(get: &dyn Fn(&str) -> Option<String>) -> CniResult<Command> {
+        let cmd = get("CNI_COMMAND")
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| CniError::invalid_env("CNI_COMMAND is not set"))?;
+        Command::parse(&cmd)
+    }
+
+    pub fn read(command: Command, get: &dyn Fn(&str) -> Option<String>) -> CniResult<Self> {
+        let mut env = Self {
+            command,
+            container_id: String::new(),
+            netns: None,
+            ifname: String::new(),
+            args: get("CNI_ARGS").unwrap_or_default(),
+        };
+        if !command.per_attachment() {
+            return Ok(env);
+        }
+        env.container_id = get("CNI_CONTAINERID")
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| CniError::invalid_env("CNI_CONTAINERID is not set"))?;
+        validate_container_id(&env.container_id)?;
+        env.ifname = get("CNI_IFNAME")
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| CniError::invalid_env("CNI_IFNAME is not set"))?;
+        validate_ifname(&env.ifname)?;
+        let netns = get("CNI_NETNS").filter(|s| !s.is_empty());
+        match (&netns, command) {
+            // DEL must work after the runtime already removed the namespace.
+            (None, Command::Del) => {}
+            (None, _) => return Err(CniError::invalid_env("CNI_NETNS is not set")),
+            (Some(path), _) => {
+                // `ip` takes the path as a batch word.
+                if path.chars().any(char::is_whitespace) {
+                    return Err(CniError::invalid_env(format!(
+                        "CNI_NETNS {path:?} contains whitespace"
+                    )));
+                }
+            }
+        }
+        env.netns = netns.map(PathBuf::from);
+        Ok(env)
+    }
+}
+
+/// The spec's container id rule: alphanumeric first, then alphanumerics, `_`, `.`, `-`.
+fn validate_container_id(id: &str) -> CniResult<()> {
+    let mut chars = id.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+        return Err(CniError::invalid_env(format!(
+            "CNI_CONTAINERID {id:?} must start with a letter or digit and contain only letters, digits, '_', '.', '-'"
+        )));
+    }
+    Ok(())
+}
+
+/// Linux interface names: 1 to 15 bytes, no '/', ':' or whitespace, not "." or "..".
+fn validate_ifname(name: &str) -> CniResult<()> {
+    if name.len() > 15
+        || name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
+    {
+        return Err(CniError::invalid_env(format!(
+            "CNI_IFNAME {name:?} is not a valid interface name (at most 15 bytes, no '/', ':' or spaces)"
+        )));
+    }
+    Ok(())
+}
+
+/// One entry of `cni.dev/valid-attachments` (GC).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Attachment {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+/// The network configuration as weft uses it.
+#[derive(Debug, Clone)]
+pub struct NetConf {
+    pub cni_version: String,
+    pub name: String,
+    pub plugin_type: String,
+    pub subnet_file: PathBuf,
+    pub data_dir: PathBuf,
+    pub pin_root: Option<PathBuf>,
+    pub mtu: Option<u32>,
+    pub log_file: Option<PathBuf>,
+    pub prev_result: Option<Value>,
+    pub valid_attachments: Option<Vec<Attachment>>,
+    pub raw: Map<String, Value>,
+}
+
+/// Parses stdin as JSON (decode failure, code 6) into an object.
+pub fn decode(stdin: &[u8]) -> CniResult<Map<String, Value>> {
+    let value: Value = serde_json::from_slice(stdin).map_err(|e| {
+        CniError::new(
+            code::DECODE_FAILURE,
+            format!("the network configuration on stdin is not valid JSON: {e}"),
+        )
+    })?;
+    match value {
+        Value::Object(map) => Ok(map),
+        other => Err(CniError::new(
+            code::DECODE_FAILURE,
+            format!(
+                "the network configuration on stdin must be a JSON object, got {}",
+                type_name(&other)
+            ),
+        )),
+    }
+}
+
+/// The `cniVersion` of a decoded config: required, and one the plugin speaks (code 1 if not).
+pub fn version_of(raw: &Map<String, Value>) -> CniResult<String> {
+    let version = match raw.get("cniVersion") {
+        None => {
+            return Err(CniError::invalid_config(
+                "field `cniVersion` is missing from the network configuration",
+            ));
+        }
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => {
+            return Err(CniError::invalid_config(format!(
+                "field `cniVersion` must be a string, got {}",
+                type_name(other)
+            )));
+        }
+    };
+    if !SUPPORTED_VERSIONS.contains(&version.as_str()) {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "cniVersion {version:?} is not supported; weft-cni supports {}",
+                SUPPORTED_VERSIONS.join(", ")
+            ),
+        ));
+    }
+    Ok(version)
+}
+
+/// Compares two dotted versions ("0.4.0" < "1.1.0").
+pub fn version_at_least(version: &str, min: &str) -> bool {
+    let parse = |v: &str| -> Vec<u32> { v.split('.').map(|p| p.parse().unwrap_or(0)).collect() };
+    parse(version) >= parse(min)
+}
+
+impl NetConf {
+    pub fn parse(raw: Map<String, Value>) -> CniResult<Self> {
+        let cni_version = version_of(&raw)?;
+        let name = required_string(&raw, "name")?;
+        validate_network_name(&name)?;
+        let plugin_type = required_string(&raw, "type")?;
+        let subnet_file = optional_string(&raw, "subnetFile")?
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SUBNET_FILE));
+        let data_dir = optional_string(&raw, "dataDir")?
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let pin_root = optional_string(&raw, "pinRoot")?.map(PathBuf::from);
+        let log_file = optional_string(&raw, "logFile")?.map(PathBuf::from);
+        let mtu = match raw.get("mtu") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(m) if (68..=65535).contains(&m) => Some(m as u32),
+                _ => {
+                    return Err(CniError::invalid_config(format!(
+                        "field `mtu` must be an integer between 68 and 65535, got {n}"
+                    )));
+                }
+            },
+            Some(other) => {
+                return Err(CniError::invalid_config(format!(
+                    "field `mtu` must be a number, got {}",
+                    type_name(other)
+                )));
+            }
+        };
+        let prev_result = match raw.get("prevResult") {
+            None | Some(Value::Null) => None,
+            Some(v @ Value::Object(_)) => Some(v.clone()),
+            Some(other) => {
+                return Err(CniError::invalid_config(format!(
+                    "field `prevResult` must be an object, got {}",
+                    type_name(other)
+                )));
+            }
+        };
+        let valid_attachments = match raw.get("cni.dev/valid-attachments") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(items)) => Some(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| parse_attachment(i, item))
+                    .collect::<CniResult<Vec<_>>>()?,
+            ),
+            Some(other) => {
+                return Err(CniError::invalid_config(format!(
+                    "field `cni.dev/valid-attachments` must be an array, got {}",
+                    type_name(other)
+                )));
+            }
+        };
+        Ok(Self {
+            cni_version,
+            name,
+            plugin_type,
+            subnet_file,
+            data_dir,
+            pin_root,
+            mtu,
+            log_file,
+            prev_result,
+            valid_attachments,
+            raw,
+        })
+    }
+}
+
+fn parse_attachment(i: usize, item: &Value) -> CniResult<Attachment> {
+    let field = |key: &str| -> CniResult<String> {
+        item.get(key)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| {
+                CniError::invalid_config(format!(
+                    "field `cni.dev/valid-attachments[{i}].{key}` must be a string"
+                ))
+            })
+    };
+    Ok(Attachment {
+        container_id: field("containerID")?,
+        ifname: field("ifname")?,
+    })
+}
+
+/// The spec's network name rule; the name is also a directory name of the IPAM store.
+fn validate_network_name(name: &str) -> CniResult<()> {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+        return Err(CniError::invalid_config(format!(
+            "field `name` {name:?} must start with a letter or digit and contain only letters, digits, '_', '.', '-'"
+        )));
+    }
+    Ok(())
+}
+
+fn required_string(raw: &Map<String, Value>, key: &str) -> CniResult<String> {
+    optional_string(raw, key)?.ok_or_else(|| {
+        CniError::invalid_config(format!(
+            "field `{key}` is missing from the network configuration"
+        ))
+    })
+}
+
+fn optional_string(raw: &Map<String, Value>, key: &str) -> CniResult<Option<String>> {
+    match raw.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Err(CniError::invalid_config(format!(
+            "field `{key}` must not be empty"
+        ))),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(CniError::invalid_config(format!(
+            "field `{key}` must be a string, got {}",
+            type_name(other)
+        ))),
+    }
+}
+
+pub fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn conf(v: Value) -> CniResult<NetConf> {
+        NetConf::parse(v.as_object().unwrap().clone())
+    }
+
+    #[test]
+    fn names_bad_fields() {
+        let e = conf(json!({"cniVersion": "1.1.0", "type": "weft-cni"})).unwrap_err();
+        assert_eq!(e.code, code::INVALID_CONFIG);
+        assert!(e.msg.contains("`name`"), "{e}");
+        let e = conf(json!({"cniVersion": "1.1.0", "name": "n", "type": "weft-cni", "dataDir": 3}))
+            .unwrap_err();
+        assert!(e.msg.contains("`dataDir`"), "{e}");
+        let e = conf(json!({"cniVersion": "0.3.1", "name": "n", "type": "t"})).unwrap_err();
+        assert_eq!(e.code, code::INCOMPATIBLE_VERSION);
+        let e =
+            conf(json!({"cniVersion": "1.1.0", "name": "n", "type": "t", "mtu": 20})).unwrap_err();
+        assert!(e.msg.contains("`mtu`"), "{e}");
+        let e = conf(json!({"cniVersion": "1.1.0", "name": "n", "type": "t",
+            "cni.dev/valid-attachments": [{"containerID": "a"}]}))
+        .unwrap_err();
+        assert!(e.msg.contains("valid-attachments[0].ifname"), "{e}");
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = conf(
+            json!({"cniVersion": "1.0.0", "name": "weft", "type": "weft-cni",
+            "pinRoot": "/sys/fs/bpf/x"}),
+        )
+        .unwrap();
+        assert_eq!(c.subnet_file, PathBuf::from(DEFAULT_SUBNET_FILE));
+        assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(c.pin_root, Some(PathBuf::from("/sys/fs/bpf/x")));
+        assert!(version_at_least("1.1.0", "1.0.0"));
+        assert!(!version_at_least("0.4.0", "1.0.0"));
+    }
+
+    #[test]
+    fn environment_is_validated() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(key, _)| *key == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let e = Env::command(&env(&[])).unwrap_err();
+        assert!(e.msg.contains("CNI_COMMAND"));
+        let get = env(&[("CNI_CONTAINERID", "abc"), ("CNI_IFNAME", "eth0")]);
+        let e = Env::read(Command::Add, &get).unwrap_err();
+        assert!(e.msg.contains("CNI_NETNS"), "{e}");
+        assert!(Env::read(Command::Del, &get).is_ok());
+        let get = env(&[("CNI_CONTAINERID", "abc"), ("CNI_IFNAME", "a/b")]);
+        assert!(
+            Env::read(Command::Del, &get)
+                .unwrap_err()
+                .msg
+                .contains("CNI_IFNAME")
+        );
+        let get = env(&[("CNI_CONTAINERID", "-x"), ("CNI_IFNAME", "eth0")]);
+        assert!(
+            Env::read(Command::Del, &get)
+                .unwrap_err()
+                .msg
+                .contains("CNI_CONTAINERID")
+        );
+    }
+}

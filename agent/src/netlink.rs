@@ -1,0 +1,172 @@
+//! Links, addresses, routes and neighbours, configured through iproute2's `ip` in batch mode
+//! (one process per namespace per operation) and read back with `ip -json`. Everything acts on
+//! the network namespace of the calling thread: combine with [`crate::ns::run_in`].
+use std::{
+    io::Write as _,
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use serde_json::Value;
+
+/// Runs `ip -batch -` with `commands`, one per line; fails with ip's message on the first
+/// failing command.
+pub fn ip_batch(commands: &[String]) -> Result<()> {
+    let mut child = Command::new("ip")
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running ip (iproute2)")?;
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin.write_all(commands.join("\n").as_bytes())?;
+    stdin.write_all(b"\n")?;
+    drop(stdin);
+    let out = child.wait_with_output().context("waiting for ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip -batch failed: {} (commands: {})",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            commands.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// `ip -json <args>` parsed; an empty output is an empty array.
+pub fn ip_json(args: &[&str]) -> Result<Value> {
+    let out = Command::new("ip")
+        .arg("-json")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Array(Vec::new()));
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| format!("parsing ip -json {args:?}"))
+}
+
+/// Deletes a link; Ok(false) when it did not exist.
+pub fn delete_link(name: &str) -> Result<bool> {
+    let out = Command::new("ip")
+        .args(["link", "del", "dev", name])
+        .output()
+        .context("running ip (iproute2)")?;
+    if out.status.success() {
+        return Ok(true);
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("Cannot find device") || err.contains("does not exist") {
+        return Ok(false);
+    }
+    Err(anyhow!("ip link del {name} failed: {}", err.trim()))
+}
+
+/// A link as `ip -json link show` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub name: String,
+    pub ifindex: u32,
+    pub mac: String,
+    pub mtu: u32,
+    pub up: bool,
+}
+
+/// The link `name`, or None when it does not exist.
+pub fn link(name: &str) -> Result<Option<LinkInfo>> {
+    if nix::net::if_::if_nametoindex(name).is_err() {
+        return Ok(None);
+    }
+    let v = ip_json(&["link", "show", "dev", name])?;
+    Ok(v.as_array().and_then(|a| a.first()).map(link_info))
+}
+
+/// Every link of the namespace.
+pub fn links() -> Result<Vec<LinkInfo>> {
+    let v = ip_json(&["link", "show"])?;
+    Ok(v.as_array()
+        .map(|a| a.iter().map(link_info).collect())
+        .unwrap_or_default())
+}
+
+fn link_info(v: &Value) -> LinkInfo {
+    LinkInfo {
+        name: v["ifname"].as_str().unwrap_or_default().to_string(),
+        ifindex: v["ifindex"].as_u64().unwrap_or(0) as u32,
+        mac: v["address"].as_str().unwrap_or_default().to_string(),
+        mtu: v["mtu"].as_u64().unwrap_or(0) as u32,
+        up: v["flags"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|x| x == "UP")),
+    }
+}
+
+/// IPv4 addresses on `dev` as "a.b.c.d/len".
+pub fn addresses(dev: &str) -> Result<Vec<String>> {
+    let v = ip_json(&["-4", "addr", "show", "dev", dev])?;
+    let mut out = Vec::new();
+    for link in v.as_array().into_iter().flatten() {
+        for a in link["addr_info"].as_array().into_iter().flatten() {
+            if let (Some(ip), Some(len)) = (a["local"].as_str(), a["prefixlen"].as_u64()) {
+                out.push(format!("{ip}/{len}"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// IPv4 routes of the main table as (dst, gateway, dev); `dst` is "default" or a CIDR/address.
+pub fn routes() -> Result<Vec<(String, Option<String>, String)>> {
+    let v = ip_json(&["-4", "route", "show"])?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                r["dst"].as_str().unwrap_or_default().to_string(),
+                r["gateway"].as_str().map(str::to_string),
+                r["dev"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect())
+}
+
+/// The permanent neighbour entry of `addr` on `dev`, as its MAC.
+pub fn permanent_neighbour(dev: &str, addr: Ipv4Addr) -> Result<Option<String>> {
+    let v = ip_json(&["-4", "neigh", "show", "dev", dev, "to", &addr.to_string()])?;
+    Ok(v.as_array().into_iter().flatten().find_map(|n| {
+        let permanent = n["state"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|x| x == "PERMANENT"));
+        if permanent {
+            n["lladdr"].as_str().map(str::to_string)
+        } else {
+            None
+        }
+    }))
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
