@@ -1,0 +1,220 @@
+//! `weft`: the operator's view of a node's datapath, read from the pinned maps (no agent
+//! needed): status, routes, endpoints, nodes, next hops, drops and path counters.
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use weft_agent::datapath::Maps;
+use weft_common::{CONFIG_F_READY, RouteMode};
+
+#[derive(Parser)]
+#[command(name = "weft", about = "Inspect a node's weft datapath")]
+struct Cli {
+    /// Root of the node's BPF pins.
+    #[arg(long, global = true, default_value = weft_common::DEFAULT_PIN_ROOT)]
+    pin_root: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Node configuration and map fill.
+    Status,
+    /// Pod CIDRs of other nodes and how they are reached.
+    Routes,
+    /// Pods on this node.
+    Endpoints,
+    /// Known tunnel peers.
+    Nodes,
+    /// Cached underlay next hops.
+    NextHops,
+    /// Dropped packets by reason.
+    Drops,
+    /// Packets by datapath path.
+    Stats,
+}
+
+fn mac(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn mode(m: u8) -> String {
+    match RouteMode::from_u8(m) {
+        Some(RouteMode::Vxlan) => "vxlan".into(),
+        Some(RouteMode::Ipip) => "ipip".into(),
+        Some(RouteMode::Direct) => "direct".into(),
+        None => format!("unknown({m})"),
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let maps = Maps::open_pinned(&cli.pin_root)?;
+    match cli.command {
+        Cmd::Status => {
+            let cfg = maps.config()?;
+            let ready = cfg.flags & CONFIG_F_READY != 0;
+            let (routes, endpoints, nodes) = (
+                maps.routes()?.len(),
+                maps.endpoints()?.len(),
+                maps.nodes()?.len(),
+            );
+            let drops: u64 = maps.drops()?.iter().map(|(_, n)| n).sum();
+            let node_ip = std::net::Ipv4Addr::from(cfg.node_ip);
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"ready": ready, "node_ip": node_ip.to_string(), "underlay_ifindex": cfg.underlay_ifindex,
+                        "vni": cfg.vni, "vxlan_port": cfg.vxlan_port, "vtep_mac": mac(&cfg.vtep_mac),
+                        "routes": routes, "endpoints": endpoints, "nodes": nodes, "drops": drops})
+                );
+            } else {
+                println!(
+                    "datapath   {}",
+                    if ready {
+                        "ready"
+                    } else {
+                        "NOT READY (no config written)"
+                    }
+                );
+                println!(
+                    "node ip    {node_ip}  (underlay ifindex {})",
+                    cfg.underlay_ifindex
+                );
+                println!(
+                    "vxlan      VNI {}, port {}, VTEP {}",
+                    cfg.vni,
+                    cfg.vxlan_port,
+                    mac(&cfg.vtep_mac)
+                );
+                println!("maps       {routes} routes, {endpoints} endpoints, {nodes} nodes");
+                println!("drops      {drops}");
+                println!(
+                    "pins       {}",
+                    weft_agent::datapath::pin_dir(&cli.pin_root).display()
+                );
+            }
+        }
+        Cmd::Routes => {
+            let routes = maps.routes()?;
+            if cli.json {
+                let v: Vec<_> = routes
+                    .iter()
+                    .map(|(net, r)| json!({"cidr": net.to_string(), "node_ip": std::net::Ipv4Addr::from(r.node_ip).to_string(), "mode": mode(r.mode), "vtep_mac": mac(&r.vtep_mac)}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                println!("{:<20} {:<16} {:<8} VTEP MAC", "CIDR", "NODE", "MODE");
+                for (net, r) in routes {
+                    println!(
+                        "{:<20} {:<16} {:<8} {}",
+                        net.to_string(),
+                        std::net::Ipv4Addr::from(r.node_ip).to_string(),
+                        mode(r.mode),
+                        mac(&r.vtep_mac)
+                    );
+                }
+            }
+        }
+        Cmd::Endpoints => {
+            let eps = maps.endpoints()?;
+            if cli.json {
+                let v: Vec<_> = eps
+                    .iter()
+                    .map(|(ip, e)| json!({"ip": ip.to_string(), "host_ifindex": e.host_ifindex, "pod_mac": mac(&e.pod_mac), "host_mac": mac(&e.host_mac)}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                println!(
+                    "{:<16} {:>8} {:<18} HOST MAC",
+                    "POD IP", "IFINDEX", "POD MAC"
+                );
+                for (ip, e) in eps {
+                    println!(
+                        "{:<16} {:>8} {:<18} {}",
+                        ip.to_string(),
+                        e.host_ifindex,
+                        mac(&e.pod_mac),
+                        mac(&e.host_mac)
+                    );
+                }
+            }
+        }
+        Cmd::Nodes => {
+            let nodes = maps.nodes()?;
+            if cli.json {
+                let v: Vec<_> = nodes.iter().map(|(ip, n)| json!({"ip": ip.to_string(), "mode": mode(n.mode), "vtep_mac": mac(&n.vtep_mac)})).collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                println!("{:<16} {:<8} VTEP MAC", "NODE", "MODE");
+                for (ip, n) in nodes {
+                    println!(
+                        "{:<16} {:<8} {}",
+                        ip.to_string(),
+                        mode(n.mode),
+                        mac(&n.vtep_mac)
+                    );
+                }
+            }
+        }
+        Cmd::NextHops => {
+            let hops = maps.next_hops()?;
+            if cli.json {
+                let v: Vec<_> = hops.iter().map(|(ip, h)| json!({"node": ip.to_string(), "ifindex": h.ifindex, "smac": mac(&h.smac), "dmac": mac(&h.dmac)})).collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                println!("{:<16} {:>8} {:<18} DST MAC", "NODE", "IFINDEX", "SRC MAC");
+                for (ip, h) in hops {
+                    println!(
+                        "{:<16} {:>8} {:<18} {}",
+                        ip.to_string(),
+                        h.ifindex,
+                        mac(&h.smac),
+                        mac(&h.dmac)
+                    );
+                }
+            }
+        }
+        Cmd::Drops => {
+            let drops = maps.drops()?;
+            if cli.json {
+                let v: serde_json::Map<_, _> = drops
+                    .iter()
+                    .map(|(r, n)| (r.name().to_string(), json!(n)))
+                    .collect();
+                println!("{}", serde_json::Value::Object(v));
+            } else {
+                let total: u64 = drops.iter().map(|(_, n)| n).sum();
+                println!("{:<24} {:>12}", "REASON", "PACKETS");
+                for (r, n) in drops.iter().filter(|(_, n)| *n > 0) {
+                    println!("{:<24} {:>12}", r.name(), n);
+                }
+                println!("{:<24} {:>12}", "total", total);
+            }
+        }
+        Cmd::Stats => {
+            let stats = maps.stats()?;
+            if cli.json {
+                let v: serde_json::Map<_, _> = stats
+                    .iter()
+                    .map(|(s, n)| (s.name().to_string(), json!(n)))
+                    .collect();
+                println!("{}", serde_json::Value::Object(v));
+            } else {
+                println!("{:<24} {:>12}", "PATH", "PACKETS");
+                for (s, n) in stats {
+                    println!("{:<24} {:>12}", s.name(), n);
+                }
+            }
+        }
+    }
+    Ok(())
+}
