@@ -4,16 +4,33 @@
 use std::{
     io::Write as _,
     net::Ipv4Addr,
+    os::unix::process::CommandExt as _,
     process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::Value;
 
+/// `ip`, killed when the plugin dies: a plugin killed mid-ADD must not leave an `ip` behind
+/// that creates links after the runtime's DEL has already cleaned up.
+fn ip_command() -> Command {
+    let mut cmd = Command::new("ip");
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// Runs `ip -batch -` with `commands`, one per line; fails with ip's message on the first
 /// failing command.
 pub fn ip_batch(commands: &[String]) -> Result<()> {
-    let mut child = Command::new("ip")
+    let mut child = ip_command()
         .args(["-batch", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -37,7 +54,7 @@ pub fn ip_batch(commands: &[String]) -> Result<()> {
 
 /// `ip -json <args>` parsed; an empty output is an empty array.
 pub fn ip_json(args: &[&str]) -> Result<Value> {
-    let out = Command::new("ip")
+    let out = ip_command()
         .arg("-json")
         .args(args)
         .output()
@@ -57,7 +74,7 @@ pub fn ip_json(args: &[&str]) -> Result<Value> {
 
 /// Deletes a link; Ok(false) when it did not exist.
 pub fn delete_link(name: &str) -> Result<bool> {
-    let out = Command::new("ip")
+    let out = ip_command()
         .args(["link", "del", "dev", name])
         .output()
         .context("running ip (iproute2)")?;
@@ -65,7 +82,10 @@ pub fn delete_link(name: &str) -> Result<bool> {
         return Ok(true);
     }
     let err = String::from_utf8_lossy(&out.stderr);
-    if err.contains("Cannot find device") || err.contains("does not exist") {
+    if err.contains("Cannot find device")
+        || err.contains("No such device")
+        || err.contains("does not exist")
+    {
         return Ok(false);
     }
     Err(anyhow!("ip link del {name} failed: {}", err.trim()))
