@@ -1,4 +1,9 @@
 //! weft's userspace: the datapath loader and map access, and the modules shared by the agent
 //! (`weft-agent`), the CNI plugin (`weft-cni`), the CLI (`weft`) and the tests.
+pub mod config;
 pub mod datapath;
+pub mod datastore;
+pub mod metrics;
+pub mod node_net;
+pub mod reconcile;
 pub mod subnet_env;
