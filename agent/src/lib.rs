@@ -1,8 +1,13 @@
 //! weft's userspace: the datapath loader and map access, and the modules shared by the agent
 //! (`weft-agent`), the CNI plugin (`weft-cni`), the CLI (`weft`) and the tests.
 pub mod cni;
+pub mod config;
 pub mod datapath;
+pub mod datastore;
 pub mod ipam;
+pub mod metrics;
 pub mod netlink;
+pub mod node_net;
 pub mod ns;
+pub mod reconcile;
 pub mod subnet_env;

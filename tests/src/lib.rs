@@ -1,6 +1,7 @@
 //! Test harness shared by weft's test suites: network namespaces and pin directories that clean
 //! up after themselves (also on panic), running code inside a namespace, and packet-injection
 //! helpers around `BPF_PROG_TEST_RUN`.
+pub mod agents;
 pub mod cluster;
 pub mod cni;
 pub mod etcd;

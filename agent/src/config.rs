@@ -1,0 +1,340 @@
+//! flannel's `net-conf.json`, read as flannel reads it: the same keys (`Network`, `SubnetLen`,
+//! `SubnetMin`, `SubnetMax`, `Backend` with `Type`, `VNI`, `Port`, `DirectRouting`, `MTU`),
+//! matched case-insensitively as Go's encoding/json does, unknown keys ignored (so a flannel
+//! user's file with `EnableIPv6: false` works unchanged). Bad values are refused with an error
+//! naming the key.
+use std::net::Ipv4Addr;
+
+use anyhow::{Result, anyhow, bail};
+use ipnet::Ipv4Net;
+use serde_json::{Map, Value};
+use weft_common::{RouteMode, VXLAN_OVERHEAD, VXLAN_PORT_DEFAULT, VXLAN_VNI_DEFAULT};
+
+/// How this node reaches its peers by default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendType {
+    Vxlan,
+    Ipip,
+    HostGw,
+}
+
+impl BackendType {
+    /// The name used in net-conf.json and in lease records (`BackendType`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Vxlan => "vxlan",
+            Self::Ipip => "ipip",
+            Self::HostGw => "host-gw",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "vxlan" => Some(Self::Vxlan),
+            "ipip" => Some(Self::Ipip),
+            "host-gw" => Some(Self::HostGw),
+            _ => None,
+        }
+    }
+
+    /// The route mode for a peer that is not reached directly.
+    pub fn route_mode(self) -> RouteMode {
+        match self {
+            Self::Vxlan => RouteMode::Vxlan,
+            Self::Ipip => RouteMode::Ipip,
+            Self::HostGw => RouteMode::Direct,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub kind: BackendType,
+    pub vni: u32,
+    pub port: u16,
+    /// flannel's DirectRouting (Calico's CrossSubnet): peers on this node's underlay subnet are
+    /// routed without encapsulation.
+    pub direct_routing: bool,
+    /// Explicit pod MTU; otherwise derived from the underlay MTU.
+    pub mtu: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConf {
+    pub network: Ipv4Net,
+    pub subnet_len: u8,
+    /// First subnet that may be leased (flannel: the second subnet of the network).
+    pub subnet_min: Ipv4Addr,
+    /// Last subnet that may be leased (flannel: the last subnet of the network).
+    pub subnet_max: Ipv4Addr,
+    pub backend: Backend,
+}
+
+impl NetConf {
+    pub fn parse(text: &str) -> Result<Self> {
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| anyhow!("net-conf is not valid JSON: {e}"))?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| anyhow!("net-conf must be a JSON object"))?;
+        let network: Ipv4Net = match get(obj, "Network") {
+            Some(v) => v.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| {
+                anyhow!("Network: {v} is not an IPv4 CIDR (e.g. \"10.244.0.0/16\")")
+            })?,
+            None => bail!("Network: missing (the cluster's pod network, e.g. \"10.244.0.0/16\")"),
+        };
+        let network = network.trunc();
+        let subnet_len = match get(obj, "SubnetLen") {
+            None => 24,
+            Some(v) => v
+                .as_u64()
+                .filter(|n| *n <= 32)
+                .ok_or_else(|| anyhow!("SubnetLen: {v} is not a prefix length (0-32)"))?
+                as u8,
+        };
+        if subnet_len <= network.prefix_len() {
+            bail!(
+                "SubnetLen: {subnet_len} must be longer than the Network prefix /{}",
+                network.prefix_len()
+            );
+        }
+        if subnet_len > 30 {
+            bail!("SubnetLen: {subnet_len} leaves no room for pods (at most 30)");
+        }
+        let size = 1u32 << (32 - subnet_len);
+        let first = u32::from(network.network());
+        let last_subnet = u32::from(network.broadcast()) - size + 1;
+        let subnet_min = subnet_bound(obj, "SubnetMin", network, subnet_len)?
+            .unwrap_or(Ipv4Addr::from(first + size));
+        let subnet_max = subnet_bound(obj, "SubnetMax", network, subnet_len)?
+            .unwrap_or(Ipv4Addr::from(last_subnet));
+        if u32::from(subnet_min) > u32::from(subnet_max) {
+            bail!("SubnetMin: {subnet_min} is after SubnetMax {subnet_max}");
+        }
+        let backend = match get(obj, "Backend") {
+            None => Backend {
+                kind: BackendType::Vxlan,
+                vni: VXLAN_VNI_DEFAULT,
+                port: VXLAN_PORT_DEFAULT,
+                direct_routing: false,
+                mtu: None,
+            },
+            Some(v) => parse_backend(v)?,
+        };
+        Ok(Self {
+            network,
+            subnet_len,
+            subnet_min,
+            subnet_max,
+            backend,
+        })
+    }
+
+    /// Every subnet that may be leased, in order.
+    pub fn subnets(&self) -> impl Iterator<Item = Ipv4Net> + '_ {
+        let size = 1u64 << (32 - self.subnet_len);
+        (u32::from(self.subnet_min) as u64..=u32::from(self.subnet_max) as u64)
+            .step_by(size as usize)
+            .map(|a| Ipv4Net::new(Ipv4Addr::from(a as u32), self.subnet_len).expect("valid prefix"))
+    }
+
+    /// Whether `subnet` is one this config may lease.
+    pub fn is_leasable(&self, subnet: Ipv4Net) -> bool {
+        subnet.prefix_len() == self.subnet_len
+            && subnet.network() == subnet.addr()
+            && u32::from(subnet.network()) >= u32::from(self.subnet_min)
+            && u32::from(subnet.network()) <= u32::from(self.subnet_max)
+    }
+
+    /// The pod MTU: `Backend.MTU` when given, else the underlay MTU minus the VXLAN overhead
+    /// whatever the backend. The largest overhead of every backend a cluster can switch to
+    /// (vxlan 50, ipip 20, host-gw 0) is taken so that a live backend switch never needs new
+    /// pod MTUs: pods are never rebuilt, at the price of 30 bytes per packet under ipip and 50
+    /// under host-gw.
+    pub fn pod_mtu(&self, underlay_mtu: u32) -> u32 {
+        self.backend
+            .mtu
+            .unwrap_or(underlay_mtu.saturating_sub(VXLAN_OVERHEAD))
+    }
+}
+
+/// A key of `obj`, matched case-insensitively (Go's encoding/json does; flannel users rely on it).
+fn get<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    obj.get(key).or_else(|| {
+        obj.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v)
+    })
+}
+
+fn subnet_bound(
+    obj: &Map<String, Value>,
+    key: &str,
+    network: Ipv4Net,
+    subnet_len: u8,
+) -> Result<Option<Ipv4Addr>> {
+    let Some(v) = get(obj, key) else {
+        return Ok(None);
+    };
+    // flannel accepts either an address or a CIDR here.
+    let s = v
+        .as_str()
+        .ok_or_else(|| anyhow!("{key}: {v} is not an IPv4 address"))?;
+    let addr: Ipv4Addr = s
+        .split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| anyhow!("{key}: {s:?} is not an IPv4 address"))?;
+    if !network.contains(&addr) {
+        bail!("{key}: {addr} is outside Network {network}");
+    }
+    let mask = u32::MAX << (32 - subnet_len);
+    if u32::from(addr) & !mask != 0 {
+        bail!("{key}: {addr} is not aligned to SubnetLen /{subnet_len}");
+    }
+    Ok(Some(addr))
+}
+
+fn parse_backend(v: &Value) -> Result<Backend> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| anyhow!("Backend: {v} is not a JSON object"))?;
+    let kind = match get(obj, "Type") {
+        None => BackendType::Vxlan,
+        Some(t) => {
+            let s = t
+                .as_str()
+                .ok_or_else(|| anyhow!("Backend.Type: {t} is not a string"))?;
+            BackendType::parse(s).ok_or_else(|| {
+                anyhow!("Backend.Type: {s:?} is not supported (vxlan, ipip or host-gw)")
+            })?
+        }
+    };
+    let vni = match get(obj, "VNI") {
+        None => VXLAN_VNI_DEFAULT,
+        Some(v) => v.as_u64().filter(|n| *n < (1 << 24)).ok_or_else(|| {
+            anyhow!("Backend.VNI: {v} is not a VXLAN network identifier (0-16777215)")
+        })? as u32,
+    };
+    let port = match get(obj, "Port") {
+        // flannel: 0 means the kernel's default port.
+        None => VXLAN_PORT_DEFAULT,
+        Some(v) => match v.as_u64() {
+            Some(0) => VXLAN_PORT_DEFAULT,
+            Some(n) if n <= u16::MAX as u64 => n as u16,
+            _ => bail!("Backend.Port: {v} is not a UDP port"),
+        },
+    };
+    let direct_routing = match get(obj, "DirectRouting") {
+        None => false,
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| anyhow!("Backend.DirectRouting: {v} is not true or false"))?,
+    };
+    let mtu = match get(obj, "MTU") {
+        None => None,
+        Some(v) => match v.as_u64() {
+            Some(0) => None,
+            Some(n) if (576..=65535).contains(&n) => Some(n as u32),
+            _ => bail!("Backend.MTU: {v} is not an MTU (576-65535)"),
+        },
+    };
+    Ok(Backend {
+        kind,
+        vni,
+        port,
+        direct_routing,
+        mtu,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        format!("{:#}", NetConf::parse(text).unwrap_err())
+    }
+
+    #[test]
+    fn flannel_defaults() {
+        let c = NetConf::parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#)
+            .unwrap();
+        assert_eq!(c.subnet_len, 24);
+        assert_eq!(c.subnet_min, Ipv4Addr::new(10, 244, 1, 0));
+        assert_eq!(c.subnet_max, Ipv4Addr::new(10, 244, 255, 0));
+        assert_eq!(c.backend.kind, BackendType::Vxlan);
+        assert_eq!(c.backend.vni, 1);
+        assert_eq!(c.backend.port, 8472);
+        assert!(!c.backend.direct_routing);
+        assert_eq!(c.subnets().count(), 255);
+        assert_eq!(c.pod_mtu(1500), 1450);
+    }
+
+    #[test]
+    fn every_key_and_go_case_insensitivity() {
+        let c = NetConf::parse(
+            r#"{"network": "10.10.0.0/16", "SubnetLen": 26, "SubnetMin": "10.10.4.0",
+                "SubnetMax": "10.10.8.0/26", "EnableIPv6": false,
+                "Backend": {"Type": "ipip", "VNI": 4096, "Port": 4789, "DirectRouting": true, "MTU": 1400}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.network, "10.10.0.0/16".parse().unwrap());
+        assert_eq!(c.subnet_len, 26);
+        assert_eq!(c.backend.kind, BackendType::Ipip);
+        assert_eq!(c.backend.vni, 4096);
+        assert_eq!(c.backend.port, 4789);
+        assert!(c.backend.direct_routing);
+        assert_eq!(c.pod_mtu(9000), 1400);
+        let subnets: Vec<_> = c.subnets().collect();
+        assert_eq!(subnets.first().unwrap().to_string(), "10.10.4.0/26");
+        assert_eq!(subnets.last().unwrap().to_string(), "10.10.8.0/26");
+        assert_eq!(subnets.len(), 17);
+        assert!(c.is_leasable("10.10.4.64/26".parse().unwrap()));
+        assert!(!c.is_leasable("10.10.9.0/26".parse().unwrap()));
+        assert!(!c.is_leasable("10.10.4.0/24".parse().unwrap()));
+        let hg =
+            NetConf::parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap();
+        assert_eq!(hg.backend.kind.route_mode(), RouteMode::Direct);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(err("{}").contains("Network"));
+        assert!(err("[1]").contains("object"));
+        assert!(err("not json").contains("JSON"));
+        assert!(err(r#"{"Network": "10.0.0.0/33"}"#).contains("Network"));
+        assert!(err(r#"{"Network": 5}"#).contains("Network"));
+        assert!(err(r#"{"Network": "10.0.0.0/16", "SubnetLen": 16}"#).contains("SubnetLen"));
+        assert!(err(r#"{"Network": "10.0.0.0/16", "SubnetLen": "x"}"#).contains("SubnetLen"));
+        assert!(
+            err(r#"{"Network": "10.0.0.0/16", "SubnetMin": "10.1.0.0"}"#).contains("SubnetMin")
+        );
+        assert!(
+            err(r#"{"Network": "10.0.0.0/16", "SubnetMax": "10.0.3.7"}"#).contains("SubnetMax")
+        );
+        assert!(
+            err(r#"{"Network": "10.0.0.0/16", "SubnetMin": "10.0.9.0", "SubnetMax": "10.0.3.0"}"#)
+                .contains("SubnetMin")
+        );
+        assert!(
+            err(r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "udp"}}"#)
+                .contains("Backend.Type")
+        );
+        assert!(
+            err(r#"{"Network": "10.0.0.0/16", "Backend": {"VNI": -1}}"#).contains("Backend.VNI")
+        );
+        assert!(
+            err(r#"{"Network": "10.0.0.0/16", "Backend": {"Port": 70000}}"#)
+                .contains("Backend.Port")
+        );
+        assert!(
+            err(r#"{"Network": "10.0.0.0/16", "Backend": {"DirectRouting": "yes"}}"#)
+                .contains("Backend.DirectRouting")
+        );
+        assert!(
+            err(r#"{"Network": "10.0.0.0/16", "Backend": {"MTU": 10}}"#).contains("Backend.MTU")
+        );
+        assert!(err(r#"{"Network": "10.0.0.0/16", "Backend": 3}"#).contains("Backend"));
+    }
+}

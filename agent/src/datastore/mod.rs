@@ -1,0 +1,178 @@
+//! Where the cluster's node records live. A datastore gives this node its pod subnet (a lease),
+//! publishes the node's record for its peers, and streams every peer's record.
+//!
+//! Adapters: `etcd` (flannel's subnet leases, wire-compatible with flanneld), `kube` (Node
+//! objects: `spec.podCIDR` and annotations, flannel's read too) and `static_file` (a fixed
+//! topology). Adapters run their own threads and send [`Event`]s to the reconciler.
+use std::{net::Ipv4Addr, sync::mpsc::Sender};
+
+use anyhow::Result;
+use ipnet::Ipv4Net;
+use serde_json::json;
+
+use crate::config::{BackendType, NetConf};
+
+pub mod etcd;
+pub mod kube;
+pub mod static_file;
+
+/// One node's record: flannel's lease (`PublicIP`, `BackendType`, `BackendData`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeLease {
+    pub subnet: Ipv4Net,
+    pub public_ip: Ipv4Addr,
+    /// The backend the node announces (informational: this node's own config decides how it
+    /// reaches the peer; both encapsulations are decapsulated everywhere).
+    pub backend: Option<BackendType>,
+    /// The node's VTEP MAC (flannel's `BackendData.VtepMAC`); absent for non-vxlan nodes.
+    pub vtep_mac: Option<[u8; 6]>,
+}
+
+impl NodeLease {
+    /// The lease value as flanneld writes it.
+    pub fn to_flannel_json(&self, vni: u32) -> serde_json::Value {
+        let backend = self.backend.unwrap_or(BackendType::Vxlan);
+        let mut v = json!({
+            "PublicIP": self.public_ip.to_string(),
+            "BackendType": backend.name(),
+        });
+        if let Some(mac) = self.vtep_mac {
+            v["BackendData"] = json!({"VNI": vni, "VtepMAC": format_mac(&mac)});
+        }
+        v
+    }
+
+    /// Parses a lease value written by weft or flanneld.
+    pub fn from_flannel_json(subnet: Ipv4Net, value: &[u8]) -> Result<Self> {
+        let v: serde_json::Value = serde_json::from_slice(value)
+            .map_err(|e| anyhow::anyhow!("lease {subnet}: not JSON: {e}"))?;
+        let public_ip = v["PublicIP"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("lease {subnet}: PublicIP missing or invalid"))?;
+        let backend = v["BackendType"].as_str().and_then(BackendType::parse);
+        let vtep_mac = v["BackendData"]["VtepMAC"].as_str().and_then(parse_mac);
+        Ok(Self {
+            subnet,
+            public_ip,
+            backend,
+            vtep_mac,
+        })
+    }
+}
+
+/// A change in the cluster's node records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The complete set of records (after a (re)list): anything not in it is gone.
+    Snapshot(Vec<NodeLease>),
+    /// A record created or changed.
+    Upsert(NodeLease),
+    /// The record of this subnet is gone.
+    Remove(Ipv4Net),
+    /// This node's own subnet changed (lease lost and re-acquired elsewhere).
+    LocalSubnet(Ipv4Net),
+    /// Whether the datastore is currently reachable (for metrics and logs).
+    Connected(bool),
+}
+
+/// What this node announces.
+#[derive(Clone, Debug)]
+pub struct LocalNode {
+    pub name: String,
+    pub public_ip: Ipv4Addr,
+    pub backend: BackendType,
+    pub vtep_mac: [u8; 6],
+    /// The subnet this node had before (from its subnet file): reused when still free.
+    pub previous_subnet: Option<Ipv4Net>,
+}
+
+pub trait Datastore: Send {
+    /// The cluster's net-conf.json held by the datastore, if any (flannel's `<prefix>/config`).
+    fn net_conf(&mut self) -> Result<Option<String>>;
+    /// Acquires this node's subnet (reusing its previous one when possible) and publishes its
+    /// record. Returns the subnet.
+    fn acquire(&mut self, local: &LocalNode, conf: &NetConf) -> Result<Ipv4Net>;
+    /// Starts the adapter's threads: keeping the lease alive and streaming peer records.
+    fn run(self: Box<Self>, events: Sender<Event>) -> Result<()>;
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in out.iter_mut() {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// flannel's key for a subnet: `10.244.1.0-24`.
+pub fn subnet_key(subnet: Ipv4Net) -> String {
+    format!("{}-{}", subnet.network(), subnet.prefix_len())
+}
+
+pub fn parse_subnet_key(key: &str) -> Option<Ipv4Net> {
+    let (addr, len) = key.rsplit('/').next()?.split_once('-')?;
+    Ipv4Net::new(addr.parse().ok()?, len.parse().ok()?).ok()
+}
+
+/// Retry delays: 100 ms doubling to a cap.
+pub struct Backoff {
+    next: std::time::Duration,
+    cap: std::time::Duration,
+}
+
+impl Backoff {
+    pub fn new(cap: std::time::Duration) -> Self {
+        Self {
+            next: std::time::Duration::from_millis(100),
+            cap,
+        }
+    }
+
+    pub fn next_delay(&mut self) -> std::time::Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.cap);
+        d
+    }
+
+    pub fn reset(&mut self) {
+        self.next = std::time::Duration::from_millis(100);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flannel_lease_round_trip() {
+        let lease = NodeLease {
+            subnet: "10.244.3.0/24".parse().unwrap(),
+            public_ip: Ipv4Addr::new(192, 168, 1, 5),
+            backend: Some(BackendType::Vxlan),
+            vtep_mac: Some([2, 0x57, 1, 2, 3, 4]),
+        };
+        let v = lease.to_flannel_json(1);
+        assert_eq!(
+            v,
+            json!({"PublicIP":"192.168.1.5","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:57:01:02:03:04"}})
+        );
+        let back = NodeLease::from_flannel_json(lease.subnet, v.to_string().as_bytes()).unwrap();
+        assert_eq!(back, lease);
+        assert_eq!(subnet_key(lease.subnet), "10.244.3.0-24");
+        assert_eq!(
+            parse_subnet_key("/coreos.com/network/subnets/10.244.3.0-24"),
+            Some(lease.subnet)
+        );
+        assert!(NodeLease::from_flannel_json(lease.subnet, b"{}").is_err());
+        assert_eq!(parse_mac("02:57:01:02:03"), None);
+    }
+}

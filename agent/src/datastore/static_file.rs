@@ -1,0 +1,184 @@
+//! A fixed topology from a JSON file, for a single node or a cluster without a datastore:
+//!
+//! ```json
+//! {"nodes": [
+//!   {"name": "node-a", "publicIP": "192.168.1.10", "subnet": "10.244.1.0/24"},
+//!   {"name": "node-b", "publicIP": "192.168.1.11", "subnet": "10.244.2.0/24",
+//!    "vtepMAC": "02:57:c0:a8:01:0b", "backendType": "vxlan"}
+//! ]}
+//! ```
+//! This node is the entry whose `name` is `--node-name` (or whose `publicIP` is the node's
+//! address). A missing `vtepMAC` is derived from `publicIP` as every weft node derives its own.
+//! The file is re-read when it changes.
+use std::{
+    path::{Path, PathBuf},
+    sync::mpsc::Sender,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use ipnet::Ipv4Net;
+use serde_json::Value;
+
+use super::{Datastore, Event, LocalNode, NodeLease, parse_mac};
+use crate::{
+    config::{BackendType, NetConf},
+    node_net::vtep_mac_for,
+};
+
+pub struct StaticFile {
+    path: PathBuf,
+}
+
+#[derive(Debug)]
+struct Entry {
+    name: String,
+    lease: NodeLease,
+}
+
+fn parse(text: &str) -> Result<Vec<Entry>> {
+    let v: Value = serde_json::from_str(text).map_err(|e| anyhow!("not valid JSON: {e}"))?;
+    let nodes = v["nodes"]
+        .as_array()
+        .ok_or_else(|| anyhow!("nodes: missing or not a list"))?;
+    let mut out = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let field = |k: &str| {
+            n[k].as_str()
+                .ok_or_else(|| anyhow!("nodes[{i}].{k}: missing or not a string"))
+        };
+        let name = field("name")?.to_string();
+        let public_ip = field("publicIP")?
+            .parse()
+            .map_err(|_| anyhow!("nodes[{i}].publicIP: not an IPv4 address"))?;
+        let subnet: Ipv4Net = field("subnet")?
+            .parse()
+            .map_err(|_| anyhow!("nodes[{i}].subnet: not an IPv4 CIDR"))?;
+        let vtep_mac = match n.get("vtepMAC") {
+            None => vtep_mac_for(public_ip),
+            Some(m) => m
+                .as_str()
+                .and_then(parse_mac)
+                .ok_or_else(|| anyhow!("nodes[{i}].vtepMAC: not a MAC address"))?,
+        };
+        let backend =
+            match n.get("backendType") {
+                None => None,
+                Some(b) => Some(b.as_str().and_then(BackendType::parse).ok_or_else(|| {
+                    anyhow!("nodes[{i}].backendType: not vxlan, ipip or host-gw")
+                })?),
+            };
+        out.push(Entry {
+            name,
+            lease: NodeLease {
+                subnet: subnet.trunc(),
+                public_ip,
+                backend,
+                vtep_mac: Some(vtep_mac),
+            },
+        });
+    }
+    Ok(out)
+}
+
+fn read(path: &Path) -> Result<Vec<Entry>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+impl StaticFile {
+    pub fn new(path: &Path) -> Result<Self> {
+        read(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Datastore for StaticFile {
+    fn net_conf(&mut self) -> Result<Option<String>> {
+        Ok(None)
+    }
+
+    fn acquire(&mut self, local: &LocalNode, conf: &NetConf) -> Result<Ipv4Net> {
+        let entries = read(&self.path)?;
+        let me = entries
+            .iter()
+            .find(|e| e.name == local.name)
+            .or_else(|| {
+                entries
+                    .iter()
+                    .find(|e| e.lease.public_ip == local.public_ip)
+            })
+            .ok_or_else(|| {
+                anyhow!(
+                    "{}: no entry for node {:?} ({})",
+                    self.path.display(),
+                    local.name,
+                    local.public_ip
+                )
+            })?;
+        if !conf.network.contains(&me.lease.subnet) {
+            bail!(
+                "{}: subnet {} of {} is outside Network {}",
+                self.path.display(),
+                me.lease.subnet,
+                me.name,
+                conf.network
+            );
+        }
+        Ok(me.lease.subnet)
+    }
+
+    fn run(self: Box<Self>, events: Sender<Event>) -> Result<()> {
+        std::thread::Builder::new()
+            .name("static-file".into())
+            .spawn(move || {
+                let mut seen: Option<SystemTime> = None;
+                loop {
+                    let mtime = std::fs::metadata(&self.path)
+                        .and_then(|m| m.modified())
+                        .ok();
+                    if mtime != seen {
+                        match read(&self.path) {
+                            Ok(entries) => {
+                                seen = mtime;
+                                let leases = entries.into_iter().map(|e| e.lease).collect();
+                                if events.send(Event::Snapshot(leases)).is_err() {
+                                    return;
+                                }
+                            }
+                            Err(err) => tracing::warn!("{err:#}"),
+                        }
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_names_bad_fields() {
+        let e =
+            parse(r#"{"nodes":[{"name":"a","publicIP":"192.168.1.10","subnet":"10.244.1.0/24"}]}"#)
+                .unwrap();
+        assert_eq!(e[0].lease.vtep_mac, Some([0x02, 0x57, 192, 168, 1, 10]));
+        assert_eq!(e[0].lease.subnet, "10.244.1.0/24".parse().unwrap());
+        let err = |t: &str| format!("{:#}", parse(t).unwrap_err());
+        assert!(
+            err(r#"{"nodes":[{"name":"a","publicIP":"x","subnet":"10.244.1.0/24"}]}"#)
+                .contains("nodes[0].publicIP")
+        );
+        assert!(
+            err(r#"{"nodes":[{"name":"a","publicIP":"1.2.3.4"}]}"#).contains("nodes[0].subnet")
+        );
+        assert!(err(r#"{"nodes":[{"name":"a","publicIP":"1.2.3.4","subnet":"10.0.0.0/24","vtepMAC":"zz"}]}"#).contains("vtepMAC"));
+        assert!(err(r#"{}"#).contains("nodes"));
+    }
+}

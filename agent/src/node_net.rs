@@ -1,0 +1,284 @@
+//! The node's own networking around the datapath: the underlay interface and address, the
+//! sysctls the datapath needs, the `weft_host`/`weft_net` pair through which the node's own
+//! traffic to remote pods enters the datapath, and the masquerade rule for pod traffic leaving
+//! the cluster.
+//!
+//! Node -> remote pod: one kernel route `<Network> dev weft_host src <node ip>` covers every
+//! remote subnet whatever its mode (vxlan, ipip or direct): `from_host` on `weft_net` looks the
+//! destination up in the route map and encapsulates or routes it like pod traffic. Local pods
+//! have /32 routes (written by the CNI plugin), which win. So the agent keeps no per-peer kernel
+//! routes or neighbours: nothing to go stale when a peer changes.
+//!
+//! Links, addresses and routes are read and changed with iproute2 (`ip -j`, JSON) in the
+//! agent's network namespace; sysctls are written under /proc/sys/net (per netns). Not sysfs:
+//! `/sys/class/net` shows the namespace sysfs was mounted in, not necessarily the agent's.
+use std::{net::Ipv4Addr, process::Command};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use ipnet::Ipv4Net;
+use serde_json::Value;
+use weft_common::{HOST_DEV, HOST_PEER_DEV};
+
+/// This node's VTEP MAC: stable, derived from its address, locally administered and unicast
+/// (`02:57` = 'W', then the IPv4 address). A restarted agent, a peer reading the lease and the
+/// static-file datastore all compute the same value.
+pub fn vtep_mac_for(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x02, 0x57, o[0], o[1], o[2], o[3]]
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn run_stdin(cmd: &str, args: &[&str], input: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cmd}"))?;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn ip_json(args: &[&str]) -> Result<Value> {
+    let mut all = vec!["-j"];
+    all.extend_from_slice(args);
+    let text = run("ip", &all)?;
+    if text.trim().is_empty() {
+        return Ok(Value::Array(vec![]));
+    }
+    serde_json::from_str(&text).with_context(|| format!("parsing `ip -j {}`", args.join(" ")))
+}
+
+/// The interface tunnels and direct routes go through.
+#[derive(Clone, Debug)]
+pub struct Underlay {
+    pub name: String,
+    pub ifindex: u32,
+    pub mtu: u32,
+    /// The node's address (announced to peers; tunnels are addressed to it).
+    pub node_ip: Ipv4Addr,
+    /// The on-link subnet of the interface's address: peers inside it are reachable directly
+    /// (DirectRouting, host-gw).
+    pub subnet: Ipv4Net,
+}
+
+/// Finds the underlay: `iface` or the default route's interface; the address: `public_ip` or
+/// the interface's first IPv4 address.
+pub fn detect_underlay(iface: Option<&str>, public_ip: Option<Ipv4Addr>) -> Result<Underlay> {
+    let name = match iface {
+        Some(i) => i.to_string(),
+        None => {
+            let routes = ip_json(&["-4", "route", "show", "default"])?;
+            routes
+                .as_array()
+                .and_then(|r| r.iter().find_map(|r| r["dev"].as_str()))
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    anyhow!("no default route to take the underlay interface from: pass --iface")
+                })?
+        }
+    };
+    let links = ip_json(&["-4", "addr", "show", "dev", &name])
+        .with_context(|| format!("--iface: interface {name:?}"))?;
+    let link = links
+        .as_array()
+        .and_then(|l| l.first())
+        .ok_or_else(|| anyhow!("--iface: interface {name:?} not found"))?;
+    let ifindex = link["ifindex"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("{name}: no ifindex"))? as u32;
+    let mtu = link["mtu"].as_u64().unwrap_or(1500) as u32;
+    let addrs: Vec<Ipv4Net> = link["addr_info"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| {
+            let local: Ipv4Addr = a["local"].as_str()?.parse().ok()?;
+            Ipv4Net::new(local, a["prefixlen"].as_u64()? as u8).ok()
+        })
+        .collect();
+    let (node_ip, subnet) = match public_ip {
+        Some(ip) => {
+            let subnet = addrs
+                .iter()
+                .find(|a| a.contains(&ip))
+                .or(addrs.first())
+                .map(|a| a.trunc())
+                .unwrap_or_else(|| Ipv4Net::new(ip, 32).expect("/32"));
+            (ip, subnet)
+        }
+        None => {
+            let a = addrs
+                .first()
+                .ok_or_else(|| anyhow!("{name} has no IPv4 address: pass --public-ip"))?;
+            (a.addr(), a.trunc())
+        }
+    };
+    Ok(Underlay {
+        name,
+        ifindex,
+        mtu,
+        node_ip,
+        subnet,
+    })
+}
+
+fn write_sysctl(path: &str, value: &str) -> Result<()> {
+    let full = format!("/proc/sys/{}", path.replace('.', "/"));
+    std::fs::write(&full, value).with_context(|| format!("setting {path}={value}"))
+}
+
+/// What the datapath needs from the kernel: forwarding (the FIB helper refuses to route
+/// otherwise) and no reverse-path filtering (pod traffic to this node arrives on the underlay
+/// while replies leave through `weft_host`).
+pub fn set_sysctls(underlay: &Underlay) -> Result<()> {
+    write_sysctl("net.ipv4.ip_forward", "1")?;
+    for dev in ["all", "default", underlay.name.as_str()] {
+        write_sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
+    }
+    Ok(())
+}
+
+fn link_exists(name: &str) -> bool {
+    nix::net::if_::if_nametoindex(name).is_ok()
+}
+
+/// Creates (or adopts) the `weft_host`/`weft_net` pair with the pod MTU (node traffic is
+/// encapsulated like pod traffic) and routes the cluster network through it.
+pub fn ensure_host_link(network: Ipv4Net, node_ip: Ipv4Addr, pod_mtu: u32) -> Result<()> {
+    if !link_exists(HOST_DEV) {
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                HOST_DEV,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                HOST_PEER_DEV,
+            ],
+        )?;
+    }
+    let mtu = pod_mtu.to_string();
+    run(
+        "ip",
+        &["link", "set", HOST_DEV, "mtu", &mtu, "arp", "off", "up"],
+    )?;
+    run("ip", &["link", "set", HOST_PEER_DEV, "mtu", &mtu, "up"])?;
+    // No reverse-path filtering on the pair either (replies to the node come from the underlay).
+    write_sysctl(&format!("net.ipv4.conf.{HOST_DEV}.rp_filter"), "0")?;
+    write_sysctl(&format!("net.ipv4.conf.{HOST_PEER_DEV}.rp_filter"), "0")?;
+    run(
+        "ip",
+        &[
+            "route",
+            "replace",
+            &network.to_string(),
+            "dev",
+            HOST_DEV,
+            "src",
+            &node_ip.to_string(),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Which firewall tool installed the masquerade rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Firewall {
+    Nftables,
+    Iptables,
+}
+
+/// Masquerades pod traffic leaving the cluster network (to the node's address), as flannel's
+/// `--ip-masq` does; traffic between pods and to multicast is untouched. nftables when `nft`
+/// exists, iptables otherwise. Idempotent (the nft table is replaced atomically; the iptables
+/// rule is checked first).
+pub fn ensure_masquerade(network: Ipv4Net) -> Result<Firewall> {
+    if Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        let rules = format!(
+            "table ip weft_nat {{}}\n\
+             delete table ip weft_nat\n\
+             table ip weft_nat {{\n\
+               chain postrouting {{\n\
+                 type nat hook postrouting priority srcnat; policy accept;\n\
+                 ip saddr {network} ip daddr != {network} ip daddr != 224.0.0.0/4 masquerade\n\
+               }}\n\
+             }}\n"
+        );
+        run_stdin("nft", &["-f", "-"], &rules)
+            .context("installing the nftables masquerade rule")?;
+        return Ok(Firewall::Nftables);
+    }
+    let net = network.to_string();
+    let rule = [
+        "POSTROUTING",
+        "-s",
+        &net,
+        "!",
+        "-d",
+        &net,
+        "-m",
+        "comment",
+        "--comment",
+        "weft masquerade",
+        "-j",
+        "MASQUERADE",
+    ];
+    let with = |op: &'static str| -> Vec<&str> {
+        let mut v = vec!["-t", "nat", op];
+        v.extend_from_slice(&rule);
+        v
+    };
+    if run("iptables", &with("-C")).is_err() {
+        run("iptables", &with("-A")).context("installing the iptables masquerade rule")?;
+    }
+    Ok(Firewall::Iptables)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vtep_mac_is_local_unicast_and_stable() {
+        let mac = vtep_mac_for(Ipv4Addr::new(192, 168, 100, 10));
+        assert_eq!(mac, [0x02, 0x57, 192, 168, 100, 10]);
+        assert_eq!(mac[0] & 0x01, 0, "unicast");
+        assert_eq!(mac[0] & 0x02, 0x02, "locally administered");
+    }
+}

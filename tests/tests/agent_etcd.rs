@@ -1,0 +1,429 @@
+//! The real `weft-agent` on node namespaces sharing one etcd: distinct subnets, routes to every
+//! peer, nodes joining and leaving, lease races, restarts that adopt the datapath, and an etcd
+//! outage that leaves forwarding untouched.
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::Ipv4Addr,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use ipnet::Ipv4Net;
+use serde_json::json;
+use weft_agent::{
+    config::{BackendType, NetConf},
+    datapath::{Maps, link_pin_path},
+    datastore::{Datastore, LocalNode, NodeLease, etcd::EtcdDatastore},
+    node_net::vtep_mac_for,
+};
+use weft_common::{CONFIG_F_READY, RouteMode, prog_names};
+use weft_tests::{agents::AgentCluster, process::wait_until};
+
+const PREFIX: &str = "/coreos.com/network";
+
+fn vxlan_conf() -> serde_json::Value {
+    json!({"Network": "10.244.0.0/16", "SubnetLen": 24, "Backend": {"Type": "vxlan"}})
+}
+
+/// Asserts that every node routes exactly the other nodes' subnets to their addresses.
+fn assert_full_mesh(c: &AgentCluster, mode: RouteMode) {
+    let subnets: Vec<Ipv4Net> = c.nodes.iter().map(|n| n.subnet_env().subnet).collect();
+    let distinct: HashSet<_> = subnets.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        subnets.len(),
+        "subnets not distinct: {subnets:?}"
+    );
+    for (i, node) in c.nodes.iter().enumerate() {
+        let routes: BTreeMap<_, _> = node.maps().routes().unwrap().into_iter().collect();
+        let nodes: BTreeMap<_, _> = node.maps().nodes().unwrap().into_iter().collect();
+        assert_eq!(routes.len(), c.nodes.len() - 1, "{}: {routes:?}", node.name);
+        for (j, peer) in c.nodes.iter().enumerate() {
+            if i == j {
+                assert!(
+                    !routes.contains_key(&subnets[j]),
+                    "{} routes its own subnet",
+                    node.name
+                );
+                continue;
+            }
+            let r = routes.get(&subnets[j]).unwrap_or_else(|| {
+                panic!(
+                    "{} has no route to {} ({})",
+                    node.name, peer.name, subnets[j]
+                )
+            });
+            assert_eq!(
+                Ipv4Addr::from(r.node_ip),
+                peer.ip,
+                "{} -> {}",
+                node.name,
+                peer.name
+            );
+            assert_eq!(r.vtep_mac, vtep_mac_for(peer.ip));
+            assert_eq!(r.mode, mode as u8);
+            let n = nodes
+                .get(&peer.ip)
+                .unwrap_or_else(|| panic!("{} has no node entry for {}", node.name, peer.ip));
+            assert_eq!(n.vtep_mac, vtep_mac_for(peer.ip));
+        }
+        let cfg = node.maps().config().unwrap();
+        assert_eq!(Ipv4Addr::from(cfg.node_ip), node.ip);
+        assert_eq!(cfg.flags & CONFIG_F_READY, CONFIG_F_READY);
+        assert_eq!(cfg.vtep_mac, vtep_mac_for(node.ip));
+        assert_eq!(cfg.vni, 1);
+        assert_eq!(cfg.vxlan_port, 8472);
+    }
+}
+
+#[test]
+fn agents_share_etcd_join_and_leave() {
+    let mut c = AgentCluster::new(3, vxlan_conf(), 3);
+    c.wait_converged(Duration::from_secs(40));
+    assert_full_mesh(&c, RouteMode::Vxlan);
+
+    // Subnet files for the CNI plugin; leases in flannel's format.
+    for node in &c.nodes {
+        let env = node.subnet_env();
+        assert_eq!(env.network, "10.244.0.0/16".parse().unwrap());
+        assert_eq!(env.mtu, 1450, "underlay 1500 minus the VXLAN overhead");
+        assert_eq!(env.pin_root, node.pins.path);
+        assert!(env.ipmasq);
+    }
+    let endpoint = c.etcd.endpoint();
+    let leases = c.in_underlay(move || {
+        let client = weft_agent::datastore::etcd::EtcdClient::new(&[endpoint]).unwrap();
+        client
+            .range_prefix(&format!("{PREFIX}/subnets/"))
+            .unwrap()
+            .1
+    });
+    assert_eq!(leases.len(), 3);
+    for kv in &leases {
+        let v: serde_json::Value = serde_json::from_slice(&kv.value).unwrap();
+        let ip: Ipv4Addr = v["PublicIP"].as_str().unwrap().parse().unwrap();
+        assert_eq!(v["BackendType"], "vxlan");
+        assert_eq!(v["BackendData"]["VNI"], 1);
+        assert_eq!(
+            v["BackendData"]["VtepMAC"],
+            weft_agent::datastore::format_mac(&vtep_mac_for(ip))
+        );
+        assert_ne!(kv.lease, 0, "{} has no TTL lease", kv.key);
+    }
+
+    // Health, readiness and metrics.
+    for node in &c.nodes {
+        wait_until(
+            &format!("{} /readyz", node.name),
+            Duration::from_secs(10),
+            || node.http_get("/readyz").is_some_and(|(s, _)| s == 200),
+        );
+        assert_eq!(node.http_get("/healthz").map(|r| r.0), Some(200));
+        assert_eq!(node.metric("weft_routes"), Some(2.0));
+        assert_eq!(node.metric("weft_peers"), Some(2.0));
+        assert_eq!(node.metric("weft_datastore_connected"), Some(1.0));
+        assert_eq!(node.metric("weft_drops_total"), Some(0.0));
+        assert_eq!(node.http_get("/nope").map(|r| r.0), Some(404));
+    }
+    // Masquerade rule and sysctls inside the node.
+    let nft = c.nodes[0]
+        .ns
+        .exec("nft", &["list", "table", "ip", "weft_nat"]);
+    assert!(
+        nft.contains("masquerade") && nft.contains("10.244.0.0/16"),
+        "{nft}"
+    );
+    assert_eq!(
+        c.nodes[0]
+            .ns
+            .exec("sysctl", &["-n", "net.ipv4.ip_forward"])
+            .trim(),
+        "1"
+    );
+    let route = c.nodes[0].ns.ip("route show 10.244.0.0/16");
+    assert!(route.contains("dev weft_host"), "{route}");
+
+    // A fourth node joins: everyone routes to it.
+    c.add_node();
+    c.wait_converged(Duration::from_secs(40));
+    assert_full_mesh(&c, RouteMode::Vxlan);
+
+    // Node 1 crashes for good: its lease expires (TTL 3 s) and every other node forgets it.
+    let gone = c.nodes.remove(1);
+    let gone_subnet = gone.subnet_env().subnet;
+    let gone_ip = gone.ip;
+    drop(gone);
+    for node in &c.nodes {
+        wait_until(
+            &format!("{} to forget {gone_subnet}", node.name),
+            Duration::from_secs(20),
+            || node.route_count() == 2,
+        );
+        let maps = node.maps();
+        assert!(
+            !maps
+                .routes()
+                .unwrap()
+                .iter()
+                .any(|(n, _)| *n == gone_subnet)
+        );
+        assert!(
+            !maps.nodes().unwrap().iter().any(|(a, _)| *a == gone_ip),
+            "stale node entry"
+        );
+    }
+    assert_full_mesh(&c, RouteMode::Vxlan);
+}
+
+/// Snapshot of a node's forwarding state: routes, nodes, config.
+fn forwarding_state(maps: &Maps) -> String {
+    format!(
+        "{:?} {:?} {:?}",
+        maps.routes().unwrap(),
+        maps.nodes().unwrap(),
+        maps.config().unwrap()
+    )
+}
+
+fn link_id(pin: &Path) -> u64 {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "link", "show", "pinned"])
+        .arg(pin)
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool link show pinned {}: {}",
+        pin.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["id"].as_u64().expect("link id")
+}
+
+#[test]
+fn sigkilled_agent_restarts_without_touching_the_datapath() {
+    let mut c = AgentCluster::new(3, vxlan_conf(), 10);
+    c.wait_converged(Duration::from_secs(40));
+    let node = &c.nodes[0];
+    wait_until("readyz", Duration::from_secs(10), || {
+        node.http_get("/readyz").is_some_and(|r| r.0 == 200)
+    });
+    let before = forwarding_state(&node.maps());
+    let subnet_before = node.subnet_env().subnet;
+    let links: Vec<_> = [
+        (prog_names::FROM_UNDERLAY, "eth0"),
+        (prog_names::XDP_UNDERLAY, "eth0"),
+        (prog_names::FROM_HOST, "weft_net"),
+    ]
+    .iter()
+    .map(|(p, i)| link_pin_path(&node.pins.path, p, i))
+    .collect();
+    let ids: Vec<u64> = links.iter().map(|l| link_id(l)).collect();
+
+    // Watch the maps while the agent dies and comes back: they must never change.
+    let stop = Arc::new(AtomicBool::new(false));
+    let pins = node.pins.path.clone();
+    let expected = before.clone();
+    let watcher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut samples = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let maps = Maps::open_pinned(&pins).expect("pins survive the agent");
+                assert_eq!(
+                    forwarding_state(&maps),
+                    expected,
+                    "forwarding state changed during the restart"
+                );
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            samples
+        })
+    };
+    c.restart_agent(0);
+    let node = &c.nodes[0];
+    wait_until(
+        &format!("restarted agent ready\n{}", node.log()),
+        Duration::from_secs(30),
+        || node.http_get("/readyz").is_some_and(|r| r.0 == 200),
+    );
+    // A few resync-free moments after readiness, then stop watching.
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let samples = watcher.join().expect("maps changed during the restart");
+    assert!(samples > 20, "too few samples: {samples}");
+
+    assert_eq!(forwarding_state(&node.maps()), before);
+    assert_eq!(
+        node.subnet_env().subnet,
+        subnet_before,
+        "the node kept its subnet"
+    );
+    // Same links (the new programs were swapped into them), nothing written on adoption.
+    let ids_after: Vec<u64> = links.iter().map(|l| link_id(l)).collect();
+    assert_eq!(ids, ids_after, "links were recreated instead of adopted");
+    assert_eq!(
+        node.metric("weft_reconcile_writes_total"),
+        Some(0.0),
+        "{}",
+        node.log()
+    );
+    // And the cluster still converges around it.
+    c.add_node();
+    c.wait_converged(Duration::from_secs(40));
+    assert_full_mesh(&c, RouteMode::Vxlan);
+}
+
+#[test]
+fn etcd_outage_leaves_forwarding_alone_and_reconverges() {
+    let mut c = AgentCluster::new(3, vxlan_conf(), 4);
+    c.wait_converged(Duration::from_secs(40));
+    let before: Vec<_> = c
+        .nodes
+        .iter()
+        .map(|n| forwarding_state(&n.maps()))
+        .collect();
+    c.etcd.stop();
+    let start = Instant::now();
+    let mut saw_disconnect = false;
+    // Longer than the lease TTL: etcd extends leases when it comes back.
+    while start.elapsed() < Duration::from_secs(10) {
+        for (node, b) in c.nodes.iter().zip(&before) {
+            assert_eq!(
+                &forwarding_state(&node.maps()),
+                b,
+                "{} changed during the outage",
+                node.name
+            );
+            assert_eq!(node.http_get("/healthz").map(|r| r.0), Some(200));
+        }
+        saw_disconnect |= c.nodes[0].metric("weft_datastore_connected") == Some(0.0);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(saw_disconnect, "the agent never noticed the outage");
+    c.etcd.resume();
+    // Reconnected: a new node is seen by everyone within seconds, nobody lost anyone.
+    let t = Instant::now();
+    c.add_node();
+    c.wait_converged(Duration::from_secs(30));
+    assert_full_mesh(&c, RouteMode::Vxlan);
+    eprintln!("reconverged {:?} after etcd came back", t.elapsed());
+    for node in &c.nodes {
+        wait_until("reconnected", Duration::from_secs(10), || {
+            node.metric("weft_datastore_connected") == Some(1.0)
+        });
+    }
+}
+
+#[test]
+fn racing_nodes_never_share_a_subnet() {
+    let c = AgentCluster::new(0, json!({}), 10);
+    // Ten subnets for twelve racing nodes.
+    let conf = NetConf::parse(
+        r#"{"Network": "10.50.0.0/16", "SubnetMin": "10.50.1.0", "SubnetMax": "10.50.10.0"}"#,
+    )
+    .unwrap();
+    let endpoint = c.etcd.endpoint();
+    let results = c.in_underlay(move || {
+        let barrier = Arc::new(std::sync::Barrier::new(12));
+        let handles: Vec<_> = (0..12u8)
+            .map(|i| {
+                let (conf, endpoint, barrier) = (conf.clone(), endpoint.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let mut ds = EtcdDatastore::new(&[endpoint], PREFIX, 30).unwrap();
+                    let ip = Ipv4Addr::new(10, 0, 0, 10 + i);
+                    let local = LocalNode {
+                        name: format!("racer-{i}"),
+                        public_ip: ip,
+                        backend: BackendType::Vxlan,
+                        vtep_mac: vtep_mac_for(ip),
+                        previous_subnet: None,
+                    };
+                    barrier.wait();
+                    ds.acquire(&local, &conf).map_err(|e| format!("{e:#}"))
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+
+        // A node restarting reuses its record; a node with a remembered free subnet gets it.
+        let mut again = EtcdDatastore::new(&[endpoint.clone()], PREFIX, 30).unwrap();
+        let first_ok = results.iter().position(|r| r.is_ok()).unwrap();
+        let ip = Ipv4Addr::new(10, 0, 0, 10 + first_ok as u8);
+        let local = LocalNode {
+            name: "again".into(),
+            public_ip: ip,
+            backend: BackendType::Vxlan,
+            vtep_mac: vtep_mac_for(ip),
+            previous_subnet: None,
+        };
+        let reused = again.acquire(&local, &conf).unwrap();
+        let client = again.client().clone();
+        let (_, kvs) = client.range_prefix(&format!("{PREFIX}/subnets/")).unwrap();
+        (results, first_ok, reused, kvs.len(), client)
+    });
+    let (results, first_ok, reused, lease_count, _client) = results;
+    let won: Vec<Ipv4Net> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().copied())
+        .collect();
+    let lost: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(won.len(), 10, "{results:?}");
+    assert_eq!(
+        won.iter().collect::<HashSet<_>>().len(),
+        10,
+        "two nodes share a subnet: {won:?}"
+    );
+    assert!(won.iter().all(|s| conf_contains(s)), "{won:?}");
+    assert_eq!(lost.len(), 2);
+    assert!(
+        lost.iter().all(|e| e.contains("no free subnet")),
+        "{lost:?}"
+    );
+    assert_eq!(
+        Ok(reused),
+        results[first_ok].clone(),
+        "a restarted node reuses its subnet"
+    );
+    assert_eq!(lease_count, 10);
+}
+
+fn conf_contains(s: &Ipv4Net) -> bool {
+    let a = u32::from(s.network());
+    s.prefix_len() == 24
+        && a >= u32::from(Ipv4Addr::new(10, 50, 1, 0))
+        && a <= u32::from(Ipv4Addr::new(10, 50, 10, 0))
+}
+
+#[test]
+fn previous_subnet_is_reused_and_flannel_leases_are_read() {
+    let c = AgentCluster::new(0, json!({}), 10);
+    let conf = NetConf::parse(r#"{"Network": "10.60.0.0/16"}"#).unwrap();
+    let endpoint = c.etcd.endpoint();
+    let (prev, lease) = c.in_underlay(move || {
+        let mut ds = EtcdDatastore::new(&[endpoint.clone()], PREFIX, 30).unwrap();
+        let ip = Ipv4Addr::new(10, 0, 0, 99);
+        let local = LocalNode {
+            name: "n".into(),
+            public_ip: ip,
+            backend: BackendType::Ipip,
+            vtep_mac: vtep_mac_for(ip),
+            previous_subnet: Some("10.60.77.0/24".parse().unwrap()),
+        };
+        let got = ds.acquire(&local, &conf).unwrap();
+        // A lease as flanneld writes it is readable.
+        let flannel = r#"{"PublicIP":"10.0.0.5","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:00:11:22"}}"#;
+        ds.client().put(&format!("{PREFIX}/subnets/10.60.5.0-24"), flannel.as_bytes(), 0).unwrap();
+        let kv = ds.client().get(&format!("{PREFIX}/subnets/10.60.5.0-24")).unwrap().unwrap();
+        (got, NodeLease::from_flannel_json("10.60.5.0/24".parse().unwrap(), &kv.value).unwrap())
+    });
+    assert_eq!(prev, "10.60.77.0/24".parse().unwrap());
+    assert_eq!(lease.public_ip, Ipv4Addr::new(10, 0, 0, 5));
+    assert_eq!(lease.vtep_mac, Some([0xaa, 0xbb, 0xcc, 0, 0x11, 0x22]));
+}
