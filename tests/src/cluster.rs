@@ -523,6 +523,31 @@ impl Cluster {
         probes
     }
 
+    /// Every node's routes, peers and non-zero drop counters, for failure messages.
+    pub fn datapath_state(&self) -> String {
+        let mut out = String::new();
+        for node in &self.nodes {
+            let maps = node.maps();
+            out += &format!("--- {} ({}) ---\n", node.name, node.ip);
+            for (net, r) in maps.routes().unwrap_or_default() {
+                out += &format!(
+                    "  route {net} -> {} mode {}\n",
+                    Ipv4Addr::from(r.node_ip),
+                    r.mode
+                );
+            }
+            for (ip, _) in maps.nodes().unwrap_or_default() {
+                out += &format!("  peer {ip}\n");
+            }
+            for (reason, n) in maps.drops().unwrap_or_default() {
+                if n > 0 {
+                    out += &format!("  drop {} {n}\n", reason.name());
+                }
+            }
+        }
+        out
+    }
+
     /// The agents' logs, for failure messages.
     pub fn agent_logs(&self) -> String {
         self.nodes

@@ -24,7 +24,14 @@ pub struct Etcd {
 impl Etcd {
     /// Starts etcd in `ns`, serving clients on `ip:port` (an address of `ns`).
     pub fn start(ns: &Netns, ip: Ipv4Addr, port: u16) -> Self {
-        let data_dir = std::env::temp_dir().join(unique_name("weft-etcd-"));
+        // On tmpfs when there is one: etcd fsyncs every write, and a test run that loads the
+        // disk must not stall etcd long enough for leases to expire.
+        let base = if std::path::Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let data_dir = base.join(unique_name("weft-etcd-"));
         std::fs::create_dir_all(&data_dir).unwrap();
         let mut etcd = Self {
             ip,

@@ -122,6 +122,9 @@ pub struct SequencedFlow {
 pub struct FlowLoss {
     pub sent: u64,
     pub lost: u64,
+    /// Missing sequence numbers as inclusive ranges: one long run points at a datapath gap,
+    /// scattered singles at a receiver that could not keep up.
+    pub missing: Vec<(u64, u64)>,
 }
 
 impl SequencedFlow {
@@ -132,6 +135,14 @@ impl SequencedFlow {
             let sock = std::net::UdpSocket::bind(SocketAddr::from((server_ip, port)))
                 .unwrap_or_else(|e| panic!("binding {server_ip}:{port}: {e}"));
             sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            // A large receive buffer: a receiver thread starved by a busy machine must not
+            // turn into counted loss.
+            nix::sys::socket::setsockopt(
+                &sock,
+                nix::sys::socket::sockopt::RcvBufForce,
+                &(16 << 20),
+            )
+            .expect("SO_RCVBUFFORCE");
             ready_tx.send(()).unwrap();
             let mut seen = std::collections::BTreeSet::new();
             let mut buf = [0u8; 64];
@@ -180,9 +191,17 @@ impl SequencedFlow {
             .receiver
             .join()
             .unwrap_or_else(|e| std::panic::resume_unwind(e));
+        let mut missing: Vec<(u64, u64)> = Vec::new();
+        for seq in (0..sent).filter(|s| !seen.contains(s)) {
+            match missing.last_mut() {
+                Some((_, end)) if *end + 1 == seq => *end = seq,
+                _ => missing.push((seq, seq)),
+            }
+        }
         FlowLoss {
             sent,
             lost: sent - seen.range(..sent).count() as u64,
+            missing,
         }
     }
 }

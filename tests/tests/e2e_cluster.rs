@@ -17,7 +17,8 @@ fn assert_full_matrix(cluster: &Cluster) -> usize {
         .collect();
     assert!(
         failed.is_empty(),
-        "unreachable: {failed:?}\n{}",
+        "unreachable: {failed:?}\n{}\n{}",
+        cluster.datapath_state(),
         cluster.agent_logs()
     );
     probes.len()
@@ -118,7 +119,11 @@ fn churn_nodes_and_pods_converge() {
     cluster.delete_pod(0, 1);
     assert_eq!(cluster.nodes[0].maps().endpoints().unwrap().len(), before);
     assert_full_matrix(&cluster);
-    let FlowLoss { sent, lost } = flow.stop();
+    let FlowLoss {
+        sent,
+        lost,
+        missing,
+    } = flow.stop();
     eprintln!("churn: flow of {sent} packets between untouched pods lost {lost}");
     assert_eq!(
         lost, 0,
@@ -152,7 +157,13 @@ fn agent_sigkill_and_restart_loses_no_packets() {
         f.sent, b.sent, f.lost, b.lost
     );
     assert!(f.sent > 1000 && b.sent > 1000);
-    assert_eq!(f.lost + b.lost, 0, "packets lost across agent restarts");
+    assert_eq!(
+        f.lost + b.lost,
+        0,
+        "packets lost across agent restarts: {:?} {:?}",
+        f.missing,
+        b.missing
+    );
 }
 
 #[test]

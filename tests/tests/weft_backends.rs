@@ -189,13 +189,20 @@ fn live_backend_switch_loses_nothing() {
         set_mode(&c, mode);
     }
     std::thread::sleep(Duration::from_millis(150));
-    let FlowLoss { sent, lost } = flow.stop();
+    let FlowLoss {
+        sent,
+        lost,
+        missing,
+    } = flow.stop();
     eprintln!(
         "live backend switch: {} switches, {sent} packets sent, {lost} lost",
         modes.len()
     );
     assert!(sent > 1000, "the flow ran ({sent} packets)");
-    assert_eq!(lost, 0, "packets lost during live backend switches");
+    assert_eq!(
+        lost, 0,
+        "packets lost during live backend switches: {missing:?}"
+    );
     for s in [Stat::VxlanEncap, Stat::IpipEncap, Stat::DirectForward] {
         assert!(stat(&c.a, s) > 0, "{s:?} used");
     }
@@ -234,10 +241,14 @@ fn datapath_reload_during_a_flow_loses_nothing() {
         assert_eq!(restart_datapath(&c.b), 1, "the pod link of node B switched");
     }
     std::thread::sleep(Duration::from_millis(150));
-    let FlowLoss { sent, lost } = flow.stop();
+    let FlowLoss {
+        sent,
+        lost,
+        missing,
+    } = flow.stop();
     eprintln!("datapath reloads during a flow: 6 reloads, {sent} packets sent, {lost} lost");
     assert!(sent > 1000);
-    assert_eq!(lost, 0, "packets lost during reloads");
+    assert_eq!(lost, 0, "packets lost during reloads: {missing:?}");
     // The maps survived: routes and endpoints still there, traffic still flows.
     assert_eq!(c.a.maps().endpoints().unwrap().len(), 2);
     assert_eq!(c.a.maps().routes().unwrap().len(), 1);
