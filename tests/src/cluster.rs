@@ -122,7 +122,10 @@ impl Cluster {
         let underlay = Netns::new("wul");
         underlay.sysctl("net.ipv4.ip_forward", "1");
         for (i, subnet) in UNDERLAY_SUBNETS.iter().enumerate() {
-            underlay.ip(&format!("link add br{i} type bridge"));
+            // A fixed MAC: a bridge otherwise takes its lowest port's MAC and changes it when that
+            // port leaves (a node removed), which silently breaks every neighbour's ARP entry for
+            // the router and etcd address.
+            underlay.ip(&format!("link add br{i} address 02:00:5e:00:01:{i:02x} type bridge"));
             underlay.ip(&format!(
                 "addr add {}.{}.{}.1/24 dev br{i}",
                 subnet[0], subnet[1], subnet[2]
