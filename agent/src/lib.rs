@@ -6,3 +6,4 @@ pub mod ipam;
 pub mod netlink;
 pub mod ns;
 pub mod subnet_env;
+pub mod tcx;
