@@ -5,5 +5,6 @@ pub mod datapath;
 pub mod ipam;
 pub mod netlink;
 pub mod ns;
+pub mod rtnl;
 pub mod subnet_env;
 pub mod tcx;

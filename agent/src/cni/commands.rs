@@ -2,6 +2,7 @@
 //! (bpffs visible); pod-side configuration runs on a thread inside the pod's namespace.
 use std::{
     net::Ipv4Addr,
+    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -23,6 +24,7 @@ use crate::{
     ipam::{Ipam, IpamError},
     netlink::{self, format_mac},
     ns,
+    rtnl::{self, Rtnl},
     subnet_env::SubnetEnv,
 };
 
@@ -142,7 +144,7 @@ impl Undo {
             log.line(&format!("undo: removing endpoint {ip}: {e:#}"));
         }
         if let Some(dev) = self.link
-            && let Err(e) = netlink::delete_link(&dev)
+            && let Err(e) = Rtnl::open().and_then(|mut r| Ok(r.delete_link(&dev)?))
         {
             log.line(&format!("undo: deleting {dev}: {e:#}"));
         }
@@ -241,37 +243,48 @@ impl Plan<'_> {
         CniError::with_cause(code::INTERFACE_SETUP, what, e)
     }
 
-    /// The veth with the pod side already in the pod's namespace (no address needed yet).
+    /// The veth (host side up), the pod side created directly in the pod's namespace under
+    /// its final name (no address needed yet).
     fn create_veth(&self) -> CniResult<()> {
         let host = &self.names.host_ifname;
         let pod_if = &self.env.ifname;
-        let mtu = self.mtu;
-        let cmds = vec![
-            format!(
-                "link add {host} mtu {mtu} address {} type veth peer name {pod_if} mtu {mtu} address {} netns {}",
-                format_mac(&self.names.host_mac),
-                format_mac(&self.names.pod_mac),
-                self.netns.display()
-            ),
-            format!("link set {host} up"),
-        ];
-        if let Err(first) = netlink::ip_batch(&cmds) {
+        let netns = std::fs::File::open(self.netns).map_err(|e| {
+            CniError::invalid_env(format!("CNI_NETNS {}: {e}", self.netns.display()))
+        })?;
+        let mut rtnl = Rtnl::open().map_err(|e| Self::setup_err("opening rtnetlink".into(), &e))?;
+        let create = |rtnl: &mut Rtnl| {
+            rtnl.create_veth(
+                host,
+                &self.names.host_mac,
+                pod_if,
+                &self.names.pod_mac,
+                self.mtu,
+                netns.as_raw_fd(),
+            )
+        };
+        match create(&mut rtnl) {
+            Ok(()) => Ok(()),
             // A previous ADD of this attachment may have been killed half way: its host link
             // (and with it the peer) goes, and the ADD is tried once more.
-            if !netlink::delete_link(host).unwrap_or(false) {
-                return Err(Self::setup_err(
-                    format!(
-                        "creating veth {host} <-> {pod_if} in {} failed (does {pod_if} already exist there?)",
-                        self.netns.display()
-                    ),
-                    &first,
-                ));
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if !rtnl.delete_link(host).unwrap_or(false) {
+                    return Err(Self::setup_err(
+                        format!(
+                            "creating veth {host} <-> {pod_if} in {} failed: {pod_if} already exists there",
+                            self.netns.display()
+                        ),
+                        &e.into(),
+                    ));
+                }
+                create(&mut rtnl).map_err(|e| {
+                    Self::setup_err(format!("creating veth {host} <-> {pod_if}"), &e.into())
+                })
             }
-            netlink::ip_batch(&cmds).map_err(|e| {
-                Self::setup_err(format!("creating veth {host} <-> {pod_if} failed"), &e)
-            })?;
+            Err(e) => Err(Self::setup_err(
+                format!("creating veth {host} <-> {pod_if}"),
+                &e.into(),
+            )),
         }
-        Ok(())
     }
 
     /// Creates the veth, then attaches `from_pod` on a second thread (a TCX attach waits for
@@ -341,21 +354,35 @@ impl Plan<'_> {
         }
         let host = &self.names.host_ifname;
         let pod_if = &env.ifname;
-        let host_mac = format_mac(&self.names.host_mac);
-        let pod_mac = format_mac(&self.names.pod_mac);
-        let host_side = vec![
-            format!("route replace {ip}/32 dev {host} scope link"),
-            format!("neigh replace {ip} lladdr {pod_mac} dev {host} nud permanent"),
-        ];
-        let pod_side = vec![
-            format!("addr replace {ip}/32 dev {pod_if}"),
-            format!("link set {pod_if} up"),
-            format!("neigh replace {POD_GATEWAY} lladdr {host_mac} dev {pod_if} nud permanent"),
-            format!("route replace default via {POD_GATEWAY} dev {pod_if} onlink"),
-        ];
+        let pod_addr = Ipv4Net::new(ip, 32).expect("/32");
+        let host_side = || -> anyhow::Result<()> {
+            let mut rtnl = Rtnl::open()?;
+            rtnl.replace_route(pod_addr, None, host_ifindex, rtnl::RT_SCOPE_LINK, false)
+                .context("route")?;
+            rtnl.replace_neighbour(host_ifindex, ip, &self.names.pod_mac)
+                .context("neighbour")?;
+            Ok(())
+        };
+        let pod_side = || -> anyhow::Result<()> {
+            let mut rtnl = Rtnl::open()?;
+            let index = rtnl::ifindex(pod_if)?;
+            rtnl.replace_address(index, pod_addr).context("address")?;
+            rtnl.set_up(index).context("link up")?;
+            rtnl.replace_neighbour(index, POD_GATEWAY, &self.names.host_mac)
+                .context("gateway neighbour")?;
+            rtnl.replace_route(
+                Ipv4Net::default(),
+                Some(POD_GATEWAY),
+                index,
+                rtnl::RT_SCOPE_UNIVERSE,
+                true,
+            )
+            .context("default route")?;
+            Ok(())
+        };
         let (host_done, pod_done) = std::thread::scope(|s| {
-            let pod = s.spawn(|| ns::run_in(self.netns, || netlink::ip_batch(&pod_side)));
-            let host = netlink::ip_batch(&host_side);
+            let pod = s.spawn(|| ns::run_in(self.netns, pod_side));
+            let host = host_side();
             (
                 host,
                 pod.join()
@@ -406,9 +433,11 @@ fn teardown(
     }
     // The device first: its removal detaches the program as part of the device's own
     // teardown, whereas detaching a live TCX link waits for an RCU grace period of its own.
-    netlink::delete_link(host_ifname).map_err(|e| {
-        CniError::with_cause(code::INTERFACE_SETUP, format!("deleting {host_ifname}"), &e)
-    })?;
+    Rtnl::open()
+        .and_then(|mut r| Ok(r.delete_link(host_ifname)?))
+        .map_err(|e| {
+            CniError::with_cause(code::INTERFACE_SETUP, format!("deleting {host_ifname}"), &e)
+        })?;
     datapath::detach_pinned_from_pod(pin_root, host_ifname).map_err(|e| {
         CniError::with_cause(
             code::DATAPATH,
