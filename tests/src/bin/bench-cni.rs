@@ -14,14 +14,6 @@ use weft_tests::{
 
 const WARMUP: usize = 3;
 
-fn main() {
-    let pods = parse_args();
-    let weft = bench_weft(pods);
-    let reference = bench_reference(pods);
-    let out = json!({"weft": weft, "reference": reference, "pods": pods});
-    println!("{out}");
-}
-
 fn parse_args() -> usize {
     let mut args = std::env::args().skip(1);
     let mut pods = 200;
@@ -97,42 +89,49 @@ fn summary(mut adds: Vec<Duration>, mut dels: Vec<Duration>) -> Value {
     })
 }
 
-/// ADDs every pod, then DELs every pod; warm-up calls are not counted.
-fn run(what: &str, node: &Netns, pods: usize, make: impl Fn(&str, &str, &str) -> Call) -> Value {
-    let sandboxes: Vec<Netns> = (0..pods + WARMUP).map(|_| Netns::new("wbp")).collect();
-    eprintln!("{what}: {} ADDs", sandboxes.len());
-    let mut adds = Vec::new();
-    for (i, pod) in sandboxes.iter().enumerate() {
-        let took = timed(node, &make("ADD", &format!("bench-{i}"), &pod.path()));
-        if i >= WARMUP {
-            adds.push(took);
-        }
-    }
-    eprintln!("{what}: {} DELs", sandboxes.len());
-    let mut dels = Vec::new();
-    for (i, pod) in sandboxes.iter().enumerate() {
-        let took = timed(node, &make("DEL", &format!("bench-{i}"), &pod.path()));
-        if i >= WARMUP {
-            dels.push(took);
-        }
-    }
-    summary(adds, dels)
+type MakeCall<'a> = Box<dyn Fn(&str, &str, &str) -> Call + 'a>;
+
+/// One contestant: its node namespace and how to build a call.
+struct Contestant<'a> {
+    node: &'a Netns,
+    make: MakeCall<'a>,
+    sandboxes: Vec<Netns>,
+    adds: Vec<Duration>,
+    dels: Vec<Duration>,
 }
 
-fn bench_weft(pods: usize) -> Value {
-    let node = CniNode::new(&subnet_for(pods, 0), 1450);
-    let conf = node.conf("1.1.0");
-    run("weft", &node.ns, pods, |cmd, cid, netns| {
-        node.call(cmd, &conf).attachment(cid, Some(netns))
-    })
+/// ADDs every pod, then DELs every pod, alternating between the contestants call by call so
+/// both see the same machine load; warm-up calls are not counted.
+fn run(contestants: &mut [Contestant], pods: usize) {
+    for c in contestants.iter_mut() {
+        c.sandboxes = (0..pods + WARMUP).map(|_| Netns::new("wbp")).collect();
+    }
+    for command in ["ADD", "DEL"] {
+        eprintln!("{} x {command}", pods + WARMUP);
+        for i in 0..pods + WARMUP {
+            for c in contestants.iter_mut() {
+                let call = (c.make)(command, &format!("bench-{i}"), &c.sandboxes[i].path());
+                let took = timed(c.node, &call);
+                if i >= WARMUP {
+                    if command == "ADD" {
+                        c.adds.push(took);
+                    } else {
+                        c.dels.push(took);
+                    }
+                }
+            }
+        }
+    }
 }
 
-fn bench_reference(pods: usize) -> Value {
-    let node = Netns::new("wbr");
-    node.sysctl("net.ipv4.ip_forward", "1");
+fn main() {
+    let pods = parse_args();
+    let weft_node = CniNode::new(&subnet_for(pods, 0), 1450);
+    let weft_conf = weft_node.conf("1.1.0");
+    let ref_node = Netns::new("wbr");
+    ref_node.sysctl("net.ipv4.ip_forward", "1");
     let dir = TempDir::new("weft-bench-ref-");
-    let subnet = subnet_for(pods, 0);
-    let conf = json!({
+    let ref_conf = json!({
         "cniVersion": "1.0.0",
         "name": "refnet",
         "type": "bridge",
@@ -142,12 +141,37 @@ fn bench_reference(pods: usize) -> Value {
         "mtu": 1450,
         "ipam": {
             "type": "host-local",
-            "subnet": subnet,
+            "subnet": subnet_for(pods, 0),
             "dataDir": dir.path.join("host-local"),
         }
     });
     let bridge = std::path::Path::new(REFERENCE_PLUGINS).join("bridge");
-    run("reference", &node, pods, |cmd, cid, netns| {
-        Call::new(&bridge, cmd, &conf).attachment(cid, Some(netns))
-    })
+    let mut contestants = [
+        Contestant {
+            node: &weft_node.ns,
+            make: Box::new(|cmd, cid, netns| {
+                weft_node.call(cmd, &weft_conf).attachment(cid, Some(netns))
+            }),
+            sandboxes: Vec::new(),
+            adds: Vec::new(),
+            dels: Vec::new(),
+        },
+        Contestant {
+            node: &ref_node,
+            make: Box::new(|cmd, cid, netns| {
+                Call::new(&bridge, cmd, &ref_conf).attachment(cid, Some(netns))
+            }),
+            sandboxes: Vec::new(),
+            adds: Vec::new(),
+            dels: Vec::new(),
+        },
+    ];
+    run(&mut contestants, pods);
+    let [weft, reference] = contestants;
+    let out = json!({
+        "weft": summary(weft.adds, weft.dels),
+        "reference": summary(reference.adds, reference.dels),
+        "pods": pods,
+    });
+    println!("{out}");
 }
