@@ -287,9 +287,11 @@ impl Plan<'_> {
         }
     }
 
-    /// Creates the veth, then attaches `from_pod` on a second thread (a TCX attach waits for
-    /// an RCU grace period, ~10 ms) while the address is allocated and both sides are
-    /// configured. Each step is recorded in `undo` once done. Returns the pod address.
+    /// Creates the veth, then attaches `from_pod` on a second thread while the address is
+    /// allocated and both sides are configured. A TCX attach waits for an RCU grace period
+    /// (`tcx_entry_sync`, ~10 ms, the bulk of an ADD) holding rtnl, so the netlink steps
+    /// queue behind it but the IPAM store's file I/O overlaps. Each step is recorded in
+    /// `undo` once done. Returns the pod address.
     fn wire(&self, maps: &mut Maps, undo: &mut Undo, log: &Log) -> CniResult<Ipv4Addr> {
         let host = self.names.host_ifname.clone();
         self.create_veth()?;
