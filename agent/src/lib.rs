@@ -10,4 +10,6 @@ pub mod netlink;
 pub mod node_net;
 pub mod ns;
 pub mod reconcile;
+pub mod rtnl;
 pub mod subnet_env;
+pub mod tcx;

@@ -1,18 +1,12 @@
-//! Links, addresses, routes and neighbours, configured through iproute2's `ip` in batch mode
-//! (one process per namespace per operation) and read back with `ip -json`. Everything acts on
-//! the network namespace of the calling thread: combine with [`crate::ns::run_in`].
-use std::{
-    io::Write as _,
-    net::Ipv4Addr,
-    os::unix::process::CommandExt as _,
-    process::{Command, Stdio},
-};
+//! Reading links, addresses, routes and neighbours back with iproute2's `ip -json` (CHECK and
+//! GC; the hot paths ADD and DEL write through [`crate::rtnl`]). Everything acts on the network
+//! namespace of the calling thread: combine with [`crate::ns::run_in`].
+use std::{net::Ipv4Addr, os::unix::process::CommandExt as _, process::Command};
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
-/// `ip`, killed when the plugin dies: a plugin killed mid-ADD must not leave an `ip` behind
-/// that creates links after the runtime's DEL has already cleaned up.
+/// `ip`, killed when the plugin dies (a killed plugin leaves no `ip` running behind it).
 fn ip_command() -> Command {
     let mut cmd = Command::new("ip");
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
@@ -25,31 +19,6 @@ fn ip_command() -> Command {
         });
     }
     cmd
-}
-
-/// Runs `ip -batch -` with `commands`, one per line; fails with ip's message on the first
-/// failing command.
-pub fn ip_batch(commands: &[String]) -> Result<()> {
-    let mut child = ip_command()
-        .args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running ip (iproute2)")?;
-    let mut stdin = child.stdin.take().expect("piped stdin");
-    stdin.write_all(commands.join("\n").as_bytes())?;
-    stdin.write_all(b"\n")?;
-    drop(stdin);
-    let out = child.wait_with_output().context("waiting for ip")?;
-    if !out.status.success() {
-        bail!(
-            "ip -batch failed: {} (commands: {})",
-            String::from_utf8_lossy(&out.stderr).trim(),
-            commands.join("; ")
-        );
-    }
-    Ok(())
 }
 
 /// `ip -json <args>` parsed; an empty output is an empty array.
@@ -70,25 +39,6 @@ pub fn ip_json(args: &[&str]) -> Result<Value> {
         return Ok(Value::Array(Vec::new()));
     }
     serde_json::from_slice(&out.stdout).with_context(|| format!("parsing ip -json {args:?}"))
-}
-
-/// Deletes a link; Ok(false) when it did not exist.
-pub fn delete_link(name: &str) -> Result<bool> {
-    let out = ip_command()
-        .args(["link", "del", "dev", name])
-        .output()
-        .context("running ip (iproute2)")?;
-    if out.status.success() {
-        return Ok(true);
-    }
-    let err = String::from_utf8_lossy(&out.stderr);
-    if err.contains("Cannot find device")
-        || err.contains("No such device")
-        || err.contains("does not exist")
-    {
-        return Ok(false);
-    }
-    Err(anyhow!("ip link del {name} failed: {}", err.trim()))
 }
 
 /// A link as `ip -json link show` describes it.

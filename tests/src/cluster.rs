@@ -5,7 +5,7 @@
 use std::{
     io::Write,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -28,14 +28,16 @@ const ETCD_PORT: u16 = 2379;
 /// flannel's default etcd prefix; weft's etcd datastore uses the same layout.
 pub const FLANNEL_PREFIX: &str = "/coreos.com/network";
 
-/// Directory of the workspace's built binaries (`target/debug`), found from the test executable
-/// (`target/debug/deps/<test>`).
+/// Directory of the workspace's built binaries (`target/debug`), found from the running
+/// executable: a test (`target/debug/deps/<test>`) or a binary (`target/debug/<bin>`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/debug")
-        .to_path_buf()
+    let dir = exe.parent().expect("target/debug");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target/debug").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// A built binary of the workspace; `cargo xtask test` builds them all before testing.

@@ -236,6 +236,14 @@ fn status_reports_readiness() {
     cfg.flags |= CONFIG_F_READY;
     node.maps().set_config(&cfg).unwrap();
     assert!(status(&node.conf("1.1.0")).success);
+    // The agent's pinned from_pod program is missing: not ready.
+    let progs = weft_agent::datapath::pin_dir(&node.pins.path).join("progs");
+    std::fs::rename(progs.join("from_pod"), progs.join("from_pod_away")).unwrap();
+    let out = status(&node.conf("1.1.0"));
+    assert_eq!(out.err_code(), 50);
+    assert!(out.err_msg().contains("from_pod"), "{}", out.err_msg());
+    std::fs::rename(progs.join("from_pod_away"), progs.join("from_pod")).unwrap();
+    assert!(status(&node.conf("1.1.0")).success);
     // No subnet file: not ready.
     std::fs::remove_file(node.subnet_file()).unwrap();
     let out = status(&node.conf("1.1.0"));
@@ -534,4 +542,69 @@ fn conflist_prev_result_is_kept() {
         assert!(out.success, "{out:?}");
         assert_gone(&node, &cid, ip);
     }
+}
+
+#[test]
+fn failures_late_in_add_undo_everything() {
+    let node = CniNode::new("10.244.15.0/24", 1450);
+    let pod = Netns::new("wcp");
+    // 103: the IPAM store cannot be written (its directory is a file).
+    let mut conf = node.conf("1.1.0");
+    let blocker = node.dir.path.join("not-a-dir");
+    std::fs::write(&blocker, b"x").unwrap();
+    conf["dataDir"] = json!(blocker);
+    let out = node
+        .call("ADD", &conf)
+        .attachment("late", Some(&pod.path()))
+        .run(&node.ns);
+    assert_eq!(out.err_code(), 103, "{}", out.stdout);
+    assert!(node.host_links().is_empty(), "{:?}", node.host_links());
+    assert!(!pod.ip("-o link show").contains("eth0"));
+
+    // 102: the pinned "from_pod" is not a tc program (an XDP program in its place): the
+    // attach fails after the veth, the address and the endpoint were set up.
+    let progs = weft_agent::datapath::pin_dir(&node.pins.path).join("progs");
+    std::fs::rename(progs.join("from_pod"), progs.join("from_pod_away")).unwrap();
+    std::fs::hard_link(progs.join("xdp_underlay"), progs.join("from_pod"))
+        .or_else(|_| {
+            // bpffs has no hard links: pin the XDP program a second time instead.
+            let root = node.pins.path.clone();
+            node.ns.run(move || {
+                let out = std::process::Command::new("bpftool")
+                    .args(["prog", "pin", "pinned"])
+                    .arg(weft_agent::datapath::pin_dir(&root).join("progs/xdp_underlay"))
+                    .arg(weft_agent::datapath::pin_dir(&root).join("progs/from_pod"))
+                    .output()
+                    .expect("bpftool");
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            });
+            Ok::<(), std::io::Error>(())
+        })
+        .unwrap();
+    let out = node
+        .call("ADD", &node.conf("1.1.0"))
+        .attachment("late", Some(&pod.path()))
+        .run(&node.ns);
+    assert_eq!(out.err_code(), 102, "{}", out.stdout);
+    assert!(out.err_msg().contains("from_pod"), "{}", out.err_msg());
+    assert!(node.allocations().is_empty(), "{:?}", node.allocations());
+    assert!(node.host_links().is_empty(), "{:?}", node.host_links());
+    assert!(node.maps().endpoints().unwrap().is_empty());
+    assert!(node.link_pins().is_empty(), "{:?}", node.link_pins());
+    assert!(!pod.ip("-o link show").contains("eth0"));
+    let host_routes = node.ns.ip("-4 route show");
+    assert!(!host_routes.contains("10.244.15."), "{host_routes}");
+
+    // Put the real program back: the same ADD now succeeds and GC twice is a no-op.
+    std::fs::remove_file(progs.join("from_pod")).unwrap();
+    std::fs::rename(progs.join("from_pod_away"), progs.join("from_pod")).unwrap();
+    let r = node.add("late", &pod, "1.1.0");
+    assert_wired(&node, "late", &pod, result_ip(&r));
+    assert!(node.gc(&[("late", "eth0")]).success);
+    assert!(node.gc(&[("late", "eth0")]).success);
+    assert!(node.check("late", &pod, &r).success);
 }

@@ -2,6 +2,7 @@
 //! (bpffs visible); pod-side configuration runs on a thread inside the pod's namespace.
 use std::{
     net::Ipv4Addr,
+    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -23,6 +24,7 @@ use crate::{
     ipam::{Ipam, IpamError},
     netlink::{self, format_mac},
     ns,
+    rtnl::{self, Rtnl},
     subnet_env::SubnetEnv,
 };
 
@@ -142,7 +144,7 @@ impl Undo {
             log.line(&format!("undo: removing endpoint {ip}: {e:#}"));
         }
         if let Some(dev) = self.link
-            && let Err(e) = netlink::delete_link(&dev)
+            && let Err(e) = Rtnl::open().and_then(|mut r| Ok(r.delete_link(&dev)?))
         {
             log.line(&format!("undo: deleting {dev}: {e:#}"));
         }
@@ -175,41 +177,23 @@ pub fn add(env: &Env, conf: &NetConf, log: &Log) -> CniResult<Value> {
     let mtu = conf.mtu.unwrap_or(subnet.mtu);
     let mut maps = ready_maps(&pin_root, code::TRY_AGAIN_LATER)?;
     let names = AttachmentNames::of(&env.container_id, &env.ifname);
-
-    let ipam = Ipam::new(&conf.data_dir, &conf.name);
-    let (ip, new) = {
-        let mut locked = ipam.lock(LOCK_TIMEOUT).map_err(ipam_error)?;
-        let got = locked
-            .allocate(
-                subnet.subnet,
-                &[subnet.gateway()],
-                &env.container_id,
-                &env.ifname,
-            )
-            .map_err(ipam_error)?;
-        if got.1 {
-            locked.commit().map_err(ipam_error)?;
-        }
-        got
-    };
-    log.line(&format!("address {ip} (new: {new})"));
     let mut undo = Undo::default();
-    if new {
-        undo.release = Some((
-            Ipam::new(&conf.data_dir, &conf.name),
-            env.container_id.clone(),
-            env.ifname.clone(),
-        ));
-    }
-    match wire_pod(
-        env, &netns, &names, ip, mtu, &pin_root, &mut maps, &mut undo,
-    ) {
-        Ok(()) => {}
+    let plan = Plan {
+        env,
+        conf,
+        subnet: &subnet,
+        netns: &netns,
+        names: &names,
+        mtu,
+        pin_root: &pin_root,
+    };
+    let ip = match plan.wire(&mut maps, &mut undo, log) {
+        Ok(ip) => ip,
         Err(e) => {
             undo.run(&mut maps, log);
             return Err(e);
         }
-    }
+    };
     let ours = AddResult {
         interfaces: vec![
             Interface {
@@ -243,80 +227,192 @@ pub fn add(env: &Env, conf: &NetConf, log: &Log) -> CniResult<Value> {
     Ok(result.render(&conf.cni_version))
 }
 
-/// The veth, addresses, routes and neighbours on both sides, the endpoint entry and the
-/// program; each step is recorded in `undo` once done.
-#[allow(clippy::too_many_arguments)]
-fn wire_pod(
-    env: &Env,
-    netns: &Path,
-    names: &AttachmentNames,
-    ip: Ipv4Addr,
+/// Everything ADD needs to wire one attachment.
+struct Plan<'a> {
+    env: &'a Env,
+    conf: &'a NetConf,
+    subnet: &'a SubnetEnv,
+    netns: &'a Path,
+    names: &'a AttachmentNames,
     mtu: u32,
-    pin_root: &Path,
-    maps: &mut Maps,
-    undo: &mut Undo,
-) -> CniResult<()> {
-    let host = &names.host_ifname;
-    let pod_if = &env.ifname;
-    let host_mac = format_mac(&names.host_mac);
-    let pod_mac = format_mac(&names.pod_mac);
-    let host_side = vec![
-        format!(
-            "link add {host} mtu {mtu} address {host_mac} type veth peer name {pod_if} mtu {mtu} address {pod_mac} netns {}",
-            netns.display()
-        ),
-        format!("link set {host} up"),
-        format!("route replace {ip}/32 dev {host} scope link"),
-        format!("neigh replace {ip} lladdr {pod_mac} dev {host} nud permanent"),
-    ];
-    let setup_err = |what: &str, e: &anyhow::Error| {
-        CniError::with_cause(code::INTERFACE_SETUP, what.to_string(), e)
-    };
-    if let Err(first) = netlink::ip_batch(&host_side) {
-        // A previous ADD of this attachment may have been killed half way: its host link
-        // (and with it the peer) goes, and the ADD is tried once more.
-        let removed = netlink::delete_link(host).unwrap_or(false);
-        if !removed {
-            return Err(setup_err(
-                &format!(
-                    "creating veth {host} <-> {pod_if} in {} failed (does {pod_if} already exist there?)",
-                    netns.display()
-                ),
-                &first,
-            ));
-        }
-        netlink::ip_batch(&host_side)
-            .map_err(|e| setup_err(&format!("creating veth {host} <-> {pod_if} failed"), &e))?;
+    pin_root: &'a Path,
+}
+
+impl Plan<'_> {
+    fn setup_err(what: String, e: &anyhow::Error) -> CniError {
+        CniError::with_cause(code::INTERFACE_SETUP, what, e)
     }
-    undo.link = Some(host.clone());
-    let pod_side = vec![
-        format!("addr replace {ip}/32 dev {pod_if}"),
-        format!("link set {pod_if} up"),
-        format!("neigh replace {POD_GATEWAY} lladdr {host_mac} dev {pod_if} nud permanent"),
-        format!("route replace default via {POD_GATEWAY} dev {pod_if} onlink"),
-    ];
-    ns::run_in(netns, || netlink::ip_batch(&pod_side))
-        .map_err(|e| setup_err(&format!("configuring {pod_if} in {}", netns.display()), &e))?;
-    let host_ifindex = nix::net::if_::if_nametoindex(host.as_str())
-        .map_err(|e| setup_err(&format!("ifindex of {host}"), &anyhow::Error::from(e)))?;
-    maps.upsert_endpoint(
-        ip,
-        &EndpointInfo {
-            host_ifindex,
-            pod_mac: names.pod_mac,
-            host_mac: names.host_mac,
-            flags: 0,
-        },
-    )
-    .map_err(|e| CniError::with_cause(code::DATAPATH, format!("registering endpoint {ip}"), &e))?;
-    undo.endpoint = Some(ip);
-    // A pin left by an earlier, interrupted ADD holds a link severed with its device.
-    let _ = datapath::detach_pinned_from_pod(pin_root, host);
-    datapath::attach_pinned_from_pod(pin_root, host).map_err(|e| {
-        CniError::with_cause(code::DATAPATH, format!("attaching from_pod to {host}"), &e)
-    })?;
-    undo.attached = Some((pin_root.to_path_buf(), host.clone()));
-    Ok(())
+
+    /// The veth (host side up), the pod side created directly in the pod's namespace under
+    /// its final name (no address needed yet).
+    fn create_veth(&self) -> CniResult<()> {
+        let host = &self.names.host_ifname;
+        let pod_if = &self.env.ifname;
+        let netns = std::fs::File::open(self.netns).map_err(|e| {
+            CniError::invalid_env(format!("CNI_NETNS {}: {e}", self.netns.display()))
+        })?;
+        let mut rtnl = Rtnl::open().map_err(|e| Self::setup_err("opening rtnetlink".into(), &e))?;
+        let create = |rtnl: &mut Rtnl| {
+            rtnl.create_veth(
+                host,
+                &self.names.host_mac,
+                pod_if,
+                &self.names.pod_mac,
+                self.mtu,
+                netns.as_raw_fd(),
+            )
+        };
+        match create(&mut rtnl) {
+            Ok(()) => Ok(()),
+            // A previous ADD of this attachment may have been killed half way: its host link
+            // (and with it the peer) goes, and the ADD is tried once more.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if !rtnl.delete_link(host).unwrap_or(false) {
+                    return Err(Self::setup_err(
+                        format!(
+                            "creating veth {host} <-> {pod_if} in {} failed: {pod_if} already exists there",
+                            self.netns.display()
+                        ),
+                        &e.into(),
+                    ));
+                }
+                create(&mut rtnl).map_err(|e| {
+                    Self::setup_err(format!("creating veth {host} <-> {pod_if}"), &e.into())
+                })
+            }
+            Err(e) => Err(Self::setup_err(
+                format!("creating veth {host} <-> {pod_if}"),
+                &e.into(),
+            )),
+        }
+    }
+
+    /// Creates the veth, then attaches `from_pod` on a second thread while the address is
+    /// allocated and both sides are configured. A TCX attach waits for an RCU grace period
+    /// (`tcx_entry_sync`, ~10 ms, the bulk of an ADD) holding rtnl, so the netlink steps
+    /// queue behind it but the IPAM store's file I/O overlaps. Each step is recorded in
+    /// `undo` once done. Returns the pod address.
+    fn wire(&self, maps: &mut Maps, undo: &mut Undo, log: &Log) -> CniResult<Ipv4Addr> {
+        let host = self.names.host_ifname.clone();
+        self.create_veth()?;
+        undo.link = Some(host.clone());
+        let host_ifindex = nix::net::if_::if_nametoindex(host.as_str())
+            .map_err(|e| Self::setup_err(format!("ifindex of {host}"), &anyhow::Error::from(e)))?;
+        // A pin left by an earlier, interrupted ADD holds a link severed with its device.
+        let _ = datapath::detach_pinned_from_pod(self.pin_root, &host);
+        let prog_pin = datapath::pin_dir(self.pin_root)
+            .join("progs")
+            .join(prog_names::FROM_POD);
+        let link_pin = datapath::link_pin_path(self.pin_root, prog_names::FROM_POD, &host);
+        let attach = std::thread::spawn(move || {
+            crate::tcx::attach_pinned_ingress(&prog_pin, host_ifindex, &link_pin)
+        });
+        let configured = self.configure(host_ifindex, maps, undo, log);
+        let attached = attach
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the attach thread panicked")));
+        match attached {
+            Ok(()) => undo.attached = Some((self.pin_root.to_path_buf(), host.clone())),
+            Err(e) => {
+                configured?;
+                return Err(CniError::with_cause(
+                    code::DATAPATH,
+                    format!("attaching from_pod to {host}"),
+                    &e,
+                ));
+            }
+        }
+        configured
+    }
+
+    /// Address, routes and neighbours on both sides, and the endpoint entry.
+    fn configure(
+        &self,
+        host_ifindex: u32,
+        maps: &mut Maps,
+        undo: &mut Undo,
+        log: &Log,
+    ) -> CniResult<Ipv4Addr> {
+        let env = self.env;
+        let ipam = Ipam::new(&self.conf.data_dir, &self.conf.name);
+        let (ip, new) = {
+            let mut locked = ipam.lock(LOCK_TIMEOUT).map_err(ipam_error)?;
+            let got = locked
+                .allocate(
+                    self.subnet.subnet,
+                    &[self.subnet.gateway()],
+                    &env.container_id,
+                    &env.ifname,
+                )
+                .map_err(ipam_error)?;
+            if got.1 {
+                locked.commit().map_err(ipam_error)?;
+            }
+            got
+        };
+        log.line(&format!("address {ip} (new: {new})"));
+        if new {
+            undo.release = Some((ipam, env.container_id.clone(), env.ifname.clone()));
+        }
+        let host = &self.names.host_ifname;
+        let pod_if = &env.ifname;
+        let pod_addr = Ipv4Net::new(ip, 32).expect("/32");
+        let host_side = || -> anyhow::Result<()> {
+            let mut rtnl = Rtnl::open()?;
+            rtnl.replace_route(pod_addr, None, host_ifindex, rtnl::RT_SCOPE_LINK, false)
+                .context("route")?;
+            rtnl.replace_neighbour(host_ifindex, ip, &self.names.pod_mac)
+                .context("neighbour")?;
+            Ok(())
+        };
+        let pod_side = || -> anyhow::Result<()> {
+            let mut rtnl = Rtnl::open()?;
+            let index = rtnl::ifindex(pod_if)?;
+            rtnl.replace_address(index, pod_addr).context("address")?;
+            rtnl.set_up(index).context("link up")?;
+            rtnl.replace_neighbour(index, POD_GATEWAY, &self.names.host_mac)
+                .context("gateway neighbour")?;
+            rtnl.replace_route(
+                Ipv4Net::default(),
+                Some(POD_GATEWAY),
+                index,
+                rtnl::RT_SCOPE_UNIVERSE,
+                true,
+            )
+            .context("default route")?;
+            Ok(())
+        };
+        let (host_done, pod_done) = std::thread::scope(|s| {
+            let pod = s.spawn(|| ns::run_in(self.netns, pod_side));
+            let host = host_side();
+            (
+                host,
+                pod.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the pod thread panicked"))),
+            )
+        });
+        host_done.map_err(|e| Self::setup_err(format!("routing {ip} to {host}"), &e))?;
+        pod_done.map_err(|e| {
+            Self::setup_err(
+                format!("configuring {pod_if} in {}", self.netns.display()),
+                &e,
+            )
+        })?;
+        maps.upsert_endpoint(
+            ip,
+            &EndpointInfo {
+                host_ifindex,
+                pod_mac: self.names.pod_mac,
+                host_mac: self.names.host_mac,
+                flags: 0,
+            },
+        )
+        .map_err(|e| {
+            CniError::with_cause(code::DATAPATH, format!("registering endpoint {ip}"), &e)
+        })?;
+        undo.endpoint = Some(ip);
+        Ok(ip)
+    }
 }
 
 /// Removes what ADD set up for one attachment except the allocation; every step tolerates
@@ -337,15 +433,19 @@ fn teardown(
             log.line(&format!("removing endpoint {ip}: {e:#}"));
         }
     }
+    // The device first: its removal detaches the program as part of the device's own
+    // teardown, whereas detaching a live TCX link waits for an RCU grace period of its own.
+    Rtnl::open()
+        .and_then(|mut r| Ok(r.delete_link(host_ifname)?))
+        .map_err(|e| {
+            CniError::with_cause(code::INTERFACE_SETUP, format!("deleting {host_ifname}"), &e)
+        })?;
     datapath::detach_pinned_from_pod(pin_root, host_ifname).map_err(|e| {
         CniError::with_cause(
             code::DATAPATH,
             format!("detaching from_pod from {host_ifname}"),
             &e,
         )
-    })?;
-    netlink::delete_link(host_ifname).map_err(|e| {
-        CniError::with_cause(code::INTERFACE_SETUP, format!("deleting {host_ifname}"), &e)
     })?;
     Ok(())
 }

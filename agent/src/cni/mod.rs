@@ -1,5 +1,27 @@
 //! The CNI plugin `weft-cni`: protocol types (environment, config, results, errors) and the
 //! commands. The binary only wires stdin, stdout and the environment to [`run`].
+//!
+//! Network configuration (besides `cniVersion`, `name`, `type`):
+//!
+//! | field | default | what |
+//! | --- | --- | --- |
+//! | `subnetFile` | `/run/weft/subnet.env` | the node's subnet, MTU and pin root, written by the agent |
+//! | `dataDir` | `/var/lib/weft/ipam` | IPAM store; one directory per network name |
+//! | `pinRoot` | `WEFT_PIN_ROOT` of the subnet file | the node's BPF pins |
+//! | `mtu` | `WEFT_MTU` of the subnet file | pod interface MTU |
+//! | `logFile` | none (stderr) | where log lines go |
+//!
+//! Each pod gets a veth (`wft` + 11 hex digits of a hash of container id and interface name
+//! on the host, `CNI_IFNAME` in the pod), MACs derived from the same hash, a /32 address from
+//! the node's subnet, and a default route via 169.254.1.1 `onlink` with a permanent neighbour
+//! entry for it (the host side's MAC): no ARP, no bridge. The host routes the /32 to the veth
+//! (with a permanent neighbour entry for the pod), the endpoint goes into the pinned endpoint
+//! map and `from_pod` is attached to the host side's TCX ingress.
+//!
+//! Error codes: the spec's 1, 3, 4, 5, 6, 7, 11, 50, and weft's own in [`error::code`].
+//! One weft network per node: GC treats every `wft*` link, `from_pod@wft*` link pin and
+//! endpoint of the node's subnet that no allocation accounts for as garbage. Like every CNI
+//! plugin, GC must not run concurrently with ADD on the same network.
 pub mod commands;
 pub mod error;
 pub mod names;
