@@ -13,7 +13,6 @@ use std::{
 use weft_agent::{datapath::Maps, subnet_env::SubnetEnv};
 
 use crate::{
-    cluster::binary,
     etcd::Etcd,
     netns::{Netns, unique_name},
     pins::PinDir,
@@ -22,6 +21,22 @@ use crate::{
 
 pub const METRICS_PORT: u16 = 9402;
 const ETCD_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
+
+/// The `weft-agent` built beside the running executable: a binary in `target/<profile>/` (the
+/// benchmark) or a test in `target/<profile>/deps/`.
+pub fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe directory");
+    [dir.join("weft-agent"), dir.join("../weft-agent")]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "weft-agent is missing beside {}: build the workspace first (`cargo build --workspace --exclude node-ebpf`, or --release for benchmarks)",
+                exe.display()
+            )
+        })
+}
 
 pub struct AgentNode {
     pub name: String,
@@ -181,7 +196,7 @@ impl AgentCluster {
         let log = node.dir.join(format!("agent-{}.log", unique_name("")));
         NsProcess::spawn(
             &node.ns,
-            &binary("weft-agent"),
+            &agent_binary(),
             &args,
             &[("RUST_LOG", "info".into())],
             &log,
