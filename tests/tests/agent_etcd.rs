@@ -427,3 +427,71 @@ fn previous_subnet_is_reused_and_flannel_leases_are_read() {
     assert_eq!(lease.public_ip, Ipv4Addr::new(10, 0, 0, 5));
     assert_eq!(lease.vtep_mac, Some([0xaa, 0xbb, 0xcc, 0, 0x11, 0x22]));
 }
+
+/// Every node's routes all in `mode` (and their node entries too).
+fn all_in_mode(c: &AgentCluster, mode: RouteMode) -> bool {
+    c.nodes.iter().all(|n| {
+        let maps = n.maps();
+        let routes = maps.routes().unwrap();
+        routes.len() == c.nodes.len() - 1
+            && routes.iter().all(|(_, r)| r.mode == mode as u8)
+            && maps
+                .nodes()
+                .unwrap()
+                .iter()
+                .all(|(_, i)| i.mode == mode as u8)
+    })
+}
+
+#[test]
+fn backends_and_live_backend_switch() {
+    let c = AgentCluster::new(
+        3,
+        json!({"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}),
+        10,
+    );
+    c.wait_converged(Duration::from_secs(40));
+    assert_full_mesh(&c, RouteMode::Direct);
+    for n in &c.nodes {
+        assert_eq!(
+            n.metric("weft_offlink_peers"),
+            Some(0.0),
+            "all peers share the underlay"
+        );
+    }
+    let subnets: Vec<Ipv4Net> = c.nodes.iter().map(|n| n.subnet_env().subnet).collect();
+    // Live switches by editing net-conf.json: no restart, same subnets, same pod MTU.
+    for (conf, mode) in [
+        (
+            json!({"Network": "10.244.0.0/16", "Backend": {"Type": "ipip"}}),
+            RouteMode::Ipip,
+        ),
+        (
+            json!({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 7, "Port": 4789}}),
+            RouteMode::Vxlan,
+        ),
+        // DirectRouting: every peer is on this underlay subnet, so all direct.
+        (
+            json!({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 7, "Port": 4789, "DirectRouting": true}}),
+            RouteMode::Direct,
+        ),
+    ] {
+        std::fs::write(&c.net_conf, conf.to_string()).unwrap();
+        wait_until(
+            &format!("every node in {mode:?}\n{}", c.logs()),
+            Duration::from_secs(15),
+            || all_in_mode(&c, mode),
+        );
+    }
+    for (n, s) in c.nodes.iter().zip(&subnets) {
+        let cfg = n.maps().config().unwrap();
+        assert_eq!(
+            (cfg.vni, cfg.vxlan_port),
+            (7, 4789),
+            "VNI and port applied live"
+        );
+        assert_eq!(n.subnet_env().subnet, *s);
+        assert_eq!(n.subnet_env().mtu, 1450);
+        assert!(n.agent.as_ref().unwrap().pid() > 0);
+    }
+}
