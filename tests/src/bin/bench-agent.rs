@@ -7,7 +7,8 @@
 //!   10,000 leases, from process start to 10,000 routes in its map (datapath load and
 //!   verification, subnet lease, list over etcd, reconcile).
 //! - `event_to_map_us_{p50,p99,max}`: with 10,000 nodes programmed, a lease written to etcd
-//!   until its route is in the agent's map (etcd write, watch delivery, reconcile).
+//!   until its route is in the agent's map (etcd write, watch delivery, reconcile); and
+//!   `etcd_put_us_*`, the etcd write alone (its commit, an fsync, is most of the latency).
 //! - `agent_rss_mib_at_10000`: the agent's resident memory with 10,000 nodes.
 use std::{
     net::Ipv4Addr,
@@ -122,7 +123,10 @@ fn main() {
         MapData::from_pin(&routes_pin).unwrap(),
     ))
     .unwrap();
+    let sum_before = node.metric("weft_reconcile_seconds_sum").unwrap_or(0.0);
+    let runs_before = node.metric("weft_reconcile_total").unwrap_or(0.0);
     let mut latencies = Vec::new();
+    let mut put_latencies = Vec::new();
     for j in 0..200u32 {
         let l = peer(20_000 + j);
         let key = Key::new(24, l.subnet.network().octets());
@@ -130,7 +134,9 @@ fn main() {
         let (tx, rx) = std::sync::mpsc::channel();
         let put = c.underlay.spawn(move || {
             rx.recv().unwrap();
+            let t = Instant::now();
             put_leases(&client, &[l]);
+            t.elapsed().as_secs_f64() * 1e6
         });
         let t = Instant::now();
         tx.send(()).unwrap();
@@ -141,9 +147,14 @@ fn main() {
             std::hint::spin_loop();
         }
         latencies.push(t.elapsed().as_secs_f64() * 1e6);
-        put.join().unwrap();
+        put_latencies.push(put.join().unwrap());
     }
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    put_latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let agent_us_per_event = (node.metric("weft_reconcile_seconds_sum").unwrap_or(0.0)
+        - sum_before)
+        / (node.metric("weft_reconcile_total").unwrap_or(0.0) - runs_before).max(1.0)
+        * 1e6;
     // Let the agent settle (resync, allocator) before reading its memory.
     std::thread::sleep(Duration::from_secs(1));
     let rss = rss_mib(pid);
@@ -155,6 +166,11 @@ fn main() {
         "event_to_map_us_p99": percentile(&latencies, 0.99).round(),
         "event_to_map_us_max": latencies.last().unwrap().round(),
         "event_samples": latencies.len(),
+        // The agent's own share: its reconcile per event, from its metrics.
+        "agent_reconcile_us_per_event": (agent_us_per_event * 10.0).round() / 10.0,
+        // The etcd write alone (committed when it returns; the watch fires after commit).
+        "etcd_put_us_p50": percentile(&put_latencies, 0.5).round(),
+        "etcd_put_us_p99": percentile(&put_latencies, 0.99).round(),
         "agent_rss_mib_at_10000": (rss * 10.0).round() / 10.0,
         "goals": {"reconcile_10000_ms": 1000, "event_to_map_ms": 10, "rss_mib": 100},
     });
