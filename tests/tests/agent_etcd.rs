@@ -353,7 +353,7 @@ fn racing_nodes_never_share_a_subnet() {
         let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
 
         // A node restarting reuses its record; a node with a remembered free subnet gets it.
-        let mut again = EtcdDatastore::new(&[endpoint.clone()], PREFIX, 30).unwrap();
+        let mut again = EtcdDatastore::new(std::slice::from_ref(&endpoint), PREFIX, 30).unwrap();
         let first_ok = results.iter().position(|r| r.is_ok()).unwrap();
         let ip = Ipv4Addr::new(10, 0, 0, 10 + first_ok as u8);
         let local = LocalNode {
@@ -380,7 +380,7 @@ fn racing_nodes_never_share_a_subnet() {
         10,
         "two nodes share a subnet: {won:?}"
     );
-    assert!(won.iter().all(|s| conf_contains(s)), "{won:?}");
+    assert!(won.iter().all(conf_contains), "{won:?}");
     assert_eq!(lost.len(), 2);
     assert!(
         lost.iter().all(|e| e.contains("no free subnet")),
@@ -407,7 +407,7 @@ fn previous_subnet_is_reused_and_flannel_leases_are_read() {
     let conf = NetConf::parse(r#"{"Network": "10.60.0.0/16"}"#).unwrap();
     let endpoint = c.etcd.endpoint();
     let (prev, lease) = c.in_underlay(move || {
-        let mut ds = EtcdDatastore::new(&[endpoint.clone()], PREFIX, 30).unwrap();
+        let mut ds = EtcdDatastore::new(std::slice::from_ref(&endpoint), PREFIX, 30).unwrap();
         let ip = Ipv4Addr::new(10, 0, 0, 99);
         let local = LocalNode {
             name: "n".into(),
