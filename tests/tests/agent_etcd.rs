@@ -147,6 +147,68 @@ fn agents_share_etcd_join_and_leave() {
     let route = c.nodes[0].ns.ip("route show 10.244.0.0/16");
     assert!(route.contains("dev weft_host"), "{route}");
 
+    // A peer record changes address, MAC and backend, then goes: no stale entry anywhere.
+    let endpoint = c.etcd.endpoint();
+    let key = format!("{PREFIX}/subnets/10.244.200.0-24");
+    let put = |ip: &str, mac: &str, backend: &str| {
+        let (endpoint, key) = (endpoint.clone(), key.clone());
+        let value = json!({"PublicIP": ip, "BackendType": backend, "BackendData": {"VNI": 1, "VtepMAC": mac}}).to_string();
+        c.in_underlay(move || {
+            let client = weft_agent::datastore::etcd::EtcdClient::new(&[endpoint]).unwrap();
+            client.put(&key, value.as_bytes(), 0).unwrap();
+        })
+    };
+    let fake: Ipv4Net = "10.244.200.0/24".parse().unwrap();
+    let route_on = |n: &weft_tests::agents::AgentNode| {
+        n.maps()
+            .routes()
+            .unwrap()
+            .into_iter()
+            .find(|(s, _)| *s == fake)
+            .map(|(_, r)| r)
+    };
+    put("192.168.100.200", "aa:00:00:00:00:01", "vxlan");
+    for n in &c.nodes {
+        wait_until("fake peer", Duration::from_secs(10), || {
+            route_on(n).is_some_and(|r| r.node_ip == [192, 168, 100, 200])
+        });
+    }
+    put("192.168.100.201", "aa:00:00:00:00:02", "ipip");
+    for n in &c.nodes {
+        wait_until("fake peer moved", Duration::from_secs(10), || {
+            route_on(n).is_some_and(|r| {
+                r.node_ip == [192, 168, 100, 201] && r.vtep_mac == [0xaa, 0, 0, 0, 0, 2]
+            })
+        });
+        let nodes = n.maps().nodes().unwrap();
+        assert!(
+            !nodes
+                .iter()
+                .any(|(ip, _)| *ip == Ipv4Addr::new(192, 168, 100, 200)),
+            "stale node entry on {}",
+            n.name
+        );
+        assert!(
+            nodes
+                .iter()
+                .any(|(ip, _)| *ip == Ipv4Addr::new(192, 168, 100, 201))
+        );
+    }
+    {
+        let (endpoint, key) = (endpoint.clone(), key.clone());
+        c.in_underlay(move || {
+            weft_agent::datastore::etcd::EtcdClient::new(&[endpoint])
+                .unwrap()
+                .delete(&key)
+                .unwrap()
+        });
+    }
+    for n in &c.nodes {
+        wait_until("fake peer gone", Duration::from_secs(10), || {
+            route_on(n).is_none() && n.maps().nodes().unwrap().len() == 2
+        });
+    }
+
     // A fourth node joins: everyone routes to it.
     c.add_node();
     c.wait_converged(Duration::from_secs(40));

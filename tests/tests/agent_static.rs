@@ -128,3 +128,50 @@ fn static_topology_programs_routes() {
     drop(agents);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn install_cni_copies_the_plugin_and_writes_the_conflist() {
+    let dir = std::env::temp_dir().join(unique_name("weft-install-cni-"));
+    let plugin = dir.join("fake-weft-cni");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(&plugin, b"#!/bin/sh\n").unwrap();
+    let out = std::process::Command::new(agent_binary())
+        .args([
+            "--install-cni",
+            "--install-cni-only",
+            "--pin-root",
+            "/sys/fs/bpf/weft-x",
+        ])
+        .arg("--cni-binary")
+        .arg(&plugin)
+        .arg("--cni-bin-dir")
+        .arg(dir.join("bin"))
+        .arg("--cni-conf-dir")
+        .arg(dir.join("net.d"))
+        .arg("--subnet-file")
+        .arg(dir.join("subnet.env"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(dir.join("bin/weft-cni")).unwrap(),
+        b"#!/bin/sh\n"
+    );
+    let conf: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("net.d/10-weft.conflist")).unwrap())
+            .unwrap();
+    assert_eq!(conf["name"], "weft");
+    assert_eq!(conf["plugins"][0]["type"], "weft-cni");
+    assert_eq!(conf["plugins"][0]["pinRoot"], "/sys/fs/bpf/weft-x");
+    assert_eq!(
+        conf["plugins"][0]["subnetFile"],
+        dir.join("subnet.env").to_str().unwrap()
+    );
+    // Nothing else happened: no datapath, no subnet file.
+    assert!(!dir.join("subnet.env").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
