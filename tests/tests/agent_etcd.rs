@@ -479,6 +479,11 @@ fn previous_subnet_is_reused_and_flannel_leases_are_read() {
             previous_subnet: Some("10.60.77.0/24".parse().unwrap()),
         };
         let got = ds.acquire(&local, &conf).unwrap();
+        // net-conf.json from `<prefix>/config` when no file is given, as flanneld reads it.
+        assert_eq!(ds.net_conf().unwrap(), None);
+        let text = r#"{"Network": "10.60.0.0/16", "Backend": {"Type": "ipip"}}"#;
+        ds.client().put(&format!("{PREFIX}/config"), text.as_bytes(), 0).unwrap();
+        assert_eq!(ds.net_conf().unwrap().as_deref(), Some(text));
         // A lease as flanneld writes it is readable.
         let flannel = r#"{"PublicIP":"10.0.0.5","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:00:11:22"}}"#;
         ds.client().put(&format!("{PREFIX}/subnets/10.60.5.0-24"), flannel.as_bytes(), 0).unwrap();
