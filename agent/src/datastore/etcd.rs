@@ -530,7 +530,7 @@ impl Datastore for EtcdDatastore {
     }
 }
 
-/// The node's own address as flannel would publish it, for tests and tools.
+/// The etcd key of `subnet`'s lease under `prefix` (flannel's layout).
 pub fn lease_key(prefix: &str, subnet: Ipv4Net) -> String {
     format!(
         "{}/subnets/{}",
