@@ -9,7 +9,7 @@
 //! anything changed behind the agent's back. Every step is idempotent: a failed apply is simply
 //! retried.
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
@@ -117,8 +117,15 @@ pub struct Reconciler {
     pub local_subnet: Ipv4Net,
     pub local_ip: Ipv4Addr,
     peers: HashMap<Ipv4Net, NodeLease>,
+    /// Subnets announced by each node address (a node entry exists while one remains).
+    by_ip: HashMap<Ipv4Addr, BTreeSet<Ipv4Net>>,
     programmed: DesiredState,
-    offlink_reported: std::collections::HashSet<Ipv4Addr>,
+    /// Everything must be diffed (after a snapshot, a resync, a policy change).
+    full: bool,
+    /// Keys touched by events since the last successful apply.
+    pending_subnets: HashSet<Ipv4Net>,
+    pending_ips: HashSet<Ipv4Addr>,
+    offlink_reported: HashSet<Ipv4Addr>,
     /// Whether a complete set of records has been seen (ready only after that).
     pub synced: bool,
 }
@@ -130,7 +137,11 @@ impl Reconciler {
             local_subnet,
             local_ip,
             peers: HashMap::new(),
+            by_ip: HashMap::new(),
             programmed: DesiredState::default(),
+            full: true,
+            pending_subnets: HashSet::new(),
+            pending_ips: HashSet::new(),
             offlink_reported: Default::default(),
             synced: false,
         }
@@ -142,17 +153,61 @@ impl Reconciler {
         match event {
             Event::Snapshot(leases) => {
                 self.peers = leases.into_iter().map(|l| (l.subnet, l)).collect();
+                self.by_ip.clear();
+                for l in self.peers.values() {
+                    self.by_ip.entry(l.public_ip).or_default().insert(l.subnet);
+                }
                 self.synced = true;
+                self.full = true;
                 true
             }
-            Event::Upsert(lease) => self.peers.insert(lease.subnet, lease.clone()) != Some(lease),
-            Event::Remove(subnet) => self.peers.remove(&subnet).is_some(),
+            Event::Upsert(lease) => {
+                let old = self.peers.insert(lease.subnet, lease.clone());
+                if old.as_ref() == Some(&lease) {
+                    return false;
+                }
+                if let Some(old) = old {
+                    self.forget_ip(old.public_ip, old.subnet);
+                }
+                self.by_ip
+                    .entry(lease.public_ip)
+                    .or_default()
+                    .insert(lease.subnet);
+                self.pending_subnets.insert(lease.subnet);
+                self.pending_ips.insert(lease.public_ip);
+                true
+            }
+            Event::Remove(subnet) => match self.peers.remove(&subnet) {
+                Some(old) => {
+                    self.forget_ip(old.public_ip, subnet);
+                    self.pending_subnets.insert(subnet);
+                    true
+                }
+                None => false,
+            },
             Event::LocalSubnet(subnet) => {
                 self.local_subnet = subnet;
+                self.full = true;
                 true
             }
             Event::Connected(_) => false,
         }
+    }
+
+    fn forget_ip(&mut self, ip: Ipv4Addr, subnet: Ipv4Net) {
+        if let Some(set) = self.by_ip.get_mut(&ip) {
+            set.remove(&subnet);
+            if set.is_empty() {
+                self.by_ip.remove(&ip);
+            }
+        }
+        self.pending_ips.insert(ip);
+    }
+
+    /// Changes how peers are reached (a live backend switch): every entry is re-diffed.
+    pub fn set_policy(&mut self, policy: ModePolicy) {
+        self.policy = policy;
+        self.full = true;
     }
 
     pub fn peer_count(&self) -> usize {
@@ -164,35 +219,79 @@ impl Reconciler {
         lease.subnet != self.local_subnet && lease.public_ip != self.local_ip
     }
 
-    pub fn desired(&self) -> DesiredState {
-        let mut out = DesiredState {
-            routes: HashMap::with_capacity(self.peers.len()),
-            nodes: HashMap::with_capacity(self.peers.len()),
-        };
-        for lease in self.peers.values().filter(|l| self.is_remote(l)) {
-            let mode = self.policy.mode_for(lease.public_ip) as u8;
-            let vtep_mac = lease
+    fn route_for(&self, lease: &NodeLease) -> RouteInfo {
+        RouteInfo {
+            node_ip: lease.public_ip.octets(),
+            vtep_mac: lease
                 .vtep_mac
-                .unwrap_or_else(|| vtep_mac_for(lease.public_ip));
-            out.routes.insert(
-                lease.subnet,
-                RouteInfo {
-                    node_ip: lease.public_ip.octets(),
-                    vtep_mac,
-                    mode,
-                    _pad: 0,
-                },
-            );
-            out.nodes.insert(
-                lease.public_ip,
-                NodeInfo {
-                    vtep_mac,
-                    mode,
-                    _pad: 0,
-                },
-            );
+                .unwrap_or_else(|| vtep_mac_for(lease.public_ip)),
+            mode: self.policy.mode_for(lease.public_ip) as u8,
+            _pad: 0,
         }
-        out
+    }
+
+    fn desired_route(&self, subnet: &Ipv4Net) -> Option<RouteInfo> {
+        let lease = self.peers.get(subnet).filter(|l| self.is_remote(l))?;
+        Some(self.route_for(lease))
+    }
+
+    fn desired_node(&self, ip: &Ipv4Addr) -> Option<NodeInfo> {
+        // Any of the node's subnets describes it (one per node in practice).
+        let lease = self
+            .by_ip
+            .get(ip)?
+            .iter()
+            .filter_map(|s| self.peers.get(s))
+            .find(|l| self.is_remote(l))?;
+        let r = self.route_for(lease);
+        Some(NodeInfo {
+            vtep_mac: r.vtep_mac,
+            mode: r.mode,
+            _pad: 0,
+        })
+    }
+
+    pub fn desired(&self) -> DesiredState {
+        DesiredState {
+            routes: self
+                .peers
+                .keys()
+                .filter_map(|s| Some((*s, self.desired_route(s)?)))
+                .collect(),
+            nodes: self
+                .by_ip
+                .keys()
+                .filter_map(|ip| Some((*ip, self.desired_node(ip)?)))
+                .collect(),
+        }
+    }
+
+    /// The writes for the keys events touched: O(changes), not O(cluster).
+    fn partial_plan(&self) -> Plan {
+        let mut plan = Plan::default();
+        for subnet in &self.pending_subnets {
+            match (
+                self.programmed.routes.get(subnet),
+                self.desired_route(subnet),
+            ) {
+                (cur, Some(want)) if cur != Some(&want) => plan.route_upserts.push((*subnet, want)),
+                (Some(_), None) => plan.route_removes.push(*subnet),
+                _ => {}
+            }
+        }
+        for ip in &self.pending_ips {
+            match (self.programmed.nodes.get(ip), self.desired_node(ip)) {
+                (cur, Some(want)) if cur != Some(&want) => plan.node_upserts.push((*ip, want)),
+                (Some(_), None) => plan.node_removes.push(*ip),
+                _ => {}
+            }
+        }
+        plan
+    }
+
+    /// How many peers are currently off-link for this node's mode (as of the last apply).
+    pub fn offlink_count(&self) -> usize {
+        self.offlink_reported.len()
     }
 
     /// Peers this node routes to directly but cannot reach on-link (host-gw across subnets).
@@ -213,13 +312,35 @@ impl Reconciler {
             routes: maps.routes()?.into_iter().collect(),
             nodes: maps.nodes()?.into_iter().collect(),
         };
+        self.full = true;
         self.apply(maps)
     }
 
     /// Writes the difference between the desired state and what was programmed.
     pub fn apply(&mut self, maps: &mut Maps) -> Result<ApplyReport> {
         let start = Instant::now();
-        for ip in self.offlink_peers() {
+        let plan = if self.full {
+            diff(&self.programmed, &self.desired())
+        } else {
+            self.partial_plan()
+        };
+        let offlink: Vec<Ipv4Addr> = if self.full {
+            let all = self.offlink_peers();
+            self.offlink_reported.retain(|ip| all.contains(ip));
+            all
+        } else {
+            let mut v = Vec::new();
+            for ip in &self.pending_ips {
+                let present = self.desired_node(ip).is_some();
+                if present && self.policy.is_offlink(*ip) {
+                    v.push(*ip);
+                } else {
+                    self.offlink_reported.remove(ip);
+                }
+            }
+            v
+        };
+        for ip in offlink {
             if self.offlink_reported.insert(ip) {
                 tracing::warn!(
                     peer = %ip,
@@ -228,8 +349,6 @@ impl Reconciler {
                 );
             }
         }
-        let desired = self.desired();
-        let plan = diff(&self.programmed, &desired);
         let writes = plan.len();
         // New peers first (decapsulation accepts them before routes send to them); removals
         // of routes before the nodes they point to.
@@ -264,6 +383,9 @@ impl Reconciler {
             // anyway; this makes it immediate).
             maps.flush_next_hops()?;
         }
+        self.full = false;
+        self.pending_subnets.clear();
+        self.pending_ips.clear();
         Ok(ApplyReport {
             writes,
             duration: start.elapsed(),
@@ -362,5 +484,41 @@ mod tests {
             vec![Ipv4Addr::new(192, 168, 1, 2), Ipv4Addr::new(192, 168, 1, 3)]
         );
         assert_eq!(plan.node_upserts.len(), 2);
+    }
+
+    #[test]
+    fn incremental_plan_matches_a_full_diff() {
+        let mut r = rec(BackendType::Vxlan, true);
+        r.handle(Event::Snapshot(vec![
+            lease("10.244.2.0/24", [192, 168, 1, 2]),
+            lease("10.244.3.0/24", [192, 168, 1, 3]),
+        ]));
+        // Pretend the snapshot was applied.
+        r.programmed = r.desired();
+        r.full = false;
+        let events = [
+            Event::Upsert(lease("10.244.3.0/24", [192, 168, 2, 33])),
+            Event::Remove("10.244.2.0/24".parse().unwrap()),
+            Event::Upsert(lease("10.244.4.0/24", [192, 168, 1, 4])),
+            Event::Upsert(lease("10.244.5.0/24", [192, 168, 1, 4])),
+            Event::Remove("10.244.5.0/24".parse().unwrap()),
+        ];
+        for e in events {
+            r.handle(e);
+        }
+        let mut partial = r.partial_plan();
+        let mut full = diff(&r.programmed, &r.desired());
+        for p in [&mut partial, &mut full] {
+            p.route_upserts.sort_by_key(|(k, _)| *k);
+            p.route_removes.sort();
+            p.node_upserts.sort_by_key(|(k, _)| *k);
+            p.node_removes.sort();
+        }
+        assert_eq!(partial, full);
+        assert_eq!(
+            full.node_removes,
+            vec![Ipv4Addr::new(192, 168, 1, 2), Ipv4Addr::new(192, 168, 1, 3)]
+        );
+        assert_eq!(full.route_upserts.len(), 2);
     }
 }

@@ -13,7 +13,6 @@ use std::{
 use weft_agent::{datapath::Maps, subnet_env::SubnetEnv};
 
 use crate::{
-    cluster::binary,
     etcd::Etcd,
     netns::{Netns, unique_name},
     pins::PinDir,
@@ -22,6 +21,22 @@ use crate::{
 
 pub const METRICS_PORT: u16 = 9402;
 const ETCD_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
+
+/// The `weft-agent` built beside the running executable: a binary in `target/<profile>/` (the
+/// benchmark) or a test in `target/<profile>/deps/`.
+pub fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe directory");
+    [dir.join("weft-agent"), dir.join("../weft-agent")]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "weft-agent is missing beside {}: build the workspace first (`cargo build --workspace --exclude node-ebpf`, or --release for benchmarks)",
+                exe.display()
+            )
+        })
+}
 
 pub struct AgentNode {
     pub name: String,
@@ -181,7 +196,7 @@ impl AgentCluster {
         let log = node.dir.join(format!("agent-{}.log", unique_name("")));
         NsProcess::spawn(
             &node.ns,
-            &binary("weft-agent"),
+            &agent_binary(),
             &args,
             &[("RUST_LOG", "info".into())],
             &log,
@@ -240,5 +255,56 @@ impl Drop for AgentNode {
             agent.kill();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A pod wired on an agent's node as the CNI plugin wires one (veth with `from_pod` from the
+/// agent's pinned program, /32 address, static gateway neighbour, host route, endpoint entry),
+/// with the address `.<host>` of the node's subnet and the node's pod MTU.
+pub fn add_pod(node: &AgentNode, host: u8) -> crate::manual::Pod {
+    use crate::{manual::POD_GATEWAY, netns::format_mac};
+    use weft_common::EndpointInfo;
+    let env = node.subnet_env();
+    let ip = Ipv4Addr::from(u32::from(env.subnet.network()) + host as u32);
+    let ns = Netns::new("apod");
+    let host_ifname = unique_name("wa");
+    let mtu = env.mtu;
+    node.ns.ip(&format!(
+        "link add {host_ifname} mtu {mtu} type veth peer name eth0 netns {}",
+        ns.name
+    ));
+    node.ns.ip(&format!("link set {host_ifname} up"));
+    ns.ip(&format!("link set eth0 mtu {mtu} up"));
+    ns.ip(&format!("addr add {ip}/32 dev eth0"));
+    let host_mac = node.ns.mac(&host_ifname);
+    ns.ip(&format!(
+        "neigh replace {POD_GATEWAY} lladdr {} dev eth0 nud permanent",
+        format_mac(&host_mac)
+    ));
+    ns.ip(&format!(
+        "route add default via {POD_GATEWAY} dev eth0 onlink"
+    ));
+    node.ns
+        .ip(&format!("route add {ip}/32 dev {host_ifname} scope link"));
+    node.maps()
+        .upsert_endpoint(
+            ip,
+            &EndpointInfo {
+                host_ifindex: node.ns.ifindex(&host_ifname),
+                pod_mac: ns.mac("eth0"),
+                host_mac,
+                flags: 0,
+            },
+        )
+        .expect("registering the endpoint");
+    let root = node.pins.path.clone();
+    let dev = host_ifname.clone();
+    node.ns.run(move || {
+        weft_agent::datapath::attach_pinned_from_pod(&root, &dev).expect("attaching from_pod")
+    });
+    crate::manual::Pod {
+        ns,
+        ip,
+        host_ifname,
     }
 }

@@ -147,6 +147,68 @@ fn agents_share_etcd_join_and_leave() {
     let route = c.nodes[0].ns.ip("route show 10.244.0.0/16");
     assert!(route.contains("dev weft_host"), "{route}");
 
+    // A peer record changes address, MAC and backend, then goes: no stale entry anywhere.
+    let endpoint = c.etcd.endpoint();
+    let key = format!("{PREFIX}/subnets/10.244.200.0-24");
+    let put = |ip: &str, mac: &str, backend: &str| {
+        let (endpoint, key) = (endpoint.clone(), key.clone());
+        let value = json!({"PublicIP": ip, "BackendType": backend, "BackendData": {"VNI": 1, "VtepMAC": mac}}).to_string();
+        c.in_underlay(move || {
+            let client = weft_agent::datastore::etcd::EtcdClient::new(&[endpoint]).unwrap();
+            client.put(&key, value.as_bytes(), 0).unwrap();
+        })
+    };
+    let fake: Ipv4Net = "10.244.200.0/24".parse().unwrap();
+    let route_on = |n: &weft_tests::agents::AgentNode| {
+        n.maps()
+            .routes()
+            .unwrap()
+            .into_iter()
+            .find(|(s, _)| *s == fake)
+            .map(|(_, r)| r)
+    };
+    put("192.168.100.200", "aa:00:00:00:00:01", "vxlan");
+    for n in &c.nodes {
+        wait_until("fake peer", Duration::from_secs(10), || {
+            route_on(n).is_some_and(|r| r.node_ip == [192, 168, 100, 200])
+        });
+    }
+    put("192.168.100.201", "aa:00:00:00:00:02", "ipip");
+    for n in &c.nodes {
+        wait_until("fake peer moved", Duration::from_secs(10), || {
+            route_on(n).is_some_and(|r| {
+                r.node_ip == [192, 168, 100, 201] && r.vtep_mac == [0xaa, 0, 0, 0, 0, 2]
+            })
+        });
+        let nodes = n.maps().nodes().unwrap();
+        assert!(
+            !nodes
+                .iter()
+                .any(|(ip, _)| *ip == Ipv4Addr::new(192, 168, 100, 200)),
+            "stale node entry on {}",
+            n.name
+        );
+        assert!(
+            nodes
+                .iter()
+                .any(|(ip, _)| *ip == Ipv4Addr::new(192, 168, 100, 201))
+        );
+    }
+    {
+        let (endpoint, key) = (endpoint.clone(), key.clone());
+        c.in_underlay(move || {
+            weft_agent::datastore::etcd::EtcdClient::new(&[endpoint])
+                .unwrap()
+                .delete(&key)
+                .unwrap()
+        });
+    }
+    for n in &c.nodes {
+        wait_until("fake peer gone", Duration::from_secs(10), || {
+            route_on(n).is_none() && n.maps().nodes().unwrap().len() == 2
+        });
+    }
+
     // A fourth node joins: everyone routes to it.
     c.add_node();
     c.wait_converged(Duration::from_secs(40));
@@ -353,7 +415,7 @@ fn racing_nodes_never_share_a_subnet() {
         let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
 
         // A node restarting reuses its record; a node with a remembered free subnet gets it.
-        let mut again = EtcdDatastore::new(&[endpoint.clone()], PREFIX, 30).unwrap();
+        let mut again = EtcdDatastore::new(std::slice::from_ref(&endpoint), PREFIX, 30).unwrap();
         let first_ok = results.iter().position(|r| r.is_ok()).unwrap();
         let ip = Ipv4Addr::new(10, 0, 0, 10 + first_ok as u8);
         let local = LocalNode {
@@ -380,7 +442,7 @@ fn racing_nodes_never_share_a_subnet() {
         10,
         "two nodes share a subnet: {won:?}"
     );
-    assert!(won.iter().all(|s| conf_contains(s)), "{won:?}");
+    assert!(won.iter().all(conf_contains), "{won:?}");
     assert_eq!(lost.len(), 2);
     assert!(
         lost.iter().all(|e| e.contains("no free subnet")),
@@ -407,7 +469,7 @@ fn previous_subnet_is_reused_and_flannel_leases_are_read() {
     let conf = NetConf::parse(r#"{"Network": "10.60.0.0/16"}"#).unwrap();
     let endpoint = c.etcd.endpoint();
     let (prev, lease) = c.in_underlay(move || {
-        let mut ds = EtcdDatastore::new(&[endpoint.clone()], PREFIX, 30).unwrap();
+        let mut ds = EtcdDatastore::new(std::slice::from_ref(&endpoint), PREFIX, 30).unwrap();
         let ip = Ipv4Addr::new(10, 0, 0, 99);
         let local = LocalNode {
             name: "n".into(),
@@ -417,6 +479,11 @@ fn previous_subnet_is_reused_and_flannel_leases_are_read() {
             previous_subnet: Some("10.60.77.0/24".parse().unwrap()),
         };
         let got = ds.acquire(&local, &conf).unwrap();
+        // net-conf.json from `<prefix>/config` when no file is given, as flanneld reads it.
+        assert_eq!(ds.net_conf().unwrap(), None);
+        let text = r#"{"Network": "10.60.0.0/16", "Backend": {"Type": "ipip"}}"#;
+        ds.client().put(&format!("{PREFIX}/config"), text.as_bytes(), 0).unwrap();
+        assert_eq!(ds.net_conf().unwrap().as_deref(), Some(text));
         // A lease as flanneld writes it is readable.
         let flannel = r#"{"PublicIP":"10.0.0.5","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:00:11:22"}}"#;
         ds.client().put(&format!("{PREFIX}/subnets/10.60.5.0-24"), flannel.as_bytes(), 0).unwrap();
@@ -426,4 +493,72 @@ fn previous_subnet_is_reused_and_flannel_leases_are_read() {
     assert_eq!(prev, "10.60.77.0/24".parse().unwrap());
     assert_eq!(lease.public_ip, Ipv4Addr::new(10, 0, 0, 5));
     assert_eq!(lease.vtep_mac, Some([0xaa, 0xbb, 0xcc, 0, 0x11, 0x22]));
+}
+
+/// Every node's routes all in `mode` (and their node entries too).
+fn all_in_mode(c: &AgentCluster, mode: RouteMode) -> bool {
+    c.nodes.iter().all(|n| {
+        let maps = n.maps();
+        let routes = maps.routes().unwrap();
+        routes.len() == c.nodes.len() - 1
+            && routes.iter().all(|(_, r)| r.mode == mode as u8)
+            && maps
+                .nodes()
+                .unwrap()
+                .iter()
+                .all(|(_, i)| i.mode == mode as u8)
+    })
+}
+
+#[test]
+fn backends_and_live_backend_switch() {
+    let c = AgentCluster::new(
+        3,
+        json!({"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}),
+        10,
+    );
+    c.wait_converged(Duration::from_secs(40));
+    assert_full_mesh(&c, RouteMode::Direct);
+    for n in &c.nodes {
+        assert_eq!(
+            n.metric("weft_offlink_peers"),
+            Some(0.0),
+            "all peers share the underlay"
+        );
+    }
+    let subnets: Vec<Ipv4Net> = c.nodes.iter().map(|n| n.subnet_env().subnet).collect();
+    // Live switches by editing net-conf.json: no restart, same subnets, same pod MTU.
+    for (conf, mode) in [
+        (
+            json!({"Network": "10.244.0.0/16", "Backend": {"Type": "ipip"}}),
+            RouteMode::Ipip,
+        ),
+        (
+            json!({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 7, "Port": 4789}}),
+            RouteMode::Vxlan,
+        ),
+        // DirectRouting: every peer is on this underlay subnet, so all direct.
+        (
+            json!({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 7, "Port": 4789, "DirectRouting": true}}),
+            RouteMode::Direct,
+        ),
+    ] {
+        std::fs::write(&c.net_conf, conf.to_string()).unwrap();
+        wait_until(
+            &format!("every node in {mode:?}\n{}", c.logs()),
+            Duration::from_secs(15),
+            || all_in_mode(&c, mode),
+        );
+    }
+    for (n, s) in c.nodes.iter().zip(&subnets) {
+        let cfg = n.maps().config().unwrap();
+        assert_eq!(
+            (cfg.vni, cfg.vxlan_port),
+            (7, 4789),
+            "VNI and port applied live"
+        );
+        assert_eq!(n.subnet_env().subnet, *s);
+        assert_eq!(n.subnet_env().mtu, 1450);
+        assert!(n.agent.as_ref().unwrap().pid() > 0);
+    }
 }

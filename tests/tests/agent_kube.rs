@@ -333,3 +333,166 @@ fn kube_client_refuses_what_it_cannot_speak() {
         .unwrap();
     assert!(format!("{err:#}").contains("--kube-api"), "{err:#}");
 }
+
+/// An `openssl s_server -HTTP` on loopback, killed by pid on drop.
+struct TlsServer {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA named `name` (`name.crt`, `name.key`).
+fn ca(dir: &std::path::Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    );
+}
+
+/// A server certificate for 127.0.0.1 signed by CA `ca` (`server.crt`, `server.key`).
+fn server_cert(dir: &std::path::Path, ca: &str) {
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            "server.crt",
+            "-extfile",
+            "server.ext",
+        ],
+    );
+}
+
+#[test]
+fn https_trusts_only_the_cluster_ca() {
+    let dir = std::env::temp_dir().join(format!("weft-kube-tls-{}", std::process::id()));
+    let www = dir.join("www");
+    std::fs::create_dir_all(www.join("api/v1/nodes")).unwrap();
+    // `s_server -HTTP` sends the file as the whole response.
+    std::fs::write(
+        www.join("api/v1/nodes/node-a"),
+        format!(
+            "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{}",
+            node_a()
+        ),
+    )
+    .unwrap();
+    ca(&dir, "cluster");
+    ca(&dir, "other");
+    server_cert(&dir, "cluster");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = std::process::Command::new("openssl")
+        .args([
+            "s_server",
+            "-quiet",
+            "-HTTP",
+            "-accept",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .arg("-cert")
+        .arg(dir.join("server.crt"))
+        .arg("-key")
+        .arg(dir.join("server.key"))
+        .current_dir(&www)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl s_server");
+    let server = TlsServer {
+        child,
+        dir: dir.clone(),
+    };
+    weft_tests::process::wait_until("the TLS server", Duration::from_secs(10), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let client_with = |ca: &str| {
+        let kubeconfig = server.dir.join(format!("kubeconfig-{ca}"));
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "clusters:\n- cluster:\n    certificate-authority: {}\n    server: https://127.0.0.1:{port}\n",
+                server.dir.join(format!("{ca}.crt")).display()
+            ),
+        )
+        .unwrap();
+        KubeClient::new(None, Some(&kubeconfig)).unwrap()
+    };
+    let node = client_with("cluster")
+        .get_node("node-a")
+        .expect("HTTPS with the cluster CA");
+    assert_eq!(node["metadata"]["name"], "node-a");
+    let err = client_with("other").get_node("node-a").unwrap_err();
+    assert!(
+        format!("{err:#}").to_lowercase().contains("certificate"),
+        "{err:#}"
+    );
+}

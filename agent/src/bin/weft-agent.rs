@@ -205,6 +205,66 @@ fn load_net_conf(args: &Args, ds: &mut dyn Datastore) -> Result<NetConf> {
     }
 }
 
+fn node_config(conf: &NetConf, underlay: &Underlay) -> NodeConfig {
+    NodeConfig {
+        node_ip: underlay.node_ip.octets(),
+        underlay_ifindex: underlay.ifindex,
+        vni: conf.backend.vni,
+        vxlan_port: conf.backend.port,
+        flags: CONFIG_F_READY,
+        vtep_mac: node_net::vtep_mac_for(underlay.node_ip),
+        _pad: [0; 2],
+    }
+}
+
+/// Watches `--net-conf` for changes a node can apply live: the backend (type, DirectRouting,
+/// VNI, port). Pods are untouched: their MTU already leaves room for the largest overhead.
+struct NetConfWatch {
+    path: Option<PathBuf>,
+    mtime: Option<std::time::SystemTime>,
+}
+
+impl NetConfWatch {
+    fn mtime(path: &Path) -> Option<std::time::SystemTime> {
+        std::fs::metadata(path).and_then(|m| m.modified()).ok()
+    }
+
+    /// The new config when the file changed to a valid one.
+    fn poll(&mut self, current: &NetConf) -> Option<NetConf> {
+        let path = self.path.as_ref()?;
+        let mtime = Self::mtime(path);
+        if mtime == self.mtime {
+            return None;
+        }
+        self.mtime = mtime;
+        let new = match std::fs::read_to_string(path)
+            .map_err(anyhow::Error::from)
+            .and_then(|t| NetConf::parse(&t))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("ignoring the changed {}: {e:#}", path.display());
+                return None;
+            }
+        };
+        if new.network != current.network
+            || new.subnet_len != current.subnet_len
+            || new.backend.mtu != current.backend.mtu
+        {
+            tracing::warn!(
+                "Network, SubnetLen and MTU changes take effect at the next agent start"
+            );
+        }
+        if new.backend == current.backend {
+            return None;
+        }
+        Some(NetConf {
+            backend: new.backend,
+            ..current.clone()
+        })
+    }
+}
+
 /// Loads or adopts the datapath and attaches it. On a restart every step swaps in place: the
 /// maps are the pinned ones, the links are atomically switched to the new programs.
 fn program_datapath(
@@ -220,15 +280,7 @@ fn program_datapath(
         )
     })?;
     dp.pin_programs()?;
-    dp.maps.set_config(&NodeConfig {
-        node_ip: underlay.node_ip.octets(),
-        underlay_ifindex: underlay.ifindex,
-        vni: conf.backend.vni,
-        vxlan_port: conf.backend.port,
-        flags: CONFIG_F_READY,
-        vtep_mac: node_net::vtep_mac_for(underlay.node_ip),
-        _pad: [0; 2],
-    })?;
+    dp.maps.set_config(&node_config(conf, underlay))?;
     dp.attach_underlay(&underlay.name, !args.no_xdp)?;
     node_net::ensure_host_link(conf.network, underlay.node_ip, pod_mtu)?;
     dp.attach_from_host(HOST_PEER_DEV)?;
@@ -311,12 +363,16 @@ fn run(args: Args) -> Result<()> {
         subnet,
         underlay.node_ip,
     );
-    reconcile_loop(&args, &conf, pod_mtu, &mut dp, &mut rec, rx, &metrics)
+    reconcile_loop(
+        &args, &conf, &underlay, pod_mtu, &mut dp, &mut rec, rx, &metrics,
+    )
 }
 
+#[allow(clippy::too_many_arguments)]
 fn reconcile_loop(
     args: &Args,
     conf: &NetConf,
+    underlay: &Underlay,
     pod_mtu: u32,
     dp: &mut Datapath,
     rec: &mut Reconciler,
@@ -329,12 +385,18 @@ fn reconcile_loop(
     let mut retry_at: Option<Instant> = None;
     let mut dirty = false;
     let mut backoff = Backoff::new(Duration::from_secs(10));
+    let mut conf = conf.clone();
+    let mut conf_watch = NetConfWatch {
+        path: args.net_conf.clone(),
+        mtime: args.net_conf.as_deref().and_then(NetConfWatch::mtime),
+    };
     loop {
         let now = Instant::now();
         let wake = retry_at.map_or(next_resync, |r| r.min(next_resync));
+        // Wakes at least every second to notice net-conf changes.
         let timeout = wake
             .saturating_duration_since(now)
-            .min(Duration::from_secs(10));
+            .min(Duration::from_secs(1));
         let mut first = match rx.recv_timeout(timeout) {
             Ok(ev) => Some(ev),
             Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -348,11 +410,28 @@ fn reconcile_loop(
                 }
                 Event::LocalSubnet(s) => {
                     tracing::warn!(subnet = %s, "this node's subnet changed");
-                    write_subnet_file(args, conf, *s, pod_mtu)?;
+                    write_subnet_file(args, &conf, *s, pod_mtu)?;
                 }
                 _ => {}
             }
             dirty |= rec.handle(ev);
+        }
+        if let Some(new) = conf_watch.poll(&conf) {
+            tracing::info!(
+                backend = new.backend.kind.name(),
+                direct_routing = new.backend.direct_routing,
+                vni = new.backend.vni,
+                port = new.backend.port,
+                "backend changed: re-programming every peer"
+            );
+            dp.maps.set_config(&node_config(&new, underlay))?;
+            rec.set_policy(ModePolicy {
+                backend: new.backend.kind,
+                direct_routing: new.backend.direct_routing,
+                underlay_subnet: underlay.subnet,
+            });
+            conf = new;
+            dirty = true;
         }
         metrics.beat();
         let now = Instant::now();
@@ -370,7 +449,7 @@ fn reconcile_loop(
         metrics.peers.store(rec.peer_count() as u64, Relaxed);
         metrics
             .offlink_peers
-            .store(rec.offlink_peers().len() as u64, Relaxed);
+            .store(rec.offlink_count() as u64, Relaxed);
         match result {
             Ok(report) => {
                 metrics.record_reconcile(report.duration, report.writes, true);

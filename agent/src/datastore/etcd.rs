@@ -160,6 +160,17 @@ impl EtcdClient {
         Ok(())
     }
 
+    /// Writes every pair in one transaction (etcd allows 128 operations per transaction by
+    /// default).
+    pub fn put_all(&self, kvs: &[(String, Vec<u8>)]) -> Result<()> {
+        let ops: Vec<Value> = kvs
+            .iter()
+            .map(|(k, v)| json!({"request_put": {"key": B64.encode(k), "value": B64.encode(v)}}))
+            .collect();
+        self.call("/v3/kv/txn", json!({"success": ops}))?;
+        Ok(())
+    }
+
     pub fn delete(&self, key: &str) -> Result<()> {
         self.call("/v3/kv/deleterange", json!({"key": B64.encode(key)}))?;
         Ok(())
@@ -519,7 +530,7 @@ impl Datastore for EtcdDatastore {
     }
 }
 
-/// The node's own address as flannel would publish it, for tests and tools.
+/// The etcd key of `subnet`'s lease under `prefix` (flannel's layout).
 pub fn lease_key(prefix: &str, subnet: Ipv4Net) -> String {
     format!(
         "{}/subnets/{}",

@@ -11,14 +11,14 @@
 //! conventions: list, watch from the list's resourceVersion with bookmarks, re-watch from the
 //! last seen version when the server ends a watch, relist on `410 Gone`.
 //!
-//! Transport: plain HTTP to `--kube-api` (e.g. a local `kubectl proxy`, or an API server's
-//! insecure port in tests). HTTPS with the in-cluster CA is not built in (see the report).
+//! Transport: HTTPS (rustls) trusting only the cluster's CA (in-cluster service account CA, or
+//! the kubeconfig's `certificate-authority(-data)`), or plain HTTP (a `kubectl proxy`, tests).
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader},
     net::Ipv4Addr,
     path::Path,
-    sync::mpsc::Sender,
+    sync::{Arc, mpsc::Sender},
     time::Duration,
 };
 
@@ -28,6 +28,28 @@ use serde_json::{Value, json};
 
 use super::{Backoff, Datastore, Event, LocalNode, NodeLease, format_mac, parse_mac};
 use crate::config::{BackendType, NetConf};
+
+const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// TLS trusting only the cluster's CA bundle (PEM).
+pub fn tls_config(ca_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        let cert = cert.map_err(|e| anyhow!("cluster CA: invalid PEM: {e:?}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| anyhow!("cluster CA: unusable certificate: {e}"))?;
+    }
+    if roots.is_empty() {
+        bail!("cluster CA: no certificate in the bundle");
+    }
+    Ok(Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
 
 pub const WEFT_PREFIX: &str = "weft.io/";
 pub const FLANNEL_PREFIX: &str = "flannel.alpha.coreos.com/";
@@ -46,6 +68,7 @@ impl KubeClient {
     pub fn new(api: Option<&str>, kubeconfig: Option<&Path>) -> Result<Self> {
         let mut base = api.map(str::to_string);
         let mut token = None;
+        let mut ca: Option<Vec<u8>> = None;
         if let Some(path) = kubeconfig {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("--kubeconfig: reading {}", path.display()))?;
@@ -60,6 +83,22 @@ impl KubeClient {
                     && token.is_none()
                 {
                     token = Some(t.trim().trim_matches('"').to_string());
+                } else if let Some(d) = line.strip_prefix("certificate-authority-data:")
+                    && ca.is_none()
+                {
+                    use base64::Engine as _;
+                    ca = Some(
+                        base64::engine::general_purpose::STANDARD
+                            .decode(d.trim().trim_matches('"'))
+                            .context("--kubeconfig: certificate-authority-data is not base64")?,
+                    );
+                } else if let Some(f) = line.strip_prefix("certificate-authority:")
+                    && ca.is_none()
+                {
+                    let f = f.trim().trim_matches('"');
+                    ca = Some(
+                        std::fs::read(f).with_context(|| format!("--kubeconfig: reading {f}"))?,
+                    );
                 }
             }
         }
@@ -70,9 +109,10 @@ impl KubeClient {
             )
         {
             base = Some(format!("https://{host}:{port}"));
-            token = std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/token")
+            token = std::fs::read_to_string(format!("{SERVICE_ACCOUNT}/token"))
                 .ok()
                 .map(|t| t.trim().to_string());
+            ca = std::fs::read(format!("{SERVICE_ACCOUNT}/ca.crt")).ok();
         }
         let base = base
             .ok_or_else(|| {
@@ -80,22 +120,27 @@ impl KubeClient {
             })?
             .trim_end_matches('/')
             .to_string();
-        if !base.starts_with("http://") {
-            bail!(
-                "--kube-api: {base:?}: only http:// is supported (run `kubectl proxy` beside the agent)"
-            );
+        let mut agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10));
+        let mut watch_agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(2))
+            .timeout_read(Duration::from_secs(600));
+        if base.starts_with("https://") {
+            let ca = ca.ok_or_else(|| {
+                anyhow!("--kube-api: {base:?} is HTTPS but no cluster CA is known (kubeconfig certificate-authority, or in-cluster)")
+            })?;
+            let tls = tls_config(&ca)?;
+            agent = agent.tls_config(tls.clone());
+            watch_agent = watch_agent.tls_config(tls);
+        } else if !base.starts_with("http://") {
+            bail!("--kube-api: {base:?} is not an http:// or https:// URL");
         }
         Ok(Self {
             base,
             token,
-            agent: ureq::AgentBuilder::new()
-                .timeout_connect(Duration::from_secs(2))
-                .timeout(Duration::from_secs(10))
-                .build(),
-            watch_agent: ureq::AgentBuilder::new()
-                .timeout_connect(Duration::from_secs(2))
-                .timeout_read(Duration::from_secs(600))
-                .build(),
+            agent: agent.build(),
+            watch_agent: watch_agent.build(),
         })
     }
 

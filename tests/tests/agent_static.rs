@@ -1,0 +1,177 @@
+//! `weft-agent --datastore static`: a fixed topology from a file, two nodes, no etcd.
+use std::{net::Ipv4Addr, time::Duration};
+
+use serde_json::json;
+use weft_common::RouteMode;
+use weft_tests::{
+    agents::agent_binary,
+    netns::{Netns, unique_name, veth_pair},
+    pins::PinDir,
+    process::{NsProcess, wait_until},
+};
+
+#[test]
+fn static_topology_programs_routes() {
+    let a = Netns::new("sta");
+    let b = Netns::new("stb");
+    veth_pair(&a, "eth0", &b, "eth0");
+    a.ip("addr add 192.168.90.1/24 dev eth0");
+    b.ip("addr add 192.168.90.2/24 dev eth0");
+    // The default route names the underlay (no --iface).
+    a.ip("route add default via 192.168.90.2");
+    b.ip("route add default via 192.168.90.1");
+    let dir = std::env::temp_dir().join(unique_name("weft-static-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let topology = dir.join("nodes.json");
+    std::fs::write(
+        &topology,
+        json!({"nodes": [
+            {"name": "a", "publicIP": "192.168.90.1", "subnet": "10.70.1.0/24"},
+            {"name": "b", "publicIP": "192.168.90.2", "subnet": "10.70.2.0/24", "vtepMAC": "02:00:00:00:00:bb"},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let conf = dir.join("net-conf.json");
+    std::fs::write(
+        &conf,
+        r#"{"Network": "10.70.0.0/16", "Backend": {"Type": "vxlan"}}"#,
+    )
+    .unwrap();
+    let pins = [PinDir::new("sta"), PinDir::new("stb")];
+    let mut agents = Vec::new();
+    for (i, (ns, name)) in [(&a, "a"), (&b, "b")].into_iter().enumerate() {
+        let args: Vec<String> = [
+            "--datastore",
+            "static",
+            "--static-file",
+            topology.to_str().unwrap(),
+            "--net-conf",
+            conf.to_str().unwrap(),
+            "--node-name",
+            name,
+            "--pin-root",
+            pins[i].path.to_str().unwrap(),
+            "--subnet-file",
+            dir.join(format!("{name}.env")).to_str().unwrap(),
+            "--metrics-addr",
+            "127.0.0.1:9402",
+            "--no-ip-masq",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        agents.push(NsProcess::spawn(
+            ns,
+            &agent_binary(),
+            &args,
+            &[],
+            &dir.join(format!("{name}.log")),
+        ));
+    }
+    for (i, pin) in pins.iter().enumerate() {
+        wait_until(
+            &format!("agent {i} to program its peer\n{}", agents[i].log()),
+            Duration::from_secs(30),
+            || {
+                weft_agent::datapath::Maps::open_pinned(&pin.path)
+                    .and_then(|m| m.routes())
+                    .is_ok_and(|r| r.len() == 1)
+            },
+        );
+    }
+    let ra = weft_agent::datapath::Maps::open_pinned(&pins[0].path)
+        .unwrap()
+        .routes()
+        .unwrap();
+    assert_eq!(ra[0].0, "10.70.2.0/24".parse().unwrap());
+    assert_eq!(
+        Ipv4Addr::from(ra[0].1.node_ip),
+        Ipv4Addr::new(192, 168, 90, 2)
+    );
+    assert_eq!(ra[0].1.vtep_mac, [2, 0, 0, 0, 0, 0xbb]);
+    assert_eq!(ra[0].1.mode, RouteMode::Vxlan as u8);
+    let rb = weft_agent::datapath::Maps::open_pinned(&pins[1].path)
+        .unwrap()
+        .routes()
+        .unwrap();
+    assert_eq!(rb[0].0, "10.70.1.0/24".parse().unwrap());
+    assert_eq!(rb[0].1.vtep_mac, [2, 0x57, 192, 168, 90, 1]);
+    let env = weft_agent::subnet_env::SubnetEnv::read(&dir.join("a.env")).unwrap();
+    assert_eq!(env.subnet, "10.70.1.0/24".parse().unwrap());
+    assert!(!env.ipmasq);
+    // A bad topology is refused naming the field.
+    std::fs::write(
+        &topology,
+        r#"{"nodes": [{"name": "a", "publicIP": "x", "subnet": "10.70.1.0/24"}]}"#,
+    )
+    .unwrap();
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", a.path()))
+        .arg(agent_binary())
+        .args([
+            "--datastore",
+            "static",
+            "--static-file",
+            topology.to_str().unwrap(),
+            "--net-conf",
+            conf.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nodes[0].publicIP"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(agents);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn install_cni_copies_the_plugin_and_writes_the_conflist() {
+    let dir = std::env::temp_dir().join(unique_name("weft-install-cni-"));
+    let plugin = dir.join("fake-weft-cni");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(&plugin, b"#!/bin/sh\n").unwrap();
+    let out = std::process::Command::new(agent_binary())
+        .args([
+            "--install-cni",
+            "--install-cni-only",
+            "--pin-root",
+            "/sys/fs/bpf/weft-x",
+        ])
+        .arg("--cni-binary")
+        .arg(&plugin)
+        .arg("--cni-bin-dir")
+        .arg(dir.join("bin"))
+        .arg("--cni-conf-dir")
+        .arg(dir.join("net.d"))
+        .arg("--subnet-file")
+        .arg(dir.join("subnet.env"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(dir.join("bin/weft-cni")).unwrap(),
+        b"#!/bin/sh\n"
+    );
+    let conf: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("net.d/10-weft.conflist")).unwrap())
+            .unwrap();
+    assert_eq!(conf["name"], "weft");
+    assert_eq!(conf["plugins"][0]["type"], "weft-cni");
+    assert_eq!(conf["plugins"][0]["pinRoot"], "/sys/fs/bpf/weft-x");
+    assert_eq!(
+        conf["plugins"][0]["subnetFile"],
+        dir.join("subnet.env").to_str().unwrap()
+    );
+    // Nothing else happened: no datapath, no subnet file.
+    assert!(!dir.join("subnet.env").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
