@@ -127,7 +127,9 @@ impl Cluster {
             // A fixed MAC: a bridge otherwise takes its lowest port's MAC and changes it when that
             // port leaves (a node removed), which silently breaks every neighbour's ARP entry for
             // the router and etcd address.
-            underlay.ip(&format!("link add br{i} address 02:00:5e:00:01:{i:02x} type bridge"));
+            underlay.ip(&format!(
+                "link add br{i} address 02:00:5e:00:01:{i:02x} type bridge"
+            ));
             underlay.ip(&format!(
                 "addr add {}.{}.{}.1/24 dev br{i}",
                 subnet[0], subnet[1], subnet[2]

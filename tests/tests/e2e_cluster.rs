@@ -127,7 +127,7 @@ fn churn_nodes_and_pods_converge() {
     eprintln!("churn: flow of {sent} packets between untouched pods lost {lost}");
     assert_eq!(
         lost, 0,
-        "the flow between untouched pods lost packets during churn"
+        "the flow between untouched pods lost packets during churn: {missing:?}"
     );
 }
 

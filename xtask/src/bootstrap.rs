@@ -23,6 +23,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     "ethtool",
     "util-linux",
+    "openssl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
