@@ -94,20 +94,22 @@ fn main() {
     );
 
     // The matrix: sources down, destinations across, average RTT in ms.
-    let mut dests: Vec<String> = Vec::new();
-    for p in &probes {
-        if !dests.contains(&p.to) {
-            dests.push(p.to.clone());
-        }
-    }
-    let mut sources: Vec<String> = Vec::new();
-    for p in &probes {
-        if !sources.contains(&p.from) {
-            sources.push(p.from.clone());
-        }
-    }
+    // Pods in node order, then the nodes themselves.
+    let mut dests: Vec<String> = cluster
+        .all_pods()
+        .iter()
+        .map(|(i, p)| format!("{}/{}", cluster.nodes[*i].name, p.ip))
+        .collect();
+    let sources = dests.clone();
+    dests.extend(cluster.nodes.iter().map(|n| n.name.clone()));
+    let sources: Vec<String> = sources
+        .into_iter()
+        .chain(cluster.nodes.iter().map(|n| n.name.clone()))
+        .collect();
     let short = |s: &str| s.rsplit('/').next().unwrap_or(s).to_string();
-    println!("\nconnectivity matrix (average RTT in ms; rows send, columns answer):\n");
+    println!(
+        "\nconnectivity matrix (average RTT in µs over 3 pings; rows send, columns answer):\n"
+    );
     print!("{:>22}", "");
     for d in &dests {
         print!(" {:>12}", short(d));
@@ -118,7 +120,7 @@ fn main() {
         for d in &dests {
             let cell = match probes.iter().find(|p| &p.from == s && &p.to == d) {
                 Some(p) => match p.rtt_ms {
-                    Some(rtt) => format!("{rtt:.3}"),
+                    Some(rtt) => format!("{:.0}", rtt * 1000.0),
                     None => "FAIL".into(),
                 },
                 None => "-".into(),
