@@ -1,10 +1,14 @@
 //! End to end, every backend: the connectivity matrix with nodes spread over two underlay
 //! subnets joined by a router, so DirectRouting takes both paths; per-peer route modes as the
 //! agents programmed them.
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, time::Duration};
 
 use weft_common::RouteMode;
-use weft_tests::cluster::{Cluster, ClusterOptions};
+use weft_tests::{
+    cluster::{Cluster, ClusterOptions, http_get},
+    flow::{FlowLoss, SequencedFlow},
+    process::wait_until,
+};
 
 fn cluster(backend: &str, direct_routing: bool, two_subnets: bool) -> Cluster {
     let mut cluster = Cluster::new(ClusterOptions {
@@ -104,4 +108,86 @@ fn direct_routing_over_vxlan_takes_both_paths() {
 #[test]
 fn direct_routing_over_ipip_takes_both_paths() {
     direct_routing("ipip", RouteMode::Ipip);
+}
+
+/// Changing `Backend.Type` (and DirectRouting) in net-conf.json while a flow runs: every node
+/// re-programs its routes, no pod is touched, pod addresses stay, and the loss is counted.
+#[test]
+fn live_backend_switch_through_the_config() {
+    let mut c = cluster("vxlan", false, false);
+    let endpoints_before: Vec<_> = (0..c.nodes.len())
+        .map(|i| c.nodes[i].maps().endpoints().unwrap())
+        .collect();
+    let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
+    let flow = SequencedFlow::start(&a.ns, &b.ns, b.ip, 7400);
+    let steps = [
+        ("ipip", false, RouteMode::Ipip),
+        ("host-gw", false, RouteMode::Direct),
+        ("vxlan", true, RouteMode::Direct),
+        ("vxlan", false, RouteMode::Vxlan),
+    ];
+    for (backend, direct, want) in steps {
+        std::thread::sleep(Duration::from_millis(300));
+        c.options.backend = backend.into();
+        c.options.direct_routing = direct;
+        c.write_net_conf();
+        for i in 0..c.nodes.len() {
+            wait_until(
+                &format!("{} to switch to {backend}", c.nodes[i].name),
+                Duration::from_secs(20),
+                || {
+                    let m = modes(&c, i);
+                    !m.is_empty() && m.iter().all(|(_, mode)| *mode == want)
+                },
+            );
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let FlowLoss {
+        sent,
+        lost,
+        missing,
+    } = flow.stop();
+    eprintln!(
+        "live backend switch via net-conf.json: 4 switches, {sent} packets sent, {lost} lost"
+    );
+    assert!(sent > 1000);
+    assert_eq!(lost, 0, "packets lost during live switches: {missing:?}");
+    let endpoints_after: Vec<_> = (0..c.nodes.len())
+        .map(|i| c.nodes[i].maps().endpoints().unwrap())
+        .collect();
+    assert_eq!(endpoints_before, endpoints_after, "pods untouched");
+    assert_full_matrix(&c);
+}
+
+/// host-gw cannot reach peers off the node's subnet; the agent says which (flannel breaks
+/// silently there).
+#[test]
+fn host_gw_reports_off_link_peers() {
+    let c = cluster("host-gw", false, true);
+    // Nodes 0 and 2 share a subnet; node 1 is on the other.
+    let expected = [1u64, 2, 1];
+    for (i, want) in expected.iter().enumerate() {
+        let node = &c.nodes[i];
+        let addr = std::net::SocketAddr::from((node.ip, 9402));
+        wait_until(
+            &format!("{} to report off-link peers", node.name),
+            Duration::from_secs(20),
+            || {
+                let Some((200, body)) = http_get(&node.ns, addr, "/metrics") else {
+                    return false;
+                };
+                body.lines()
+                    .find(|l| l.starts_with("weft_offlink_peers "))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    == Some(*want)
+            },
+        );
+    }
+    // Same-subnet pods still reach each other.
+    let (a, b) = (&c.nodes[0].pods[0], &c.nodes[2].pods[0]);
+    a.ns.exec(
+        "ping",
+        &["-c", "2", "-i", "0.2", "-W", "2", &b.ip.to_string()],
+    );
 }
