@@ -364,84 +364,73 @@ impl Maps {
         Ok(out)
     }
 
-    pub fn upsert_endpoint(&mut self, addr: Ipv4Addr, info: &EndpointInfo) -> Result<()> {
-        let mut map: HashMap<&mut MapData, Ipv4Key, EndpointInfo> =
-            self.map_mut(map_names::ENDPOINTS)?.try_into()?;
+    /// Inserts or replaces `value` under the IPv4 key `addr` in the hash map `name`.
+    fn hash_upsert<V: aya::Pod>(&mut self, name: &str, addr: Ipv4Addr, value: &V) -> Result<()> {
+        let mut map: HashMap<&mut MapData, Ipv4Key, V> = self.map_mut(name)?.try_into()?;
         map.insert(
             Ipv4Key {
                 addr: addr.octets(),
             },
-            info,
+            value,
             0,
-        )
-        .with_context(|| format!("inserting endpoint {addr}"))
+        )?;
+        Ok(())
+    }
+
+    fn hash_remove<V: aya::Pod>(&mut self, name: &str, addr: Ipv4Addr) -> Result<()> {
+        let mut map: HashMap<&mut MapData, Ipv4Key, V> = self.map_mut(name)?.try_into()?;
+        map.remove(&Ipv4Key {
+            addr: addr.octets(),
+        })?;
+        Ok(())
+    }
+
+    /// Every entry of an IPv4-keyed hash map, sorted by address.
+    fn hash_entries<V: aya::Pod>(&self, name: &str) -> Result<Vec<(Ipv4Addr, V)>> {
+        let map: HashMap<&MapData, Ipv4Key, V> = self.map(name)?.try_into()?;
+        let mut out = Vec::new();
+        for entry in map.iter() {
+            let (key, value) = entry?;
+            out.push((Ipv4Addr::from(key.addr), value));
+        }
+        out.sort_by_key(|(a, _)| *a);
+        Ok(out)
+    }
+
+    pub fn upsert_endpoint(&mut self, addr: Ipv4Addr, info: &EndpointInfo) -> Result<()> {
+        self.hash_upsert(map_names::ENDPOINTS, addr, info)
+            .with_context(|| format!("inserting endpoint {addr}"))
     }
 
     pub fn remove_endpoint(&mut self, addr: Ipv4Addr) -> Result<()> {
-        let mut map: HashMap<&mut MapData, Ipv4Key, EndpointInfo> =
-            self.map_mut(map_names::ENDPOINTS)?.try_into()?;
-        map.remove(&Ipv4Key {
-            addr: addr.octets(),
-        })
-        .with_context(|| format!("removing endpoint {addr}"))
+        self.hash_remove::<EndpointInfo>(map_names::ENDPOINTS, addr)
+            .with_context(|| format!("removing endpoint {addr}"))
     }
 
     pub fn endpoints(&self) -> Result<Vec<(Ipv4Addr, EndpointInfo)>> {
-        let map: HashMap<&MapData, Ipv4Key, EndpointInfo> =
-            self.map(map_names::ENDPOINTS)?.try_into()?;
-        let mut out = Vec::new();
-        for entry in map.iter() {
-            let (key, info) = entry.context("iterating endpoints")?;
-            out.push((Ipv4Addr::from(key.addr), info));
-        }
-        out.sort_by_key(|(a, _)| *a);
-        Ok(out)
+        self.hash_entries(map_names::ENDPOINTS)
+            .context("iterating endpoints")
     }
 
     pub fn upsert_node(&mut self, addr: Ipv4Addr, info: &NodeInfo) -> Result<()> {
-        let mut map: HashMap<&mut MapData, Ipv4Key, NodeInfo> =
-            self.map_mut(map_names::NODES)?.try_into()?;
-        map.insert(
-            Ipv4Key {
-                addr: addr.octets(),
-            },
-            info,
-            0,
-        )
-        .with_context(|| format!("inserting node {addr}"))
+        self.hash_upsert(map_names::NODES, addr, info)
+            .with_context(|| format!("inserting node {addr}"))
     }
 
     pub fn remove_node(&mut self, addr: Ipv4Addr) -> Result<()> {
-        let mut map: HashMap<&mut MapData, Ipv4Key, NodeInfo> =
-            self.map_mut(map_names::NODES)?.try_into()?;
-        map.remove(&Ipv4Key {
-            addr: addr.octets(),
-        })
-        .with_context(|| format!("removing node {addr}"))
+        self.hash_remove::<NodeInfo>(map_names::NODES, addr)
+            .with_context(|| format!("removing node {addr}"))
     }
 
     pub fn nodes(&self) -> Result<Vec<(Ipv4Addr, NodeInfo)>> {
-        let map: HashMap<&MapData, Ipv4Key, NodeInfo> = self.map(map_names::NODES)?.try_into()?;
-        let mut out = Vec::new();
-        for entry in map.iter() {
-            let (key, info) = entry.context("iterating nodes")?;
-            out.push((Ipv4Addr::from(key.addr), info));
-        }
-        out.sort_by_key(|(a, _)| *a);
-        Ok(out)
+        self.hash_entries(map_names::NODES)
+            .context("iterating nodes")
     }
 
     /// Cached underlay next hops (what the datapath resolved through the kernel's FIB).
     pub fn next_hops(&self) -> Result<Vec<(Ipv4Addr, NextHop)>> {
-        let map: HashMap<&MapData, Ipv4Key, NextHop> =
-            self.map(map_names::NEXT_HOPS)?.try_into()?;
-        let mut out = Vec::new();
-        for entry in map.iter() {
-            let (key, hop) = entry.context("iterating next hops")?;
-            out.push((Ipv4Addr::from(key.addr), hop));
-        }
-        out.sort_by_key(|(a, _)| *a);
-        Ok(out)
+        self.hash_entries(map_names::NEXT_HOPS)
+            .context("iterating next hops")
     }
 
     /// Forgets every cached next hop, so the next packet to each node asks the FIB again (the

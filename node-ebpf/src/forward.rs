@@ -1,7 +1,7 @@
 //! Forwarding an IPv4 packet by its destination: into a local pod, or toward the node owning
 //! the destination (encapsulated or routed). Shared by `from_pod` and `from_host`.
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_redirect_peer, programs::TcContext};
-use weft_common::{DropReason, NodeConfig, RouteMode, Stat};
+use weft_common::{DropReason, EndpointInfo, NodeConfig, RouteMode, Stat};
 
 use crate::{
     counters::count,
@@ -27,6 +27,22 @@ fn flow_hash(ctx: &TcContext, ip: &Ipv4Hdr) -> u32 {
     weft_common::flow_hash(ip.saddr, ip.daddr, ip.protocol, ports)
 }
 
+/// Delivers a packet into a local pod's namespace: a routed hop (TTL, MACs of the pod's
+/// link), then `bpf_redirect_peer` into the pod's side of its veth. TTL 1 goes to the stack,
+/// which answers with ICMP time exceeded.
+#[inline(always)]
+pub fn deliver_to_pod(eth: &mut EthHdr, ip: &mut Ipv4Hdr, dst: &EndpointInfo, stat: Stat) -> i32 {
+    if ip.ttl <= 1 {
+        count(Stat::PassedToStack);
+        return TC_ACT_OK;
+    }
+    ip.decrement_ttl();
+    eth.dst = dst.pod_mac;
+    eth.src = dst.host_mac;
+    count(stat);
+    unsafe { bpf_redirect_peer(dst.host_ifindex, 0) as i32 }
+}
+
 /// Forwards the packet whose headers are `eth`/`ip`; `Ok(TC_ACT_OK)` hands it to the stack.
 #[inline(always)]
 pub fn forward(
@@ -36,16 +52,7 @@ pub fn forward(
     ip: &mut Ipv4Hdr,
 ) -> Result<i32, DropReason> {
     if let Some(dst) = route::endpoint(ip.daddr) {
-        if ip.ttl <= 1 {
-            // The stack answers with ICMP time exceeded.
-            count(Stat::PassedToStack);
-            return Ok(TC_ACT_OK);
-        }
-        ip.decrement_ttl();
-        eth.dst = dst.pod_mac;
-        eth.src = dst.host_mac;
-        count(Stat::LocalDelivered);
-        return Ok(unsafe { bpf_redirect_peer(dst.host_ifindex, 0) } as i32);
+        return Ok(deliver_to_pod(eth, ip, dst, Stat::LocalDelivered));
     }
 
     let Some(route) = route::route(ip.daddr) else {

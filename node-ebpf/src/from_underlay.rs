@@ -3,7 +3,6 @@
 //! (XDP not attached, or not supported by the NIC).
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
-    helpers::bpf_redirect_peer,
     macros::classifier,
     programs::TcContext,
 };
@@ -12,6 +11,7 @@ use weft_common::{DropReason, Stat};
 use crate::{
     counters::{count, count_drop},
     decap::{Tunnel, classify},
+    forward,
     parse::{EthHdr, L3, parse_ipv4},
     route,
 };
@@ -74,13 +74,10 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(dst) = route::endpoint(ip.daddr) else {
         return Ok(TC_ACT_OK);
     };
-    if ip.ttl <= 1 {
-        count(Stat::PassedToStack);
-        return Ok(TC_ACT_OK);
-    }
-    ip.decrement_ttl();
-    eth.dst = dst.pod_mac;
-    eth.src = dst.host_mac;
-    count(Stat::UnderlayDelivered);
-    Ok(unsafe { bpf_redirect_peer(dst.host_ifindex, 0) } as i32)
+    Ok(forward::deliver_to_pod(
+        eth,
+        ip,
+        dst,
+        Stat::UnderlayDelivered,
+    ))
 }
