@@ -234,22 +234,14 @@ impl Datapath {
     fn attach_xdp(&mut self, ifname: &str) -> Result<()> {
         let pin = self.link_pin(prog_names::XDP_UNDERLAY, ifname);
         let prog = self.xdp_program()?;
-        if let Some(pin) = &pin {
-            match PinnedLink::from_pin(pin) {
-                Ok(old) => {
-                    let link = XdpLink::try_from(FdLink::from(old))
-                        .context("pinned link is not an XDP link")?;
-                    let id = prog
-                        .attach_to_link(link)
-                        .with_context(|| format!("replacing xdp_underlay on {ifname}"))?;
-                    let link = prog.take_link(id)?;
-                    std::mem::drop(FdLink::try_from(link)?);
-                    return Ok(());
-                }
-                Err(LinkError::SyscallError(SyscallError { io_error, .. }))
-                    if io_error.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).context(format!("opening {}", pin.display())),
-            }
+        if let Some(old) = open_pinned_link(pin.as_deref())? {
+            let link = XdpLink::try_from(old).context("pinned link is not an XDP link")?;
+            let id = prog
+                .attach_to_link(link)
+                .with_context(|| format!("replacing xdp_underlay on {ifname}"))?;
+            // The pin keeps the link; our handle may go.
+            std::mem::drop(FdLink::try_from(prog.take_link(id)?)?);
+            return Ok(());
         }
         let id = prog
             .attach(ifname, XdpMode::default())
@@ -478,6 +470,22 @@ impl Maps {
     }
 }
 
+/// The link pinned at `pin`, if there is one (a previous agent's attachment to adopt).
+fn open_pinned_link(pin: Option<&Path>) -> Result<Option<FdLink>> {
+    let Some(pin) = pin else {
+        return Ok(None);
+    };
+    match PinnedLink::from_pin(pin) {
+        Ok(old) => Ok(Some(FdLink::from(old))),
+        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e).context(format!("opening {}", pin.display())),
+    }
+}
+
 /// Attaches `prog` to the tc ingress of `ifname` (current netns) as a TCX link. With a pin
 /// path, the link is pinned there; an existing pinned link is atomically switched to `prog`.
 fn attach_tc_ingress(
@@ -486,23 +494,14 @@ fn attach_tc_ingress(
     ifname: &str,
     pin: Option<&Path>,
 ) -> Result<()> {
-    if let Some(pin) = pin {
-        match PinnedLink::from_pin(pin) {
-            Ok(old) => {
-                let link = SchedClassifierLink::try_from(FdLink::from(old))
-                    .context("pinned link is not a tc link")?;
-                let id = prog
-                    .attach_to_link(link)
-                    .with_context(|| format!("replacing {prog_name} on {ifname}"))?;
-                // The pin keeps the link; our handle may go.
-                let link = prog.take_link(id)?;
-                std::mem::drop(FdLink::try_from(link)?);
-                return Ok(());
-            }
-            Err(LinkError::SyscallError(SyscallError { io_error, .. }))
-                if io_error.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).context(format!("opening {}", pin.display())),
-        }
+    if let Some(old) = open_pinned_link(pin)? {
+        let link = SchedClassifierLink::try_from(old).context("pinned link is not a tc link")?;
+        let id = prog
+            .attach_to_link(link)
+            .with_context(|| format!("replacing {prog_name} on {ifname}"))?;
+        // The pin keeps the link; our handle may go.
+        std::mem::drop(FdLink::try_from(prog.take_link(id)?)?);
+        return Ok(());
     }
     let id = prog
         .attach_with_options(

@@ -530,6 +530,24 @@ impl Cluster {
         probes
     }
 
+    /// Runs the connectivity matrix and panics, with the datapath state and agent logs, when
+    /// any probe failed. Returns the number of probes.
+    pub fn assert_full_matrix(&self) -> usize {
+        let probes = self.connectivity_matrix();
+        let failed: Vec<String> = probes
+            .iter()
+            .filter(|p| !p.ok)
+            .map(|p| format!("{} -> {}", p.from, p.to))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "unreachable: {failed:?}\n{}\n{}",
+            self.datapath_state(),
+            self.agent_logs()
+        );
+        probes.len()
+    }
+
     /// Every node's routes, peers and non-zero drop counters, for failure messages.
     pub fn datapath_state(&self) -> String {
         let mut out = String::new();

@@ -23,20 +23,6 @@ fn cluster(backend: &str, direct_routing: bool, two_subnets: bool) -> Cluster {
     cluster
 }
 
-fn assert_full_matrix(cluster: &Cluster) {
-    let probes = cluster.connectivity_matrix();
-    let failed: Vec<String> = probes
-        .iter()
-        .filter(|p| !p.ok)
-        .map(|p| format!("{} -> {}", p.from, p.to))
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "unreachable: {failed:?}\n{}",
-        cluster.agent_logs()
-    );
-}
-
 /// The mode each node programmed for every peer, by the peer's underlay address.
 fn modes(cluster: &Cluster, node: usize) -> Vec<(Ipv4Addr, RouteMode)> {
     let mut out: Vec<(Ipv4Addr, RouteMode)> = cluster.nodes[node]
@@ -62,7 +48,7 @@ fn same_subnet(a: Ipv4Addr, b: Ipv4Addr) -> bool {
 #[test]
 fn ipip_across_two_subnets() {
     let c = cluster("ipip", false, true);
-    assert_full_matrix(&c);
+    c.assert_full_matrix();
     for i in 0..c.nodes.len() {
         assert!(
             modes(&c, i).iter().all(|(_, m)| *m == RouteMode::Ipip),
@@ -75,7 +61,7 @@ fn ipip_across_two_subnets() {
 #[test]
 fn host_gw_on_one_subnet() {
     let c = cluster("host-gw", false, false);
-    assert_full_matrix(&c);
+    c.assert_full_matrix();
     for i in 0..c.nodes.len() {
         assert!(
             modes(&c, i).iter().all(|(_, m)| *m == RouteMode::Direct),
@@ -87,7 +73,7 @@ fn host_gw_on_one_subnet() {
 
 fn direct_routing(backend: &str, tunnel: RouteMode) {
     let c = cluster(backend, true, true);
-    assert_full_matrix(&c);
+    c.assert_full_matrix();
     for i in 0..c.nodes.len() {
         for (peer, mode) in modes(&c, i) {
             let want = if same_subnet(c.nodes[i].ip, peer) {
@@ -157,7 +143,7 @@ fn live_backend_switch_through_the_config() {
         .map(|i| c.nodes[i].maps().endpoints().unwrap())
         .collect();
     assert_eq!(endpoints_before, endpoints_after, "pods untouched");
-    assert_full_matrix(&c);
+    c.assert_full_matrix();
 }
 
 /// host-gw cannot reach peers off the node's subnet; the agent says which (flannel breaks

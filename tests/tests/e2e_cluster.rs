@@ -8,22 +8,6 @@ use weft_tests::{
     process::wait_until,
 };
 
-fn assert_full_matrix(cluster: &Cluster) -> usize {
-    let probes = cluster.connectivity_matrix();
-    let failed: Vec<String> = probes
-        .iter()
-        .filter(|p| !p.ok)
-        .map(|p| format!("{} -> {}", p.from, p.to))
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "unreachable: {failed:?}\n{}\n{}",
-        cluster.datapath_state(),
-        cluster.agent_logs()
-    );
-    probes.len()
-}
-
 fn cluster_with_pods(options: ClusterOptions, pods_per_node: usize) -> Cluster {
     let mut cluster = Cluster::new(options);
     for node in 0..cluster.nodes.len() {
@@ -54,7 +38,7 @@ fn bulk_and_sizes(cluster: &Cluster, port: u16) {
 #[test]
 fn vxlan_cluster_full_connectivity() {
     let cluster = cluster_with_pods(ClusterOptions::default(), 2);
-    let probes = assert_full_matrix(&cluster);
+    let probes = cluster.assert_full_matrix();
     assert_eq!(probes, 6 * 5 + 6 * 3 + 3 * 6, "matrix size");
     bulk_and_sizes(&cluster, 8001);
     for node in &cluster.nodes {
@@ -85,7 +69,7 @@ fn churn_nodes_and_pods_converge() {
         cluster.wait_converged(i);
     }
     cluster.add_pod(new);
-    assert_full_matrix(&cluster);
+    cluster.assert_full_matrix();
     // A node leaves: no node keeps a route to it.
     let gone = cluster.remove_node(2);
     let gone_ip = gone.ip;
@@ -118,7 +102,7 @@ fn churn_nodes_and_pods_converge() {
     );
     cluster.delete_pod(0, 1);
     assert_eq!(cluster.nodes[0].maps().endpoints().unwrap().len(), before);
-    assert_full_matrix(&cluster);
+    cluster.assert_full_matrix();
     let FlowLoss {
         sent,
         lost,
