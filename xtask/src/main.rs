@@ -65,13 +65,23 @@ fn main() -> Result<()> {
                 "--bins",
                 "--tests",
             ])?;
-            let mut args = vec!["test", "--workspace", "--exclude", "node-ebpf"];
+            // Doc tests are left out: the crates have none, and their empty "0 passed" lines
+            // would close the output.
+            let mut args = vec![
+                "test",
+                "--workspace",
+                "--exclude",
+                "node-ebpf",
+                "--lib",
+                "--bins",
+                "--tests",
+            ];
             let extra: Vec<&str> = cargo_args.iter().map(String::as_str).collect();
             if !extra.is_empty() {
                 args.push("--");
                 args.extend(extra);
             }
-            cargo(&args)
+            cargo_test_with_summary(&args)
         }
         Cmd::Demo {
             keep,
@@ -135,6 +145,52 @@ fn cargo(args: &[&str]) -> Result<()> {
         .with_context(|| format!("running cargo {}", args.join(" ")))?;
     if !status.success() {
         bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, passing its output through, and closes with one line that sums every
+/// test binary's result: `weft: N passed, N failed`.
+fn cargo_test_with_summary(args: &[&str]) -> Result<()> {
+    use std::io::{BufRead as _, Write as _};
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("xtask: cargo {}", args.join(" "));
+    let mut child = Command::new(cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut out = std::io::stdout();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        writeln!(out, "{line}")?;
+        // "test result: ok. 12 passed; 0 failed; 0 ignored; ..."
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(word)
+                    })
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("weft: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    if passed == 0 {
+        bail!("no test ran");
     }
     Ok(())
 }
