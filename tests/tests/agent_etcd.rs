@@ -354,8 +354,9 @@ fn etcd_outage_leaves_forwarding_alone_and_reconverges() {
     c.etcd.stop();
     let start = Instant::now();
     let mut saw_disconnect = false;
-    // Longer than the lease TTL: etcd extends leases when it comes back.
-    while start.elapsed() < Duration::from_secs(10) {
+    // A minute, as the issue asks, and far longer than the 4 s lease TTL: etcd extends leases
+    // when it comes back.
+    while start.elapsed() < Duration::from_secs(60) {
         for (node, b) in c.nodes.iter().zip(&before) {
             assert_eq!(
                 &forwarding_state(&node.maps()),
