@@ -1,6 +1,6 @@
-//! tc ingress on the underlay NIC: delivers packets for local pods straight into the pod's
-//! namespace (`bpf_redirect_peer`), after decapsulating tunnel packets XDP did not handle
-//! (XDP not attached, or not supported by the NIC).
+//! tc ingress on the underlay NIC: delivers packets from other nodes' pods to local pods
+//! straight into the pod's namespace (`bpf_redirect_peer`), after decapsulating tunnel packets
+//! XDP did not handle (XDP not attached, or not supported by the NIC).
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
     macros::classifier,
@@ -44,6 +44,7 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, DropReason> {
         };
         let _ = ctx.pull_data(want);
     }
+    let mut tc_decapsulated = false;
     match classify(ctx.data(), ctx.data_end(), frame_len, cfg) {
         Tunnel::NotOurs => {}
         Tunnel::Drop(reason) => return Err(reason),
@@ -62,6 +63,7 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, DropReason> {
             ctx.adjust_room(-(strip as i32), BPF_ADJ_ROOM_MAC, 0)
                 .map_err(|_| DropReason::AdjustRoomFailed)?;
             count(Stat::TcDecap);
+            tc_decapsulated = true;
         }
     }
 
@@ -74,6 +76,16 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(dst) = route::endpoint(ip.daddr) else {
         return Ok(TC_ACT_OK);
     };
+    // (Packets tc decapsulated itself are always delivered here: handing them back to the
+    // stack after `bpf_skb_adjust_room` leaves offload state the stack cannot forward.)
+    if !tc_decapsulated && route::route(ip.saddr).is_none() {
+        // Not from a pod of another node (a node, hostNetwork pod or anything else): the host
+        // stack delivers it, so its conntrack sees the request and the pod's reply is
+        // recognised as a reply (not masqueraded as new pod-to-node traffic), and the node's
+        // own firewall applies. Pod-to-pod traffic keeps the fast path.
+        count(Stat::PassedToStack);
+        return Ok(TC_ACT_OK);
+    }
     Ok(forward::deliver_to_pod(
         eth,
         ip,

@@ -316,6 +316,16 @@ impl Cluster {
         if let Some(agent) = node.agent.as_mut() {
             agent.terminate(Duration::from_secs(5));
         }
+        // What an operator does when a node leaves for good (as `kubectl delete node`): its
+        // lease goes now rather than when its TTL runs out. An agent that merely restarts keeps
+        // its lease, as flannel's does.
+        let env = weft_agent::subnet_env::SubnetEnv::read(&node.subnet_file())
+            .expect("the leaving node's subnet file");
+        self.etcd.delete(&format!(
+            "{FLANNEL_PREFIX}/subnets/{}-{}",
+            env.subnet.network(),
+            env.subnet.prefix_len()
+        ));
         node
     }
 
@@ -528,6 +538,50 @@ impl Cluster {
             }
         }
         probes
+    }
+
+    /// TCP (a 256 KB transfer, content checked) and UDP (datagrams of 1421, 1422 and 1423
+    /// bytes: the largest unfragmented one and the first that fragments) from every pod to every other pod and from every node to every
+    /// pod. Panics with context on the first failure; returns how many pairs were checked.
+    pub fn assert_tcp_udp_matrix(&self) -> usize {
+        let pods = self.all_pods();
+        let mut pairs: Vec<(&Netns, &Pod)> = Vec::new();
+        for (_, from) in &pods {
+            for (_, to) in &pods {
+                if from.ip != to.ip {
+                    pairs.push((&from.ns, to));
+                }
+            }
+        }
+        for node in &self.nodes {
+            for (_, to) in &pods {
+                pairs.push((&node.ns, to));
+            }
+        }
+        // Eight pairs at a time, each on its own ports.
+        let indexed: Vec<(usize, &(&Netns, &Pod))> = pairs.iter().enumerate().collect();
+        for chunk in indexed.chunks(8) {
+            std::thread::scope(|scope| {
+                for (i, (from, to)) in chunk {
+                    let (from, to) = (*from, *to);
+                    let port = 20000 + 2 * *i as u16;
+                    scope.spawn(move || {
+                        crate::flow::tcp_transfer(
+                            &to.ns,
+                            to.ip,
+                            port,
+                            from,
+                            256 << 10,
+                            Duration::from_secs(10),
+                        );
+                        let retries =
+                            crate::flow::udp_echo_sizes(from, &to.ns, to.ip, port + 1, 1421..=1423);
+                        assert!(retries <= 1, "UDP to {} needed {retries} retries", to.ip);
+                    });
+                }
+            });
+        }
+        pairs.len()
     }
 
     /// Runs the connectivity matrix and panics, with the datapath state and agent logs, when

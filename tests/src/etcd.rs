@@ -164,6 +164,16 @@ impl Etcd {
         );
     }
 
+    /// Deletes `key`.
+    pub fn delete(&self, key: &str) {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        self.gateway(
+            "/v3/kv/deleterange",
+            serde_json::json!({"key": b64.encode(key)}),
+        );
+    }
+
     /// Every key under `prefix` with its value.
     pub fn get_prefix(&self, prefix: &str) -> Vec<(String, String)> {
         use base64::Engine as _;

@@ -222,7 +222,8 @@ pub fn udp_echo_sizes(
     let server = server_ns.spawn(move || {
         let sock = std::net::UdpSocket::bind(SocketAddr::from((server_ip, port)))
             .unwrap_or_else(|e| panic!("binding {server_ip}:{port}: {e}"));
-        sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        // Idle for a second after the last datagram (twice the client's retry wait): done.
+        sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
         ready_tx.send(()).unwrap();
         let mut buf = vec![0u8; 65536];
         while let Ok((n, from)) = sock.recv_from(&mut buf) {

@@ -363,3 +363,29 @@ fn ipip_malformed_input_has_defined_verdicts() {
         assert_eq!(stat(node, Stat::XdpIpipDecap), 0);
     });
 }
+
+#[test]
+fn node_traffic_to_pods_goes_through_the_host_stack() {
+    with_node(|node| {
+        // A remote node (not a pod) talking to a local pod without a tunnel (or after XDP
+        // decapsulation): the stack delivers it (conntrack, firewall).
+        let plain = tcp_frame(PEER_MAC, NIC_MAC, PEER_IP, POD1_IP, 10250, 40000, b"probe");
+        let out = tc(node, &plain);
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert_eq!(out.data, plain);
+        assert_eq!(stat(node, Stat::PassedToStack), 1);
+        // What tc decapsulated itself is delivered by tc.
+        let from_node = tcp_frame(
+            PEER_VTEP_MAC,
+            VTEP_MAC,
+            PEER_IP,
+            POD1_IP,
+            10250,
+            40000,
+            b"probe",
+        );
+        let out = tc(node, &vxlan_from(PEER_IP, VXLAN_PORT, VNI, &from_node));
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(stat(node, Stat::UnderlayDelivered), 1);
+    });
+}

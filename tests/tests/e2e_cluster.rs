@@ -39,6 +39,8 @@ fn bulk_and_sizes(cluster: &Cluster, port: u16) {
 fn vxlan_cluster_full_connectivity() {
     let cluster = cluster_with_pods(ClusterOptions::default(), 2);
     let probes = cluster.assert_full_matrix();
+    // TCP and UDP too, for every pair the ICMP matrix covers (but pod -> node).
+    assert_eq!(cluster.assert_tcp_udp_matrix(), 6 * 5 + 3 * 6);
     assert_eq!(probes, 6 * 5 + 6 * 3 + 3 * 6, "matrix size");
     bulk_and_sizes(&cluster, 8001);
     for node in &cluster.nodes {
@@ -77,7 +79,8 @@ fn churn_nodes_and_pods_converge() {
     for node in &cluster.nodes {
         wait_until(
             &format!("{} to forget {gone_ip}", node.name),
-            Duration::from_secs(30),
+            // Its lease is deleted: every node must converge within seconds.
+            Duration::from_secs(5),
             || {
                 let routes = node.maps().routes().unwrap();
                 routes
