@@ -111,14 +111,6 @@ impl Datapath {
         })
     }
 
-    pub fn pin_dir(&self) -> Option<&Path> {
-        self.pin_dir.as_deref()
-    }
-
-    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
-    }
-
     pub fn tc_program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
         let prog = self
             .ebpf
@@ -251,18 +243,6 @@ impl Datapath {
             FdLink::try_from(link)?
                 .pin(&pin)
                 .with_context(|| format!("pinning the link at {}", pin.display()))?;
-        }
-        Ok(())
-    }
-
-    /// Removes the pinned link of `prog_name` on `ifname` (detaching it), if any.
-    pub fn detach_pinned(&self, prog_name: &str, ifname: &str) -> Result<()> {
-        if let Some(pin) = self.link_pin(prog_name, ifname) {
-            match std::fs::remove_file(&pin) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
-            }
         }
         Ok(())
     }

@@ -5,6 +5,7 @@ pub mod config;
 pub mod datapath;
 pub mod datastore;
 pub mod ipam;
+pub mod mac;
 pub mod metrics;
 pub mod netlink;
 pub mod node_net;

@@ -447,13 +447,8 @@ pub struct Probe {
     pub rtt_ms: Option<f64>,
 }
 
-/// Pings `to` from `ns` (three echoes, 0.1 s apart) and returns the average RTT when all came
+/// Pings `to` from the namespace `ns_name` (three echoes, 0.1 s apart) and returns the average RTT when all came
 /// back.
-pub fn ping_rtt(ns: &Netns, to: Ipv4Addr) -> Option<f64> {
-    ping_rtt_in(&ns.name, to)
-}
-
-/// `ping_rtt` by namespace name.
 pub fn ping_rtt_in(ns_name: &str, to: Ipv4Addr) -> Option<f64> {
     let out = Command::new("ip")
         .args([

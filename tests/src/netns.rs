@@ -146,21 +146,11 @@ pub fn enter(path: &str) {
     setns(file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
 }
 
-pub fn parse_mac(s: &str) -> [u8; 6] {
-    let mut mac = [0u8; 6];
-    let parts: Vec<&str> = s.split(':').collect();
-    assert_eq!(parts.len(), 6, "bad MAC {s}");
-    for (i, p) in parts.iter().enumerate() {
-        mac[i] = u8::from_str_radix(p, 16).unwrap_or_else(|e| panic!("bad MAC {s}: {e}"));
-    }
-    mac
-}
+pub use weft_agent::mac::format_mac;
 
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+/// `weft_agent::mac::parse_mac` for test input that must be valid.
+pub fn parse_mac(s: &str) -> [u8; 6] {
+    weft_agent::mac::parse_mac(s).unwrap_or_else(|| panic!("bad MAC {s}"))
 }
 
 /// Creates a veth pair `a` in `ns_a` and `b` in `ns_b` (both up).

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use weft_agent::datapath::Maps;
+use weft_agent::{datapath::Maps, mac::format_mac as mac};
 use weft_common::{CONFIG_F_READY, RouteMode};
 
 #[derive(Parser)]
@@ -37,13 +37,6 @@ enum Cmd {
     Drops,
     /// Packets by datapath path.
     Stats,
-}
-
-fn mac(m: &[u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 fn mode(m: u8) -> String {

@@ -97,21 +97,7 @@ pub trait Datastore: Send {
     fn run(self: Box<Self>, events: Sender<Event>) -> Result<()>;
 }
 
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut out = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in out.iter_mut() {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(out)
-}
+pub use crate::mac::{format_mac, parse_mac};
 
 /// flannel's key for a subnet: `10.244.1.0-24`.
 pub fn subnet_key(subnet: Ipv4Net) -> String {
