@@ -7,7 +7,7 @@
 
 /// Version of the map layout. It is part of the pin path, so a new layout never reuses maps
 /// pinned by an older agent (aya reuses a pinned map without checking its shape).
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 /// Default root of the pins; the schema directory `v{SCHEMA_VERSION}` lives under it.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/weft";
 
@@ -83,6 +83,7 @@ impl RouteMode {
 /// Where a pod CIDR lives: the owning node's underlay address and how to reach it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct RouteInfo {
     /// Owning node's underlay IPv4 address (network order).
     pub node_ip: [u8; 4],
@@ -96,6 +97,7 @@ pub struct RouteInfo {
 /// Key of the endpoint map and the node map: an IPv4 address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct Ipv4Key {
     pub addr: [u8; 4],
 }
@@ -103,6 +105,7 @@ pub struct Ipv4Key {
 /// A pod attached to this node.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct EndpointInfo {
     /// ifindex of the host side of the pod's veth (in the node's namespace).
     pub host_ifindex: u32,
@@ -116,6 +119,7 @@ pub struct EndpointInfo {
 /// A known tunnel peer: the only outer sources the decapsulation accepts.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct NodeInfo {
     pub vtep_mac: [u8; 6],
     /// A [`RouteMode`] as u8 (the peer's default mode).
@@ -126,6 +130,7 @@ pub struct NodeInfo {
 /// An underlay next hop toward a node, as the kernel's FIB resolved it (cache entry).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct NextHop {
     /// Egress interface.
     pub ifindex: u32,
@@ -166,6 +171,7 @@ pub fn vxlan_source_port(hash: u32) -> u16 {
 /// Node-wide configuration, one entry in an array map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct NodeConfig {
     /// This node's underlay IPv4 address (network order); tunnels are addressed to it.
     pub node_ip: [u8; 4],
@@ -185,129 +191,94 @@ pub struct NodeConfig {
 /// The config entry is valid (userspace wrote it). Programs pass everything untouched before.
 pub const CONFIG_F_READY: u16 = 1 << 0;
 
-/// Why a packet was dropped. Index into the per-CPU drop counter array.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DropReason {
-    /// Source IPv4 address of a pod packet is not the endpoint's.
-    SpoofedIp = 0,
-    /// Source MAC of a pod packet is not the endpoint's.
-    SpoofedMac = 1,
-    /// IPv4 header truncated or invalid (IHL < 5, version != 4, total length beyond the frame).
-    MalformedIpv4 = 2,
-    /// A tunnel packet addressed to this node comes from an address that is not a known node.
-    UnknownTunnelSource = 3,
-    /// A tunnel packet addressed to this node is truncated or its VXLAN header is invalid.
-    MalformedTunnel = 4,
-    /// The decapsulated inner frame is not IPv4.
-    InnerNotIpv4 = 5,
-    /// `bpf_skb_adjust_room` / `bpf_xdp_adjust_head` failed.
-    AdjustRoomFailed = 6,
-    /// Writing a header into the packet failed.
-    StoreFailed = 7,
-    /// The route's mode is unknown (map corrupted or newer agent).
-    BadRouteMode = 8,
-    /// The packet's TTL would reach zero when forwarded (when it cannot be handed to the stack).
-    TtlExceeded = 9,
-    /// The kernel's FIB has no usable route to the remote node's underlay address.
-    NoUnderlayRoute = 10,
-    /// IPv4 forwarding is disabled on the underlay NIC (`net.ipv4.conf.<nic>.forwarding`): the
-    /// kernel's FIB refuses to route for it. The agent enables it; this says someone undid it.
-    ForwardingDisabled = 11,
+/// Declares a counter enum once: its values (the index into a per-CPU array), the count, the
+/// list in index order and the stable snake_case names used by the CLI and metrics all come from
+/// the one list given to the macro. Values are assigned in order from 0, so the list cannot have
+/// gaps or duplicates.
+macro_rules! counter_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident, count $count:ident {
+            $( $(#[$vmeta:meta])* $variant:ident => $text:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name {
+            $( $(#[$vmeta])* $variant, )+
+        }
+
+        pub const $count: u32 = [$($name::$variant),+].len() as u32;
+
+        impl $name {
+            /// Every value, in index order.
+            pub const ALL: [$name; $count as usize] = [$($name::$variant),+];
+
+            /// Stable snake_case name, used by the CLI and metrics.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $( $name::$variant => $text, )+
+                }
+            }
+        }
+    };
 }
 
-pub const DROP_REASON_COUNT: u32 = 12;
-
-impl DropReason {
-    pub const ALL: [DropReason; DROP_REASON_COUNT as usize] = [
-        Self::SpoofedIp,
-        Self::SpoofedMac,
-        Self::MalformedIpv4,
-        Self::UnknownTunnelSource,
-        Self::MalformedTunnel,
-        Self::InnerNotIpv4,
-        Self::AdjustRoomFailed,
-        Self::StoreFailed,
-        Self::BadRouteMode,
-        Self::TtlExceeded,
-        Self::NoUnderlayRoute,
-        Self::ForwardingDisabled,
-    ];
-
-    /// Stable snake_case name, used by the CLI and metrics.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::SpoofedIp => "spoofed_ip",
-            Self::SpoofedMac => "spoofed_mac",
-            Self::MalformedIpv4 => "malformed_ipv4",
-            Self::UnknownTunnelSource => "unknown_tunnel_source",
-            Self::MalformedTunnel => "malformed_tunnel",
-            Self::InnerNotIpv4 => "inner_not_ipv4",
-            Self::AdjustRoomFailed => "adjust_room_failed",
-            Self::StoreFailed => "store_failed",
-            Self::BadRouteMode => "bad_route_mode",
-            Self::TtlExceeded => "ttl_exceeded",
-            Self::NoUnderlayRoute => "no_underlay_route",
-            Self::ForwardingDisabled => "forwarding_disabled",
-        }
+counter_enum! {
+    /// Why a packet was dropped. Index into the per-CPU drop counter array.
+    pub enum DropReason, count DROP_REASON_COUNT {
+        /// Source IPv4 address of a pod packet is not the endpoint's.
+        SpoofedIp => "spoofed_ip",
+        /// Source MAC of a pod packet is not the endpoint's.
+        SpoofedMac => "spoofed_mac",
+        /// IPv4 header truncated or invalid (IHL < 5, version != 4, total length beyond the
+        /// frame).
+        MalformedIpv4 => "malformed_ipv4",
+        /// A tunnel packet addressed to this node comes from an address that is not a known node.
+        UnknownTunnelSource => "unknown_tunnel_source",
+        /// A tunnel packet addressed to this node is truncated or its VXLAN header is invalid.
+        MalformedTunnel => "malformed_tunnel",
+        /// The decapsulated inner frame is not IPv4.
+        InnerNotIpv4 => "inner_not_ipv4",
+        /// `bpf_skb_adjust_room` / `bpf_xdp_adjust_head` failed.
+        AdjustRoomFailed => "adjust_room_failed",
+        /// Writing a header into the packet failed.
+        StoreFailed => "store_failed",
+        /// The route's mode is unknown (map corrupted or newer agent).
+        BadRouteMode => "bad_route_mode",
+        /// The kernel's FIB has no usable route to the remote node's underlay address.
+        NoUnderlayRoute => "no_underlay_route",
+        /// IPv4 forwarding is disabled on the underlay NIC (`net.ipv4.conf.<nic>.forwarding`):
+        /// the kernel's FIB refuses to route for it. The agent enables it; this says someone
+        /// undid it.
+        ForwardingDisabled => "forwarding_disabled",
     }
 }
 
-/// What happened to packets that were not dropped. Index into the per-CPU stats array.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stat {
-    /// Delivered from a pod to a pod on this node.
-    LocalDelivered = 0,
-    /// Encapsulated in VXLAN and sent to a remote node.
-    VxlanEncap = 1,
-    /// Encapsulated in IPIP and sent to a remote node.
-    IpipEncap = 2,
-    /// Routed without encapsulation to a remote node.
-    DirectForward = 3,
-    /// VXLAN decapsulated by XDP.
-    XdpVxlanDecap = 4,
-    /// IPIP decapsulated by XDP.
-    XdpIpipDecap = 5,
-    /// VXLAN or IPIP decapsulated by tc (XDP absent).
-    TcDecap = 6,
-    /// Delivered from the underlay to a local pod with `bpf_redirect_peer`.
-    UnderlayDelivered = 7,
-    /// Handed to the host stack (not weft's, or no route).
-    PassedToStack = 8,
-    /// Next hop not resolved by the FIB; handed to `bpf_redirect_neigh`.
-    NeighResolve = 9,
-}
-
-pub const STAT_COUNT: u32 = 10;
-
-impl Stat {
-    pub const ALL: [Stat; STAT_COUNT as usize] = [
-        Self::LocalDelivered,
-        Self::VxlanEncap,
-        Self::IpipEncap,
-        Self::DirectForward,
-        Self::XdpVxlanDecap,
-        Self::XdpIpipDecap,
-        Self::TcDecap,
-        Self::UnderlayDelivered,
-        Self::PassedToStack,
-        Self::NeighResolve,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::LocalDelivered => "local_delivered",
-            Self::VxlanEncap => "vxlan_encap",
-            Self::IpipEncap => "ipip_encap",
-            Self::DirectForward => "direct_forward",
-            Self::XdpVxlanDecap => "xdp_vxlan_decap",
-            Self::XdpIpipDecap => "xdp_ipip_decap",
-            Self::TcDecap => "tc_decap",
-            Self::UnderlayDelivered => "underlay_delivered",
-            Self::PassedToStack => "passed_to_stack",
-            Self::NeighResolve => "neigh_resolve",
-        }
+counter_enum! {
+    /// What happened to packets that were not dropped. Index into the per-CPU stats array.
+    pub enum Stat, count STAT_COUNT {
+        /// Delivered from a pod to a pod on this node.
+        LocalDelivered => "local_delivered",
+        /// Encapsulated in VXLAN and sent to a remote node.
+        VxlanEncap => "vxlan_encap",
+        /// Encapsulated in IPIP and sent to a remote node.
+        IpipEncap => "ipip_encap",
+        /// Routed without encapsulation to a remote node.
+        DirectForward => "direct_forward",
+        /// VXLAN decapsulated by XDP.
+        XdpVxlanDecap => "xdp_vxlan_decap",
+        /// IPIP decapsulated by XDP.
+        XdpIpipDecap => "xdp_ipip_decap",
+        /// VXLAN or IPIP decapsulated by tc (XDP absent).
+        TcDecap => "tc_decap",
+        /// Delivered from the underlay to a local pod with `bpf_redirect_peer`.
+        UnderlayDelivered => "underlay_delivered",
+        /// Handed to the host stack (not weft's, or no route).
+        PassedToStack => "passed_to_stack",
+        /// Next hop not resolved by the FIB; handed to `bpf_redirect_neigh`.
+        NeighResolve => "neigh_resolve",
     }
 }
 
@@ -321,15 +292,29 @@ const _: () = {
     assert!(core::mem::size_of::<NextHop>() == 24);
 };
 
+/// aya reads and writes map keys and values as plain bytes (`aya::Pod`). The bound below makes
+/// that sound: each type must also be `bytemuck::Pod`, whose derive refuses any type with
+/// padding or invalid bit patterns, so the compiler proves what the unsafe impl promises.
 #[cfg(feature = "user")]
-mod pod_impls {
-    use super::*;
-    // SAFETY: all these types are repr(C), Copy, without implicit padding (checked above), and
-    // every bit pattern is valid.
-    unsafe impl aya::Pod for RouteInfo {}
-    unsafe impl aya::Pod for Ipv4Key {}
-    unsafe impl aya::Pod for EndpointInfo {}
-    unsafe impl aya::Pod for NodeInfo {}
-    unsafe impl aya::Pod for NodeConfig {}
-    unsafe impl aya::Pod for NextHop {}
+macro_rules! aya_pod {
+    ($($t:ty),+ $(,)?) => {
+        $(
+            const _: () = {
+                const fn proven_pod<T: bytemuck::Pod>() {}
+                proven_pod::<$t>()
+            };
+            // SAFETY: `$t` is `bytemuck::Pod` (checked just above).
+            unsafe impl aya::Pod for $t {}
+        )+
+    };
 }
+
+#[cfg(feature = "user")]
+aya_pod!(
+    RouteInfo,
+    Ipv4Key,
+    EndpointInfo,
+    NodeInfo,
+    NodeConfig,
+    NextHop
+);
