@@ -24,8 +24,10 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use weft_common::{
-    DropReason, EndpointInfo, Ipv4Key, NextHop, NodeConfig, NodeInfo, RouteInfo, SCHEMA_VERSION,
-    Stat, map_names, prog_names,
+    DropReason, EndpointInfo, Ipv4Key, NextHop, NodeConfig, NodeInfo, PathMtu, RouteInfo,
+    SCHEMA_VERSION, Stat,
+    conntrack::{CT_MAX_DEFAULT, CtEntry, CtKey},
+    map_names, prog_names,
 };
 
 /// The compiled `node-ebpf` object (BTF included).
@@ -59,6 +61,22 @@ pub fn ensure_bpffs() -> Result<()> {
     .context("mounting bpffs at /sys/fs/bpf")
 }
 
+/// Sizes chosen at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Capacity of the conntrack map (`WEFT_CT`). A map already pinned keeps the size it was
+    /// created with: see [`Datapath::conntrack_capacity`].
+    pub conntrack_max: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            conntrack_max: CT_MAX_DEFAULT,
+        }
+    }
+}
+
 pub struct Datapath {
     ebpf: Ebpf,
     pub maps: Maps,
@@ -69,7 +87,13 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the object with private, unpinned maps (packet-injection tests, benchmarks).
     pub fn load_unpinned() -> Result<Self> {
+        Self::load_unpinned_with(&LoadOptions::default())
+    }
+
+    /// `load_unpinned` with explicit sizes.
+    pub fn load_unpinned_with(options: &LoadOptions) -> Result<Self> {
         let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map_names::CONNTRACK, options.conntrack_max)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         load_programs(&mut ebpf)?;
@@ -84,6 +108,11 @@ impl Datapath {
     /// Loads the object reusing the maps pinned under `pin_root` (creating and pinning them on
     /// first use): what the agent and the CNI plugin do.
     pub fn load_pinned(pin_root: &Path) -> Result<Self> {
+        Self::load_pinned_with(pin_root, &LoadOptions::default())
+    }
+
+    /// `load_pinned` with explicit sizes for maps created now (pinned maps keep theirs).
+    pub fn load_pinned_with(pin_root: &Path, options: &LoadOptions) -> Result<Self> {
         if pin_root.starts_with("/sys/fs/bpf") {
             ensure_bpffs()?;
         }
@@ -93,6 +122,7 @@ impl Datapath {
             .with_context(|| format!("creating the pin directory {}", maps_dir.display()))?;
         std::fs::create_dir_all(dir.join("links"))?;
         let mut loader = EbpfLoader::new();
+        loader.map_max_entries(map_names::CONNTRACK, options.conntrack_max);
         for name in map_names::ALL {
             loader.map_pin_path(name, maps_dir.join(name));
         }
@@ -109,6 +139,17 @@ impl Datapath {
             maps,
             pin_dir: Some(dir),
         })
+    }
+
+    /// The conntrack map's capacity as loaded: the requested size for a new map, the old size
+    /// for a map adopted from its pin (a map cannot be resized; a new size takes effect once
+    /// the pin is removed, e.g. at the next boot).
+    pub fn conntrack_capacity(&self) -> Result<u32> {
+        let map = self.maps.map(map_names::CONNTRACK)?;
+        let Map::LruHashMap(data) = map else {
+            return Err(anyhow!("{} is not an LRU hash map", map_names::CONNTRACK));
+        };
+        Ok(data.info()?.max_entries())
     }
 
     pub fn tc_program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
@@ -142,24 +183,27 @@ impl Datapath {
             .map(|d| d.join("links").join(format!("{prog}@{ifname}")))
     }
 
-    /// Attaches `from_pod` to the tc ingress of a pod's host-side veth (in the current netns).
-    pub fn attach_from_pod(&mut self, ifname: &str) -> Result<()> {
-        self.attach_tc(prog_names::FROM_POD, ifname)
+    /// Attaches `from_pod` (tc ingress) and `to_pod` (tc egress) to a pod's host-side veth (in
+    /// the current netns).
+    pub fn attach_pod(&mut self, ifname: &str) -> Result<()> {
+        self.attach_tc(prog_names::FROM_POD, ifname, TcAttachType::Ingress)?;
+        self.attach_tc(prog_names::TO_POD, ifname, TcAttachType::Egress)
     }
 
     /// Attaches the underlay programs to the node's NIC: XDP (decapsulation, optional) and tc
     /// ingress (delivery, decapsulation fallback).
     pub fn attach_underlay(&mut self, ifname: &str, with_xdp: bool) -> Result<()> {
-        self.attach_tc(prog_names::FROM_UNDERLAY, ifname)?;
+        self.attach_tc(prog_names::FROM_UNDERLAY, ifname, TcAttachType::Ingress)?;
         if with_xdp {
             self.attach_xdp(ifname)?;
         }
         Ok(())
     }
 
-    /// Switches every pod link pinned by the CNI plugin to this object's `from_pod` (an agent
-    /// upgrade or restart): atomic per link, no packet meets a veth without a program. Links
-    /// whose veth is gone are unpinned. Returns how many links were switched.
+    /// Switches every pod link pinned by the CNI plugin (`from_pod` and `to_pod`) to this
+    /// object's programs (an agent upgrade or restart): atomic per link, no packet meets a veth
+    /// without a program. Links whose veth is gone are unpinned. A pod attached by an older
+    /// plugin without `to_pod` gets it now. Returns how many pods were switched.
     pub fn reattach_pods(&mut self) -> Result<usize> {
         let Some(dir) = self.pin_dir.clone() else {
             return Ok(0);
@@ -173,11 +217,15 @@ impl Datapath {
                 continue;
             };
             if nix::net::if_::if_nametoindex(ifname).is_err() {
-                // The pod is gone (DEL never ran): drop the stale link.
+                // The pod is gone (DEL never ran): drop the stale links.
                 let _ = std::fs::remove_file(entry.path());
+                let _ = std::fs::remove_file(
+                    dir.join("links")
+                        .join(format!("{}@{ifname}", prog_names::TO_POD)),
+                );
                 continue;
             }
-            self.attach_from_pod(ifname)?;
+            self.attach_pod(ifname)?;
             switched += 1;
         }
         Ok(switched)
@@ -185,13 +233,13 @@ impl Datapath {
 
     /// Attaches `from_host` to the ingress of `weft_net` (the peer of `weft_host`).
     pub fn attach_from_host(&mut self, ifname: &str) -> Result<()> {
-        self.attach_tc(prog_names::FROM_HOST, ifname)
+        self.attach_tc(prog_names::FROM_HOST, ifname, TcAttachType::Ingress)
     }
 
-    fn attach_tc(&mut self, prog_name: &str, ifname: &str) -> Result<()> {
+    fn attach_tc(&mut self, prog_name: &str, ifname: &str, direction: TcAttachType) -> Result<()> {
         let pin = self.link_pin(prog_name, ifname);
         let prog = self.tc_program(prog_name)?;
-        attach_tc_ingress(prog, prog_name, ifname, pin.as_deref())
+        attach_tc_link(prog, prog_name, ifname, direction, pin.as_deref())
     }
 
     /// Pins the loaded programs under `<pin dir>/progs/` so the CNI plugin attaches them
@@ -203,12 +251,7 @@ impl Datapath {
         };
         let progs = dir.join("progs");
         std::fs::create_dir_all(&progs)?;
-        for name in [
-            prog_names::FROM_POD,
-            prog_names::FROM_UNDERLAY,
-            prog_names::FROM_HOST,
-            prog_names::XDP_UNDERLAY,
-        ] {
+        for name in prog_names::TC.into_iter().chain([prog_names::XDP_UNDERLAY]) {
             // bpffs refuses names containing dots.
             let tmp = progs.join(format!("tmp_{name}_{}", std::process::id()));
             let _ = std::fs::remove_file(&tmp);
@@ -417,6 +460,54 @@ impl Maps {
         Ok(())
     }
 
+    /// Every conntrack entry (dead ones included until the GC removes them).
+    pub fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>> {
+        let map: HashMap<&MapData, CtKey, CtEntry> = self.map(map_names::CONNTRACK)?.try_into()?;
+        let mut out = Vec::new();
+        for entry in map.iter() {
+            // An entry evicted between the key walk and its lookup is simply gone.
+            if let Ok(kv) = entry {
+                out.push(kv);
+            }
+        }
+        out.sort_by_key(|(k, _)| *k);
+        Ok(out)
+    }
+
+    /// The conntrack map's descriptor, for the GC's cursor walk (`crate::conntrack`).
+    pub fn conntrack_fd(&self) -> Result<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd as _;
+        match self.map(map_names::CONNTRACK)? {
+            Map::LruHashMap(data) | Map::HashMap(data) => Ok(data.fd().as_fd()),
+            _ => Err(anyhow!("{} is not a hash map", map_names::CONNTRACK)),
+        }
+    }
+
+    /// Writes a conntrack entry (tests and tools; the datapath writes its own).
+    pub fn upsert_conntrack(&mut self, key: &CtKey, entry: &CtEntry) -> Result<()> {
+        let mut map: HashMap<&mut MapData, CtKey, CtEntry> =
+            self.map_mut(map_names::CONNTRACK)?.try_into()?;
+        map.insert(key, entry, 0)
+            .context("writing a conntrack entry")
+    }
+
+    /// Removes a conntrack entry (a missing one is fine: evicted meanwhile).
+    pub fn remove_conntrack(&mut self, key: &CtKey) -> Result<()> {
+        let mut map: HashMap<&mut MapData, CtKey, CtEntry> =
+            self.map_mut(map_names::CONNTRACK)?.try_into()?;
+        match map.remove(key) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Path MTUs learned from ICMP fragmentation-needed, by peer.
+    pub fn path_mtus(&self) -> Result<Vec<(Ipv4Addr, PathMtu)>> {
+        self.hash_entries(map_names::PATH_MTU)
+            .context("iterating path MTUs")
+    }
+
     fn per_cpu_sum(&self, name: &str, index: u32) -> Result<u64> {
         let map: PerCpuArray<&MapData, u64> = self.map(name)?.try_into()?;
         let values = map
@@ -466,12 +557,14 @@ fn open_pinned_link(pin: Option<&Path>) -> Result<Option<FdLink>> {
     }
 }
 
-/// Attaches `prog` to the tc ingress of `ifname` (current netns) as a TCX link. With a pin
-/// path, the link is pinned there; an existing pinned link is atomically switched to `prog`.
-fn attach_tc_ingress(
+/// Attaches `prog` to the tc ingress or egress of `ifname` (current netns) as a TCX link. With
+/// a pin path, the link is pinned there; an existing pinned link is atomically switched to
+/// `prog`.
+fn attach_tc_link(
     prog: &mut SchedClassifier,
     prog_name: &str,
     ifname: &str,
+    direction: TcAttachType,
     pin: Option<&Path>,
 ) -> Result<()> {
     if let Some(old) = open_pinned_link(pin)? {
@@ -486,7 +579,7 @@ fn attach_tc_ingress(
     let id = prog
         .attach_with_options(
             ifname,
-            TcAttachType::Ingress,
+            direction,
             TcAttachOptions::TcxOrder(LinkOrder::default()),
         )
         .with_context(|| format!("attaching {prog_name} to {ifname}"))?;
@@ -506,37 +599,47 @@ pub fn link_pin_path(pin_root: &Path, prog_name: &str, ifname: &str) -> PathBuf 
         .join(format!("{prog_name}@{ifname}"))
 }
 
-/// Attaches the node's pinned `from_pod` program (pinned by the agent) to a pod's host-side
-/// veth in the current netns, pinning the link: what the CNI plugin does on ADD. No object
-/// load, no verifier run.
-pub fn attach_pinned_from_pod(pin_root: &Path, ifname: &str) -> Result<()> {
-    let prog_path = pin_dir(pin_root).join("progs").join(prog_names::FROM_POD);
-    let mut prog = SchedClassifier::from_pin(&prog_path).with_context(|| {
-        format!(
-            "opening the pinned program {} (is the agent running?)",
-            prog_path.display()
-        )
-    })?;
-    let pin = link_pin_path(pin_root, prog_names::FROM_POD, ifname);
-    attach_tc_ingress(&mut prog, prog_names::FROM_POD, ifname, Some(&pin))
+/// The programs on a pod's host-side veth and the direction each is attached in.
+pub const POD_PROGRAMS: [(&str, TcAttachType); 2] = [
+    (prog_names::FROM_POD, TcAttachType::Ingress),
+    (prog_names::TO_POD, TcAttachType::Egress),
+];
+
+/// Attaches the node's pinned `from_pod` and `to_pod` programs (pinned by the agent) to a pod's
+/// host-side veth in the current netns, pinning the links: what the CNI plugin does on ADD (it
+/// uses `tcx` directly, this is the aya way for tests and tools). No object load, no verifier
+/// run.
+pub fn attach_pinned_pod(pin_root: &Path, ifname: &str) -> Result<()> {
+    for (name, direction) in POD_PROGRAMS {
+        let prog_path = pin_dir(pin_root).join("progs").join(name);
+        let mut prog = SchedClassifier::from_pin(&prog_path).with_context(|| {
+            format!(
+                "opening the pinned program {} (is the agent running?)",
+                prog_path.display()
+            )
+        })?;
+        let pin = link_pin_path(pin_root, name, ifname);
+        attach_tc_link(&mut prog, name, ifname, direction, Some(&pin))?;
+    }
+    Ok(())
 }
 
-/// Detaches `from_pod` from a pod's veth by removing its pinned link (idempotent).
-pub fn detach_pinned_from_pod(pin_root: &Path, ifname: &str) -> Result<()> {
-    let pin = link_pin_path(pin_root, prog_names::FROM_POD, ifname);
-    match std::fs::remove_file(&pin) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("removing {}", pin.display())),
+/// Detaches `from_pod` and `to_pod` from a pod's veth by removing their pinned links
+/// (idempotent).
+pub fn detach_pinned_pod(pin_root: &Path, ifname: &str) -> Result<()> {
+    for (name, _) in POD_PROGRAMS {
+        let pin = link_pin_path(pin_root, name, ifname);
+        match std::fs::remove_file(&pin) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
+        }
     }
+    Ok(())
 }
 
 fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
-    for name in [
-        prog_names::FROM_POD,
-        prog_names::FROM_UNDERLAY,
-        prog_names::FROM_HOST,
-    ] {
+    for name in prog_names::TC {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or_else(|| anyhow!("program {name} missing from the object"))?

@@ -2,6 +2,7 @@
 //! (`weft-agent`), the CNI plugin (`weft-cni`), the CLI (`weft`) and the tests.
 pub mod cni;
 pub mod config;
+pub mod conntrack;
 pub mod datapath;
 pub mod datastore;
 pub mod ipam;

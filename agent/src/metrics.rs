@@ -35,6 +35,12 @@ pub struct Metrics {
     pub offlink_peers: AtomicU64,
     /// Unix time (s) of the reconcile loop's last turn.
     pub heartbeat: AtomicU64,
+    /// Capacity of the conntrack map.
+    pub conntrack_capacity: AtomicU64,
+    /// Live conntrack entries counted by the GC's last complete pass.
+    pub conntrack_entries: AtomicU64,
+    /// Expired conntrack entries the GC deleted.
+    pub conntrack_gc_deleted: AtomicU64,
 }
 
 fn now_secs() -> u64 {
@@ -98,6 +104,24 @@ impl Metrics {
             "Peers routed directly but not on this node's underlay subnet",
             "gauge",
             self.offlink_peers.load(Relaxed).to_string(),
+        );
+        gauge(
+            "weft_conntrack_capacity",
+            "Capacity of the datapath's conntrack map (flows)",
+            "gauge",
+            self.conntrack_capacity.load(Relaxed).to_string(),
+        );
+        gauge(
+            "weft_conntrack_entries",
+            "Live conntrack entries counted by the GC's last complete pass",
+            "gauge",
+            self.conntrack_entries.load(Relaxed).to_string(),
+        );
+        gauge(
+            "weft_conntrack_gc_deleted_total",
+            "Expired conntrack entries deleted by the GC",
+            "counter",
+            self.conntrack_gc_deleted.load(Relaxed).to_string(),
         );
         gauge(
             "weft_reconcile_total",

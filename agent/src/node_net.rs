@@ -156,14 +156,17 @@ fn write_sysctl(path: &str, value: &str) -> Result<()> {
     std::fs::write(&full, value).with_context(|| format!("setting {path}={value}"))
 }
 
-/// What the datapath needs from the kernel: forwarding (the FIB helper refuses to route
-/// otherwise) and no reverse-path filtering (pod traffic to this node arrives on the underlay
-/// while replies leave through `weft_host`).
+/// What the datapath needs from the kernel:
+/// - forwarding (Kubernetes requires it; the FIB helper refuses to route otherwise);
+/// - loose reverse-path filtering (`rp_filter=2`) on the underlay, and nowhere else: packets
+///   from other nodes' pods that the stack must see (replies of flows it translated, a node's
+///   traffic answered by a pod) arrive on the underlay, while the route back to those pods is
+///   the cluster network's route through `weft_host`. Strict mode would drop them; loose mode
+///   still drops sources no route reaches. The kernel applies the larger of `all` and the
+///   interface's value, so a host-wide strict setting (1) stays in force everywhere else.
 pub fn set_sysctls(underlay: &Underlay) -> Result<()> {
     write_sysctl("net.ipv4.ip_forward", "1")?;
-    for dev in ["all", "default", underlay.name.as_str()] {
-        write_sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
-    }
+    write_sysctl(&format!("net.ipv4.conf.{}.rp_filter", underlay.name), "2")?;
     Ok(())
 }
 
@@ -172,7 +175,10 @@ fn link_exists(name: &str) -> bool {
 }
 
 /// Creates (or adopts) the `weft_host`/`weft_net` pair with the pod MTU (node traffic is
-/// encapsulated like pod traffic) and routes the cluster network through it.
+/// encapsulated like pod traffic) and routes the cluster network through it. `weft_host` also
+/// carries the node's address (as `cilium_host` does): traffic the stack masquerades on its way
+/// out through `weft_host` (a NodePort or a node's Service connection to a remote backend) gets
+/// the node's address, which `from_host` accepts, whatever other addresses the node has.
 pub fn ensure_host_link(network: Ipv4Net, node_ip: Ipv4Addr, pod_mtu: u32) -> Result<()> {
     if !link_exists(HOST_DEV) {
         run(
@@ -195,9 +201,10 @@ pub fn ensure_host_link(network: Ipv4Net, node_ip: Ipv4Addr, pod_mtu: u32) -> Re
         &["link", "set", HOST_DEV, "mtu", &mtu, "arp", "off", "up"],
     )?;
     run("ip", &["link", "set", HOST_PEER_DEV, "mtu", &mtu, "up"])?;
-    // No reverse-path filtering on the pair either (replies to the node come from the underlay).
-    write_sysctl(&format!("net.ipv4.conf.{HOST_DEV}.rp_filter"), "0")?;
-    write_sysctl(&format!("net.ipv4.conf.{HOST_PEER_DEV}.rp_filter"), "0")?;
+    run(
+        "ip",
+        &["addr", "replace", &format!("{node_ip}/32"), "dev", HOST_DEV],
+    )?;
     run(
         "ip",
         &[

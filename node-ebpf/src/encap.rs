@@ -13,7 +13,9 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use weft_common::{DropReason, Ipv4Key, NEXT_HOP_TTL_NS, NextHop, NodeConfig, RouteInfo};
+use weft_common::{
+    DropReason, Ipv4Key, NEXT_HOP_F_ONLINK, NEXT_HOP_TTL_NS, NextHop, NodeConfig, RouteInfo,
+};
 
 use crate::{
     checksum,
@@ -133,34 +135,54 @@ pub fn ipip(ctx: &TcContext, cfg: &NodeConfig, route: &RouteInfo) -> Result<(), 
     Ok(())
 }
 
-/// Sends the (encapsulated or routed) frame toward `next_ip` through the underlay NIC, with
-/// the next hop from the kernel's FIB. Unresolved neighbours are left to
-/// `bpf_redirect_neigh`, which resolves them like the stack does.
+/// An underlay next hop toward a node.
+pub enum Hop {
+    /// MACs and egress interface known (cached, or fresh from the FIB).
+    Resolved(NextHop),
+    /// The FIB knows the route but not the neighbour: `bpf_redirect_neigh` resolves it as
+    /// the stack would.
+    Unresolved {
+        ifindex: u32,
+        /// The FIB's next hop (the node itself when on-link, else a router).
+        gateway: [u8; 4],
+    },
+}
+
+impl Hop {
+    /// The node is on-link (the FIB's next hop is the node itself).
+    #[inline(always)]
+    pub fn onlink(&self, node: [u8; 4]) -> bool {
+        match self {
+            Hop::Resolved(h) => h.flags & NEXT_HOP_F_ONLINK != 0,
+            Hop::Unresolved { gateway, .. } => {
+                u32::from_ne_bytes(*gateway) == u32::from_ne_bytes(node)
+            }
+        }
+    }
+}
+
+/// The next hop toward `next_ip` through the underlay, from the cache (reused for
+/// `NEXT_HOP_TTL_NS`) or the kernel's FIB. The FIB is asked with a packet length, so it also
+/// reports the route's MTU (a route `mtu` metric, a learned exception, or the device's).
 #[inline(always)]
-pub fn redirect_to_underlay(
+pub fn next_hop(
     ctx: &TcContext,
     cfg: &NodeConfig,
     src_ip: [u8; 4],
     next_ip: [u8; 4],
-) -> Result<(i32, bool), DropReason> {
+) -> Result<Hop, DropReason> {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let key = Ipv4Key { addr: next_ip };
     if let Some(hop) = WEFT_NEXT_HOPS.get_ptr(key)
         && unsafe { (*hop).expires_ns } > now
     {
-        let hop = unsafe { &*hop };
-        let (data, data_end) = (ctx.data(), ctx.data_end());
-        let eth = ptr_at::<EthHdr>(data, data_end, 0).ok_or(DropReason::StoreFailed)?;
-        unsafe {
-            (*eth).dst = hop.dmac;
-            (*eth).src = hop.smac;
-            (*eth).ethertype = ETH_P_IPV4.to_be_bytes();
-        }
-        return Ok((unsafe { bpf_redirect(hop.ifindex, 0) } as i32, false));
+        return Ok(Hop::Resolved(unsafe { *hop }));
     }
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
     fib.ifindex = cfg.underlay_ifindex;
+    // Any length fits: the lookup only reports the route's MTU back in `mtu_result`.
+    fib.__bindgen_anon_1.tot_len = 1;
     fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src_ip);
     fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(next_ip);
     let rc = unsafe {
@@ -171,42 +193,62 @@ pub fn redirect_to_underlay(
             BPF_FIB_LOOKUP_OUTPUT,
         )
     };
+    // After the lookup, ipv4_dst holds the next hop (a gateway, or the node itself).
+    let gateway = unsafe { fib.__bindgen_anon_4.ipv4_dst }.to_ne_bytes();
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        let (data, data_end) = (ctx.data(), ctx.data_end());
-        let eth = ptr_at::<EthHdr>(data, data_end, 0).ok_or(DropReason::StoreFailed)?;
-        unsafe {
-            (*eth).dst = fib.dmac;
-            (*eth).src = fib.smac;
-            (*eth).ethertype = ETH_P_IPV4.to_be_bytes();
-        }
+        let onlink = u32::from_ne_bytes(gateway) == u32::from_ne_bytes(next_ip);
         let hop = NextHop {
             ifindex: fib.ifindex,
+            mtu: unsafe { fib.__bindgen_anon_1.mtu_result } as u32,
             smac: fib.smac,
             dmac: fib.dmac,
+            flags: if onlink { NEXT_HOP_F_ONLINK } else { 0 },
             expires_ns: now + NEXT_HOP_TTL_NS,
         };
         // Best effort: a full cache only means the next packet looks up again.
         let _ = WEFT_NEXT_HOPS.insert(key, hop, 0);
-        let ret = unsafe { bpf_redirect(fib.ifindex, 0) } as i32;
-        return Ok((ret, false));
+        return Ok(Hop::Resolved(hop));
     }
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-        nh.nh_family = AF_INET as u32;
-        // After the lookup, ipv4_dst holds the next hop (gateway or the node itself).
-        nh.__bindgen_anon_1.ipv4_nh = unsafe { fib.__bindgen_anon_4.ipv4_dst };
-        let ret = unsafe {
-            bpf_redirect_neigh(
-                fib.ifindex,
-                &mut nh,
-                core::mem::size_of::<bpf_redir_neigh>() as i32,
-                0,
-            )
-        } as i32;
-        return Ok((ret, true));
+        return Ok(Hop::Unresolved {
+            ifindex: fib.ifindex,
+            gateway,
+        });
     }
     if rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64 {
         return Err(DropReason::ForwardingDisabled);
     }
     Err(DropReason::NoUnderlayRoute)
+}
+
+/// Sends the (encapsulated or routed) frame to `hop`. Returns the verdict and whether the
+/// neighbour subsystem has to resolve the next hop.
+#[inline(always)]
+pub fn send(ctx: &TcContext, hop: &Hop) -> Result<(i32, bool), DropReason> {
+    match hop {
+        Hop::Resolved(hop) => {
+            let (data, data_end) = (ctx.data(), ctx.data_end());
+            let eth = ptr_at::<EthHdr>(data, data_end, 0).ok_or(DropReason::StoreFailed)?;
+            unsafe {
+                (*eth).dst = hop.dmac;
+                (*eth).src = hop.smac;
+                (*eth).ethertype = ETH_P_IPV4.to_be_bytes();
+            }
+            Ok((unsafe { bpf_redirect(hop.ifindex, 0) } as i32, false))
+        }
+        Hop::Unresolved { ifindex, gateway } => {
+            let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+            nh.nh_family = AF_INET as u32;
+            nh.__bindgen_anon_1.ipv4_nh = u32::from_ne_bytes(*gateway);
+            let ret = unsafe {
+                bpf_redirect_neigh(
+                    *ifindex,
+                    &mut nh,
+                    core::mem::size_of::<bpf_redir_neigh>() as i32,
+                    0,
+                )
+            } as i32;
+            Ok((ret, true))
+        }
+    }
 }

@@ -300,7 +300,7 @@ pub fn add_pod(node: &AgentNode, host: u8) -> crate::manual::Pod {
     let root = node.pins.path.clone();
     let dev = host_ifname.clone();
     node.ns.run(move || {
-        weft_agent::datapath::attach_pinned_from_pod(&root, &dev).expect("attaching from_pod")
+        weft_agent::datapath::attach_pinned_pod(&root, &dev).expect("attaching the pod programs")
     });
     crate::manual::Pod {
         ns,

@@ -22,6 +22,8 @@ use crate::{
 
 /// The cluster network every test cluster uses.
 pub const CLUSTER_NETWORK: &str = "10.244.0.0/16";
+/// The Service network (kube-apiserver's `--service-cluster-ip-range`) of test clusters.
+pub const SERVICE_NETWORK: &str = "10.96.0.0/16";
 /// Underlay subnets: nodes are spread over both, routed by the underlay namespace.
 pub const UNDERLAY_SUBNETS: [[u8; 3]; 2] = [[192, 168, 100], [192, 168, 101]];
 const ETCD_PORT: u16 = 2379;
@@ -58,6 +60,9 @@ pub struct ClusterOptions {
     pub direct_routing: bool,
     /// Put every other node in the second underlay subnet.
     pub two_subnets: bool,
+    /// MTU of the second underlay subnet: its nodes' links, their bridge and the router's port
+    /// toward it (the router answers larger DF packets with ICMP fragmentation-needed).
+    pub second_subnet_mtu: Option<u32>,
 }
 
 impl Default for ClusterOptions {
@@ -67,6 +72,7 @@ impl Default for ClusterOptions {
             backend: "vxlan".into(),
             direct_routing: false,
             two_subnets: false,
+            second_subnet_mtu: None,
         }
     }
 }
@@ -135,6 +141,9 @@ impl Cluster {
                 subnet[0], subnet[1], subnet[2]
             ));
             underlay.ip(&format!("link set br{i} up"));
+        }
+        if let Some(mtu) = options.second_subnet_mtu {
+            underlay.ip(&format!("link set br1 mtu {mtu}"));
         }
         let etcd = Etcd::start(&underlay, Ipv4Addr::new(192, 168, 100, 1), ETCD_PORT);
         let net_conf = std::env::temp_dir()
@@ -205,11 +214,19 @@ impl Cluster {
         };
         let ip = Ipv4Addr::new(subnet[0], subnet[1], subnet[2], 10 + index as u8);
         let ns = Netns::new("wn");
+        // Strict reverse-path filtering host-wide, as many distributions configure it: weft
+        // must work with it and change it only per interface.
+        ns.sysctl("net.ipv4.conf.all.rp_filter", "1");
+        ns.sysctl("net.ipv4.conf.default.rp_filter", "1");
         let port = unique_name("u");
         self.underlay.ip(&format!(
             "link add {port} type veth peer name eth0 netns {}",
             ns.name
         ));
+        if let (1, Some(mtu)) = (bridge, self.options.second_subnet_mtu) {
+            self.underlay.ip(&format!("link set {port} mtu {mtu}"));
+            ns.ip(&format!("link set eth0 mtu {mtu}"));
+        }
         self.underlay
             .ip(&format!("link set {port} master br{bridge} up"));
         ns.ip("link set eth0 up");
@@ -292,6 +309,8 @@ impl Cluster {
             format!("{}:9402", node.ip),
             "--lease-ttl".into(),
             "20".into(),
+            "--conntrack-max".into(),
+            crate::TEST_CONNTRACK_MAX.to_string(),
         ];
         let log = node.dir.join("agent.log");
         NsProcess::spawn(
@@ -378,6 +397,53 @@ impl Cluster {
             .enumerate()
             .flat_map(|(i, n)| n.pods.iter().map(move |p| (i, p)))
             .collect()
+    }
+}
+
+/// A host on the underlay that is not a node (a client outside the cluster, or an attacker on
+/// the same L2 segment).
+pub struct OutsideHost {
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+}
+
+impl Cluster {
+    /// Adds a host on the first underlay subnet (bridge `br0`), default route through the
+    /// underlay router.
+    pub fn add_outside_host(&self) -> OutsideHost {
+        let ns = Netns::new("wo");
+        let ip = Ipv4Addr::new(192, 168, 100, 250);
+        let port = unique_name("o");
+        self.underlay.ip(&format!(
+            "link add {port} type veth peer name eth0 netns {}",
+            ns.name
+        ));
+        self.underlay.ip(&format!("link set {port} master br0 up"));
+        ns.ip("link set eth0 up");
+        ns.ip(&format!("addr add {ip}/24 dev eth0"));
+        ns.ip("route add default via 192.168.100.1");
+        OutsideHost { ns, ip }
+    }
+
+    /// How kube-proxy on node `index` sees its node (for `kube_proxy::install`).
+    pub fn proxy_node(&self, index: usize) -> crate::kube_proxy::ProxyNode {
+        crate::kube_proxy::ProxyNode {
+            name: self.nodes[index].name.clone(),
+            ip: self.nodes[index].ip,
+            cluster_cidr: CLUSTER_NETWORK.into(),
+            service_cidr: SERVICE_NETWORK.into(),
+        }
+    }
+
+    /// Installs `services` on every node as kube-proxy in `mode` would.
+    pub fn install_services(
+        &self,
+        mode: crate::kube_proxy::Mode,
+        services: &[crate::kube_proxy::Service],
+    ) {
+        for i in 0..self.nodes.len() {
+            crate::kube_proxy::install(&self.nodes[i].ns, mode, services, &self.proxy_node(i));
+        }
     }
 }
 

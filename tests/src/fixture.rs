@@ -4,7 +4,7 @@
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use weft_agent::datapath::Datapath;
+use weft_agent::datapath::{Datapath, LoadOptions};
 use weft_common::{CONFIG_F_READY, EndpointInfo, NodeConfig, NodeInfo, RouteInfo, RouteMode};
 
 use crate::netns::{Netns, parse_mac};
@@ -29,6 +29,10 @@ pub const REMOTE_VXLAN_IP: [u8; 4] = [10, 244, 2, 7];
 pub const REMOTE_IPIP_IP: [u8; 4] = [10, 244, 3, 7];
 pub const REMOTE_DIRECT_IP: [u8; 4] = [10, 244, 4, 7];
 pub const REMOTE_NO_NEIGH_IP: [u8; 4] = [10, 244, 5, 7];
+/// A peer on another subnet, behind the on-link peer as a router.
+pub const OFFLINK_PEER_IP: [u8; 4] = [192, 168, 60, 5];
+/// A pod of the off-link peer (VXLAN).
+pub const REMOTE_OFFLINK_IP: [u8; 4] = [10, 244, 6, 7];
 
 pub struct Node {
     pub dp: Datapath,
@@ -52,6 +56,9 @@ pub fn namespace() -> Netns {
     // Nodes forward (Kubernetes requires it); the FIB helper refuses to route otherwise.
     ns.sysctl("net.ipv4.ip_forward", "1");
     ns.ip("neigh replace 192.168.50.2 lladdr 02:00:00:00:50:02 dev ul0 nud permanent");
+    // With a route MTU smaller than the link's, locked (the FIB reports a route MTU for
+    // forwarded packets only when locked, as the kernel's forwarding uses it).
+    ns.ip("route add 192.168.60.0/24 via 192.168.50.2 mtu lock 1300");
     ns
 }
 
@@ -72,7 +79,10 @@ pub fn node() -> Node {
     let (pod1_ifindex, pod1_host_mac) = link("h1");
     let (pod2_ifindex, pod2_host_mac) = link("h2");
     let (ul_ifindex, underlay_mac) = link("ul0");
-    let mut dp = Datapath::load_unpinned().expect("loading the datapath");
+    let mut dp = Datapath::load_unpinned_with(&LoadOptions {
+        conntrack_max: crate::TEST_CONNTRACK_MAX,
+    })
+    .expect("loading the datapath");
     dp.maps
         .set_config(&NodeConfig {
             node_ip: NODE_IP,
@@ -105,6 +115,7 @@ pub fn node() -> Node {
         ("10.244.3.0/24", PEER_IP, RouteMode::Ipip),
         ("10.244.4.0/24", PEER_IP, RouteMode::Direct),
         ("10.244.5.0/24", PEER_NO_NEIGH_IP, RouteMode::Vxlan),
+        ("10.244.6.0/24", OFFLINK_PEER_IP, RouteMode::Vxlan),
     ] {
         let cidr: Ipv4Net = cidr.parse().unwrap();
         dp.maps
@@ -119,16 +130,18 @@ pub fn node() -> Node {
             )
             .unwrap();
     }
-    dp.maps
-        .upsert_node(
-            Ipv4Addr::from(PEER_IP),
-            &NodeInfo {
-                vtep_mac: PEER_VTEP_MAC,
-                mode: RouteMode::Vxlan as u8,
-                _pad: 0,
-            },
-        )
-        .unwrap();
+    for peer in [PEER_IP, PEER_NO_NEIGH_IP, OFFLINK_PEER_IP] {
+        dp.maps
+            .upsert_node(
+                Ipv4Addr::from(peer),
+                &NodeInfo {
+                    vtep_mac: PEER_VTEP_MAC,
+                    mode: RouteMode::Vxlan as u8,
+                    _pad: 0,
+                },
+            )
+            .unwrap();
+    }
     Node {
         dp,
         pod1_ifindex,

@@ -7,9 +7,15 @@ pub mod cni;
 pub mod etcd;
 pub mod fixture;
 pub mod flow;
+pub mod kube_proxy;
 pub mod manual;
 pub mod netns;
 pub mod packets;
 pub mod pins;
 pub mod process;
 pub mod testrun;
+pub mod whoami;
+
+/// Conntrack capacity of test nodes: the 512k default preallocates ~50 MB per map, too much
+/// for dozens of simulated nodes on one machine.
+pub const TEST_CONNTRACK_MAX: u32 = 16_384;

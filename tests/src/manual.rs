@@ -132,7 +132,8 @@ impl WeftNode {
         let root = self.pins.path.clone();
         let dev = host_ifname.clone();
         self.ns.run(move || {
-            weft_agent::datapath::attach_pinned_from_pod(&root, &dev).expect("attaching from_pod")
+            weft_agent::datapath::attach_pinned_pod(&root, &dev)
+                .expect("attaching the pod programs")
         });
         Pod {
             ns,

@@ -14,7 +14,8 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, ValueEnum};
 use weft_agent::{
     config::NetConf,
-    datapath::Datapath,
+    conntrack,
+    datapath::{Datapath, LoadOptions},
     datastore::{
         Backoff, Datastore, Event, LocalNode,
         etcd::{DEFAULT_PREFIX, EtcdDatastore},
@@ -26,7 +27,10 @@ use weft_agent::{
     reconcile::{ModePolicy, Reconciler},
     subnet_env::{self, SubnetEnv},
 };
-use weft_common::{CONFIG_F_READY, DEFAULT_PIN_ROOT, HOST_PEER_DEV, NodeConfig};
+use weft_common::{
+    CONFIG_F_ACCEPT_ROUTED, CONFIG_F_READY, DEFAULT_PIN_ROOT, HOST_PEER_DEV, NodeConfig,
+    conntrack::CT_MAX_DEFAULT,
+};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum DatastoreKind {
@@ -105,6 +109,15 @@ struct Args {
     /// Attach the underlay decapsulation in tc only (no XDP).
     #[arg(long)]
     no_xdp: bool,
+    /// Capacity of the datapath's conntrack map (flows). Applies when the map is created; a
+    /// pinned map keeps its size until its pin is removed (e.g. at the next boot).
+    #[arg(long, default_value_t = CT_MAX_DEFAULT, value_parser = clap::value_parser!(u32).range(1024..))]
+    conntrack_max: u32,
+    /// Let plain traffic from hosts that are not cluster nodes reach this node's pods through
+    /// the host stack (routed access to pod addresses, as BGP setups want). Off: only nodes
+    /// on the underlay may send plain (unencapsulated) packets to pods.
+    #[arg(long)]
+    accept_routed_pod_traffic: bool,
 }
 
 fn main() -> ExitCode {
@@ -205,13 +218,17 @@ fn load_net_conf(args: &Args, ds: &mut dyn Datastore) -> Result<NetConf> {
     }
 }
 
-fn node_config(conf: &NetConf, underlay: &Underlay) -> NodeConfig {
+fn node_config(args: &Args, conf: &NetConf, underlay: &Underlay) -> NodeConfig {
+    let mut flags = CONFIG_F_READY;
+    if args.accept_routed_pod_traffic {
+        flags |= CONFIG_F_ACCEPT_ROUTED;
+    }
     NodeConfig {
         node_ip: underlay.node_ip.octets(),
         underlay_ifindex: underlay.ifindex,
         vni: conf.backend.vni,
         vxlan_port: conf.backend.port,
-        flags: CONFIG_F_READY,
+        flags,
         vtep_mac: node_net::vtep_mac_for(underlay.node_ip),
         _pad: [0; 2],
     }
@@ -273,14 +290,25 @@ fn program_datapath(
     underlay: &Underlay,
     pod_mtu: u32,
 ) -> Result<Datapath> {
-    let mut dp = Datapath::load_pinned(&args.pin_root).with_context(|| {
+    let options = LoadOptions {
+        conntrack_max: args.conntrack_max,
+    };
+    let mut dp = Datapath::load_pinned_with(&args.pin_root, &options).with_context(|| {
         format!(
             "loading the datapath pinned under {}",
             args.pin_root.display()
         )
     })?;
+    let capacity = dp.conntrack_capacity()?;
+    if capacity != args.conntrack_max {
+        tracing::warn!(
+            pinned = capacity,
+            requested = args.conntrack_max,
+            "the pinned conntrack map keeps its size; --conntrack-max applies once its pin is removed"
+        );
+    }
     dp.pin_programs()?;
-    dp.maps.set_config(&node_config(conf, underlay))?;
+    dp.maps.set_config(&node_config(args, conf, underlay))?;
     dp.attach_underlay(&underlay.name, !args.no_xdp)?;
     node_net::ensure_host_link(conf.network, underlay.node_ip, pod_mtu)?;
     dp.attach_from_host(HOST_PEER_DEV)?;
@@ -390,6 +418,11 @@ fn reconcile_loop(
         path: args.net_conf.clone(),
         mtime: args.net_conf.as_deref().and_then(NetConfWatch::mtime),
     };
+    let mut ct_gc = conntrack::Gc::default();
+    let mut next_gc = Instant::now();
+    if let Ok(capacity) = dp.conntrack_capacity() {
+        metrics.conntrack_capacity.store(capacity as u64, Relaxed);
+    }
     loop {
         let now = Instant::now();
         let wake = retry_at.map_or(next_resync, |r| r.min(next_resync));
@@ -424,7 +457,7 @@ fn reconcile_loop(
                 port = new.backend.port,
                 "backend changed: re-programming every peer"
             );
-            dp.maps.set_config(&node_config(&new, underlay))?;
+            dp.maps.set_config(&node_config(args, &new, underlay))?;
             rec.set_policy(ModePolicy {
                 backend: new.backend.kind,
                 direct_routing: new.backend.direct_routing,
@@ -435,6 +468,20 @@ fn reconcile_loop(
         }
         metrics.beat();
         let now = Instant::now();
+        if now >= next_gc {
+            next_gc = now + Duration::from_secs(1);
+            match ct_gc.step(&mut dp.maps, conntrack::GC_BUDGET, conntrack::now_s()) {
+                Ok(step) => {
+                    metrics
+                        .conntrack_gc_deleted
+                        .fetch_add(step.deleted as u64, Relaxed);
+                    if let Some(live) = step.pass_live {
+                        metrics.conntrack_entries.store(live, Relaxed);
+                    }
+                }
+                Err(e) => tracing::warn!("conntrack GC: {e:#}"),
+            }
+        }
         let resync = now >= next_resync;
         let retry = retry_at.is_some_and(|r| now >= r);
         if !(dirty || resync || retry) || !rec.synced {

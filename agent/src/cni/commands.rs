@@ -10,7 +10,7 @@ use std::{
 use anyhow::Context as _;
 use ipnet::Ipv4Net;
 use serde_json::{Value, json};
-use weft_common::{CONFIG_F_READY, EndpointInfo, prog_names};
+use weft_common::{CONFIG_F_READY, EP_F_STACK_ONLY, EndpointInfo};
 
 use super::{
     Log,
@@ -89,17 +89,17 @@ fn ready_maps(pin_root: &Path, not_ready_code: u32) -> CniResult<Maps> {
             ),
         ));
     }
-    let prog = datapath::pin_dir(pin_root)
-        .join("progs")
-        .join(prog_names::FROM_POD);
-    if !prog.exists() {
-        return Err(CniError::new(
-            not_ready_code,
-            format!(
-                "the pinned program {} is missing: weft-agent has not pinned its programs",
-                prog.display()
-            ),
-        ));
+    for (name, _) in datapath::POD_PROGRAMS {
+        let prog = datapath::pin_dir(pin_root).join("progs").join(name);
+        if !prog.exists() {
+            return Err(CniError::new(
+                not_ready_code,
+                format!(
+                    "the pinned program {} is missing: weft-agent has not pinned its programs",
+                    prog.display()
+                ),
+            ));
+        }
     }
     Ok(maps)
 }
@@ -134,9 +134,11 @@ struct Undo {
 impl Undo {
     fn run(self, maps: &mut Maps, log: &Log) {
         if let Some((root, dev)) = self.attached
-            && let Err(e) = datapath::detach_pinned_from_pod(&root, &dev)
+            && let Err(e) = datapath::detach_pinned_pod(&root, &dev)
         {
-            log.line(&format!("undo: detaching from_pod from {dev}: {e:#}"));
+            log.line(&format!(
+                "undo: detaching the pod programs from {dev}: {e:#}"
+            ));
         }
         if let Some(ip) = self.endpoint
             && let Err(e) = maps.remove_endpoint(ip)
@@ -287,25 +289,34 @@ impl Plan<'_> {
         }
     }
 
-    /// Creates the veth, then attaches `from_pod` on a second thread while the address is
-    /// allocated and both sides are configured. A TCX attach waits for an RCU grace period
-    /// (`tcx_entry_sync`, ~10 ms, the bulk of an ADD) holding rtnl, so the netlink steps
-    /// queue behind it but the IPAM store's file I/O overlaps. Each step is recorded in
-    /// `undo` once done. Returns the pod address.
+    /// Creates the veth, then attaches `from_pod` (ingress) and `to_pod` (egress) on a second
+    /// thread while the address is allocated and both sides are configured. A TCX attach waits
+    /// for an RCU grace period (`tcx_entry_sync`, ~10 ms each, the bulk of an ADD) holding
+    /// rtnl, so the netlink steps queue behind it but the IPAM store's file I/O overlaps. Each
+    /// step is recorded in `undo` once done. Returns the pod address.
     fn wire(&self, maps: &mut Maps, undo: &mut Undo, log: &Log) -> CniResult<Ipv4Addr> {
         let host = self.names.host_ifname.clone();
         self.create_veth()?;
         undo.link = Some(host.clone());
         let host_ifindex = nix::net::if_::if_nametoindex(host.as_str())
             .map_err(|e| Self::setup_err(format!("ifindex of {host}"), &anyhow::Error::from(e)))?;
-        // A pin left by an earlier, interrupted ADD holds a link severed with its device.
-        let _ = datapath::detach_pinned_from_pod(self.pin_root, &host);
-        let prog_pin = datapath::pin_dir(self.pin_root)
-            .join("progs")
-            .join(prog_names::FROM_POD);
-        let link_pin = datapath::link_pin_path(self.pin_root, prog_names::FROM_POD, &host);
+        // Pins left by an earlier, interrupted ADD hold links severed with their device.
+        let _ = datapath::detach_pinned_pod(self.pin_root, &host);
+        let links: Vec<(PathBuf, bool, PathBuf)> = datapath::POD_PROGRAMS
+            .iter()
+            .map(|(name, direction)| {
+                (
+                    datapath::pin_dir(self.pin_root).join("progs").join(name),
+                    matches!(direction, aya::programs::TcAttachType::Egress),
+                    datapath::link_pin_path(self.pin_root, name, &host),
+                )
+            })
+            .collect();
         let attach = std::thread::spawn(move || {
-            crate::tcx::attach_pinned_ingress(&prog_pin, host_ifindex, &link_pin)
+            for (prog_pin, egress, link_pin) in &links {
+                crate::tcx::attach_pinned(prog_pin, host_ifindex, *egress, link_pin)?;
+            }
+            Ok(())
         });
         let configured = self.configure(host_ifindex, maps, undo, log);
         let attached = attach
@@ -317,7 +328,7 @@ impl Plan<'_> {
                 configured?;
                 return Err(CniError::with_cause(
                     code::DATAPATH,
-                    format!("attaching from_pod to {host}"),
+                    format!("attaching from_pod and to_pod to {host}"),
                     &e,
                 ));
             }
@@ -358,6 +369,8 @@ impl Plan<'_> {
         let pod_if = &env.ifname;
         let pod_addr = Ipv4Net::new(ip, 32).expect("/32");
         let host_side = || -> anyhow::Result<()> {
+            // Router advertisements from the pod never configure the node.
+            ipv6_sysctl(host, "accept_ra", "0").context("accept_ra")?;
             let mut rtnl = Rtnl::open()?;
             rtnl.replace_route(pod_addr, None, host_ifindex, rtnl::RT_SCOPE_LINK, false)
                 .context("route")?;
@@ -369,6 +382,9 @@ impl Plan<'_> {
             let mut rtnl = Rtnl::open()?;
             let index = rtnl::ifindex(pod_if)?;
             rtnl.replace_address(index, pod_addr).context("address")?;
+            // The cluster network is IPv4: the pod's interface sends no IPv6 (router and
+            // neighbour solicitations, MLD) for the datapath to drop.
+            ipv6_sysctl(pod_if, "disable_ipv6", "1").context("disable_ipv6")?;
             rtnl.set_up(index).context("link up")?;
             rtnl.replace_neighbour(index, POD_GATEWAY, &self.names.host_mac)
                 .context("gateway neighbour")?;
@@ -404,7 +420,7 @@ impl Plan<'_> {
                 host_ifindex,
                 pod_mac: self.names.pod_mac,
                 host_mac: self.names.host_mac,
-                flags: 0,
+                flags: endpoint_flags(self.conf),
             },
         )
         .map_err(|e| {
@@ -413,6 +429,23 @@ impl Plan<'_> {
         undo.endpoint = Some(ip);
         Ok(ip)
     }
+}
+
+/// Sets `net.ipv6.conf.<dev>.<key>` in the calling thread's network namespace; nothing to do
+/// on a kernel without IPv6.
+fn ipv6_sysctl(dev: &str, key: &str, value: &str) -> anyhow::Result<()> {
+    let path = PathBuf::from(format!("/proc/sys/net/ipv6/conf/{dev}/{key}"));
+    if !Path::new("/proc/sys/net/ipv6").exists() {
+        return Ok(());
+    }
+    std::fs::write(&path, value).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The endpoint's `EP_F_*` flags: a pod the runtime asks to shape (`runtimeConfig.bandwidth`,
+/// for the `bandwidth` plugin chained after weft) takes the host stack both ways, where the
+/// plugin's qdiscs are.
+fn endpoint_flags(conf: &NetConf) -> u32 {
+    if conf.bandwidth { EP_F_STACK_ONLY } else { 0 }
 }
 
 /// Removes what ADD set up for one attachment except the allocation; every step tolerates
@@ -440,10 +473,10 @@ fn teardown(
         .map_err(|e| {
             CniError::with_cause(code::INTERFACE_SETUP, format!("deleting {host_ifname}"), &e)
         })?;
-    datapath::detach_pinned_from_pod(pin_root, host_ifname).map_err(|e| {
+    datapath::detach_pinned_pod(pin_root, host_ifname).map_err(|e| {
         CniError::with_cause(
             code::DATAPATH,
-            format!("detaching from_pod from {host_ifname}"),
+            format!("detaching from_pod and to_pod from {host_ifname}"),
             &e,
         )
     })?;
@@ -578,7 +611,7 @@ pub fn check(env: &Env, conf: &NetConf, _log: &Log) -> CniResult<()> {
         host_ifindex: link.ifindex,
         pod_mac: names.pod_mac,
         host_mac: names.host_mac,
-        flags: 0,
+        flags: endpoint_flags(conf),
     };
     match endpoints.iter().find(|(a, _)| *a == ip) {
         Some((_, info)) if *info == expected => {}
@@ -589,12 +622,14 @@ pub fn check(env: &Env, conf: &NetConf, _log: &Log) -> CniResult<()> {
         }
         None => return Err(mismatch(format!("endpoint map has no entry for {ip}"))),
     }
-    let pin = datapath::link_pin_path(&pin_root, prog_names::FROM_POD, host);
-    if !pin.exists() {
-        return Err(mismatch(format!(
-            "from_pod is not attached to {host} (no link pin at {})",
-            pin.display()
-        )));
+    for (name, _) in datapath::POD_PROGRAMS {
+        let pin = datapath::link_pin_path(&pin_root, name, host);
+        if !pin.exists() {
+            return Err(mismatch(format!(
+                "{name} is not attached to {host} (no link pin at {})",
+                pin.display()
+            )));
+        }
     }
     Ok(())
 }
@@ -682,14 +717,15 @@ pub fn gc(conf: &NetConf, log: &Log) -> CniResult<()> {
         }
     }
     let links_dir = datapath::pin_dir(&pin_root).join("links");
-    let prefix = format!("{}@{HOST_IF_PREFIX}", prog_names::FROM_POD);
     if let Ok(entries) = std::fs::read_dir(&links_dir) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(dev) = name.strip_prefix(&format!("{}@", prog_names::FROM_POD))
-                && name.starts_with(&prefix)
-                && !live_links.iter().any(|l| l == dev)
-            {
+            let orphan = datapath::POD_PROGRAMS.iter().any(|(prog, _)| {
+                name.strip_prefix(&format!("{prog}@")).is_some_and(|dev| {
+                    dev.starts_with(HOST_IF_PREFIX) && !live_links.iter().any(|l| l == dev)
+                })
+            });
+            if orphan {
                 log.line(&format!("GC: removing orphan link pin {name}"));
                 let _ = std::fs::remove_file(entry.path());
             }

@@ -153,6 +153,10 @@ pub struct NetConf {
     pub log_file: Option<PathBuf>,
     pub prev_result: Option<Value>,
     pub valid_attachments: Option<Vec<Attachment>>,
+    /// The runtime asks for bandwidth limits (`runtimeConfig.bandwidth` with a rate, the
+    /// `bandwidth` capability): the `bandwidth` plugin chained after weft shapes the pod, so its
+    /// traffic must pass the qdiscs that plugin installs.
+    pub bandwidth: bool,
     pub raw: Map<String, Value>,
 }
 
@@ -267,6 +271,18 @@ impl NetConf {
                 )));
             }
         };
+        let bandwidth = match raw.get("runtimeConfig").and_then(|r| r.get("bandwidth")) {
+            None | Some(Value::Null) => false,
+            Some(Value::Object(limits)) => ["ingressRate", "egressRate"]
+                .iter()
+                .any(|k| limits.get(*k).and_then(Value::as_u64).unwrap_or(0) > 0),
+            Some(other) => {
+                return Err(CniError::invalid_config(format!(
+                    "field `runtimeConfig.bandwidth` must be an object, got {}",
+                    type_name(other)
+                )));
+            }
+        };
         Ok(Self {
             cni_version,
             name,
@@ -278,6 +294,7 @@ impl NetConf {
             log_file,
             prev_result,
             valid_attachments,
+            bandwidth,
             raw,
         })
     }
@@ -383,6 +400,19 @@ mod tests {
         assert_eq!(c.subnet_file, PathBuf::from(DEFAULT_SUBNET_FILE));
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(c.pin_root, Some(PathBuf::from("/sys/fs/bpf/x")));
+        assert!(!c.bandwidth);
+        let c = conf(
+            json!({"cniVersion": "1.0.0", "name": "weft", "type": "weft-cni",
+            "runtimeConfig": {"bandwidth": {"egressRate": 1000000, "egressBurst": 10000}}}),
+        )
+        .unwrap();
+        assert!(c.bandwidth);
+        let e = conf(
+            json!({"cniVersion": "1.0.0", "name": "weft", "type": "weft-cni",
+            "runtimeConfig": {"bandwidth": 5}}),
+        )
+        .unwrap_err();
+        assert!(e.msg.contains("runtimeConfig.bandwidth"), "{e}");
         assert!(version_at_least("1.1.0", "1.0.0"));
         assert!(!version_at_least("0.4.0", "1.0.0"));
     }
