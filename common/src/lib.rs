@@ -340,7 +340,8 @@ counter_enum! {
         NonIpFromPod => "non_ip_from_pod",
         /// A pod's ARP packet carries a sender address or MAC that is not the pod's.
         ArpSpoofed => "arp_spoofed",
-        /// A pod's ARP packet is not a request for its gateway (169.254.1.1).
+        /// A pod's ARP packet is neither a request for its gateway (169.254.1.1) nor a reply
+        /// about itself.
         ArpNotGateway => "arp_not_gateway",
         /// A pod's ARP packet is truncated or not Ethernet/IPv4 ARP.
         MalformedArp => "malformed_arp",

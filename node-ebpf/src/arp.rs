@@ -1,9 +1,11 @@
 //! ARP from pods. A pod reaches everything through its gateway 169.254.1.1, a permanent
 //! neighbour entry, so it has no reason to ARP; if it does anyway (the entry was removed), the
-//! request for the gateway is answered here with the host side's MAC. Any other ARP (for other
-//! addresses, replies, gratuitous ARP, or carrying someone else's address) is dropped: the
-//! node's stack never sees a pod's ARP, so a pod cannot plant neighbour entries in it.
-use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
+//! request for the gateway is answered here with the host side's MAC. A reply about the pod
+//! itself (the node resolving the pod's address, should its permanent entry be gone) goes to
+//! the stack. Anything else (requests for other addresses, gratuitous ARP, or anything carrying
+//! another address or MAC than the pod's) is dropped: a pod cannot plant neighbour entries in
+//! the node for addresses it does not own.
+use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_redirect, programs::TcContext};
 use weft_common::{DropReason, POD_GATEWAY, Stat};
 
 use crate::{
@@ -44,7 +46,11 @@ pub fn answer_gateway(ctx: &TcContext) -> Result<i32, DropReason> {
     {
         return Err(DropReason::ArpSpoofed);
     }
-    if u16::from_be_bytes(arp.oper) != ARP_REQUEST || !addr_eq(arp.tpa, POD_GATEWAY) {
+    let oper = u16::from_be_bytes(arp.oper);
+    if oper == ARP_REPLY {
+        return Ok(TC_ACT_OK);
+    }
+    if oper != ARP_REQUEST || !addr_eq(arp.tpa, POD_GATEWAY) {
         return Err(DropReason::ArpNotGateway);
     }
     arp.oper = ARP_REPLY.to_be_bytes();

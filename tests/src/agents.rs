@@ -274,6 +274,8 @@ pub fn add_pod(node: &AgentNode, host: u8) -> crate::manual::Pod {
         ns.name
     ));
     node.ns.ip(&format!("link set {host_ifname} up"));
+    // As the CNI plugin does: an IPv4 pod sends no IPv6.
+    ns.sysctl("net.ipv6.conf.eth0.disable_ipv6", "1");
     ns.ip(&format!("link set eth0 mtu {mtu} up"));
     ns.ip(&format!("addr add {ip}/32 dev eth0"));
     let host_mac = node.ns.mac(&host_ifname);
@@ -286,6 +288,11 @@ pub fn add_pod(node: &AgentNode, host: u8) -> crate::manual::Pod {
     ));
     node.ns
         .ip(&format!("route add {ip}/32 dev {host_ifname} scope link"));
+    // As the CNI plugin does: the node never needs to ARP for its pods.
+    node.ns.ip(&format!(
+        "neigh replace {ip} lladdr {} dev {host_ifname} nud permanent",
+        format_mac(&ns.mac("eth0"))
+    ));
     node.maps()
         .upsert_endpoint(
             ip,

@@ -384,6 +384,44 @@ impl Cluster {
         ip
     }
 
+    /// Creates a pod on node `index` through a conflist, as a runtime runs one: weft (its
+    /// config extended by `weft_extra`, e.g. capabilities and `runtimeConfig`) then `chained`
+    /// plugins (Debian's reference plugins), each given the previous result.
+    pub fn add_pod_chained(
+        &mut self,
+        index: usize,
+        weft_extra: serde_json::Value,
+        chained: Vec<serde_json::Value>,
+    ) -> Ipv4Addr {
+        let ns = Netns::new("wp");
+        let container_id = unique_name("ctr");
+        let node = &self.nodes[index];
+        let mut weft = node.cni_conf();
+        weft.as_object_mut().unwrap().remove("cniVersion");
+        weft.as_object_mut().unwrap().remove("name");
+        if let serde_json::Value::Object(extra) = weft_extra {
+            weft.as_object_mut().unwrap().extend(extra);
+        }
+        let mut plugins = vec![weft];
+        plugins.extend(chained);
+        // Debian's reference plugins speak up to 1.0.0.
+        let list = serde_json::json!({"cniVersion": "1.0.0", "name": "weft", "plugins": plugins});
+        let result =
+            crate::cni::run_conflist(&node.ns, "ADD", &list, &container_id, &ns.path(), None)
+                .unwrap_or_else(|out| panic!("conflist ADD on {} failed: {out:?}", node.name));
+        let ip = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in the ADD result: {result}"));
+        self.nodes[index].pods.push(Pod {
+            ns,
+            container_id,
+            ip,
+        });
+        ip
+    }
+
     /// Deletes pod `pod` of node `index` through the CNI plugin (DEL).
     pub fn delete_pod(&mut self, index: usize, pod: usize) {
         let p = self.nodes[index].pods.remove(pod);

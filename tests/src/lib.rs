@@ -7,6 +7,7 @@ pub mod cni;
 pub mod etcd;
 pub mod fixture;
 pub mod flow;
+pub mod inject;
 pub mod kube_proxy;
 pub mod manual;
 pub mod netns;

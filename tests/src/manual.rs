@@ -104,6 +104,8 @@ impl WeftNode {
             ns.name
         ));
         self.ns.ip(&format!("link set {host_ifname} up"));
+        // As the CNI plugin does: an IPv4 pod sends no IPv6.
+        ns.sysctl("net.ipv6.conf.eth0.disable_ipv6", "1");
         ns.ip(&format!("link set eth0 mtu {mtu} up"));
         ns.ip(&format!("addr add {ip}/32 dev eth0"));
         let host_mac = self.ns.mac(&host_ifname);
@@ -117,6 +119,11 @@ impl WeftNode {
         self.ns
             .ip(&format!("route add {ip}/32 dev {host_ifname} scope link"));
         let pod_mac = ns.mac("eth0");
+        // As the CNI plugin does: the node never needs to ARP for its pods.
+        self.ns.ip(&format!(
+            "neigh replace {ip} lladdr {} dev {host_ifname} nud permanent",
+            format_mac(&pod_mac)
+        ));
         let host_ifindex = self.ns.ifindex(&host_ifname);
         self.maps()
             .upsert_endpoint(

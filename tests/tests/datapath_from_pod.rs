@@ -458,8 +458,14 @@ fn pods_send_only_ipv4_and_gateway_arp() {
                 arp_frame(POD1_MAC, [0xff; 6], 1, POD1_MAC, POD1_IP, [0; 6], POD1_IP),
                 DropReason::ArpNotGateway,
             ),
+            // A reply claiming the gateway (or anything but the pod itself).
             (
-                arp_frame(POD1_MAC, host, 2, POD1_MAC, POD1_IP, host, gw),
+                arp_frame(POD1_MAC, host, 2, POD1_MAC, POD2_IP, host, NODE_IP),
+                DropReason::ArpSpoofed,
+            ),
+            // Another ARP operation (RARP request).
+            (
+                arp_frame(POD1_MAC, host, 3, POD1_MAC, POD1_IP, host, gw),
                 DropReason::ArpNotGateway,
             ),
         ] {
@@ -467,6 +473,11 @@ fn pods_send_only_ipv4_and_gateway_arp() {
             assert_eq!(from_pod(node, &frame, idx).verdict, TC_ACT_SHOT);
             assert_eq!(drops(node, reason), before + 1, "{reason:?}");
         }
+        // A reply about the pod itself (the node resolving it) goes to the stack untouched.
+        let reply = arp_frame(POD1_MAC, host, 2, POD1_MAC, POD1_IP, host, NODE_IP);
+        let out = from_pod(node, &reply, idx);
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert_eq!(out.data, reply);
         // Truncated, or not Ethernet/IPv4 ARP.
         for len in 14..request.len() {
             assert_eq!(from_pod(node, &request[..len], idx).verdict, TC_ACT_SHOT);

@@ -402,3 +402,142 @@ fn service_flows_survive_agent_restarts() {
     let a = s.tcp(s.pod_ns(s.client), vip(REMOTE), "after restarts");
     assert_eq!(a.server, s.b1);
 }
+
+/// iperf3 (TCP, 3 s) from `client` to a server at `server_ip` in `server`; `reverse` has the
+/// server send. Returns the received rate in bit/s.
+fn iperf3_rate(
+    client: &weft_tests::netns::Netns,
+    server: &weft_tests::netns::Netns,
+    server_ip: Ipv4Addr,
+    port: u16,
+    reverse: bool,
+) -> f64 {
+    let mut srv = std::process::Command::new("ip")
+        .args(["netns", "exec", &server.name, "iperf3", "-s", "-1"])
+        .args(["-B", &server_ip.to_string(), "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 -s");
+    let mut result = None;
+    weft_tests::process::wait_until("iperf3 to run", Duration::from_secs(20), || {
+        let mut args = vec!["netns", "exec", &client.name, "iperf3", "-J", "-t", "3"];
+        let (ip, p) = (server_ip.to_string(), port.to_string());
+        args.extend(["-c", &ip, "-p", &p]);
+        if reverse {
+            args.push("-R");
+        }
+        let out = std::process::Command::new("ip")
+            .args(&args)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        result = v["end"]["sum_received"]["bits_per_second"].as_f64();
+        result.is_some()
+    });
+    let _ = srv.kill();
+    let _ = srv.wait();
+    result.unwrap()
+}
+
+/// CNI chaining as kubelet's runtime does it: `portmap` (hostPort) and `bandwidth` (pod
+/// ingress and egress rates) chained after weft.
+#[test]
+fn host_port_and_bandwidth_plugins_chained_after_weft() {
+    let mut c = Cluster::new(ClusterOptions {
+        nodes: 2,
+        ..Default::default()
+    });
+    let outside = c.add_outside_host();
+    let neighbour = c.add_pod(0);
+    let remote = c.add_pod(1);
+    // hostPort 18080 -> containerPort 8080 of a pod on node 0.
+    let mapped = c.add_pod_chained(
+        0,
+        serde_json::json!({}),
+        vec![serde_json::json!({
+            "type": "portmap",
+            "capabilities": {"portMappings": true},
+            "runtimeConfig": {"portMappings": [
+                {"hostPort": 18080, "containerPort": BACKEND_PORT, "protocol": "tcp"}
+            ]}
+        })],
+    );
+    let pod_ns = |c: &Cluster, ip: Ipv4Addr| {
+        c.all_pods()
+            .into_iter()
+            .find(|(_, p)| p.ip == ip)
+            .map(|(_, p)| p.ns.name.clone())
+            .unwrap()
+    };
+    let _server = whoami::Server::start(
+        &c.nodes[0].pods.iter().find(|p| p.ip == mapped).unwrap().ns,
+        mapped,
+        BACKEND_PORT,
+    );
+    let target = SocketAddr::from((c.nodes[0].ip, 18080));
+    let from: Vec<(&weft_tests::netns::Netns, &str)> = vec![
+        (&c.nodes[1].ns, "node 1"),
+        (&outside.ns, "an outside host"),
+        (&c.nodes[1].pods[0].ns, "a pod on node 1"),
+        (&c.nodes[0].pods[0].ns, "a pod on the same node"),
+    ];
+    for (ns, what) in from {
+        let a = whoami::tcp_ask(ns, target, 1, TIMEOUT)
+            .remove(0)
+            .unwrap_or_else(|e| panic!("hostPort from {what}: {e}\n{}", c.datapath_state()));
+        assert_eq!(a.server, mapped, "hostPort from {what}");
+    }
+    let _ = (neighbour, pod_ns(&c, remote));
+
+    // A pod shaped to 20 Mbit/s both ways by `bandwidth`; weft gets the same capability
+    // (runtimeConfig.bandwidth) and sends the pod's traffic through the stack, where the
+    // plugin's qdiscs are.
+    const RATE: u64 = 20_000_000;
+    let bandwidth = serde_json::json!({
+        "ingressRate": RATE, "ingressBurst": 400_000,
+        "egressRate": RATE, "egressBurst": 400_000
+    });
+    let shaped = c.add_pod_chained(
+        0,
+        serde_json::json!({
+            "capabilities": {"bandwidth": true},
+            "runtimeConfig": {"bandwidth": bandwidth.clone()}
+        }),
+        vec![serde_json::json!({
+            "type": "bandwidth",
+            "capabilities": {"bandwidth": true},
+            "runtimeConfig": {"bandwidth": bandwidth}
+        })],
+    );
+    let flags = c.nodes[0]
+        .maps()
+        .endpoints()
+        .unwrap()
+        .into_iter()
+        .find(|(ip, _)| *ip == shaped)
+        .unwrap()
+        .1
+        .flags;
+    assert_eq!(
+        flags & weft_common::EP_F_STACK_ONLY,
+        weft_common::EP_F_STACK_ONLY
+    );
+    let shaped_ns = &c.nodes[0].pods.iter().find(|p| p.ip == shaped).unwrap().ns;
+    let remote_ns = &c.nodes[1].pods[0].ns;
+    for reverse in [false, true] {
+        let rate = iperf3_rate(shaped_ns, remote_ns, remote, 7700, reverse);
+        let what = if reverse { "ingress" } else { "egress" };
+        eprintln!(
+            "bandwidth plugin, {what}: {:.1} Mbit/s (set: 20)",
+            rate / 1e6
+        );
+        assert!(
+            (rate - RATE as f64).abs() <= 0.2 * RATE as f64,
+            "{what} rate {rate:.0} bit/s is not within 20% of {RATE}"
+        );
+    }
+    // An unshaped pod on the same node is not held to that rate.
+    let free = iperf3_rate(&c.nodes[0].pods[0].ns, remote_ns, remote, 7701, false);
+    assert!(free > 2.0 * RATE as f64, "unshaped pod: {free:.0} bit/s");
+}
