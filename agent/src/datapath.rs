@@ -463,13 +463,8 @@ impl Maps {
     /// Every conntrack entry (dead ones included until the GC removes them).
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>> {
         let map: HashMap<&MapData, CtKey, CtEntry> = self.map(map_names::CONNTRACK)?.try_into()?;
-        let mut out = Vec::new();
-        for entry in map.iter() {
-            // An entry evicted between the key walk and its lookup is simply gone.
-            if let Ok(kv) = entry {
-                out.push(kv);
-            }
-        }
+        // An entry evicted between the key walk and its lookup is simply gone.
+        let mut out: Vec<(CtKey, CtEntry)> = map.iter().flatten().collect();
         out.sort_by_key(|(k, _)| *k);
         Ok(out)
     }

@@ -14,7 +14,9 @@
 //! (a node's own traffic, flows the stack translated) is the stack's. This program also learns
 //! path MTUs from ICMP fragmentation-needed about this node's tunnel packets.
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    bindings::{
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
     macros::classifier,
     programs::TcContext,
 };
@@ -116,13 +118,24 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, DropReason> {
             } => {
                 // Remove everything between the outer Ethernet header and the inner IPv4
                 // header; the outer Ethernet header (addressed to this NIC, type IPv4) stays.
+                // The packet may then go to the stack (a flow it translated, a node's traffic):
+                // fine for IPIP, whose GRO leaves a TCP GSO packet; a UDP-tunnel GSO packet
+                // would keep tunnel GSO state the stack cannot forward (no DECAP_L4_UDP on this
+                // kernel), but without a VXLAN socket the kernel does not aggregate VXLAN.
                 let strip = if inner_has_eth {
                     outer_len + 14
                 } else {
                     outer_len
                 };
-                ctx.adjust_room(-(strip as i32), BPF_ADJ_ROOM_MAC, 0)
-                    .map_err(|_| DropReason::AdjustRoomFailed)?;
+                // FIXED_GSO: a GRO'd packet keeps its senders' segment size. Without it the
+                // kernel grows the segments by the bytes removed, and the stack, forwarding the
+                // packet to a pod, finds segments larger than the pod's MTU.
+                ctx.adjust_room(
+                    -(strip as i32),
+                    BPF_ADJ_ROOM_MAC,
+                    BPF_F_ADJ_ROOM_FIXED_GSO as u64,
+                )
+                .map_err(|_| DropReason::AdjustRoomFailed)?;
                 count(Stat::TcDecap);
                 decapsulated = true;
             }

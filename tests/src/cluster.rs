@@ -63,6 +63,8 @@ pub struct ClusterOptions {
     /// MTU of the second underlay subnet: its nodes' links, their bridge and the router's port
     /// toward it (the router answers larger DF packets with ICMP fragmentation-needed).
     pub second_subnet_mtu: Option<u32>,
+    /// Agents decapsulate in tc only (`--no-xdp`), as on NICs without XDP.
+    pub no_xdp: bool,
 }
 
 impl Default for ClusterOptions {
@@ -73,6 +75,7 @@ impl Default for ClusterOptions {
             direct_routing: false,
             two_subnets: false,
             second_subnet_mtu: None,
+            no_xdp: false,
         }
     }
 }
@@ -290,7 +293,7 @@ impl Cluster {
     }
 
     fn start_agent(&self, node: &Node) -> NsProcess {
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "--datastore".into(),
             "etcd".into(),
             "--etcd-endpoints".into(),
@@ -312,6 +315,9 @@ impl Cluster {
             "--conntrack-max".into(),
             crate::TEST_CONNTRACK_MAX.to_string(),
         ];
+        if self.options.no_xdp {
+            args.push("--no-xdp".into());
+        }
         let log = node.dir.join("agent.log");
         NsProcess::spawn(
             &node.ns,
