@@ -227,6 +227,8 @@ impl FlannelNode {
     }
 
     /// What flannel does when it learns a remote node's lease: route, ARP and FDB entries.
+    /// Idempotent, and a changed lease (another VTEP MAC) replaces the entries, as flanneld's
+    /// watch does.
     pub fn add_peer(&self, subnet: Ipv4Net, node_ip: Ipv4Addr, vtep_mac: [u8; 6]) {
         let mac = format_mac(&vtep_mac);
         let gw = subnet.network();
@@ -239,7 +241,7 @@ impl FlannelNode {
                 "-n",
                 &self.ns.name,
                 "fdb",
-                "append",
+                "replace",
                 &mac,
                 "dev",
                 "flannel.1",
@@ -248,7 +250,7 @@ impl FlannelNode {
             ],
         );
         self.ns
-            .ip(&format!("route add {subnet} via {gw} dev flannel.1 onlink"));
+            .ip(&format!("route replace {subnet} via {gw} dev flannel.1 onlink"));
     }
 }
 
