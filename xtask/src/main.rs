@@ -97,7 +97,8 @@ fn main() -> Result<()> {
         }
         Cmd::Demo { down: true, .. } => {
             require_root("tearing the demo down deletes network namespaces and pins")?;
-            cargo(&["build", "-p", "weft-tests", "--bin", "weft-demo"])?;
+            // The demo's own build command: after a demo, nothing to rebuild.
+            cargo(&["build", "--workspace", "--exclude", "node-ebpf", "--bins"])?;
             run_bin("debug", "weft-demo", &["--down"])
         }
         Cmd::Demo {
