@@ -800,6 +800,16 @@ fn lone_agent(bin: &Path, caps: &[String]) -> (bool, String) {
     a.ip("addr add 192.168.92.1/24 dev eth0");
     b.ip("addr add 192.168.92.2/24 dev eth0");
     a.ip("route add default via 192.168.92.2");
+    // The sysctls the agent wants, set already (the agent writes only what differs): what
+    // fails without a capability is then the datapath itself.
+    for (key, value) in [
+        ("net.ipv4.ip_forward", "1"),
+        ("net.ipv4.conf.all.rp_filter", "0"),
+        ("net.ipv4.conf.default.rp_filter", "0"),
+        ("net.ipv4.conf.eth0.rp_filter", "0"),
+    ] {
+        a.sysctl(key, value);
+    }
     let pins = PinDir::new("cap");
     let dir = std::env::temp_dir().join(unique_name("weft-cap-"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -879,6 +889,19 @@ fn each_capability_of_the_manifest_is_needed() {
         assert!(
             log.contains("Operation not permitted") || log.contains("Permission denied"),
             "without {left_out} the agent failed for another reason than a permission:\n{log}"
+        );
+        // Why each is needed (deploy/weft.yaml says so): maps need CAP_BPF; tc and XDP
+        // programs need CAP_NET_ADMIN to load; without CAP_PERFMON the verifier refuses the
+        // programs' pointer arithmetic.
+        let step = match left_out.as_str() {
+            "bpf" => "failed to create map",
+            "net_admin" => "BPF_PROG_LOAD",
+            "perfmon" => "pointer -= pointer prohibited",
+            _ => "",
+        };
+        assert!(
+            log.contains(step),
+            "without {left_out} the agent should fail at {step:?}:\n{log}"
         );
         eprintln!(
             "without {left_out}: {}",
