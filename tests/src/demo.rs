@@ -150,7 +150,9 @@ impl DemoRecord {
         }
         for ns in &self.namespaces {
             if !harness_name(ns) {
-                failed.push(format!("namespace {ns:?}: not a name the demo makes; left alone"));
+                failed.push(format!(
+                    "namespace {ns:?}: not a name the demo makes; left alone"
+                ));
                 continue;
             }
             if !Path::new("/run/netns").join(ns).exists() {
@@ -284,7 +286,12 @@ mod tests {
             ..Default::default()
         };
         let err = format!("{:#}", record.tear_down().unwrap_err());
-        for refused in ["../../etc", "/sys/fs/bpf/weft:", "/etc/passwd", "/tmp/../etc"] {
+        for refused in [
+            "../../etc",
+            "/sys/fs/bpf/weft:",
+            "/etc/passwd",
+            "/tmp/../etc",
+        ] {
             assert!(err.contains(refused), "{refused} not refused: {err}");
         }
         assert!(Path::new("/etc/passwd").exists());

@@ -249,8 +249,9 @@ impl FlannelNode {
                 &node_ip.to_string(),
             ],
         );
-        self.ns
-            .ip(&format!("route replace {subnet} via {gw} dev flannel.1 onlink"));
+        self.ns.ip(&format!(
+            "route replace {subnet} via {gw} dev flannel.1 onlink"
+        ));
     }
 }
 

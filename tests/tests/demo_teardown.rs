@@ -204,8 +204,15 @@ fn keep_then_down_leaves_nothing_behind() {
         kept.files
     );
     assert_eq!(
-        record.processes.iter().map(|p| p.pid).collect::<BTreeSet<_>>(),
-        kept.processes.iter().map(|(p, _)| *p).collect::<BTreeSet<_>>()
+        record
+            .processes
+            .iter()
+            .map(|p| p.pid)
+            .collect::<BTreeSet<_>>(),
+        kept.processes
+            .iter()
+            .map(|(p, _)| *p)
+            .collect::<BTreeSet<_>>()
     );
 
     // A record naming a live process that is not the one it started (its pid reused: another
@@ -226,7 +233,10 @@ fn keep_then_down_leaves_nothing_behind() {
     let (ok, text) = demo(&["--down", "--state-dir", &state]);
     assert!(ok, "weft-demo --down failed:\n{text}");
     let left = find_leftovers(demo_pid);
-    assert!(left.is_empty(), "left behind after --down: {left:?}\n{text}");
+    assert!(
+        left.is_empty(),
+        "left behind after --down: {left:?}\n{text}"
+    );
     assert!(
         !state_dir.exists() || names_in(&state_dir).is_empty(),
         "records left: {:?}",

@@ -140,7 +140,11 @@ fn agent_flags() -> BTreeMap<String, Flag> {
                 .find(|w| w.starts_with("--"))
                 .unwrap_or_else(|| panic!("no long flag in {line:?}"));
             let (head, rest) = t.split_once("  ").unwrap_or((t, ""));
-            current = Some((long.to_string(), head.contains('<'), rest.trim().to_string()));
+            current = Some((
+                long.to_string(),
+                head.contains('<'),
+                rest.trim().to_string(),
+            ));
         } else if let Some((_, _, body)) = current.as_mut() {
             body.push(' ');
             body.push_str(t);
@@ -149,7 +153,10 @@ fn agent_flags() -> BTreeMap<String, Flag> {
     finish(current.take(), &mut flags);
     flags.remove("--help");
     flags.remove("--version");
-    assert!(flags.len() >= 10, "parsed too few flags from --help: {flags:?}");
+    assert!(
+        flags.len() >= 10,
+        "parsed too few flags from --help: {flags:?}"
+    );
     flags
 }
 
@@ -437,6 +444,9 @@ fn relative_links_resolve() {
         "docs/troubleshooting.md",
         "docs/migrating-from-flannel.md",
     ] {
-        assert!(readme.contains(&format!("]({doc})")), "README.md does not link {doc}");
+        assert!(
+            readme.contains(&format!("]({doc})")),
+            "README.md does not link {doc}"
+        );
     }
 }

@@ -74,13 +74,20 @@ fn documented_steps(doc: &str) -> Vec<Step> {
             step.scope = match scope {
                 "once" => Scope::Once,
                 "each-node" => Scope::EachNode,
-                other => panic!("step {}: scope {other:?} is not once or each-node", step.number),
+                other => panic!(
+                    "step {}: scope {other:?} is not once or each-node",
+                    step.number
+                ),
             };
             step.action = action.to_string();
         }
     }
     for (i, step) in steps.iter().enumerate() {
-        assert_eq!(step.number as usize, i + 1, "steps are numbered 1, 2, ... in order");
+        assert_eq!(
+            step.number as usize,
+            i + 1,
+            "steps are numbered 1, 2, ... in order"
+        );
         assert!(
             !step.action.is_empty(),
             "step {} ({}) names no harness action: add `<!-- e2e: once|each-node ACTION -->` under its heading",
@@ -90,6 +97,9 @@ fn documented_steps(doc: &str) -> Vec<Step> {
     }
     steps
 }
+
+/// A pod to ping from and to: (label, namespace name, address).
+type PodRef = (String, String, Ipv4Addr);
 
 /// A node while it moves from flannel to weft.
 enum Migrating {
@@ -110,7 +120,7 @@ impl Migration {
     /// Every pod reaches every other pod (flanneld has seen every lease first).
     fn check(&self, after: &str) {
         self.cluster.sync_flannel_nodes();
-        let mut pods: Vec<(String, String, Ipv4Addr)> = Vec::new();
+        let mut pods: Vec<PodRef> = Vec::new();
         for node in &self.cluster.nodes {
             for pod in &node.pods {
                 pods.push((format!("weft {}", node.name), pod.ns.name.clone(), pod.ip));
@@ -123,7 +133,7 @@ impl Migration {
                 node.pod.ip,
             ));
         }
-        let pairs: Vec<(&(String, String, Ipv4Addr), &(String, String, Ipv4Addr))> = pods
+        let pairs: Vec<(&PodRef, &PodRef)> = pods
             .iter()
             .flat_map(|a| pods.iter().map(move |b| (a, b)))
             .filter(|(a, b)| a.2 != b.2)
@@ -317,7 +327,12 @@ fn flannel_cluster_migrates_node_by_node_as_documented() {
     assert_eq!(m.cluster.nodes.len(), subnets.len());
     for (node, subnet) in m.cluster.nodes.iter().zip(subnets) {
         let env = weft_agent::subnet_env::SubnetEnv::read(&node.subnet_file()).unwrap();
-        assert_eq!(env.subnet.to_string(), subnet, "{} kept its subnet", node.name);
+        assert_eq!(
+            env.subnet.to_string(),
+            subnet,
+            "{} kept its subnet",
+            node.name
+        );
     }
     // TCP and UDP across the migrated cluster.
     let pairs = m.cluster.assert_tcp_udp_matrix();

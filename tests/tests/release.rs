@@ -223,7 +223,9 @@ fn dockerfile_instructions(text: &str) -> Vec<(String, String)> {
             continue;
         }
         current.push_str(t);
-        let (kw, args) = current.split_once(char::is_whitespace).unwrap_or((&current, ""));
+        let (kw, args) = current
+            .split_once(char::is_whitespace)
+            .unwrap_or((&current, ""));
         out.push((kw.to_uppercase(), args.trim().to_string()));
         current.clear();
     }
@@ -254,14 +256,20 @@ fn tarball_image_and_manifest_agree() {
         "README.md",
         "docs/configuration.md",
     ] {
-        assert!(files.contains(required), "{required} missing from the tarball: {files:?}");
+        assert!(
+            files.contains(required),
+            "{required} missing from the tarball: {files:?}"
+        );
     }
     // Release binaries, stripped, reporting the workspace version.
     for bin in ["weft-agent", "weft-cni", "weft"] {
         let path = top.join("bin").join(bin);
         let sections = run_ok("readelf", &["-S", "-W", path.to_str().unwrap()]);
         assert!(!sections.contains(".symtab"), "{bin} is not stripped");
-        assert!(!sections.contains(".debug_info"), "{bin} carries debug info");
+        assert!(
+            !sections.contains(".debug_info"),
+            "{bin} carries debug info"
+        );
     }
     let version = run_ok(top.join("bin/weft-agent").to_str().unwrap(), &["--version"]);
     assert_eq!(version.trim(), format!("weft-agent {VERSION}"));
@@ -275,8 +283,7 @@ fn tarball_image_and_manifest_agree() {
     }
     // The conflist is the one `--install-cni` writes, naming the shipped plugin.
     let conflist: Value =
-        serde_json::from_slice(&std::fs::read(top.join("cni/10-weft.conflist")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(top.join("cni/10-weft.conflist")).unwrap()).unwrap();
     assert_eq!(conflist["cniVersion"], "1.1.0");
     assert_eq!(conflist["plugins"][0]["type"], "weft-cni");
 
@@ -344,9 +351,7 @@ fn tarball_image_and_manifest_agree() {
             assert_eq!(word, VERSION, "the Dockerfile names version {word}");
         }
     }
-    assert!(dockerfile.contains(&format!(
-        "org.opencontainers.image.version=\"{VERSION}\""
-    )));
+    assert!(dockerfile.contains(&format!("org.opencontainers.image.version=\"{VERSION}\"")));
 
     // The manifest runs that image, tagged with the workspace version, and binaries it has.
     let docs = manifest();
@@ -663,13 +668,15 @@ fn unpacked_release_runs_a_cluster_as_the_daemonset_runs_it() {
         std::fs::read(bin.join("weft-cni")).unwrap()
     );
     let installed: Value =
-        serde_json::from_slice(&std::fs::read(cni_conf.join("10-weft.conflist")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(cni_conf.join("10-weft.conflist")).unwrap()).unwrap();
     let template: Value = serde_json::from_slice(
         &std::fs::read(unpacked.top().join("cni/10-weft.conflist")).unwrap(),
     )
     .unwrap();
-    assert_eq!(installed, template, "the tarball's conflist is what a node gets");
+    assert_eq!(
+        installed, template,
+        "the tarball's conflist is what a node gets"
+    );
 
     // The agent with the manifest's capabilities and mounts.
     let caps = added_capabilities(agent_spec);
@@ -699,14 +706,22 @@ fn unpacked_release_runs_a_cluster_as_the_daemonset_runs_it() {
         cluster.wait_ready(i);
         let pid = cluster.nodes[i].agent.as_ref().unwrap().pid();
         let want: BTreeSet<String> = caps.iter().cloned().collect();
-        assert_eq!(effective_capabilities(pid), want, "the agent's capabilities");
+        assert_eq!(
+            effective_capabilities(pid),
+            want,
+            "the agent's capabilities"
+        );
         let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
         let root = mountinfo
             .lines()
             .find(|l| l.split_whitespace().nth(4) == Some("/"))
             .unwrap();
         assert!(
-            root.split_whitespace().nth(5).unwrap().split(',').any(|o| o == "ro"),
+            root.split_whitespace()
+                .nth(5)
+                .unwrap()
+                .split(',')
+                .any(|o| o == "ro"),
             "the agent's root filesystem is not read-only: {root}"
         );
     }
@@ -770,7 +785,10 @@ fn unpacked_release_runs_a_cluster_as_the_daemonset_runs_it() {
             mib(bpf),
             idle_cores
         );
-        assert!(bpf > 1 << 20, "no BPF memory found for the agent ({bpf} bytes)");
+        assert!(
+            bpf > 1 << 20,
+            "no BPF memory found for the agent ({bpf} bytes)"
+        );
         assert!(
             req_mem >= rss + bpf,
             "memory request {:.0} MiB is below what an idle agent holds ({:.1} MiB resident + {:.1} MiB BPF)",

@@ -114,7 +114,11 @@ pub fn run() -> Result<()> {
         let venv = kubernetes_validate_venv();
         let venv_str = venv.to_str().context("cache path is not UTF-8")?;
         // Debian's python3 (python3-venv is installed above), whatever else is on PATH.
-        sh("/usr/bin/python3", &["-m", "venv", "--clear", venv_str], &[])?;
+        sh(
+            "/usr/bin/python3",
+            &["-m", "venv", "--clear", venv_str],
+            &[],
+        )?;
         let pip = venv.join("bin/pip");
         sh(
             pip.to_str().context("cache path is not UTF-8")?,

@@ -30,11 +30,7 @@ pub fn top_dir_name() -> String {
 
 /// `weft-<version>-<arch>-linux.tar.gz`.
 pub fn tarball_name() -> String {
-    format!(
-        "weft-{}-{}-linux.tar.gz",
-        version(),
-        std::env::consts::ARCH
-    )
+    format!("weft-{}-{}-linux.tar.gz", version(), std::env::consts::ARCH)
 }
 
 /// The image the manifest names, checked against the workspace version: `repo:version`.

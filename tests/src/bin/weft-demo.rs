@@ -63,7 +63,10 @@ fn down(state_dir: &std::path::Path) -> i32 {
         }
     };
     if records.is_empty() {
-        println!("no demo to tear down (no record in {})", state_dir.display());
+        println!(
+            "no demo to tear down (no record in {})",
+            state_dir.display()
+        );
         return 0;
     }
     let mut status = 0;
@@ -264,7 +267,11 @@ fn main() {
         );
         println!(
             "etcd pid: {}",
-            cluster.etcd.pid().map(|p| p.to_string()).unwrap_or_default()
+            cluster
+                .etcd
+                .pid()
+                .map(|p| p.to_string())
+                .unwrap_or_default()
         );
         println!("\ntear everything down (namespaces, pins, agents, etcd and its data):\n");
         println!("  cargo xtask demo --down");
