@@ -754,6 +754,17 @@ fn unpacked_release_runs_a_cluster_as_the_daemonset_runs_it() {
     }
     let probes = cluster.assert_full_matrix();
     assert!(probes >= 3 * 2 + 3 * 2 + 2 * 3, "{probes} probes");
+    // The shipped CLI reads a node's pinned maps: its route to the other node.
+    let node = &cluster.nodes[0];
+    let routes = run_ok(
+        bin.join("weft").to_str().unwrap(),
+        &["--pin-root", node.pins.path.to_str().unwrap(), "routes"],
+    );
+    let other = cluster.nodes[1].ip.to_string();
+    assert!(
+        routes.contains(&other),
+        "weft routes lists no route to {other}:\n{routes}"
+    );
 
     // Resources: what the agents use against what the manifest asks for.
     let resources = &agent_spec["resources"];
