@@ -754,6 +754,15 @@ fn unpacked_release_runs_a_cluster_as_the_daemonset_runs_it() {
     }
     let probes = cluster.assert_full_matrix();
     assert!(probes >= 3 * 2 + 3 * 2 + 2 * 3, "{probes} probes");
+    // A restart under the same capabilities adopts the pinned maps, programs and links.
+    cluster.restart_agent(0);
+    cluster.wait_ready(0);
+    let restarted = cluster.nodes[0].agent.as_ref().unwrap().pid();
+    assert_eq!(
+        effective_capabilities(restarted),
+        caps.iter().cloned().collect::<BTreeSet<String>>()
+    );
+    cluster.assert_full_matrix();
     // The shipped CLI reads a node's pinned maps: its route to the other node.
     let node = &cluster.nodes[0];
     let routes = run_ok(
