@@ -4,6 +4,7 @@ pub mod evaluate;
 pub mod model;
 pub mod selector;
 pub mod validate;
+pub mod cases;
 pub mod compile;
 pub mod emulate;
 #[cfg(test)]

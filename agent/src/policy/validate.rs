@@ -471,7 +471,7 @@ fn dns1123_label(s: &str) -> Vec<String> {
 fn port_name(s: &str) -> Vec<&'static str> {
     let mut errs = Vec::new();
     if s.len() > 15 {
-        errs.push("must be no more than 15 bytes");
+        errs.push("must be no more than 15 characters");
     }
     if s.is_empty() || !s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-') {
         errs.push("must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)");
