@@ -12,7 +12,12 @@ fn case_files_agree_with_reference_and_emulated_datapath() {
     let files = cases::case_files(&dir).unwrap();
     assert!(!files.is_empty(), "no case files in {}", dir.display());
     let nodes: BTreeMap<String, Vec<Ipv4Addr>> = (1..=3u8)
-        .map(|n| (format!("node-{n}"), vec![Ipv4Addr::new(192, 168, 100, 10 + n)]))
+        .map(|n| {
+            (
+                format!("node-{n}"),
+                vec![Ipv4Addr::new(192, 168, 100, 10 + n)],
+            )
+        })
         .collect();
     let layout = Layout::standard(nodes);
     let mut reference = Report::default();
@@ -22,7 +27,11 @@ fn case_files_agree_with_reference_and_emulated_datapath() {
     let mut n_cases = 0;
     for file in &files {
         for case in cases::load_file(file).unwrap() {
-            assert!(names.insert(case.name.clone()), "duplicate case name {}", case.name);
+            assert!(
+                names.insert(case.name.clone()),
+                "duplicate case name {}",
+                case.name
+            );
             assert!(!case.probes.is_empty(), "{}: no probes", case.name);
             n_cases += 1;
             let r = cases::run_case(&layout, &case, &mut cases::reference).unwrap();
@@ -39,7 +48,11 @@ fn case_files_agree_with_reference_and_emulated_datapath() {
     );
     assert!(n_cases >= 50, "{n_cases} cases");
     let failed = |r: &Report| -> Vec<String> {
-        r.cases.iter().filter(|c| !c.wrong.is_empty() || c.error.is_some()).map(|c| c.line()).collect()
+        r.cases
+            .iter()
+            .filter(|c| !c.wrong.is_empty() || c.error.is_some())
+            .map(|c| c.line())
+            .collect()
     };
     let (rf, ef) = (failed(&reference), failed(&emulated));
     assert!(

@@ -72,11 +72,13 @@ pub struct Case {
 
 /// Reads one case file.
 pub fn load_file(path: &Path) -> Result<Vec<Case>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let cases: Vec<Case> =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     for c in &cases {
-        c.check().with_context(|| format!("{}: case {:?}", path.display(), c.name))?;
+        c.check()
+            .with_context(|| format!("{}: case {:?}", path.display(), c.name))?;
     }
     Ok(cases)
 }
@@ -128,7 +130,10 @@ impl Layout {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.parse().expect("address")))
         .collect();
-        Self { pods, nodes: node_addrs }
+        Self {
+            pods,
+            nodes: node_addrs,
+        }
     }
 
     /// The node owning a pod address (10.244.N.x is on node-N).
@@ -144,7 +149,10 @@ impl Layout {
                 ns.into(),
                 [
                     ("ns".to_string(), ns.to_string()),
-                    (super::model::NAMESPACE_NAME_LABEL.to_string(), ns.to_string()),
+                    (
+                        super::model::NAMESPACE_NAME_LABEL.to_string(),
+                        ns.to_string(),
+                    ),
                 ]
                 .into(),
             );
@@ -155,7 +163,11 @@ impl Layout {
             let ports = match case.pod_ports.get(key) {
                 None => SERVED
                     .iter()
-                    .map(|(n, port, protocol)| NamedPort { name: n.to_string(), port: *port, protocol: *protocol })
+                    .map(|(n, port, protocol)| NamedPort {
+                        name: n.to_string(),
+                        port: *port,
+                        protocol: *protocol,
+                    })
                     .collect(),
                 Some(decls) => decls
                     .iter()
@@ -163,8 +175,9 @@ impl Layout {
                         Ok(NamedPort {
                             name: d.name.clone(),
                             port: d.port,
-                            protocol: Protocol::parse(&d.protocol)
-                                .with_context(|| format!("pod_ports {key}: protocol {:?}", d.protocol))?,
+                            protocol: Protocol::parse(&d.protocol).with_context(|| {
+                                format!("pod_ports {key}: protocol {:?}", d.protocol)
+                            })?,
                         })
                     })
                     .collect::<Result<_>>()?,
@@ -183,7 +196,10 @@ impl Layout {
     }
 
     fn addr(&self, pod: &str) -> Result<Ipv4Addr> {
-        self.pods.get(pod).copied().with_context(|| format!("unknown pod {pod:?} (expected ns/pod)"))
+        self.pods
+            .get(pod)
+            .copied()
+            .with_context(|| format!("unknown pod {pod:?} (expected ns/pod)"))
     }
 }
 
@@ -204,9 +220,15 @@ impl Case {
         }
         if let Some(serde_json::Value::Object(m)) = &self.assumes_pod_ips {
             for (k, v) in m {
-                let want: Ipv4Addr = v.as_str().and_then(|s| s.parse().ok()).context("assumes_pod_ips value")?;
+                let want: Ipv4Addr = v
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .context("assumes_pod_ips value")?;
                 if layout.addr(k)? != want {
-                    bail!("assumes_pod_ips {k} = {want}, the layout gives {}", layout.addr(k)?);
+                    bail!(
+                        "assumes_pod_ips {k} = {want}, the layout gives {}",
+                        layout.addr(k)?
+                    );
                 }
             }
         }
@@ -224,7 +246,11 @@ impl Case {
                 Err(e) => errors.push(e.to_string()),
             }
         }
-        if errors.is_empty() { Ok(out) } else { Err(errors.join("; ")) }
+        if errors.is_empty() {
+            Ok(out)
+        } else {
+            Err(errors.join("; "))
+        }
     }
 }
 
@@ -270,8 +296,17 @@ impl Report {
 impl CaseResult {
     /// One line per case, as the runner prints it.
     pub fn line(&self) -> String {
-        let status = if self.wrong.is_empty() && self.error.is_none() { "ok" } else { "FAILED" };
-        let mut s = format!("{status:6} {} ({} probes, {} wrong)", self.name, self.probes, self.wrong.len());
+        let status = if self.wrong.is_empty() && self.error.is_none() {
+            "ok"
+        } else {
+            "FAILED"
+        };
+        let mut s = format!(
+            "{status:6} {} ({} probes, {} wrong)",
+            self.name,
+            self.probes,
+            self.wrong.len()
+        );
         if let Some(e) = &self.error {
             s += &format!(": {e}");
         }
@@ -301,13 +336,25 @@ pub fn run_case(
     let (policies, error) = match (case.admitted_policies(), case.expect_api_rejection) {
         (Ok(p), false) => (p, None),
         (Err(_), true) => (Vec::new(), None),
-        (Ok(_), true) => (Vec::new(), Some("expected the API to reject the policies; all were accepted".to_string())),
+        (Ok(_), true) => (
+            Vec::new(),
+            Some("expected the API to reject the policies; all were accepted".to_string()),
+        ),
         (Err(e), false) => (Vec::new(), Some(format!("policies rejected: {e}"))),
     };
     let mut wrong = Vec::new();
     for p in &case.probes {
-        let proto = Protocol::parse(&p.proto).context("probe protocol")?.number();
-        let observed = decide(&world, &policies, layout.addr(&p.from)?, layout.addr(&p.to)?, proto, p.port);
+        let proto = Protocol::parse(&p.proto)
+            .context("probe protocol")?
+            .number();
+        let observed = decide(
+            &world,
+            &policies,
+            layout.addr(&p.from)?,
+            layout.addr(&p.to)?,
+            proto,
+            p.port,
+        );
         if observed != p.allowed {
             wrong.push(WrongProbe {
                 from: p.from.clone(),
@@ -319,11 +366,23 @@ pub fn run_case(
             });
         }
     }
-    Ok(CaseResult { name: case.name.clone(), probes: case.probes.len(), wrong, error })
+    Ok(CaseResult {
+        name: case.name.clone(),
+        probes: case.probes.len(),
+        wrong,
+        error,
+    })
 }
 
 /// The reference evaluator as a decider.
-pub fn reference(w: &World, p: &[Policy], src: Ipv4Addr, dst: Ipv4Addr, proto: u8, port: u16) -> bool {
+pub fn reference(
+    w: &World,
+    p: &[Policy],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    port: u16,
+) -> bool {
     evaluate::allowed(w, p, src, dst, proto, port)
 }
 
@@ -338,7 +397,11 @@ pub fn emulated() -> impl FnMut(&World, &[Policy], Ipv4Addr, Ipv4Addr, u8, u16) 
             assert!(reports.is_empty(), "{reports:?}");
             cache = Some((key, cluster));
         }
-        cache.as_ref().expect("built").1.allowed(src, dst, proto, port)
+        cache
+            .as_ref()
+            .expect("built")
+            .1
+            .allowed(src, dst, proto, port)
     }
 }
 
@@ -377,10 +440,17 @@ mod tests {
             {"from": "x/a", "to": "q/b", "port": 80, "proto": "TCP", "allowed": true}]}))
         .unwrap();
         assert!(case.check().unwrap_err().to_string().contains("q/b"));
-        let case: Case = serde_json::from_value(serde_json::json!({"name": "n", "assumes_pod_ips": {"x/a": "10.244.9.9"},
-            "probes": []}))
+        let case: Case = serde_json::from_value(
+            serde_json::json!({"name": "n", "assumes_pod_ips": {"x/a": "10.244.9.9"},
+            "probes": []}),
+        )
         .unwrap();
-        assert!(case.check().unwrap_err().to_string().contains("assumes_pod_ips"));
+        assert!(
+            case.check()
+                .unwrap_err()
+                .to_string()
+                .contains("assumes_pod_ips")
+        );
     }
 
     #[test]

@@ -78,12 +78,30 @@ impl Default for Capacities {
 /// One map write (`None`: delete the key).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapWrite {
-    NsDefault { namespace: String, flags: Option<u32> },
-    PortBlock { key: PolicyPortBlockKey, value: Option<PolicyPortBlock> },
-    Rule { key: PolicyRuleKey, value: Option<PolicyPorts> },
-    Cidr { net: Ipv4Net, class: Option<u32> },
-    Addr { ip: Ipv4Addr, class: Option<u32> },
-    Endpoint { ip: Ipv4Addr, state: Option<PolicyEndpoint> },
+    NsDefault {
+        namespace: String,
+        flags: Option<u32>,
+    },
+    PortBlock {
+        key: PolicyPortBlockKey,
+        value: Option<PolicyPortBlock>,
+    },
+    Rule {
+        key: PolicyRuleKey,
+        value: Option<PolicyPorts>,
+    },
+    Cidr {
+        net: Ipv4Net,
+        class: Option<u32>,
+    },
+    Addr {
+        ip: Ipv4Addr,
+        class: Option<u32>,
+    },
+    Endpoint {
+        ip: Ipv4Addr,
+        state: Option<PolicyEndpoint>,
+    },
 }
 
 /// The map that refused a write because it is full.
@@ -193,7 +211,12 @@ struct SelectorIndex {
 
 impl SelectorIndex {
     fn slot(peer: &Peer) -> Option<(String, String)> {
-        let Peer::Pods { pods: Some(sel), .. } = peer else { return None };
+        let Peer::Pods {
+            pods: Some(sel), ..
+        } = peer
+        else {
+            return None;
+        };
         sel.requirements
             .iter()
             .find(|r| r.op == super::selector::Operator::In && r.values.len() == 1)
@@ -269,8 +292,12 @@ impl Phase {
     fn finish(mut self, plan: &mut Plan) {
         // Longest prefixes first: a new boundary never lends its class to a region it does not
         // cover. Deletions after insertions.
-        self.cidrs.sort_by_key(|(net, class)| (class.is_none(), std::cmp::Reverse(net.prefix_len())));
-        let cidrs = self.cidrs.into_iter().map(|(net, class)| MapWrite::Cidr { net, class });
+        self.cidrs
+            .sort_by_key(|(net, class)| (class.is_none(), std::cmp::Reverse(net.prefix_len())));
+        let cidrs = self
+            .cidrs
+            .into_iter()
+            .map(|(net, class)| MapWrite::Cidr { net, class });
         plan.writes.extend(
             self.ns_grow
                 .into_iter()
@@ -390,8 +417,22 @@ impl Compiler {
     }
 
     /// Builds a compiler from a whole world and policy set; the plan writes everything.
-    pub fn build(node: &str, world: World, policies: impl IntoIterator<Item = Policy>) -> (Self, Plan) {
-        let mut c = Self::new(node);
+    pub fn build(
+        node: &str,
+        world: World,
+        policies: impl IntoIterator<Item = Policy>,
+    ) -> (Self, Plan) {
+        Self::new(node).build_from(world, policies)
+    }
+
+    /// [`Self::build`] on a compiler made with [`Self::new`] (and perhaps
+    /// [`Self::with_id_floor`]).
+    pub fn build_from(
+        self,
+        world: World,
+        policies: impl IntoIterator<Item = Policy>,
+    ) -> (Self, Plan) {
+        let mut c = self;
         let mut plan = Plan::default();
         c.world.nodes = world.nodes;
         c.world.namespaces = world.namespaces;
@@ -408,9 +449,10 @@ impl Compiler {
         }
         c.world.pods = world.pods;
         c.synced = true;
-        c.phase
-            .ns_grow
-            .push(MapWrite::NsDefault { namespace: String::new(), flags: Some(POLICY_NS_F_SYNCED) });
+        c.phase.ns_grow.push(MapWrite::NsDefault {
+            namespace: String::new(),
+            flags: Some(POLICY_NS_F_SYNCED),
+        });
         c.refresh_cidrs();
         let keys: Vec<_> = c.world.pods.keys().cloned().collect();
         c.refresh_pods(keys.iter());
@@ -423,12 +465,79 @@ impl Compiler {
         (c, plan)
     }
 
+    /// After [`Self::build`] over maps an earlier agent left pinned (read into `existing`,
+    /// numbered below this compiler's floor): deletes everything of theirs that the new state
+    /// does not use, in the usual order (pointers, then entries). Endpoint states the CNI plugin
+    /// wrote for pods this compiler does not know yet (`PENDING`) are kept.
+    pub fn cleanup_plan(&self, existing: &super::emulate::EmulatedMaps) -> Plan {
+        let mut phase = Phase::default();
+        for (net, _) in existing
+            .cidrs
+            .iter()
+            .filter(|(n, _)| !self.cidr_class.contains_key(n))
+        {
+            phase.cidrs.push((*net, None));
+        }
+        for ip in existing
+            .addrs
+            .keys()
+            .filter(|ip| !self.addr_class.contains_key(ip))
+        {
+            phase.addrs.push(MapWrite::Addr {
+                ip: *ip,
+                class: None,
+            });
+        }
+        for (ip, st) in &existing.endpoints {
+            if !self.endpoints.contains_key(ip) && st.flags & POLICY_F_PENDING == 0 {
+                phase.endpoints_del.push(MapWrite::Endpoint {
+                    ip: *ip,
+                    state: None,
+                });
+            }
+        }
+        for key in existing
+            .rules
+            .keys()
+            .filter(|k| !self.rules.contains_key(k))
+        {
+            phase.rules_del.push(MapWrite::Rule {
+                key: *key,
+                value: None,
+            });
+        }
+        for key in existing
+            .blocks
+            .keys()
+            .filter(|k| !self.port_sets.contains_key(&k.set))
+        {
+            phase.blocks_del.push(MapWrite::PortBlock {
+                key: *key,
+                value: None,
+            });
+        }
+        for ns in existing.ns_defaults.keys() {
+            if !ns.is_empty() && !self.ns_defaults.contains_key(ns) {
+                phase.ns_shrink.push(MapWrite::NsDefault {
+                    namespace: ns.clone(),
+                    flags: None,
+                });
+            }
+        }
+        let mut plan = Plan::default();
+        phase.finish(&mut plan);
+        plan
+    }
+
     pub fn world(&self) -> &World {
         &self.world
     }
 
     pub fn policies(&self) -> Vec<Policy> {
-        self.active.values().map(|r| (*self.revs[r].policy).clone()).collect()
+        self.active
+            .values()
+            .map(|r| (*self.revs[r].policy).clone())
+            .collect()
     }
 
     /// Number of classes and rule sets and rule entries (for metrics and tests).
@@ -479,7 +588,11 @@ impl Compiler {
 
     /// A node's addresses (this node's get the host class).
     pub fn set_node_addrs(&mut self, node: &str, addrs: Vec<Ipv4Addr>) -> Plan {
-        let old = self.world.nodes.insert(node.into(), addrs).unwrap_or_default();
+        let old = self
+            .world
+            .nodes
+            .insert(node.into(), addrs)
+            .unwrap_or_default();
         let mut plan = Plan::default();
         self.refresh_node_addrs(&old);
         self.end_phase(&mut plan);
@@ -538,16 +651,27 @@ impl Compiler {
                     let value = self.rules[&key];
                     if value.overflow != 0 {
                         for (k, v) in self.port_set_blocks(value.overflow) {
-                            plan.writes.push(MapWrite::PortBlock { key: k, value: Some(v) });
+                            plan.writes.push(MapWrite::PortBlock {
+                                key: k,
+                                value: Some(v),
+                            });
                         }
                     }
-                    plan.writes.push(MapWrite::Rule { key, value: Some(value) });
+                    plan.writes.push(MapWrite::Rule {
+                        key,
+                        value: Some(value),
+                    });
                 }
             }
         }
         for (ip, ep) in &self.endpoints {
-            if ep.ingress.is_some_and(|r| failed.contains(&r)) || ep.egress.is_some_and(|r| failed.contains(&r)) {
-                plan.writes.push(MapWrite::Endpoint { ip: *ip, state: Some(self.endpoint_state(ep)) });
+            if ep.ingress.is_some_and(|r| failed.contains(&r))
+                || ep.egress.is_some_and(|r| failed.contains(&r))
+            {
+                plan.writes.push(MapWrite::Endpoint {
+                    ip: *ip,
+                    state: Some(self.endpoint_state(ep)),
+                });
             }
         }
         plan
@@ -561,19 +685,28 @@ impl Compiler {
         let mut failed: HashSet<u32> = HashSet::new();
         for w in &plan.writes {
             let w = match w {
-                MapWrite::Endpoint { ip, state: Some(st) } if !failed.is_empty() => {
-                    MapWrite::Endpoint { ip: *ip, state: Some(close_failed(*st, &failed)) }
-                }
+                MapWrite::Endpoint {
+                    ip,
+                    state: Some(st),
+                } if !failed.is_empty() => MapWrite::Endpoint {
+                    ip: *ip,
+                    state: Some(close_failed(*st, &failed)),
+                },
                 other => other.clone(),
             };
-            let Err(MapFull(map)) = maps.write(&w) else { continue };
+            let Err(MapFull(map)) = maps.write(&w) else {
+                continue;
+            };
             match &w {
                 MapWrite::Rule { key, .. } => {
                     failed.insert(key.ruleset);
                 }
                 MapWrite::PortBlock { key, .. } => {
                     for w2 in &plan.writes {
-                        if let MapWrite::Rule { key: rk, value: Some(v) } = w2
+                        if let MapWrite::Rule {
+                            key: rk,
+                            value: Some(v),
+                        } = w2
                             && v.overflow == key.set
                         {
                             failed.insert(rk.ruleset);
@@ -593,7 +726,10 @@ impl Compiler {
                 MapWrite::Endpoint { ip, .. } => report.stateless_endpoints.push((*ip, map)),
                 MapWrite::NsDefault { namespace, .. } => {
                     report.ns_defaults_failed.push((namespace.clone(), map));
-                    let _ = maps.write(&MapWrite::NsDefault { namespace: String::new(), flags: None });
+                    let _ = maps.write(&MapWrite::NsDefault {
+                        namespace: String::new(),
+                        flags: None,
+                    });
                     self.synced = false;
                 }
             }
@@ -605,7 +741,10 @@ impl Compiler {
                 let st = self.endpoint_state(ep);
                 let closed = close_failed(st, &failed);
                 if closed != st {
-                    let _ = maps.write(&MapWrite::Endpoint { ip: *ip, state: Some(closed) });
+                    let _ = maps.write(&MapWrite::Endpoint {
+                        ip: *ip,
+                        state: Some(closed),
+                    });
                     let map = weft_common::map_names::POLICY_RULES;
                     if closed.flags & POLICY_F_INGRESS_FAILED != 0 {
                         report.failed_endpoints.push((*ip, Direction::Ingress, map));
@@ -627,7 +766,11 @@ impl Compiler {
         self.next_rev += 1;
         self.revs.insert(
             id,
-            Rev { policy: Arc::new(policy), ingress: Vec::new(), egress: Vec::new() },
+            Rev {
+                policy: Arc::new(policy),
+                ingress: Vec::new(),
+                egress: Vec::new(),
+            },
         );
         id
     }
@@ -642,9 +785,10 @@ impl Compiler {
                 .unwrap_or(&[])
                 .iter()
                 .map(|r| {
-                    let peers = r.peers.as_ref().map(|ps| {
-                        ps.iter().map(|p| this.intern_peer(p, &mut dirty)).collect()
-                    });
+                    let peers = r
+                        .peers
+                        .as_ref()
+                        .map(|ps| ps.iter().map(|p| this.intern_peer(p, &mut dirty)).collect());
                     if dir == Direction::Egress {
                         for name in named_ports(r.ports.as_deref()) {
                             let n = this.egress_names.entry(name.clone()).or_insert(0);
@@ -654,7 +798,10 @@ impl Compiler {
                             }
                         }
                     }
-                    CRule { peers, ports: r.ports.clone() }
+                    CRule {
+                        peers,
+                        ports: r.ports.clone(),
+                    }
                 })
                 .collect()
         };
@@ -669,7 +816,10 @@ impl Compiler {
     fn leave_universe(&mut self, rev: RevId) -> Dirty {
         let r = self.revs.remove(&rev).expect("rev");
         let mut dirty = Dirty::default();
-        for (dir, rules) in [(Direction::Ingress, &r.ingress), (Direction::Egress, &r.egress)] {
+        for (dir, rules) in [
+            (Direction::Ingress, &r.ingress),
+            (Direction::Egress, &r.egress),
+        ] {
             for rule in rules {
                 for p in rule.peers.iter().flatten() {
                     self.release_peer(*p, &mut dirty);
@@ -697,12 +847,27 @@ impl Compiler {
         let id = self.next_peer;
         self.next_peer += 1;
         self.peer_ids.insert(p.clone(), id);
-        self.peers.insert(id, Interned { value: p.clone(), refs: 1 });
+        self.peers.insert(
+            id,
+            Interned {
+                value: p.clone(),
+                refs: 1,
+            },
+        );
         match p {
-            Peer::Pods { namespaces: NamespaceScope::Own(ns), .. } => {
-                self.peers_own_ns.entry(ns.clone()).or_default().insert(id, p);
+            Peer::Pods {
+                namespaces: NamespaceScope::Own(ns),
+                ..
+            } => {
+                self.peers_own_ns
+                    .entry(ns.clone())
+                    .or_default()
+                    .insert(id, p);
             }
-            Peer::Pods { namespaces: NamespaceScope::Selected(_), .. } => {
+            Peer::Pods {
+                namespaces: NamespaceScope::Selected(_),
+                ..
+            } => {
                 self.peers_ns_sel.insert(id);
                 self.ns_sel_cache.clear();
             }
@@ -723,7 +888,10 @@ impl Compiler {
         let p = self.peers.remove(&id).expect("peer").value;
         self.peer_ids.remove(&p);
         match &p {
-            Peer::Pods { namespaces: NamespaceScope::Own(ns), .. } => {
+            Peer::Pods {
+                namespaces: NamespaceScope::Own(ns),
+                ..
+            } => {
                 if let Some(s) = self.peers_own_ns.get_mut(ns) {
                     s.remove(id, &p);
                     if s.is_empty() {
@@ -731,7 +899,10 @@ impl Compiler {
                     }
                 }
             }
-            Peer::Pods { namespaces: NamespaceScope::Selected(_), .. } => {
+            Peer::Pods {
+                namespaces: NamespaceScope::Selected(_),
+                ..
+            } => {
                 self.peers_ns_sel.remove(&id);
                 self.ns_sel_cache.clear();
             }
@@ -749,10 +920,16 @@ impl Compiler {
         let mut cidrs = false;
         for p in &dirty.peers {
             match p {
-                Peer::Pods { namespaces: NamespaceScope::Own(ns), .. } => {
+                Peer::Pods {
+                    namespaces: NamespaceScope::Own(ns),
+                    ..
+                } => {
                     pods.extend(self.pods_in_namespace(ns));
                 }
-                Peer::Pods { namespaces: NamespaceScope::Selected(sel), .. } => {
+                Peer::Pods {
+                    namespaces: NamespaceScope::Selected(sel),
+                    ..
+                } => {
                     let namespaces: BTreeSet<String> =
                         self.world.pods.keys().map(|k| k.0.clone()).collect();
                     for ns in namespaces {
@@ -824,7 +1001,10 @@ impl Compiler {
             .iter()
             .copied()
             .filter(|id| match &self.peers[id].value {
-                Peer::Pods { namespaces: NamespaceScope::Selected(s), .. } => s.matches(&labels),
+                Peer::Pods {
+                    namespaces: NamespaceScope::Selected(s),
+                    ..
+                } => s.matches(&labels),
                 _ => false,
             })
             .collect();
@@ -868,7 +1048,9 @@ impl Compiler {
     /// Recomputes the classes of the given pods' addresses and the endpoints among them.
     fn refresh_pods<'a>(&mut self, keys: impl Iterator<Item = &'a (String, String)>) {
         for key in keys {
-            let Some(pod) = self.world.pods.get(key).cloned() else { continue };
+            let Some(pod) = self.world.pods.get(key).cloned() else {
+                continue;
+            };
             if let (Some(ip), false) = (pod.ip, pod.host_network) {
                 if !self.is_local_node_addr(ip) {
                     let sig = self.pod_class_sig(&pod, ip);
@@ -917,7 +1099,9 @@ impl Compiler {
             self.class_decref(old);
         }
         if let Some(ep) = self.endpoints.remove(&ip) {
-            self.phase.endpoints_del.push(MapWrite::Endpoint { ip, state: None });
+            self.phase
+                .endpoints_del
+                .push(MapWrite::Endpoint { ip, state: None });
             self.endpoint_decref(ep);
         }
     }
@@ -928,14 +1112,20 @@ impl Compiler {
             self.class_decref(id);
             return;
         }
-        self.phase.addrs.push(MapWrite::Addr { ip, class: Some(id) });
+        self.phase.addrs.push(MapWrite::Addr {
+            ip,
+            class: Some(id),
+        });
         if let Some(old) = self.addr_class.insert(ip, id) {
             self.class_decref(old);
         }
     }
 
     fn set_addr_class_id(&mut self, ip: Ipv4Addr, id: u32) {
-        self.phase.addrs.push(MapWrite::Addr { ip, class: Some(id) });
+        self.phase.addrs.push(MapWrite::Addr {
+            ip,
+            class: Some(id),
+        });
         if let Some(old) = self.addr_class.insert(ip, id) {
             self.class_decref(old);
         }
@@ -945,8 +1135,14 @@ impl Compiler {
     fn refresh_cidrs(&mut self) {
         let mut blocks: Vec<(PeerId, Ipv4Net, Vec<Ipv4Net>)> = Vec::new();
         for id in &self.peers_ip_block {
-            if let Peer::IpBlock { cidr: IpNet::V4(c), except } = &self.peers[id].value {
-                let ex = except.iter().filter_map(|e| if let IpNet::V4(e) = e { Some(*e) } else { None });
+            if let Peer::IpBlock {
+                cidr: IpNet::V4(c),
+                except,
+            } = &self.peers[id].value
+            {
+                let ex = except
+                    .iter()
+                    .filter_map(|e| if let IpNet::V4(e) = e { Some(*e) } else { None });
                 blocks.push((*id, *c, ex.collect()));
             }
         }
@@ -963,7 +1159,13 @@ impl Compiler {
                 .map(|(id, _, _)| *id)
                 .collect();
             peers.sort_unstable();
-            desired.insert(*p, ClassSig { peers, named: Vec::new() });
+            desired.insert(
+                *p,
+                ClassSig {
+                    peers,
+                    named: Vec::new(),
+                },
+            );
         }
         let old: Vec<Ipv4Net> = self.cidr_class.keys().copied().collect();
         for net in old {
@@ -1003,10 +1205,19 @@ impl Compiler {
             self.classes_by_peer.entry(*p).or_default().insert(id);
         }
         for (n, proto, _) in &sig.named {
-            self.classes_by_name.entry((n.clone(), *proto)).or_default().insert(id);
+            self.classes_by_name
+                .entry((n.clone(), *proto))
+                .or_default()
+                .insert(id);
         }
         self.class_ids.insert(sig.clone(), id);
-        self.classes.insert(id, Interned { value: sig, refs: 1 });
+        self.classes.insert(
+            id,
+            Interned {
+                value: sig,
+                refs: 1,
+            },
+        );
         let rulesets: Vec<u32> = self.rulesets.keys().copied().collect();
         for rs in rulesets {
             self.add_entries(rs, id);
@@ -1045,7 +1256,11 @@ impl Compiler {
                 }
             }
         }
-        let rulesets: Vec<(u32, Direction)> = self.rulesets.iter().map(|(id, r)| (*id, r.value.dir)).collect();
+        let rulesets: Vec<(u32, Direction)> = self
+            .rulesets
+            .iter()
+            .map(|(id, r)| (*id, r.value.dir))
+            .collect();
         for (rs, dir) in rulesets {
             self.delete_entries(rs, dir, id);
         }
@@ -1054,20 +1269,27 @@ impl Compiler {
     // ---- endpoints and rule sets ---------------------------------------------------------
 
     fn refresh_endpoint(&mut self, key: &(String, String)) {
-        let Some(pod) = self.world.pods.get(key) else { return };
+        let Some(pod) = self.world.pods.get(key) else {
+            return;
+        };
         let (Some(ip), false) = (pod.ip, pod.host_network) else {
             return;
         };
         if pod.node != self.node {
             if let Some(ep) = self.endpoints.remove(&ip) {
-                self.phase.endpoints_del.push(MapWrite::Endpoint { ip, state: None });
+                self.phase
+                    .endpoints_del
+                    .push(MapWrite::Endpoint { ip, state: None });
                 self.endpoint_decref(ep);
             }
             return;
         }
         let pod = pod.clone();
         let mut sigs = [None, None];
-        for (i, dir) in [Direction::Ingress, Direction::Egress].into_iter().enumerate() {
+        for (i, dir) in [Direction::Ingress, Direction::Egress]
+            .into_iter()
+            .enumerate()
+        {
             let mut revs: Vec<RevId> = self
                 .active
                 .range((pod.namespace.clone(), String::new())..)
@@ -1105,7 +1327,10 @@ impl Compiler {
                 self.endpoint_decref(desired);
             }
             old => {
-                self.phase.endpoints.push(MapWrite::Endpoint { ip, state: Some(self.endpoint_state(&desired)) });
+                self.phase.endpoints.push(MapWrite::Endpoint {
+                    ip,
+                    state: Some(self.endpoint_state(&desired)),
+                });
                 if let Some(old) = old {
                     self.endpoint_decref(old);
                 }
@@ -1143,7 +1368,13 @@ impl Compiler {
         let id = self.next_ruleset;
         self.next_ruleset += 1;
         self.ruleset_ids.insert(sig.clone(), id);
-        self.rulesets.insert(id, Interned { value: sig.clone(), refs: 1 });
+        self.rulesets.insert(
+            id,
+            Interned {
+                value: sig.clone(),
+                refs: 1,
+            },
+        );
         let mut index = RuleIndex::default();
         for r in &sig.revs {
             for (i, rule) in self.revs[r].rules(sig.dir).iter().enumerate() {
@@ -1196,7 +1427,13 @@ impl Compiler {
     fn drop_ruleset(&mut self, id: u32) {
         let sig = self.rulesets.remove(&id).expect("ruleset").value;
         self.ruleset_ids.remove(&sig);
-        let classes: Vec<u32> = self.rule_index.get(&id).into_iter().flatten().map(|(c, _)| *c).collect();
+        let classes: Vec<u32> = self
+            .rule_index
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .map(|(c, _)| *c)
+            .collect();
         for c in classes {
             self.delete_entries(id, sig.dir, c);
         }
@@ -1258,8 +1495,12 @@ impl Compiler {
                 for spec in specs {
                     let proto = spec.protocol.number();
                     match &spec.port {
-                        PortMatch::All if !only_named => out.entry(proto).or_default().add(0, u16::MAX),
-                        PortMatch::Range(a, b) if !only_named => out.entry(proto).or_default().add(*a, *b),
+                        PortMatch::All if !only_named => {
+                            out.entry(proto).or_default().add(0, u16::MAX)
+                        }
+                        PortMatch::Range(a, b) if !only_named => {
+                            out.entry(proto).or_default().add(*a, *b)
+                        }
                         PortMatch::Named(n) => {
                             let port = match rs.dir {
                                 Direction::Ingress => rs
@@ -1291,7 +1532,10 @@ impl Compiler {
         for (proto, set) in ports {
             let key = rule_key(rs, dir, class, proto);
             let value = self.port_value(set);
-            self.phase.rules_add.push(MapWrite::Rule { key, value: Some(value) });
+            self.phase.rules_add.push(MapWrite::Rule {
+                key,
+                value: Some(value),
+            });
             self.rules.insert(key, value);
             protos.push(proto);
         }
@@ -1305,7 +1549,9 @@ impl Compiler {
         for proto in protos {
             let key = rule_key(rs, dir, class, proto);
             let value = self.rules.remove(&key).expect("rule");
-            self.phase.rules_del.push(MapWrite::Rule { key, value: None });
+            self.phase
+                .rules_del
+                .push(MapWrite::Rule { key, value: None });
             if value.overflow != 0 {
                 self.port_set_decref(value.overflow);
             }
@@ -1346,9 +1592,18 @@ impl Compiler {
         let id = self.next_port_set;
         self.next_port_set += 1;
         self.port_set_ids.insert(rest.clone(), id);
-        self.port_sets.insert(id, Interned { value: rest, refs: 1 });
+        self.port_sets.insert(
+            id,
+            Interned {
+                value: rest,
+                refs: 1,
+            },
+        );
         for (key, value) in self.port_set_blocks(id) {
-            self.phase.blocks_add.push(MapWrite::PortBlock { key, value: Some(value) });
+            self.phase.blocks_add.push(MapWrite::PortBlock {
+                key,
+                value: Some(value),
+            });
         }
         id
     }
@@ -1357,14 +1612,25 @@ impl Compiler {
         let mut blocks: BTreeMap<u16, PolicyPortBlock> = BTreeMap::new();
         for r in &self.port_sets[&id].value {
             for port in r.first..=r.last {
-                let b = blocks.entry(port >> 8).or_insert(PolicyPortBlock { bits: [0; 4] });
+                let b = blocks
+                    .entry(port >> 8)
+                    .or_insert(PolicyPortBlock { bits: [0; 4] });
                 let bit = (port & 0xff) as usize;
                 b.bits[bit / 64] |= 1 << (bit % 64);
             }
         }
         blocks
             .into_iter()
-            .map(|(block, v)| (PolicyPortBlockKey { set: id, block, _pad: 0 }, v))
+            .map(|(block, v)| {
+                (
+                    PolicyPortBlockKey {
+                        set: id,
+                        block,
+                        _pad: 0,
+                    },
+                    v,
+                )
+            })
             .collect()
     }
 
@@ -1375,7 +1641,9 @@ impl Compiler {
             return;
         }
         for (key, _) in self.port_set_blocks(id) {
-            self.phase.blocks_del.push(MapWrite::PortBlock { key, value: None });
+            self.phase
+                .blocks_del
+                .push(MapWrite::PortBlock { key, value: None });
         }
         let rest = self.port_sets.remove(&id).expect("set").value;
         self.port_set_ids.remove(&rest);
@@ -1383,7 +1651,11 @@ impl Compiler {
 
     fn refresh_ns_default(&mut self, ns: &str) {
         let mut flags = 0;
-        for (_, r) in self.active.range((ns.to_string(), String::new())..).take_while(|(k, _)| k.0 == ns) {
+        for (_, r) in self
+            .active
+            .range((ns.to_string(), String::new())..)
+            .take_while(|(k, _)| k.0 == ns)
+        {
             let p = &self.revs[r].policy;
             if p.ingress.is_some() {
                 flags |= POLICY_F_INGRESS_ISOLATED;
@@ -1396,7 +1668,10 @@ impl Compiler {
         if old == flags {
             return;
         }
-        let w = MapWrite::NsDefault { namespace: ns.into(), flags: (flags != 0).then_some(flags) };
+        let w = MapWrite::NsDefault {
+            namespace: ns.into(),
+            flags: (flags != 0).then_some(flags),
+        };
         if flags & old == old {
             self.phase.ns_grow.push(w);
         } else {

@@ -58,18 +58,34 @@ impl PolicyMaps for EmulatedMaps {
                 namespace.clone(),
                 *flags,
             ),
-            MapWrite::PortBlock { key, value } => {
-                put(&mut self.blocks, c.port_blocks, map_names::POLICY_PORT_BLOCKS, *key, *value)
-            }
-            MapWrite::Rule { key, value } => {
-                put(&mut self.rules, c.rules, map_names::POLICY_RULES, *key, *value)
-            }
-            MapWrite::Addr { ip, class } => {
-                put(&mut self.addrs, c.addrs, map_names::POLICY_ADDRS, *ip, *class)
-            }
-            MapWrite::Endpoint { ip, state } => {
-                put(&mut self.endpoints, c.endpoints, map_names::POLICY_ENDPOINTS, *ip, *state)
-            }
+            MapWrite::PortBlock { key, value } => put(
+                &mut self.blocks,
+                c.port_blocks,
+                map_names::POLICY_PORT_BLOCKS,
+                *key,
+                *value,
+            ),
+            MapWrite::Rule { key, value } => put(
+                &mut self.rules,
+                c.rules,
+                map_names::POLICY_RULES,
+                *key,
+                *value,
+            ),
+            MapWrite::Addr { ip, class } => put(
+                &mut self.addrs,
+                c.addrs,
+                map_names::POLICY_ADDRS,
+                *ip,
+                *class,
+            ),
+            MapWrite::Endpoint { ip, state } => put(
+                &mut self.endpoints,
+                c.endpoints,
+                map_names::POLICY_ENDPOINTS,
+                *ip,
+                *state,
+            ),
             MapWrite::Cidr { net, class } => match class {
                 None => {
                     self.cidrs.remove(net);
@@ -89,7 +105,10 @@ impl PolicyMaps for EmulatedMaps {
 
 impl EmulatedMaps {
     pub fn new(caps: Capacities) -> Self {
-        Self { caps, ..Default::default() }
+        Self {
+            caps,
+            ..Default::default()
+        }
     }
 
     fn count(&self) {
@@ -114,8 +133,16 @@ impl EmulatedMaps {
 
     fn probe(&self, ruleset: u32, dir: u8, class: u32, proto: u8, port: u16) -> bool {
         self.count();
-        let key = PolicyRuleKey { ruleset, class, protocol: proto, direction: dir, _pad: [0; 2] };
-        let Some(v) = self.rules.get(&key) else { return false };
+        let key = PolicyRuleKey {
+            ruleset,
+            class,
+            protocol: proto,
+            direction: dir,
+            _pad: [0; 2],
+        };
+        let Some(v) = self.rules.get(&key) else {
+            return false;
+        };
         if v.inline_contains(port) {
             return true;
         }
@@ -123,7 +150,11 @@ impl EmulatedMaps {
             return false;
         }
         self.count();
-        let bk = PolicyPortBlockKey { set: v.overflow, block: port >> 8, _pad: 0 };
+        let bk = PolicyPortBlockKey {
+            set: v.overflow,
+            block: port >> 8,
+            _pad: 0,
+        };
         self.blocks.get(&bk).is_some_and(|b| b.contains(port))
     }
 
@@ -135,15 +166,27 @@ impl EmulatedMaps {
             || self.probe(ruleset, dir, POLICY_CLASS_ANY, POLICY_PROTO_ANY, port)
     }
 
-    fn direction(&self, endpoint: Ipv4Addr, remote: Ipv4Addr, dir: u8, proto: u8, port: u16) -> bool {
+    fn direction(
+        &self,
+        endpoint: Ipv4Addr,
+        remote: Ipv4Addr,
+        dir: u8,
+        proto: u8,
+        port: u16,
+    ) -> bool {
         if endpoint == remote {
             return true;
         }
         self.count();
         // A local pod without policy state (the CNI plugin writes one at ADD) is denied.
-        let Some(st) = self.endpoints.get(&endpoint) else { return false };
+        let Some(st) = self.endpoints.get(&endpoint) else {
+            return false;
+        };
         let (isolated, ruleset) = if dir == POLICY_DIR_INGRESS {
-            (st.flags & POLICY_F_INGRESS_ISOLATED != 0, st.ingress_ruleset)
+            (
+                st.flags & POLICY_F_INGRESS_ISOLATED != 0,
+                st.ingress_ruleset,
+            )
         } else {
             (st.flags & POLICY_F_EGRESS_ISOLATED != 0, st.egress_ruleset)
         };
@@ -176,7 +219,37 @@ impl EmulatedMaps {
             return Ok(());
         }
         let state = new_endpoint_state(|ns| self.ns_defaults.get(ns).copied(), namespace);
-        self.write(&MapWrite::Endpoint { ip, state: Some(state) })
+        self.write(&MapWrite::Endpoint {
+            ip,
+            state: Some(state),
+        })
+    }
+
+    /// The highest class, rule-set and port-set numbers in use (a restarting agent numbers
+    /// above them).
+    pub fn max_ids(&self) -> (u32, u32, u32) {
+        let class = self
+            .addrs
+            .values()
+            .chain(self.cidrs.values())
+            .chain(
+                self.rules
+                    .keys()
+                    .map(|k| &k.class)
+                    .filter(|c| **c != POLICY_CLASS_ANY),
+            )
+            .copied()
+            .max()
+            .unwrap_or(0);
+        let ruleset = self
+            .endpoints
+            .values()
+            .flat_map(|e| [e.ingress_ruleset, e.egress_ruleset])
+            .chain(self.rules.keys().map(|k| k.ruleset))
+            .max()
+            .unwrap_or(0);
+        let set = self.blocks.keys().map(|k| k.set).max().unwrap_or(0);
+        (class, ruleset, set)
     }
 
     /// Local endpoints with a policy state.
@@ -265,8 +338,12 @@ impl EmulatedCluster {
         if src == dst {
             return true;
         }
-        let egress = self.local_node(src).is_none_or(|m| m.egress(src, dst, proto, port));
-        let ingress = self.local_node(dst).is_none_or(|m| m.ingress(dst, src, proto, port));
+        let egress = self
+            .local_node(src)
+            .is_none_or(|m| m.egress(src, dst, proto, port));
+        let ingress = self
+            .local_node(dst)
+            .is_none_or(|m| m.ingress(dst, src, proto, port));
         egress && ingress
     }
 }

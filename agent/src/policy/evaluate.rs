@@ -39,7 +39,10 @@ pub fn allowed(
             policies,
             p,
             Direction::Egress,
-            Remote { ip: dst, pod: dst_pod },
+            Remote {
+                ip: dst,
+                pod: dst_pod,
+            },
             proto,
             port,
         ),
@@ -51,7 +54,10 @@ pub fn allowed(
             policies,
             p,
             Direction::Ingress,
-            Remote { ip: src, pod: src_pod },
+            Remote {
+                ip: src,
+                pod: src_pod,
+            },
             proto,
             port,
         ),
@@ -66,7 +72,9 @@ pub fn selecting<'p>(
     dir: Direction,
 ) -> impl Iterator<Item = &'p Policy> {
     policies.iter().filter(move |p| {
-        p.namespace == pod.namespace && p.rules(dir).is_some() && p.pod_selector.matches(&pod.labels)
+        p.namespace == pod.namespace
+            && p.rules(dir).is_some()
+            && p.pod_selector.matches(&pod.labels)
     })
 }
 
@@ -138,9 +146,14 @@ pub fn peer_matches(world: &World, peer: &Peer, remote: Remote) -> bool {
             };
             let ns_ok = match namespaces {
                 NamespaceScope::Own(ns) => &pod.namespace == ns,
-                NamespaceScope::Selected(sel) => sel.matches(&world.namespace_labels(&pod.namespace)),
+                NamespaceScope::Selected(sel) => {
+                    sel.matches(&world.namespace_labels(&pod.namespace))
+                }
             };
-            ns_ok && pods.as_ref().is_none_or(|s: &Selector| s.matches(&pod.labels))
+            ns_ok
+                && pods
+                    .as_ref()
+                    .is_none_or(|s: &Selector| s.matches(&pod.labels))
         }
     }
 }
@@ -205,14 +218,17 @@ pub(crate) mod tests {
             });
         }
         for n in 1..=3u8 {
-            w.nodes.insert(format!("node-{n}"), vec![Ipv4Addr::new(192, 168, 0, n)]);
+            w.nodes
+                .insert(format!("node-{n}"), vec![Ipv4Addr::new(192, 168, 0, n)]);
         }
         w
     }
 
     pub fn policy(ns: &str, spec: serde_json::Value) -> Policy {
-        let np: NetworkPolicy =
-            serde_json::from_value(json!({"metadata": {"name": "p", "namespace": ns}, "spec": spec})).unwrap();
+        let np: NetworkPolicy = serde_json::from_value(
+            json!({"metadata": {"name": "p", "namespace": ns}, "spec": spec}),
+        )
+        .unwrap();
         Policy::from_api(&np, ns).unwrap()
     }
 
@@ -240,8 +256,22 @@ pub(crate) mod tests {
         assert!(tcp(&w, &ps, "x/a", "x/a", 80), "a pod to itself");
         assert!(tcp(&w, &ps, "x/a", "y/a", 80), "egress not isolated");
         // x/a lives on node-1 (192.168.0.1): its node reaches it, another node does not.
-        assert!(allowed(&w, &ps, "192.168.0.1".parse().unwrap(), ip(&w, "x/a"), 6, 80));
-        assert!(!allowed(&w, &ps, "192.168.0.2".parse().unwrap(), ip(&w, "x/a"), 6, 80));
+        assert!(allowed(
+            &w,
+            &ps,
+            "192.168.0.1".parse().unwrap(),
+            ip(&w, "x/a"),
+            6,
+            80
+        ));
+        assert!(!allowed(
+            &w,
+            &ps,
+            "192.168.0.2".parse().unwrap(),
+            ip(&w, "x/a"),
+            6,
+            80
+        ));
     }
 
     #[test]
@@ -251,19 +281,35 @@ pub(crate) mod tests {
         let all = [policy("x", json!({"podSelector": {}, "ingress": [{}]}))];
         assert!(!tcp(&w, &none, "y/a", "x/b", 80));
         assert!(tcp(&w, &all, "y/a", "x/b", 80));
-        assert!(allowed(&w, &all, "8.8.8.8".parse().unwrap(), ip(&w, "x/b"), 17, 5353));
+        assert!(allowed(
+            &w,
+            &all,
+            "8.8.8.8".parse().unwrap(),
+            ip(&w, "x/b"),
+            17,
+            5353
+        ));
     }
 
     #[test]
     fn policy_types_default() {
         let w = layout();
         // egress present: Egress added; egress: [] (empty) does not add it.
-        let eg = [policy("x", json!({"podSelector": {}, "egress": [{"ports": [{"port": 53, "protocol": "UDP"}]}]}))];
+        let eg = [policy(
+            "x",
+            json!({"podSelector": {}, "egress": [{"ports": [{"port": 53, "protocol": "UDP"}]}]}),
+        )];
         assert!(!tcp(&w, &eg, "x/a", "y/a", 80));
         assert!(!tcp(&w, &eg, "y/a", "x/a", 80), "Ingress always");
-        let empty_egress = [policy("x", json!({"podSelector": {}, "ingress": [{}], "egress": []}))];
+        let empty_egress = [policy(
+            "x",
+            json!({"podSelector": {}, "ingress": [{}], "egress": []}),
+        )];
         assert!(tcp(&w, &empty_egress, "x/a", "y/a", 80));
-        let typed = [policy("x", json!({"podSelector": {}, "policyTypes": ["Egress"]}))];
+        let typed = [policy(
+            "x",
+            json!({"podSelector": {}, "policyTypes": ["Egress"]}),
+        )];
         assert!(!tcp(&w, &typed, "x/a", "y/a", 80));
         assert!(tcp(&w, &typed, "y/a", "x/a", 80), "only Egress");
     }
@@ -271,36 +317,61 @@ pub(crate) mod tests {
     #[test]
     fn and_versus_or() {
         let w = layout();
-        let and = [policy("x", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [
-            {"namespaceSelector": {"matchLabels": {"ns": "y"}}, "podSelector": {"matchLabels": {"pod": "b"}}}]}]}))];
-        let or = [policy("x", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [
-            {"namespaceSelector": {"matchLabels": {"ns": "y"}}}, {"podSelector": {"matchLabels": {"pod": "b"}}}]}]}))];
+        let and = [policy(
+            "x",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [
+            {"namespaceSelector": {"matchLabels": {"ns": "y"}}, "podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+        )];
+        let or = [policy(
+            "x",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [
+            {"namespaceSelector": {"matchLabels": {"ns": "y"}}}, {"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+        )];
         assert!(tcp(&w, &and, "y/b", "x/a", 80));
         assert!(!tcp(&w, &and, "y/a", "x/a", 80));
         assert!(!tcp(&w, &and, "x/b", "x/a", 80));
         assert!(tcp(&w, &or, "y/a", "x/a", 80));
         assert!(tcp(&w, &or, "x/b", "x/a", 80));
-        assert!(!tcp(&w, &or, "z/b", "x/a", 80), "podSelector alone is the policy's namespace");
+        assert!(
+            !tcp(&w, &or, "z/b", "x/a", 80),
+            "podSelector alone is the policy's namespace"
+        );
         assert!(tcp(&w, &or, "z/b", "x/b", 80), "x/b not selected");
     }
 
     #[test]
     fn ip_block_except_over_pod_addresses() {
         let w = layout();
-        let ps = [policy("x", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [
-            {"ipBlock": {"cidr": "10.244.0.0/16", "except": ["10.244.2.0/24"]}}]}]}))];
+        let ps = [policy(
+            "x",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [
+            {"ipBlock": {"cidr": "10.244.0.0/16", "except": ["10.244.2.0/24"]}}]}]}),
+        )];
         assert!(tcp(&w, &ps, "y/b", "x/a", 80));
         assert!(!tcp(&w, &ps, "y/a", "x/a", 80), "10.244.2.3 is excepted");
-        assert!(!allowed(&w, &ps, "10.245.0.1".parse().unwrap(), ip(&w, "x/a"), 6, 80));
+        assert!(!allowed(
+            &w,
+            &ps,
+            "10.245.0.1".parse().unwrap(),
+            ip(&w, "x/a"),
+            6,
+            80
+        ));
     }
 
     #[test]
     fn named_and_ranged_ports() {
         let w = layout();
-        let ps = [policy("x", json!({"podSelector": {}, "ingress": [{"ports": [
-            {"port": "serve-81-udp", "protocol": "UDP"}, {"port": "serve-80-udp"}, {"port": 70, "endPort": 80}]}]}))];
+        let ps = [policy(
+            "x",
+            json!({"podSelector": {}, "ingress": [{"ports": [
+            {"port": "serve-81-udp", "protocol": "UDP"}, {"port": "serve-80-udp"}, {"port": 70, "endPort": 80}]}]}),
+        )];
         assert!(allowed(&w, &ps, ip(&w, "y/a"), ip(&w, "x/a"), 17, 81));
-        assert!(!allowed(&w, &ps, ip(&w, "y/a"), ip(&w, "x/a"), 17, 80), "serve-80-udp is UDP, the rule says TCP");
+        assert!(
+            !allowed(&w, &ps, ip(&w, "y/a"), ip(&w, "x/a"), 17, 80),
+            "serve-80-udp is UDP, the rule says TCP"
+        );
         assert!(tcp(&w, &ps, "y/a", "x/a", 80));
         assert!(!tcp(&w, &ps, "y/a", "x/a", 81));
     }
@@ -315,30 +386,51 @@ pub(crate) mod tests {
             }
         }
         w.upsert_pod(b);
-        let ps = [policy("x", json!({"podSelector": {}, "ingress": [{"ports": [{"port": "serve-80-tcp"}]}]}))];
+        let ps = [policy(
+            "x",
+            json!({"podSelector": {}, "ingress": [{"ports": [{"port": "serve-80-tcp"}]}]}),
+        )];
         assert!(tcp(&w, &ps, "y/a", "x/a", 80));
         assert!(!tcp(&w, &ps, "y/a", "x/a", 81));
         assert!(tcp(&w, &ps, "y/a", "x/b", 81));
         assert!(!tcp(&w, &ps, "y/a", "x/b", 80));
         // Egress: resolved on the destination pod.
-        let eg = [policy("y", json!({"podSelector": {}, "egress": [{"ports": [{"port": "serve-80-tcp"}]}]}))];
+        let eg = [policy(
+            "y",
+            json!({"podSelector": {}, "egress": [{"ports": [{"port": "serve-80-tcp"}]}]}),
+        )];
         assert!(tcp(&w, &eg, "y/a", "x/b", 81));
         assert!(!tcp(&w, &eg, "y/a", "x/b", 80));
         assert!(tcp(&w, &eg, "y/a", "x/a", 80));
-        assert!(!allowed(&w, &eg, ip(&w, "y/a"), "8.8.8.8".parse().unwrap(), 6, 80), "no named ports off-pod");
+        assert!(
+            !allowed(&w, &eg, ip(&w, "y/a"), "8.8.8.8".parse().unwrap(), 6, 80),
+            "no named ports off-pod"
+        );
     }
 
     #[test]
     fn policies_union_and_both_ends() {
         let w = layout();
         let ps = [
-            policy("x", json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]})),
-            policy("x", json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "c"}}}]}]})),
-            policy("x", json!({"podSelector": {"matchLabels": {"pod": "c"}}, "egress": [], "policyTypes": ["Egress"]})),
+            policy(
+                "x",
+                json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+            ),
+            policy(
+                "x",
+                json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "c"}}}]}]}),
+            ),
+            policy(
+                "x",
+                json!({"podSelector": {"matchLabels": {"pod": "c"}}, "egress": [], "policyTypes": ["Egress"]}),
+            ),
         ];
         assert!(tcp(&w, &ps, "x/b", "x/a", 80));
         assert!(!tcp(&w, &ps, "x/c", "x/a", 80), "x/c's egress denies");
-        assert!(!tcp(&w, &ps, "x/a", "x/b", 80), "x/a is not among the allowed sources");
+        assert!(
+            !tcp(&w, &ps, "x/a", "x/b", 80),
+            "x/a is not among the allowed sources"
+        );
     }
 
     #[test]
@@ -354,9 +446,29 @@ pub(crate) mod tests {
             ports: vec![],
         });
         // Only pod b of y may reach x: the host-network pod labelled pod=b is not matched.
-        let ps = [policy("x", json!({"podSelector": {}, "ingress": [{"from": [
-            {"namespaceSelector": {"matchLabels": {"ns": "y"}}, "podSelector": {"matchLabels": {"pod": "b"}}}]}]}))];
-        assert!(!allowed(&w, &ps, "192.168.0.2".parse().unwrap(), ip(&w, "x/a"), 6, 80));
-        assert!(allowed(&w, &ps, "192.168.0.2".parse().unwrap(), ip(&w, "x/c"), 6, 80), "its own node");
+        let ps = [policy(
+            "x",
+            json!({"podSelector": {}, "ingress": [{"from": [
+            {"namespaceSelector": {"matchLabels": {"ns": "y"}}, "podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+        )];
+        assert!(!allowed(
+            &w,
+            &ps,
+            "192.168.0.2".parse().unwrap(),
+            ip(&w, "x/a"),
+            6,
+            80
+        ));
+        assert!(
+            allowed(
+                &w,
+                &ps,
+                "192.168.0.2".parse().unwrap(),
+                ip(&w, "x/c"),
+                6,
+                80
+            ),
+            "its own node"
+        );
     }
 }

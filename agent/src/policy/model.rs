@@ -103,7 +103,11 @@ impl PodRecord {
             .namespace
             .clone()
             .ok_or("pod without metadata.namespace")?;
-        let name = pod.metadata.name.clone().ok_or("pod without metadata.name")?;
+        let name = pod
+            .metadata
+            .name
+            .clone()
+            .ok_or("pod without metadata.name")?;
         let spec = pod.spec.as_ref();
         let status = pod.status.as_ref();
         let ip = status
@@ -224,7 +228,10 @@ pub enum Peer {
         /// `None`: every pod of the selected namespaces.
         pods: Option<Selector>,
     },
-    IpBlock { cidr: IpNet, except: Vec<IpNet> },
+    IpBlock {
+        cidr: IpNet,
+        except: Vec<IpNet>,
+    },
 }
 
 impl Peer {
@@ -232,7 +239,8 @@ impl Peer {
     pub fn ip_block_contains(&self, ip: Ipv4Addr) -> bool {
         match self {
             Peer::IpBlock { cidr, except } => {
-                cidr.contains(&IpAddr::V4(ip)) && !except.iter().any(|e| e.contains(&IpAddr::V4(ip)))
+                cidr.contains(&IpAddr::V4(ip))
+                    && !except.iter().any(|e| e.contains(&IpAddr::V4(ip)))
             }
             Peer::Pods { .. } => false,
         }

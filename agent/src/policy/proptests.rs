@@ -70,12 +70,19 @@ fn random_pod(rng: &mut Rng, i: usize) -> PodRecord {
             });
         }
     }
-    let labels = random_labels(rng).into_iter().map(|(k, v)| (k, v.as_str().unwrap().to_string())).collect();
+    let labels = random_labels(rng)
+        .into_iter()
+        .map(|(k, v)| (k, v.as_str().unwrap().to_string()))
+        .collect();
     PodRecord {
         namespace: rng.pick(&NAMESPACES).to_string(),
         name: format!("p{i}"),
         labels,
-        ip: Some(if host_network { node_ip(node) } else { Ipv4Addr::new(10, 244, node as u8 + 1, i as u8 + 2) }),
+        ip: Some(if host_network {
+            node_ip(node)
+        } else {
+            Ipv4Addr::new(10, 244, node as u8 + 1, i as u8 + 2)
+        }),
         node: NODES[node].into(),
         host_network,
         ports,
@@ -85,8 +92,11 @@ fn random_pod(rng: &mut Rng, i: usize) -> PodRecord {
 pub(crate) fn random_world(rng: &mut Rng) -> World {
     let mut w = World::default();
     for ns in NAMESPACES {
-        let mut labels: std::collections::BTreeMap<String, String> =
-            [("ns".to_string(), ns.to_string()), ("kubernetes.io/metadata.name".to_string(), ns.to_string())].into();
+        let mut labels: std::collections::BTreeMap<String, String> = [
+            ("ns".to_string(), ns.to_string()),
+            ("kubernetes.io/metadata.name".to_string(), ns.to_string()),
+        ]
+        .into();
         if rng.chance(50) {
             labels.insert("team".into(), rng.pick(&["a", "b"]).to_string());
         }
@@ -133,13 +143,21 @@ fn random_peer(rng: &mut Rng, w: &World) -> Value {
     match rng.below(5) {
         0 => json!({"podSelector": random_selector(rng, POD_KEYS)}),
         1 => json!({"namespaceSelector": random_selector(rng, NS_KEYS)}),
-        2 => json!({"podSelector": random_selector(rng, POD_KEYS), "namespaceSelector": random_selector(rng, NS_KEYS)}),
+        2 => {
+            json!({"podSelector": random_selector(rng, POD_KEYS), "namespaceSelector": random_selector(rng, NS_KEYS)})
+        }
         _ => {
             let ips: Vec<Ipv4Addr> = w.pods.values().filter_map(|p| p.ip).collect();
             let some_ip = *rng.pick(&ips);
             let (cidr, excepts): (String, Vec<String>) = match rng.below(4) {
-                0 => ("10.244.0.0/16".into(), vec!["10.244.2.0/24".into(), format!("{some_ip}/32")]),
-                1 => ("10.244.1.0/24".into(), vec![format!("10.244.1.{}/31", rng.below(8) * 2)]),
+                0 => (
+                    "10.244.0.0/16".into(),
+                    vec!["10.244.2.0/24".into(), format!("{some_ip}/32")],
+                ),
+                1 => (
+                    "10.244.1.0/24".into(),
+                    vec![format!("10.244.1.{}/31", rng.below(8) * 2)],
+                ),
                 2 => (format!("{some_ip}/32"), vec![]),
                 _ => ("0.0.0.0/0".into(), vec!["10.244.0.0/16".into()]),
             };
@@ -222,7 +240,8 @@ pub(crate) fn random_policy(rng: &mut Rng, w: &World, name: &str) -> Policy {
         _ => {}
     }
     let np: NetworkPolicy =
-        serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns}, "spec": spec})).unwrap();
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns}, "spec": spec}))
+            .unwrap();
     Policy::from_api(&np, ns).unwrap_or_else(|e| panic!("generated an invalid policy: {e}"))
 }
 
@@ -236,7 +255,10 @@ fn probe_addrs(w: &World) -> Vec<Ipv4Addr> {
 
 /// Seeds per property test; `NETPOL_SEEDS=N` explores more.
 fn seeds(default: u64) -> u64 {
-    std::env::var("NETPOL_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+    std::env::var("NETPOL_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 const PROBE_PORTS: [u16; 5] = [53, 80, 81, 443, 8080];
@@ -249,7 +271,9 @@ fn compiled_equals_reference() {
         let mut rng = Rng::new(seed);
         let w = random_world(&mut rng);
         let n = rng.below(5);
-        let policies: Vec<Policy> = (0..n).map(|i| random_policy(&mut rng, &w, &format!("p{i}"))).collect();
+        let policies: Vec<Policy> = (0..n)
+            .map(|i| random_policy(&mut rng, &w, &format!("p{i}")))
+            .collect();
         let (cluster, reports) = EmulatedCluster::build(&w, &policies, Capacities::default());
         assert!(reports.is_empty(), "seed {seed}: {reports:?}");
         let addrs = probe_addrs(&w);
@@ -289,7 +313,10 @@ impl Event {
         match choice {
             0 => {
                 let mut p = (*rng.pick(&pods)).clone();
-                p.labels = random_labels(rng).into_iter().map(|(k, v)| (k, v.as_str().unwrap().into())).collect();
+                p.labels = random_labels(rng)
+                    .into_iter()
+                    .map(|(k, v)| (k, v.as_str().unwrap().into()))
+                    .collect();
                 Event::Pod(p)
             }
             1 => {
@@ -305,7 +332,12 @@ impl Event {
                 // Unique per (namespace, name): no two pods share an address.
                 let ns_idx = NAMESPACES.iter().position(|n| *n == p.namespace).unwrap();
                 let node_idx = NODES.iter().position(|n| *n == p.node).unwrap();
-                p.ip = Some(Ipv4Addr::new(10, 244, node_idx as u8 + 1, (100 + 10 * ns_idx + i - 40) as u8));
+                p.ip = Some(Ipv4Addr::new(
+                    10,
+                    244,
+                    node_idx as u8 + 1,
+                    (100 + 10 * ns_idx + i - 40) as u8,
+                ));
                 Event::Pod(p)
             }
             3 => {
@@ -314,7 +346,8 @@ impl Event {
             }
             4 => {
                 let ns = rng.pick(&NAMESPACES).to_string();
-                let mut labels: std::collections::BTreeMap<String, String> = [("ns".to_string(), ns.clone())].into();
+                let mut labels: std::collections::BTreeMap<String, String> =
+                    [("ns".to_string(), ns.clone())].into();
                 if rng.chance(60) {
                     labels.insert("team".into(), rng.pick(&["a", "b"]).to_string());
                 }
@@ -354,7 +387,9 @@ impl Event {
                 policies.retain(|o| !(o.namespace == p.namespace && o.name == p.name));
                 policies.push(p.clone());
             }
-            Event::RemovePolicy(ns, n) => policies.retain(|o| !(&o.namespace == ns && &o.name == n)),
+            Event::RemovePolicy(ns, n) => {
+                policies.retain(|o| !(&o.namespace == ns && &o.name == n))
+            }
         }
     }
 
@@ -380,7 +415,18 @@ fn direction_verdict(
     port: u16,
 ) -> bool {
     let by_ip = w.pods_by_ip();
-    evaluate::direction_allows(w, policies, endpoint, dir, Remote { ip: remote, pod: by_ip.get(&remote).copied() }, proto, port)
+    evaluate::direction_allows(
+        w,
+        policies,
+        endpoint,
+        dir,
+        Remote {
+            ip: remote,
+            pod: by_ip.get(&remote).copied(),
+        },
+        proto,
+        port,
+    )
 }
 
 #[test]
@@ -391,7 +437,9 @@ fn every_intermediate_state_is_between_old_and_new() {
         let mut rng = Rng::new(1000 + seed);
         let w_old = random_world(&mut rng);
         let n = rng.below(4);
-        let p_old: Vec<Policy> = (0..n).map(|i| random_policy(&mut rng, &w_old, &format!("p{i}"))).collect();
+        let p_old: Vec<Policy> = (0..n)
+            .map(|i| random_policy(&mut rng, &w_old, &format!("p{i}")))
+            .collect();
         let event = Event::random(&mut rng, &w_old, &p_old);
         let (mut w_new, mut p_new) = (w_old.clone(), p_old.clone());
         event.apply_world(&mut w_new, &mut p_new);
@@ -401,7 +449,11 @@ fn every_intermediate_state_is_between_old_and_new() {
             assert!(c.apply(&plan, &mut maps).is_clean());
             // Endpoints of this node in both worlds (same pod, same address), and new ones.
             let local = |w: &World| -> Vec<PodRecord> {
-                w.pods.values().filter(|p| p.node == node && !p.host_network && p.ip.is_some()).cloned().collect()
+                w.pods
+                    .values()
+                    .filter(|p| p.node == node && !p.host_network && p.ip.is_some())
+                    .cloned()
+                    .collect()
             };
             let old_eps = local(&w_old);
             let new_eps = local(&w_new);
@@ -416,7 +468,9 @@ fn every_intermediate_state_is_between_old_and_new() {
             // Expected verdicts, computed once.
             let mut cases = Vec::new();
             for ep in &new_eps {
-                let old_ep = old_eps.iter().find(|o| o.ip == ep.ip && o.namespace == ep.namespace && o.name == ep.name);
+                let old_ep = old_eps
+                    .iter()
+                    .find(|o| o.ip == ep.ip && o.namespace == ep.namespace && o.name == ep.name);
                 if old_eps.iter().any(|o| o.ip == ep.ip) && old_ep.is_none() {
                     continue; // the address changed hands: not the same endpoint
                 }
@@ -424,8 +478,11 @@ fn every_intermediate_state_is_between_old_and_new() {
                     for dir in [Direction::Ingress, Direction::Egress] {
                         for proto in protos {
                             for port in ports {
-                                let new = direction_verdict(&w_new, &p_new, ep, dir, r, proto, port);
-                                let old = old_ep.map(|o| direction_verdict(&w_old, &p_old, o, dir, r, proto, port));
+                                let new =
+                                    direction_verdict(&w_new, &p_new, ep, dir, r, proto, port);
+                                let old = old_ep.map(|o| {
+                                    direction_verdict(&w_old, &p_old, o, dir, r, proto, port)
+                                });
                                 cases.push((ep.ip.unwrap(), r, dir, proto, port, old, new));
                             }
                         }
@@ -474,7 +531,9 @@ fn updates_leave_no_garbage() {
     for seed in 0..20u64 {
         let mut rng = Rng::new(5000 + seed);
         let mut w = random_world(&mut rng);
-        let mut policies: Vec<Policy> = (0..3).map(|i| random_policy(&mut rng, &w, &format!("p{i}"))).collect();
+        let mut policies: Vec<Policy> = (0..3)
+            .map(|i| random_policy(&mut rng, &w, &format!("p{i}")))
+            .collect();
         let (mut c, plan) = Compiler::build("node-1", w.clone(), policies.iter().cloned());
         let mut maps = EmulatedMaps::new(Capacities::default());
         c.apply(&plan, &mut maps);
@@ -484,14 +543,26 @@ fn updates_leave_no_garbage() {
             let plan = e.plan(&mut c);
             assert!(c.apply(&plan, &mut maps).is_clean());
             if std::env::var("NETPOL_DEBUG").is_ok() {
-                eprintln!("{e:?} -> {:?} endpoints {}", c.stats(), maps.endpoints.len());
+                eprintln!(
+                    "{e:?} -> {:?} endpoints {}",
+                    c.stats(),
+                    maps.endpoints.len()
+                );
             }
         }
-        let (mut fresh_c, fresh_plan) = Compiler::build("node-1", w.clone(), policies.iter().cloned());
+        let (mut fresh_c, fresh_plan) =
+            Compiler::build("node-1", w.clone(), policies.iter().cloned());
         let mut fresh = EmulatedMaps::new(Capacities::default());
         fresh_c.apply(&fresh_plan, &mut fresh);
         let sizes = |m: &EmulatedMaps| {
-            (m.endpoints.len(), m.addrs.len(), m.cidrs.len(), m.rules.len(), m.blocks.len(), m.ns_defaults.len())
+            (
+                m.endpoints.len(),
+                m.addrs.len(),
+                m.cidrs.len(),
+                m.rules.len(),
+                m.blocks.len(),
+                m.ns_defaults.len(),
+            )
         };
         assert_eq!(sizes(&maps), sizes(&fresh), "seed {seed}");
         assert_eq!(c.stats(), fresh_c.stats(), "seed {seed}");
@@ -509,8 +580,14 @@ fn many_rules_world(rules: usize) -> (World, Vec<Policy>) {
             namespace: "x".into(),
             name: format!("p{i}"),
             labels: [("id".to_string(), i.to_string())].into(),
-            ip: Some(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 64, 0)) + i as u32)),
-            node: if i == 0 { "node-1".into() } else { "node-2".into() },
+            ip: Some(Ipv4Addr::from(
+                u32::from(Ipv4Addr::new(10, 244, 64, 0)) + i as u32,
+            )),
+            node: if i == 0 {
+                "node-1".into()
+            } else {
+                "node-2".into()
+            },
             host_network: false,
             ports: vec![],
         });
@@ -518,9 +595,10 @@ fn many_rules_world(rules: usize) -> (World, Vec<Policy>) {
     let from: Vec<Value> = (0..rules)
         .map(|i| json!({"from": [{"podSelector": {"matchLabels": {"id": (i + 1).to_string()}}}], "ports": [{"port": 1001 + (i % 60000)}]}))
         .collect();
-    let np: NetworkPolicy = serde_json::from_value(json!({"metadata": {"name": "many", "namespace": "x"},
+    let np: NetworkPolicy =
+        serde_json::from_value(json!({"metadata": {"name": "many", "namespace": "x"},
         "spec": {"podSelector": {"matchLabels": {"id": "0"}}, "ingress": from}}))
-    .unwrap();
+        .unwrap();
     (w, vec![Policy::from_api(&np, "x").unwrap()])
 }
 
@@ -556,10 +634,13 @@ fn fragmented_ports_use_the_bitmap() {
         host_network: false,
         ports: vec![],
     });
-    let ports: Vec<Value> = (0..40).map(|i| json!({"port": 1000 + 7 * i, "endPort": 1000 + 7 * i + (i % 3)})).collect();
-    let np: NetworkPolicy = serde_json::from_value(json!({"metadata": {"name": "frag", "namespace": "x"},
+    let ports: Vec<Value> = (0..40)
+        .map(|i| json!({"port": 1000 + 7 * i, "endPort": 1000 + 7 * i + (i % 3)}))
+        .collect();
+    let np: NetworkPolicy =
+        serde_json::from_value(json!({"metadata": {"name": "frag", "namespace": "x"},
         "spec": {"podSelector": {}, "ingress": [{"ports": ports}]}}))
-    .unwrap();
+        .unwrap();
     let policies = vec![Policy::from_api(&np, "x").unwrap()];
     let (mut c, plan) = Compiler::build("node-1", w.clone(), policies.clone());
     let mut maps = EmulatedMaps::new(Capacities::default());
@@ -568,19 +649,29 @@ fn fragmented_ports_use_the_bitmap() {
     let a: Ipv4Addr = "10.244.1.2".parse().unwrap();
     let src: Ipv4Addr = "10.244.2.9".parse().unwrap();
     for port in 990..1300u16 {
-        assert_eq!(maps.ingress(a, src, 6, port), evaluate::allowed(&w, &policies, src, a, 6, port), "port {port}");
+        assert_eq!(
+            maps.ingress(a, src, 6, port),
+            evaluate::allowed(&w, &policies, src, a, 6, port),
+            "port {port}"
+        );
     }
 }
 
 #[test]
 fn full_rule_map_fails_closed_and_names_the_endpoint() {
     let (w, policies) = many_rules_world(50);
-    let caps = Capacities { rules: 10, ..Capacities::default() };
+    let caps = Capacities {
+        rules: 10,
+        ..Capacities::default()
+    };
     let (mut c, plan) = Compiler::build("node-1", w.clone(), policies.clone());
     let mut maps = EmulatedMaps::new(caps);
     let report = c.apply(&plan, &mut maps);
     let dst = Ipv4Addr::new(10, 244, 64, 0);
-    assert_eq!(report.failed_endpoints, [(dst, Direction::Ingress, "WEFT_POLICY_RULES")]);
+    assert_eq!(
+        report.failed_endpoints,
+        [(dst, Direction::Ingress, "WEFT_POLICY_RULES")]
+    );
     // Closed: even the sources whose entries fit are denied now.
     for i in 1..50u32 {
         let src = Ipv4Addr::from(u32::from(dst) + i);
@@ -607,7 +698,10 @@ fn full_cidr_map_fails_closed() {
     let policies = vec![Policy::from_api(&np, "x").unwrap()];
     for node in NODES {
         let (mut c, plan) = Compiler::build(node, w.clone(), policies.clone());
-        let mut maps = EmulatedMaps::new(Capacities { cidrs: 1, ..Capacities::default() });
+        let mut maps = EmulatedMaps::new(Capacities {
+            cidrs: 1,
+            ..Capacities::default()
+        });
         let report = c.apply(&plan, &mut maps);
         let eps: Vec<Ipv4Addr> = w
             .pods
@@ -639,23 +733,42 @@ fn new_pod_is_isolated_before_the_agent_knows_it() {
     assert!(c.apply(&plan, &mut maps).is_clean());
     maps.cni_add(ip, "x").unwrap();
     maps.cni_add("10.244.1.10".parse().unwrap(), "y").unwrap();
-    assert!(!maps.ingress(ip, "10.244.1.3".parse().unwrap(), 6, 80), "x has an ingress policy");
-    assert!(maps.egress(ip, "10.244.1.3".parse().unwrap(), 6, 80), "x has no egress policy");
-    assert!(maps.ingress("10.244.1.10".parse().unwrap(), "10.244.1.3".parse().unwrap(), 6, 80), "y has none");
+    assert!(
+        !maps.ingress(ip, "10.244.1.3".parse().unwrap(), 6, 80),
+        "x has an ingress policy"
+    );
+    assert!(
+        maps.egress(ip, "10.244.1.3".parse().unwrap(), 6, 80),
+        "x has no egress policy"
+    );
+    assert!(
+        maps.ingress(
+            "10.244.1.10".parse().unwrap(),
+            "10.244.1.3".parse().unwrap(),
+            6,
+            80
+        ),
+        "y has none"
+    );
 }
 
 #[test]
 fn node_address_change_moves_the_host_class() {
     let mut rng = Rng::new(3);
     let w = random_world(&mut rng);
-    let np: NetworkPolicy = serde_json::from_value(json!({"metadata": {"name": "d", "namespace": "x"},
+    let np: NetworkPolicy =
+        serde_json::from_value(json!({"metadata": {"name": "d", "namespace": "x"},
         "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}}))
-    .unwrap();
+        .unwrap();
     let policies = vec![Policy::from_api(&np, "x").unwrap()];
     let (mut c, plan) = Compiler::build("node-1", w.clone(), policies);
     let mut maps = EmulatedMaps::new(Capacities::default());
     c.apply(&plan, &mut maps);
-    let Some(ep) = w.pods.values().find(|p| p.node == "node-1" && p.namespace == "x" && !p.host_network) else {
+    let Some(ep) = w
+        .pods
+        .values()
+        .find(|p| p.node == "node-1" && p.namespace == "x" && !p.host_network)
+    else {
         return;
     };
     let ep = ep.ip.unwrap();

@@ -113,11 +113,15 @@ mod tests {
 
     #[test]
     fn operators() {
-        let s_in = sel(json!({"matchExpressions": [{"key": "pod", "operator": "In", "values": ["a", "b"]}]}));
+        let s_in = sel(
+            json!({"matchExpressions": [{"key": "pod", "operator": "In", "values": ["a", "b"]}]}),
+        );
         assert!(s_in.matches(&labels(&[("pod", "b")])));
         assert!(!s_in.matches(&labels(&[("pod", "c")])));
         assert!(!s_in.matches(&labels(&[])));
-        let s_notin = sel(json!({"matchExpressions": [{"key": "pod", "operator": "NotIn", "values": ["a"]}]}));
+        let s_notin = sel(
+            json!({"matchExpressions": [{"key": "pod", "operator": "NotIn", "values": ["a"]}]}),
+        );
         assert!(s_notin.matches(&labels(&[("pod", "b")])));
         assert!(s_notin.matches(&labels(&[])), "NotIn matches a missing key");
         assert!(!s_notin.matches(&labels(&[("pod", "a")])));
@@ -141,8 +145,10 @@ mod tests {
     #[test]
     fn equal_content_is_equal() {
         let a = sel(json!({"matchLabels": {"a": "1", "b": "2"}}));
-        let b = sel(json!({"matchExpressions": [{"key": "b", "operator": "In", "values": ["2"]}],
-            "matchLabels": {"a": "1"}}));
+        let b = sel(
+            json!({"matchExpressions": [{"key": "b", "operator": "In", "values": ["2"]}],
+            "matchLabels": {"a": "1"}}),
+        );
         assert_eq!(a, b);
     }
 

@@ -129,7 +129,9 @@ fn go_quote(s: &str) -> String {
             '\n' => out.push_str("\\n"),
             '\t' => out.push_str("\\t"),
             '\r' => out.push_str("\\r"),
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
             c => out.push(c),
         }
     }
@@ -212,12 +214,20 @@ fn policy_port(errs: &mut Errors, port: &NetworkPolicyPort, p: &Path) {
     if let Some(proto) = &port.protocol
         && !matches!(proto.as_str(), "TCP" | "UDP" | "SCTP")
     {
-        errs.not_supported(&p.child("protocol"), Value::Named(proto), &["TCP", "UDP", "SCTP"]);
+        errs.not_supported(
+            &p.child("protocol"),
+            Value::Named(proto),
+            &["TCP", "UDP", "SCTP"],
+        );
     }
     match &port.port {
         Some(IntOrString::Int(n)) => {
             if !(1..=65535).contains(n) {
-                errs.invalid(&p.child("port"), Value::Int(*n as i64), "must be between 1 and 65535, inclusive");
+                errs.invalid(
+                    &p.child("port"),
+                    Value::Int(*n as i64),
+                    "must be between 1 and 65535, inclusive",
+                );
             }
             if let Some(end) = port.end_port {
                 if end < *n {
@@ -228,7 +238,11 @@ fn policy_port(errs: &mut Errors, port: &NetworkPolicyPort, p: &Path) {
                     );
                 }
                 if !(1..=65535).contains(&end) {
-                    errs.invalid(&p.child("endPort"), Value::Int(end as i64), "must be between 1 and 65535, inclusive");
+                    errs.invalid(
+                        &p.child("endPort"),
+                        Value::Int(end as i64),
+                        "must be between 1 and 65535, inclusive",
+                    );
                 }
             }
         }
@@ -282,8 +296,13 @@ fn policy_peer(errs: &mut Errors, peer: &NetworkPolicyPeer, p: &Path) {
                     match parse_cidr(e) {
                         None => errs.invalid(&ep, Value::Str(e), CIDR_MSG),
                         Some(ex) => {
-                            if !cidr.contains(&ex.network()) || cidr.prefix_len() >= ex.prefix_len() {
-                                errs.invalid(&ep, Value::Str(e), "must be a strict subset of `cidr`");
+                            if !cidr.contains(&ex.network()) || cidr.prefix_len() >= ex.prefix_len()
+                            {
+                                errs.invalid(
+                                    &ep,
+                                    Value::Str(e),
+                                    "must be a strict subset of `cidr`",
+                                );
                             }
                         }
                     }
@@ -342,7 +361,11 @@ fn label_selector(errs: &mut Errors, s: &LabelSelector, p: &Path) {
                     );
                 }
             }
-            op => errs.invalid(&ep.child("operator"), Value::Named(op), "not a valid selector operator"),
+            op => errs.invalid(
+                &ep.child("operator"),
+                Value::Named(op),
+                "not a valid selector operator",
+            ),
         }
         for msg in label_key(&e.key) {
             errs.invalid(&ep.child("key"), Value::Str(&e.key), &msg);
@@ -357,19 +380,22 @@ fn label_selector(errs: &mut Errors, s: &LabelSelector, p: &Path) {
 
 fn regex_error(msg: &str, re: &str, examples: &[&str]) -> String {
     let ex: Vec<String> = examples.iter().map(|e| format!("'{e}', ")).collect();
-    format!("{msg} (e.g. {}regex used for validation is '{re}')", ex.join(" or "))
+    format!(
+        "{msg} (e.g. {}regex used for validation is '{re}')",
+        ex.join(" or ")
+    )
 }
 
 const LABEL_KEY_FMT: &str = "([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]";
-const LABEL_KEY_MSG: &str =
-    "must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character";
+const LABEL_KEY_MSG: &str = "must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character";
 
 fn is_label_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
 /// `IsQualifiedName` / `IsLabelKey`.
@@ -382,14 +408,22 @@ fn label_key(key: &str) -> Vec<String> {
             if parts[0].is_empty() {
                 errs.push("prefix part must be non-empty".into());
             } else {
-                errs.extend(dns1123_subdomain(parts[0]).into_iter().map(|m| format!("prefix part {m}")));
+                errs.extend(
+                    dns1123_subdomain(parts[0])
+                        .into_iter()
+                        .map(|m| format!("prefix part {m}")),
+                );
             }
             parts[1]
         }
         _ => {
             return vec![format!(
                 "a valid label key {} with an optional DNS subdomain prefix and '/' (e.g. 'example.com/MyName')",
-                regex_error(LABEL_KEY_MSG, LABEL_KEY_FMT, &["MyName", "my.name", "123-abc"])
+                regex_error(
+                    LABEL_KEY_MSG,
+                    LABEL_KEY_FMT,
+                    &["MyName", "my.name", "123-abc"]
+                )
             )];
         }
     };
@@ -401,7 +435,11 @@ fn label_key(key: &str) -> Vec<String> {
     if !is_label_name(name) {
         errs.push(format!(
             "name part {}",
-            regex_error(LABEL_KEY_MSG, LABEL_KEY_FMT, &["MyName", "my.name", "123-abc"])
+            regex_error(
+                LABEL_KEY_MSG,
+                LABEL_KEY_FMT,
+                &["MyName", "my.name", "123-abc"]
+            )
         ));
     }
     errs
@@ -428,7 +466,8 @@ fn is_dns_label(s: &str) -> bool {
     !b.is_empty()
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
 const DNS1123_LABEL_FMT: &str = "[a-z0-9]([-a-z0-9]*[a-z0-9])?";
@@ -473,7 +512,11 @@ fn port_name(s: &str) -> Vec<&'static str> {
     if s.len() > 15 {
         errs.push("must be no more than 15 characters");
     }
-    if s.is_empty() || !s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-') {
+    if s.is_empty()
+        || !s
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+    {
         errs.push("must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)");
     }
     if !s.bytes().any(|c| c.is_ascii_lowercase()) {
@@ -496,7 +539,8 @@ mod tests {
     fn errors(spec: serde_json::Value) -> Vec<String> {
         let np: NetworkPolicy = serde_json::from_value(json!({
             "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": "p", "namespace": "x"}, "spec": spec})).unwrap();
+            "metadata": {"name": "p", "namespace": "x"}, "spec": spec}))
+        .unwrap();
         match validate_network_policy(&np) {
             Ok(()) => vec![],
             Err(e) => e.errors.iter().map(|e| e.to_string()).collect(),
@@ -528,7 +572,9 @@ mod tests {
     #[test]
     fn ip_block_with_selector() {
         assert_eq!(
-            errors(json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {}, "ipBlock": {"cidr": "10.0.0.0/8"}}]}]})),
+            errors(
+                json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {}, "ipBlock": {"cidr": "10.0.0.0/8"}}]}]})
+            ),
             ["spec.ingress[0].from[0]: Forbidden: may not specify both ipBlock and another peer"]
         );
     }
@@ -536,44 +582,69 @@ mod tests {
     #[test]
     fn except_outside_cidr_and_bad_cidrs() {
         assert_eq!(
-            errors(json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.244.1.0/24", "except": ["10.244.2.0/24", "10.244.1.0/24", "10.244.1.2/32"]}}]}]})),
+            errors(
+                json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.244.1.0/24", "except": ["10.244.2.0/24", "10.244.1.0/24", "10.244.1.2/32"]}}]}]})
+            ),
             [
                 "spec.ingress[0].from[0].ipBlock.except[0]: Invalid value: \"10.244.2.0/24\": must be a strict subset of `cidr`",
                 "spec.ingress[0].from[0].ipBlock.except[1]: Invalid value: \"10.244.1.0/24\": must be a strict subset of `cidr`",
             ]
         );
         assert_eq!(
-            errors(json!({"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/33"}}]}]})),
-            ["spec.egress[0].to[0].ipBlock.cidr: Invalid value: \"10.0.0.0/33\": must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)"]
+            errors(
+                json!({"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/33"}}]}]})
+            ),
+            [
+                "spec.egress[0].to[0].ipBlock.cidr: Invalid value: \"10.0.0.0/33\": must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)"
+            ]
         );
         assert_eq!(
-            errors(json!({"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["banana"]}}]}]})),
-            ["spec.egress[0].to[0].ipBlock.except[0]: Invalid value: \"banana\": must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)"]
+            errors(
+                json!({"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["banana"]}}]}]})
+            ),
+            [
+                "spec.egress[0].to[0].ipBlock.except[0]: Invalid value: \"banana\": must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)"
+            ]
         );
         assert_eq!(
             errors(json!({"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": ""}}]}]})),
             ["spec.egress[0].to[0].ipBlock.cidr: Required value"]
         );
-        assert!(parse_cidr("10.0.0.1/8").is_some(), "host bits are masked (1.33 default)");
+        assert!(
+            parse_cidr("10.0.0.1/8").is_some(),
+            "host bits are masked (1.33 default)"
+        );
         assert!(parse_cidr("10.0.0.0").is_none());
     }
 
     #[test]
     fn ports() {
         assert_eq!(
-            errors(json!({"podSelector": {}, "ingress": [{"ports": [{"port": "serve-80-tcp", "endPort": 90}]}]})),
-            ["spec.ingress[0].ports[0].endPort: Invalid value: 90: may not be specified when `port` is non-numeric"]
+            errors(
+                json!({"podSelector": {}, "ingress": [{"ports": [{"port": "serve-80-tcp", "endPort": 90}]}]})
+            ),
+            [
+                "spec.ingress[0].ports[0].endPort: Invalid value: 90: may not be specified when `port` is non-numeric"
+            ]
         );
         assert_eq!(
             errors(json!({"podSelector": {}, "ingress": [{"ports": [{"endPort": 90}]}]})),
-            ["spec.ingress[0].ports[0].endPort: Invalid value: 90: may not be specified when `port` is not specified"]
+            [
+                "spec.ingress[0].ports[0].endPort: Invalid value: 90: may not be specified when `port` is not specified"
+            ]
         );
         assert_eq!(
-            errors(json!({"podSelector": {}, "ingress": [{"ports": [{"port": 81, "endPort": 80}]}]})),
-            ["spec.ingress[0].ports[0].endPort: Invalid value: 80: must be greater than or equal to `port`"]
+            errors(
+                json!({"podSelector": {}, "ingress": [{"ports": [{"port": 81, "endPort": 80}]}]})
+            ),
+            [
+                "spec.ingress[0].ports[0].endPort: Invalid value: 80: must be greater than or equal to `port`"
+            ]
         );
         assert_eq!(
-            errors(json!({"podSelector": {}, "ingress": [{"ports": [{"port": 0}, {"port": 70000}, {"port": 80, "endPort": 65536}]}]})),
+            errors(
+                json!({"podSelector": {}, "ingress": [{"ports": [{"port": 0}, {"port": 70000}, {"port": 80, "endPort": 65536}]}]})
+            ),
             [
                 "spec.ingress[0].ports[0].port: Invalid value: 0: must be between 1 and 65535, inclusive",
                 "spec.ingress[0].ports[1].port: Invalid value: 70000: must be between 1 and 65535, inclusive",
@@ -581,40 +652,64 @@ mod tests {
             ]
         );
         assert_eq!(
-            errors(json!({"podSelector": {}, "ingress": [{"ports": [{"protocol": "ICMP", "port": 80}]}]})),
-            ["spec.ingress[0].ports[0].protocol: Unsupported value: \"ICMP\": supported values: \"TCP\", \"UDP\", \"SCTP\""]
+            errors(
+                json!({"podSelector": {}, "ingress": [{"ports": [{"protocol": "ICMP", "port": 80}]}]})
+            ),
+            [
+                "spec.ingress[0].ports[0].protocol: Unsupported value: \"ICMP\": supported values: \"TCP\", \"UDP\", \"SCTP\""
+            ]
         );
         assert_eq!(
             errors(json!({"podSelector": {}, "ingress": [{"ports": [{"port": "Serve_80"}]}]})),
-            ["spec.ingress[0].ports[0].port: Invalid value: \"Serve_80\": must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)"]
+            [
+                "spec.ingress[0].ports[0].port: Invalid value: \"Serve_80\": must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)"
+            ]
         );
         assert_eq!(
             errors(json!({"podSelector": {}, "ingress": [{"ports": [{"port": "8080"}]}]})),
-            ["spec.ingress[0].ports[0].port: Invalid value: \"8080\": must contain at least one letter (a-z)"]
+            [
+                "spec.ingress[0].ports[0].port: Invalid value: \"8080\": must contain at least one letter (a-z)"
+            ]
         );
     }
 
     #[test]
     fn selectors() {
         assert_eq!(
-            errors(json!({"podSelector": {"matchExpressions": [{"key": "pod", "operator": "In"}]}})),
-            ["spec.podSelector.matchExpressions[0].values: Required value: must be specified when `operator` is 'In' or 'NotIn'"]
+            errors(
+                json!({"podSelector": {"matchExpressions": [{"key": "pod", "operator": "In"}]}})
+            ),
+            [
+                "spec.podSelector.matchExpressions[0].values: Required value: must be specified when `operator` is 'In' or 'NotIn'"
+            ]
         );
         assert_eq!(
-            errors(json!({"podSelector": {"matchExpressions": [{"key": "pod", "operator": "Exists", "values": ["a"]}]}})),
-            ["spec.podSelector.matchExpressions[0].values: Forbidden: may not be specified when `operator` is 'Exists' or 'DoesNotExist'"]
+            errors(
+                json!({"podSelector": {"matchExpressions": [{"key": "pod", "operator": "Exists", "values": ["a"]}]}})
+            ),
+            [
+                "spec.podSelector.matchExpressions[0].values: Forbidden: may not be specified when `operator` is 'Exists' or 'DoesNotExist'"
+            ]
         );
         assert_eq!(
-            errors(json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [{"key": "ns", "operator": "Like", "values": ["x"]}]}}]}]})),
-            ["spec.ingress[0].from[0].namespaceSelector.matchExpressions[0].operator: Invalid value: \"Like\": not a valid selector operator"]
+            errors(
+                json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [{"key": "ns", "operator": "Like", "values": ["x"]}]}}]}]})
+            ),
+            [
+                "spec.ingress[0].from[0].namespaceSelector.matchExpressions[0].operator: Invalid value: \"Like\": not a valid selector operator"
+            ]
         );
         assert_eq!(
             errors(json!({"podSelector": {"matchLabels": {"pod": "a b"}}})),
-            ["spec.podSelector.matchLabels: Invalid value: \"a b\": a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')"]
+            [
+                "spec.podSelector.matchLabels: Invalid value: \"a b\": a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')"
+            ]
         );
         assert_eq!(
             errors(json!({"podSelector": {"matchLabels": {"-bad": "a"}}})),
-            ["spec.podSelector.matchLabels: Invalid value: \"-bad\": name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')"]
+            [
+                "spec.podSelector.matchLabels: Invalid value: \"-bad\": name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')"
+            ]
         );
     }
 
@@ -622,11 +717,15 @@ mod tests {
     fn policy_types() {
         assert_eq!(
             errors(json!({"podSelector": {}, "policyTypes": ["Ingress", "Sideways"]})),
-            ["spec.policyTypes[1]: Unsupported value: \"Sideways\": supported values: \"Ingress\", \"Egress\""]
+            [
+                "spec.policyTypes[1]: Unsupported value: \"Sideways\": supported values: \"Ingress\", \"Egress\""
+            ]
         );
         assert_eq!(
             errors(json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress", "Ingress"]})),
-            ["spec.policyTypes: Invalid value: []networking.PolicyType{\"Ingress\", \"Egress\", \"Ingress\"}: may not specify more than two policyTypes"]
+            [
+                "spec.policyTypes: Invalid value: []networking.PolicyType{\"Ingress\", \"Egress\", \"Ingress\"}: may not specify more than two policyTypes"
+            ]
         );
     }
 
