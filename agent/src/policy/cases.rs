@@ -325,13 +325,12 @@ impl CaseResult {
     }
 }
 
+/// Decides a probe: `(world, policies, source, destination, IP protocol, port) -> allowed`.
+pub type Decider<'a> = dyn FnMut(&World, &[Policy], Ipv4Addr, Ipv4Addr, u8, u16) -> bool + 'a;
+
 /// Runs a case against a decider (`decide(world, policies, src, dst, proto, port)`): admission,
 /// then every probe.
-pub fn run_case(
-    layout: &Layout,
-    case: &Case,
-    decide: &mut dyn FnMut(&World, &[Policy], Ipv4Addr, Ipv4Addr, u8, u16) -> bool,
-) -> Result<CaseResult> {
+pub fn run_case(layout: &Layout, case: &Case, decide: &mut Decider) -> Result<CaseResult> {
     let world = layout.world(case)?;
     let (policies, error) = match (case.admitted_policies(), case.expect_api_rejection) {
         (Ok(p), false) => (p, None),

@@ -465,67 +465,225 @@ impl Compiler {
         (c, plan)
     }
 
-    /// After [`Self::build`] over maps an earlier agent left pinned (read into `existing`,
-    /// numbered below this compiler's floor): deletes everything of theirs that the new state
-    /// does not use, in the usual order (pointers, then entries). Endpoint states the CNI plugin
-    /// wrote for pods this compiler does not know yet (`PENDING`) are kept.
-    pub fn cleanup_plan(&self, existing: &super::emulate::EmulatedMaps) -> Plan {
-        let mut phase = Phase::default();
-        for (net, _) in existing
-            .cidrs
+    /// The plan that takes maps an earlier agent left pinned (read into `existing`) to this
+    /// compiler's state, for a compiler made with [`Self::with_id_floor`] above `existing`'s
+    /// numbers and [`Self::build_from`] (whose own plan this replaces). The old numbers' meaning
+    /// is unknown, so the switch goes through transitional classes, one per (old class, new
+    /// class) pair found at an address or LPM location: to an old rule set a transitional class
+    /// is its old class (its old entries are copied), to a new rule set its new class.
+    ///
+    /// 1. every new entry and every transitional entry is written;
+    /// 2. addresses and LPM prefixes (old and new) switch to their transitional classes: no
+    ///    verdict changes;
+    /// 3. endpoints switch to the new rule sets: each flips from its old verdicts to its new ones;
+    /// 4. addresses and prefixes switch to their new classes, old-only ones are deleted: no
+    ///    verdict changes;
+    /// 5. everything old and transitional is deleted. Endpoint states the CNI plugin wrote for
+    ///    pods this compiler does not know yet (`PENDING`) are kept.
+    pub fn adoption_plan(&mut self, existing: &super::emulate::EmulatedMaps) -> Plan {
+        let longest = |m: &BTreeMap<Ipv4Net, u32>, net: &Ipv4Net| -> u32 {
+            m.iter()
+                .filter(|(n, _)| n.contains(net))
+                .max_by_key(|(n, _)| n.prefix_len())
+                .map_or(POLICY_CLASS_NONE, |(_, c)| *c)
+        };
+        let old_addr = |ip: &Ipv4Addr| {
+            existing
+                .addrs
+                .get(ip)
+                .copied()
+                .unwrap_or_else(|| longest(&existing.cidrs, &Ipv4Net::from(*ip)))
+        };
+        let new_addr = |ip: &Ipv4Addr| {
+            self.addr_class
+                .get(ip)
+                .copied()
+                .unwrap_or_else(|| longest(&self.cidr_class, &Ipv4Net::from(*ip)))
+        };
+        let mut ips: BTreeSet<Ipv4Addr> = existing.addrs.keys().copied().collect();
+        ips.extend(self.addr_class.keys());
+        let mut nets: BTreeSet<Ipv4Net> = existing.cidrs.keys().copied().collect();
+        nets.extend(self.cidr_class.keys());
+        // Locations and their (old, new) classes.
+        let mut addr_pairs: Vec<(Ipv4Addr, u32, u32)> = ips
             .iter()
-            .filter(|(n, _)| !self.cidr_class.contains_key(n))
-        {
-            phase.cidrs.push((*net, None));
+            .map(|ip| (*ip, old_addr(ip), new_addr(ip)))
+            .collect();
+        let mut net_pairs: Vec<(Ipv4Net, u32, u32)> = nets
+            .iter()
+            .map(|n| {
+                let old = existing
+                    .cidrs
+                    .get(n)
+                    .copied()
+                    .unwrap_or_else(|| longest(&existing.cidrs, n));
+                let new = self
+                    .cidr_class
+                    .get(n)
+                    .copied()
+                    .unwrap_or_else(|| longest(&self.cidr_class, n));
+                (*n, old, new)
+            })
+            .collect();
+        net_pairs.sort_by_key(|(n, _, _)| std::cmp::Reverse(n.prefix_len()));
+        // Transitional classes (not for the host class: its meaning is built into the datapath).
+        let mut transitional: BTreeMap<(u32, u32), u32> = BTreeMap::new();
+        let pairs: Vec<(u32, u32)> = addr_pairs
+            .iter()
+            .map(|(_, o, n)| (*o, *n))
+            .chain(net_pairs.iter().map(|(_, o, n)| (*o, *n)))
+            .collect();
+        for (old, new) in pairs {
+            if old == new
+                || old == POLICY_CLASS_HOST
+                || new == POLICY_CLASS_HOST
+                || transitional.contains_key(&(old, new))
+            {
+                continue;
+            }
+            transitional.insert((old, new), self.next_class);
+            self.next_class += 1;
         }
-        for ip in existing
-            .addrs
-            .keys()
-            .filter(|ip| !self.addr_class.contains_key(ip))
-        {
-            phase.addrs.push(MapWrite::Addr {
-                ip: *ip,
-                class: None,
+        let via = |old: u32, new: u32| transitional.get(&(old, new)).copied().unwrap_or(new);
+
+        let mut plan = Plan::default();
+        plan.writes.push(MapWrite::NsDefault {
+            namespace: String::new(),
+            flags: Some(POLICY_NS_F_SYNCED),
+        });
+        let mut ns: Vec<(&String, &u32)> = self.ns_defaults.iter().collect();
+        ns.sort();
+        for (name, flags) in ns {
+            plan.writes.push(MapWrite::NsDefault {
+                namespace: name.clone(),
+                flags: Some(*flags),
             });
         }
-        for (ip, st) in &existing.endpoints {
-            if !self.endpoints.contains_key(ip) && st.flags & POLICY_F_PENDING == 0 {
-                phase.endpoints_del.push(MapWrite::Endpoint {
-                    ip: *ip,
-                    state: None,
+        let mut sets: Vec<u32> = self.port_sets.keys().copied().collect();
+        sets.sort_unstable();
+        for id in sets {
+            for (key, value) in self.port_set_blocks(id) {
+                plan.writes.push(MapWrite::PortBlock {
+                    key,
+                    value: Some(value),
                 });
             }
         }
-        for key in existing
+        let mut rules: Vec<(PolicyRuleKey, PolicyPorts)> =
+            self.rules.iter().map(|(k, v)| (*k, *v)).collect();
+        // Transitional entries: copies of the old class's old entries and the new class's new ones.
+        let mut by_class: HashMap<u32, Vec<(PolicyRuleKey, PolicyPorts)>> = HashMap::new();
+        for (k, v) in existing.rules.iter().chain(self.rules.iter()) {
+            by_class.entry(k.class).or_default().push((*k, *v));
+        }
+        let mut transitional_keys = Vec::new();
+        for ((old, new), t) in &transitional {
+            for class in [old, new] {
+                for (k, v) in by_class.get(class).into_iter().flatten() {
+                    let key = PolicyRuleKey { class: *t, ..*k };
+                    transitional_keys.push(key);
+                    rules.push((key, *v));
+                }
+            }
+        }
+        rules.sort_by_key(|(k, _)| *k);
+        plan.writes
+            .extend(rules.into_iter().map(|(key, v)| MapWrite::Rule {
+                key,
+                value: Some(v),
+            }));
+        // Pointers to the transitional classes.
+        for (net, old, new) in &net_pairs {
+            plan.writes.push(MapWrite::Cidr {
+                net: *net,
+                class: Some(via(*old, *new)),
+            });
+        }
+        addr_pairs.sort();
+        for (ip, old, new) in &addr_pairs {
+            plan.writes.push(MapWrite::Addr {
+                ip: *ip,
+                class: Some(via(*old, *new)),
+            });
+        }
+        // Endpoints.
+        let mut endpoints: Vec<(&Ipv4Addr, &EndpointDesired)> = self.endpoints.iter().collect();
+        endpoints.sort_by_key(|(ip, _)| **ip);
+        for (ip, ep) in endpoints {
+            plan.writes.push(MapWrite::Endpoint {
+                ip: *ip,
+                state: Some(self.endpoint_state(ep)),
+            });
+        }
+        // Pointers to the new classes; old-only prefixes and addresses go.
+        for (net, _, _) in &net_pairs {
+            let w = match self.cidr_class.get(net) {
+                Some(c) => MapWrite::Cidr {
+                    net: *net,
+                    class: Some(*c),
+                },
+                None => MapWrite::Cidr {
+                    net: *net,
+                    class: None,
+                },
+            };
+            plan.writes.push(w);
+        }
+        for (ip, _, _) in &addr_pairs {
+            plan.writes.push(MapWrite::Addr {
+                ip: *ip,
+                class: self.addr_class.get(ip).copied(),
+            });
+        }
+        // Deletions.
+        let mut old_eps: Vec<&Ipv4Addr> = existing
+            .endpoints
+            .iter()
+            .filter(|(ip, st)| !self.endpoints.contains_key(ip) && st.flags & POLICY_F_PENDING == 0)
+            .map(|(ip, _)| ip)
+            .collect();
+        old_eps.sort();
+        plan.writes
+            .extend(old_eps.into_iter().map(|ip| MapWrite::Endpoint {
+                ip: *ip,
+                state: None,
+            }));
+        let mut rule_deletes: BTreeSet<PolicyRuleKey> = existing
             .rules
             .keys()
             .filter(|k| !self.rules.contains_key(k))
-        {
-            phase.rules_del.push(MapWrite::Rule {
-                key: *key,
-                value: None,
-            });
-        }
-        for key in existing
+            .copied()
+            .collect();
+        rule_deletes.extend(transitional_keys);
+        plan.writes.extend(
+            rule_deletes
+                .into_iter()
+                .map(|key| MapWrite::Rule { key, value: None }),
+        );
+        let mut block_deletes: Vec<PolicyPortBlockKey> = existing
             .blocks
             .keys()
             .filter(|k| !self.port_sets.contains_key(&k.set))
-        {
-            phase.blocks_del.push(MapWrite::PortBlock {
-                key: *key,
-                value: None,
-            });
-        }
-        for ns in existing.ns_defaults.keys() {
-            if !ns.is_empty() && !self.ns_defaults.contains_key(ns) {
-                phase.ns_shrink.push(MapWrite::NsDefault {
-                    namespace: ns.clone(),
-                    flags: None,
-                });
-            }
-        }
-        let mut plan = Plan::default();
-        phase.finish(&mut plan);
+            .copied()
+            .collect();
+        block_deletes.sort();
+        plan.writes.extend(
+            block_deletes
+                .into_iter()
+                .map(|key| MapWrite::PortBlock { key, value: None }),
+        );
+        let mut ns_deletes: Vec<&String> = existing
+            .ns_defaults
+            .keys()
+            .filter(|n| !n.is_empty() && !self.ns_defaults.contains_key(*n))
+            .collect();
+        ns_deletes.sort();
+        plan.writes
+            .extend(ns_deletes.into_iter().map(|n| MapWrite::NsDefault {
+                namespace: n.clone(),
+                flags: None,
+            }));
+        self.phase = Phase::default();
         plan
     }
 
@@ -1051,11 +1209,11 @@ impl Compiler {
             let Some(pod) = self.world.pods.get(key).cloned() else {
                 continue;
             };
-            if let (Some(ip), false) = (pod.ip, pod.host_network) {
-                if !self.is_local_node_addr(ip) {
-                    let sig = self.pod_class_sig(&pod, ip);
-                    self.set_addr_class(ip, sig);
-                }
+            if let (Some(ip), false) = (pod.ip, pod.host_network)
+                && !self.is_local_node_addr(ip)
+            {
+                let sig = self.pod_class_sig(&pod, ip);
+                self.set_addr_class(ip, sig);
             }
             self.refresh_endpoint(key);
         }

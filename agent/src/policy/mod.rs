@@ -97,9 +97,14 @@
 //! applies every plan write by write and checks exactly that). This holds per node and
 //! direction; the two ends of a connection on two nodes update independently.
 //!
-//! An agent restarting over pinned maps starts its numbering above what it finds
-//! ([`compile::Compiler::with_id_floor`]), writes the full new state as additions, switches the
-//! pointers, then deletes the old entries: the same ordering, so a restart opens nothing.
+//! An agent restarting over pinned maps does not know what the old numbers meant. It numbers
+//! above them ([`compile::Compiler::with_id_floor`]) and [`compile::Compiler::adoption_plan`]
+//! goes through transitional classes, one per (old class, new class) pair found at an address or
+//! LPM location, whose entries are copies of the old class's old entries and of the new class's
+//! new ones: addresses move to them (no verdict changes), endpoints switch (each flips once),
+//! addresses move on to the new classes, the rest is deleted
+//! (`proptests::restart_over_pinned_maps_opens_nothing`, with the world changed while the agent
+//! was down).
 pub mod cases;
 pub mod compile;
 pub mod emulate;

@@ -802,3 +802,111 @@ fn plan_writes_are_ordered_by_kind() {
     }
     assert!(phases <= 3, "{:#?}", plan.writes);
 }
+
+#[test]
+fn restart_over_pinned_maps_opens_nothing() {
+    let ports = [53u16, 80, 8080];
+    let protos = [6u8, 17, 1];
+    for seed in 0..seeds(40) {
+        let mut rng = Rng::new(9000 + seed);
+        let w_old = random_world(&mut rng);
+        let p_old: Vec<Policy> = (0..3)
+            .map(|i| random_policy(&mut rng, &w_old, &format!("p{i}")))
+            .collect();
+        // The world moved on while the agent was down.
+        let event = Event::random(&mut rng, &w_old, &p_old);
+        let (mut w_new, mut p_new) = (w_old.clone(), p_old.clone());
+        event.apply_world(&mut w_new, &mut p_new);
+        for node in NODES {
+            let (mut old_c, plan) = Compiler::build(node, w_old.clone(), p_old.iter().cloned());
+            let mut maps = EmulatedMaps::new(Capacities::default());
+            assert!(old_c.apply(&plan, &mut maps).is_clean());
+            let existing = maps.clone();
+            let (c, f, s) = existing.max_ids();
+            let (mut new_c, _) = Compiler::new(node)
+                .with_id_floor(c, f, s)
+                .build_from(w_new.clone(), p_new.iter().cloned());
+            let plan = new_c.adoption_plan(&existing);
+            let eps: Vec<PodRecord> = w_new
+                .pods
+                .values()
+                .filter(|p| p.node == node && !p.host_network && p.ip.is_some())
+                .filter(|p| {
+                    w_old.pods.values().any(|o| {
+                        o.ip == p.ip
+                            && o.name == p.name
+                            && o.namespace == p.namespace
+                            && o.node == p.node
+                    })
+                })
+                .cloned()
+                .collect();
+            let mut remotes: BTreeSet<Ipv4Addr> = probe_addrs(&w_old).into_iter().collect();
+            remotes.extend(probe_addrs(&w_new));
+            let mut cases = Vec::new();
+            for ep in &eps {
+                let old_ep = w_old.pods.values().find(|o| o.ip == ep.ip).unwrap();
+                for &r in &remotes {
+                    for dir in [Direction::Ingress, Direction::Egress] {
+                        for proto in protos {
+                            for port in ports {
+                                let new =
+                                    direction_verdict(&w_new, &p_new, ep, dir, r, proto, port);
+                                let old =
+                                    direction_verdict(&w_old, &p_old, old_ep, dir, r, proto, port);
+                                cases.push((ep.ip.unwrap(), r, dir, proto, port, old, new));
+                            }
+                        }
+                    }
+                }
+            }
+            for (i, wr) in plan.writes.iter().enumerate() {
+                maps.write(wr).unwrap();
+                let last = i + 1 == plan.writes.len();
+                for (ip, r, dir, proto, port, old, new) in &cases {
+                    let got = match dir {
+                        Direction::Ingress => maps.ingress(*ip, *r, *proto, *port),
+                        Direction::Egress => maps.egress(*ip, *r, *proto, *port),
+                    };
+                    let ok = if last {
+                        got == *new
+                    } else {
+                        (!got || *old || *new) && (got || !(*old && *new))
+                    };
+                    assert!(
+                        ok,
+                        "seed {seed} node {node} step {i} {wr:?}: {ip} {dir:?} {r} {proto}/{port}: got {got} old {old} new {new}"
+                    );
+                }
+            }
+            // Nothing of the old agent is left behind, and the new agent goes on from there.
+            let e2 = Event::random(&mut rng, &w_new, &p_new);
+            let (mut w3, mut p3) = (w_new.clone(), p_new.clone());
+            e2.apply_world(&mut w3, &mut p3);
+            let plan = e2.plan(&mut new_c);
+            assert!(new_c.apply(&plan, &mut maps).is_clean());
+            let (w_new, p_new) = (w3, p3);
+            let (mut fresh_c, fresh_plan) =
+                Compiler::build(node, w_new.clone(), p_new.iter().cloned());
+            let mut fresh = EmulatedMaps::new(Capacities::default());
+            fresh_c.apply(&fresh_plan, &mut fresh);
+            assert_eq!(
+                (
+                    maps.addrs.len(),
+                    maps.cidrs.len(),
+                    maps.rules.len(),
+                    maps.blocks.len(),
+                    maps.ns_defaults.len()
+                ),
+                (
+                    fresh.addrs.len(),
+                    fresh.cidrs.len(),
+                    fresh.rules.len(),
+                    fresh.blocks.len(),
+                    fresh.ns_defaults.len()
+                ),
+                "seed {seed} node {node}"
+            );
+        }
+    }
+}
