@@ -57,7 +57,7 @@
 //! class/protocol, class/ANY protocol, ANY/ANY; it stops at the first hit); +1 bitmap lookup for
 //! a probe whose inline ranges missed and that has an overflow set. All are hash lookups except
 //! the LPM one, whose depth is bounded by the 32 bits of the key and does not depend on the
-//! number of rules. So at most 8 lookups (typically 3-6), whether an endpoint has 1 or 10,000
+//! number of rules. So at most 11 lookups (typically 3-6), whether an endpoint has 1 or 10,000
 //! rules (`proptests::lookups_per_verdict_do_not_grow_with_rules`). Egress is decided at the
 //! source (`from_pod`) with the destination's class, ingress at the destination (every path into
 //! a pod) with the source's class; the same maps serve both.
