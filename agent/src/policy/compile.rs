@@ -454,13 +454,15 @@ impl Compiler {
             flags: Some(POLICY_NS_F_SYNCED),
         });
         c.refresh_cidrs();
+        // This node's own addresses first: with the address map short of room, kubelet probes
+        // keep working and pods fall back to their ipBlock-only class.
+        c.refresh_node_addrs(&[]);
         let keys: Vec<_> = c.world.pods.keys().cloned().collect();
         c.refresh_pods(keys.iter());
         let namespaces: BTreeSet<String> = c.active.keys().map(|k| k.0.clone()).collect();
         for ns in namespaces {
             c.refresh_ns_default(&ns);
         }
-        c.refresh_node_addrs(&[]);
         c.end_phase(&mut plan);
         (c, plan)
     }

@@ -910,3 +910,67 @@ fn restart_over_pinned_maps_opens_nothing() {
         }
     }
 }
+
+#[test]
+fn full_address_and_namespace_maps_fail_closed() {
+    // x/a accepts x/b by selector and 10.244.1.0/24 by ipBlock; y's pods by nothing.
+    let mut w = World::default();
+    w.nodes.insert("node-1".into(), vec![node_ip(0)]);
+    for (ns, name, ip) in [
+        ("x", "a", "10.244.1.2"),
+        ("x", "b", "10.244.2.3"),
+        ("y", "c", "10.244.1.5"),
+    ] {
+        w.upsert_pod(PodRecord {
+            namespace: ns.into(),
+            name: name.into(),
+            labels: [("pod".to_string(), name.to_string())].into(),
+            ip: Some(ip.parse().unwrap()),
+            node: if name == "a" {
+                "node-1".into()
+            } else {
+                "node-2".into()
+            },
+            host_network: false,
+            ports: vec![],
+        });
+    }
+    let np: NetworkPolicy = serde_json::from_value(json!({"metadata": {"name": "p", "namespace": "x"},
+        "spec": {"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [
+            {"podSelector": {"matchLabels": {"pod": "b"}}}, {"ipBlock": {"cidr": "10.244.1.0/24"}}]}]}}))
+    .unwrap();
+    let policies = vec![Policy::from_api(&np, "x").unwrap()];
+    let (mut c, plan) = Compiler::build("node-1", w.clone(), policies);
+    // Room for the node address only: no pod gets its class.
+    let mut maps = EmulatedMaps::new(Capacities {
+        addrs: 1,
+        ns_defaults: 1,
+        ..Capacities::default()
+    });
+    let report = c.apply(&plan, &mut maps);
+    assert_eq!(report.unclassified.len(), 3, "{report:?}");
+    assert!(!report.ns_defaults_failed.is_empty(), "{report:?}");
+    let a: Ipv4Addr = "10.244.1.2".parse().unwrap();
+    // This node's address was written first: its traffic still gets in.
+    assert!(maps.ingress(a, node_ip(0), 6, 10250));
+    // x/b is unknown to the node now: its selector allowance does not apply (closed).
+    assert!(!maps.ingress(a, "10.244.2.3".parse().unwrap(), 6, 80));
+    // y/c is inside the ipBlock: matched by address, exactly as with its class.
+    assert!(maps.ingress(a, "10.244.1.5".parse().unwrap(), 6, 80));
+    // The namespace defaults did not fit: the synced marker is gone, a new pod of a namespace
+    // without policies is isolated both ways until the agent compiles it.
+    assert!(!maps.ns_defaults.contains_key(""));
+    maps.cni_add("10.244.1.9".parse().unwrap(), "z").unwrap();
+    assert!(!maps.ingress(
+        "10.244.1.9".parse().unwrap(),
+        "10.244.1.5".parse().unwrap(),
+        6,
+        80
+    ));
+    assert!(!maps.egress(
+        "10.244.1.9".parse().unwrap(),
+        "10.244.1.5".parse().unwrap(),
+        6,
+        80
+    ));
+}
