@@ -5,6 +5,8 @@
 //! byte arrays (network order, as on the wire); plain integers are host order.
 #![no_std]
 
+pub mod policy;
+
 /// Version of the map layout. It is part of the pin path, so a new layout never reuses maps
 /// pinned by an older agent (aya reuses a pinned map without checking its shape).
 pub const SCHEMA_VERSION: u32 = 2;
@@ -20,6 +22,13 @@ pub mod map_names {
     pub const DROPS: &str = "WEFT_DROPS";
     pub const STATS: &str = "WEFT_STATS";
     pub const NEXT_HOPS: &str = "WEFT_NEXT_HOPS";
+    pub const POLICY_ENDPOINTS: &str = "WEFT_POLICY_ENDPOINTS";
+    pub const POLICY_ADDRS: &str = "WEFT_POLICY_ADDRS";
+    pub const POLICY_CIDRS: &str = "WEFT_POLICY_CIDRS";
+    pub const POLICY_RULES: &str = "WEFT_POLICY_RULES";
+    pub const POLICY_PORT_BLOCKS: &str = "WEFT_POLICY_PORT_BLOCKS";
+    pub const POLICY_NS_DEFAULTS: &str = "WEFT_POLICY_NS_DEFAULTS";
+    /// The maps the datapath declares today (the policy maps join when its programs use them).
     pub const ALL: [&str; 7] = [CONFIG, ROUTES, ENDPOINTS, NODES, DROPS, STATS, NEXT_HOPS];
 }
 
@@ -316,5 +325,14 @@ aya_pod!(
     EndpointInfo,
     NodeInfo,
     NodeConfig,
-    NextHop
+    NextHop,
+    policy::PolicyEndpoint,
+    policy::PolicyClass,
+    policy::PolicyRuleKey,
+    policy::PortRange,
+    policy::PolicyPorts,
+    policy::PolicyPortBlockKey,
+    policy::PolicyPortBlock,
+    policy::PolicyNamespaceKey,
+    policy::PolicyNamespaceDefault,
 );

@@ -261,6 +261,7 @@ fn bench(quick: bool) -> Result<()> {
     // The CNI figures are over 200 pods either way (the minimum).
     report.insert("cni".into(), bench_json("bench-cni", &["--pods", "200"])?);
     report.insert("agent".into(), bench_json("bench-agent", &[])?);
+    report.insert("policy".into(), bench_json("bench-policy", &[])?);
     let report = serde_json::Value::Object(report);
     let dir = workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
@@ -322,7 +323,7 @@ fn print_table(report: &serde_json::Value) {
             println!("  {name:<32} {:>7.1}", ns.as_f64().unwrap_or(f64::NAN));
         }
     }
-    for key in ["cni", "agent"] {
+    for key in ["cni", "agent", "policy"] {
         if !report[key].is_null() {
             println!("\n{key}: {}", report[key]);
         }
