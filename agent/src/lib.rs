@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod netlink;
 pub mod node_net;
 pub mod ns;
+pub mod policy;
 pub mod reconcile;
 pub mod rtnl;
 pub mod subnet_env;

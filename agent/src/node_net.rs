@@ -151,9 +151,30 @@ pub fn detect_underlay(iface: Option<&str>, public_ip: Option<Ipv4Addr>) -> Resu
     })
 }
 
+/// Where `net.*` sysctls are written (`--sysctl-net-dir`): `/proc/sys/net` unless a container
+/// mounts the host's `/proc/sys/net` elsewhere (runtimes mount `/proc/sys` read-only in every
+/// container that is not privileged).
+static SYSCTL_NET_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Sets the directory `net.*` sysctls are written under (once, at start).
+pub fn set_sysctl_net_dir(dir: std::path::PathBuf) {
+    let _ = SYSCTL_NET_DIR.set(dir);
+}
+
+/// Writes `net.<path>` only when its value differs, so a node whose sysctls are already right
+/// needs no write access to them.
 fn write_sysctl(path: &str, value: &str) -> Result<()> {
-    let full = format!("/proc/sys/{}", path.replace('.', "/"));
-    std::fs::write(&full, value).with_context(|| format!("setting {path}={value}"))
+    let dir = SYSCTL_NET_DIR
+        .get()
+        .map(std::path::PathBuf::as_path)
+        .unwrap_or(std::path::Path::new("/proc/sys/net"));
+    let rest = path.strip_prefix("net.").unwrap_or(path);
+    let full = dir.join(rest.replace('.', "/"));
+    if std::fs::read_to_string(&full).is_ok_and(|v| v.trim() == value) {
+        return Ok(());
+    }
+    std::fs::write(&full, value)
+        .with_context(|| format!("setting {path}={value} ({})", full.display()))
 }
 
 /// What the datapath needs from the kernel:

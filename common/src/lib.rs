@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod conntrack;
+pub mod policy;
 
 /// Version of the map layout. It is part of the pin path, so a new layout never reuses maps
 /// pinned by an older agent (aya reuses a pinned map without checking its shape).
@@ -24,6 +25,13 @@ pub mod map_names {
     pub const NEXT_HOPS: &str = "WEFT_NEXT_HOPS";
     pub const CONNTRACK: &str = "WEFT_CT";
     pub const PATH_MTU: &str = "WEFT_PATH_MTU";
+    pub const POLICY_ENDPOINTS: &str = "WEFT_POLICY_ENDPOINTS";
+    pub const POLICY_ADDRS: &str = "WEFT_POLICY_ADDRS";
+    pub const POLICY_CIDRS: &str = "WEFT_POLICY_CIDRS";
+    pub const POLICY_RULES: &str = "WEFT_POLICY_RULES";
+    pub const POLICY_PORT_BLOCKS: &str = "WEFT_POLICY_PORT_BLOCKS";
+    pub const POLICY_NS_DEFAULTS: &str = "WEFT_POLICY_NS_DEFAULTS";
+    /// The maps the datapath declares today (the policy maps join when its programs use them).
     pub const ALL: [&str; 9] = [
         CONFIG, ROUTES, ENDPOINTS, NODES, DROPS, STATS, NEXT_HOPS, CONNTRACK, PATH_MTU,
     ];
@@ -438,5 +446,14 @@ aya_pod!(
     PathMtu,
     DecapMeta,
     conntrack::CtKey,
-    conntrack::CtEntry
+    conntrack::CtEntry,
+    policy::PolicyEndpoint,
+    policy::PolicyClass,
+    policy::PolicyRuleKey,
+    policy::PortRange,
+    policy::PolicyPorts,
+    policy::PolicyPortBlockKey,
+    policy::PolicyPortBlock,
+    policy::PolicyNamespaceKey,
+    policy::PolicyNamespaceDefault,
 );

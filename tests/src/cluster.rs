@@ -53,6 +53,11 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Wraps the agent's command line, e.g. to run it with the capabilities and mounts of the
+/// DaemonSet: given the node's directory, the program and arguments to put before the agent
+/// binary and its arguments.
+pub type AgentWrapper = std::sync::Arc<dyn Fn(&std::path::Path) -> Vec<String> + Send + Sync>;
+
 pub struct ClusterOptions {
     pub nodes: usize,
     /// Backend `Type` in net-conf.json: vxlan, ipip, host-gw.
@@ -65,6 +70,10 @@ pub struct ClusterOptions {
     pub second_subnet_mtu: Option<u32>,
     /// Agents decapsulate in tc only (`--no-xdp`), as on NICs without XDP.
     pub no_xdp: bool,
+    /// Where `weft-agent` and `weft-cni` come from (default: the workspace's build,
+    /// [`bin_dir`]); e.g. an unpacked release tarball.
+    pub bin_dir: Option<PathBuf>,
+    pub agent_wrapper: Option<AgentWrapper>,
 }
 
 impl Default for ClusterOptions {
@@ -76,6 +85,8 @@ impl Default for ClusterOptions {
             two_subnets: false,
             second_subnet_mtu: None,
             no_xdp: false,
+            bin_dir: None,
+            agent_wrapper: None,
         }
     }
 }
@@ -88,6 +99,8 @@ pub struct Node {
     pub dir: PathBuf,
     pub agent: Option<NsProcess>,
     pub pods: Vec<Pod>,
+    /// Where this node's `weft-agent` and `weft-cni` come from.
+    pub bin_dir: PathBuf,
 }
 
 pub struct Pod {
@@ -189,9 +202,14 @@ impl Cluster {
         let index = self.next_node;
         self.next_node += 1;
         let (ns, ip) = self.node_namespace(index);
+        self.adopt_node(ns, ip, format!("node-{index}"))
+    }
+
+    /// Starts a weft agent in an existing node namespace whose underlay address is `ip` (a node
+    /// that ran something else before, e.g. flannel) and returns its index in `nodes`.
+    pub fn adopt_node(&mut self, ns: Netns, ip: Ipv4Addr, name: String) -> usize {
         let dir = std::env::temp_dir().join(unique_name("weft-node-"));
         std::fs::create_dir_all(&dir).unwrap();
-        let name = format!("node-{index}");
         let mut node = Node {
             name,
             ns,
@@ -200,6 +218,7 @@ impl Cluster {
             dir,
             agent: None,
             pods: Vec::new(),
+            bin_dir: self.options.bin_dir.clone().unwrap_or_else(bin_dir),
         };
         let agent = self.start_agent(&node);
         node.agent = Some(agent);
@@ -319,9 +338,26 @@ impl Cluster {
             args.push("--no-xdp".into());
         }
         let log = node.dir.join("agent.log");
+        let agent = node.bin_dir.join("weft-agent");
+        assert!(
+            agent.exists(),
+            "{} is missing: run `cargo build --workspace --exclude node-ebpf` first (`cargo xtask test` does)",
+            agent.display()
+        );
+        let (program, args) = match &self.options.agent_wrapper {
+            None => (agent, args),
+            Some(wrap) => {
+                let mut all = wrap(&node.dir);
+                assert!(!all.is_empty(), "the agent wrapper names no program");
+                let program = PathBuf::from(all.remove(0));
+                all.push(agent.display().to_string());
+                all.extend(args);
+                (program, all)
+            }
+        };
         NsProcess::spawn(
             &node.ns,
-            &binary("weft-agent"),
+            &program,
             &args,
             &[("RUST_LOG", "info".into())],
             &log,
@@ -513,14 +549,16 @@ pub fn cni(
     netns: &str,
     conf: &serde_json::Value,
 ) -> serde_json::Value {
+    let plugin = node.bin_dir.join("weft-cni");
+    assert!(plugin.exists(), "{} is missing", plugin.display());
     let mut child = Command::new("nsenter")
         .arg(format!("--net={}", node.ns.path()))
-        .arg(binary("weft-cni"))
+        .arg(plugin)
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", container_id)
         .env("CNI_NETNS", netns)
         .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", bin_dir())
+        .env("CNI_PATH", &node.bin_dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

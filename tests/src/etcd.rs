@@ -45,6 +45,16 @@ impl Etcd {
         etcd
     }
 
+    /// The server's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(NsProcess::pid)
+    }
+
+    /// The files it keeps: its data directory and its log.
+    pub fn files(&self) -> Vec<PathBuf> {
+        vec![self.data_dir.clone(), self.data_dir.with_extension("log")]
+    }
+
     /// Client URL for agents.
     pub fn endpoint(&self) -> String {
         format!("http://{}:{}", self.ip, self.port)

@@ -4,6 +4,7 @@
 pub mod agents;
 pub mod cluster;
 pub mod cni;
+pub mod demo;
 pub mod etcd;
 pub mod fixture;
 pub mod flow;

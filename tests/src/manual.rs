@@ -235,6 +235,8 @@ impl FlannelNode {
     }
 
     /// What flannel does when it learns a remote node's lease: route, ARP and FDB entries.
+    /// Idempotent, and a changed lease (another VTEP MAC) replaces the entries, as flanneld's
+    /// watch does.
     pub fn add_peer(&self, subnet: Ipv4Net, node_ip: Ipv4Addr, vtep_mac: [u8; 6]) {
         let mac = format_mac(&vtep_mac);
         let gw = subnet.network();
@@ -247,7 +249,7 @@ impl FlannelNode {
                 "-n",
                 &self.ns.name,
                 "fdb",
-                "append",
+                "replace",
                 &mac,
                 "dev",
                 "flannel.1",
@@ -255,8 +257,9 @@ impl FlannelNode {
                 &node_ip.to_string(),
             ],
         );
-        self.ns
-            .ip(&format!("route add {subnet} via {gw} dev flannel.1 onlink"));
+        self.ns.ip(&format!(
+            "route replace {subnet} via {gw} dev flannel.1 onlink"
+        ));
     }
 }
 

@@ -16,8 +16,7 @@ fn cluster(backend: &str, direct_routing: bool, two_subnets: bool) -> Cluster {
         backend: backend.into(),
         direct_routing,
         two_subnets,
-        second_subnet_mtu: None,
-        no_xdp: false,
+        ..Default::default()
     });
     for node in 0..cluster.nodes.len() {
         cluster.add_pod(node);
@@ -193,7 +192,7 @@ fn path_mtu_discovery_across_a_smaller_underlay() {
         direct_routing: false,
         two_subnets: true,
         second_subnet_mtu: Some(1400),
-        no_xdp: false,
+        ..Default::default()
     });
     let a = c.add_pod(0);
     let b = c.add_pod(1);

@@ -2,6 +2,7 @@
 //! machine has what they need (installing only what is missing, so a prepared machine pays a
 //! second), then build and run.
 mod bootstrap;
+mod dist;
 
 use std::process::Command;
 
@@ -29,8 +30,12 @@ enum Cmd {
     /// A three-node weft cluster in network namespaces: connectivity matrix, CLI view, teardown.
     Demo {
         /// Leave the cluster running and print how to enter a pod.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "down")]
         keep: bool,
+        /// Remove everything kept (or interrupted) demos left: namespaces, pins, the agents and
+        /// etcd (by their recorded pids), files. Idempotent.
+        #[arg(long)]
+        down: bool,
         #[arg(long, default_value_t = 3)]
         nodes: usize,
         #[arg(long, default_value_t = 2)]
@@ -46,6 +51,9 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// The release tarball: stripped release binaries, the CNI conflist, the manifest, the
+    /// Dockerfile and the docs, in target/dist/.
+    Dist,
     /// Only install the prerequisites.
     Bootstrap,
 }
@@ -54,6 +62,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Bootstrap => bootstrap::run(),
+        Cmd::Dist => dist::run().map(drop),
         Cmd::Test { cargo_args } => {
             require_root("tests create network namespaces and load BPF programs")?;
             bootstrap::run()?;
@@ -65,6 +74,8 @@ fn main() -> Result<()> {
                 "--bins",
                 "--tests",
             ])?;
+            // The release tarball, for the tests that unpack it and run what it ships.
+            dist::run()?;
             // Doc tests are left out: the crates have none, and their empty "0 passed" lines
             // would close the output.
             let mut args = vec![
@@ -81,10 +92,18 @@ fn main() -> Result<()> {
                 args.push("--");
                 args.extend(extra);
             }
-            cargo_test_with_summary(&args)
+            let validate = bootstrap::kubernetes_validate();
+            cargo_test_with_summary(&args, &[("KUBERNETES_VALIDATE", validate.as_os_str())])
+        }
+        Cmd::Demo { down: true, .. } => {
+            require_root("tearing the demo down deletes network namespaces and pins")?;
+            // The demo's own build command: after a demo, nothing to rebuild.
+            cargo(&["build", "--workspace", "--exclude", "node-ebpf", "--bins"])?;
+            run_bin("debug", "weft-demo", &["--down"])
         }
         Cmd::Demo {
             keep,
+            down: false,
             nodes,
             pods,
             backend,
@@ -160,13 +179,14 @@ fn cargo(args: &[&str]) -> Result<()> {
 
 /// Runs `cargo test`, passing its output through, and closes with one line that sums every
 /// test binary's result: `weft: N passed, N failed`.
-fn cargo_test_with_summary(args: &[&str]) -> Result<()> {
+fn cargo_test_with_summary(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Result<()> {
     use std::io::{BufRead as _, Write as _};
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("xtask: cargo {}", args.join(" "));
     let mut child = Command::new(cargo)
         .args(args)
         .current_dir(workspace_root())
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("running cargo test")?;
@@ -241,6 +261,7 @@ fn bench(quick: bool) -> Result<()> {
     // The CNI figures are over 200 pods either way (the minimum).
     report.insert("cni".into(), bench_json("bench-cni", &["--pods", "200"])?);
     report.insert("agent".into(), bench_json("bench-agent", &[])?);
+    report.insert("policy".into(), bench_json("bench-policy", &[])?);
     let report = serde_json::Value::Object(report);
     let dir = workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
@@ -302,7 +323,7 @@ fn print_table(report: &serde_json::Value) {
             println!("  {name:<32} {:>7.1}", ns.as_f64().unwrap_or(f64::NAN));
         }
     }
-    for key in ["cni", "agent"] {
+    for key in ["cni", "agent", "policy"] {
         if !report[key].is_null() {
             println!("\n{key}: {}", report[key]);
         }

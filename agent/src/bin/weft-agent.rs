@@ -118,6 +118,10 @@ struct Args {
     /// on the underlay may send plain (unencapsulated) packets to pods.
     #[arg(long)]
     accept_routed_pod_traffic: bool,
+    /// Directory of the `net.*` sysctls (a container mounts the host's /proc/sys/net elsewhere:
+    /// /proc/sys is read-only in unprivileged containers).
+    #[arg(long, default_value = "/proc/sys/net")]
+    sysctl_net_dir: PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -340,6 +344,7 @@ fn run(args: Args) -> Result<()> {
             return Ok(());
         }
     }
+    node_net::set_sysctl_net_dir(args.sysctl_net_dir.clone());
     let mut ds = open_datastore(&args)?;
     let conf = load_net_conf(&args, ds.as_mut())?;
     let underlay = node_net::detect_underlay(args.iface.as_deref(), args.public_ip)?;

@@ -271,7 +271,17 @@ impl NetConf {
                 )));
             }
         };
-        let bandwidth = match raw.get("runtimeConfig").and_then(|r| r.get("bandwidth")) {
+        let runtime = match raw.get("runtimeConfig") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(r)) => Some(r),
+            Some(other) => {
+                return Err(CniError::invalid_config(format!(
+                    "field `runtimeConfig` must be an object, got {}",
+                    type_name(other)
+                )));
+            }
+        };
+        let bandwidth = match runtime.and_then(|r| r.get("bandwidth")) {
             None | Some(Value::Null) => false,
             Some(Value::Object(limits)) => ["ingressRate", "egressRate"]
                 .iter()
