@@ -8,7 +8,7 @@ use serde_json::json;
 use weft_agent::{datapath::Maps, mac::format_mac as mac};
 use weft_common::{
     CONFIG_F_READY, RouteMode,
-    conntrack::{CT_F_INIT_HI, CtOrigin, closing},
+    conntrack::{CT_F_INIT_HI, CT_F_SEEN_HI, CT_F_SEEN_LO, CtOrigin, closing},
 };
 
 #[derive(Parser)]
@@ -250,7 +250,8 @@ fn main() -> Result<()> {
                     };
                     let state = if closing(k.protocol, e.flags) {
                         "closing"
-                    } else if e.flags & 0b11 == 0b11 {
+                    } else if e.flags & (CT_F_SEEN_LO | CT_F_SEEN_HI) == CT_F_SEEN_LO | CT_F_SEEN_HI
+                    {
                         "replied"
                     } else {
                         "new"
