@@ -261,8 +261,8 @@ impl Drop for AgentNode {
 /// A pod wired on an agent's node as the CNI plugin wires one (veth with `from_pod` from the
 /// agent's pinned program, /32 address, static gateway neighbour, host route, endpoint entry),
 /// with the address `.<host>` of the node's subnet and the node's pod MTU.
-pub fn add_pod(node: &AgentNode, host: u8) -> crate::manual::Pod {
-    use crate::{manual::POD_GATEWAY, netns::format_mac};
+pub fn add_pod(node: &AgentNode, host: u8) -> crate::agentless::Pod {
+    use crate::{agentless::POD_GATEWAY, netns::format_mac};
     use weft_common::EndpointInfo;
     let env = node.subnet_env();
     let ip = Ipv4Addr::from(u32::from(env.subnet.network()) + host as u32);
@@ -302,7 +302,7 @@ pub fn add_pod(node: &AgentNode, host: u8) -> crate::manual::Pod {
     node.ns.run(move || {
         weft_agent::datapath::attach_pinned_from_pod(&root, &dev).expect("attaching from_pod")
     });
-    crate::manual::Pod {
+    crate::agentless::Pod {
         ns,
         ip,
         host_ifname,

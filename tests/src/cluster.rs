@@ -14,7 +14,7 @@ use weft_agent::datapath::Maps;
 
 use crate::{
     etcd::Etcd,
-    manual::{FlannelNode, mtu_wire},
+    agentless::{FlannelNode, mtu_wire},
     netns::{Netns, unique_name},
     pins::PinDir,
     process::{NsProcess, wait_until},

@@ -3,7 +3,7 @@
 use etherparse::{IpNumber, Ipv4Header, Ipv4Options, UdpHeader};
 use weft_common::{DropReason, Stat, prog_names};
 use weft_tests::{
-    fixture::*,
+    injection_node::*,
     packets::*,
     testrun::{Outcome, run_tc, run_xdp},
 };

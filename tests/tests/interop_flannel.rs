@@ -7,7 +7,7 @@ use std::{net::Ipv4Addr, time::Duration};
 use weft_common::{RouteMode, Stat};
 use weft_tests::{
     flow::tcp_transfer,
-    manual::{FlannelNode, WeftNode, mtu_wire},
+    agentless::{FlannelNode, WeftNode, mtu_wire},
     netns::{Netns, veth_pair},
 };
 

@@ -7,7 +7,7 @@ use ipnet::Ipv4Net;
 use weft_common::{RouteMode, Stat};
 use weft_tests::{
     flow::{FlowLoss, SequencedFlow, tcp_transfer, udp_echo_sizes},
-    manual::{Pod, WeftNode, mtu_wire},
+    agentless::{Pod, WeftNode, mtu_wire},
     netns::{Netns, veth_pair},
 };
 
