@@ -21,6 +21,9 @@ use weft_common::{ENDPOINTS_MAX, NODES_MAX, ROUTES_MAX};
 
 use crate::datapath::Maps;
 
+/// The port of `/healthz`, `/readyz` and `/metrics` (the `--metrics-addr` default's).
+pub const DEFAULT_PORT: u16 = 9402;
+
 #[derive(Default)]
 pub struct Metrics {
     pub ready: AtomicBool,

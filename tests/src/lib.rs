@@ -2,7 +2,6 @@
 //! up after themselves (also on panic), running code inside a namespace, and packet-injection
 //! helpers around `BPF_PROG_TEST_RUN`.
 pub mod agentless;
-pub mod agents;
 pub mod cluster;
 pub mod cni;
 pub mod etcd;
