@@ -111,6 +111,8 @@ fn main() -> Result<()> {
                 "-p",
                 "weft-agent",
                 "-p",
+                "weft-node",
+                "-p",
                 "weft-tests",
                 "--bins",
             ])?;
