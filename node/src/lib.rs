@@ -7,6 +7,5 @@ pub mod ipam;
 pub mod mac;
 pub mod netlink;
 pub mod ns;
-pub mod rtnl;
 pub mod subnet_env;
 pub mod tcx;

@@ -22,6 +22,7 @@ use weft_agent::{
         static_file::StaticFile,
     },
     metrics::{self, Metrics},
+    netlink::BlockingNetlink,
     node_net::{self, Underlay},
     reconcile::{ModePolicy, Reconciler},
     subnet_env::{self, SubnetEnv},
@@ -282,7 +283,13 @@ fn program_datapath(
     dp.pin_programs()?;
     dp.maps.set_config(&node_config(conf, underlay))?;
     dp.attach_underlay(&underlay.name, !args.no_xdp)?;
-    node_net::ensure_host_link(conf.network, underlay.node_ip, pod_mtu)?;
+    let nl = BlockingNetlink::open()?;
+    nl.block_on(node_net::ensure_host_link(
+        &nl,
+        conf.network,
+        underlay.node_ip,
+        pod_mtu,
+    ))?;
     dp.attach_from_host(HOST_PEER_DEV)?;
     let pods = dp.reattach_pods()?;
     tracing::info!(pods, "datapath programmed");
@@ -314,7 +321,12 @@ fn run(args: Args) -> Result<()> {
     }
     let mut ds = open_datastore(&args)?;
     let conf = load_net_conf(&args, ds.as_mut())?;
-    let underlay = node_net::detect_underlay(args.iface.as_deref(), args.public_ip)?;
+    let nl = BlockingNetlink::open()?;
+    let underlay = nl.block_on(node_net::detect_underlay(
+        &nl,
+        args.iface.as_deref(),
+        args.public_ip,
+    ))?;
     let pod_mtu = conf.pod_mtu(underlay.mtu);
     tracing::info!(
         iface = %underlay.name, node_ip = %underlay.node_ip, network = %conf.network,

@@ -22,9 +22,9 @@ use super::{
 use crate::{
     datapath::{self, Maps},
     ipam::{Ipam, IpamError},
-    netlink::{self, format_mac},
+    mac::format_mac,
+    netlink::{self, BlockingNetlink, Scope},
     ns,
-    rtnl::{self, Rtnl},
     subnet_env::SubnetEnv,
 };
 
@@ -144,7 +144,7 @@ impl Undo {
             log.line(&format!("undo: removing endpoint {ip}: {e:#}"));
         }
         if let Some(dev) = self.link
-            && let Err(e) = Rtnl::open().and_then(|mut r| Ok(r.delete_link(&dev)?))
+            && let Err(e) = BlockingNetlink::open().and_then(|nl| nl.block_on(nl.delete_link(&dev)))
         {
             log.line(&format!("undo: deleting {dev}: {e:#}"));
         }
@@ -251,23 +251,24 @@ impl Plan<'_> {
         let netns = std::fs::File::open(self.netns).map_err(|e| {
             CniError::invalid_env(format!("CNI_NETNS {}: {e}", self.netns.display()))
         })?;
-        let mut rtnl = Rtnl::open().map_err(|e| Self::setup_err("opening rtnetlink".into(), &e))?;
-        let create = |rtnl: &mut Rtnl| {
-            rtnl.create_veth(
+        let nl = BlockingNetlink::open()
+            .map_err(|e| Self::setup_err("opening rtnetlink".into(), &e.into()))?;
+        let create = || {
+            nl.block_on(nl.create_veth(
                 host,
-                &self.names.host_mac,
+                Some(&self.names.host_mac),
                 pod_if,
-                &self.names.pod_mac,
+                Some(&self.names.pod_mac),
                 self.mtu,
-                netns.as_raw_fd(),
-            )
+                Some(netns.as_raw_fd()),
+            ))
         };
-        match create(&mut rtnl) {
+        match create() {
             Ok(()) => Ok(()),
             // A previous ADD of this attachment may have been killed half way: its host link
             // (and with it the peer) goes, and the ADD is tried once more.
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                if !rtnl.delete_link(host).unwrap_or(false) {
+            Err(e) if e.is(libc::EEXIST) => {
+                if !nl.block_on(nl.delete_link(host)).unwrap_or(false) {
                     return Err(Self::setup_err(
                         format!(
                             "creating veth {host} <-> {pod_if} in {} failed: {pod_if} already exists there",
@@ -276,7 +277,7 @@ impl Plan<'_> {
                         &e.into(),
                     ));
                 }
-                create(&mut rtnl).map_err(|e| {
+                create().map_err(|e| {
                     Self::setup_err(format!("creating veth {host} <-> {pod_if}"), &e.into())
                 })
             }
@@ -358,27 +359,30 @@ impl Plan<'_> {
         let pod_if = &env.ifname;
         let pod_addr = Ipv4Net::new(ip, 32).expect("/32");
         let host_side = || -> anyhow::Result<()> {
-            let mut rtnl = Rtnl::open()?;
-            rtnl.replace_route(pod_addr, None, host_ifindex, rtnl::RT_SCOPE_LINK, false)
+            let nl = BlockingNetlink::open()?;
+            nl.block_on(nl.replace_route(pod_addr, None, host_ifindex, Scope::Link, false, None))
                 .context("route")?;
-            rtnl.replace_neighbour(host_ifindex, ip, &self.names.pod_mac)
+            nl.block_on(nl.replace_neighbour(host_ifindex, ip, &self.names.pod_mac))
                 .context("neighbour")?;
             Ok(())
         };
         let pod_side = || -> anyhow::Result<()> {
-            let mut rtnl = Rtnl::open()?;
-            let index = rtnl::ifindex(pod_if)?;
-            rtnl.replace_address(index, pod_addr).context("address")?;
-            rtnl.set_up(index).context("link up")?;
-            rtnl.replace_neighbour(index, POD_GATEWAY, &self.names.host_mac)
+            let nl = BlockingNetlink::open()?;
+            let index = netlink::ifindex(pod_if)?;
+            nl.block_on(nl.replace_address(index, pod_addr))
+                .context("address")?;
+            nl.block_on(nl.set_link(index, None, None))
+                .context("link up")?;
+            nl.block_on(nl.replace_neighbour(index, POD_GATEWAY, &self.names.host_mac))
                 .context("gateway neighbour")?;
-            rtnl.replace_route(
+            nl.block_on(nl.replace_route(
                 Ipv4Net::default(),
                 Some(POD_GATEWAY),
                 index,
-                rtnl::RT_SCOPE_UNIVERSE,
+                Scope::Universe,
                 true,
-            )
+                None,
+            ))
             .context("default route")?;
             Ok(())
         };
@@ -435,9 +439,10 @@ fn teardown(
     }
     // The device first: its removal detaches the program as part of the device's own
     // teardown, whereas detaching a live TCX link waits for an RCU grace period of its own.
-    Rtnl::open()
-        .and_then(|mut r| Ok(r.delete_link(host_ifname)?))
+    BlockingNetlink::open()
+        .and_then(|nl| nl.block_on(nl.delete_link(host_ifname)))
         .map_err(|e| {
+            let e = anyhow::Error::from(e);
             CniError::with_cause(code::INTERFACE_SETUP, format!("deleting {host_ifname}"), &e)
         })?;
     datapath::detach_pinned_from_pod(pin_root, host_ifname).map_err(|e| {
@@ -516,14 +521,18 @@ pub fn check(env: &Env, conf: &NetConf, _log: &Log) -> CniResult<()> {
     let io =
         |what: &str, e: anyhow::Error| CniError::with_cause(code::IO_FAILURE, what.to_string(), &e);
 
-    let link = netlink::link(host)
-        .map_err(|e| io("reading the host link", e))?
+    let nl = BlockingNetlink::open().map_err(|e| io("opening rtnetlink", e.into()))?;
+    let link = nl
+        .block_on(nl.link(host))
+        .map_err(|e| io("reading the host link", e.into()))?
         .ok_or_else(|| mismatch(format!("host interface {host} is missing")))?;
     expect_link(&link, &names.host_mac, mtu, "host interface")?;
-    let routes = netlink::routes().map_err(|e| io("reading host routes", e))?;
+    let routes = nl
+        .block_on(nl.routes())
+        .map_err(|e| io("reading host routes", e.into()))?;
     if !routes
         .iter()
-        .any(|(dst, _, dev)| (dst == &ip.to_string() || dst == &want.to_string()) && dev == host)
+        .any(|r| r.dst == want && r.oif == Some(link.ifindex))
     {
         return Err(mismatch(format!(
             "the host route {want} dev {host} is missing"
@@ -531,10 +540,11 @@ pub fn check(env: &Env, conf: &NetConf, _log: &Log) -> CniResult<()> {
     }
 
     let pod_if = env.ifname.clone();
-    let host_mac = format_mac(&names.host_mac);
+    let host_mac = names.host_mac;
     let pod_mac = names.pod_mac;
     ns::run_in(&netns, || -> anyhow::Result<Result<(), CniError>> {
-        let Some(l) = netlink::link(&pod_if)? else {
+        let nl = BlockingNetlink::open()?;
+        let Some(l) = nl.block_on(nl.link(&pod_if))? else {
             return Ok(Err(mismatch(format!(
                 "interface {pod_if} is missing in {}",
                 netns.display()
@@ -543,26 +553,28 @@ pub fn check(env: &Env, conf: &NetConf, _log: &Log) -> CniResult<()> {
         if let Err(e) = expect_link(&l, &pod_mac, mtu, "pod interface") {
             return Ok(Err(e));
         }
-        let addrs = netlink::addresses(&pod_if)?;
-        if !addrs.contains(&want.to_string()) {
+        let addrs = nl.block_on(nl.addresses(l.ifindex))?;
+        if !addrs.contains(&want) {
             return Ok(Err(mismatch(format!(
                 "{pod_if} has addresses {addrs:?}, expected {want}"
             ))));
         }
-        let routes = netlink::routes()?;
-        let gw = POD_GATEWAY.to_string();
-        if !routes.iter().any(|(dst, via, dev)| {
-            dst == "default" && via.as_deref() == Some(&gw) && dev == &pod_if
+        let routes = nl.block_on(nl.routes())?;
+        let gw = POD_GATEWAY;
+        if !routes.iter().any(|r| {
+            r.dst == Ipv4Net::default() && r.gateway == Some(gw) && r.oif == Some(l.ifindex)
         }) {
             return Ok(Err(mismatch(format!(
                 "the pod's default route via {gw} dev {pod_if} is missing (routes: {routes:?})"
             ))));
         }
-        match netlink::permanent_neighbour(&pod_if, POD_GATEWAY)? {
+        match nl.block_on(nl.permanent_neighbour(l.ifindex, POD_GATEWAY))? {
             Some(mac) if mac == host_mac => {}
             other => {
                 return Ok(Err(mismatch(format!(
-                    "the pod's neighbour entry for {gw} is {other:?}, expected permanent {host_mac}"
+                    "the pod's neighbour entry for {gw} is {:?}, expected permanent {}",
+                    other.map(|m| format_mac(&m)),
+                    format_mac(&host_mac)
                 ))));
             }
         }
@@ -600,11 +612,11 @@ pub fn check(env: &Env, conf: &NetConf, _log: &Log) -> CniResult<()> {
 }
 
 fn expect_link(l: &netlink::LinkInfo, mac: &[u8; 6], mtu: u32, what: &str) -> CniResult<()> {
-    if l.mac != format_mac(mac) {
+    if l.mac != Some(*mac) {
         return Err(mismatch(format!(
             "{what} {} has MAC {}, expected {}",
             l.name,
-            l.mac,
+            l.mac.map(|m| format_mac(&m)).unwrap_or_default(),
             format_mac(mac)
         )));
     }
@@ -673,8 +685,9 @@ pub fn gc(conf: &NetConf, log: &Log) -> CniResult<()> {
             }
         }
     }
-    let links = netlink::links()
-        .map_err(|e| CniError::with_cause(code::IO_FAILURE, "listing links", &e))?;
+    let links = BlockingNetlink::open()
+        .and_then(|nl| nl.block_on(nl.links()))
+        .map_err(|e| CniError::with_cause(code::IO_FAILURE, "listing links", &e.into()))?;
     for l in links {
         if l.name.starts_with(HOST_IF_PREFIX) && !live_links.contains(&l.name) {
             log.line(&format!("GC: deleting orphan link {}", l.name));
