@@ -60,7 +60,7 @@ pub struct Backend {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NetConf {
+pub struct FlannelNetConf {
     pub network: Ipv4Net,
     pub subnet_len: u8,
     /// First subnet that may be leased (flannel: the second subnet of the network).
@@ -70,7 +70,7 @@ pub struct NetConf {
     pub backend: Backend,
 }
 
-impl NetConf {
+impl FlannelNetConf {
     pub fn parse(text: &str) -> Result<Self> {
         let value: Value =
             serde_json::from_str(text).map_err(|e| anyhow!("net-conf is not valid JSON: {e}"))?;
@@ -253,12 +253,12 @@ mod tests {
     use super::*;
 
     fn err(text: &str) -> String {
-        format!("{:#}", NetConf::parse(text).unwrap_err())
+        format!("{:#}", FlannelNetConf::parse(text).unwrap_err())
     }
 
     #[test]
     fn flannel_defaults() {
-        let c = NetConf::parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#)
+        let c = FlannelNetConf::parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#)
             .unwrap();
         assert_eq!(c.subnet_len, 24);
         assert_eq!(c.subnet_min, Ipv4Addr::new(10, 244, 1, 0));
@@ -273,7 +273,7 @@ mod tests {
 
     #[test]
     fn every_key_and_go_case_insensitivity() {
-        let c = NetConf::parse(
+        let c = FlannelNetConf::parse(
             r#"{"network": "10.10.0.0/16", "SubnetLen": 26, "SubnetMin": "10.10.4.0",
                 "SubnetMax": "10.10.8.0/26", "EnableIPv6": false,
                 "Backend": {"Type": "ipip", "VNI": 4096, "Port": 4789, "DirectRouting": true, "MTU": 1400}}"#,
@@ -294,7 +294,7 @@ mod tests {
         assert!(!c.is_leasable("10.10.9.0/26".parse().unwrap()));
         assert!(!c.is_leasable("10.10.4.0/24".parse().unwrap()));
         let hg =
-            NetConf::parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap();
+            FlannelNetConf::parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap();
         assert_eq!(hg.backend.kind.route_mode(), RouteMode::Direct);
     }
 

@@ -15,7 +15,7 @@ use std::{
 use ipnet::Ipv4Net;
 use serde_json::json;
 use weft_agent::{
-    config::{BackendType, NetConf},
+    config::{BackendType, FlannelNetConf},
     datapath::{Maps, link_pin_path},
     datastore::{Datastore, LocalNode, NodeLease, etcd::EtcdDatastore},
     node_net::vtep_mac_for,
@@ -391,7 +391,7 @@ fn etcd_outage_leaves_forwarding_alone_and_reconverges() {
 fn racing_nodes_never_share_a_subnet() {
     let c = Cluster::agents(0, json!({}), 10);
     // Ten subnets for twelve racing nodes.
-    let conf = NetConf::parse(
+    let conf = FlannelNetConf::parse(
         r#"{"Network": "10.50.0.0/16", "SubnetMin": "10.50.1.0", "SubnetMax": "10.50.10.0"}"#,
     )
     .unwrap();
@@ -470,7 +470,7 @@ fn conf_contains(s: &Ipv4Net) -> bool {
 #[test]
 fn previous_subnet_is_reused_and_flannel_leases_are_read() {
     let c = Cluster::agents(0, json!({}), 10);
-    let conf = NetConf::parse(r#"{"Network": "10.60.0.0/16"}"#).unwrap();
+    let conf = FlannelNetConf::parse(r#"{"Network": "10.60.0.0/16"}"#).unwrap();
     let endpoint = c.etcd.endpoint();
     let (prev, lease) = c.in_underlay(move || {
         let mut ds = EtcdDatastore::new(std::slice::from_ref(&endpoint), PREFIX, 30).unwrap();

@@ -12,7 +12,7 @@ use std::{
 
 use serde_json::{Value, json};
 use weft_agent::{
-    config::{BackendType, NetConf},
+    config::{BackendType, FlannelNetConf},
     datastore::{
         Datastore, Event, LocalNode, NodeLease,
         kube::{KubeClient, KubeDatastore},
@@ -221,7 +221,7 @@ fn list_watch_events_and_relist_on_410() {
     let client = KubeClient::new(None, Some(&kubeconfig)).unwrap();
     let _ = std::fs::remove_file(&kubeconfig);
     let mut ds = KubeDatastore::new(client);
-    let conf = NetConf::parse(r#"{"Network": "10.244.0.0/16"}"#).unwrap();
+    let conf = FlannelNetConf::parse(r#"{"Network": "10.244.0.0/16"}"#).unwrap();
     let ip = Ipv4Addr::new(192, 168, 1, 1);
     let local = LocalNode {
         name: "node-a".into(),

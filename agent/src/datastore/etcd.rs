@@ -21,7 +21,7 @@ use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 
 use super::{Backoff, Datastore, Event, LocalNode, NodeLease, parse_subnet_key, subnet_key};
-use crate::config::NetConf;
+use crate::config::FlannelNetConf;
 
 /// flannel's default prefix.
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
@@ -289,7 +289,7 @@ pub struct EtcdDatastore {
     client: EtcdClient,
     prefix: String,
     ttl: u64,
-    conf: Option<NetConf>,
+    conf: Option<FlannelNetConf>,
     lease_id: i64,
     local: Option<LocalNode>,
     subnet: Option<Ipv4Net>,
@@ -337,7 +337,7 @@ impl EtcdDatastore {
 
     /// One allocation attempt: reuse this node's record (same PublicIP), else its previous
     /// subnet if free, else a free subnet picked at random. `Ok(None)`: lost a race, try again.
-    fn try_allocate(&mut self, local: &LocalNode, conf: &NetConf) -> Result<Option<Ipv4Net>> {
+    fn try_allocate(&mut self, local: &LocalNode, conf: &FlannelNetConf) -> Result<Option<Ipv4Net>> {
         let (_, kvs) = self.client.range_prefix(&self.subnets_prefix())?;
         let mut taken = std::collections::HashSet::new();
         for kv in &kvs {
@@ -380,7 +380,7 @@ impl EtcdDatastore {
             .then_some(candidate))
     }
 
-    fn allocate(&mut self, local: &LocalNode, conf: &NetConf) -> Result<Ipv4Net> {
+    fn allocate(&mut self, local: &LocalNode, conf: &FlannelNetConf) -> Result<Ipv4Net> {
         self.lease_id = self
             .client
             .lease_grant(self.ttl)
@@ -510,7 +510,7 @@ impl Datastore for EtcdDatastore {
             .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
     }
 
-    fn acquire(&mut self, local: &LocalNode, conf: &NetConf) -> Result<Ipv4Net> {
+    fn acquire(&mut self, local: &LocalNode, conf: &FlannelNetConf) -> Result<Ipv4Net> {
         self.conf = Some(conf.clone());
         self.local = Some(local.clone());
         self.allocate(local, conf)

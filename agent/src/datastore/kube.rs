@@ -27,7 +27,7 @@ use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 
 use super::{Backoff, Datastore, Event, LocalNode, NodeLease, format_mac, parse_mac};
-use crate::config::{BackendType, NetConf};
+use crate::config::{BackendType, FlannelNetConf};
 
 const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
@@ -375,7 +375,7 @@ impl Datastore for KubeDatastore {
         Ok(None)
     }
 
-    fn acquire(&mut self, local: &LocalNode, conf: &NetConf) -> Result<Ipv4Net> {
+    fn acquire(&mut self, local: &LocalNode, conf: &FlannelNetConf) -> Result<Ipv4Net> {
         let deadline = std::time::Instant::now() + self.cidr_wait;
         let mut backoff = Backoff::new(Duration::from_secs(5));
         let subnet = loop {

@@ -10,7 +10,7 @@ use anyhow::Result;
 use ipnet::Ipv4Net;
 use serde_json::json;
 
-use crate::config::{BackendType, NetConf};
+use crate::config::{BackendType, FlannelNetConf};
 
 pub mod etcd;
 pub mod kube;
@@ -92,7 +92,7 @@ pub trait Datastore: Send {
     fn net_conf(&mut self) -> Result<Option<String>>;
     /// Acquires this node's subnet (reusing its previous one when possible) and publishes its
     /// record. Returns the subnet.
-    fn acquire(&mut self, local: &LocalNode, conf: &NetConf) -> Result<Ipv4Net>;
+    fn acquire(&mut self, local: &LocalNode, conf: &FlannelNetConf) -> Result<Ipv4Net>;
     /// Starts the adapter's threads: keeping the lease alive and streaming peer records.
     fn run(self: Box<Self>, events: Sender<Event>) -> Result<()>;
 }

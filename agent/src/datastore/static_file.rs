@@ -22,7 +22,7 @@ use serde_json::Value;
 
 use super::{Datastore, Event, LocalNode, NodeLease, parse_mac};
 use crate::{
-    config::{BackendType, NetConf},
+    config::{BackendType, FlannelNetConf},
     node_net::vtep_mac_for,
 };
 
@@ -101,7 +101,7 @@ impl Datastore for StaticFile {
         Ok(None)
     }
 
-    fn acquire(&mut self, local: &LocalNode, conf: &NetConf) -> Result<Ipv4Net> {
+    fn acquire(&mut self, local: &LocalNode, conf: &FlannelNetConf) -> Result<Ipv4Net> {
         let entries = read(&self.path)?;
         let me = entries
             .iter()

@@ -17,7 +17,7 @@ use super::{
     error::{CniError, CniResult, code},
     names::{AttachmentNames, HOST_IF_PREFIX, POD_GATEWAY},
     result::{AddResult, Interface, IpConfig, Route},
-    spec::{self, Env, NetConf},
+    spec::{self, Env, NetworkConfig},
 };
 use crate::{
     datapath::{self, Maps},
@@ -45,7 +45,7 @@ pub fn version(stdin: &[u8]) -> Value {
 }
 
 /// The node's subnet file; missing means the agent has not set the node up yet.
-fn node_subnet(conf: &NetConf, missing_code: u32) -> CniResult<SubnetEnv> {
+fn node_subnet(conf: &NetworkConfig, missing_code: u32) -> CniResult<SubnetEnv> {
     SubnetEnv::read(&conf.subnet_file).map_err(|e| {
         CniError::with_cause(
             missing_code,
@@ -58,7 +58,7 @@ fn node_subnet(conf: &NetConf, missing_code: u32) -> CniResult<SubnetEnv> {
     })
 }
 
-fn pin_root(conf: &NetConf, subnet: Option<&SubnetEnv>) -> PathBuf {
+fn pin_root(conf: &NetworkConfig, subnet: Option<&SubnetEnv>) -> PathBuf {
     conf.pin_root
         .clone()
         .or_else(|| subnet.map(|s| s.pin_root.clone()))
@@ -115,7 +115,7 @@ fn ipam_error(e: IpamError) -> CniError {
     }
 }
 
-fn prev_result(conf: &NetConf) -> CniResult<Option<AddResult>> {
+fn prev_result(conf: &NetworkConfig) -> CniResult<Option<AddResult>> {
     conf.prev_result
         .as_ref()
         .map(|v| AddResult::parse(v).map_err(CniError::invalid_config))
@@ -163,7 +163,7 @@ impl Undo {
     }
 }
 
-pub fn add(env: &Env, conf: &NetConf, log: &Log) -> CniResult<Value> {
+pub fn add(env: &Env, conf: &NetworkConfig, log: &Log) -> CniResult<Value> {
     let netns = env.netns.clone().expect("ADD has CNI_NETNS");
     if !ns::is_netns(&netns) {
         return Err(CniError::invalid_env(format!(
@@ -178,7 +178,7 @@ pub fn add(env: &Env, conf: &NetConf, log: &Log) -> CniResult<Value> {
     let mut maps = ready_maps(&pin_root, code::TRY_AGAIN_LATER)?;
     let names = AttachmentNames::of(&env.container_id, &env.ifname);
     let mut undo = Undo::default();
-    let plan = Plan {
+    let wiring = Wiring {
         env,
         conf,
         subnet: &subnet,
@@ -187,7 +187,7 @@ pub fn add(env: &Env, conf: &NetConf, log: &Log) -> CniResult<Value> {
         mtu,
         pin_root: &pin_root,
     };
-    let ip = match plan.wire(&mut maps, &mut undo, log) {
+    let ip = match wiring.wire(&mut maps, &mut undo, log) {
         Ok(ip) => ip,
         Err(e) => {
             undo.run(&mut maps, log);
@@ -228,9 +228,9 @@ pub fn add(env: &Env, conf: &NetConf, log: &Log) -> CniResult<Value> {
 }
 
 /// Everything ADD needs to wire one attachment.
-struct Plan<'a> {
+struct Wiring<'a> {
     env: &'a Env,
-    conf: &'a NetConf,
+    conf: &'a NetworkConfig,
     subnet: &'a SubnetEnv,
     netns: &'a Path,
     names: &'a AttachmentNames,
@@ -238,21 +238,19 @@ struct Plan<'a> {
     pin_root: &'a Path,
 }
 
-impl Plan<'_> {
+impl Wiring<'_> {
     fn setup_err(what: String, e: &anyhow::Error) -> CniError {
         CniError::with_cause(code::INTERFACE_SETUP, what, e)
     }
 
     /// The veth (host side up), the pod side created directly in the pod's namespace under
     /// its final name (no address needed yet).
-    fn create_veth(&self) -> CniResult<()> {
+    fn create_veth(&self, nl: &BlockingNetlink) -> CniResult<()> {
         let host = &self.names.host_ifname;
         let pod_if = &self.env.ifname;
         let netns = std::fs::File::open(self.netns).map_err(|e| {
             CniError::invalid_env(format!("CNI_NETNS {}: {e}", self.netns.display()))
         })?;
-        let nl = BlockingNetlink::open()
-            .map_err(|e| Self::setup_err("opening rtnetlink".into(), &e.into()))?;
         let create = || {
             nl.block_on(nl.create_veth(
                 host,
@@ -295,7 +293,11 @@ impl Plan<'_> {
     /// `undo` once done. Returns the pod address.
     fn wire(&self, maps: &mut Maps, undo: &mut Undo, log: &Log) -> CniResult<Ipv4Addr> {
         let host = self.names.host_ifname.clone();
-        self.create_veth()?;
+        // The node's side of the wiring goes through one connection (this thread, the node's
+        // namespace); the pod's side opens its own in the pod's namespace.
+        let nl = BlockingNetlink::open()
+            .map_err(|e| Self::setup_err("opening rtnetlink".into(), &e.into()))?;
+        self.create_veth(&nl)?;
         undo.link = Some(host.clone());
         let host_ifindex = nix::net::if_::if_nametoindex(host.as_str())
             .map_err(|e| Self::setup_err(format!("ifindex of {host}"), &anyhow::Error::from(e)))?;
@@ -308,7 +310,7 @@ impl Plan<'_> {
         let attach = std::thread::spawn(move || {
             crate::tcx::attach_pinned_ingress(&prog_pin, host_ifindex, &link_pin)
         });
-        let configured = self.configure(host_ifindex, maps, undo, log);
+        let configured = self.configure(&nl, host_ifindex, maps, undo, log);
         let attached = attach
             .join()
             .unwrap_or_else(|_| Err(anyhow::anyhow!("the attach thread panicked")));
@@ -329,6 +331,7 @@ impl Plan<'_> {
     /// Address, routes and neighbours on both sides, and the endpoint entry.
     fn configure(
         &self,
+        nl: &BlockingNetlink,
         host_ifindex: u32,
         maps: &mut Maps,
         undo: &mut Undo,
@@ -359,7 +362,6 @@ impl Plan<'_> {
         let pod_if = &env.ifname;
         let pod_addr = Ipv4Net::new(ip, 32).expect("/32");
         let host_side = || -> anyhow::Result<()> {
-            let nl = BlockingNetlink::open()?;
             nl.block_on(nl.replace_route(pod_addr, None, host_ifindex, Scope::Link, false, None))
                 .context("route")?;
             nl.block_on(nl.replace_neighbour(host_ifindex, ip, &self.names.pod_mac))
@@ -455,7 +457,7 @@ fn teardown(
     Ok(())
 }
 
-pub fn del(env: &Env, conf: &NetConf, log: &Log) -> CniResult<()> {
+pub fn del(env: &Env, conf: &NetworkConfig, log: &Log) -> CniResult<()> {
     // DEL works without the agent: the subnet file only supplies the pin root.
     let subnet = SubnetEnv::read(&conf.subnet_file).ok();
     let pin_root = pin_root(conf, subnet.as_ref());
@@ -487,7 +489,7 @@ fn mismatch(msg: String) -> CniError {
     CniError::new(code::CHECK_MISMATCH, msg)
 }
 
-pub fn check(env: &Env, conf: &NetConf, _log: &Log) -> CniResult<()> {
+pub fn check(env: &Env, conf: &NetworkConfig, _log: &Log) -> CniResult<()> {
     let netns = env.netns.clone().expect("CHECK has CNI_NETNS");
     let prev = prev_result(conf)?;
     let subnet = node_subnet(conf, code::TRY_AGAIN_LATER)?;
@@ -632,7 +634,7 @@ fn expect_link(l: &netlink::LinkInfo, mac: &[u8; 6], mtu: u32, what: &str) -> Cn
     Ok(())
 }
 
-pub fn gc(conf: &NetConf, log: &Log) -> CniResult<()> {
+pub fn gc(conf: &NetworkConfig, log: &Log) -> CniResult<()> {
     let valid = conf.valid_attachments.clone().ok_or_else(|| {
         CniError::invalid_config("field `cni.dev/valid-attachments` is missing (required by GC)")
     })?;
@@ -711,7 +713,7 @@ pub fn gc(conf: &NetConf, log: &Log) -> CniResult<()> {
     Ok(())
 }
 
-pub fn status(conf: &NetConf) -> CniResult<()> {
+pub fn status(conf: &NetworkConfig) -> CniResult<()> {
     let subnet = node_subnet(conf, code::NOT_AVAILABLE)?;
     let pin_root = pin_root(conf, Some(&subnet));
     ready_maps(&pin_root, code::NOT_AVAILABLE)?;

@@ -142,7 +142,7 @@ pub struct Attachment {
 
 /// The network configuration as weft uses it.
 #[derive(Debug, Clone)]
-pub struct NetConf {
+pub struct NetworkConfig {
     pub cni_version: String,
     pub name: String,
     pub plugin_type: String,
@@ -210,7 +210,7 @@ pub fn version_at_least(version: &str, min: &str) -> bool {
     parse(version) >= parse(min)
 }
 
-impl NetConf {
+impl NetworkConfig {
     pub fn parse(raw: Map<String, Value>) -> CniResult<Self> {
         let cni_version = version_of(&raw)?;
         let name = required_string(&raw, "name")?;
@@ -350,8 +350,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn conf(v: Value) -> CniResult<NetConf> {
-        NetConf::parse(v.as_object().unwrap().clone())
+    fn conf(v: Value) -> CniResult<NetworkConfig> {
+        NetworkConfig::parse(v.as_object().unwrap().clone())
     }
 
     #[test]
