@@ -10,5 +10,6 @@ pub mod injection_node;
 pub mod netns;
 pub mod packets;
 pub mod pins;
+pub mod pki;
 pub mod process;
 pub mod testrun;

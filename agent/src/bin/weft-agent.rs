@@ -19,7 +19,7 @@ use weft_agent::{
     datastore::{
         Backoff, Datastore, LocalNode,
         etcd::{DEFAULT_PREFIX, EtcdDatastore},
-        kube::{KubeClient, KubeDatastore},
+        kube::{KubeDatastore, KubeSource},
         static_file::StaticFile,
     },
     metrics::{self, Metrics},
@@ -77,10 +77,10 @@ struct Args {
     /// 9402).
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
-    /// Kubernetes API base URL (http://, e.g. a `kubectl proxy`).
+    /// Kubernetes API server URL (overrides the kubeconfig's; http:// for a `kubectl proxy`).
     #[arg(long)]
     kube_api: Option<String>,
-    /// kubeconfig to take the API server and token from.
+    /// kubeconfig (its current context); default: KUBECONFIG, ~/.kube/config, in-cluster.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
     /// Install the CNI plugin binary and conflist (the DaemonSet's init step).
@@ -175,10 +175,13 @@ fn open_datastore(args: &Args, runtime: &tokio::runtime::Handle) -> Result<Box<d
             &args.etcd_prefix,
             args.lease_ttl,
         )?),
-        DatastoreKind::Kube => Box::new(KubeDatastore::new(KubeClient::new(
-            args.kube_api.as_deref(),
-            args.kubeconfig.as_deref(),
-        )?)),
+        DatastoreKind::Kube => Box::new(KubeDatastore::new(
+            KubeSource {
+                api: args.kube_api.clone(),
+                kubeconfig: args.kubeconfig.clone(),
+            },
+            runtime.clone(),
+        )?),
         DatastoreKind::Static => {
             let path = args
                 .static_file
