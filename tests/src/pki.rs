@@ -40,7 +40,12 @@ impl Ca {
             sans.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
         )
         .expect("certificate parameters");
-        params.distinguished_name.push(DnType::CommonName, name);
+        // An empty name leaves the common name out (etcd's gateway needs that, see etcd_tls);
+        // rcgen's default has one.
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if !name.is_empty() {
+            params.distinguished_name.push(DnType::CommonName, name);
+        }
         if server {
             params
                 .extended_key_usages

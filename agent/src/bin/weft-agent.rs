@@ -18,7 +18,7 @@ use weft_agent::{
     datapath::Datapath,
     datastore::{
         Backoff, Datastore, LocalNode,
-        etcd::{DEFAULT_PREFIX, EtcdDatastore},
+        etcd::{DEFAULT_PREFIX, EtcdDatastore, EtcdOptions},
         kube::{KubeDatastore, KubeSource},
         static_file::StaticFile,
     },
@@ -46,9 +46,24 @@ struct Args {
     /// Where node records live.
     #[arg(long, value_enum, default_value = "etcd")]
     datastore: DatastoreKind,
-    /// etcd client URLs, comma-separated (http://).
+    /// etcd client URLs, comma-separated (http:// or https://).
     #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
     etcd_endpoints: Vec<String>,
+    /// CA bundle for etcd's server certificate (https:// endpoints).
+    #[arg(long)]
+    etcd_cafile: Option<PathBuf>,
+    /// Client certificate for etcd (client-certificate authentication).
+    #[arg(long, requires = "etcd_keyfile")]
+    etcd_certfile: Option<PathBuf>,
+    /// Key of --etcd-certfile.
+    #[arg(long, requires = "etcd_certfile")]
+    etcd_keyfile: Option<PathBuf>,
+    /// etcd user (etcd's own authentication).
+    #[arg(long, requires = "etcd_password")]
+    etcd_username: Option<String>,
+    /// Password of --etcd-username.
+    #[arg(long, requires = "etcd_username", env = "WEFT_ETCD_PASSWORD", hide_env_values = true)]
+    etcd_password: Option<String>,
     /// etcd key prefix (flannel's layout).
     #[arg(long, default_value = DEFAULT_PREFIX)]
     etcd_prefix: String,
@@ -170,8 +185,15 @@ fn install_cni(args: &Args, conf_subnet_file: &Path) -> Result<()> {
 
 fn open_datastore(args: &Args, runtime: &tokio::runtime::Handle) -> Result<Box<dyn Datastore>> {
     Ok(match args.datastore {
-        DatastoreKind::Etcd => Box::new(EtcdDatastore::new(
+        DatastoreKind::Etcd => Box::new(EtcdDatastore::with_options(
             &args.etcd_endpoints,
+            &EtcdOptions {
+                ca_file: args.etcd_cafile.clone(),
+                cert_file: args.etcd_certfile.clone(),
+                key_file: args.etcd_keyfile.clone(),
+                username: args.etcd_username.clone(),
+                password: args.etcd_password.clone(),
+            },
             &args.etcd_prefix,
             args.lease_ttl,
         )?),
