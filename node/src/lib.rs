@@ -4,6 +4,7 @@
 pub mod cni;
 pub mod datapath;
 pub mod ipam;
+pub mod json;
 pub mod mac;
 pub mod netlink;
 pub mod ns;

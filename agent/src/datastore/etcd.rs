@@ -596,7 +596,6 @@ impl EtcdDatastore {
             vtep_mac: Some(local.vtep_mac),
         }
         .to_flannel_json(vni)
-        .to_string()
         .into_bytes()
     }
 

@@ -9,7 +9,8 @@ use std::{
 
 use anyhow::Context as _;
 use ipnet::Ipv4Net;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use weft_common::{CONFIG_F_READY, EndpointInfo, prog_names};
 
 use super::{
@@ -31,17 +32,23 @@ use crate::{
 /// How long a plugin waits for another one holding the IPAM lock before answering "try again".
 const LOCK_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// VERSION's answer: the versions spoken, in the version asked for (else the newest).
+#[derive(Debug, Serialize)]
+struct VersionReply {
+    #[serde(rename = "cniVersion")]
+    cni_version: String,
+    #[serde(rename = "supportedVersions")]
+    supported_versions: &'static [&'static str],
+}
+
 pub fn version(stdin: &[u8]) -> Value {
-    let asked = serde_json::from_slice::<Value>(stdin)
-        .ok()
-        .and_then(|v| {
-            v.get("cniVersion")
-                .and_then(Value::as_str)
-                .map(String::from)
-        })
-        .filter(|v| spec::SUPPORTED_VERSIONS.contains(&v.as_str()))
-        .unwrap_or_else(|| spec::CURRENT_VERSION.to_string());
-    json!({"cniVersion": asked, "supportedVersions": spec::SUPPORTED_VERSIONS})
+    let asked =
+        spec::requested_version(stdin).unwrap_or_else(|| spec::CURRENT_VERSION.to_string());
+    serde_json::to_value(VersionReply {
+        cni_version: asked,
+        supported_versions: &spec::SUPPORTED_VERSIONS,
+    })
+    .expect("serializable")
 }
 
 /// The node's subnet file; missing means the agent has not set the node up yet.
