@@ -271,8 +271,9 @@ mod tests {
 
     #[test]
     fn flannel_defaults() {
-        let c = FlannelNetConf::parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#)
-            .unwrap();
+        let c =
+            FlannelNetConf::parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#)
+                .unwrap();
         assert_eq!(c.subnet_len, 24);
         assert_eq!(c.subnet_min, Ipv4Addr::new(10, 244, 1, 0));
         assert_eq!(c.subnet_max, Ipv4Addr::new(10, 244, 255, 0));
@@ -306,8 +307,8 @@ mod tests {
         assert!(c.is_leasable("10.10.4.64/26".parse().unwrap()));
         assert!(!c.is_leasable("10.10.9.0/26".parse().unwrap()));
         assert!(!c.is_leasable("10.10.4.0/24".parse().unwrap()));
-        let hg =
-            FlannelNetConf::parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap();
+        let hg = FlannelNetConf::parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"host-gw"}}"#)
+            .unwrap();
         assert_eq!(hg.backend.kind.route_mode(), RouteMode::Direct);
     }
 

@@ -130,7 +130,6 @@ impl<M: PeerMaps> ControlLoop<M> {
         rec: Reconciler,
         conf: FlannelNetConf,
         underlay: Underlay,
-        watch: NetConfWatch,
         metrics: Arc<Metrics>,
         resync_every: Duration,
         now: Instant,
@@ -140,7 +139,7 @@ impl<M: PeerMaps> ControlLoop<M> {
             rec,
             conf,
             underlay,
-            watch,
+            watch: NetConfWatch::new(None),
             metrics,
             on_local_subnet: Box::new(|_| Ok(())),
             resync_every: resync_every.max(Duration::from_secs(1)),
@@ -150,6 +149,12 @@ impl<M: PeerMaps> ControlLoop<M> {
             dirty: false,
             backoff: Backoff::new(Duration::from_secs(10)),
         }
+    }
+
+    /// Applies changes of the net-conf file `path` (its backend) live.
+    pub fn watch_net_conf(mut self, path: Option<PathBuf>) -> Self {
+        self.watch = NetConfWatch::new(path);
+        self
     }
 
     pub fn on_local_subnet(
@@ -242,8 +247,7 @@ impl<M: PeerMaps> ControlLoop<M> {
 
     /// A live backend switch: the node config, then every route in its new mode.
     pub fn switch_backend(&mut self, new: FlannelNetConf) -> Result<()> {
-        self.maps
-            .set_config(&node_config(&new, &self.underlay))?;
+        self.maps.set_config(&node_config(&new, &self.underlay))?;
         self.rec.set_policy(mode_policy(&new, &self.underlay));
         self.conf = new;
         self.dirty = true;
@@ -306,7 +310,11 @@ mod tests {
         }
     }
 
-    fn control_loop(maps: MemoryMaps, conf: FlannelNetConf, now: Instant) -> ControlLoop<MemoryMaps> {
+    fn control_loop(
+        maps: MemoryMaps,
+        conf: FlannelNetConf,
+        now: Instant,
+    ) -> ControlLoop<MemoryMaps> {
         let u = underlay();
         let rec = Reconciler::new(
             mode_policy(&conf, &u),
@@ -318,7 +326,6 @@ mod tests {
             rec,
             conf,
             u,
-            NetConfWatch::new(None),
             Arc::new(Metrics::new(None)),
             Duration::from_secs(30),
             now,
@@ -345,7 +352,10 @@ mod tests {
         )
         .unwrap();
         let w = &l.maps.writes;
-        for (net, ip) in [("10.244.2.0/24", [192, 168, 1, 2]), ("10.244.3.0/24", [192, 168, 1, 3])] {
+        for (net, ip) in [
+            ("10.244.2.0/24", [192, 168, 1, 2]),
+            ("10.244.3.0/24", [192, 168, 1, 3]),
+        ] {
             assert!(
                 position(w, &MapWrite::UpsertNode(Ipv4Addr::from(ip)))
                     < position(w, &MapWrite::UpsertRoute(net.parse().unwrap())),
@@ -388,7 +398,10 @@ mod tests {
         assert_eq!(l.maps.routes.len(), 2);
         assert_eq!(
             l.maps.nodes.keys().copied().collect::<Vec<_>>(),
-            vec![Ipv4Addr::new(192, 168, 1, 4), Ipv4Addr::new(192, 168, 1, 33)]
+            vec![
+                Ipv4Addr::new(192, 168, 1, 4),
+                Ipv4Addr::new(192, 168, 1, 33)
+            ]
         );
     }
 
@@ -410,7 +423,11 @@ mod tests {
             assert_eq!(l.retry_at, Some(now + Duration::from_millis(delay_ms)));
             assert_eq!(l.next_wake(now), now + Duration::from_millis(delay_ms));
             // Nothing happens before the retry is due.
-            assert_eq!(l.turn(vec![], now + Duration::from_millis(delay_ms - 1)).unwrap(), Turn::default());
+            assert_eq!(
+                l.turn(vec![], now + Duration::from_millis(delay_ms - 1))
+                    .unwrap(),
+                Turn::default()
+            );
             now += Duration::from_millis(delay_ms);
             assert!(l.turn(vec![], now).unwrap().failed);
         }
@@ -426,9 +443,12 @@ mod tests {
         l.maps.fail_writes = 1;
         now += Duration::from_millis(10);
         assert!(
-            l.turn(vec![Event::Upsert(lease("10.244.5.0/24", [192, 168, 1, 5]))], now)
-                .unwrap()
-                .failed
+            l.turn(
+                vec![Event::Upsert(lease("10.244.5.0/24", [192, 168, 1, 5]))],
+                now
+            )
+            .unwrap()
+            .failed
         );
         assert_eq!(l.retry_at, Some(now + Duration::from_millis(100)));
     }
@@ -445,12 +465,22 @@ mod tests {
             t0,
         )
         .unwrap();
-        assert!(l.maps.routes.values().all(|r| r.mode == RouteMode::Vxlan as u8));
+        assert!(
+            l.maps
+                .routes
+                .values()
+                .all(|r| r.mode == RouteMode::Vxlan as u8)
+        );
         // (config, mode of the peer on this subnet, of the one across, entries that change)
         for (c, near, far, changed) in [
             (conf("ipip", false), RouteMode::Ipip, RouteMode::Ipip, 4),
             (conf("vxlan", true), RouteMode::Direct, RouteMode::Vxlan, 4),
-            (conf("host-gw", false), RouteMode::Direct, RouteMode::Direct, 2),
+            (
+                conf("host-gw", false),
+                RouteMode::Direct,
+                RouteMode::Direct,
+                2,
+            ),
         ] {
             l.maps.writes.clear();
             l.switch_backend(c).unwrap();
@@ -460,12 +490,13 @@ mod tests {
             let mode = |net: &str| l.maps.routes[&net.parse().unwrap()].mode;
             assert_eq!(mode("10.244.2.0/24"), near as u8);
             assert_eq!(mode("10.244.3.0/24"), far as u8);
-            assert_eq!(
-                l.maps.nodes[&Ipv4Addr::new(192, 168, 2, 3)].mode,
-                far as u8
-            );
+            assert_eq!(l.maps.nodes[&Ipv4Addr::new(192, 168, 2, 3)].mode, far as u8);
         }
-        assert_eq!(l.metrics.offlink_peers.get(), 1, "host-gw cannot reach 192.168.2.3");
+        assert_eq!(
+            l.metrics.offlink_peers.get(),
+            1,
+            "host-gw cannot reach 192.168.2.3"
+        );
         let vni = l.maps.config.unwrap().vni;
         assert_eq!(vni, 1);
     }
@@ -481,10 +512,18 @@ mod tests {
         assert_eq!(w.poll(&current), None, "unchanged");
         // A changed but invalid file is ignored; a valid one with a new backend is taken.
         w.mtime = None;
-        std::fs::write(&path, r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}"#).unwrap();
+        std::fs::write(
+            &path,
+            r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}"#,
+        )
+        .unwrap();
         assert_eq!(w.poll(&current), None);
         w.mtime = None;
-        std::fs::write(&path, r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "ipip"}}"#).unwrap();
+        std::fs::write(
+            &path,
+            r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "ipip"}}"#,
+        )
+        .unwrap();
         let new = w.poll(&current).expect("the new backend");
         assert_eq!(new.backend.kind, BackendType::Ipip);
         std::fs::remove_dir_all(&dir).unwrap();

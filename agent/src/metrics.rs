@@ -88,7 +88,11 @@ impl Metrics {
             registry: Registry::default(),
         };
         let r = &mut m.registry;
-        r.register("weft_ready", "1 once the datapath is programmed", m.ready.clone());
+        r.register(
+            "weft_ready",
+            "1 once the datapath is programmed",
+            m.ready.clone(),
+        );
         r.register(
             "weft_datastore_connected",
             "1 while the datastore is reachable",
@@ -182,30 +186,33 @@ impl Collector for MapsCollector {
             let g = ConstGauge::new(n as i64);
             g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
         }
-        let mut fill = encoder.encode_descriptor(
-            "weft_map_fill_ratio",
-            "Entries over capacity per map",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (map, n, max) in [
-            ("routes", routes, ROUTES_MAX),
-            ("endpoints", endpoints, ENDPOINTS_MAX),
-            ("nodes", nodes, NODES_MAX),
-        ] {
-            ConstGauge::new(n as f64 / max as f64).encode(fill.encode_family(&[("map", map)])?)?;
+        {
+            let mut fill = encoder.encode_descriptor(
+                "weft_map_fill_ratio",
+                "Entries over capacity per map",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (map, n, max) in [
+                ("routes", routes, ROUTES_MAX),
+                ("endpoints", endpoints, ENDPOINTS_MAX),
+                ("nodes", nodes, NODES_MAX),
+            ] {
+                ConstGauge::new(n as f64 / max as f64)
+                    .encode(fill.encode_family(&[("map", map)])?)?;
+            }
         }
-        drop(fill);
-        let mut drops = encoder.encode_descriptor(
-            "weft_drops",
-            "Packets dropped by the datapath",
-            None,
-            MetricType::Counter,
-        )?;
-        for (reason, n) in maps.drops().unwrap_or_default() {
-            ConstCounter::new(n).encode(drops.encode_family(&[("reason", reason.name())])?)?;
+        {
+            let mut drops = encoder.encode_descriptor(
+                "weft_drops",
+                "Packets dropped by the datapath",
+                None,
+                MetricType::Counter,
+            )?;
+            for (reason, n) in maps.drops().unwrap_or_default() {
+                ConstCounter::new(n).encode(drops.encode_family(&[("reason", reason.name())])?)?;
+            }
         }
-        drop(drops);
         let mut packets = encoder.encode_descriptor(
             "weft_packets",
             "Packets by datapath outcome",
@@ -227,7 +234,10 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
         .expect("a valid response")
 }
 
-async fn handle(metrics: Arc<Metrics>, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+async fn handle(
+    metrics: Arc<Metrics>,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return respond(StatusCode::METHOD_NOT_ALLOWED, TEXT, "GET only\n".into());

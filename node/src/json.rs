@@ -84,13 +84,13 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let e = from_str::<Doc>(r#"{"items": [{"name": "a", "port": 1}, {"name": "b"}]}"#)
-            .unwrap_err();
+        let e =
+            from_str::<Doc>(r#"{"items": [{"name": "a", "port": 1}, {"name": "b"}]}"#).unwrap_err();
         assert_eq!(e.to_string(), "items[1].port: missing");
         let e = from_str::<Doc>(r#"{"items": [{"name": "a", "port": 70000}]}"#).unwrap_err();
         assert_eq!(e.path, "items[0].port");
-        let e = from_value::<Doc>(serde_json::json!({"items": [{"name": 3, "port": 1}]}))
-            .unwrap_err();
+        let e =
+            from_value::<Doc>(serde_json::json!({"items": [{"name": 3, "port": 1}]})).unwrap_err();
         assert_eq!(e.path, "items[0].name");
         assert_eq!(from_str::<Doc>("{}").unwrap_err().path, "items");
     }

@@ -80,9 +80,7 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.errno {
-            Some(e) if self.detail.is_empty() => {
-                write!(f, "{}", io::Error::from_raw_os_error(e))?
-            }
+            Some(e) if self.detail.is_empty() => write!(f, "{}", io::Error::from_raw_os_error(e))?,
             _ => write!(f, "{}", self.detail)?,
         }
         if let Some(msg) = &self.ext_ack {
@@ -271,7 +269,12 @@ impl Netlink {
 
     /// The link `name`, or None when it does not exist.
     pub async fn link(&self, name: &str) -> Result<Option<LinkInfo>> {
-        let mut links = self.handle.link().get().match_name(name.to_string()).execute();
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
         match links.try_next().await {
             Ok(Some(m)) => Ok(Some(LinkInfo::from_message(&m))),
             Ok(None) => Ok(None),
@@ -414,8 +417,7 @@ impl Netlink {
                     }
                 }
                 RouteInfo {
-                    dst: Ipv4Net::new(dst, m.header.destination_prefix_length)
-                        .unwrap_or_default(),
+                    dst: Ipv4Net::new(dst, m.header.destination_prefix_length).unwrap_or_default(),
                     gateway,
                     oif,
                 }
@@ -424,7 +426,12 @@ impl Netlink {
     }
 
     /// Adds (or replaces) a permanent neighbour entry `addr` -> `mac` on `ifindex`.
-    pub async fn replace_neighbour(&self, ifindex: u32, addr: Ipv4Addr, mac: &[u8; 6]) -> Result<()> {
+    pub async fn replace_neighbour(
+        &self,
+        ifindex: u32,
+        addr: Ipv4Addr,
+        mac: &[u8; 6],
+    ) -> Result<()> {
         self.handle
             .neighbours()
             .add(ifindex, IpAddr::V4(addr))
@@ -437,7 +444,11 @@ impl Netlink {
     }
 
     /// The MAC of the permanent neighbour entry of `addr` on `ifindex`, if there is one.
-    pub async fn permanent_neighbour(&self, ifindex: u32, addr: Ipv4Addr) -> Result<Option<[u8; 6]>> {
+    pub async fn permanent_neighbour(
+        &self,
+        ifindex: u32,
+        addr: Ipv4Addr,
+    ) -> Result<Option<[u8; 6]>> {
         let msgs: Vec<_> = self
             .handle
             .neighbours()

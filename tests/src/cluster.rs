@@ -410,7 +410,11 @@ impl Cluster {
         let others = self.nodes.len().saturating_sub(1);
         for node in &self.nodes {
             wait_until(
-                &format!("{} to route to {others} peers\n{}", node.name, self.agent_logs()),
+                &format!(
+                    "{} to route to {others} peers\n{}",
+                    node.name,
+                    self.agent_logs()
+                ),
                 timeout,
                 || node.subnet_file().exists() && node.route_count() == others,
             );

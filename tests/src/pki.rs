@@ -36,10 +36,9 @@ impl Ca {
     /// A certificate for `name` valid for the `sans` (IP addresses or DNS names), for servers,
     /// clients or both.
     pub fn issue(&self, name: &str, sans: &[&str], server: bool, client: bool) -> Issued {
-        let mut params = CertificateParams::new(
-            sans.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-        )
-        .expect("certificate parameters");
+        let mut params =
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("certificate parameters");
         // An empty name leaves the common name out (etcd's gateway needs that, see etcd_tls);
         // rcgen's default has one.
         params.distinguished_name = rcgen::DistinguishedName::new();
@@ -75,9 +74,10 @@ pub fn write(dir: &Path, name: &str, pem: &str) -> std::path::PathBuf {
 /// A rustls server configuration presenting `issued` (no client authentication).
 pub fn server_config(issued: &Issued) -> Arc<rustls::ServerConfig> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .expect("certificate PEM");
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .expect("certificate PEM");
     let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).expect("key PEM");
     Arc::new(
         rustls::ServerConfig::builder_with_provider(Arc::new(

@@ -201,7 +201,10 @@ fn handle(stream: &mut (impl Read + Write), script: &Mutex<Script>, release: &At
         let mut s = script.lock().unwrap();
         s.requests.push(format!("{method} {target}"));
         s.auth.push(auth.clone());
-        if s.token.as_ref().is_some_and(|t| auth != format!("Bearer {t}")) {
+        if s.token
+            .as_ref()
+            .is_some_and(|t| auth != format!("Bearer {t}"))
+        {
             (401, status(401, "Unauthorized"), false)
         } else if method == "PATCH" {
             s.patches.push(String::from_utf8_lossy(&body).into_owned());
@@ -373,11 +376,7 @@ fn list_watch_events_and_relist_on_410() {
                     .unwrap();
             assert_eq!(data, json!({"VNI": 1, "VtepMAC": "02:57:c0:a8:01:01"}));
         }
-        assert!(
-            s.auth.iter().all(|a| a == "Bearer t0ken"),
-            "{:?}",
-            s.auth
-        );
+        assert!(s.auth.iter().all(|a| a == "Bearer t0ken"), "{:?}", s.auth);
     }
 
     let (tx, rx) = mpsc::channel();
@@ -537,7 +536,10 @@ fn rotated_token_file_is_reread_when_the_old_token_is_refused() {
     // A refusal is a lost connection until the client has re-read the token and relisted.
     let mut refused = 0;
     loop {
-        match rx.recv_timeout(Duration::from_secs(15)).expect("recovery after the rotation") {
+        match rx
+            .recv_timeout(Duration::from_secs(15))
+            .expect("recovery after the rotation")
+        {
             Event::Connected(false) => refused += 1,
             Event::Connected(true) => break,
             e => panic!("unexpected {e:?}"),
@@ -545,7 +547,11 @@ fn rotated_token_file_is_reread_when_the_old_token_is_refused() {
     }
     assert_eq!(next(&rx), Event::Snapshot(vec![a, d]));
     let s = server.script.lock().unwrap();
-    assert!(refused >= 1, "the old token was never refused: {:?}", s.auth);
+    assert!(
+        refused >= 1,
+        "the old token was never refused: {:?}",
+        s.auth
+    );
     let last = s.auth.last().unwrap();
     assert_eq!(last, "Bearer new-token", "{:?}", s.auth);
 }

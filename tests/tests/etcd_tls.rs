@@ -47,7 +47,10 @@ fn tls_client_certificates_and_users() {
         key: w("server.key", &server.key_pem),
         client_ca: ca_file.clone(),
     };
-    let (cert, key) = (w("client.crt", &client.cert_pem), w("client.key", &client.key_pem));
+    let (cert, key) = (
+        w("client.crt", &client.cert_pem),
+        w("client.key", &client.key_pem),
+    );
     let (stranger_cert, stranger_key) = (
         w("stranger.crt", &stranger.cert_pem),
         w("stranger.key", &stranger.key_pem),
@@ -76,13 +79,18 @@ fn tls_client_certificates_and_users() {
     let (ep, g) = (endpoint.clone(), good.clone());
     let refusals = ns.run(move || {
         let c = EtcdClient::with_options(std::slice::from_ref(&ep), &g).unwrap();
-        c.put("/weft-test/k", b"v", 0).expect("put over TLS with a client certificate");
+        c.put("/weft-test/k", b"v", 0)
+            .expect("put over TLS with a client certificate");
         assert_eq!(c.get("/weft-test/k").unwrap().unwrap().value, b"v");
         let refused = |o: &EtcdOptions| {
             let c = EtcdClient::with_options(std::slice::from_ref(&ep), o).unwrap();
             format!("{:#}", c.get("/weft-test/k").expect_err("refused"))
         };
-        (refused(&wrong_ca), refused(&wrong_client), refused(&no_client))
+        (
+            refused(&wrong_ca),
+            refused(&wrong_client),
+            refused(&no_client),
+        )
     });
     let (wrong_ca_err, wrong_client_err, no_client_err) = refusals;
     assert!(
@@ -96,11 +104,18 @@ fn tls_client_certificates_and_users() {
     let (ep, g) = (endpoint.clone(), good.clone());
     ns.run(move || {
         let c = EtcdClient::with_options(std::slice::from_ref(&ep), &g).unwrap();
-        c.call::<serde_json::Value>("/v3/auth/user/add", json!({"name": "root", "password": "s3cret"}))
+        c.call::<serde_json::Value>(
+            "/v3/auth/user/add",
+            json!({"name": "root", "password": "s3cret"}),
+        )
+        .unwrap();
+        c.call::<serde_json::Value>(
+            "/v3/auth/user/grant",
+            json!({"user": "root", "role": "root"}),
+        )
+        .unwrap();
+        c.call::<serde_json::Value>("/v3/auth/enable", json!({}))
             .unwrap();
-        c.call::<serde_json::Value>("/v3/auth/user/grant", json!({"user": "root", "role": "root"}))
-            .unwrap();
-        c.call::<serde_json::Value>("/v3/auth/enable", json!({})).unwrap();
     });
     let with_user = EtcdOptions {
         username: Some("root".into()),
@@ -114,7 +129,8 @@ fn tls_client_certificates_and_users() {
     let (ep, u, wp) = (endpoint.clone(), with_user.clone(), wrong_password.clone());
     let (subnet, wrong_password_err) = ns.run(move || {
         let conf = FlannelNetConf::parse(r#"{"Network": "10.80.0.0/16"}"#).unwrap();
-        let mut ds = EtcdDatastore::with_options(std::slice::from_ref(&ep), &u, PREFIX, 30).unwrap();
+        let mut ds =
+            EtcdDatastore::with_options(std::slice::from_ref(&ep), &u, PREFIX, 30).unwrap();
         let ip = Ipv4Addr::new(192, 168, 94, 7);
         let subnet = ds
             .acquire(
@@ -129,11 +145,16 @@ fn tls_client_certificates_and_users() {
             )
             .expect("a lease as user root");
         let c = EtcdClient::with_options(std::slice::from_ref(&ep), &wp).unwrap();
-        (subnet, format!("{:#}", c.get("/weft-test/k").expect_err("wrong password")))
+        (
+            subnet,
+            format!("{:#}", c.get("/weft-test/k").expect_err("wrong password")),
+        )
     });
-    assert!(FlannelNetConf::parse(r#"{"Network": "10.80.0.0/16"}"#)
-        .unwrap()
-        .is_leasable(subnet));
+    assert!(
+        FlannelNetConf::parse(r#"{"Network": "10.80.0.0/16"}"#)
+            .unwrap()
+            .is_leasable(subnet)
+    );
     assert!(
         wrong_password_err.contains("authentication failed")
             || wrong_password_err.contains("invalid"),

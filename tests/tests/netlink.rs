@@ -46,7 +46,8 @@ fn refused_requests_carry_the_kernels_extended_ack() {
         "the kernel's reason is missing: {text}"
     );
     assert!(
-        gw.to_string().contains("kernel: Nexthop has invalid gateway"),
+        gw.to_string()
+            .contains("kernel: Nexthop has invalid gateway"),
         "no extended ack for the route: {gw}"
     );
 }

@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, ValueEnum};
 use weft_agent::{
     config::FlannelNetConf,
-    control_loop::{ControlLoop, NetConfWatch, mode_policy, node_config},
+    control_loop::{ControlLoop, mode_policy, node_config},
     datapath::Datapath,
     datastore::{
         Backoff, Datastore, LocalNode,
@@ -62,7 +62,12 @@ struct Args {
     #[arg(long, requires = "etcd_password")]
     etcd_username: Option<String>,
     /// Password of --etcd-username.
-    #[arg(long, requires = "etcd_username", env = "WEFT_ETCD_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long,
+        requires = "etcd_username",
+        env = "WEFT_ETCD_PASSWORD",
+        hide_env_values = true
+    )]
     etcd_password: Option<String>,
     /// etcd key prefix (flannel's layout).
     #[arg(long, default_value = DEFAULT_PREFIX)]
@@ -218,7 +223,8 @@ fn load_net_conf(args: &Args, ds: &mut dyn Datastore) -> Result<FlannelNetConf> 
     if let Some(path) = &args.net_conf {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("--net-conf: reading {}", path.display()))?;
-        return FlannelNetConf::parse(&text).with_context(|| format!("--net-conf {}", path.display()));
+        return FlannelNetConf::parse(&text)
+            .with_context(|| format!("--net-conf {}", path.display()));
     }
     let mut backoff = Backoff::new(Duration::from_secs(5));
     loop {
@@ -343,11 +349,11 @@ fn run(args: Args) -> Result<()> {
         rec,
         conf,
         underlay,
-        NetConfWatch::new(args.net_conf.clone()),
         metrics,
         Duration::from_secs(args.resync_interval),
         Instant::now(),
     )
+    .watch_net_conf(args.net_conf.clone())
     .on_local_subnet(on_local_subnet)
     .run(rx)
 }

@@ -200,7 +200,10 @@ fn tls_config(options: &EtcdOptions) -> Result<Arc<rustls::ClientConfig>> {
                 let cert = cert
                     .map_err(|e| anyhow!("--etcd-cafile {}: invalid PEM: {e:?}", path.display()))?;
                 roots.add(cert).map_err(|e| {
-                    anyhow!("--etcd-cafile {}: unusable certificate: {e}", path.display())
+                    anyhow!(
+                        "--etcd-cafile {}: unusable certificate: {e}",
+                        path.display()
+                    )
                 })?;
             }
             if roots.is_empty() {
@@ -478,7 +481,11 @@ impl EtcdClient {
         let mut last = anyhow!("no etcd endpoint");
         for e in &self.endpoints {
             let resp = match self
-                .post(&self.watch_agent, &format!("{e}/v3/watch"), token.as_deref())
+                .post(
+                    &self.watch_agent,
+                    &format!("{e}/v3/watch"),
+                    token.as_deref(),
+                )
                 .send_json(&body)
             {
                 Ok(r) => r,
@@ -601,7 +608,11 @@ impl EtcdDatastore {
 
     /// One allocation attempt: reuse this node's record (same PublicIP), else its previous
     /// subnet if free, else a free subnet picked at random. `Ok(None)`: lost a race, try again.
-    fn try_allocate(&mut self, local: &LocalNode, conf: &FlannelNetConf) -> Result<Option<Ipv4Net>> {
+    fn try_allocate(
+        &mut self,
+        local: &LocalNode,
+        conf: &FlannelNetConf,
+    ) -> Result<Option<Ipv4Net>> {
         let (_, kvs) = self.client.range_prefix(&self.subnets_prefix())?;
         let mut taken = std::collections::HashSet::new();
         for kv in &kvs {

@@ -159,7 +159,10 @@ pub fn node_annotations(local: &LocalNode, vni: u32) -> BTreeMap<String, String>
         ann.insert(format!("{prefix}backend-data"), data.clone());
         ann.insert(format!("{prefix}public-ip"), local.public_ip.to_string());
     }
-    ann.insert(format!("{FLANNEL_PREFIX}kube-subnet-manager"), "true".into());
+    ann.insert(
+        format!("{FLANNEL_PREFIX}kube-subnet-manager"),
+        "true".into(),
+    );
     ann
 }
 

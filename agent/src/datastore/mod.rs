@@ -35,7 +35,11 @@ struct FlannelLease {
     public_ip: Ipv4Addr,
     #[serde(rename = "BackendType", default)]
     backend_type: Option<String>,
-    #[serde(rename = "BackendData", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "BackendData",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     backend_data: Option<FlannelBackendData>,
 }
 
@@ -65,8 +69,8 @@ impl NodeLease {
 
     /// Parses a lease value written by weft or flanneld.
     pub fn from_flannel_json(subnet: Ipv4Net, value: &[u8]) -> Result<Self> {
-        let lease: FlannelLease = crate::json::from_slice(value)
-            .map_err(|e| anyhow::anyhow!("lease {subnet}: {e}"))?;
+        let lease: FlannelLease =
+            crate::json::from_slice(value).map_err(|e| anyhow::anyhow!("lease {subnet}: {e}"))?;
         Ok(Self {
             subnet,
             public_ip: lease.public_ip,

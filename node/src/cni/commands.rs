@@ -42,8 +42,7 @@ struct VersionReply {
 }
 
 pub fn version(stdin: &[u8]) -> Value {
-    let asked =
-        spec::requested_version(stdin).unwrap_or_else(|| spec::CURRENT_VERSION.to_string());
+    let asked = spec::requested_version(stdin).unwrap_or_else(|| spec::CURRENT_VERSION.to_string());
     serde_json::to_value(VersionReply {
         cni_version: asked,
         supported_versions: &spec::SUPPORTED_VERSIONS,
