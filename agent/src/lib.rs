@@ -8,4 +8,4 @@ pub mod metrics;
 pub mod node_net;
 pub mod reconcile;
 
-pub use weft_node::{cni, datapath, ipam, json, mac, netlink, ns, subnet_env, tcx};
+pub use weft_node::{cni, datapath, ipam, json, mac, netlink, ns, subnet_env};

@@ -9,4 +9,3 @@ pub mod mac;
 pub mod netlink;
 pub mod ns;
 pub mod subnet_env;
-pub mod tcx;

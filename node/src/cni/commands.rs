@@ -309,13 +309,8 @@ impl Wiring<'_> {
             .map_err(|e| Self::setup_err(format!("ifindex of {host}"), &anyhow::Error::from(e)))?;
         // A pin left by an earlier, interrupted ADD holds a link severed with its device.
         let _ = datapath::detach_pinned_from_pod(self.pin_root, &host);
-        let prog_pin = datapath::pin_dir(self.pin_root)
-            .join("progs")
-            .join(prog_names::FROM_POD);
-        let link_pin = datapath::link_pin_path(self.pin_root, prog_names::FROM_POD, &host);
-        let attach = std::thread::spawn(move || {
-            crate::tcx::attach_pinned_ingress(&prog_pin, host_ifindex, &link_pin)
-        });
+        let (pin_root, dev) = (self.pin_root.to_path_buf(), host.clone());
+        let attach = std::thread::spawn(move || datapath::attach_pinned_from_pod(&pin_root, &dev));
         let configured = self.configure(&nl, host_ifindex, maps, undo, log);
         let attached = attach
             .join()
