@@ -6,7 +6,7 @@ const SK_BUFF_SIZE: usize = 192;
 /// Offset of `ifindex` in `struct __sk_buff`.
 const SK_BUFF_IFINDEX: usize = 40;
 
-pub struct Outcome {
+pub struct TestRunOutput {
     pub verdict: i32,
     pub data: Vec<u8>,
     pub duration_ns: u64,
@@ -14,7 +14,7 @@ pub struct Outcome {
 
 /// Runs a tc program on `frame`; `ifindex` (when non-zero) is the device the packet arrives on
 /// (it must exist in the calling thread's namespace).
-pub fn run_tc(prog: &SchedClassifier, frame: &[u8], ifindex: u32, repeat: u32) -> Outcome {
+pub fn run_tc(prog: &SchedClassifier, frame: &[u8], ifindex: u32, repeat: u32) -> TestRunOutput {
     let mut ctx = [0u8; SK_BUFF_SIZE];
     ctx[SK_BUFF_IFINDEX..SK_BUFF_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
     let mut out = vec![0u8; frame.len() + 256];
@@ -32,7 +32,7 @@ pub fn run_tc(prog: &SchedClassifier, frame: &[u8], ifindex: u32, repeat: u32) -
         )
     });
     out.truncate(result.data_size_out as usize);
-    Outcome {
+    TestRunOutput {
         verdict: result.return_value as i32,
         data: out,
         duration_ns: result.duration.as_nanos() as u64,
@@ -40,7 +40,7 @@ pub fn run_tc(prog: &SchedClassifier, frame: &[u8], ifindex: u32, repeat: u32) -
 }
 
 /// Runs an XDP program on `frame`.
-pub fn run_xdp(prog: &Xdp, frame: &[u8], repeat: u32) -> Outcome {
+pub fn run_xdp(prog: &Xdp, frame: &[u8], repeat: u32) -> TestRunOutput {
     let mut out = vec![0u8; frame.len() + 256];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(frame);
@@ -53,7 +53,7 @@ pub fn run_xdp(prog: &Xdp, frame: &[u8], repeat: u32) -> Outcome {
         )
     });
     out.truncate(result.data_size_out as usize);
-    Outcome {
+    TestRunOutput {
         verdict: result.return_value as i32,
         data: out,
         duration_ns: result.duration.as_nanos() as u64,
