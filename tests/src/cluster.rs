@@ -2,19 +2,22 @@
 //! routes between two node subnets), N nodes each running the real `weft-agent` with its own pin
 //! directory and files, one etcd for the cluster, and pods created by calling the real `weft-cni`
 //! binary as a container runtime does. Everything is torn down on drop, also after a panic.
+//!
+//! The one harness for every test that runs agents: the agent suites use it with no pods (or no
+//! nodes at all, for the etcd datastore alone), the end-to-end suites with pods.
 use std::{
     io::Write,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
 };
 
-use weft_agent::datapath::Maps;
+use weft_agent::{datapath::Maps, subnet_env::SubnetEnv};
 
 use crate::{
+    agentless::{FlannelNode, mtu_wire},
     etcd::Etcd,
-    manual::{FlannelNode, mtu_wire},
     netns::{Netns, unique_name},
     pins::PinDir,
     process::{NsProcess, wait_until},
@@ -26,17 +29,21 @@ pub const CLUSTER_NETWORK: &str = "10.244.0.0/16";
 pub const SERVICE_NETWORK: &str = "10.96.0.0/16";
 /// Underlay subnets: nodes are spread over both, routed by the underlay namespace.
 pub const UNDERLAY_SUBNETS: [[u8; 3]; 2] = [[192, 168, 100], [192, 168, 101]];
+/// etcd listens on the underlay router's address of the first subnet.
+const ETCD_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
 const ETCD_PORT: u16 = 2379;
 /// flannel's default etcd prefix; weft's etcd datastore uses the same layout.
 pub const FLANNEL_PREFIX: &str = "/coreos.com/network";
+/// Where every agent serves `/healthz`, `/readyz` and `/metrics` (on its node's address).
+pub const METRICS_PORT: u16 = weft_agent::metrics::DEFAULT_PORT;
 
-/// Directory of the workspace's built binaries (`target/debug`), found from the running
-/// executable: a test (`target/debug/deps/<test>`) or a binary (`target/debug/<bin>`).
+/// Directory of the workspace's built binaries (`target/<profile>`), found from the running
+/// executable: a test (`target/<profile>/deps/<test>`) or a binary (`target/<profile>/<bin>`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().expect("target/debug");
+    let dir = exe.parent().expect("target/<profile>");
     if dir.file_name().is_some_and(|n| n == "deps") {
-        dir.parent().expect("target/debug").to_path_buf()
+        dir.parent().expect("target/<profile>").to_path_buf()
     } else {
         dir.to_path_buf()
     }
@@ -47,7 +54,7 @@ pub fn binary(name: &str) -> PathBuf {
     let path = bin_dir().join(name);
     assert!(
         path.exists(),
-        "{} is missing: run `cargo build --workspace --exclude node-ebpf` first (`cargo xtask test` does)",
+        "{} is missing: run `cargo build --workspace --exclude node-ebpf` first (`cargo xtask test` does; --release for benchmarks)",
         path.display()
     );
     path
@@ -74,6 +81,12 @@ pub struct ClusterOptions {
     /// [`bin_dir`]); e.g. an unpacked release tarball.
     pub bin_dir: Option<PathBuf>,
     pub agent_wrapper: Option<AgentWrapper>,
+    /// A whole net-conf.json instead of the one `backend` and `direct_routing` describe.
+    pub net_conf: Option<serde_json::Value>,
+    /// TTL of the agents' etcd leases (s).
+    pub lease_ttl: u64,
+    /// Whether `Cluster::new` waits until every node routes to every other node.
+    pub wait_converged: bool,
 }
 
 impl Default for ClusterOptions {
@@ -87,6 +100,23 @@ impl Default for ClusterOptions {
             no_xdp: false,
             bin_dir: None,
             agent_wrapper: None,
+            net_conf: None,
+            lease_ttl: 20,
+            wait_converged: true,
+        }
+    }
+}
+
+impl ClusterOptions {
+    /// `nodes` agents configured by `net_conf`, leases of `lease_ttl` s, not waited for: what
+    /// the agent suites start from.
+    pub fn agents(nodes: usize, net_conf: serde_json::Value, lease_ttl: u64) -> Self {
+        Self {
+            nodes,
+            net_conf: Some(net_conf),
+            lease_ttl,
+            wait_converged: false,
+            ..Default::default()
         }
     }
 }
@@ -129,6 +159,41 @@ impl Node {
         self.dir.join("subnet.env")
     }
 
+    pub fn subnet_env(&self) -> SubnetEnv {
+        SubnetEnv::read(&self.subnet_file()).expect("reading the node's subnet file")
+    }
+
+    /// Number of routes in the node's map (0 when the maps do not exist yet).
+    pub fn route_count(&self) -> usize {
+        Maps::open_pinned(&self.pins.path)
+            .and_then(|m| m.routes())
+            .map(|r| r.len())
+            .unwrap_or(0)
+    }
+
+    /// The agent's metrics server.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, METRICS_PORT))
+    }
+
+    /// GET on the agent's metrics server, from inside the node: (status, body).
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(&self.ns, self.metrics_addr(), path)
+    }
+
+    /// A metric's value from /metrics (first sample of that name).
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = self.http_get("/metrics")?;
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    /// The current agent's log.
+    pub fn log(&self) -> String {
+        self.agent.as_ref().map(|a| a.log()).unwrap_or_default()
+    }
+
     pub fn cni_conf(&self) -> serde_json::Value {
         serde_json::json!({
             "cniVersion": "1.1.0",
@@ -142,6 +207,12 @@ impl Node {
 }
 
 impl Cluster {
+    /// `nodes` agents (no pods) configured by `net_conf`, leases of `lease_ttl` s, without
+    /// waiting for them to converge.
+    pub fn agents(nodes: usize, net_conf: serde_json::Value, lease_ttl: u64) -> Self {
+        Self::new(ClusterOptions::agents(nodes, net_conf, lease_ttl))
+    }
+
     pub fn new(options: ClusterOptions) -> Self {
         let underlay = Netns::new("wul");
         underlay.sysctl("net.ipv4.ip_forward", "1");
@@ -161,7 +232,7 @@ impl Cluster {
         if let Some(mtu) = options.second_subnet_mtu {
             underlay.ip(&format!("link set br1 mtu {mtu}"));
         }
-        let etcd = Etcd::start(&underlay, Ipv4Addr::new(192, 168, 100, 1), ETCD_PORT);
+        let etcd = Etcd::start(&underlay, ETCD_IP, ETCD_PORT);
         let net_conf = std::env::temp_dir()
             .join(unique_name("weft-net-conf-"))
             .with_extension("json");
@@ -178,21 +249,25 @@ impl Cluster {
         for _ in 0..cluster.options.nodes {
             cluster.add_node();
         }
-        for i in 0..cluster.nodes.len() {
-            cluster.wait_converged(i);
+        if cluster.options.wait_converged {
+            for i in 0..cluster.nodes.len() {
+                cluster.wait_converged(i);
+            }
         }
         cluster
     }
 
-    /// Writes flannel's net-conf.json for the current backend options.
+    /// Writes flannel's net-conf.json for the current options.
     pub fn write_net_conf(&self) {
-        let conf = serde_json::json!({
-            "Network": CLUSTER_NETWORK,
-            "SubnetLen": 24,
-            "Backend": {
-                "Type": self.options.backend,
-                "DirectRouting": self.options.direct_routing,
-            }
+        let conf = self.options.net_conf.clone().unwrap_or_else(|| {
+            serde_json::json!({
+                "Network": CLUSTER_NETWORK,
+                "SubnetLen": 24,
+                "Backend": {
+                    "Type": self.options.backend,
+                    "DirectRouting": self.options.direct_routing,
+                }
+            })
         });
         std::fs::write(&self.net_conf, serde_json::to_vec_pretty(&conf).unwrap()).unwrap();
     }
@@ -311,7 +386,8 @@ impl Cluster {
         }
     }
 
-    fn start_agent(&self, node: &Node) -> NsProcess {
+    /// Starts `weft-agent` in the node (etcd datastore). Each start logs to its own file.
+    pub fn start_agent(&self, node: &Node) -> NsProcess {
         let mut args: Vec<String> = vec![
             "--datastore".into(),
             "etcd".into(),
@@ -328,16 +404,16 @@ impl Cluster {
             "--subnet-file".into(),
             node.subnet_file().display().to_string(),
             "--metrics-addr".into(),
-            format!("{}:9402", node.ip),
+            node.metrics_addr().to_string(),
             "--lease-ttl".into(),
-            "20".into(),
+            self.options.lease_ttl.to_string(),
             "--conntrack-max".into(),
             crate::TEST_CONNTRACK_MAX.to_string(),
         ];
         if self.options.no_xdp {
             args.push("--no-xdp".into());
         }
-        let log = node.dir.join("agent.log");
+        let log = node.dir.join(format!("agent-{}.log", unique_name("")));
         let agent = node.bin_dir.join("weft-agent");
         assert!(
             agent.exists(),
@@ -388,6 +464,27 @@ impl Cluster {
             env.subnet.prefix_len()
         ));
         node
+    }
+
+    /// Waits until every node has its subnet file and routes to exactly every other node.
+    pub fn wait_all_converged(&self, timeout: Duration) {
+        let others = self.nodes.len().saturating_sub(1);
+        for node in &self.nodes {
+            wait_until(
+                &format!(
+                    "{} to route to {others} peers\n{}",
+                    node.name,
+                    self.agent_logs()
+                ),
+                timeout,
+                || node.subnet_file().exists() && node.route_count() == others,
+            );
+        }
+    }
+
+    /// Runs `f` on a thread inside the underlay namespace (where etcd is reachable).
+    pub fn in_underlay<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.underlay.run(f)
     }
 
     /// Waits until node `index` has written its subnet file and routes to every other node.
@@ -529,14 +626,20 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for node in &mut self.nodes {
-            if let Some(agent) = node.agent.as_mut() {
-                agent.kill();
-            }
-            node.pods.clear();
-            let _ = std::fs::remove_dir_all(&node.dir);
-        }
+        // Nodes first (their Drop kills agents and removes pods and files), then the underlay.
+        self.nodes.clear();
         let _ = std::fs::remove_file(&self.net_conf);
+    }
+}
+
+/// A node dropped on its own (removed from a cluster): agent killed, pods and files gone.
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(agent) = self.agent.as_mut() {
+            agent.kill();
+        }
+        self.pods.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -774,13 +877,7 @@ impl Cluster {
     pub fn agent_logs(&self) -> String {
         self.nodes
             .iter()
-            .map(|n| {
-                format!(
-                    "--- {} agent log ---\n{}",
-                    n.name,
-                    n.agent.as_ref().map(|a| a.log()).unwrap_or_default()
-                )
-            })
+            .map(|n| format!("--- {} agent log ---\n{}", n.name, n.log()))
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -794,7 +891,7 @@ pub fn http_get(ns: &Netns, addr: std::net::SocketAddr, path: &str) -> Option<(u
     std::thread::spawn(move || {
         crate::netns::enter(&ns_path);
         let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
         s.write_all(request.as_bytes()).ok()?;
         let mut out = String::new();
         s.read_to_string(&mut out).ok()?;
@@ -814,11 +911,10 @@ impl Cluster {
     /// Waits until node `index`'s agent answers 200 on /readyz.
     pub fn wait_ready(&self, index: usize) {
         let node = &self.nodes[index];
-        let addr = std::net::SocketAddr::from((node.ip, 9402));
         wait_until(
-            &format!("{} agent /readyz", node.name),
+            &format!("{} agent /readyz\n{}", node.name, node.log()),
             Duration::from_secs(30),
-            || matches!(http_get(&node.ns, addr, "/readyz"), Some((200, _))),
+            || matches!(node.http_get("/readyz"), Some((200, _))),
         );
     }
 }

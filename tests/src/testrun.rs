@@ -8,7 +8,7 @@ const SK_BUFF_IFINDEX: usize = 40;
 /// Offset of `gso_size` in `struct __sk_buff`.
 const SK_BUFF_GSO_SIZE: usize = 176;
 
-pub struct Outcome {
+pub struct TestRunOutput {
     pub verdict: i32,
     pub data: Vec<u8>,
     pub duration_ns: u64,
@@ -16,7 +16,7 @@ pub struct Outcome {
 
 /// Runs a tc program on `frame`; `ifindex` (when non-zero) is the device the packet arrives on
 /// (it must exist in the calling thread's namespace).
-pub fn run_tc(prog: &SchedClassifier, frame: &[u8], ifindex: u32, repeat: u32) -> Outcome {
+pub fn run_tc(prog: &SchedClassifier, frame: &[u8], ifindex: u32, repeat: u32) -> TestRunOutput {
     run_tc_gso(prog, frame, ifindex, 0, repeat)
 }
 
@@ -28,7 +28,7 @@ pub fn run_tc_gso(
     ifindex: u32,
     gso_size: u32,
     repeat: u32,
-) -> Outcome {
+) -> TestRunOutput {
     let mut ctx = [0u8; SK_BUFF_SIZE];
     ctx[SK_BUFF_IFINDEX..SK_BUFF_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
     ctx[SK_BUFF_GSO_SIZE..SK_BUFF_GSO_SIZE + 4].copy_from_slice(&gso_size.to_ne_bytes());
@@ -47,7 +47,7 @@ pub fn run_tc_gso(
         )
     });
     out.truncate(result.data_size_out as usize);
-    Outcome {
+    TestRunOutput {
         verdict: result.return_value as i32,
         data: out,
         duration_ns: result.duration.as_nanos() as u64,
@@ -55,7 +55,7 @@ pub fn run_tc_gso(
 }
 
 /// Runs an XDP program on `frame`.
-pub fn run_xdp(prog: &Xdp, frame: &[u8], repeat: u32) -> Outcome {
+pub fn run_xdp(prog: &Xdp, frame: &[u8], repeat: u32) -> TestRunOutput {
     let mut out = vec![0u8; frame.len() + 256];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(frame);
@@ -68,7 +68,7 @@ pub fn run_xdp(prog: &Xdp, frame: &[u8], repeat: u32) -> Outcome {
         )
     });
     out.truncate(result.data_size_out as usize);
-    Outcome {
+    TestRunOutput {
         verdict: result.return_value as i32,
         data: out,
         duration_ns: result.duration.as_nanos() as u64,

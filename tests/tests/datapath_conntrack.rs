@@ -11,7 +11,7 @@ use weft_common::{
     },
     prog_names,
 };
-use weft_tests::{fixture::*, packets::*, testrun::run_tc};
+use weft_tests::{injection_node::*, packets::*, testrun::run_tc};
 
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
@@ -42,7 +42,12 @@ fn tcp(src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, f: 
     out
 }
 
-fn run(node: &mut Node, prog: &str, frame: &[u8], ifindex: u32) -> weft_tests::testrun::Outcome {
+fn run(
+    node: &mut Node,
+    prog: &str,
+    frame: &[u8],
+    ifindex: u32,
+) -> weft_tests::testrun::TestRunOutput {
     let prog = node.dp.tc_program(prog).unwrap();
     run_tc(prog, frame, ifindex, 1)
 }

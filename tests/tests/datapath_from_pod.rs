@@ -3,16 +3,16 @@
 use etherparse::{IpNumber, Ipv4Header, Ipv4Options};
 use weft_common::{DropReason, Stat, prog_names};
 use weft_tests::{
-    fixture::*,
+    injection_node::*,
     packets::*,
-    testrun::{Outcome, run_tc, run_tc_gso},
+    testrun::{TestRunOutput, run_tc, run_tc_gso},
 };
 
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
 const TC_ACT_REDIRECT: i32 = 7;
 
-fn from_pod(node: &mut Node, frame: &[u8], ifindex: u32) -> Outcome {
+fn from_pod(node: &mut Node, frame: &[u8], ifindex: u32) -> TestRunOutput {
     let prog = node.dp.tc_program(prog_names::FROM_POD).unwrap();
     run_tc(prog, frame, ifindex, 1)
 }

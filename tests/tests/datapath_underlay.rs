@@ -3,9 +3,9 @@
 use etherparse::{IpNumber, Ipv4Header, Ipv4Options, UdpHeader};
 use weft_common::{DropReason, Stat, prog_names};
 use weft_tests::{
-    fixture::*,
+    injection_node::*,
     packets::*,
-    testrun::{Outcome, run_tc, run_xdp},
+    testrun::{TestRunOutput, run_tc, run_xdp},
 };
 
 const XDP_DROP: i32 = 1;
@@ -17,11 +17,11 @@ const TC_ACT_REDIRECT: i32 = 7;
 const NIC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x50, 0x01];
 const UNKNOWN_NODE_IP: [u8; 4] = [192, 168, 50, 77];
 
-fn xdp(node: &mut Node, frame: &[u8]) -> Outcome {
+fn xdp(node: &mut Node, frame: &[u8]) -> TestRunOutput {
     run_xdp(node.dp.xdp_program().unwrap(), frame, 1)
 }
 
-fn tc(node: &mut Node, frame: &[u8]) -> Outcome {
+fn tc(node: &mut Node, frame: &[u8]) -> TestRunOutput {
     let prog = node.dp.tc_program(prog_names::FROM_UNDERLAY).unwrap();
     run_tc(prog, frame, 0, 1)
 }

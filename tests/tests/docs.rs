@@ -2,8 +2,9 @@
 //!
 //! - docs/configuration.md's tables list every `weft-agent` flag (from the binary's own
 //!   `--help`, with clap's defaults), every net-conf.json key and every CNI config field (the
-//!   keys the parsers read, found in their source, then confirmed by feeding each one a bad
-//!   value: the error must name it), and nothing else; literal defaults are checked by parsing
+//!   fields of the parsers' serde types, listed by tracing their `Deserialize` impls with
+//!   serde-reflection, then confirmed by feeding each one a bad value: the error must name
+//!   it), and nothing else; literal defaults are checked by parsing
 //!   a config that sets the key to its documented default, which must change nothing.
 //! - docs/troubleshooting.md lists every drop reason and every datapath counter.
 //! - Relative links in README.md and docs/ point at files that exist.
@@ -212,16 +213,49 @@ fn configuration_reference_lists_every_agent_flag() {
     fail_on(problems);
 }
 
-/// String literals that follow `marker` in `source` (e.g. the key in `get(obj, "Network")`).
-fn literals_after(source: &str, marker: &str) -> BTreeSet<String> {
-    source
-        .match_indices(marker)
-        .filter_map(|(i, _)| {
-            let rest = &source[i + marker.len()..];
-            rest.split_once('"').map(|(k, _)| k.to_string())
-        })
-        .filter(|k| !k.is_empty())
-        .collect()
+/// The field names a serde struct's `Deserialize` impl declares (renames applied): what the
+/// derive hands `deserialize_struct`, caught by a deserializer that stops right there.
+fn serde_fields<T: for<'de> serde::Deserialize<'de>>() -> BTreeSet<String> {
+    use serde::de::{self, Visitor};
+    #[derive(Debug)]
+    struct Caught(Vec<&'static str>);
+    impl std::fmt::Display for Caught {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "fields {:?}", self.0)
+        }
+    }
+    impl std::error::Error for Caught {}
+    impl de::Error for Caught {
+        fn custom<M: std::fmt::Display>(_: M) -> Self {
+            Caught(Vec::new())
+        }
+    }
+    struct FieldCatcher;
+    impl<'de> de::Deserializer<'de> for FieldCatcher {
+        type Error = Caught;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Caught> {
+            Err(Caught(Vec::new()))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Caught> {
+            Err(Caught(fields.to_vec()))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+    match T::deserialize(FieldCatcher) {
+        Err(Caught(fields)) if !fields.is_empty() => {
+            fields.into_iter().map(str::to_string).collect()
+        }
+        _ => panic!("{} is not a struct", std::any::type_name::<T>()),
+    }
 }
 
 /// Sets the dotted `path` in a JSON object.
@@ -248,32 +282,30 @@ fn literal(cell: &str) -> Option<Value> {
 
 const NET_CONF_BASE: &str = "10.244.0.0/16";
 
-fn parse_net_conf(v: &Value) -> Result<weft_agent::config::NetConf, String> {
-    weft_agent::config::NetConf::parse(&v.to_string()).map_err(|e| format!("{e:#}"))
+fn parse_net_conf(v: &Value) -> Result<weft_agent::config::FlannelNetConf, String> {
+    weft_agent::config::FlannelNetConf::parse(&v.to_string()).map_err(|e| format!("{e:#}"))
 }
 
-/// Where a key the parser reads lives: the dotted path whose bad value the error names.
+/// flannel's spelling of a key the parser reads (keys are matched case-insensitively): the
+/// dotted path the error names when the key gets a bad value.
 fn net_conf_path(key: &str) -> Option<String> {
-    for path in [key.to_string(), format!("Backend.{key}")] {
-        let mut conf = json!({"Network": NET_CONF_BASE});
-        set_path(&mut conf, &path, json!([[]]));
-        if let Err(e) = parse_net_conf(&conf)
-            && e.contains(&format!("{path}:"))
-        {
-            return Some(path);
-        }
-    }
-    None
+    // A string no key accepts (an array would be read as a struct's fields in order).
+    let mut conf = json!({"Network": NET_CONF_BASE});
+    set_path(&mut conf, key, json!("?"));
+    let error = parse_net_conf(&conf).err()?;
+    let (path, _) = error.split_once(':')?;
+    path.eq_ignore_ascii_case(key).then(|| path.to_string())
 }
 
 #[test]
 fn configuration_reference_lists_every_net_conf_key() {
-    let source = read("agent/src/config.rs");
-    let keys = literals_after(&source, "obj, \"");
-    assert!(
-        keys.len() >= 8,
-        "found only {keys:?} in agent/src/config.rs: the parser no longer reads keys as `get(obj, \"Key\")`; update this test's extraction"
+    let mut keys = serde_fields::<weft_agent::config::RawNetConf>();
+    keys.extend(
+        serde_fields::<weft_agent::config::RawBackend>()
+            .into_iter()
+            .map(|k| format!("backend.{k}")),
     );
+    assert!(keys.len() >= 8, "found only {keys:?} in the net-conf types");
     let doc = read("docs/configuration.md");
     let rows = keyed(table(&doc, "net-conf.json"), "net-conf.json");
     let mut problems = Vec::new();
@@ -283,13 +315,13 @@ fn configuration_reference_lists_every_net_conf_key() {
             Some(path) => {
                 if !rows.contains_key(&path) {
                     problems.push(format!(
-                        "table \"net-conf.json\": add a row for `{path}` (read in agent/src/config.rs)"
+                        "table \"net-conf.json\": add a row for `{path}` (read by agent/src/config.rs)"
                     ));
                 }
                 code_paths.insert(path);
             }
             None => problems.push(format!(
-                "agent/src/config.rs reads {key:?} but a bad value for it (top level or under Backend) is not refused naming it"
+                "agent/src/config.rs reads {key:?} but a bad value for it is not refused naming it"
             )),
         }
     }
@@ -320,22 +352,17 @@ fn configuration_reference_lists_every_net_conf_key() {
 
 fn parse_cni(v: &Value) -> Result<String, String> {
     let map: Map<String, Value> = v.as_object().unwrap().clone();
-    weft_agent::cni::spec::NetConf::parse(map)
-        .map(|mut c| {
-            c.raw = Map::new();
-            format!("{c:?}")
-        })
+    weft_agent::cni::spec::NetworkConfig::parse(Value::Object(map))
+        .map(|c| format!("{c:?}"))
         .map_err(|e| e.msg)
 }
 
 #[test]
 fn configuration_reference_lists_every_cni_field() {
-    let source = read("agent/src/cni/spec.rs");
-    let mut fields = literals_after(&source, "&raw, \"");
-    fields.extend(literals_after(&source, "raw.get(\""));
+    let fields = serde_fields::<weft_agent::cni::spec::RawConfig>();
     assert!(
         fields.len() >= 8,
-        "found only {fields:?} in agent/src/cni/spec.rs: update this test's extraction"
+        "found only {fields:?} in the CNI config type"
     );
     let doc = read("docs/configuration.md");
     let rows = keyed(
@@ -348,7 +375,7 @@ fn configuration_reference_lists_every_cni_field() {
     for field in &fields {
         if !rows.contains_key(field) {
             problems.push(format!(
-                "table \"CNI network configuration\": add a row for `{field}` (read in agent/src/cni/spec.rs)"
+                "table \"CNI network configuration\": add a row for `{field}` (read by node/src/cni/spec.rs)"
             ));
         }
     }

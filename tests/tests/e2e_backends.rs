@@ -156,7 +156,7 @@ fn host_gw_reports_off_link_peers() {
     let expected = [1u64, 2, 1];
     for (i, want) in expected.iter().enumerate() {
         let node = &c.nodes[i];
-        let addr = std::net::SocketAddr::from((node.ip, 9402));
+        let addr = node.metrics_addr();
         wait_until(
             &format!("{} to report off-link peers", node.name),
             Duration::from_secs(20),

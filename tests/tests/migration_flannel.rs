@@ -11,8 +11,8 @@
 use std::{net::Ipv4Addr, path::Path};
 
 use weft_tests::{
+    agentless::FlannelNode,
     cluster::{CLUSTER_NETWORK, Cluster, ClusterOptions, ping_rtt_in},
-    manual::FlannelNode,
     netns::Netns,
 };
 
@@ -172,7 +172,7 @@ impl Migration {
                 // weft reads the cluster's (flannel's) net-conf.json and gets the VXLAN network
                 // flannel's devices use.
                 let text = std::fs::read_to_string(&self.cluster.net_conf).unwrap();
-                let conf = weft_agent::config::NetConf::parse(&text).unwrap();
+                let conf = weft_agent::config::FlannelNetConf::parse(&text).unwrap();
                 assert_eq!(conf.network.to_string(), CLUSTER_NETWORK);
                 for node in &self.cluster.flannel {
                     let link = node.ns.ip("-d -j link show flannel.1");

@@ -79,6 +79,22 @@ pub fn run() -> Result<()> {
             &[],
         )?;
     }
+    // The lint gate of `cargo xtask test`: rustfmt and clippy on stable, clippy on nightly
+    // (node-ebpf).
+    for (toolchain, component) in [
+        ("stable", "rustfmt"),
+        ("stable", "clippy"),
+        ("nightly", "clippy"),
+    ] {
+        if !has_component(toolchain, component) {
+            eprintln!("bootstrap: adding {component} to the {toolchain} toolchain");
+            sh(
+                "rustup",
+                &["component", "add", component, "--toolchain", toolchain],
+                &[],
+            )?;
+        }
+    }
     if !bpf_linker_ok() {
         eprintln!(
             "bootstrap: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about two minutes)"
@@ -145,6 +161,18 @@ fn dpkg_installed(package: &str) -> bool {
         .map(|o| {
             o.status.success()
                 && String::from_utf8_lossy(&o.stdout).contains("install ok installed")
+        })
+        .unwrap_or(false)
+}
+
+fn has_component(toolchain: &str, component: &str) -> bool {
+    Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", toolchain])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.starts_with(component))
         })
         .unwrap_or(false)
 }

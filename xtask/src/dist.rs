@@ -11,7 +11,8 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{cargo, workspace_root};
 
-/// The binaries the tarball ships, all from the `weft-agent` package.
+/// The binaries the tarball ships: `weft-agent` and `weft` from the `weft-agent` package,
+/// `weft-cni` from `weft-node`.
 pub const BINARIES: [&str; 3] = ["weft-agent", "weft-cni", "weft"];
 
 pub fn version() -> &'static str {
@@ -61,7 +62,15 @@ pub fn run() -> Result<PathBuf> {
     let manifest = std::fs::read_to_string(root.join("deploy/weft.yaml"))
         .context("reading deploy/weft.yaml")?;
     let image = manifest_image(&manifest)?;
-    cargo(&["build", "--release", "-p", "weft-agent", "--bins"])?;
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "weft-agent",
+        "-p",
+        "weft-node",
+        "--bins",
+    ])?;
 
     let dist = dist_dir();
     let top = dist.join(top_dir_name());

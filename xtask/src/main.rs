@@ -56,6 +56,8 @@ enum Cmd {
     Dist,
     /// Only install the prerequisites.
     Bootstrap,
+    /// Only the formatting and lint checks that `test` runs first.
+    Lint,
 }
 
 fn main() -> Result<()> {
@@ -63,9 +65,14 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::Bootstrap => bootstrap::run(),
         Cmd::Dist => dist::run().map(drop),
+        Cmd::Lint => {
+            bootstrap::run()?;
+            lint()
+        }
         Cmd::Test { cargo_args } => {
             require_root("tests create network namespaces and load BPF programs")?;
             bootstrap::run()?;
+            lint()?;
             cargo(&[
                 "build",
                 "--workspace",
@@ -130,12 +137,60 @@ fn main() -> Result<()> {
                 "-p",
                 "weft-agent",
                 "-p",
+                "weft-node",
+                "-p",
                 "weft-tests",
                 "--bins",
             ])?;
             bench(quick)
         }
     }
+}
+
+/// Formatting and lints gate the tests: `cargo fmt --check`, clippy with warnings denied for
+/// the host crates, and for node-ebpf on the BPF target as aya's own xtask does (nightly,
+/// `-Z build-std=core`).
+fn lint() -> Result<()> {
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "node-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    // `rustup run`: $CARGO is the stable toolchain's cargo, which knows no `+nightly`.
+    let args = [
+        "run",
+        "nightly",
+        "cargo",
+        "clippy",
+        "--package",
+        "node-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ];
+    eprintln!("xtask: rustup {}", args.join(" "));
+    let status = Command::new("rustup")
+        .args(args)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("CARGO")
+        .current_dir(workspace_root())
+        .status()
+        .context("running rustup")?;
+    if !status.success() {
+        bail!("clippy of node-ebpf failed ({status})");
+    }
+    Ok(())
 }
 
 fn require_root(why: &str) -> Result<()> {

@@ -12,8 +12,8 @@ use std::{
 use serde_json::{Value, json};
 use weft_common::{RouteMode, prog_names};
 use weft_tests::{
-    fixture::*,
-    manual::{FlannelNode, Pod, WeftNode, mtu_wire},
+    agentless::{FlannelNode, Pod, WeftNode, mtu_wire},
+    injection_node::*,
     netns::{Netns, veth_pair},
     packets::*,
     testrun::{run_tc, run_xdp},

@@ -3,7 +3,8 @@
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::spec::version_at_least;
 
@@ -42,106 +43,159 @@ pub struct AddResult {
     pub foreign_ips: Vec<Value>,
 }
 
+/// A result as the spec writes it (any supported version), for reading a `prevResult`.
+#[derive(Debug, Deserialize)]
+struct RawResult {
+    #[serde(default)]
+    interfaces: Option<Vec<RawInterface>>,
+    /// Kept as written: addresses of other families pass through untouched.
+    #[serde(default)]
+    ips: Option<Vec<Value>>,
+    #[serde(default)]
+    routes: Option<Vec<RawRoute>>,
+    #[serde(default)]
+    dns: Value,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+struct RawInterface {
+    name: String,
+    #[serde(default)]
+    mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sandbox: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mtu: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+struct RawIp {
+    address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gateway: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    interface: Option<usize>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+struct RawRoute {
+    dst: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gw: Option<String>,
+}
+
+/// A result in one version of the spec.
+#[derive(Debug, Serialize)]
+struct Rendered {
+    #[serde(rename = "cniVersion")]
+    cni_version: String,
+    interfaces: Vec<RawInterface>,
+    ips: Vec<Value>,
+    routes: Vec<RawRoute>,
+    dns: Value,
+}
+
+fn prev_error(e: crate::json::FieldError) -> String {
+    format!("prevResult.{e}")
+}
+
 impl AddResult {
     pub fn render(&self, version: &str) -> Value {
         let with_ip_version = !version_at_least(version, "1.0.0");
         let with_mtu = version_at_least(version, "1.1.0");
-        let interfaces: Vec<Value> = self
+        let interfaces = self
             .interfaces
             .iter()
-            .map(|i| {
-                let mut v = json!({"name": i.name, "mac": i.mac});
-                if let Some(s) = &i.sandbox {
-                    v["sandbox"] = json!(s);
-                }
-                if with_mtu && let Some(m) = i.mtu {
-                    v["mtu"] = json!(m);
-                }
-                v
+            .map(|i| RawInterface {
+                name: i.name.clone(),
+                mac: Some(i.mac.clone()),
+                sandbox: i.sandbox.clone(),
+                mtu: i.mtu.filter(|_| with_mtu),
             })
             .collect();
         let mut ips: Vec<Value> = self
             .ips
             .iter()
             .map(|ip| {
-                let mut v = json!({"address": ip.address.to_string()});
-                if with_ip_version {
-                    v["version"] = json!("4");
-                }
-                if let Some(gw) = ip.gateway {
-                    v["gateway"] = json!(gw.to_string());
-                }
-                if let Some(idx) = ip.interface {
-                    v["interface"] = json!(idx);
-                }
-                v
+                serde_json::to_value(RawIp {
+                    address: ip.address.to_string(),
+                    version: with_ip_version.then(|| "4".to_string()),
+                    gateway: ip.gateway.map(|g| g.to_string()),
+                    interface: ip.interface,
+                })
+                .expect("serializable")
             })
             .collect();
+        // Other families' entries as written, with or without `version` as this version has it.
         ips.extend(self.foreign_ips.iter().cloned().map(|mut v| {
             if let Some(obj) = v.as_object_mut() {
                 if with_ip_version {
-                    obj.entry("version").or_insert(json!("6"));
+                    obj.entry("version").or_insert_with(|| Value::from("6"));
                 } else {
                     obj.remove("version");
                 }
             }
             v
         }));
-        let routes: Vec<Value> = self
+        let routes = self
             .routes
             .iter()
-            .map(|r| {
-                let mut v = json!({"dst": r.dst.to_string()});
-                if let Some(gw) = r.gw {
-                    v["gw"] = json!(gw.to_string());
-                }
-                v
+            .map(|r| RawRoute {
+                dst: r.dst.to_string(),
+                gw: r.gw.map(|g| g.to_string()),
             })
             .collect();
         let dns = if self.dns.is_object() {
             self.dns.clone()
         } else {
-            json!({})
+            Value::Object(Default::default())
         };
-        json!({
-            "cniVersion": version,
-            "interfaces": interfaces,
-            "ips": ips,
-            "routes": routes,
-            "dns": dns,
+        serde_json::to_value(Rendered {
+            cni_version: version.to_string(),
+            interfaces,
+            ips,
+            routes,
+            dns,
         })
+        .expect("serializable")
     }
 
     /// Reads a result of any supported version (a `prevResult`); unparseable parts are an
     /// error naming the field.
     pub fn parse(v: &Value) -> Result<Self, String> {
+        let raw: RawResult = crate::json::from_value(v.clone()).map_err(prev_error)?;
         let mut out = AddResult {
-            dns: v.get("dns").cloned().unwrap_or(Value::Null),
+            dns: raw.dns,
             ..Default::default()
         };
-        for (i, iface) in array(v, "interfaces")?.iter().enumerate() {
-            let name = str_field(iface, "name")
-                .ok_or_else(|| format!("prevResult.interfaces[{i}].name must be a string"))?;
+        for iface in raw.interfaces.unwrap_or_default() {
             out.interfaces.push(Interface {
-                name: name.to_string(),
-                mac: str_field(iface, "mac").unwrap_or_default().to_string(),
-                sandbox: str_field(iface, "sandbox").map(str::to_string),
-                mtu: iface.get("mtu").and_then(Value::as_u64).map(|m| m as u32),
+                name: iface.name,
+                mac: iface.mac.unwrap_or_default(),
+                sandbox: iface.sandbox,
+                mtu: iface.mtu,
             });
         }
-        for (i, ip) in array(v, "ips")?.iter().enumerate() {
-            let address = str_field(ip, "address")
-                .ok_or_else(|| format!("prevResult.ips[{i}].address must be a string"))?;
-            let Ok(net) = address.parse::<Ipv4Net>() else {
-                if address.contains(':') {
-                    out.foreign_ips.push(ip.clone());
+        for (i, entry) in raw.ips.unwrap_or_default().into_iter().enumerate() {
+            let ip: RawIp = crate::json::from_value(entry.clone()).map_err(|e| {
+                prev_error(crate::json::FieldError {
+                    path: format!("ips[{i}].{}", e.path),
+                    ..e
+                })
+            })?;
+            let Ok(net) = ip.address.parse::<Ipv4Net>() else {
+                if ip.address.contains(':') {
+                    out.foreign_ips.push(entry);
                     continue;
                 }
                 return Err(format!(
-                    "prevResult.ips[{i}].address {address:?} is not a CIDR address"
+                    "prevResult.ips[{i}].address {:?} is not a CIDR address",
+                    ip.address
                 ));
             };
-            let gateway = match str_field(ip, "gateway") {
+            let gateway = match ip.gateway {
                 None => None,
                 Some(g) => Some(g.parse().map_err(|_| {
                     format!("prevResult.ips[{i}].gateway {g:?} is not an IPv4 address")
@@ -150,19 +204,14 @@ impl AddResult {
             out.ips.push(IpConfig {
                 address: net,
                 gateway,
-                interface: ip
-                    .get("interface")
-                    .and_then(Value::as_u64)
-                    .map(|x| x as usize),
+                interface: ip.interface,
             });
         }
-        for (i, r) in array(v, "routes")?.iter().enumerate() {
-            let dst = str_field(r, "dst")
-                .ok_or_else(|| format!("prevResult.routes[{i}].dst must be a string"))?;
-            let Ok(dst) = dst.parse::<Ipv4Net>() else {
+        for r in raw.routes.unwrap_or_default() {
+            let Ok(dst) = r.dst.parse::<Ipv4Net>() else {
                 continue; // another family's route: not ours to keep typed
             };
-            let gw = str_field(r, "gw").and_then(|g| g.parse().ok());
+            let gw = r.gw.and_then(|g| g.parse().ok());
             out.routes.push(Route { dst, gw });
         }
         Ok(out)
@@ -182,20 +231,10 @@ impl AddResult {
     }
 }
 
-fn array<'a>(v: &'a Value, key: &str) -> Result<&'a [Value], String> {
-    match v.get(key) {
-        None | Some(Value::Null) => Ok(&[]),
-        Some(Value::Array(a)) => Ok(a),
-        Some(_) => Err(format!("prevResult.{key} must be an array")),
-    }
-}
-
-fn str_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
-    v.get(key).and_then(Value::as_str)
-}
-
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn sample() -> AddResult {

@@ -478,6 +478,16 @@ impl Maps {
         }
     }
 
+    /// One conntrack entry (`None`: absent or evicted).
+    pub fn conntrack_entry(&self, key: &CtKey) -> Result<Option<CtEntry>> {
+        let map: HashMap<&MapData, CtKey, CtEntry> = self.map(map_names::CONNTRACK)?.try_into()?;
+        match map.get(key, 0) {
+            Ok(e) => Ok(Some(e)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading a conntrack entry"),
+        }
+    }
+
     /// Writes a conntrack entry (tests and tools; the datapath writes its own).
     pub fn upsert_conntrack(&mut self, key: &CtKey, entry: &CtEntry) -> Result<()> {
         let mut map: HashMap<&mut MapData, CtKey, CtEntry> =
@@ -601,9 +611,8 @@ pub const POD_PROGRAMS: [(&str, TcAttachType); 2] = [
 ];
 
 /// Attaches the node's pinned `from_pod` and `to_pod` programs (pinned by the agent) to a pod's
-/// host-side veth in the current netns, pinning the links: what the CNI plugin does on ADD (it
-/// uses `tcx` directly, this is the aya way for tests and tools). No object load, no verifier
-/// run.
+/// host-side veth in the current netns, pinning the links: what the CNI plugin does on ADD. No
+/// object load, no verifier run.
 pub fn attach_pinned_pod(pin_root: &Path, ifname: &str) -> Result<()> {
     for (name, direction) in POD_PROGRAMS {
         let prog_path = pin_dir(pin_root).join("progs").join(name);

@@ -9,7 +9,8 @@ use std::{
 
 use anyhow::Context as _;
 use ipnet::Ipv4Net;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use weft_common::{CONFIG_F_READY, EP_F_STACK_ONLY, EndpointInfo};
 
 use super::{
@@ -17,35 +18,40 @@ use super::{
     error::{CniError, CniResult, code},
     names::{AttachmentNames, HOST_IF_PREFIX, POD_GATEWAY},
     result::{AddResult, Interface, IpConfig, Route},
-    spec::{self, Env, NetConf},
+    spec::{self, Env, NetworkConfig},
 };
 use crate::{
     datapath::{self, Maps},
     ipam::{Ipam, IpamError},
-    netlink::{self, format_mac},
+    mac::format_mac,
+    netlink::{self, BlockingNetlink, Scope},
     ns,
-    rtnl::{self, Rtnl},
     subnet_env::SubnetEnv,
 };
 
 /// How long a plugin waits for another one holding the IPAM lock before answering "try again".
 const LOCK_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// VERSION's answer: the versions spoken, in the version asked for (else the newest).
+#[derive(Debug, Serialize)]
+struct VersionReply {
+    #[serde(rename = "cniVersion")]
+    cni_version: String,
+    #[serde(rename = "supportedVersions")]
+    supported_versions: &'static [&'static str],
+}
+
 pub fn version(stdin: &[u8]) -> Value {
-    let asked = serde_json::from_slice::<Value>(stdin)
-        .ok()
-        .and_then(|v| {
-            v.get("cniVersion")
-                .and_then(Value::as_str)
-                .map(String::from)
-        })
-        .filter(|v| spec::SUPPORTED_VERSIONS.contains(&v.as_str()))
-        .unwrap_or_else(|| spec::CURRENT_VERSION.to_string());
-    json!({"cniVersion": asked, "supportedVersions": spec::SUPPORTED_VERSIONS})
+    let asked = spec::requested_version(stdin).unwrap_or_else(|| spec::CURRENT_VERSION.to_string());
+    serde_json::to_value(VersionReply {
+        cni_version: asked,
+        supported_versions: &spec::SUPPORTED_VERSIONS,
+    })
+    .expect("serializable")
 }
 
 /// The node's subnet file; missing means the agent has not set the node up yet.
-fn node_subnet(conf: &NetConf, missing_code: u32) -> CniResult<SubnetEnv> {
+fn node_subnet(conf: &NetworkConfig, missing_code: u32) -> CniResult<SubnetEnv> {
     SubnetEnv::read(&conf.subnet_file).map_err(|e| {
         CniError::with_cause(
             missing_code,
@@ -58,7 +64,7 @@ fn node_subnet(conf: &NetConf, missing_code: u32) -> CniResult<SubnetEnv> {
     })
 }
 
-fn pin_root(conf: &NetConf, subnet: Option<&SubnetEnv>) -> PathBuf {
+fn pin_root(conf: &NetworkConfig, subnet: Option<&SubnetEnv>) -> PathBuf {
     conf.pin_root
         .clone()
         .or_else(|| subnet.map(|s| s.pin_root.clone()))
@@ -115,7 +121,7 @@ fn ipam_error(e: IpamError) -> CniError {
     }
 }
 
-fn prev_result(conf: &NetConf) -> CniResult<Option<AddResult>> {
+fn prev_result(conf: &NetworkConfig) -> CniResult<Option<AddResult>> {
     conf.prev_result
         .as_ref()
         .map(|v| AddResult::parse(v).map_err(CniError::invalid_config))
@@ -146,7 +152,7 @@ impl Undo {
             log.line(&format!("undo: removing endpoint {ip}: {e:#}"));
         }
         if let Some(dev) = self.link
-            && let Err(e) = Rtnl::open().and_then(|mut r| Ok(r.delete_link(&dev)?))
+            && let Err(e) = BlockingNetlink::open().and_then(|nl| nl.block_on(nl.delete_link(&dev)))
         {
             log.line(&format!("undo: deleting {dev}: {e:#}"));
         }
@@ -165,7 +171,7 @@ impl Undo {
     }
 }
 
-pub fn add(env: &Env, conf: &NetConf, log: &Log) -> CniResult<Value> {
+pub fn add(env: &Env, conf: &NetworkConfig, log: &Log) -> CniResult<Value> {
     let netns = env.netns.clone().expect("ADD has CNI_NETNS");
     if !ns::is_netns(&netns) {
         return Err(CniError::invalid_env(format!(
@@ -180,7 +186,7 @@ pub fn add(env: &Env, conf: &NetConf, log: &Log) -> CniResult<Value> {
     let mut maps = ready_maps(&pin_root, code::TRY_AGAIN_LATER)?;
     let names = AttachmentNames::of(&env.container_id, &env.ifname);
     let mut undo = Undo::default();
-    let plan = Plan {
+    let wiring = Wiring {
         env,
         conf,
         subnet: &subnet,
@@ -189,7 +195,7 @@ pub fn add(env: &Env, conf: &NetConf, log: &Log) -> CniResult<Value> {
         mtu,
         pin_root: &pin_root,
     };
-    let ip = match plan.wire(&mut maps, &mut undo, log) {
+    let ip = match wiring.wire(&mut maps, &mut undo, log) {
         Ok(ip) => ip,
         Err(e) => {
             undo.run(&mut maps, log);
@@ -230,9 +236,9 @@ pub fn add(env: &Env, conf: &NetConf, log: &Log) -> CniResult<Value> {
 }
 
 /// Everything ADD needs to wire one attachment.
-struct Plan<'a> {
+struct Wiring<'a> {
     env: &'a Env,
-    conf: &'a NetConf,
+    conf: &'a NetworkConfig,
     subnet: &'a SubnetEnv,
     netns: &'a Path,
     names: &'a AttachmentNames,
@@ -240,36 +246,35 @@ struct Plan<'a> {
     pin_root: &'a Path,
 }
 
-impl Plan<'_> {
+impl Wiring<'_> {
     fn setup_err(what: String, e: &anyhow::Error) -> CniError {
         CniError::with_cause(code::INTERFACE_SETUP, what, e)
     }
 
     /// The veth (host side up), the pod side created directly in the pod's namespace under
     /// its final name (no address needed yet).
-    fn create_veth(&self) -> CniResult<()> {
+    fn create_veth(&self, nl: &BlockingNetlink) -> CniResult<()> {
         let host = &self.names.host_ifname;
         let pod_if = &self.env.ifname;
         let netns = std::fs::File::open(self.netns).map_err(|e| {
             CniError::invalid_env(format!("CNI_NETNS {}: {e}", self.netns.display()))
         })?;
-        let mut rtnl = Rtnl::open().map_err(|e| Self::setup_err("opening rtnetlink".into(), &e))?;
-        let create = |rtnl: &mut Rtnl| {
-            rtnl.create_veth(
+        let create = || {
+            nl.block_on(nl.create_veth(
                 host,
-                &self.names.host_mac,
+                Some(&self.names.host_mac),
                 pod_if,
-                &self.names.pod_mac,
+                Some(&self.names.pod_mac),
                 self.mtu,
-                netns.as_raw_fd(),
-            )
+                Some(netns.as_raw_fd()),
+            ))
         };
-        match create(&mut rtnl) {
+        match create() {
             Ok(()) => Ok(()),
             // A previous ADD of this attachment may have been killed half way: its host link
             // (and with it the peer) goes, and the ADD is tried once more.
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                if !rtnl.delete_link(host).unwrap_or(false) {
+            Err(e) if e.is(libc::EEXIST) => {
+                if !nl.block_on(nl.delete_link(host)).unwrap_or(false) {
                     return Err(Self::setup_err(
                         format!(
                             "creating veth {host} <-> {pod_if} in {} failed: {pod_if} already exists there",
@@ -278,7 +283,7 @@ impl Plan<'_> {
                         &e.into(),
                     ));
                 }
-                create(&mut rtnl).map_err(|e| {
+                create().map_err(|e| {
                     Self::setup_err(format!("creating veth {host} <-> {pod_if}"), &e.into())
                 })
             }
@@ -296,29 +301,19 @@ impl Plan<'_> {
     /// step is recorded in `undo` once done. Returns the pod address.
     fn wire(&self, maps: &mut Maps, undo: &mut Undo, log: &Log) -> CniResult<Ipv4Addr> {
         let host = self.names.host_ifname.clone();
-        self.create_veth()?;
+        // The node's side of the wiring goes through one connection (this thread, the node's
+        // namespace); the pod's side opens its own in the pod's namespace.
+        let nl = BlockingNetlink::open()
+            .map_err(|e| Self::setup_err("opening rtnetlink".into(), &e.into()))?;
+        self.create_veth(&nl)?;
         undo.link = Some(host.clone());
         let host_ifindex = nix::net::if_::if_nametoindex(host.as_str())
             .map_err(|e| Self::setup_err(format!("ifindex of {host}"), &anyhow::Error::from(e)))?;
         // Pins left by an earlier, interrupted ADD hold links severed with their device.
         let _ = datapath::detach_pinned_pod(self.pin_root, &host);
-        let links: Vec<(PathBuf, bool, PathBuf)> = datapath::POD_PROGRAMS
-            .iter()
-            .map(|(name, direction)| {
-                (
-                    datapath::pin_dir(self.pin_root).join("progs").join(name),
-                    matches!(direction, aya::programs::TcAttachType::Egress),
-                    datapath::link_pin_path(self.pin_root, name, &host),
-                )
-            })
-            .collect();
-        let attach = std::thread::spawn(move || {
-            for (prog_pin, egress, link_pin) in &links {
-                crate::tcx::attach_pinned(prog_pin, host_ifindex, *egress, link_pin)?;
-            }
-            Ok(())
-        });
-        let configured = self.configure(host_ifindex, maps, undo, log);
+        let (pin_root, dev) = (self.pin_root.to_path_buf(), host.clone());
+        let attach = std::thread::spawn(move || datapath::attach_pinned_pod(&pin_root, &dev));
+        let configured = self.configure(&nl, host_ifindex, maps, undo, log);
         let attached = attach
             .join()
             .unwrap_or_else(|_| Err(anyhow::anyhow!("the attach thread panicked")));
@@ -339,6 +334,7 @@ impl Plan<'_> {
     /// Address, routes and neighbours on both sides, and the endpoint entry.
     fn configure(
         &self,
+        nl: &BlockingNetlink,
         host_ifindex: u32,
         maps: &mut Maps,
         undo: &mut Undo,
@@ -371,30 +367,32 @@ impl Plan<'_> {
         let host_side = || -> anyhow::Result<()> {
             // Router advertisements from the pod never configure the node.
             ipv6_sysctl(host, "accept_ra", "0").context("accept_ra")?;
-            let mut rtnl = Rtnl::open()?;
-            rtnl.replace_route(pod_addr, None, host_ifindex, rtnl::RT_SCOPE_LINK, false)
+            nl.block_on(nl.replace_route(pod_addr, None, host_ifindex, Scope::Link, false, None))
                 .context("route")?;
-            rtnl.replace_neighbour(host_ifindex, ip, &self.names.pod_mac)
+            nl.block_on(nl.replace_neighbour(host_ifindex, ip, &self.names.pod_mac))
                 .context("neighbour")?;
             Ok(())
         };
         let pod_side = || -> anyhow::Result<()> {
-            let mut rtnl = Rtnl::open()?;
-            let index = rtnl::ifindex(pod_if)?;
-            rtnl.replace_address(index, pod_addr).context("address")?;
+            let nl = BlockingNetlink::open()?;
+            let index = netlink::ifindex(pod_if)?;
+            nl.block_on(nl.replace_address(index, pod_addr))
+                .context("address")?;
             // The cluster network is IPv4: the pod's interface sends no IPv6 (router and
             // neighbour solicitations, MLD) for the datapath to drop.
             ipv6_sysctl(pod_if, "disable_ipv6", "1").context("disable_ipv6")?;
-            rtnl.set_up(index).context("link up")?;
-            rtnl.replace_neighbour(index, POD_GATEWAY, &self.names.host_mac)
+            nl.block_on(nl.set_link(index, None, None))
+                .context("link up")?;
+            nl.block_on(nl.replace_neighbour(index, POD_GATEWAY, &self.names.host_mac))
                 .context("gateway neighbour")?;
-            rtnl.replace_route(
+            nl.block_on(nl.replace_route(
                 Ipv4Net::default(),
                 Some(POD_GATEWAY),
                 index,
-                rtnl::RT_SCOPE_UNIVERSE,
+                Scope::Universe,
                 true,
-            )
+                None,
+            ))
             .context("default route")?;
             Ok(())
         };
@@ -444,7 +442,7 @@ fn ipv6_sysctl(dev: &str, key: &str, value: &str) -> anyhow::Result<()> {
 /// The endpoint's `EP_F_*` flags: a pod the runtime asks to shape (`runtimeConfig.bandwidth`,
 /// for the `bandwidth` plugin chained after weft) takes the host stack both ways, where the
 /// plugin's qdiscs are.
-fn endpoint_flags(conf: &NetConf) -> u32 {
+fn endpoint_flags(conf: &NetworkConfig) -> u32 {
     if conf.bandwidth { EP_F_STACK_ONLY } else { 0 }
 }
 
@@ -468,9 +466,10 @@ fn teardown(
     }
     // The device first: its removal detaches the program as part of the device's own
     // teardown, whereas detaching a live TCX link waits for an RCU grace period of its own.
-    Rtnl::open()
-        .and_then(|mut r| Ok(r.delete_link(host_ifname)?))
+    BlockingNetlink::open()
+        .and_then(|nl| nl.block_on(nl.delete_link(host_ifname)))
         .map_err(|e| {
+            let e = anyhow::Error::from(e);
             CniError::with_cause(code::INTERFACE_SETUP, format!("deleting {host_ifname}"), &e)
         })?;
     datapath::detach_pinned_pod(pin_root, host_ifname).map_err(|e| {
@@ -483,7 +482,7 @@ fn teardown(
     Ok(())
 }
 
-pub fn del(env: &Env, conf: &NetConf, log: &Log) -> CniResult<()> {
+pub fn del(env: &Env, conf: &NetworkConfig, log: &Log) -> CniResult<()> {
     // DEL works without the agent: the subnet file only supplies the pin root.
     let subnet = SubnetEnv::read(&conf.subnet_file).ok();
     let pin_root = pin_root(conf, subnet.as_ref());
@@ -515,7 +514,7 @@ fn mismatch(msg: String) -> CniError {
     CniError::new(code::CHECK_MISMATCH, msg)
 }
 
-pub fn check(env: &Env, conf: &NetConf, _log: &Log) -> CniResult<()> {
+pub fn check(env: &Env, conf: &NetworkConfig, _log: &Log) -> CniResult<()> {
     let netns = env.netns.clone().expect("CHECK has CNI_NETNS");
     let prev = prev_result(conf)?;
     let subnet = node_subnet(conf, code::TRY_AGAIN_LATER)?;
@@ -549,14 +548,18 @@ pub fn check(env: &Env, conf: &NetConf, _log: &Log) -> CniResult<()> {
     let io =
         |what: &str, e: anyhow::Error| CniError::with_cause(code::IO_FAILURE, what.to_string(), &e);
 
-    let link = netlink::link(host)
-        .map_err(|e| io("reading the host link", e))?
+    let nl = BlockingNetlink::open().map_err(|e| io("opening rtnetlink", e.into()))?;
+    let link = nl
+        .block_on(nl.link(host))
+        .map_err(|e| io("reading the host link", e.into()))?
         .ok_or_else(|| mismatch(format!("host interface {host} is missing")))?;
     expect_link(&link, &names.host_mac, mtu, "host interface")?;
-    let routes = netlink::routes().map_err(|e| io("reading host routes", e))?;
+    let routes = nl
+        .block_on(nl.routes())
+        .map_err(|e| io("reading host routes", e.into()))?;
     if !routes
         .iter()
-        .any(|(dst, _, dev)| (dst == &ip.to_string() || dst == &want.to_string()) && dev == host)
+        .any(|r| r.dst == want && r.oif == Some(link.ifindex))
     {
         return Err(mismatch(format!(
             "the host route {want} dev {host} is missing"
@@ -564,10 +567,11 @@ pub fn check(env: &Env, conf: &NetConf, _log: &Log) -> CniResult<()> {
     }
 
     let pod_if = env.ifname.clone();
-    let host_mac = format_mac(&names.host_mac);
+    let host_mac = names.host_mac;
     let pod_mac = names.pod_mac;
     ns::run_in(&netns, || -> anyhow::Result<Result<(), CniError>> {
-        let Some(l) = netlink::link(&pod_if)? else {
+        let nl = BlockingNetlink::open()?;
+        let Some(l) = nl.block_on(nl.link(&pod_if))? else {
             return Ok(Err(mismatch(format!(
                 "interface {pod_if} is missing in {}",
                 netns.display()
@@ -576,26 +580,28 @@ pub fn check(env: &Env, conf: &NetConf, _log: &Log) -> CniResult<()> {
         if let Err(e) = expect_link(&l, &pod_mac, mtu, "pod interface") {
             return Ok(Err(e));
         }
-        let addrs = netlink::addresses(&pod_if)?;
-        if !addrs.contains(&want.to_string()) {
+        let addrs = nl.block_on(nl.addresses(l.ifindex))?;
+        if !addrs.contains(&want) {
             return Ok(Err(mismatch(format!(
                 "{pod_if} has addresses {addrs:?}, expected {want}"
             ))));
         }
-        let routes = netlink::routes()?;
-        let gw = POD_GATEWAY.to_string();
-        if !routes.iter().any(|(dst, via, dev)| {
-            dst == "default" && via.as_deref() == Some(&gw) && dev == &pod_if
+        let routes = nl.block_on(nl.routes())?;
+        let gw = POD_GATEWAY;
+        if !routes.iter().any(|r| {
+            r.dst == Ipv4Net::default() && r.gateway == Some(gw) && r.oif == Some(l.ifindex)
         }) {
             return Ok(Err(mismatch(format!(
                 "the pod's default route via {gw} dev {pod_if} is missing (routes: {routes:?})"
             ))));
         }
-        match netlink::permanent_neighbour(&pod_if, POD_GATEWAY)? {
+        match nl.block_on(nl.permanent_neighbour(l.ifindex, POD_GATEWAY))? {
             Some(mac) if mac == host_mac => {}
             other => {
                 return Ok(Err(mismatch(format!(
-                    "the pod's neighbour entry for {gw} is {other:?}, expected permanent {host_mac}"
+                    "the pod's neighbour entry for {gw} is {:?}, expected permanent {}",
+                    other.map(|m| format_mac(&m)),
+                    format_mac(&host_mac)
                 ))));
             }
         }
@@ -635,11 +641,11 @@ pub fn check(env: &Env, conf: &NetConf, _log: &Log) -> CniResult<()> {
 }
 
 fn expect_link(l: &netlink::LinkInfo, mac: &[u8; 6], mtu: u32, what: &str) -> CniResult<()> {
-    if l.mac != format_mac(mac) {
+    if l.mac != Some(*mac) {
         return Err(mismatch(format!(
             "{what} {} has MAC {}, expected {}",
             l.name,
-            l.mac,
+            l.mac.map(|m| format_mac(&m)).unwrap_or_default(),
             format_mac(mac)
         )));
     }
@@ -655,7 +661,7 @@ fn expect_link(l: &netlink::LinkInfo, mac: &[u8; 6], mtu: u32, what: &str) -> Cn
     Ok(())
 }
 
-pub fn gc(conf: &NetConf, log: &Log) -> CniResult<()> {
+pub fn gc(conf: &NetworkConfig, log: &Log) -> CniResult<()> {
     let valid = conf.valid_attachments.clone().ok_or_else(|| {
         CniError::invalid_config("field `cni.dev/valid-attachments` is missing (required by GC)")
     })?;
@@ -708,8 +714,9 @@ pub fn gc(conf: &NetConf, log: &Log) -> CniResult<()> {
             }
         }
     }
-    let links = netlink::links()
-        .map_err(|e| CniError::with_cause(code::IO_FAILURE, "listing links", &e))?;
+    let links = BlockingNetlink::open()
+        .and_then(|nl| nl.block_on(nl.links()))
+        .map_err(|e| CniError::with_cause(code::IO_FAILURE, "listing links", &e.into()))?;
     for l in links {
         if l.name.starts_with(HOST_IF_PREFIX) && !live_links.contains(&l.name) {
             log.line(&format!("GC: deleting orphan link {}", l.name));
@@ -734,7 +741,7 @@ pub fn gc(conf: &NetConf, log: &Log) -> CniResult<()> {
     Ok(())
 }
 
-pub fn status(conf: &NetConf) -> CniResult<()> {
+pub fn status(conf: &NetworkConfig) -> CniResult<()> {
     let subnet = node_subnet(conf, code::NOT_AVAILABLE)?;
     let pin_root = pin_root(conf, Some(&subnet));
     ready_maps(&pin_root, code::NOT_AVAILABLE)?;

@@ -1,4 +1,4 @@
-//! A node for packet-injection tests: a namespace holding two pod veths and an underlay veth
+//! The node of the packet-injection tests: a namespace holding two pod veths and an underlay veth
 //! with a resolvable neighbour, and a loaded (unpinned) datapath configured for it. Test bodies
 //! run on a thread inside the namespace so the programs' FIB lookups see its routes.
 use std::net::Ipv4Addr;

@@ -6,14 +6,22 @@ use std::{fs::File, path::Path};
 use anyhow::{Context as _, Result, anyhow};
 use nix::sched::{CloneFlags, setns};
 
+/// Moves the calling thread (only its network namespace) into the namespace at `netns`.
+pub fn enter(netns: &Path) -> Result<()> {
+    let file = File::open(netns)
+        .with_context(|| format!("opening the network namespace {}", netns.display()))?;
+    setns(&file, CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("entering the network namespace {}", netns.display()))
+}
+
 /// Runs `f` on a thread inside the network namespace at `netns` and returns its result.
 pub fn run_in<T: Send>(netns: &Path, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    let file = File::open(netns)
+    // Opened here so that a missing namespace fails before a thread exists.
+    File::open(netns)
         .with_context(|| format!("opening the network namespace {}", netns.display()))?;
     std::thread::scope(|s| {
         s.spawn(move || {
-            setns(&file, CloneFlags::CLONE_NEWNET)
-                .with_context(|| format!("entering the network namespace {}", netns.display()))?;
+            enter(netns)?;
             f()
         })
         .join()

@@ -3,6 +3,7 @@
 //! `args` and, for GC, `cni.dev/valid-attachments`). Every bad field is named in the error.
 use std::path::PathBuf;
 
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::error::{CniError, CniResult, code};
@@ -134,15 +135,16 @@ fn validate_ifname(name: &str) -> CniResult<()> {
 }
 
 /// One entry of `cni.dev/valid-attachments` (GC).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
 pub struct Attachment {
+    #[serde(rename = "containerID")]
     pub container_id: String,
     pub ifname: String,
 }
 
 /// The network configuration as weft uses it.
 #[derive(Debug, Clone)]
-pub struct NetConf {
+pub struct NetworkConfig {
     pub cni_version: String,
     pub name: String,
     pub plugin_type: String,
@@ -157,45 +159,93 @@ pub struct NetConf {
     /// `bandwidth` capability): the `bandwidth` plugin chained after weft shapes the pod, so its
     /// traffic must pass the qdiscs that plugin installs.
     pub bandwidth: bool,
-    pub raw: Map<String, Value>,
+}
+
+/// The configuration on stdin as written (fields weft does not use are ignored). Public only so
+/// the configuration reference test can list the fields from the type itself.
+#[doc(hidden)]
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RawConfig {
+    name: Option<String>,
+    #[serde(rename = "type")]
+    plugin_type: Option<String>,
+    subnet_file: Option<String>,
+    data_dir: Option<String>,
+    pin_root: Option<String>,
+    log_file: Option<String>,
+    mtu: Option<u32>,
+    prev_result: Option<Map<String, Value>>,
+    #[serde(rename = "cni.dev/valid-attachments")]
+    valid_attachments: Option<Vec<Attachment>>,
+    runtime_config: Option<RuntimeConfig>,
+}
+
+/// `runtimeConfig`: what the runtime passes for the capabilities the entry declares.
+#[derive(Debug, Deserialize)]
+struct RuntimeConfig {
+    bandwidth: Option<BandwidthLimits>,
+}
+
+/// `runtimeConfig.bandwidth`, as the `bandwidth` plugin reads it (bits per second; 0: none).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BandwidthLimits {
+    ingress_rate: Option<u64>,
+    egress_rate: Option<u64>,
+}
+
+/// Just the version (VERSION, and the version of an error answer).
+#[derive(Debug, Deserialize)]
+struct VersionOnly {
+    #[serde(rename = "cniVersion")]
+    cni_version: Option<String>,
+}
+
+fn field_error(e: crate::json::FieldError) -> CniError {
+    CniError::invalid_config(format!("field `{}`: {}", e.path, e.message))
 }
 
 /// Parses stdin as JSON (decode failure, code 6) into an object.
-pub fn decode(stdin: &[u8]) -> CniResult<Map<String, Value>> {
+pub fn decode(stdin: &[u8]) -> CniResult<Value> {
     let value: Value = serde_json::from_slice(stdin).map_err(|e| {
         CniError::new(
             code::DECODE_FAILURE,
             format!("the network configuration on stdin is not valid JSON: {e}"),
         )
     })?;
-    match value {
-        Value::Object(map) => Ok(map),
-        other => Err(CniError::new(
+    if !value.is_object() {
+        return Err(CniError::new(
             code::DECODE_FAILURE,
             format!(
                 "the network configuration on stdin must be a JSON object, got {}",
-                type_name(&other)
+                type_name(&value)
             ),
-        )),
+        ));
     }
+    Ok(value)
+}
+
+/// The `cniVersion` asked for in `stdin`, when there is a supported one.
+pub fn requested_version(stdin: &[u8]) -> Option<String> {
+    crate::json::from_slice::<VersionOnly>(stdin)
+        .ok()?
+        .cni_version
+        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
 }
 
 /// The `cniVersion` of a decoded config: required, and one the plugin speaks (code 1 if not).
-pub fn version_of(raw: &Map<String, Value>) -> CniResult<String> {
-    let version = match raw.get("cniVersion") {
-        None => {
-            return Err(CniError::invalid_config(
-                "field `cniVersion` is missing from the network configuration",
-            ));
-        }
-        Some(Value::String(s)) => s.clone(),
-        Some(other) => {
-            return Err(CniError::invalid_config(format!(
-                "field `cniVersion` must be a string, got {}",
-                type_name(other)
-            )));
-        }
-    };
+pub fn version_of(raw: &Value) -> CniResult<String> {
+    let version = crate::json::from_value::<VersionOnly>(raw.clone())
+        .map_err(field_error)?
+        .cni_version
+        .ok_or_else(|| {
+            CniError::invalid_config("field `cniVersion` is missing from the network configuration")
+        })?;
+    check_version(version)
+}
+
+fn check_version(version: String) -> CniResult<String> {
     if !SUPPORTED_VERSIONS.contains(&version.as_str()) {
         return Err(CniError::new(
             code::INCOMPATIBLE_VERSION,
@@ -214,85 +264,49 @@ pub fn version_at_least(version: &str, min: &str) -> bool {
     parse(version) >= parse(min)
 }
 
-impl NetConf {
-    pub fn parse(raw: Map<String, Value>) -> CniResult<Self> {
+impl NetworkConfig {
+    pub fn parse(raw: Value) -> CniResult<Self> {
         let cni_version = version_of(&raw)?;
-        let name = required_string(&raw, "name")?;
+        let raw: RawConfig = crate::json::from_value(raw).map_err(field_error)?;
+        let non_empty = |key: &str, v: Option<String>| -> CniResult<Option<String>> {
+            match v {
+                Some(s) if s.is_empty() => Err(CniError::invalid_config(format!(
+                    "field `{key}` must not be empty"
+                ))),
+                other => Ok(other),
+            }
+        };
+        let required = |key: &str, v: Option<String>| -> CniResult<String> {
+            non_empty(key, v)?.ok_or_else(|| {
+                CniError::invalid_config(format!(
+                    "field `{key}` is missing from the network configuration"
+                ))
+            })
+        };
+        let name = required("name", raw.name)?;
         validate_network_name(&name)?;
-        let plugin_type = required_string(&raw, "type")?;
-        let subnet_file = optional_string(&raw, "subnetFile")?
-            .map(PathBuf::from)
+        let plugin_type = required("type", raw.plugin_type)?;
+        let path = |key: &str, v: Option<String>| -> CniResult<Option<PathBuf>> {
+            Ok(non_empty(key, v)?.map(PathBuf::from))
+        };
+        let subnet_file = path("subnetFile", raw.subnet_file)?
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SUBNET_FILE));
-        let data_dir = optional_string(&raw, "dataDir")?
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-        let pin_root = optional_string(&raw, "pinRoot")?.map(PathBuf::from);
-        let log_file = optional_string(&raw, "logFile")?.map(PathBuf::from);
-        let mtu = match raw.get("mtu") {
-            None | Some(Value::Null) => None,
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(m) if (68..=65535).contains(&m) => Some(m as u32),
-                _ => {
-                    return Err(CniError::invalid_config(format!(
-                        "field `mtu` must be an integer between 68 and 65535, got {n}"
-                    )));
-                }
-            },
-            Some(other) => {
-                return Err(CniError::invalid_config(format!(
-                    "field `mtu` must be a number, got {}",
-                    type_name(other)
-                )));
-            }
-        };
-        let prev_result = match raw.get("prevResult") {
-            None | Some(Value::Null) => None,
-            Some(v @ Value::Object(_)) => Some(v.clone()),
-            Some(other) => {
-                return Err(CniError::invalid_config(format!(
-                    "field `prevResult` must be an object, got {}",
-                    type_name(other)
-                )));
-            }
-        };
-        let valid_attachments = match raw.get("cni.dev/valid-attachments") {
-            None | Some(Value::Null) => None,
-            Some(Value::Array(items)) => Some(
-                items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, item)| parse_attachment(i, item))
-                    .collect::<CniResult<Vec<_>>>()?,
-            ),
-            Some(other) => {
-                return Err(CniError::invalid_config(format!(
-                    "field `cni.dev/valid-attachments` must be an array, got {}",
-                    type_name(other)
-                )));
-            }
-        };
-        let runtime = match raw.get("runtimeConfig") {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(r)) => Some(r),
-            Some(other) => {
-                return Err(CniError::invalid_config(format!(
-                    "field `runtimeConfig` must be an object, got {}",
-                    type_name(other)
-                )));
-            }
-        };
-        let bandwidth = match runtime.and_then(|r| r.get("bandwidth")) {
-            None | Some(Value::Null) => false,
-            Some(Value::Object(limits)) => ["ingressRate", "egressRate"]
-                .iter()
-                .any(|k| limits.get(*k).and_then(Value::as_u64).unwrap_or(0) > 0),
-            Some(other) => {
-                return Err(CniError::invalid_config(format!(
-                    "field `runtimeConfig.bandwidth` must be an object, got {}",
-                    type_name(other)
-                )));
-            }
-        };
+        let data_dir =
+            path("dataDir", raw.data_dir)?.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let pin_root = path("pinRoot", raw.pin_root)?;
+        let log_file = path("logFile", raw.log_file)?;
+        if let Some(m) = raw.mtu
+            && !(68..=65535).contains(&m)
+        {
+            return Err(CniError::invalid_config(format!(
+                "field `mtu` must be an integer between 68 and 65535, got {m}"
+            )));
+        }
+        let bandwidth = raw
+            .runtime_config
+            .as_ref()
+            .and_then(|r| r.bandwidth.as_ref())
+            .is_some_and(|b| b.ingress_rate.unwrap_or(0) > 0 || b.egress_rate.unwrap_or(0) > 0);
         Ok(Self {
             cni_version,
             name,
@@ -300,31 +314,13 @@ impl NetConf {
             subnet_file,
             data_dir,
             pin_root,
-            mtu,
+            mtu: raw.mtu,
             log_file,
-            prev_result,
-            valid_attachments,
+            prev_result: raw.prev_result.map(Value::Object),
+            valid_attachments: raw.valid_attachments,
             bandwidth,
-            raw,
         })
     }
-}
-
-fn parse_attachment(i: usize, item: &Value) -> CniResult<Attachment> {
-    let field = |key: &str| -> CniResult<String> {
-        item.get(key)
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .ok_or_else(|| {
-                CniError::invalid_config(format!(
-                    "field `cni.dev/valid-attachments[{i}].{key}` must be a string"
-                ))
-            })
-    };
-    Ok(Attachment {
-        container_id: field("containerID")?,
-        ifname: field("ifname")?,
-    })
 }
 
 /// The spec's network name rule; the name is also a directory name of the IPAM store.
@@ -337,28 +333,6 @@ fn validate_network_name(name: &str) -> CniResult<()> {
         )));
     }
     Ok(())
-}
-
-fn required_string(raw: &Map<String, Value>, key: &str) -> CniResult<String> {
-    optional_string(raw, key)?.ok_or_else(|| {
-        CniError::invalid_config(format!(
-            "field `{key}` is missing from the network configuration"
-        ))
-    })
-}
-
-fn optional_string(raw: &Map<String, Value>, key: &str) -> CniResult<Option<String>> {
-    match raw.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.is_empty() => Err(CniError::invalid_config(format!(
-            "field `{key}` must not be empty"
-        ))),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => Err(CniError::invalid_config(format!(
-            "field `{key}` must be a string, got {}",
-            type_name(other)
-        ))),
-    }
 }
 
 pub fn type_name(v: &Value) -> &'static str {
@@ -377,8 +351,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn conf(v: Value) -> CniResult<NetConf> {
-        NetConf::parse(v.as_object().unwrap().clone())
+    fn conf(v: Value) -> CniResult<NetworkConfig> {
+        NetworkConfig::parse(v)
     }
 
     #[test]

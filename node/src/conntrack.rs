@@ -5,19 +5,15 @@
 //! filling with dead flows (which would evict live ones). It walks the map in chunks with a
 //! cursor (`BPF_MAP_GET_NEXT_KEY`), a few thousand entries per turn of the agent's loop, and
 //! deletes entries whose expiry has passed.
-use std::os::fd::{AsRawFd as _, BorrowedFd};
-
-use anyhow::{Context as _, Result};
-use weft_common::conntrack::{CtEntry, CtKey, alive};
-
-use crate::{
-    datapath::Maps,
-    tcx::{Attr, bpf, put_u32, put_u64},
+use std::{
+    io,
+    os::fd::{AsRawFd as _, BorrowedFd},
 };
 
-// From the kernel's uapi `linux/bpf.h`.
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+use anyhow::{Context as _, Result};
+use weft_common::conntrack::{CtKey, alive};
+
+use crate::datapath::Maps;
 
 /// Entries examined per GC step.
 pub const GC_BUDGET: usize = 8192;
@@ -34,40 +30,39 @@ pub fn now_s() -> u32 {
 }
 
 /// The key after `key` (the first one for `None`), `None` at the end of the map.
-fn next_key(fd: BorrowedFd<'_>, key: Option<&CtKey>) -> std::io::Result<Option<CtKey>> {
+///
+/// One plain `bpf(BPF_MAP_GET_NEXT_KEY)`: aya's key iterator always starts at the first key,
+/// and a walk in chunks must resume where the previous chunk stopped.
+fn next_key(fd: BorrowedFd<'_>, key: Option<&CtKey>) -> io::Result<Option<CtKey>> {
+    // From the kernel's uapi `linux/bpf.h`.
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
     let mut next = CtKey::of([0; 4], [0; 2], [0; 4], [0; 2], 0).0;
-    let mut attr: Attr = [0; 128];
-    // map_elem: { map_fd: u32, pad, key: u64, next_key: u64, ... }
-    put_u32(&mut attr, 0, fd.as_raw_fd() as u32);
+    // `union bpf_attr`, zeroed (the kernel requires every byte it does not know to be zero);
+    // map_elem: { map_fd: u32, pad: u32, key: u64, next_key: u64 }.
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
     if let Some(k) = key {
-        put_u64(&mut attr, 8, k as *const CtKey as u64);
+        attr[8..16].copy_from_slice(&(k as *const CtKey as u64).to_ne_bytes());
     }
-    put_u64(&mut attr, 16, &mut next as *mut CtKey as u64);
-    match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
-        Ok(_) => Ok(Some(next)),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-fn lookup(fd: BorrowedFd<'_>, key: &CtKey) -> std::io::Result<Option<CtEntry>> {
-    let mut value = CtEntry {
-        expires_s: 0,
-        created_s: 0,
-        policy_rev: 0,
-        origin: 0,
-        flags: 0,
-        policy: 0,
-        _pad: 0,
+    attr[16..24].copy_from_slice(&(&mut next as *mut CtKey as u64).to_ne_bytes());
+    // SAFETY: `attr` is a valid buffer of the size passed; the pointers in it are a live key
+    // and a writable key of the map's key size.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_GET_NEXT_KEY,
+            attr.as_mut_ptr(),
+            attr.len(),
+        )
     };
-    let mut attr: Attr = [0; 128];
-    put_u32(&mut attr, 0, fd.as_raw_fd() as u32);
-    put_u64(&mut attr, 8, key as *const CtKey as u64);
-    put_u64(&mut attr, 16, &mut value as *mut CtEntry as u64);
-    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
-        Ok(_) => Ok(Some(value)),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-        Err(e) => Err(e),
+    if ret == 0 {
+        return Ok(Some(next));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOENT) {
+        Ok(None)
+    } else {
+        Err(e)
     }
 }
 
@@ -111,7 +106,7 @@ impl Gc {
                 // The next key first: deleting `k` before would lose the walk's place.
                 key = next_key(fd, Some(&k)).context("walking the conntrack map")?;
                 out.scanned += 1;
-                match lookup(fd, &k).context("reading a conntrack entry")? {
+                match maps.conntrack_entry(&k)? {
                     Some(e) if !alive(&e, now_s) => expired.push(k),
                     Some(_) => self.live += 1,
                     None => {}

@@ -34,28 +34,28 @@ use serde_json::Value;
 
 use self::{
     error::{CniError, code},
-    spec::{Command, Env, NetConf},
+    spec::{Command, Env, NetworkConfig},
 };
 
 /// What one invocation prints and how it exits.
 #[derive(Debug)]
-pub struct Outcome {
+pub struct Invocation {
     /// JSON for stdout (a result, a version answer or an error); None prints nothing.
     pub stdout: Option<Value>,
     pub success: bool,
 }
 
 /// Runs one invocation: `get` reads the environment, `stdin` is the whole config.
-pub fn run(get: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
+pub fn run(get: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> Invocation {
     let mut version = spec::CURRENT_VERSION.to_string();
     match run_inner(get, stdin, &mut version) {
-        Ok(stdout) => Outcome {
+        Ok(stdout) => Invocation {
             stdout,
             success: true,
         },
         Err(e) => {
             eprintln!("weft-cni: {e}");
-            Outcome {
+            Invocation {
                 stdout: Some(e.to_json(&version)),
                 success: false,
             }
@@ -76,7 +76,7 @@ fn run_inner(
     if let Ok(v) = spec::version_of(&raw) {
         *version = v;
     }
-    let conf = NetConf::parse(raw)?;
+    let conf = NetworkConfig::parse(raw)?;
     if matches!(command, Command::Gc | Command::Status)
         && !spec::version_at_least(&conf.cni_version, "1.1.0")
     {
@@ -113,7 +113,7 @@ pub struct Log {
 }
 
 impl Log {
-    fn new(conf: &NetConf, env: &Env) -> Self {
+    fn new(conf: &NetworkConfig, env: &Env) -> Self {
         Self {
             prefix: format!(
                 "weft-cni[{}] {} {}/{}",

@@ -1,7 +1,7 @@
 //! CNI errors: the spec's well-known codes, weft's own codes (100+), and their JSON form.
 use std::fmt;
 
-use serde_json::json;
+use serde::Serialize;
 
 /// The spec's well-known error codes (CNI 1.1, "Error" section).
 pub mod code {
@@ -64,15 +64,22 @@ impl CniError {
 
     /// The error object the spec prescribes (`cniVersion`, `code`, `msg`, `details`).
     pub fn to_json(&self, cni_version: &str) -> serde_json::Value {
-        let mut v = json!({
-            "cniVersion": cni_version,
-            "code": self.code,
-            "msg": self.msg,
-        });
-        if !self.details.is_empty() {
-            v["details"] = json!(self.details);
+        #[derive(Serialize)]
+        struct Reply<'a> {
+            #[serde(rename = "cniVersion")]
+            cni_version: &'a str,
+            code: u32,
+            msg: &'a str,
+            #[serde(skip_serializing_if = "str::is_empty")]
+            details: &'a str,
         }
-        v
+        serde_json::to_value(Reply {
+            cni_version,
+            code: self.code,
+            msg: &self.msg,
+            details: &self.details,
+        })
+        .expect("serializable")
     }
 }
 

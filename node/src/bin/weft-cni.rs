@@ -6,7 +6,7 @@ fn main() {
     let mut stdin = Vec::new();
     // VERSION may come without stdin; an unreadable stdin decodes as empty (code 6 later).
     let _ = std::io::stdin().read_to_end(&mut stdin);
-    let outcome = weft_agent::cni::run(&|k| std::env::var(k).ok(), &stdin);
+    let outcome = weft_node::cni::run(&|k| std::env::var(k).ok(), &stdin);
     if let Some(json) = outcome.stdout {
         let mut out = std::io::stdout().lock();
         let _ = serde_json::to_writer(&mut out, &json);
