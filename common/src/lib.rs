@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod conntrack;
+pub mod monitor;
 pub mod policy;
 
 /// Version of the map layout. It is part of the pin path, so a new layout never reuses maps
@@ -31,9 +32,29 @@ pub mod map_names {
     pub const POLICY_RULES: &str = "WEFT_POLICY_RULES";
     pub const POLICY_PORT_BLOCKS: &str = "WEFT_POLICY_PORT_BLOCKS";
     pub const POLICY_NS_DEFAULTS: &str = "WEFT_POLICY_NS_DEFAULTS";
+    /// `weft monitor`: flags, budget and owner of the attached monitor (`crate::monitor`).
+    pub const MONITOR: &str = "WEFT_MONITOR";
+    /// `weft monitor`: a socket of the attached monitor (the kernel empties it when it dies).
+    pub const MONITOR_SOCK: &str = "WEFT_MONITOR_SOCK";
+    /// `weft monitor`: per-CPU token buckets and loss counters.
+    pub const MONITOR_RATE: &str = "WEFT_MONITOR_RATE";
+    /// `weft monitor`: the event ring buffer.
+    pub const EVENTS: &str = "WEFT_EVENTS";
     /// The maps the datapath declares today (the policy maps join when its programs use them).
-    pub const ALL: [&str; 9] = [
-        CONFIG, ROUTES, ENDPOINTS, NODES, DROPS, STATS, NEXT_HOPS, CONNTRACK, PATH_MTU,
+    pub const ALL: [&str; 13] = [
+        CONFIG,
+        ROUTES,
+        ENDPOINTS,
+        NODES,
+        DROPS,
+        STATS,
+        NEXT_HOPS,
+        CONNTRACK,
+        PATH_MTU,
+        MONITOR,
+        MONITOR_SOCK,
+        MONITOR_RATE,
+        EVENTS,
     ];
 }
 
@@ -447,6 +468,9 @@ aya_pod!(
     DecapMeta,
     conntrack::CtKey,
     conntrack::CtEntry,
+    monitor::MonitorConfig,
+    monitor::MonitorRate,
+    monitor::MonitorEvent,
     policy::PolicyEndpoint,
     policy::PolicyClass,
     policy::PolicyRuleKey,

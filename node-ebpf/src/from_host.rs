@@ -13,12 +13,13 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use weft_common::{DropReason, Stat};
+use weft_common::{DropReason, Stat, monitor::Hook};
 
 use crate::{
     conntrack,
     counters::{count, count_drop},
     forward::{self, Dest},
+    monitor,
     parse::{ETH_HLEN, EthHdr, HEADERS_LEN, Ipv4Hdr, L3, parse_ipv4},
     route,
 };
@@ -26,9 +27,12 @@ use crate::{
 #[classifier]
 pub fn from_host(ctx: TcContext) -> i32 {
     match try_from_host(&ctx) {
-        Ok(verdict) => verdict,
+        Ok(verdict) => {
+            monitor::forwarded(&ctx, Hook::FromHost, verdict as u32);
+            verdict
+        }
         Err(reason) => {
-            count_drop(reason);
+            count_drop(&ctx, Hook::FromHost, reason);
             TC_ACT_SHOT
         }
     }

@@ -11,13 +11,14 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use weft_common::{DropReason, EP_F_STACK_ONLY, NodeConfig, Stat};
+use weft_common::{DropReason, EP_F_STACK_ONLY, NodeConfig, Stat, monitor::Hook};
 
 use crate::{
     arp,
     conntrack::{self, Path},
     counters::{count, count_drop},
     forward::{self, Dest},
+    monitor,
     parse::{
         ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, EthHdr,
         HEADERS_LEN, IPPROTO_IPIP, IPPROTO_UDP, Ipv4Hdr, L3, parse_ipv4, ptr_at,
@@ -28,9 +29,12 @@ use crate::{
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
     match try_from_pod(&ctx) {
-        Ok(verdict) => verdict,
+        Ok(verdict) => {
+            monitor::forwarded(&ctx, Hook::FromPod, verdict as u32);
+            verdict
+        }
         Err(reason) => {
-            count_drop(reason);
+            count_drop(&ctx, Hook::FromPod, reason);
             TC_ACT_SHOT
         }
     }

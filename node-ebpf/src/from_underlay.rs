@@ -15,14 +15,15 @@
 //! path MTUs from ICMP fragmentation-needed about this node's tunnel packets.
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     macros::classifier,
     programs::TcContext,
 };
 use weft_common::{
     CONFIG_F_ACCEPT_ROUTED, DECAP_META_MAGIC, DecapMeta, DropReason, EP_F_STACK_ONLY, NodeConfig,
-    Stat,
+    Stat, monitor::Hook,
 };
 
 use crate::{
@@ -31,7 +32,7 @@ use crate::{
     decap::{Tunnel, classify},
     encap::{self, Hop},
     forward::{self, mac_eq},
-    mtu,
+    monitor, mtu,
     parse::{ETH_HLEN, EthHdr, Ipv4Hdr, L3, parse_ipv4},
     route,
 };
@@ -42,9 +43,15 @@ const PULL_LEN: u32 = 14 + 60 + 8 + 8 + 14 + 20;
 #[classifier]
 pub fn from_underlay(ctx: TcContext) -> i32 {
     match try_from_underlay(&ctx) {
-        Ok(verdict) => verdict,
+        Ok(verdict) => {
+            // Only what weft forwards: the underlay also carries the node's own traffic.
+            if verdict == TC_ACT_REDIRECT as i32 {
+                monitor::forwarded(&ctx, Hook::FromUnderlay, verdict as u32);
+            }
+            verdict
+        }
         Err(reason) => {
-            count_drop(reason);
+            count_drop(&ctx, Hook::FromUnderlay, reason);
             TC_ACT_SHOT
         }
     }

@@ -14,6 +14,7 @@ mod encap;
 mod forward;
 mod icmp;
 mod maps;
+mod monitor;
 mod mtu;
 mod parse;
 mod route;

@@ -6,11 +6,12 @@
 //!
 //! NetworkPolicy checks ingress here too, the stack's way into a pod.
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use weft_common::Stat;
+use weft_common::{Stat, monitor::Hook};
 
 use crate::{
     conntrack,
     counters::count,
+    monitor,
     parse::{ETH_HLEN, HEADERS_LEN, L3, parse_ipv4},
     route,
 };
@@ -18,6 +19,7 @@ use crate::{
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
     try_to_pod(&ctx);
+    monitor::forwarded(&ctx, Hook::ToPod, TC_ACT_OK as u32);
     TC_ACT_OK
 }
 

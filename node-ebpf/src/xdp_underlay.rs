@@ -13,11 +13,12 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use weft_common::{DECAP_META_MAGIC, DecapMeta, DropReason};
+use weft_common::{DECAP_META_MAGIC, DecapMeta, DropReason, monitor::Hook};
 
 use crate::{
     counters::{count, count_drop},
     decap::{Tunnel, classify},
+    monitor,
     parse::{ETH_HLEN, EthHdr, ptr_at},
     route,
 };
@@ -32,7 +33,7 @@ pub fn xdp_underlay(ctx: XdpContext) -> u32 {
         match classify(data, data_end, data_end - data, cfg) {
             Tunnel::NotOurs => return XDP_PASS,
             Tunnel::Drop(reason) => {
-                count_drop(reason);
+                count_drop(&ctx, Hook::XdpUnderlay, reason);
                 return XDP_DROP;
             }
             Tunnel::Decap {
@@ -73,15 +74,16 @@ pub fn xdp_underlay(ctx: XdpContext) -> u32 {
         outer_len
     };
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, strip as i32) } != 0 {
-        count_drop(DropReason::AdjustRoomFailed);
+        count_drop(&ctx, Hook::XdpUnderlay, DropReason::AdjustRoomFailed);
         return XDP_DROP;
     }
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let Some(new_eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
-        count_drop(DropReason::StoreFailed);
+        count_drop(&ctx, Hook::XdpUnderlay, DropReason::StoreFailed);
         return XDP_DROP;
     };
     unsafe { *new_eth = eth };
     count(stat);
+    monitor::forwarded(&ctx, Hook::XdpUnderlay, XDP_PASS);
     XDP_PASS
 }

@@ -27,7 +27,9 @@ use weft_common::{
     DropReason, EndpointInfo, Ipv4Key, NextHop, NodeConfig, NodeInfo, PathMtu, RouteInfo,
     SCHEMA_VERSION, Stat,
     conntrack::{CT_MAX_DEFAULT, CtEntry, CtKey},
-    map_names, prog_names,
+    map_names,
+    monitor::{MonitorConfig, MonitorRate},
+    prog_names,
 };
 
 /// The compiled `node-ebpf` object (BTF included).
@@ -325,6 +327,56 @@ impl Maps {
             maps.insert(name, Map::from_map_data(data)?);
         }
         Ok(Self { maps })
+    }
+
+    /// Takes a map out of the set, for users that need it owned (the monitor's ring buffer).
+    pub fn take(&mut self, name: &str) -> Result<Map> {
+        self.maps
+            .remove(name)
+            .ok_or_else(|| anyhow!("map {name} missing"))
+    }
+
+    /// What the attached monitor asked for (all zero: none attached).
+    pub fn monitor_config(&self) -> Result<MonitorConfig> {
+        let map: Array<&MapData, MonitorConfig> = self.map(map_names::MONITOR)?.try_into()?;
+        map.get(&0, 0).context("reading the monitor config")
+    }
+
+    pub fn set_monitor_config(&mut self, cfg: &MonitorConfig) -> Result<()> {
+        let mut map: Array<&mut MapData, MonitorConfig> =
+            self.map_mut(map_names::MONITOR)?.try_into()?;
+        map.set(0, cfg, 0).context("writing the monitor config")
+    }
+
+    /// Puts `socket` in the monitor's sockmap slot unless another monitor holds it
+    /// (`BPF_NOEXIST`): `Ok(false)` when taken. The kernel empties the slot when the socket
+    /// is closed.
+    pub fn claim_monitor_slot(&mut self, socket: &impl std::os::fd::AsRawFd) -> Result<bool> {
+        let mut map: aya::maps::SockMap<&mut MapData> =
+            self.map_mut(map_names::MONITOR_SOCK)?.try_into()?;
+        // BPF_NOEXIST from the kernel's bpf.h.
+        const BPF_NOEXIST: u64 = 1;
+        match map.set(0, socket, BPF_NOEXIST) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e).context("claiming the monitor slot (WEFT_MONITOR_SOCK)"),
+        }
+    }
+
+    /// The monitor's token buckets and loss counters, one per CPU.
+    pub fn monitor_rates(&self) -> Result<Vec<MonitorRate>> {
+        let map: PerCpuArray<&MapData, MonitorRate> =
+            self.map(map_names::MONITOR_RATE)?.try_into()?;
+        Ok(map
+            .get(&0, 0)
+            .context("reading the monitor counters")?
+            .iter()
+            .copied()
+            .collect())
     }
 
     fn map(&self, name: &str) -> Result<&Map> {

@@ -39,6 +39,10 @@ pub struct Allocation {
     #[serde(rename = "containerID")]
     pub container_id: String,
     pub ifname: String,
+    /// The pod, `namespace/name`, when the runtime said (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`
+    /// in `CNI_ARGS`): `weft monitor` names endpoints with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +179,7 @@ impl Locked {
                 ip,
                 container_id: container_id.to_string(),
                 ifname: ifname.to_string(),
+                pod: None,
             });
             self.state.last = Some(ip);
             return Ok((ip, true));
@@ -183,6 +188,22 @@ impl Locked {
             subnet,
             allocated: used.len(),
         })
+    }
+
+    /// Records the pod an allocation belongs to; returns whether that changed anything.
+    pub fn set_pod(&mut self, container_id: &str, ifname: &str, pod: Option<String>) -> bool {
+        match self
+            .state
+            .allocations
+            .iter_mut()
+            .find(|a| a.container_id == container_id && a.ifname == ifname)
+        {
+            Some(a) if a.pod != pod => {
+                a.pod = pod;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Removes the allocation of (container id, ifname), returning it.

@@ -64,6 +64,15 @@ pub fn namespace() -> Netns {
 
 /// Loads and configures the datapath; must run inside the namespace (`Netns::run`).
 pub fn node() -> Node {
+    node_pinned_or_not(None)
+}
+
+/// `node` with the maps pinned under `pin_root` (for tools that open pins, as `weft`).
+pub fn node_pinned(pin_root: &std::path::Path) -> Node {
+    node_pinned_or_not(Some(pin_root))
+}
+
+fn node_pinned_or_not(pin_root: Option<&std::path::Path>) -> Node {
     let link = |dev: &str| -> (u32, [u8; 6]) {
         let out = crate::netns::ip(&format!("-o link show dev {dev}"));
         let idx = out.split(':').next().unwrap().trim().parse().unwrap();
@@ -79,9 +88,17 @@ pub fn node() -> Node {
     let (pod1_ifindex, pod1_host_mac) = link("h1");
     let (pod2_ifindex, pod2_host_mac) = link("h2");
     let (ul_ifindex, underlay_mac) = link("ul0");
-    let mut dp = Datapath::load_unpinned_with(&LoadOptions {
-        conntrack_max: crate::TEST_CONNTRACK_MAX,
-    })
+    let mut dp = match pin_root {
+        None => Datapath::load_unpinned_with(&LoadOptions {
+            conntrack_max: crate::TEST_CONNTRACK_MAX,
+        }),
+        Some(root) => Datapath::load_pinned_with(
+            root,
+            &LoadOptions {
+                conntrack_max: crate::TEST_CONNTRACK_MAX,
+            },
+        ),
+    }
     .expect("loading the datapath");
     dp.maps
         .set_config(&NodeConfig {

@@ -42,6 +42,47 @@ enum Cmd {
     Stats,
     /// Tracked flows: which ones take the fast path and which the host stack.
     Conntrack,
+    /// Stream datapath events: drops (reason, hook, 5-tuple, pod and node), and with --trace
+    /// sampled forwarding decisions. One monitor per node at a time; Ctrl-C detaches.
+    Monitor(MonitorArgs),
+}
+
+#[derive(clap::Args)]
+struct MonitorArgs {
+    /// Also report forwarding decisions (sampled: see --sample).
+    #[arg(long)]
+    trace: bool,
+    /// With --trace: report one forwarding decision in N.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    sample: u32,
+    /// In-kernel budget: events per second per CPU; what exceeds it is counted, not sent.
+    #[arg(long, default_value_t = weft_common::monitor::MONITOR_RATE_DEFAULT, value_name = "N")]
+    budget: u32,
+    /// Largest burst of events per CPU (default: the budget).
+    #[arg(long, value_name = "N")]
+    burst: Option<u32>,
+    /// Only events about this pod (`namespace/name`, `name` or address); repeatable.
+    #[arg(long, value_name = "POD")]
+    pod: Vec<String>,
+    /// Only events involving this node (its address: source's or destination's node, or a
+    /// tunnel end); repeatable.
+    #[arg(long, value_name = "IP")]
+    node: Vec<std::net::Ipv4Addr>,
+    /// Only drops with this reason (as `weft drops` names them); repeatable.
+    #[arg(long, value_name = "REASON")]
+    reason: Vec<String>,
+    /// Only this protocol (tcp, udp, icmp, sctp or a number).
+    #[arg(long, value_name = "PROTO")]
+    protocol: Option<String>,
+    /// Only packets from or to this port.
+    #[arg(long, value_name = "N")]
+    port: Option<u16>,
+    /// Exit after printing N events.
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// The CNI plugin's IPAM directory (`dataDir`), where pods' names are recorded.
+    #[arg(long, default_value = weft_agent::cni::spec::DEFAULT_DATA_DIR, value_name = "DIR")]
+    cni_data_dir: PathBuf,
 }
 
 fn mode(m: u8) -> String {
@@ -53,10 +94,115 @@ fn mode(m: u8) -> String {
     }
 }
 
+/// Set by SIGINT/SIGTERM: the monitor detaches and exits.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn monitor(maps: Maps, args: MonitorArgs, json: bool) -> Result<()> {
+    use std::{io::Write as _, time::Duration};
+
+    use weft_agent::monitor::{
+        Attached, Filter, Names, Options, format_text, parse_protocol, record,
+    };
+
+    let filter = Filter {
+        pods: args.pod,
+        nodes: args.node,
+        reasons: args.reason,
+        protocol: args.protocol.as_deref().map(parse_protocol).transpose()?,
+        port: args.port,
+    };
+    filter.validate()?;
+    let vxlan_port = maps.config()?.vxlan_port;
+    let mut names = Names::load(&maps, &args.cni_data_dir)?;
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGPIPE] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
+    }
+    let mut mon = Attached::attach(
+        maps,
+        &Options {
+            trace: args.trace,
+            sample_every: args.sample,
+            rate_per_sec: args.budget,
+            burst: args.burst.unwrap_or(args.budget),
+        },
+    )?;
+    let realtime_offset = || {
+        let clock = |id| {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: a valid timespec.
+            unsafe { libc::clock_gettime(id, &mut ts) };
+            ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+        };
+        clock(libc::CLOCK_REALTIME) - clock(libc::CLOCK_MONOTONIC)
+    };
+    if !json {
+        eprintln!(
+            "weft monitor: listening for drops{} (budget {}/s per CPU); Ctrl-C to stop",
+            if args.trace { " and forwarding" } else { "" },
+            args.budget
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    let mut printed = 0u64;
+    let mut reported = weft_agent::monitor::Losses::default();
+    let mut last_refresh = std::time::Instant::now();
+    while !STOP.load(std::sync::atomic::Ordering::Relaxed) {
+        let ev = mon.next(Duration::from_millis(200))?;
+        if last_refresh.elapsed() > Duration::from_secs(2) {
+            // Pods come and go.
+            names = Names::load(mon.maps(), &args.cni_data_dir).unwrap_or(names);
+            last_refresh = std::time::Instant::now();
+            let losses = mon.losses()?;
+            if losses != reported {
+                if json {
+                    writeln!(
+                        out,
+                        "{}",
+                        json!({"type": "lost", "over_budget": losses.over_budget, "ring_full": losses.ring_full})
+                    )?;
+                } else {
+                    eprintln!(
+                        "weft monitor: {} events over the budget, {} lost to a full ring, since start",
+                        losses.over_budget, losses.ring_full
+                    );
+                }
+                reported = losses;
+            }
+        }
+        let Some(ev) = ev else { continue };
+        let rec = record(&ev, &mut names, vxlan_port, realtime_offset());
+        if !filter.matches(&rec) {
+            continue;
+        }
+        let line = if json {
+            serde_json::to_string(&rec)?
+        } else {
+            format_text(&rec)
+        };
+        if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+            break;
+        }
+        printed += 1;
+        if args.count.is_some_and(|c| printed >= c) {
+            break;
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let maps = Maps::open_pinned(&cli.pin_root)?;
     match cli.command {
+        Cmd::Monitor(args) => return monitor(maps, args, cli.json),
         Cmd::Status => {
             let cfg = maps.config()?;
             let ready = cfg.flags & CONFIG_F_READY != 0;

@@ -352,7 +352,8 @@ impl Wiring<'_> {
                     &env.ifname,
                 )
                 .map_err(ipam_error)?;
-            if got.1 {
+            let named = locked.set_pod(&env.container_id, &env.ifname, pod_name(&env.args));
+            if got.1 || named {
                 locked.commit().map_err(ipam_error)?;
             }
             got
@@ -442,6 +443,23 @@ fn ipv6_sysctl(dev: &str, key: &str, value: &str) -> anyhow::Result<()> {
 /// The endpoint's `EP_F_*` flags: a pod the runtime asks to shape (`runtimeConfig.bandwidth`,
 /// for the `bandwidth` plugin chained after weft) takes the host stack both ways, where the
 /// plugin's qdiscs are.
+/// `namespace/name` of the pod from `CNI_ARGS` (`K8S_POD_NAMESPACE=..;K8S_POD_NAME=..`), as
+/// the kubelet's runtimes pass them.
+fn pod_name(args: &str) -> Option<String> {
+    let get = |key: &str| {
+        args.split(';')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+            .filter(|v| !v.is_empty())
+    };
+    Some(format!(
+        "{}/{}",
+        get("K8S_POD_NAMESPACE")?,
+        get("K8S_POD_NAME")?
+    ))
+}
+
 fn endpoint_flags(conf: &NetworkConfig) -> u32 {
     if conf.bandwidth { EP_F_STACK_ONLY } else { 0 }
 }

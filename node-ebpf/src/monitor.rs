@@ -1,0 +1,185 @@
+//! `weft monitor` events: drops (emitted where drops are counted, `counters::count_drop`) and
+//! sampled forwarding decisions (emitted by each program's entry point), into a ring buffer,
+//! only while a monitor is attached and within a per-CPU budget. The protocol with userspace
+//! is described in `weft_common::monitor`.
+//!
+//! The maps live here rather than in `maps.rs`: nothing else in the datapath uses them.
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    btf_maps::{Array, PerCpuArray, RingBuf, SockMap},
+    helpers::{
+        bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_map_lookup_elem,
+        bpf_sk_release, bpf_skb_load_bytes, bpf_xdp_load_bytes,
+    },
+    macros::btf_map,
+    programs::{TcContext, XdpContext},
+};
+use weft_common::monitor::{
+    CAPTURE_LEN, EVENT_DROP, EVENT_FORWARD, EVENTS_RING_BYTES, Hook, MONITOR_F_DROPS,
+    MONITOR_F_TRACE, MonitorConfig, MonitorEvent, MonitorRate, take_token,
+};
+
+/// Flags, budget and owner of the attached monitor (index 0; all zero: nobody listens).
+#[btf_map]
+pub static WEFT_MONITOR: Array<MonitorConfig, 1> = Array::new();
+
+/// A socket of the attached monitor; the kernel empties the slot when the socket closes.
+#[btf_map]
+pub static WEFT_MONITOR_SOCK: SockMap<1> = SockMap::new();
+
+/// Per-CPU token bucket and loss counters.
+#[btf_map]
+pub static WEFT_MONITOR_RATE: PerCpuArray<MonitorRate, 1> = PerCpuArray::new();
+
+/// The events.
+#[btf_map]
+pub static WEFT_EVENTS: RingBuf<MonitorEvent, { EVENTS_RING_BYTES as usize }> = RingBuf::new();
+
+/// What an event needs from a program's context.
+pub trait Packet {
+    /// The interface the program runs on.
+    fn ifindex(&self) -> u32;
+    /// The packet's length.
+    fn pkt_len(&self) -> u32;
+    /// Copies the first `min(len, CAPTURE_LEN)` bytes into `dst`; returns how many.
+    fn capture(&self, dst: &mut [u8; CAPTURE_LEN]) -> u32;
+}
+
+/// The capture length for a packet of `len` bytes, in `0..=CAPTURE_LEN` in a form the
+/// verifier bounds.
+#[inline(always)]
+fn capture_len(len: u32) -> u32 {
+    if len >= CAPTURE_LEN as u32 {
+        CAPTURE_LEN as u32
+    } else {
+        len & (CAPTURE_LEN as u32 - 1)
+    }
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        unsafe { (*self.skb.skb).ifindex }
+    }
+
+    #[inline(always)]
+    fn pkt_len(&self) -> u32 {
+        self.len()
+    }
+
+    #[inline(always)]
+    fn capture(&self, dst: &mut [u8; CAPTURE_LEN]) -> u32 {
+        let n = capture_len(self.len());
+        if n == 0 {
+            return 0;
+        }
+        let ret = unsafe { bpf_skb_load_bytes(self.as_ptr(), 0, dst.as_mut_ptr().cast(), n) };
+        if ret == 0 { n } else { 0 }
+    }
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        unsafe { (*self.ctx).ingress_ifindex }
+    }
+
+    #[inline(always)]
+    fn pkt_len(&self) -> u32 {
+        (self.data_end() - self.data()) as u32
+    }
+
+    #[inline(always)]
+    fn capture(&self, dst: &mut [u8; CAPTURE_LEN]) -> u32 {
+        let n = capture_len(self.pkt_len());
+        if n == 0 {
+            return 0;
+        }
+        let ret = unsafe { bpf_xdp_load_bytes(self.ctx, 0, dst.as_mut_ptr().cast(), n) };
+        if ret == 0 { n } else { 0 }
+    }
+}
+
+/// Whether the attached monitor still holds its socket. A sockmap lookup takes a reference
+/// on the socket, released at once.
+#[inline(always)]
+fn listener_alive() -> bool {
+    let key = 0u32;
+    let map = core::ptr::from_ref(&WEFT_MONITOR_SOCK)
+        .cast_mut()
+        .cast::<c_void>();
+    let sk = unsafe { bpf_map_lookup_elem(map, core::ptr::from_ref(&key).cast()) };
+    if sk.is_null() {
+        return false;
+    }
+    unsafe { bpf_sk_release(sk) };
+    true
+}
+
+#[inline(always)]
+fn emit<P: Packet>(p: &P, cfg: &MonitorConfig, kind: u8, hook: Hook, code: u32) {
+    let Some(rate) = WEFT_MONITOR_RATE.get_ptr_mut(0) else {
+        return;
+    };
+    // Per-CPU: no other writer.
+    let rate = unsafe { &mut *rate };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !take_token(rate, now, cfg.rate_per_sec, cfg.burst) {
+        rate.over_budget += 1;
+        return;
+    }
+    if !listener_alive() {
+        // The monitor is gone (killed before it could clear the flags): stop for good.
+        if let Some(c) = WEFT_MONITOR.get_ptr_mut(0) {
+            unsafe { (*c).flags = 0 };
+        }
+        return;
+    }
+    let Some(mut entry) = WEFT_EVENTS.reserve(0) else {
+        rate.ring_full += 1;
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    unsafe {
+        (*ev).ts_ns = now;
+        (*ev).kind = kind;
+        (*ev).hook = hook as u8;
+        (*ev)._pad = 0;
+        (*ev).code = code;
+        (*ev).ifindex = p.ifindex();
+        (*ev).pkt_len = p.pkt_len();
+        (*ev).cpu = bpf_get_smp_processor_id();
+        (*ev).cap_len = p.capture(&mut (*ev).data);
+    }
+    entry.submit(0);
+    rate.emitted += 1;
+}
+
+/// A drop (called where drops are counted).
+#[inline(always)]
+pub fn dropped<P: Packet>(p: &P, hook: Hook, reason: u32) {
+    let Some(cfg) = WEFT_MONITOR.get(0) else {
+        return;
+    };
+    if cfg.flags & MONITOR_F_DROPS == 0 {
+        return;
+    }
+    emit(p, cfg, EVENT_DROP, hook, reason);
+}
+
+/// A program's verdict on a packet it did not drop (`--trace`, sampled).
+#[inline(always)]
+pub fn forwarded<P: Packet>(p: &P, hook: Hook, verdict: u32) {
+    let Some(cfg) = WEFT_MONITOR.get(0) else {
+        return;
+    };
+    if cfg.flags & MONITOR_F_TRACE == 0 {
+        return;
+    }
+    if cfg.sample_every > 1 && unsafe { bpf_get_prandom_u32() } % cfg.sample_every != 0 {
+        return;
+    }
+    emit(p, cfg, EVENT_FORWARD, hook, verdict);
+}

@@ -1,0 +1,341 @@
+//! `weft monitor` against a pinned injection node: drops arrive with their reason, hook,
+//! 5-tuple and pod name; filters select; the datapath emits nothing without a listener, also
+//! after the monitor is SIGKILLed; the in-kernel budget caps a flood.
+use std::{
+    io::{BufRead as _, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Map, MapData, RingBuf};
+use serde_json::Value;
+use weft_agent::datapath::pin_dir;
+use weft_common::{map_names, prog_names};
+use weft_tests::{
+    cluster::binary, injection_node::*, netns::unique_name, packets::*, pins::PinDir,
+    testrun::run_tc, testrun::run_xdp,
+};
+
+const UNKNOWN_NODE_IP: [u8; 4] = [192, 168, 50, 77];
+
+struct Monitor {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Monitor {
+    /// Starts `weft monitor --json` (in the calling thread's network namespace) and waits until
+    /// it is attached.
+    fn start(node: &Node, pins: &Path, ipam: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(binary("weft"))
+            .arg("--pin-root")
+            .arg(pins)
+            .arg("--json")
+            .arg("monitor")
+            .arg("--cni-data-dir")
+            .arg(ipam)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting weft monitor");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while node.dp.maps.monitor_config().unwrap().owner_pid != child.id() {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "weft monitor exited before attaching"
+            );
+            assert!(Instant::now() < deadline, "weft monitor did not attach");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, lines }
+    }
+
+    /// The next event record (`lost` reports skipped).
+    fn next(&self) -> Option<Value> {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let line = self.lines.recv_timeout(left).ok()?;
+            let v: Value = serde_json::from_str(&line).expect("monitor prints JSON lines");
+            if v["type"] != "lost" {
+                return Some(v);
+            }
+        }
+    }
+
+    /// Nothing more arrives within a short wait.
+    fn assert_quiet(&self) {
+        if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(500)) {
+            panic!("unexpected event: {line}");
+        }
+    }
+
+    fn stop(mut self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spoofed_from_pod1() -> Vec<u8> {
+    // Pod 2's address from pod 1's veth.
+    tcp_frame(
+        POD2_MAC,
+        [0xee; 6],
+        POD2_IP,
+        REMOTE_VXLAN_IP,
+        40000,
+        80,
+        b"",
+    )
+}
+
+fn vxlan_from_unknown(node: &Node) -> Vec<u8> {
+    let inner = tcp_frame(
+        VTEP_MAC,
+        [0xee; 6],
+        [10, 244, 2, 7],
+        POD1_IP,
+        5555,
+        443,
+        b"x",
+    );
+    vxlan_frame(
+        &Outer {
+            src_mac: PEER_MAC,
+            dst_mac: node.underlay_mac,
+            src: UNKNOWN_NODE_IP,
+            dst: NODE_IP,
+        },
+        50000,
+        VXLAN_PORT,
+        VNI,
+        &inner,
+    )
+}
+
+fn from_pod(node: &mut Node, frame: &[u8], repeat: u32) -> i32 {
+    let ifindex = node.pod1_ifindex;
+    let prog = node.dp.tc_program(prog_names::FROM_POD).unwrap();
+    run_tc(prog, frame, ifindex, repeat).verdict
+}
+
+/// Events the ring buffer holds that nobody read.
+fn unread_events(pins: &Path) -> usize {
+    let path = pin_dir(pins).join("maps").join(map_names::EVENTS);
+    let map = Map::from_map_data(MapData::from_pin(&path).unwrap()).unwrap();
+    let mut ring = RingBuf::try_from(map).unwrap();
+    let mut n = 0;
+    while ring.next().is_some() {
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn monitor_reports_drops_filters_stops_without_listener_and_keeps_its_budget() {
+    let pins = PinDir::new("monitor");
+    let ipam = std::env::temp_dir().join(unique_name("weft-monitor-ipam-"));
+    std::fs::create_dir_all(ipam.join("weft")).unwrap();
+    std::fs::write(
+        ipam.join("weft/allocations.json"),
+        serde_json::json!({"last": null, "allocations": [
+            {"ip": "10.244.1.2", "containerID": "c1", "ifname": "eth0", "pod": "default/pod-one"},
+            {"ip": "10.244.1.3", "containerID": "c2", "ifname": "eth0", "pod": "default/pod-two"}]})
+        .to_string(),
+    )
+    .unwrap();
+    let pin_root = pins.path.clone();
+    let ipam_dir = ipam.clone();
+    let ns = namespace();
+    ns.run(move || {
+        let pins = pin_root.as_path();
+        let ipam = ipam_dir.as_path();
+        let mut node = node_pinned(pins);
+
+        // Nobody listens: the flags are off and a drop emits nothing.
+        assert_eq!(node.dp.maps.monitor_config().unwrap().flags, 0);
+        assert_eq!(from_pod(&mut node, &spoofed_from_pod1(), 1), 2);
+        assert_eq!(unread_events(pins), 0, "no listener, no event");
+
+        // A spoofed packet from a pod, and a tunnel packet from an unknown node (XDP and tc).
+        let mon = Monitor::start(&node, pins, ipam, &[]);
+        assert_eq!(from_pod(&mut node, &spoofed_from_pod1(), 1), 2);
+        let ev = mon.next().expect("the spoof's drop event");
+        assert_eq!(ev["type"], "drop");
+        assert_eq!(ev["hook"], "from_pod");
+        assert_eq!(ev["reason"], "spoofed_ip");
+        assert_eq!(ev["interface"], "h1");
+        assert_eq!(ev["endpoint"], "default/pod-one", "the veth's pod by name");
+        assert_eq!(ev["src"], "10.244.1.3");
+        assert_eq!(ev["dst"], "10.244.2.7");
+        assert_eq!(ev["protocol"], "tcp");
+        assert_eq!(ev["sport"], 40000);
+        assert_eq!(ev["dport"], 80);
+        assert_eq!(ev["src_pod"], "default/pod-two");
+        assert_eq!(ev["dst_node"], "192.168.50.2");
+
+        let vx = vxlan_from_unknown(&node);
+        let xdp = node.dp.xdp_program().unwrap();
+        assert_eq!(run_xdp(xdp, &vx, 1).verdict, 1, "XDP_DROP");
+        let ev = mon.next().expect("the XDP drop event");
+        assert_eq!(ev["hook"], "xdp_underlay");
+        assert_eq!(ev["reason"], "unknown_tunnel_source");
+        assert_eq!(ev["tunnel"]["kind"], "vxlan");
+        assert_eq!(ev["tunnel"]["src"], "192.168.50.77");
+        assert_eq!(ev["dst"], "10.244.1.2");
+        assert_eq!(ev["dst_pod"], "default/pod-one");
+        assert_eq!(ev["dport"], 443);
+        let tc = node.dp.tc_program(prog_names::FROM_UNDERLAY).unwrap();
+        assert_eq!(run_tc(tc, &vx, 0, 1).verdict, 2);
+        let ev = mon.next().expect("the tc drop event");
+        assert_eq!(ev["hook"], "from_underlay");
+        assert_eq!(ev["reason"], "unknown_tunnel_source");
+        mon.assert_quiet();
+
+        // One monitor at a time, and the second one says who holds the node.
+        let out = Command::new(binary("weft"))
+            .arg("--pin-root")
+            .arg(pins)
+            .args(["monitor", "--count", "1"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("another weft monitor (pid {})", mon.child.id())),
+            "{err}"
+        );
+
+        // A clean exit clears the flags at once.
+        mon.stop();
+        assert_eq!(node.dp.maps.monitor_config().unwrap().flags, 0);
+        assert_eq!(from_pod(&mut node, &spoofed_from_pod1(), 1), 2);
+        assert_eq!(unread_events(pins), 0);
+
+        // Filters: pod, reason, protocol, port, node; forwarding events with --trace.
+        let mon = Monitor::start(
+            &node,
+            pins,
+            ipam,
+            &[
+                "--reason",
+                "unknown_tunnel_source",
+                "--protocol",
+                "tcp",
+                "--port",
+                "443",
+            ],
+        );
+        assert_eq!(from_pod(&mut node, &spoofed_from_pod1(), 1), 2);
+        let tc = node.dp.tc_program(prog_names::FROM_UNDERLAY).unwrap();
+        assert_eq!(run_tc(tc, &vx, 0, 1).verdict, 2);
+        let ev = mon.next().expect("the matching event");
+        assert_eq!(ev["reason"], "unknown_tunnel_source");
+        mon.assert_quiet();
+        mon.stop();
+        let mon = Monitor::start(
+            &node,
+            pins,
+            ipam,
+            &["--trace", "--pod", "pod-two", "--node", "192.168.50.2"],
+        );
+        // Pod 1 to pod 2 on this node names pod-two but not node 192.168.50.2: filtered out.
+        // Pod 2's address toward a pod of 192.168.50.2 (the spoof) matches both.
+        let local = tcp_frame(POD1_MAC, [0xee; 6], POD1_IP, POD2_IP, 1000, 2000, b"");
+        assert_eq!(from_pod(&mut node, &local, 1), 7, "delivered locally");
+        assert_eq!(from_pod(&mut node, &spoofed_from_pod1(), 1), 2);
+        let ev = mon.next().expect("the spoof, matching both filters");
+        assert_eq!(ev["reason"], "spoofed_ip");
+        mon.assert_quiet();
+        mon.stop();
+        let mon = Monitor::start(&node, pins, ipam, &["--trace", "--pod", "default/pod-two"]);
+        assert_eq!(from_pod(&mut node, &local, 1), 7);
+        let ev = mon.next().expect("the forwarding event");
+        assert_eq!(ev["type"], "forward");
+        assert_eq!(ev["action"], "redirect");
+        assert_eq!(ev["hook"], "from_pod");
+        assert_eq!(ev["dst_pod"], "default/pod-two");
+        mon.stop();
+
+        // SIGKILL: the kernel closes the monitor's socket, empties the sockmap slot, and the
+        // datapath stops emitting (and clears the flags) at its next event.
+        let mut mon = Monitor::start(&node, pins, ipam, &["--trace"]);
+        mon.child.kill().unwrap();
+        mon.child.wait().unwrap();
+        assert_ne!(
+            node.dp.maps.monitor_config().unwrap().flags,
+            0,
+            "a killed monitor could not clear its flags itself"
+        );
+        assert_eq!(from_pod(&mut node, &spoofed_from_pod1(), 1), 2);
+        assert_eq!(unread_events(pins), 0, "nothing emitted after SIGKILL");
+        assert_eq!(
+            node.dp.maps.monitor_config().unwrap().flags,
+            0,
+            "the datapath cleared the flags of the dead monitor"
+        );
+        drop(mon);
+
+        // The budget: a flood of 5000 drops on one CPU yields at most the burst plus what the
+        // rate refills while it runs; the rest is counted as over budget.
+        let mon = Monitor::start(&node, pins, ipam, &["--budget", "20", "--burst", "10"]);
+        let rates = |node: &Node| -> (u64, u64) {
+            let r = node.dp.maps.monitor_rates().unwrap();
+            (
+                r.iter().map(|r| r.emitted).sum(),
+                r.iter().map(|r| r.over_budget).sum(),
+            )
+        };
+        let (emitted0, over0) = rates(&node);
+        let started = Instant::now();
+        assert_eq!(from_pod(&mut node, &spoofed_from_pod1(), 5000), 2);
+        let elapsed = started.elapsed().as_secs_f64();
+        let (emitted1, over1) = rates(&node);
+        let emitted = emitted1 - emitted0;
+        let allowed = 10 + (20.0 * elapsed).ceil() as u64;
+        assert!(
+            (10..=allowed).contains(&emitted),
+            "{emitted} events for a 5000-drop flood (budget 20/s, burst 10, {elapsed:.3} s)"
+        );
+        assert_eq!(
+            emitted + (over1 - over0),
+            5000,
+            "every refused event is counted"
+        );
+        let mut received = 0;
+        while mon.next().is_some() {
+            received += 1;
+            if received == emitted {
+                break;
+            }
+        }
+        assert_eq!(received, emitted, "the monitor printed every emitted event");
+        mon.stop();
+    });
+    drop(ns);
+    let _ = std::fs::remove_dir_all(&ipam);
+}
