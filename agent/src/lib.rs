@@ -9,5 +9,6 @@ pub mod monitor;
 pub mod node_net;
 pub mod policy;
 pub mod reconcile;
+pub mod trace;
 
-pub use weft_node::{cni, conntrack, datapath, ipam, json, mac, netlink, ns, subnet_env};
+pub use weft_node::{cni, conntrack, datapath, ipam, json, mac, netlink, ns, subnet_env, test_run};

@@ -56,6 +56,20 @@ pub mod map_names {
         MONITOR_RATE,
         EVENTS,
     ];
+    /// The maps the programs write (counters, caches, conntrack, the monitor's): `weft trace`
+    /// gives its instance private copies of these and shares every other map with the live
+    /// datapath, so a trace changes no state.
+    pub const WRITTEN_BY_DATAPATH: [&str; 9] = [
+        DROPS,
+        STATS,
+        NEXT_HOPS,
+        CONNTRACK,
+        PATH_MTU,
+        MONITOR,
+        MONITOR_SOCK,
+        MONITOR_RATE,
+        EVENTS,
+    ];
 }
 
 /// Program names (the Rust function names in `node-ebpf`).

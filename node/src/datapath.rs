@@ -143,6 +143,45 @@ impl Datapath {
         })
     }
 
+    /// A second instance of the programs for `weft trace`: the maps the programs only read
+    /// (config, routes, endpoints, nodes, policy) are the live ones pinned under `pin_root`;
+    /// the maps they write (`map_names::WRITTEN_BY_DATAPATH`: counters, conntrack, caches, the
+    /// monitor's) are private to this instance, so running it changes nothing on the node.
+    /// The caller copies into the private maps whatever live state a decision depends on (the
+    /// flow's conntrack entry, learned path MTUs).
+    pub fn load_for_trace(pin_root: &Path) -> Result<Self> {
+        let maps_dir = pin_dir(pin_root).join("maps");
+        let mut loader = EbpfLoader::new();
+        // Small private maps: a trace tracks one flow.
+        loader.map_max_entries(map_names::CONNTRACK, 1024);
+        loader.map_max_entries(map_names::NEXT_HOPS, 1024);
+        loader.map_max_entries(map_names::PATH_MTU, 1024);
+        for name in map_names::ALL {
+            if map_names::WRITTEN_BY_DATAPATH.contains(&name) {
+                continue;
+            }
+            let pin = maps_dir.join(name);
+            if !pin.exists() {
+                return Err(anyhow!(
+                    "{} is missing (is the agent running with pins under {}?)",
+                    pin.display(),
+                    pin_root.display()
+                ));
+            }
+            loader.map_pin_path(name, pin);
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("loading the trace instance of the eBPF object")?;
+        load_programs(&mut ebpf)?;
+        let maps = Maps::take_from(&mut ebpf)?;
+        Ok(Self {
+            ebpf,
+            maps,
+            pin_dir: None,
+        })
+    }
+
     /// The conntrack map's capacity as loaded: the requested size for a new map, the old size
     /// for a map adopted from its pin (a map cannot be resized; a new size takes effect once
     /// the pin is removed, e.g. at the next boot).
@@ -557,6 +596,12 @@ impl Maps {
             Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Writes a learned path MTU (`weft trace` copies the live ones into its instance).
+    pub fn upsert_path_mtu(&mut self, peer: Ipv4Addr, value: &PathMtu) -> Result<()> {
+        self.hash_upsert(map_names::PATH_MTU, peer, value)
+            .with_context(|| format!("writing the path MTU toward {peer}"))
     }
 
     /// Path MTUs learned from ICMP fragmentation-needed, by peer.

@@ -10,3 +10,4 @@ pub mod mac;
 pub mod netlink;
 pub mod ns;
 pub mod subnet_env;
+pub mod test_run;

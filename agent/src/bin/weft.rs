@@ -45,6 +45,36 @@ enum Cmd {
     /// Stream datapath events: drops (reason, hook, 5-tuple, pod and node), and with --trace
     /// sampled forwarding decisions. One monitor per node at a time; Ctrl-C detaches.
     Monitor(MonitorArgs),
+    /// Run weft's real programs on a synthetic packet against this node's live maps
+    /// (BPF_PROG_TEST_RUN) and print each step: lookups, verdict, the bytes that leave. Changes
+    /// no state: the programs run as a private instance sharing only the maps they read.
+    Trace(TraceArgs),
+}
+
+#[derive(clap::Args)]
+struct TraceArgs {
+    /// The sending pod (`namespace/name`, `name` or address), or any address with --via.
+    #[arg(long, value_name = "POD|IP")]
+    from: String,
+    /// The destination pod or address.
+    #[arg(long, value_name = "POD|IP")]
+    to: String,
+    /// tcp (a SYN), udp or icmp (an echo request).
+    #[arg(long, default_value = "tcp", value_name = "PROTO")]
+    proto: String,
+    /// Destination port (default: 80 for tcp, 53 for udp).
+    #[arg(long, value_name = "N")]
+    port: Option<u16>,
+    /// Send the packet from this pod's interface (when --from is not its address).
+    #[arg(long, value_name = "POD|IP")]
+    via: Option<String>,
+    /// Pin root of another node whose maps are reachable from here: the trace follows the
+    /// packet into that node's underlay programs. Repeatable.
+    #[arg(long, value_name = "DIR")]
+    peer_pin_root: Vec<PathBuf>,
+    /// The CNI plugin's IPAM directory (`dataDir`), where pods' names are recorded.
+    #[arg(long, default_value = weft_agent::cni::spec::DEFAULT_DATA_DIR, value_name = "DIR")]
+    cni_data_dir: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -200,9 +230,31 @@ fn monitor(maps: Maps, args: MonitorArgs, json: bool) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Cmd::Trace(args) = &cli.command {
+        use weft_agent::trace::{Proto, Request, format_text, trace};
+        let report = trace(
+            &cli.pin_root,
+            &Request {
+                from: args.from.clone(),
+                to: args.to.clone(),
+                proto: Proto::parse(&args.proto)?,
+                port: args.port,
+                via: args.via.clone(),
+                cni_data_dir: args.cni_data_dir.clone(),
+                peer_pin_roots: args.peer_pin_root.clone(),
+            },
+        )?;
+        if cli.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print!("{}", format_text(&report));
+        }
+        return Ok(());
+    }
     let maps = Maps::open_pinned(&cli.pin_root)?;
     match cli.command {
         Cmd::Monitor(args) => return monitor(maps, args, cli.json),
+        Cmd::Trace(_) => unreachable!("handled above"),
         Cmd::Status => {
             let cfg = maps.config()?;
             let ready = cfg.flags & CONFIG_F_READY != 0;

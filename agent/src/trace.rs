@@ -1,0 +1,719 @@
+//! `weft trace`: what the datapath would do with a packet, computed by the datapath itself.
+//!
+//! The packet is built here (a TCP SYN, a UDP datagram or an ICMP echo request) and run with
+//! `BPF_PROG_TEST_RUN` through weft's real programs: `from_pod` on the sending pod's veth, then,
+//! when the destination node's pins are reachable (`--peer-pin-root`, e.g. the simulated nodes of
+//! one machine), `xdp_underlay` and `from_underlay` there on the bytes that left.
+//!
+//! **No state changes.** The programs run as a second instance of the object
+//! (`Datapath::load_for_trace`): the maps they only read (config, routes, endpoints, nodes,
+//! policy) are the live pinned ones, the maps they write (counters, conntrack, the next-hop
+//! and path-MTU caches, the monitor's) are private to the instance. The live state a decision
+//! depends on is copied in first (the flow's conntrack entries, learned path MTUs). The other
+//! way, a "trace" flag in the packet's context tested at every write, would put a test into
+//! every write site of the hot path and lose state the moment someone adds a write and
+//! forgets it; the instance costs one program load (verifier) per trace and nothing per packet.
+//! What the run wrote to the private maps is read back: it is what the packet would have done
+//! (a conntrack entry created, a next hop resolved, which counters moved).
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use etherparse::PacketBuilder;
+use serde::Serialize;
+use weft_common::{
+    DECAP_META_MAGIC, DecapMeta, EndpointInfo, RouteMode, Stat,
+    conntrack::{CtEntry, CtKey, CtOrigin},
+    monitor::Hook,
+};
+
+use crate::{
+    datapath::{Datapath, Maps},
+    mac::format_mac,
+    monitor::{Names, parse},
+    test_run::{try_run_tc_gso, try_run_xdp},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl Proto {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Self::Tcp),
+            "udp" => Ok(Self::Udp),
+            "icmp" => Ok(Self::Icmp),
+            _ => bail!("--proto {s}: expected tcp, udp or icmp"),
+        }
+    }
+
+    fn number(self) -> u8 {
+        match self {
+            Self::Tcp => 6,
+            Self::Udp => 17,
+            Self::Icmp => 1,
+        }
+    }
+}
+
+/// What to trace.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// A local pod (`namespace/name`, `name` or address), or any address with `via`.
+    pub from: String,
+    /// A pod or any address.
+    pub to: String,
+    pub proto: Proto,
+    /// Destination port (TCP, UDP); default 80 (TCP) or 53 (UDP).
+    pub port: Option<u16>,
+    /// Send from this local pod's veth (e.g. a `from` address that is not the pod's: a spoof).
+    pub via: Option<String>,
+    /// The IPAM directory where pods' names are recorded.
+    pub cni_data_dir: PathBuf,
+    /// Pin roots of other nodes (their maps must be reachable from here).
+    pub peer_pin_roots: Vec<PathBuf>,
+}
+
+/// The source port of traced TCP and UDP packets.
+pub const TRACE_SPORT: u16 = 42424;
+
+/// One program run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Step {
+    pub hook: &'static str,
+    /// The node the program ran for.
+    pub node: Option<Ipv4Addr>,
+    /// The interface the packet arrives on.
+    pub interface: String,
+    /// The map lookups the program makes for this packet, and what they return.
+    pub lookups: Vec<String>,
+    /// Counters this packet moved (the private instance's).
+    pub counters: BTreeMap<String, u64>,
+    /// State the packet would create or change (conntrack entries, next hops, path MTUs).
+    pub state: Vec<String>,
+    /// The drop reason, when dropped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drop_reason: Option<String>,
+    /// The program's verdict, named.
+    pub verdict: String,
+    /// Where the packet goes next.
+    pub action: String,
+    /// The bytes that leave (after the program's rewrite), when the packet goes on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leaves: Option<Leaves>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Leaves {
+    pub len: usize,
+    /// Headers, read back from the bytes.
+    pub summary: String,
+    pub hex: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub protocol: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dport: Option<u16>,
+    pub steps: Vec<Step>,
+    /// Why the trace stops where it does (when it does not end in a pod or a drop).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// An address named on the command line: a pod name known to IPAM or an IPv4 address.
+fn resolve(names: &Names, s: &str) -> Result<Ipv4Addr> {
+    if let Ok(ip) = s.parse() {
+        return Ok(ip);
+    }
+    let hits: Vec<_> = names
+        .pods
+        .iter()
+        .filter(|(_, p)| *p == s || p.rsplit_once('/').is_some_and(|(_, n)| n == s))
+        .map(|(ip, _)| *ip)
+        .collect();
+    match hits[..] {
+        [ip] => Ok(ip),
+        [] => bail!(
+            "{s}: neither an IPv4 address nor a pod of this node (pods are named from the CNI \
+             plugin's IPAM records)"
+        ),
+        _ => bail!("{s}: several pods have this name; give namespace/name or the address"),
+    }
+}
+
+fn build(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: Proto,
+    dport: u16,
+) -> Result<Vec<u8>> {
+    let ip = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src.octets(), dst.octets(), 64);
+    let payload = b"weft trace probe";
+    let mut out = Vec::new();
+    match proto {
+        Proto::Tcp => ip
+            .tcp(TRACE_SPORT, dport, 1, 64240)
+            .syn()
+            .write(&mut out, payload),
+        Proto::Udp => ip.udp(TRACE_SPORT, dport).write(&mut out, payload),
+        Proto::Icmp => ip
+            .icmpv4_echo_request(TRACE_SPORT, 1)
+            .write(&mut out, payload),
+    }
+    .context("building the packet")?;
+    Ok(out)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .chunks(16)
+        .map(|c| {
+            c.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn summary(bytes: &[u8], vxlan_port: u16) -> String {
+    let p = parse(bytes, vxlan_port);
+    let flow = p.flow.map(|f| {
+        let port = |x: Option<u16>| x.map(|p| format!(":{p}")).unwrap_or_default();
+        format!(
+            "{} {}{} -> {}{} (ttl {})",
+            f.protocol,
+            f.src,
+            port(f.sport),
+            f.dst,
+            port(f.dport),
+            inner_ttl(bytes, vxlan_port).map_or("?".into(), |t| t.to_string())
+        )
+    });
+    let eth = if bytes.len() >= 12 {
+        format!(
+            "eth {} -> {}",
+            format_mac(&bytes[6..12].try_into().unwrap_or([0; 6])),
+            format_mac(&bytes[0..6].try_into().unwrap_or([0; 6]))
+        )
+    } else {
+        String::new()
+    };
+    let tunnel = p
+        .tunnel
+        .map(|t| format!("{} {} -> {} | ", t.kind, t.src, t.dst))
+        .unwrap_or_default();
+    format!(
+        "{eth}, {tunnel}{}",
+        flow.unwrap_or_else(|| "not IPv4".into())
+    )
+}
+
+/// The TTL of the packet's (inner) IPv4 header.
+fn inner_ttl(bytes: &[u8], vxlan_port: u16) -> Option<u8> {
+    let p = parse(bytes, vxlan_port);
+    let off = match p.tunnel.as_ref().map(|t| t.kind) {
+        // Ethernet, outer IPv4 (no options in weft's), UDP, VXLAN, inner Ethernet.
+        Some("vxlan") => 14 + 20 + 8 + 8 + 14,
+        Some("ipip") => 14 + 20,
+        _ => 14,
+    };
+    bytes.get(off + 8).copied()
+}
+
+fn mode_name(mode: u8) -> &'static str {
+    match RouteMode::from_u8(mode) {
+        Some(RouteMode::Vxlan) => "vxlan",
+        Some(RouteMode::Ipip) => "ipip",
+        Some(RouteMode::Direct) => "direct",
+        None => "unknown",
+    }
+}
+
+fn ct_line(k: &CtKey, e: &CtEntry) -> String {
+    let origin = match CtOrigin::from_u8(e.origin) {
+        Some(CtOrigin::Fast) => "fast path",
+        Some(CtOrigin::Stack) => "host stack",
+        None => "unknown",
+    };
+    format!(
+        "{} {}:{} <-> {}:{}, {origin}, flags {:#04x}",
+        crate::monitor::protocol_name(k.protocol),
+        Ipv4Addr::from(k.addr_lo),
+        u16::from_be_bytes(k.port_lo),
+        Ipv4Addr::from(k.addr_hi),
+        u16::from_be_bytes(k.port_hi),
+        e.flags
+    )
+}
+
+/// The live conntrack entries between two addresses for a protocol.
+fn flow_entries(maps: &Maps, a: Ipv4Addr, b: Ipv4Addr, proto: u8) -> Result<Vec<(CtKey, CtEntry)>> {
+    let (a, b) = (a.octets(), b.octets());
+    Ok(maps
+        .conntrack()?
+        .into_iter()
+        .filter(|(k, _)| {
+            k.protocol == proto
+                && ((k.addr_lo == a && k.addr_hi == b) || (k.addr_lo == b && k.addr_hi == a))
+        })
+        .take(512)
+        .collect())
+}
+
+/// Counters of a map set, by name, for deltas.
+fn counters(maps: &Maps) -> Result<BTreeMap<String, u64>> {
+    let mut out = BTreeMap::new();
+    for (r, n) in maps.drops()? {
+        out.insert(format!("drop:{}", r.name()), n);
+    }
+    for (s, n) in maps.stats()? {
+        out.insert(s.name().to_string(), n);
+    }
+    Ok(out)
+}
+
+fn if_name(ifindex: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer holds IF_NAMESIZE bytes.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return format!("ifindex {ifindex}");
+    }
+    // SAFETY: NUL-terminated by if_indextoname.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn tc_verdict(v: i32) -> &'static str {
+    match v {
+        -1 => "TC_ACT_UNSPEC",
+        0 => "TC_ACT_OK",
+        2 => "TC_ACT_SHOT",
+        7 => "TC_ACT_REDIRECT",
+        _ => "other",
+    }
+}
+
+fn xdp_verdict(v: i32) -> &'static str {
+    match v {
+        0 => "XDP_ABORTED",
+        1 => "XDP_DROP",
+        2 => "XDP_PASS",
+        3 => "XDP_TX",
+        4 => "XDP_REDIRECT",
+        _ => "other",
+    }
+}
+
+/// Runs one program of `dp` on `frame` and reads back what it did.
+fn run(
+    dp: &mut Datapath,
+    hook: Hook,
+    frame: &[u8],
+    ifindex: u32,
+    vxlan_port: u16,
+    mut step: Step,
+) -> Result<(Step, i32, Vec<u8>)> {
+    let before = counters(&dp.maps)?;
+    let ct_before = dp.maps.conntrack()?;
+    let hops_before = dp.maps.next_hops()?;
+    let out = match hook {
+        Hook::XdpUnderlay => try_run_xdp(dp.xdp_program()?, frame, 1)?,
+        _ => try_run_tc_gso(dp.tc_program(hook.name())?, frame, ifindex, 0, 1)?,
+    };
+    for (name, n) in counters(&dp.maps)? {
+        let delta = n - before.get(&name).copied().unwrap_or(0);
+        if delta == 0 {
+            continue;
+        }
+        if let Some(reason) = name.strip_prefix("drop:") {
+            step.drop_reason = Some(reason.to_string());
+        }
+        step.counters.insert(name, delta);
+    }
+    for (k, e) in dp.maps.conntrack()? {
+        match ct_before.iter().find(|(bk, _)| *bk == k) {
+            None => step
+                .state
+                .push(format!("conntrack entry created: {}", ct_line(&k, &e))),
+            Some((_, old)) if old.flags != e.flags || old.origin != e.origin => step
+                .state
+                .push(format!("conntrack entry updated: {}", ct_line(&k, &e))),
+            Some(_) => {}
+        }
+    }
+    for (node, h) in dp.maps.next_hops()? {
+        if !hops_before.iter().any(|(n, _)| *n == node) {
+            step.state.push(format!(
+                "next hop toward {node} resolved by the FIB: {} {} -> {}, mtu {}",
+                if_name(h.ifindex),
+                format_mac(&h.smac),
+                format_mac(&h.dmac),
+                h.mtu
+            ));
+        }
+    }
+    let mut data = out.data;
+    if hook == Hook::XdpUnderlay {
+        // The test run returns the metadata in front of the packet.
+        let meta_len = std::mem::size_of::<DecapMeta>();
+        if let Some(meta) = data.get(..meta_len)
+            && let Ok(meta) = bytemuck::try_pod_read_unaligned::<DecapMeta>(meta)
+            && meta.magic == DECAP_META_MAGIC
+        {
+            step.state.push(format!(
+                "metadata for from_underlay: from node {}",
+                Ipv4Addr::from(meta.peer)
+            ));
+            data.drain(..meta_len);
+        }
+    }
+    step.verdict = match hook {
+        Hook::XdpUnderlay => xdp_verdict(out.verdict),
+        _ => tc_verdict(out.verdict),
+    }
+    .to_string();
+    let went_on = match hook {
+        Hook::XdpUnderlay => out.verdict == 2,
+        _ => out.verdict == 0 || out.verdict == 7 || out.verdict == -1,
+    };
+    if went_on {
+        step.leaves = Some(Leaves {
+            len: data.len(),
+            summary: summary(&data, vxlan_port),
+            hex: hex(&data),
+        });
+    }
+    Ok((step, out.verdict, data))
+}
+
+fn new_step(hook: Hook, node: Option<Ipv4Addr>, interface: String) -> Step {
+    Step {
+        hook: hook.name(),
+        node,
+        interface,
+        lookups: Vec::new(),
+        counters: BTreeMap::new(),
+        state: Vec::new(),
+        drop_reason: None,
+        verdict: String::new(),
+        action: String::new(),
+        leaves: None,
+    }
+}
+
+/// Copies the live state a decision about `src`-`dst` depends on into the trace instance.
+fn seed(dp: &mut Datapath, live: &Maps, src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> Result<()> {
+    for (k, e) in flow_entries(live, src, dst, proto)? {
+        dp.maps.upsert_conntrack(&k, &e)?;
+    }
+    for (peer, mtu) in live.path_mtus()? {
+        dp.maps.upsert_path_mtu(peer, &mtu)?;
+    }
+    Ok(())
+}
+
+/// Traces `req` on the node pinned under `pin_root` (run in that node's network namespace:
+/// the programs' FIB lookups use it).
+pub fn trace(pin_root: &Path, req: &Request) -> Result<Report> {
+    let live = Maps::open_pinned(pin_root)?;
+    let cfg = live.config()?;
+    let node_ip = Ipv4Addr::from(cfg.node_ip);
+    let names = Names::load(&live, &req.cni_data_dir)?;
+    let src = resolve(&names, &req.from)?;
+    let dst = resolve(&names, &req.to)?;
+    let dport = match (req.proto, req.port) {
+        (Proto::Icmp, Some(_)) => bail!("--port: ICMP has no ports"),
+        (Proto::Icmp, None) => None,
+        (Proto::Tcp, p) => Some(p.unwrap_or(80)),
+        (Proto::Udp, p) => Some(p.unwrap_or(53)),
+    };
+    let endpoints = live.endpoints()?;
+    let endpoint = |ip: Ipv4Addr| -> Option<EndpointInfo> {
+        endpoints.iter().find(|(a, _)| *a == ip).map(|(_, e)| *e)
+    };
+    let sender_ip = match &req.via {
+        Some(v) => resolve(&names, v)?,
+        None => src,
+    };
+    let Some(sender) = endpoint(sender_ip) else {
+        bail!(
+            "{sender_ip} is not a pod of this node ({node_ip}): run the trace on the node of the \
+             sending pod, or name the pod whose interface sends the packet with --via"
+        );
+    };
+    let pod_name = |ip: Ipv4Addr| names.pod(ip).unwrap_or_else(|| ip.to_string());
+    let frame = build(
+        sender.pod_mac,
+        sender.host_mac,
+        src,
+        dst,
+        req.proto,
+        dport.unwrap_or(0),
+    )?;
+
+    let mut dp = Datapath::load_for_trace(pin_root)?;
+    seed(&mut dp, &live, src, dst, req.proto.number())?;
+
+    // Step 1: from_pod on the sender's veth.
+    let mut step = new_step(Hook::FromPod, Some(node_ip), if_name(sender.host_ifindex));
+    step.lookups.push(format!(
+        "sent by pod {} on its veth {} (ifindex {}), MAC {}",
+        pod_name(sender_ip),
+        if_name(sender.host_ifindex),
+        sender.host_ifindex,
+        format_mac(&sender.pod_mac)
+    ));
+    step.lookups.push(match endpoint(src) {
+        Some(e) if e.host_ifindex == sender.host_ifindex => {
+            format!("endpoints[{src}]: this veth: source check passes")
+        }
+        Some(e) => format!(
+            "endpoints[{src}]: another pod's veth (ifindex {}): source check fails",
+            e.host_ifindex
+        ),
+        None => format!("endpoints[{src}]: none: source check fails"),
+    });
+    let routes = live.routes()?;
+    let route_of = |ip: Ipv4Addr| {
+        routes
+            .iter()
+            .filter(|(net, _)| net.contains(&ip))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .copied()
+    };
+    let dest_line = if let Some(e) = endpoint(dst) {
+        format!(
+            "endpoints[{dst}]: local pod {} on veth {} (ifindex {})",
+            pod_name(dst),
+            if_name(e.host_ifindex),
+            e.host_ifindex
+        )
+    } else if let Some((net, r)) = route_of(dst) {
+        format!(
+            "routes[{dst}]: {net} -> node {} ({}, VTEP {})",
+            Ipv4Addr::from(r.node_ip),
+            mode_name(r.mode),
+            format_mac(&r.vtep_mac)
+        )
+    } else {
+        format!("endpoints[{dst}], routes[{dst}]: none: not a pod address (the host stack's)")
+    };
+    step.lookups.push(dest_line);
+    let live_ct = flow_entries(&live, src, dst, req.proto.number())?;
+    if live_ct.is_empty() {
+        step.lookups
+            .push("conntrack: no entry between these addresses (a new flow)".into());
+    }
+    for (k, e) in &live_ct {
+        step.lookups.push(format!("conntrack: {}", ct_line(k, e)));
+    }
+    let (mut step, verdict, out) = run(
+        &mut dp,
+        Hook::FromPod,
+        &frame,
+        sender.host_ifindex,
+        cfg.vxlan_port,
+        step,
+    )?;
+    let stat = |s: Stat| step.counters.contains_key(s.name());
+    let mut next_node = None;
+    step.action = if step.drop_reason.is_some() {
+        "dropped".into()
+    } else if verdict == 7 && stat(Stat::LocalDelivered) {
+        format!("into pod {}'s namespace (bpf_redirect_peer)", pod_name(dst))
+    } else if verdict == 7 {
+        let node = route_of(dst).map(|(_, r)| Ipv4Addr::from(r.node_ip));
+        next_node = node;
+        format!(
+            "out of the underlay toward node {}",
+            node.map_or("?".into(), |n| n.to_string())
+        )
+    } else {
+        "to the host stack (it routes, translates or delivers)".into()
+    };
+    let mut report = Report {
+        src,
+        dst,
+        protocol: crate::monitor::protocol_name(req.proto.number()),
+        dport,
+        steps: vec![step],
+        note: None,
+    };
+
+    // Step 2: the destination node's underlay programs, when its pins are reachable.
+    if let Some(peer_ip) = next_node {
+        let peer_root = req.peer_pin_roots.iter().find(|root| {
+            Maps::open_pinned(root)
+                .and_then(|m| m.config())
+                .is_ok_and(|c| Ipv4Addr::from(c.node_ip) == peer_ip)
+        });
+        match peer_root {
+            None => {
+                report.note = Some(format!(
+                    "node {peer_ip}'s maps are not reachable from here (give its pin root with \
+                     --peer-pin-root to follow the packet there)"
+                ));
+            }
+            Some(root) => {
+                let peer_live = Maps::open_pinned(root)?;
+                let peer_cfg = peer_live.config()?;
+                let mut peer = Datapath::load_for_trace(root)?;
+                seed(&mut peer, &peer_live, src, dst, req.proto.number())?;
+                let p = parse(&out, cfg.vxlan_port);
+                let mut xdp = new_step(Hook::XdpUnderlay, Some(peer_ip), "underlay".into());
+                if let Some(t) = &p.tunnel {
+                    xdp.lookups.push(format!(
+                        "nodes[{}]: {}",
+                        t.src,
+                        if peer_live.nodes()?.iter().any(|(n, _)| *n == t.src) {
+                            "a known node: decapsulation allowed"
+                        } else {
+                            "unknown: dropped"
+                        }
+                    ));
+                }
+                let (mut xdp, xv, _) = run(
+                    &mut peer,
+                    Hook::XdpUnderlay,
+                    &out,
+                    0,
+                    peer_cfg.vxlan_port,
+                    xdp,
+                )?;
+                xdp.action = match (xv, xdp.drop_reason.is_some()) {
+                    (_, true) => "dropped".into(),
+                    (2, false) if xdp.counters.is_empty() => "passed untouched".into(),
+                    (2, false) => "decapsulated, to from_underlay".into(),
+                    _ => "other".into(),
+                };
+                let dropped_in_xdp = xdp.drop_reason.is_some();
+                report.steps.push(xdp);
+                if !dropped_in_xdp {
+                    // The tc program on the encapsulated bytes: its decapsulation applies the
+                    // same checks as XDP's, then delivers.
+                    let mut tc = new_step(Hook::FromUnderlay, Some(peer_ip), "underlay".into());
+                    let peer_eps = peer_live.endpoints()?;
+                    tc.lookups
+                        .push(match peer_eps.iter().find(|(a, _)| *a == dst) {
+                            Some((_, e)) => format!(
+                                "endpoints[{dst}]: local pod on ifindex {} of node {peer_ip}",
+                                e.host_ifindex
+                            ),
+                            None => format!("endpoints[{dst}]: none on node {peer_ip}"),
+                        });
+                    let (mut tc, tv, _) = run(
+                        &mut peer,
+                        Hook::FromUnderlay,
+                        &out,
+                        0,
+                        peer_cfg.vxlan_port,
+                        tc,
+                    )?;
+                    let delivered = tc.counters.contains_key(Stat::UnderlayDelivered.name());
+                    tc.action = if tc.drop_reason.is_some() {
+                        "dropped".into()
+                    } else if tv == 7 && delivered {
+                        format!("into pod {dst}'s namespace on node {peer_ip} (bpf_redirect_peer)")
+                    } else {
+                        format!("to node {peer_ip}'s host stack")
+                    };
+                    report.steps.push(tc);
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// The report for a terminal.
+pub fn format_text(r: &Report) -> String {
+    let mut out = format!(
+        "trace {} {} -> {}{}\n",
+        r.protocol,
+        r.src,
+        r.dst,
+        r.dport.map(|p| format!(" port {p}")).unwrap_or_default()
+    );
+    for (i, s) in r.steps.iter().enumerate() {
+        out += &format!(
+            "\n[{}] {} on {}{}\n",
+            i + 1,
+            s.hook,
+            s.interface,
+            s.node.map(|n| format!(", node {n}")).unwrap_or_default()
+        );
+        for l in &s.lookups {
+            out += &format!("    lookup   {l}\n");
+        }
+        for l in &s.state {
+            out += &format!("    would    {l}\n");
+        }
+        if !s.counters.is_empty() {
+            let c: Vec<_> = s
+                .counters
+                .iter()
+                .map(|(k, v)| format!("{k} +{v}"))
+                .collect();
+            out += &format!("    counters {}\n", c.join(", "));
+        }
+        out += &format!("    verdict  {}: {}\n", s.verdict, s.action);
+        if let Some(l) = &s.leaves {
+            out += &format!("    leaves   {} bytes: {}\n", l.len, l.summary);
+            for line in l.hex.lines() {
+                out += &format!("             {line}\n");
+            }
+        }
+    }
+    if let Some(n) = &r.note {
+        out += &format!("\n{n}\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_the_three_protocols_and_names_pods() {
+        let src = Ipv4Addr::new(10, 0, 1, 2);
+        let dst = Ipv4Addr::new(10, 0, 2, 3);
+        for (proto, name) in [
+            (Proto::Tcp, "tcp"),
+            (Proto::Udp, "udp"),
+            (Proto::Icmp, "icmp"),
+        ] {
+            let f = build([2; 6], [4; 6], src, dst, proto, 8080).unwrap();
+            let p = parse(&f, 8472).flow.unwrap();
+            assert_eq!((p.src, p.dst, p.protocol.as_str()), (src, dst, name));
+            if proto != Proto::Icmp {
+                assert_eq!(p.dport, Some(8080));
+            }
+            assert_eq!(inner_ttl(&f, 8472), Some(64));
+        }
+        let mut names = Names::default();
+        names.pods.insert(src, "default/client".into());
+        assert_eq!(resolve(&names, "client").unwrap(), src);
+        assert_eq!(resolve(&names, "default/client").unwrap(), src);
+        assert_eq!(resolve(&names, "10.0.2.3").unwrap(), dst);
+        assert!(resolve(&names, "server").is_err());
+        assert!(Proto::parse("sctp").is_err());
+    }
+}
