@@ -196,7 +196,7 @@ struct MapsCollector {
 impl Collector for MapsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         // No maps (agent starting): no datapath figures.
-        let Ok(maps) = Maps::open_pinned(&self.pin_root) else {
+        let Ok(mut maps) = Maps::open_pinned(&self.pin_root) else {
             return Ok(());
         };
         let routes = maps.routes().map(|r| r.len()).unwrap_or(0);
@@ -235,6 +235,47 @@ impl Collector for MapsCollector {
             )?;
             for (reason, n) in maps.drops().unwrap_or_default() {
                 ConstCounter::new(n).encode(drops.encode_family(&[("reason", reason.name())])?)?;
+            }
+        }
+        {
+            // One series per local pod and direction: the endpoint map bounds them. Counters
+            // of pods that are gone (the CNI plugin's DEL never ran) are deleted here.
+            let endpoints: std::collections::HashSet<_> = maps
+                .endpoints()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(ip, _)| ip)
+                .collect();
+            let mut flows = maps.flows().unwrap_or_default();
+            for (ip, _) in flows.iter().filter(|(ip, _)| !endpoints.contains(ip)) {
+                let _ = maps.remove_flows(*ip);
+            }
+            flows.retain(|(ip, _)| endpoints.contains(ip));
+            for (name, help, pick) in [
+                (
+                    "weft_endpoint_packets",
+                    "Packets sent (out) and received (in) by each local pod",
+                    (|f: &weft_common::EndpointFlows| (f.packets_in, f.packets_out))
+                        as fn(&weft_common::EndpointFlows) -> (u64, u64),
+                ),
+                (
+                    "weft_endpoint_bytes",
+                    "IPv4 bytes sent (out) and received (in) by each local pod",
+                    |f| (f.bytes_in, f.bytes_out),
+                ),
+            ] {
+                let mut family =
+                    encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+                for (ip, f) in &flows {
+                    let ip = ip.to_string();
+                    let (n_in, n_out) = pick(f);
+                    ConstCounter::new(n_in).encode(
+                        family.encode_family(&[("endpoint", ip.as_str()), ("direction", "in")])?,
+                    )?;
+                    ConstCounter::new(n_out).encode(
+                        family.encode_family(&[("endpoint", ip.as_str()), ("direction", "out")])?,
+                    )?;
+                }
             }
         }
         let mut packets = encoder.encode_descriptor(

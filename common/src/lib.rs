@@ -32,6 +32,8 @@ pub mod map_names {
     pub const POLICY_RULES: &str = "WEFT_POLICY_RULES";
     pub const POLICY_PORT_BLOCKS: &str = "WEFT_POLICY_PORT_BLOCKS";
     pub const POLICY_NS_DEFAULTS: &str = "WEFT_POLICY_NS_DEFAULTS";
+    /// Per-endpoint packets and bytes, in and out.
+    pub const FLOWS: &str = "WEFT_FLOWS";
     /// `weft monitor`: flags, budget and owner of the attached monitor (`crate::monitor`).
     pub const MONITOR: &str = "WEFT_MONITOR";
     /// `weft monitor`: a socket of the attached monitor (the kernel empties it when it dies).
@@ -41,7 +43,7 @@ pub mod map_names {
     /// `weft monitor`: the event ring buffer.
     pub const EVENTS: &str = "WEFT_EVENTS";
     /// The maps the datapath declares today (the policy maps join when its programs use them).
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         CONFIG,
         ROUTES,
         ENDPOINTS,
@@ -55,11 +57,12 @@ pub mod map_names {
         MONITOR_SOCK,
         MONITOR_RATE,
         EVENTS,
+        FLOWS,
     ];
     /// The maps the programs write (counters, caches, conntrack, the monitor's): `weft trace`
     /// gives its instance private copies of these and shares every other map with the live
     /// datapath, so a trace changes no state.
-    pub const WRITTEN_BY_DATAPATH: [&str; 9] = [
+    pub const WRITTEN_BY_DATAPATH: [&str; 10] = [
         DROPS,
         STATS,
         NEXT_HOPS,
@@ -69,6 +72,7 @@ pub mod map_names {
         MONITOR_SOCK,
         MONITOR_RATE,
         EVENTS,
+        FLOWS,
     ];
 }
 
@@ -185,6 +189,29 @@ pub struct EndpointInfo {
     pub host_mac: [u8; 6],
     /// `EP_F_*` bits.
     pub flags: u32,
+}
+
+/// Traffic of one local pod (value of `WEFT_FLOWS`, per CPU). Bytes are IPv4 lengths (headers
+/// included, no Ethernet header).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct EndpointFlows {
+    /// Sent by the pod (past its source checks).
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    /// Delivered into the pod.
+    pub packets_in: u64,
+    pub bytes_in: u64,
+}
+
+impl EndpointFlows {
+    pub const ZERO: Self = Self {
+        packets_out: 0,
+        bytes_out: 0,
+        packets_in: 0,
+        bytes_in: 0,
+    };
 }
 
 /// A known tunnel peer: the only outer sources the decapsulation accepts.
@@ -449,6 +476,7 @@ const _: () = {
     assert!(core::mem::size_of::<NextHop>() == 32);
     assert!(core::mem::size_of::<PathMtu>() == 16);
     assert!(core::mem::size_of::<DecapMeta>() == 8);
+    assert!(core::mem::size_of::<EndpointFlows>() == 32);
     assert!(core::mem::size_of::<conntrack::CtKey>() == 16);
     assert!(core::mem::size_of::<conntrack::CtEntry>() == 16);
 };
@@ -480,6 +508,7 @@ aya_pod!(
     NextHop,
     PathMtu,
     DecapMeta,
+    EndpointFlows,
     conntrack::CtKey,
     conntrack::CtEntry,
     monitor::MonitorConfig,

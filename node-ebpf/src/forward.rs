@@ -6,7 +6,7 @@ use weft_common::{DropReason, EndpointInfo, NodeConfig, RouteInfo, RouteMode, St
 
 use crate::{
     counters::count,
-    encap, icmp, mtu,
+    encap, flows, icmp, mtu,
     parse::{ETH_HLEN, EthHdr, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, ptr_at},
     route,
 };
@@ -66,6 +66,7 @@ pub fn deliver_to_pod(eth: &mut EthHdr, ip: &mut Ipv4Hdr, dst: &EndpointInfo, st
     eth.dst = dst.pod_mac;
     eth.src = dst.host_mac;
     count(stat);
+    flows::received(ip.daddr, ip.tot_len());
     unsafe { bpf_redirect_peer(dst.host_ifindex, 0) as i32 }
 }
 

@@ -17,6 +17,7 @@ use crate::{
     arp,
     conntrack::{self, Path},
     counters::{count, count_drop},
+    flows,
     forward::{self, Dest},
     monitor,
     parse::{
@@ -101,6 +102,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     if is_tunnel_to_node(ctx, cfg, ip) {
         return Err(DropReason::TunnelFromPod);
     }
+    flows::sent(ip.saddr, ip.tot_len());
     // A shaped pod's traffic takes the stack, past the classic tc filters (the `bandwidth`
     // plugin redirects to its ifb there): TC_ACT_UNSPEC lets them run, TC_ACT_OK would not.
     let to_stack = if src.flags & EP_F_STACK_ONLY != 0 {

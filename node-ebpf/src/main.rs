@@ -11,6 +11,7 @@ mod conntrack;
 mod counters;
 mod decap;
 mod encap;
+mod flows;
 mod forward;
 mod icmp;
 mod maps;

@@ -11,7 +11,7 @@ use weft_common::{Stat, monitor::Hook};
 use crate::{
     conntrack,
     counters::count,
-    monitor,
+    flows, monitor,
     parse::{ETH_HLEN, HEADERS_LEN, L3, parse_ipv4},
     route,
 };
@@ -40,6 +40,7 @@ fn try_to_pod(ctx: &TcContext) {
     };
     let ip = unsafe { &*frame.ip };
     count(Stat::StackToPod);
+    flows::received(ip.daddr, ip.tot_len());
     let track = conntrack::track(ctx.data(), ctx.data_end(), ip, ETH_HLEN + ip.header_len());
     conntrack::record_stack(&track);
 }

@@ -24,8 +24,8 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use weft_common::{
-    DropReason, EndpointInfo, Ipv4Key, NextHop, NodeConfig, NodeInfo, PathMtu, RouteInfo,
-    SCHEMA_VERSION, Stat,
+    DropReason, EndpointFlows, EndpointInfo, Ipv4Key, NextHop, NodeConfig, NodeInfo, PathMtu,
+    RouteInfo, SCHEMA_VERSION, Stat,
     conntrack::{CT_MAX_DEFAULT, CtEntry, CtKey},
     map_names,
     monitor::{MonitorConfig, MonitorRate},
@@ -508,9 +508,49 @@ impl Maps {
             .with_context(|| format!("inserting endpoint {addr}"))
     }
 
+    /// Removes an endpoint, and its flow counters (a later pod with the same address starts
+    /// from zero).
     pub fn remove_endpoint(&mut self, addr: Ipv4Addr) -> Result<()> {
         self.hash_remove::<EndpointInfo>(map_names::ENDPOINTS, addr)
-            .with_context(|| format!("removing endpoint {addr}"))
+            .with_context(|| format!("removing endpoint {addr}"))?;
+        self.remove_flows(addr)
+    }
+
+    /// Per-endpoint packets and bytes, summed over CPUs, by pod address.
+    pub fn flows(&self) -> Result<Vec<(Ipv4Addr, EndpointFlows)>> {
+        let map: aya::maps::PerCpuHashMap<&MapData, Ipv4Key, EndpointFlows> =
+            self.map(map_names::FLOWS)?.try_into()?;
+        let mut out = Vec::new();
+        // An entry deleted between the key walk and its lookup is simply gone.
+        for (key, per_cpu) in map.iter().flatten() {
+            let mut sum = EndpointFlows::default();
+            for f in per_cpu.iter() {
+                sum.packets_out += f.packets_out;
+                sum.bytes_out += f.bytes_out;
+                sum.packets_in += f.packets_in;
+                sum.bytes_in += f.bytes_in;
+            }
+            out.push((Ipv4Addr::from(key.addr), sum));
+        }
+        out.sort_by_key(|(a, _)| *a);
+        Ok(out)
+    }
+
+    /// Forgets the flow counters of an address (absent: nothing to do).
+    pub fn remove_flows(&mut self, addr: Ipv4Addr) -> Result<()> {
+        let mut map: aya::maps::PerCpuHashMap<&mut MapData, Ipv4Key, EndpointFlows> =
+            self.map_mut(map_names::FLOWS)?.try_into()?;
+        match map.remove(&Ipv4Key {
+            addr: addr.octets(),
+        }) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.kind() == io::ErrorKind::NotFound =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e).with_context(|| format!("removing the flow counters of {addr}")),
+        }
     }
 
     pub fn endpoints(&self) -> Result<Vec<(Ipv4Addr, EndpointInfo)>> {

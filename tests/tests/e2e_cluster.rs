@@ -35,6 +35,91 @@ fn bulk_and_sizes(cluster: &Cluster, port: u16) {
     assert!(retries <= 5, "{retries} datagrams needed a retry");
 }
 
+/// The value of the sample `name{labels}` in an OpenMetrics text.
+fn sample(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+        (n == name
+            && labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+        .then(|| value.parse().ok())?
+    })
+}
+
+/// Per-endpoint flow counters: every pod of node 0 sent and received, one series per pod and
+/// direction; and every metric the Grafana dashboard queries exists in a live agent's
+/// /metrics.
+fn assert_endpoint_counters_and_dashboard_metrics(cluster: &Cluster) {
+    let node = &cluster.nodes[0];
+    let (status, body) = node.http_get("/metrics").expect("/metrics answers");
+    assert_eq!(status, 200);
+    for pod in &node.pods {
+        let ip = pod.ip.to_string();
+        for metric in ["weft_endpoint_packets_total", "weft_endpoint_bytes_total"] {
+            for dir in ["in", "out"] {
+                let v = sample(&body, metric, &[("endpoint", &ip), ("direction", dir)])
+                    .unwrap_or_else(|| panic!("{metric} of {ip} {dir} missing:\n{body}"));
+                assert!(v > 0.0, "{metric} of {ip} {dir} is {v}");
+            }
+        }
+    }
+    let series = body
+        .lines()
+        .filter(|l| l.starts_with("weft_endpoint_packets_total{"))
+        .count();
+    assert_eq!(
+        series,
+        2 * node.pods.len(),
+        "one series per pod and direction"
+    );
+
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/weft.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut queried = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(i) = rest.find("weft_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[i + name.len()..];
+                queried.insert(name);
+            }
+        }
+    }
+    for must in [
+        "weft_drops_total",
+        "weft_packets_total",
+        "weft_reconcile_seconds_bucket",
+        "weft_map_fill_ratio",
+        "weft_offlink_peers",
+    ] {
+        assert!(
+            queried.contains(must),
+            "the dashboard lost its {must} panel"
+        );
+    }
+    let exposed: std::collections::BTreeSet<&str> = body
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let missing: Vec<_> = queried
+        .iter()
+        .filter(|m| !exposed.contains(m.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries metrics the agent does not export: {missing:?}"
+    );
+}
+
 #[test]
 fn vxlan_cluster_full_connectivity() {
     let cluster = cluster_with_pods(ClusterOptions::default(), 2);
@@ -43,6 +128,7 @@ fn vxlan_cluster_full_connectivity() {
     assert_eq!(cluster.assert_tcp_udp_matrix(), 6 * 5 + 3 * 6);
     assert_eq!(probes, 6 * 5 + 6 * 3 + 3 * 6, "matrix size");
     bulk_and_sizes(&cluster, 8001);
+    assert_endpoint_counters_and_dashboard_metrics(&cluster);
     for node in &cluster.nodes {
         let drops: u64 = node.maps().drops().unwrap().iter().map(|(_, n)| n).sum();
         assert_eq!(
