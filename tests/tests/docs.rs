@@ -92,10 +92,15 @@ struct Flag {
 
 /// `weft-agent --help`, by long flag.
 fn agent_flags() -> BTreeMap<String, Flag> {
-    let out = std::process::Command::new(bin_dir().join("weft-agent"))
-        .arg("--help")
+    help_flags("weft-agent", &["--help"], 10)
+}
+
+/// The long flags `binary args` (a `--help`) lists, at least `min` of them.
+fn help_flags(binary: &str, args: &[&str], min: usize) -> BTreeMap<String, Flag> {
+    let out = std::process::Command::new(bin_dir().join(binary))
+        .args(args)
         .output()
-        .expect("running weft-agent --help");
+        .unwrap_or_else(|e| panic!("running {binary} {args:?}: {e}"));
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut flags = BTreeMap::new();
@@ -155,19 +160,34 @@ fn agent_flags() -> BTreeMap<String, Flag> {
     flags.remove("--help");
     flags.remove("--version");
     assert!(
-        flags.len() >= 10,
-        "parsed too few flags from --help: {flags:?}"
+        flags.len() >= min,
+        "parsed too few flags from {binary} {args:?}: {flags:?}"
     );
     flags
 }
 
 #[test]
 fn configuration_reference_lists_every_agent_flag() {
-    let flags = agent_flags();
     let doc = read("docs/configuration.md");
     let rows = keyed(table(&doc, "weft-agent flags"), "weft-agent flags");
+    fail_on(flag_problems(
+        &agent_flags(),
+        &rows,
+        "weft-agent flags",
+        "weft-agent --help",
+    ));
+}
+
+/// Differences between a command's flags and a documentation table of them (flag, default,
+/// meaning).
+fn flag_problems(
+    flags: &BTreeMap<String, Flag>,
+    rows: &BTreeMap<String, Vec<String>>,
+    table: &str,
+    source: &str,
+) -> Vec<String> {
     let mut problems = Vec::new();
-    for (flag, f) in &flags {
+    for (flag, f) in flags {
         let Flag {
             default,
             help,
@@ -181,24 +201,24 @@ fn configuration_reference_lists_every_agent_flag() {
                 (None, false) => "off".into(),
             };
             problems.push(format!(
-                "table \"weft-agent flags\": add the row | `{flag}` | {default} | {help} |"
+                "table \"{table}\": add the row | `{flag}` | {default} | {help} |"
             ));
             continue;
         };
         let cell = &row[1];
         match default {
             Some(d) if !cell.contains(&format!("`{d}`")) => problems.push(format!(
-                "table \"weft-agent flags\", row `{flag}`: the default is `{d}` (weft-agent --help), the doc says {cell:?}"
+                "table \"{table}\", row `{flag}`: the default is `{d}` ({source}), the doc says {cell:?}"
             )),
             None if cell.starts_with('`') => problems.push(format!(
-                "table \"weft-agent flags\", row `{flag}`: weft-agent has no literal default for it, the doc says {cell:?}: describe it instead"
+                "table \"{table}\", row `{flag}`: {source} has no literal default for it, the doc says {cell:?}: describe it instead"
             )),
             _ => {}
         }
         for v in values {
             if !row[2].contains(&format!("`{v}`")) {
                 problems.push(format!(
-                    "table \"weft-agent flags\", row `{flag}`: the meaning does not mention the value `{v}`"
+                    "table \"{table}\", row `{flag}`: the meaning does not mention the value `{v}`"
                 ));
             }
         }
@@ -206,11 +226,36 @@ fn configuration_reference_lists_every_agent_flag() {
     for flag in rows.keys() {
         if !flags.contains_key(flag) {
             problems.push(format!(
-                "table \"weft-agent flags\": remove the row for `{flag}`: weft-agent has no such flag"
+                "table \"{table}\": remove the row for `{flag}`: {source} has no such flag"
             ));
         }
     }
-    fail_on(problems);
+    problems
+}
+
+#[test]
+fn troubleshooting_lists_every_monitor_and_trace_flag() {
+    let doc = read("docs/troubleshooting.md");
+    let mut problems = Vec::new();
+    for (command, min) in [("monitor", 10), ("trace", 6)] {
+        let mut flags = help_flags("weft", &[command, "--help"], min);
+        // Global flags, documented with the CLI.
+        flags.remove("--pin-root");
+        flags.remove("--json");
+        let heading = format!("weft {command}");
+        let rows = keyed(table(&doc, &heading), &heading);
+        problems.extend(flag_problems(
+            &flags,
+            &rows,
+            &heading,
+            &format!("weft {command} --help"),
+        ));
+    }
+    assert!(
+        problems.is_empty(),
+        "docs/troubleshooting.md does not match the CLI:\n  {}",
+        problems.join("\n  ")
+    );
 }
 
 /// The field names a serde struct's `Deserialize` impl declares (renames applied): what the
