@@ -73,15 +73,20 @@ pub struct MonitorRate {
 /// One token, in [`MonitorRate::tokens`] units.
 pub const TOKEN: u64 = 1_000_000_000;
 
+/// The longest idle time a refill counts (so a bucket holds at most two seconds' budget).
+pub const MAX_REFILL_NS: u64 = 2 * TOKEN;
+
 /// Refills a bucket and takes one token if there is one. Pure, shared by the datapath and the
 /// unit tests.
 #[inline(always)]
 pub fn take_token(rate: &mut MonitorRate, now_ns: u64, rate_per_sec: u32, burst: u32) -> bool {
     let cap = burst as u64 * TOKEN;
-    // Clamp the elapsed time so the product cannot overflow (10 s refills any bucket).
+    // Clamp the elapsed time so nothing overflows for any u32 rate and burst (2 s × 2^32/s and
+    // 2^32 tokens fit u64 with room for the sum): a burst larger than two seconds' budget is
+    // never reached (`weft monitor` refuses to ask for one).
     let mut elapsed = now_ns.wrapping_sub(rate.last_ns);
-    if elapsed > 10 * TOKEN {
-        elapsed = 10 * TOKEN;
+    if elapsed > MAX_REFILL_NS {
+        elapsed = MAX_REFILL_NS;
     }
     let mut tokens = rate.tokens + elapsed * rate_per_sec as u64;
     if tokens > cap {
@@ -191,5 +196,15 @@ mod tests {
         // A zero rate never refills.
         let mut z = MonitorRate::default();
         assert!(!take_token(&mut z, t0, 0, 5));
+        // The largest values neither overflow nor stop refilling.
+        let mut m = MonitorRate::default();
+        for i in 0..100u64 {
+            assert!(take_token(
+                &mut m,
+                u64::MAX / 2 + i * 3 * TOKEN,
+                u32::MAX,
+                u32::MAX
+            ));
+        }
     }
 }

@@ -88,7 +88,7 @@ struct MonitorArgs {
     /// In-kernel budget: events per second per CPU; what exceeds it is counted, not sent.
     #[arg(long, default_value_t = weft_common::monitor::MONITOR_RATE_DEFAULT, value_name = "N")]
     budget: u32,
-    /// Largest burst of events per CPU (default: the budget).
+    /// Largest burst of events per CPU, at most twice the budget (default: the budget).
     #[arg(long, value_name = "N")]
     burst: Option<u32>,
     /// Only events about this pod (`namespace/name`, `name` or address); repeatable.
@@ -146,6 +146,13 @@ fn monitor(maps: Maps, args: MonitorArgs, json: bool) -> Result<()> {
         port: args.port,
     };
     filter.validate()?;
+    let burst = args.burst.unwrap_or(args.budget);
+    if burst as u64 > 2 * args.budget as u64 {
+        anyhow::bail!(
+            "--burst {burst}: at most two seconds' budget (2 x --budget {})",
+            args.budget
+        );
+    }
     let vxlan_port = maps.config()?.vxlan_port;
     let mut names = Names::load(&maps, &args.cni_data_dir)?;
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGPIPE] {
@@ -158,7 +165,7 @@ fn monitor(maps: Maps, args: MonitorArgs, json: bool) -> Result<()> {
             trace: args.trace,
             sample_every: args.sample,
             rate_per_sec: args.budget,
-            burst: args.burst.unwrap_or(args.budget),
+            burst,
         },
     )?;
     let realtime_offset = || {

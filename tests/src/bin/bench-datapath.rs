@@ -407,8 +407,94 @@ fn prog_costs(s: &Settings) -> Value {
             run_tc(p, &reply, node.pod2_ifindex, 1).duration_ns
         });
         out.insert("from_pod_stack_flow".into(), round(ns, 1));
+        out.extend(monitor_costs(node, calls));
         serde_json::to_value(out).unwrap()
     })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// `weft monitor`'s cost per packet: a forwarded packet (VXLAN encapsulation) and a dropped one
+/// (a spoofed source), with no monitor attached and with one attached that reports every
+/// drop and every forwarding decision (no sampling, no budget limit). Interleaved rounds,
+/// medians; `*_monitor_off_b` repeats the off case in each round: its difference from
+/// `*_monitor_off` is the noise of the measurement.
+fn monitor_costs(node: &mut Node, calls: u64) -> BTreeMap<String, f64> {
+    use weft_common::monitor::{MONITOR_F_DROPS, MONITOR_F_TRACE, MonitorConfig};
+    let socket = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    assert!(node.dp.maps.claim_monitor_slot(&socket).unwrap());
+    let mut ring =
+        aya::maps::RingBuf::try_from(node.dp.maps.take(weft_common::map_names::EVENTS).unwrap())
+            .unwrap();
+    let on = MonitorConfig {
+        flags: MONITOR_F_DROPS | MONITOR_F_TRACE,
+        rate_per_sec: u32::MAX,
+        burst: u32::MAX,
+        sample_every: 1,
+        owner_pid: std::process::id(),
+        _pad: 0,
+    };
+    let idx = node.pod1_ifindex;
+    let fwd = tcp_frame(
+        POD1_MAC,
+        [0xee; 6],
+        POD1_IP,
+        REMOTE_VXLAN_IP,
+        40000,
+        80,
+        &[0u8; 64],
+    );
+    let spoof = tcp_frame(
+        POD2_MAC,
+        [0xee; 6],
+        POD2_IP,
+        REMOTE_VXLAN_IP,
+        40000,
+        80,
+        &[0u8; 64],
+    );
+    // Rounds small enough that the ring (about 3,000 events) never fills: drained after each.
+    let per_round = 1000u64;
+    let rounds = (calls / per_round).clamp(5, 51) as usize;
+    let cases = [
+        ("from_pod_vxlan_encap", &fwd),
+        ("from_pod_spoofed_drop", &spoof),
+    ];
+    let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for _ in 0..rounds {
+        for (name, frame) in cases {
+            for (suffix, cfg) in [
+                ("monitor_off", MonitorConfig::default()),
+                ("monitor_on", on),
+                ("monitor_off_b", MonitorConfig::default()),
+            ] {
+                node.dp.maps.set_monitor_config(&cfg).unwrap();
+                let p = node.dp.tc_program(prog_names::FROM_POD).unwrap();
+                let ns = per_call_ns(per_round, || run_tc(p, frame, idx, 1).duration_ns);
+                samples
+                    .entry(format!("{name}_{suffix}"))
+                    .or_default()
+                    .push(ns);
+                let mut events = 0;
+                while ring.next().is_some() {
+                    events += 1;
+                }
+                let want = if cfg.flags != 0 { per_round } else { 0 };
+                assert_eq!(events, want, "{name}_{suffix}: events emitted");
+            }
+        }
+    }
+    node.dp
+        .maps
+        .set_monitor_config(&MonitorConfig::default())
+        .unwrap();
+    samples
+        .into_iter()
+        .map(|(k, v)| (k, round(median(v), 1)))
+        .collect()
 }
 
 fn main() {
@@ -431,7 +517,13 @@ fn main() {
         }
     };
     let mut report = serde_json::Map::new();
-    for (key, mtu_sized) in [("datapath", true), ("datapath_veth", false)] {
+    // `--prog-only`: the per-program costs alone (seconds instead of minutes).
+    let wires: &[(&str, bool)] = if std::env::args().any(|a| a == "--prog-only") {
+        &[]
+    } else {
+        &[("datapath", true), ("datapath_veth", false)]
+    };
+    for &(key, mtu_sized) in wires {
         let mut section = serde_json::Map::new();
         let contestants: [(&str, BuildTestbed); 7] = [
             ("weft-vxlan-tc", |m| weft_with(RouteMode::Vxlan, m, false)),
