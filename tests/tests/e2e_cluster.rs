@@ -120,6 +120,75 @@ fn assert_endpoint_counters_and_dashboard_metrics(cluster: &Cluster) {
     );
 }
 
+/// `weft monitor` on a node of a real cluster reports a pod sending from an address that is not
+/// its own, naming the pod as the runtime named it (CNI_ARGS).
+fn monitor_names_a_spoofing_pod(cluster: &Cluster) {
+    use std::io::Read as _;
+    let node = &cluster.nodes[0];
+    let pod = &node.pods[0];
+    let target = cluster.nodes[1].pods[0].ip;
+    let mut monitor = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", node.ns.path()))
+        .arg(weft_tests::cluster::binary("weft"))
+        .arg("--pin-root")
+        .arg(&node.pins.path)
+        .args([
+            "--json",
+            "monitor",
+            "--reason",
+            "spoofed_ip",
+            "--count",
+            "1",
+            "--cni-data-dir",
+        ])
+        .arg(node.dir.join("ipam"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("weft monitor to attach", Duration::from_secs(10), || {
+        node.maps().monitor_config().unwrap().owner_pid == monitor.id()
+    });
+    // A second address inside the pod: the pod sends from it.
+    let spoofed = std::net::Ipv4Addr::from(u32::from(pod.ip) + 100);
+    pod.ns.ip(&format!("addr add {spoofed}/32 dev eth0"));
+    let _ = pod.ns.exec_ok(
+        "ping",
+        &[
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "-I",
+            &spoofed.to_string(),
+            &target.to_string(),
+        ],
+    );
+    let mut out = String::new();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut stdout = monitor.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let _ = stdout.read_to_string(&mut out);
+        let _ = tx.send(out);
+    });
+    let out = rx
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| {
+            let _ = monitor.kill();
+            panic!("weft monitor reported nothing")
+        });
+    monitor.wait().unwrap();
+    let ev: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let pod_name = format!("default/{}", pod.ns.name);
+    assert_eq!(ev["reason"], "spoofed_ip", "{ev}");
+    assert_eq!(ev["hook"], "from_pod");
+    assert_eq!(ev["endpoint"], pod_name.as_str(), "{ev}");
+    assert_eq!(ev["src"], spoofed.to_string());
+    assert_eq!(ev["dst"], target.to_string());
+    assert_eq!(ev["protocol"], "icmp");
+    assert_eq!(ev["dst_node"], cluster.nodes[1].ip.to_string());
+    assert_eq!(node.maps().monitor_config().unwrap().flags, 0, "detached");
+}
+
 #[test]
 fn vxlan_cluster_full_connectivity() {
     let cluster = cluster_with_pods(ClusterOptions::default(), 2);
@@ -139,6 +208,8 @@ fn vxlan_cluster_full_connectivity() {
             node.maps().drops().unwrap()
         );
     }
+    // Last: it makes a drop.
+    monitor_names_a_spoofing_pod(&cluster);
 }
 
 #[test]

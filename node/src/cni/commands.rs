@@ -775,3 +775,20 @@ pub fn status(conf: &NetworkConfig) -> CniResult<()> {
         })?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::pod_name;
+
+    #[test]
+    fn pod_name_comes_from_the_runtime_args() {
+        assert_eq!(
+            pod_name("IgnoreUnknown=1;K8S_POD_NAMESPACE=prod;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=abc")
+                .as_deref(),
+            Some("prod/web-0")
+        );
+        assert_eq!(pod_name(""), None);
+        assert_eq!(pod_name("K8S_POD_NAME=web-0"), None, "no namespace");
+        assert_eq!(pod_name("K8S_POD_NAMESPACE=prod;K8S_POD_NAME="), None);
+    }
+}
