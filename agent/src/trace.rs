@@ -159,8 +159,9 @@ fn build(
     dst: Ipv4Addr,
     proto: Proto,
     dport: u16,
+    ttl: u8,
 ) -> Result<Vec<u8>> {
-    let ip = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src.octets(), dst.octets(), 64);
+    let ip = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src.octets(), dst.octets(), ttl);
     let payload = b"weft trace probe";
     let mut out = Vec::new();
     match proto {
@@ -452,10 +453,64 @@ pub fn trace(pin_root: &Path, req: &Request) -> Result<Report> {
         Some(v) => resolve(&names, v)?,
         None => src,
     };
+    let routes = live.routes()?;
+    let route_of = |ip: Ipv4Addr| {
+        routes
+            .iter()
+            .filter(|(net, _)| net.contains(&ip))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .copied()
+    };
     let Some(sender) = endpoint(sender_ip) else {
+        // A pod of another node to a pod of this one: the packet arrives from the underlay.
+        if req.via.is_none()
+            && let Some((net, route)) = route_of(src)
+            && endpoint(dst).is_some()
+        {
+            let peer = Ipv4Addr::from(route.node_ip);
+            let peer_mac = live
+                .next_hops()?
+                .into_iter()
+                .find(|(n, _)| *n == peer)
+                .map(|(_, h)| h.dmac)
+                .unwrap_or([0; 6]);
+            let nl = crate::netlink::BlockingNetlink::open()?;
+            let nic_mac = nl
+                .block_on(nl.link_by_index(cfg.underlay_ifindex))?
+                .and_then(|l| l.mac)
+                .unwrap_or([0; 6]);
+            let frame = arrival_frame(
+                &cfg,
+                &route,
+                (peer_mac, nic_mac),
+                (src, dst, req.proto, dport.unwrap_or(0)),
+            )?;
+            let mut report = Report {
+                src,
+                dst,
+                protocol: crate::monitor::protocol_name(req.proto.number()),
+                dport,
+                steps: Vec::new(),
+                note: Some(format!(
+                    "{src} is a pod of node {peer} ({net}): the packet is built as that node \
+                     sends it ({}) and enters this node ({node_ip}) from the underlay",
+                    mode_name(route.mode)
+                )),
+            };
+            underlay_steps(
+                &mut report,
+                pin_root,
+                node_ip,
+                &frame,
+                cfg.vxlan_port,
+                req.proto,
+            )?;
+            return Ok(report);
+        }
         bail!(
-            "{sender_ip} is not a pod of this node ({node_ip}): run the trace on the node of the \
-             sending pod, or name the pod whose interface sends the packet with --via"
+            "{sender_ip} is not a pod of this node ({node_ip}) and not a pod of another node \
+             sending to one of this node's pods: run the trace on the node of the sending pod, \
+             or name the pod whose interface sends the packet with --via"
         );
     };
     let pod_name = |ip: Ipv4Addr| names.pod(ip).unwrap_or_else(|| ip.to_string());
@@ -466,6 +521,7 @@ pub fn trace(pin_root: &Path, req: &Request) -> Result<Report> {
         dst,
         req.proto,
         dport.unwrap_or(0),
+        64,
     )?;
 
     let mut dp = Datapath::load_for_trace(pin_root)?;
@@ -490,14 +546,6 @@ pub fn trace(pin_root: &Path, req: &Request) -> Result<Report> {
         ),
         None => format!("endpoints[{src}]: none: source check fails"),
     });
-    let routes = live.routes()?;
-    let route_of = |ip: Ipv4Addr| {
-        routes
-            .iter()
-            .filter(|(net, _)| net.contains(&ip))
-            .max_by_key(|(net, _)| net.prefix_len())
-            .copied()
-    };
     let dest_line = if let Some(e) = endpoint(dst) {
         format!(
             "endpoints[{dst}]: local pod {} on veth {} (ifindex {})",
@@ -572,74 +620,137 @@ pub fn trace(pin_root: &Path, req: &Request) -> Result<Report> {
                 ));
             }
             Some(root) => {
-                let peer_live = Maps::open_pinned(root)?;
-                let peer_cfg = peer_live.config()?;
-                let mut peer = Datapath::load_for_trace(root)?;
-                seed(&mut peer, &peer_live, src, dst, req.proto.number())?;
-                let p = parse(&out, cfg.vxlan_port);
-                let mut xdp = new_step(Hook::XdpUnderlay, Some(peer_ip), "underlay".into());
-                if let Some(t) = &p.tunnel {
-                    xdp.lookups.push(format!(
-                        "nodes[{}]: {}",
-                        t.src,
-                        if peer_live.nodes()?.iter().any(|(n, _)| *n == t.src) {
-                            "a known node: decapsulation allowed"
-                        } else {
-                            "unknown: dropped"
-                        }
-                    ));
-                }
-                let (mut xdp, xv, _) = run(
-                    &mut peer,
-                    Hook::XdpUnderlay,
-                    &out,
-                    0,
-                    peer_cfg.vxlan_port,
-                    xdp,
-                )?;
-                xdp.action = match (xv, xdp.drop_reason.is_some()) {
-                    (_, true) => "dropped".into(),
-                    (2, false) if xdp.counters.is_empty() => "passed untouched".into(),
-                    (2, false) => "decapsulated, to from_underlay".into(),
-                    _ => "other".into(),
-                };
-                let dropped_in_xdp = xdp.drop_reason.is_some();
-                report.steps.push(xdp);
-                if !dropped_in_xdp {
-                    // The tc program on the encapsulated bytes: its decapsulation applies the
-                    // same checks as XDP's, then delivers.
-                    let mut tc = new_step(Hook::FromUnderlay, Some(peer_ip), "underlay".into());
-                    let peer_eps = peer_live.endpoints()?;
-                    tc.lookups
-                        .push(match peer_eps.iter().find(|(a, _)| *a == dst) {
-                            Some((_, e)) => format!(
-                                "endpoints[{dst}]: local pod on ifindex {} of node {peer_ip}",
-                                e.host_ifindex
-                            ),
-                            None => format!("endpoints[{dst}]: none on node {peer_ip}"),
-                        });
-                    let (mut tc, tv, _) = run(
-                        &mut peer,
-                        Hook::FromUnderlay,
-                        &out,
-                        0,
-                        peer_cfg.vxlan_port,
-                        tc,
-                    )?;
-                    let delivered = tc.counters.contains_key(Stat::UnderlayDelivered.name());
-                    tc.action = if tc.drop_reason.is_some() {
-                        "dropped".into()
-                    } else if tv == 7 && delivered {
-                        format!("into pod {dst}'s namespace on node {peer_ip} (bpf_redirect_peer)")
-                    } else {
-                        format!("to node {peer_ip}'s host stack")
-                    };
-                    report.steps.push(tc);
-                }
+                underlay_steps(&mut report, root, peer_ip, &out, cfg.vxlan_port, req.proto)?
             }
         }
     }
     Ok(report)
+}
+
+/// `xdp_underlay`, then `from_underlay`, on the node pinned under `root` (address `node_ip`),
+/// for `frame` as it arrives from the underlay.
+fn underlay_steps(
+    report: &mut Report,
+    root: &Path,
+    node_ip: Ipv4Addr,
+    frame: &[u8],
+    vxlan_port: u16,
+    proto: Proto,
+) -> Result<()> {
+    let (src, dst) = (report.src, report.dst);
+    let live = Maps::open_pinned(root)?;
+    let cfg = live.config()?;
+    let mut dp = Datapath::load_for_trace(root)?;
+    seed(&mut dp, &live, src, dst, proto.number())?;
+    let p = parse(frame, vxlan_port);
+    let mut xdp = new_step(Hook::XdpUnderlay, Some(node_ip), "underlay".into());
+    match &p.tunnel {
+        Some(t) => xdp.lookups.push(format!(
+            "nodes[{}]: {}",
+            t.src,
+            if live.nodes()?.iter().any(|(n, _)| *n == t.src) {
+                "a known node: decapsulation allowed"
+            } else {
+                "unknown: dropped"
+            }
+        )),
+        None => xdp
+            .lookups
+            .push("not a tunnel packet: XDP leaves it to tc".into()),
+    }
+    let (mut xdp, xv, _) = run(&mut dp, Hook::XdpUnderlay, frame, 0, cfg.vxlan_port, xdp)?;
+    xdp.action = match (xv, xdp.drop_reason.is_some()) {
+        (_, true) => "dropped".into(),
+        (2, false) if xdp.counters.is_empty() => "passed untouched".into(),
+        (2, false) => "decapsulated, to from_underlay".into(),
+        _ => "other".into(),
+    };
+    let dropped_in_xdp = xdp.drop_reason.is_some();
+    report.steps.push(xdp);
+    if dropped_in_xdp {
+        return Ok(());
+    }
+    // The tc program on the bytes as they arrived: its decapsulation applies the same checks
+    // as XDP's, then delivers.
+    let mut tc = new_step(Hook::FromUnderlay, Some(node_ip), "underlay".into());
+    tc.lookups
+        .push(match live.endpoints()?.iter().find(|(a, _)| *a == dst) {
+            Some((_, e)) => format!(
+                "endpoints[{dst}]: local pod on ifindex {} of node {node_ip}",
+                e.host_ifindex
+            ),
+            None => format!("endpoints[{dst}]: none on node {node_ip}"),
+        });
+    let (mut tc, tv, _) = run(&mut dp, Hook::FromUnderlay, frame, 0, cfg.vxlan_port, tc)?;
+    let delivered = tc.counters.contains_key(Stat::UnderlayDelivered.name());
+    tc.action = if tc.drop_reason.is_some() {
+        "dropped".into()
+    } else if tv == 7 && delivered {
+        format!("into pod {dst}'s namespace on node {node_ip} (bpf_redirect_peer)")
+    } else {
+        format!("to node {node_ip}'s host stack")
+    };
+    report.steps.push(tc);
+    Ok(())
+}
+
+/// The packet a pod of another node sends to a pod of this one, as its node puts it on the
+/// underlay toward this node (`route`: how this node reaches the sender's node; clusters use
+/// one backend). The sender's `from_pod` decremented the TTL.
+fn arrival_frame(
+    cfg: &weft_common::NodeConfig,
+    route: &weft_common::RouteInfo,
+    (peer_mac, nic_mac): ([u8; 6], [u8; 6]),
+    (src, dst, proto, dport): (Ipv4Addr, Ipv4Addr, Proto, u16),
+) -> Result<Vec<u8>> {
+    let ports = match proto {
+        Proto::Icmp => [0; 4],
+        _ => {
+            let (s, d) = (TRACE_SPORT.to_be_bytes(), dport.to_be_bytes());
+            [s[0], s[1], d[0], d[1]]
+        }
+    };
+    match RouteMode::from_u8(route.mode) {
+        Some(RouteMode::Vxlan) => {
+            let inner = build(route.vtep_mac, cfg.vtep_mac, src, dst, proto, dport, 63)?;
+            let hash = weft_common::flow_hash(src.octets(), dst.octets(), proto.number(), ports);
+            let vni = cfg.vni.to_be_bytes();
+            let mut payload = vec![0x08, 0, 0, 0, vni[1], vni[2], vni[3], 0];
+            payload.extend_from_slice(&inner);
+            let mut out = Vec::new();
+            PacketBuilder::ethernet2(peer_mac, nic_mac)
+                .ipv4(route.node_ip, cfg.node_ip, 64)
+                .udp(weft_common::vxlan_source_port(hash), cfg.vxlan_port)
+                .write(&mut out, &payload)
+                .context("building the VXLAN packet")?;
+            Ok(out)
+        }
+        Some(RouteMode::Ipip) => {
+            let inner = build([0; 6], [0; 6], src, dst, proto, dport, 63)?;
+            let ip = &inner[14..];
+            let mut outer = etherparse::Ipv4Header::new(
+                ip.len() as u16,
+                64,
+                etherparse::IpNumber(4),
+                route.node_ip,
+                cfg.node_ip,
+            )
+            .context("building the IPIP header")?;
+            outer.header_checksum = outer.calc_header_checksum();
+            let mut out = Vec::new();
+            etherparse::Ethernet2Header {
+                source: peer_mac,
+                destination: nic_mac,
+                ether_type: etherparse::EtherType::IPV4,
+            }
+            .write(&mut out)
+            .context("building the IPIP packet")?;
+            outer.write(&mut out).context("building the IPIP packet")?;
+            out.extend_from_slice(ip);
+            Ok(out)
+        }
+        _ => build(peer_mac, nic_mac, src, dst, proto, dport, 63),
+    }
 }
 
 /// The report for a terminal.
@@ -700,7 +811,7 @@ mod tests {
             (Proto::Udp, "udp"),
             (Proto::Icmp, "icmp"),
         ] {
-            let f = build([2; 6], [4; 6], src, dst, proto, 8080).unwrap();
+            let f = build([2; 6], [4; 6], src, dst, proto, 8080, 64).unwrap();
             let p = parse(&f, 8472).flow.unwrap();
             assert_eq!((p.src, p.dst, p.protocol.as_str()), (src, dst, name));
             if proto != Proto::Icmp {

@@ -45,7 +45,7 @@ pub fn from_underlay(ctx: TcContext) -> i32 {
     match try_from_underlay(&ctx) {
         Ok(verdict) => {
             // Only what weft forwards: the underlay also carries the node's own traffic.
-            if verdict == TC_ACT_REDIRECT as i32 {
+            if verdict == TC_ACT_REDIRECT {
                 monitor::forwarded(&ctx, Hook::FromUnderlay, verdict as u32);
             }
             verdict

@@ -279,6 +279,18 @@ fn trace_explains_local_encapsulated_and_spoofed_packets_without_changing_state(
         );
         assert!(s.get("leaves").is_none());
 
+        // Run on the destination node: a pod of another node arrives from the underlay, built
+        // as its node sends it.
+        let r = trace(&peer_root, &ipam_dir, &["--from", "10.244.1.2", "--to", "10.244.2.7", "--proto", "tcp"]);
+        let steps = r["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), 2, "{r}");
+        assert!(r["note"].as_str().unwrap().contains("a pod of node 192.168.50.1"), "{r}");
+        assert_eq!(steps[0]["hook"], "xdp_underlay");
+        assert_eq!(counter(&steps[0], "xdp_vxlan_decap"), 1, "{r}");
+        assert_eq!(steps[1]["hook"], "from_underlay");
+        assert_eq!(counter(&steps[1], "underlay_delivered"), 1, "{r}");
+        assert!(steps[1]["leaves"]["summary"].as_str().unwrap().contains("tcp 10.244.1.2:42424 -> 10.244.2.7:80 (ttl 62)"), "{r}");
+
         // The text form, for people.
         let out = Command::new(binary("weft"))
             .arg("--pin-root")

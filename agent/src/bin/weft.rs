@@ -53,7 +53,8 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct TraceArgs {
-    /// The sending pod (`namespace/name`, `name` or address), or any address with --via.
+    /// The sending pod (`namespace/name`, `name` or address), or any address with --via; a
+    /// pod of another node: its packet arrives here from the underlay.
     #[arg(long, value_name = "POD|IP")]
     from: String,
     /// The destination pod or address.
