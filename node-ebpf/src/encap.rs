@@ -7,8 +7,8 @@ use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
         BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        bpf_fib_lookup, bpf_redir_neigh,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_DIRECT, BPF_FIB_LOOKUP_OUTPUT,
+        BPF_FIB_LOOKUP_TBID, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, bpf_redir_neigh,
     },
     helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
@@ -133,18 +133,40 @@ pub fn ipip(ctx: &TcContext, cfg: &NodeConfig, route: &RouteInfo) -> Result<(), 
     Ok(())
 }
 
-/// Sends the (encapsulated or routed) frame toward `next_ip` through the underlay NIC, with
-/// the next hop from the kernel's FIB. Unresolved neighbours are left to
-/// `bpf_redirect_neigh`, which resolves them like the stack does.
+/// What the kernel's FIB is asked for the next hop.
+#[derive(Clone, Copy)]
+pub enum Lookup {
+    /// The underlay route to a node's own address (main table, through the rules): tunnels and
+    /// direct routes are addressed to the owning node.
+    Node([u8; 4]),
+    /// The route to a pod address in weft's BGP table (`BPF_FIB_LOOKUP_DIRECT | TBID`): the
+    /// next hop BIRD learned, the owning node or a router on the way to it.
+    BgpTable { dst: [u8; 4], table: u32 },
+}
+
+/// Sends the (encapsulated or routed) frame out of the underlay NIC, with the next hop from the
+/// kernel's FIB (cached per looked-up address for `NEXT_HOP_TTL_NS`: node addresses and pod
+/// addresses never collide, so both kinds share the cache). Unresolved neighbours are left to
+/// `bpf_redirect_neigh`, which resolves them like the stack does. Returns the verdict and
+/// whether the neighbour was unresolved.
 #[inline(always)]
 pub fn redirect_to_underlay(
     ctx: &TcContext,
     cfg: &NodeConfig,
     src_ip: [u8; 4],
-    next_ip: [u8; 4],
+    lookup: Lookup,
 ) -> Result<(i32, bool), DropReason> {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let key = Ipv4Key { addr: next_ip };
+    let (dst, flags, table, no_route) = match lookup {
+        Lookup::Node(ip) => (ip, BPF_FIB_LOOKUP_OUTPUT, 0, DropReason::NoUnderlayRoute),
+        Lookup::BgpTable { dst, table } => (
+            dst,
+            BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_TBID,
+            table,
+            DropReason::NoBgpRoute,
+        ),
+    };
+    let key = Ipv4Key { addr: dst };
     if let Some(hop) = WEFT_NEXT_HOPS.get_ptr(key)
         && unsafe { (*hop).expires_ns } > now
     {
@@ -160,17 +182,29 @@ pub fn redirect_to_underlay(
     }
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
+    // An egress lookup with the underlay NIC as the output device: only routes out of it
+    // match. A route in weft's table through any other device (weft_host, a pod's veth) would
+    // bring the packet back into weft; the FIB does not return it (no usable route).
     fib.ifindex = cfg.underlay_ifindex;
     fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src_ip);
-    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(next_ip);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    fib.__bindgen_anon_5.tbid = table;
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.skb.skb as *mut _,
             &mut fib,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
+            flags,
         )
     };
+    if matches!(lookup, Lookup::BgpTable { .. })
+        && (rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64)
+        && unsafe { fib.__bindgen_anon_4.ipv4_dst }.to_ne_bytes() == cfg.node_ip
+    {
+        // weft's table sends the packet to this node's own address (the kernel accepts such a
+        // gateway): it would come straight back.
+        return Err(DropReason::RouteLoop);
+    }
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         let (data, data_end) = (ctx.data(), ctx.data_end());
         let eth = ptr_at::<EthHdr>(data, data_end, 0).ok_or(DropReason::StoreFailed)?;
@@ -193,7 +227,8 @@ pub fn redirect_to_underlay(
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
         nh.nh_family = AF_INET as u32;
-        // After the lookup, ipv4_dst holds the next hop (gateway or the node itself).
+        // After the lookup, ipv4_dst holds the next hop (the gateway, or the looked-up address
+        // itself when it is on-link).
         nh.__bindgen_anon_1.ipv4_nh = unsafe { fib.__bindgen_anon_4.ipv4_dst };
         let ret = unsafe {
             bpf_redirect_neigh(
@@ -208,5 +243,5 @@ pub fn redirect_to_underlay(
     if rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64 {
         return Err(DropReason::ForwardingDisabled);
     }
-    Err(DropReason::NoUnderlayRoute)
+    Err(no_route)
 }

@@ -75,11 +75,22 @@ pub fn forward(
             Stat::IpipEncap
         }
         Some(RouteMode::Direct) => Stat::DirectForward,
+        Some(RouteMode::Bgp) => Stat::BgpForward,
         None => return Err(DropReason::BadRouteMode),
     };
-    // The next hop is always the owning node: tunnels are addressed to it, and direct routing
-    // sends the unchanged packet to its MAC (host-gw: the node is on-link).
-    let (verdict, neigh) = encap::redirect_to_underlay(ctx, cfg, cfg.node_ip, route.node_ip)?;
+    // Tunnels are addressed to the owning node, and direct routing sends the unchanged packet
+    // to its MAC (host-gw: the node is on-link). bgp routes the unchanged packet along the
+    // route BIRD learned for the destination: to the node, or to a router in between.
+    let (src, lookup) = if stat == Stat::BgpForward {
+        let lookup = encap::Lookup::BgpTable {
+            dst: ip.daddr,
+            table: cfg.bgp_table,
+        };
+        (ip.saddr, lookup)
+    } else {
+        (cfg.node_ip, encap::Lookup::Node(route.node_ip))
+    };
+    let (verdict, neigh) = encap::redirect_to_underlay(ctx, cfg, src, lookup)?;
     count(stat);
     if neigh {
         count(Stat::NeighResolve);

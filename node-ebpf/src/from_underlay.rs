@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use weft_common::{DropReason, Stat};
+use weft_common::{DropReason, RouteMode, Stat};
 
 use crate::{
     counters::{count, count_drop},
@@ -74,6 +74,14 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, DropReason> {
     };
     let (eth, ip): (&mut EthHdr, &mut _) = unsafe { (&mut *frame.eth, &mut *frame.ip) };
     let Some(dst) = route::endpoint(ip.daddr) else {
+        // Another node's pods, reached over BGP, arriving here unencapsulated: a router sent
+        // them to the wrong node. weft nodes never transit (the only way on is back out of the
+        // underlay, toward the router that sent it): the start of a loop, refused and counted.
+        if !tc_decapsulated
+            && route::route(ip.daddr).is_some_and(|r| r.mode == RouteMode::Bgp as u8)
+        {
+            return Err(DropReason::RouteLoop);
+        }
         return Ok(TC_ACT_OK);
     };
     // (Packets tc decapsulated itself are always delivered here: handing them back to the

@@ -44,6 +44,7 @@ fn mode(m: u8) -> String {
         Some(RouteMode::Vxlan) => "vxlan".into(),
         Some(RouteMode::Ipip) => "ipip".into(),
         Some(RouteMode::Direct) => "direct".into(),
+        Some(RouteMode::Bgp) => "bgp".into(),
         None => format!("unknown({m})"),
     }
 }
