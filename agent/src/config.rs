@@ -16,6 +16,8 @@ pub enum BackendType {
     Vxlan,
     Ipip,
     HostGw,
+    /// Calico's BGP mode: BIRD distributes pod routes (see `crate::bgp`).
+    Bgp,
 }
 
 impl BackendType {
@@ -25,6 +27,7 @@ impl BackendType {
             Self::Vxlan => "vxlan",
             Self::Ipip => "ipip",
             Self::HostGw => "host-gw",
+            Self::Bgp => "bgp",
         }
     }
 
@@ -33,6 +36,7 @@ impl BackendType {
             "vxlan" => Some(Self::Vxlan),
             "ipip" => Some(Self::Ipip),
             "host-gw" => Some(Self::HostGw),
+            "bgp" => Some(Self::Bgp),
             _ => None,
         }
     }
@@ -43,6 +47,7 @@ impl BackendType {
             Self::Vxlan => RouteMode::Vxlan,
             Self::Ipip => RouteMode::Ipip,
             Self::HostGw => RouteMode::Direct,
+            Self::Bgp => RouteMode::Bgp,
         }
     }
 }
@@ -57,6 +62,8 @@ pub struct Backend {
     pub direct_routing: bool,
     /// Explicit pod MTU; otherwise derived from the underlay MTU.
     pub mtu: Option<u32>,
+    /// [bgp] The bgp backend's keys (`Type: "bgp"` only).
+    pub bgp: Option<crate::bgp::BgpConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,6 +125,7 @@ impl NetConf {
                 port: VXLAN_PORT_DEFAULT,
                 direct_routing: false,
                 mtu: None,
+                bgp: None,
             },
             Some(v) => parse_backend(v)?,
         };
@@ -159,7 +167,7 @@ impl NetConf {
 }
 
 /// A key of `obj`, matched case-insensitively (Go's encoding/json does; flannel users rely on it).
-fn get<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+pub(crate) fn get<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     obj.get(key).or_else(|| {
         obj.iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(key))
@@ -206,7 +214,7 @@ fn parse_backend(v: &Value) -> Result<Backend> {
                 .as_str()
                 .ok_or_else(|| anyhow!("Backend.Type: {t} is not a string"))?;
             BackendType::parse(s).ok_or_else(|| {
-                anyhow!("Backend.Type: {s:?} is not supported (vxlan, ipip or host-gw)")
+                anyhow!("Backend.Type: {s:?} is not supported (vxlan, ipip, host-gw or bgp)")
             })?
         }
     };
@@ -239,12 +247,18 @@ fn parse_backend(v: &Value) -> Result<Backend> {
             _ => bail!("Backend.MTU: {v} is not an MTU (576-65535)"),
         },
     };
+    // [bgp] The bgp keys, validated only for the bgp backend (flannel ignores unknown keys).
+    let bgp = match kind {
+        BackendType::Bgp => Some(crate::bgp::BgpConfig::parse(obj)?),
+        _ => None,
+    };
     Ok(Backend {
         kind,
         vni,
         port,
         direct_routing,
         mtu,
+        bgp,
     })
 }
 
@@ -296,6 +310,21 @@ mod tests {
         let hg =
             NetConf::parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap();
         assert_eq!(hg.backend.kind.route_mode(), RouteMode::Direct);
+        assert!(hg.backend.bgp.is_none());
+        let bgp = NetConf::parse(
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"bgp","Peers":[{"Address":"10.9.0.1"}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(bgp.backend.kind, BackendType::Bgp);
+        assert_eq!(bgp.backend.bgp.unwrap().peers.len(), 1);
+        let e = format!(
+            "{:#}",
+            NetConf::parse(
+                r#"{"Network":"10.1.0.0/16","Backend":{"Type":"bgp","Peers":[{"Address":"x"}]}}"#
+            )
+            .unwrap_err()
+        );
+        assert!(e.contains("Backend.Peers[0].Address"), "{e}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! weft's userspace: the datapath loader and map access, and the modules shared by the agent
 //! (`weft-agent`), the CNI plugin (`weft-cni`), the CLI (`weft`) and the tests.
+pub mod bgp;
 pub mod cni;
 pub mod config;
 pub mod datapath;

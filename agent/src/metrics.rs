@@ -35,6 +35,8 @@ pub struct Metrics {
     pub offlink_peers: AtomicU64,
     /// Unix time (s) of the reconcile loop's last turn.
     pub heartbeat: AtomicU64,
+    /// [bgp] BIRD's sessions and routes (backend bgp only).
+    pub bgp: std::sync::Mutex<Option<crate::bgp::BgpStatus>>,
 }
 
 fn now_secs() -> u64 {
@@ -186,6 +188,12 @@ impl Metrics {
             for (stat, n) in maps.stats().unwrap_or_default() {
                 let _ = writeln!(out, "weft_packets_total{{path=\"{}\"}} {n}", stat.name());
             }
+        }
+        // [bgp]
+        if let Ok(status) = self.bgp.lock()
+            && let Some(status) = status.as_ref()
+        {
+            status.render_metrics(&mut out);
         }
         out
     }

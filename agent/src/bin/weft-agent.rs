@@ -13,6 +13,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, ValueEnum};
 use weft_agent::{
+    bgp,
     config::NetConf,
     datapath::Datapath,
     datastore::{
@@ -105,6 +106,12 @@ struct Args {
     /// Attach the underlay decapsulation in tc only (no XDP).
     #[arg(long)]
     no_xdp: bool,
+    /// [bgp] Directory of the node's BIRD files: configuration, control socket, pid file.
+    #[arg(long, default_value = "/run/weft/bird")]
+    bgp_dir: PathBuf,
+    /// [bgp] This node's labels, matched by `Peers[].NodeSelector` (`key=value,...`).
+    #[arg(long, default_value = "")]
+    node_labels: String,
 }
 
 fn main() -> ExitCode {
@@ -214,7 +221,21 @@ fn node_config(conf: &NetConf, underlay: &Underlay) -> NodeConfig {
         flags: CONFIG_F_READY,
         vtep_mac: node_net::vtep_mac_for(underlay.node_ip),
         _pad: [0; 2],
-        bgp_table: weft_common::BGP_TABLE_DEFAULT,
+        bgp_table: conf
+            .backend
+            .bgp
+            .as_ref()
+            .map_or(weft_common::BGP_TABLE_DEFAULT, |b| b.table),
+    }
+}
+
+/// How peers are reached: the backend's policy, and [bgp] the routes BIRD installed.
+fn mode_policy(conf: &NetConf, underlay: &Underlay, bgp: &bgp::Controller) -> ModePolicy {
+    ModePolicy {
+        backend: conf.backend.kind,
+        direct_routing: conf.backend.direct_routing,
+        underlay_subnet: underlay.subnet,
+        bgp: bgp.route_modes(),
     }
 }
 
@@ -353,19 +374,32 @@ fn run(args: Args) -> Result<()> {
         tracing::info!(?fw, "masquerading pod traffic leaving {}", conf.network);
     }
 
+    // [bgp] BIRD for the bgp backend, driven by the reconcile loop (idle for other backends).
+    let mut bgp = bgp::Controller::new(
+        bgp::Files {
+            dir: args.bgp_dir.clone(),
+        },
+        bgp::LocalNode {
+            name: local.name.clone(),
+            ip: underlay.node_ip,
+            underlay_subnet: underlay.subnet,
+            underlay_iface: underlay.name.clone(),
+            subnets: vec![subnet],
+            labels: bgp::config::parse_labels(&args.node_labels)?,
+        },
+        conf.network,
+    );
+    bgp.set_config(conf.backend.bgp.as_ref());
+
     let (tx, rx) = mpsc::channel();
     ds.run(tx)?;
     let mut rec = Reconciler::new(
-        ModePolicy {
-            backend: conf.backend.kind,
-            direct_routing: conf.backend.direct_routing,
-            underlay_subnet: underlay.subnet,
-        },
+        mode_policy(&conf, &underlay, &bgp),
         subnet,
         underlay.node_ip,
     );
     reconcile_loop(
-        &args, &conf, &underlay, pod_mtu, &mut dp, &mut rec, rx, &metrics,
+        &args, &conf, &underlay, pod_mtu, &mut dp, &mut rec, &mut bgp, rx, &metrics,
     )
 }
 
@@ -377,6 +411,7 @@ fn reconcile_loop(
     pod_mtu: u32,
     dp: &mut Datapath,
     rec: &mut Reconciler,
+    bgp: &mut bgp::Controller,
     rx: mpsc::Receiver<Event>,
     metrics: &Metrics,
 ) -> Result<()> {
@@ -426,13 +461,39 @@ fn reconcile_loop(
                 "backend changed: re-programming every peer"
             );
             dp.maps.set_config(&node_config(&new, underlay))?;
-            rec.set_policy(ModePolicy {
-                backend: new.backend.kind,
-                direct_routing: new.backend.direct_routing,
-                underlay_subnet: underlay.subnet,
-            });
+            // [bgp] Starts, reconfigures or retires BIRD.
+            bgp.set_config(new.backend.bgp.as_ref());
+            rec.set_policy(mode_policy(&new, underlay, bgp));
             conf = new;
             dirty = true;
+        }
+        // [bgp] The complete node list for BIRD's sessions and filters; BIRD's routes back.
+        if dirty && rec.synced {
+            let nodes = rec
+                .remote_leases()
+                .fold(
+                    std::collections::BTreeMap::<Ipv4Addr, Vec<_>>::new(),
+                    |mut m, l| {
+                        m.entry(l.public_ip).or_default().push(l.subnet);
+                        m
+                    },
+                )
+                .into_iter()
+                .map(|(ip, subnets)| bgp::PeerNode { ip, subnets })
+                .collect();
+            bgp.set_cluster(vec![rec.local_subnet], nodes);
+        }
+        let table = bgp.poll();
+        if table.routes {
+            // Next hops cached from weft's table may be stale.
+            dp.maps.flush_next_hops()?;
+        }
+        if table.learned {
+            rec.set_policy(mode_policy(&conf, underlay, bgp));
+            dirty = true;
+        }
+        if let Ok(mut status) = metrics.bgp.lock() {
+            *status = bgp.status();
         }
         metrics.beat();
         let now = Instant::now();
