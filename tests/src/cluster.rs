@@ -58,6 +58,10 @@ pub struct ClusterOptions {
     pub direct_routing: bool,
     /// Put every other node in the second underlay subnet.
     pub two_subnets: bool,
+    /// More `Backend` keys for net-conf.json (the bgp backend's `Peers`, `Mesh`, ...).
+    pub backend_extra: serde_json::Value,
+    /// Run BIRD on the underlay router as a route reflector for the nodes (bgp backend).
+    pub route_reflector: bool,
 }
 
 impl Default for ClusterOptions {
@@ -67,6 +71,8 @@ impl Default for ClusterOptions {
             backend: "vxlan".into(),
             direct_routing: false,
             two_subnets: false,
+            backend_extra: serde_json::Value::Null,
+            route_reflector: false,
         }
     }
 }
@@ -90,6 +96,8 @@ pub struct Pod {
 pub struct Cluster {
     // Field order is drop order: pods and agents go before the underlay and etcd.
     pub nodes: Vec<Node>,
+    /// BIRD on the underlay router (`ClusterOptions::route_reflector`).
+    pub router: Option<crate::bird::Bird>,
     pub flannel: Vec<FlannelNode>,
     pub etcd: Etcd,
     pub underlay: Netns,
@@ -105,6 +113,11 @@ impl Node {
 
     pub fn subnet_file(&self) -> PathBuf {
         self.dir.join("subnet.env")
+    }
+
+    /// The control socket of the BIRD the node's agent runs (bgp backend).
+    pub fn bird_socket(&self) -> PathBuf {
+        self.dir.join("bird").join("bird.ctl")
     }
 
     pub fn cni_conf(&self) -> serde_json::Value {
@@ -140,8 +153,12 @@ impl Cluster {
         let net_conf = std::env::temp_dir()
             .join(unique_name("weft-net-conf-"))
             .with_extension("json");
+        let router = options
+            .route_reflector
+            .then(|| crate::bird::Bird::start(&underlay, Self::route_reflector_spec(&[]).config()));
         let mut cluster = Self {
             nodes: Vec::new(),
+            router,
             flannel: Vec::new(),
             etcd,
             underlay,
@@ -159,15 +176,58 @@ impl Cluster {
         cluster
     }
 
+    /// The route reflector on the underlay router: iBGP (AS 64512) with every node on both
+    /// subnets, announcing `announce` itself; it announces a 10 s graceful restart time, so
+    /// nodes forget its routes 10 s after it died.
+    pub fn route_reflector_spec(announce: &[ipnet::Ipv4Net]) -> crate::bird::RouteReflector {
+        crate::bird::RouteReflector {
+            asn: 64512,
+            subnets: UNDERLAY_SUBNETS
+                .iter()
+                .map(|s| {
+                    (
+                        Ipv4Addr::new(s[0], s[1], s[2], 1),
+                        format!("{}.{}.{}.0/24", s[0], s[1], s[2]).parse().unwrap(),
+                    )
+                })
+                .collect(),
+            restart_time: 10,
+            announce: announce.to_vec(),
+        }
+    }
+
+    /// `Backend.Peers` for the route reflector: each node peers with the router's address on
+    /// its own subnet (per node by `NodeSubnet`).
+    pub fn route_reflector_peers() -> serde_json::Value {
+        serde_json::Value::Array(
+            UNDERLAY_SUBNETS
+                .iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "Address": format!("{}.{}.{}.1", s[0], s[1], s[2]),
+                        "AS": 64512,
+                        "NodeSubnet": format!("{}.{}.{}.0/24", s[0], s[1], s[2]),
+                    })
+                })
+                .collect(),
+        )
+    }
+
     /// Writes flannel's net-conf.json for the current backend options.
     pub fn write_net_conf(&self) {
+        let mut backend = serde_json::json!({
+            "Type": self.options.backend,
+            "DirectRouting": self.options.direct_routing,
+        });
+        if let Some(extra) = self.options.backend_extra.as_object() {
+            for (k, v) in extra {
+                backend[k] = v.clone();
+            }
+        }
         let conf = serde_json::json!({
             "Network": CLUSTER_NETWORK,
             "SubnetLen": 24,
-            "Backend": {
-                "Type": self.options.backend,
-                "DirectRouting": self.options.direct_routing,
-            }
+            "Backend": backend,
         });
         std::fs::write(&self.net_conf, serde_json::to_vec_pretty(&conf).unwrap()).unwrap();
     }
@@ -292,6 +352,8 @@ impl Cluster {
             format!("{}:9402", node.ip),
             "--lease-ttl".into(),
             "20".into(),
+            "--bgp-dir".into(),
+            node.dir.join("bird").display().to_string(),
         ];
         let log = node.dir.join("agent.log");
         NsProcess::spawn(
@@ -617,6 +679,13 @@ impl Cluster {
                 if n > 0 {
                     out += &format!("  drop {} {n}\n", reason.name());
                 }
+            }
+            let bgp_table = node.ns.ip(&format!(
+                "route show table {}",
+                weft_common::BGP_TABLE_DEFAULT
+            ));
+            for line in bgp_table.lines() {
+                out += &format!("  bgp table: {line}\n");
             }
         }
         out
