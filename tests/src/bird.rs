@@ -119,14 +119,18 @@ impl Drop for Bird {
     }
 }
 
-/// A route reflector on the underlay router: one iBGP session per node (dynamic neighbours on
-/// each of the router's subnets), reflecting every node's pod routes to the others, and
-/// installing them in the router's own kernel table so it forwards pod traffic between the
-/// subnets. Extra static routes let a test make the router announce what it does not own.
+/// A route reflector on the underlay router: one iBGP session per node (the nodes are listed,
+/// as on a route reflector an operator configures: a restarting reflector then waits for every
+/// node's routes before it sends any, instead of announcing an empty table to the first node
+/// that reconnects), reflecting every node's pod routes to the others, and installing them in
+/// the router's own kernel table so it forwards pod traffic between the subnets. Extra static
+/// routes let a test make the router announce what it does not own.
 pub struct RouteReflector {
     pub asn: u32,
     /// (router address on the subnet, the subnet)
     pub subnets: Vec<(Ipv4Addr, Ipv4Net)>,
+    /// The nodes (route reflector clients).
+    pub clients: Vec<Ipv4Addr>,
     /// Graceful restart time the router announces: how long nodes keep its routes when it
     /// dies.
     pub restart_time: u16,
@@ -141,9 +145,10 @@ impl RouteReflector {
             "log stderr {{ info, remote, warning, error, auth, fatal, bug }};\n\
              timeformat protocol \"%s\";\ntimeformat route \"%s\";\n\
              router id {router_id};\n\
+             graceful restart wait 20;\n\
              protocol device {{ scan time 10; }}\n\
              protocol direct {{ ipv4; interface \"br*\"; }}\n\
-             protocol kernel {{ ipv4 {{ import none; export where source = RTS_BGP; }}; }}\n\
+             protocol kernel {{ graceful restart on; ipv4 {{ import none; export where source = RTS_BGP; }}; }}\n\
              protocol static announced {{ ipv4;\n"
         );
         for net in &self.announce {
@@ -152,16 +157,22 @@ impl RouteReflector {
         c += &format!(
             "}}\n\
              template bgp clients {{\n  \
+               local as {asn};\n  \
                rr client;\n  rr cluster id {router_id};\n  \
                graceful restart on;\n  graceful restart time {};\n  \
-               hold time 9;\n  keepalive time 3;\n  connect delay time 1;\n  error wait time 1, 5;\n  \
+               hold time 9;\n  keepalive time 3;\n  connect delay time 1;\n  connect retry time 2;\n  error wait time 1, 5;\n  \
                ipv4 {{ import all; export where source ~ [ RTS_BGP, RTS_STATIC ]; next hop keep; add paths tx; }};\n}}\n",
-            self.restart_time
+            self.restart_time,
+            asn = self.asn
         );
-        for (i, (addr, subnet)) in self.subnets.iter().enumerate() {
+        for client in &self.clients {
+            let Some((local, _)) = self.subnets.iter().find(|(_, s)| s.contains(client)) else {
+                continue;
+            };
             c += &format!(
-                "protocol bgp rr{i} from clients {{ local {addr} as {asn}; neighbor range {subnet} internal; }}\n",
-                asn = self.asn
+                "protocol bgp client_{} from clients {{ local {local}; neighbor {client} as {}; }}\n",
+                client.to_string().replace('.', "_"),
+                self.asn
             );
         }
         c

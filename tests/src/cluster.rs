@@ -98,6 +98,8 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     /// BIRD on the underlay router (`ClusterOptions::route_reflector`).
     pub router: Option<crate::bird::Bird>,
+    /// Pod subnets the router announces itself (hijack attempts), see `reconfigure_router`.
+    pub router_announces: Vec<ipnet::Ipv4Net>,
     pub flannel: Vec<FlannelNode>,
     pub etcd: Etcd,
     pub underlay: Netns,
@@ -153,12 +155,13 @@ impl Cluster {
         let net_conf = std::env::temp_dir()
             .join(unique_name("weft-net-conf-"))
             .with_extension("json");
-        let router = options
-            .route_reflector
-            .then(|| crate::bird::Bird::start(&underlay, Self::route_reflector_spec(&[]).config()));
+        let router = options.route_reflector.then(|| {
+            crate::bird::Bird::start(&underlay, Self::route_reflector_spec(&[], &[]).config())
+        });
         let mut cluster = Self {
             nodes: Vec::new(),
             router,
+            router_announces: Vec::new(),
             flannel: Vec::new(),
             etcd,
             underlay,
@@ -176,10 +179,13 @@ impl Cluster {
         cluster
     }
 
-    /// The route reflector on the underlay router: iBGP (AS 64512) with every node on both
-    /// subnets, announcing `announce` itself; it announces a 10 s graceful restart time, so
+    /// The route reflector on the underlay router: iBGP (AS 64512) with the nodes at
+    /// `clients`, announcing `announce` itself; it announces a 10 s graceful restart time, so
     /// nodes forget its routes 10 s after it died.
-    pub fn route_reflector_spec(announce: &[ipnet::Ipv4Net]) -> crate::bird::RouteReflector {
+    pub fn route_reflector_spec(
+        clients: &[Ipv4Addr],
+        announce: &[ipnet::Ipv4Net],
+    ) -> crate::bird::RouteReflector {
         crate::bird::RouteReflector {
             asn: 64512,
             subnets: UNDERLAY_SUBNETS
@@ -191,8 +197,20 @@ impl Cluster {
                     )
                 })
                 .collect(),
+            clients: clients.to_vec(),
             restart_time: 10,
             announce: announce.to_vec(),
+        }
+    }
+
+    /// Renders the router's configuration for the current nodes (plus `extra`) and
+    /// `router_announces`, and reloads it in place.
+    pub fn reconfigure_router(&mut self, extra: Option<Ipv4Addr>) {
+        let mut clients: Vec<Ipv4Addr> = self.nodes.iter().map(|n| n.ip).collect();
+        clients.extend(extra);
+        let config = Self::route_reflector_spec(&clients, &self.router_announces).config();
+        if let Some(router) = self.router.as_mut() {
+            router.reconfigure(config);
         }
     }
 
@@ -240,6 +258,8 @@ impl Cluster {
         let dir = std::env::temp_dir().join(unique_name("weft-node-"));
         std::fs::create_dir_all(&dir).unwrap();
         let name = format!("node-{index}");
+        // The route reflector peers with the new node before its agent starts.
+        self.reconfigure_router(Some(ip));
         let mut node = Node {
             name,
             ns,

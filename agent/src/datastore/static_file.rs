@@ -61,13 +61,12 @@ fn parse(text: &str) -> Result<Vec<Entry>> {
                 .and_then(parse_mac)
                 .ok_or_else(|| anyhow!("nodes[{i}].vtepMAC: not a MAC address"))?,
         };
-        let backend =
-            match n.get("backendType") {
-                None => None,
-                Some(b) => Some(b.as_str().and_then(BackendType::parse).ok_or_else(|| {
-                    anyhow!("nodes[{i}].backendType: not vxlan, ipip or host-gw")
-                })?),
-            };
+        let backend = match n.get("backendType") {
+            None => None,
+            Some(b) => Some(b.as_str().and_then(BackendType::parse).ok_or_else(|| {
+                anyhow!("nodes[{i}].backendType: not vxlan, ipip, host-gw or bgp")
+            })?),
+        };
         out.push(Entry {
             name,
             lease: NodeLease {
