@@ -122,6 +122,23 @@ impl Node {
         self.dir.join("bird").join("bird.ctl")
     }
 
+    /// The node's pod subnet (from its subnet file).
+    pub fn subnet(&self) -> ipnet::Ipv4Net {
+        weft_agent::subnet_env::SubnetEnv::read(&self.subnet_file())
+            .expect("the node's subnet file")
+            .subnet
+    }
+
+    /// Prefixes in the node's BGP routing table (what BIRD installed for the datapath).
+    pub fn bgp_learned(&self) -> std::collections::BTreeSet<ipnet::Ipv4Net> {
+        self.ns.run(|| {
+            weft_agent::bgp::table::read(weft_common::BGP_TABLE_DEFAULT)
+                .expect("reading the BGP table")
+                .into_keys()
+                .collect()
+        })
+    }
+
     pub fn cni_conf(&self) -> serde_json::Value {
         serde_json::json!({
             "cniVersion": "1.1.0",
@@ -409,6 +426,32 @@ impl Cluster {
             env.subnet.prefix_len()
         ));
         node
+    }
+
+    /// Waits until every node's BGP table holds every other node's subnet, and nothing else.
+    pub fn wait_bgp_converged(&self, timeout: Duration) {
+        let subnets: Vec<ipnet::Ipv4Net> = self.nodes.iter().map(Node::subnet).collect();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let want: std::collections::BTreeSet<ipnet::Ipv4Net> = subnets
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, s)| *s)
+                .collect();
+            let deadline = std::time::Instant::now() + timeout;
+            while node.bgp_learned() != want {
+                if std::time::Instant::now() > deadline {
+                    panic!(
+                        "{}: BGP table {:?}, want {want:?}\n{}\n{}",
+                        node.name,
+                        node.bgp_learned(),
+                        self.datapath_state(),
+                        self.agent_logs()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
 
     /// Waits until node `index` has written its subnet file and routes to every other node.

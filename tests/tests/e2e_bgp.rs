@@ -43,47 +43,15 @@ fn rr_extra() -> serde_json::Value {
 }
 
 fn subnet(node: &Node) -> Ipv4Net {
-    weft_agent::subnet_env::SubnetEnv::read(&node.subnet_file())
-        .expect("subnet file")
-        .subnet
+    node.subnet()
 }
 
-/// Prefixes in the node's BGP table (what BIRD installed for the datapath).
 fn learned(node: &Node) -> BTreeSet<Ipv4Net> {
-    let path = node.ns.path();
-    node.ns.run(move || {
-        let _ = path;
-        weft_agent::bgp::table::read(BGP_TABLE_DEFAULT)
-            .expect("reading the BGP table")
-            .into_keys()
-            .collect()
-    })
+    node.bgp_learned()
 }
 
-/// Waits until every node's BGP table holds every other node's subnet (and nothing else).
 fn wait_learned(c: &Cluster, timeout: Duration) {
-    let subnets: Vec<Ipv4Net> = c.nodes.iter().map(subnet).collect();
-    for (i, node) in c.nodes.iter().enumerate() {
-        let want: BTreeSet<Ipv4Net> = subnets
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(_, s)| *s)
-            .collect();
-        let started = Instant::now();
-        while learned(node) != want {
-            if started.elapsed() > timeout {
-                panic!(
-                    "{}: BGP table {:?}, want {want:?}\n{}\n{}",
-                    node.name,
-                    learned(node),
-                    c.datapath_state(),
-                    c.agent_logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
+    c.wait_bgp_converged(timeout)
 }
 
 fn metric(node: &Node, name: &str) -> Option<f64> {
