@@ -16,6 +16,7 @@ fn cluster(backend: &str, direct_routing: bool, two_subnets: bool) -> Cluster {
         backend: backend.into(),
         direct_routing,
         two_subnets,
+        ..Default::default()
     });
     for node in 0..cluster.nodes.len() {
         cluster.add_pod(node);

@@ -277,7 +277,8 @@ impl Controller {
             && Instant::now() >= *at
         {
             let (old, _) = self.retiring.take().expect("checked");
-            old.stop();
+            // A clean shutdown takes milliseconds, but never holds up the reconcile loop.
+            std::thread::spawn(move || old.stop());
         }
         let table = match &self.speaker {
             Some(s) => s.status().table,

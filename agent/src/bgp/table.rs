@@ -28,7 +28,7 @@ pub fn parse(v: &Value) -> BTreeMap<Ipv4Net, String> {
             let net = dst
                 .parse::<Ipv4Net>()
                 .ok()
-                .or_else(|| Some(Ipv4Net::new(dst.parse().ok()?, 32).ok()?))?;
+                .or_else(|| Ipv4Net::new(dst.parse().ok()?, 32).ok())?;
             Some((net, r.to_string()))
         })
         .collect()

@@ -229,6 +229,32 @@ fn node_config(conf: &NetConf, underlay: &Underlay) -> NodeConfig {
     }
 }
 
+/// [bgp] This node's labels, matched by `Peers[].NodeSelector`: `--node-labels`, or with the
+/// Kubernetes datastore (and selectors in use) the Node object's labels, read at start.
+fn node_labels(
+    args: &Args,
+    conf: &NetConf,
+    name: &str,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut labels = bgp::config::parse_labels(&args.node_labels)?;
+    let selectors = conf
+        .backend
+        .bgp
+        .as_ref()
+        .is_some_and(|b| b.peers.iter().any(|p| !p.node_selector.is_empty()));
+    if labels.is_empty() && selectors && matches!(args.datastore, DatastoreKind::Kube) {
+        let node = KubeClient::new(args.kube_api.as_deref(), args.kubeconfig.as_deref())?
+            .get_node(name)
+            .context("reading this node's labels (Peers[].NodeSelector)")?;
+        for (k, v) in node["metadata"]["labels"].as_object().into_iter().flatten() {
+            if let Some(v) = v.as_str() {
+                labels.insert(k.clone(), v.to_string());
+            }
+        }
+    }
+    Ok(labels)
+}
+
 /// How peers are reached: the backend's policy, and [bgp] the routes BIRD installed.
 fn mode_policy(conf: &NetConf, underlay: &Underlay, bgp: &bgp::Controller) -> ModePolicy {
     ModePolicy {
@@ -385,7 +411,7 @@ fn run(args: Args) -> Result<()> {
             underlay_subnet: underlay.subnet,
             underlay_iface: underlay.name.clone(),
             subnets: vec![subnet],
-            labels: bgp::config::parse_labels(&args.node_labels)?,
+            labels: node_labels(&args, &conf, &local.name)?,
         },
         conf.network,
     );
