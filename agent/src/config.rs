@@ -16,7 +16,7 @@ pub enum BackendType {
     Vxlan,
     Ipip,
     HostGw,
-    /// Calico's BGP mode: BIRD distributes pod routes (see `crate::bgp`).
+    /// [bgp] Calico's BGP mode: BIRD distributes pod routes (see `crate::bgp`).
     Bgp,
 }
 

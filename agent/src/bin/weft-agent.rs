@@ -221,6 +221,7 @@ fn node_config(conf: &NetConf, underlay: &Underlay) -> NodeConfig {
         flags: CONFIG_F_READY,
         vtep_mac: node_net::vtep_mac_for(underlay.node_ip),
         _pad: [0; 2],
+        // [bgp] The table bgp routes are looked up in.
         bgp_table: conf
             .backend
             .bgp

@@ -17,7 +17,7 @@ struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
-    /// The node's BIRD control socket (bgp backend): `status` shows its sessions and routes.
+    /// [bgp] The node's BIRD control socket: `status` shows its sessions and routes.
     #[arg(long, global = true, default_value = "/run/weft/bird/bird.ctl")]
     bird_socket: PathBuf,
     #[command(subcommand)]
@@ -52,7 +52,7 @@ fn mode(m: u8) -> String {
     }
 }
 
-/// BGP as the node's BIRD reports it (`birdc`): sessions, learned and refused prefixes.
+/// [bgp] BGP as the node's BIRD reports it (`birdc`): sessions, learned and refused prefixes.
 struct BgpView {
     socket: PathBuf,
     table: u32,
@@ -176,6 +176,7 @@ fn main() -> Result<()> {
             );
             let drops: u64 = maps.drops()?.iter().map(|(_, n)| n).sum();
             let node_ip = std::net::Ipv4Addr::from(cfg.node_ip);
+            // [bgp]
             let uses_bgp = maps
                 .routes()?
                 .iter()

@@ -204,10 +204,10 @@ fn routed_underlay(mtu_sized: bool) -> (Netns, Netns, Netns) {
 
 /// weft's bgp mode through the router: `bgp` routes, next hop from weft's BGP table, where the
 /// route to the other node's pods points at the router (as BIRD installs it).
-fn weft_bgp(mtu_sized: bool) -> Testbed {
+fn weft_bgp(mtu_sized: bool, xdp: bool) -> Testbed {
     let (na, router, nb) = routed_underlay(mtu_sized);
-    let a = WeftNode::new(na, ROUTED_A, "eth0", [2, 0x77, 0, 0, 0, 1], true);
-    let b = WeftNode::new(nb, ROUTED_B, "eth0", [2, 0x77, 0, 0, 0, 2], true);
+    let a = WeftNode::new(na, ROUTED_A, "eth0", [2, 0x77, 0, 0, 0, 1], xdp);
+    let b = WeftNode::new(nb, ROUTED_B, "eth0", [2, 0x77, 0, 0, 0, 2], xdp);
     let pa = a.add_pod(Ipv4Addr::new(10, 244, 1, 2), POD_MTU);
     let pb = b.add_pod(Ipv4Addr::new(10, 244, 2, 2), POD_MTU);
     for (node, subnet, peer, peer_mac, gw) in [
@@ -481,6 +481,11 @@ fn prog_costs(s: &Settings) -> Value {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    // `--only a,b`: just these contestants (and no per-program costs), e.g. for repeated rounds.
+    let only: Option<Vec<String>> = std::env::args()
+        .skip_while(|a| a != "--only")
+        .nth(1)
+        .map(|v| v.split(',').map(str::to_string).collect());
     let s = if quick {
         Settings {
             tcp_secs: 2,
@@ -501,7 +506,7 @@ fn main() {
     let mut report = serde_json::Map::new();
     for (key, mtu_sized) in [("datapath", true), ("datapath_veth", false)] {
         let mut section = serde_json::Map::new();
-        let contestants: [(&str, BuildTestbed); 9] = [
+        let contestants: [(&str, BuildTestbed); 10] = [
             ("weft-vxlan-tc", |m| weft_with(RouteMode::Vxlan, m, false)),
             ("weft-hostgw-tc", |m| weft_with(RouteMode::Direct, m, false)),
             ("kernel-hostgw", kernel_host_gw),
@@ -510,16 +515,22 @@ fn main() {
             ("weft-ipip", |m| weft(RouteMode::Ipip, m)),
             ("weft-hostgw", |m| weft(RouteMode::Direct, m)),
             ("kernel-routed", kernel_routed),
-            ("weft-bgp", weft_bgp),
+            ("weft-bgp-tc", |m| weft_bgp(m, false)),
+            ("weft-bgp", |m| weft_bgp(m, true)),
         ];
         for (name, build) in contestants {
+            if only.as_ref().is_some_and(|o| !o.iter().any(|n| n == name)) {
+                continue;
+            }
             eprintln!("bench: {key} {name}");
             let bed = build(mtu_sized);
             section.insert(name.to_string(), measure(&bed, &s));
         }
         report.insert(key.to_string(), Value::Object(section));
     }
-    eprintln!("bench: per-program cost");
-    report.insert("prog_ns".into(), prog_costs(&s));
+    if only.is_none() {
+        eprintln!("bench: per-program cost");
+        report.insert("prog_ns".into(), prog_costs(&s));
+    }
     println!("{}", Value::Object(report));
 }
