@@ -2,11 +2,15 @@
 //! `SubnetMin`, `SubnetMax`, `Backend` with `Type`, `VNI`, `Port`, `DirectRouting`, `MTU`),
 //! matched case-insensitively as Go's encoding/json does, unknown keys ignored (so a flannel
 //! user's file with `EnableIPv6: false` works unchanged). Bad values are refused with an error
-//! naming the key.
+//! naming the key. The `bgp` backend's keys (`AS`, `Mesh`, `Peers`, `Encapsulation`, ...) sit in
+//! `Backend` beside flannel's; they are read the same way and checked whatever the `Type` (a
+//! typo is caught before the switch to bgp), and used only with `Type: "bgp"`
+//! ([`crate::bgp::config`]).
 use std::net::Ipv4Addr;
 
 use anyhow::{Result, anyhow, bail};
 use ipnet::Ipv4Net;
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use weft_common::{RouteMode, VXLAN_OVERHEAD, VXLAN_PORT_DEFAULT, VXLAN_VNI_DEFAULT};
 
@@ -16,7 +20,7 @@ pub enum BackendType {
     Vxlan,
     Ipip,
     HostGw,
-    /// [bgp] Calico's BGP mode: BIRD distributes pod routes (see `crate::bgp`).
+    /// Calico's BGP mode: BIRD distributes pod routes (see `crate::bgp`).
     Bgp,
 }
 
@@ -62,12 +66,12 @@ pub struct Backend {
     pub direct_routing: bool,
     /// Explicit pod MTU; otherwise derived from the underlay MTU.
     pub mtu: Option<u32>,
-    /// [bgp] The bgp backend's keys (`Type: "bgp"` only).
+    /// The bgp backend's keys (`Type: "bgp"` only).
     pub bgp: Option<crate::bgp::BgpConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NetConf {
+pub struct FlannelNetConf {
     pub network: Ipv4Net,
     pub subnet_len: u8,
     /// First subnet that may be leased (flannel: the second subnet of the network).
@@ -77,28 +81,26 @@ pub struct NetConf {
     pub backend: Backend,
 }
 
-impl NetConf {
+impl FlannelNetConf {
     pub fn parse(text: &str) -> Result<Self> {
         let value: Value =
             serde_json::from_str(text).map_err(|e| anyhow!("net-conf is not valid JSON: {e}"))?;
-        let obj = value
-            .as_object()
-            .ok_or_else(|| anyhow!("net-conf must be a JSON object"))?;
-        let network: Ipv4Net = match get(obj, "Network") {
-            Some(v) => v.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| {
-                anyhow!("Network: {v} is not an IPv4 CIDR (e.g. \"10.244.0.0/16\")")
+        if !value.is_object() {
+            bail!("net-conf must be a JSON object");
+        }
+        let raw: RawNetConf = serde_path_to_error::deserialize(lowercase_keys(value))
+            .map_err(|e| anyhow!("{}: {}", canonical_path(e.path()), e.inner()))?;
+        let network: Ipv4Net = match raw.network {
+            Some(s) => s.parse().map_err(|_| {
+                anyhow!("Network: {s:?} is not an IPv4 CIDR (e.g. \"10.244.0.0/16\")")
             })?,
             None => bail!("Network: missing (the cluster's pod network, e.g. \"10.244.0.0/16\")"),
         };
         let network = network.trunc();
-        let subnet_len = match get(obj, "SubnetLen") {
-            None => 24,
-            Some(v) => v
-                .as_u64()
-                .filter(|n| *n <= 32)
-                .ok_or_else(|| anyhow!("SubnetLen: {v} is not a prefix length (0-32)"))?
-                as u8,
-        };
+        let subnet_len = raw.subnetlen.unwrap_or(24);
+        if subnet_len > 32 {
+            bail!("SubnetLen: {subnet_len} is not a prefix length (0-32)");
+        }
         if subnet_len <= network.prefix_len() {
             bail!(
                 "SubnetLen: {subnet_len} must be longer than the Network prefix /{}",
@@ -111,24 +113,14 @@ impl NetConf {
         let size = 1u32 << (32 - subnet_len);
         let first = u32::from(network.network());
         let last_subnet = u32::from(network.broadcast()) - size + 1;
-        let subnet_min = subnet_bound(obj, "SubnetMin", network, subnet_len)?
+        let subnet_min = subnet_bound(raw.subnetmin.as_deref(), "SubnetMin", network, subnet_len)?
             .unwrap_or(Ipv4Addr::from(first + size));
-        let subnet_max = subnet_bound(obj, "SubnetMax", network, subnet_len)?
+        let subnet_max = subnet_bound(raw.subnetmax.as_deref(), "SubnetMax", network, subnet_len)?
             .unwrap_or(Ipv4Addr::from(last_subnet));
         if u32::from(subnet_min) > u32::from(subnet_max) {
             bail!("SubnetMin: {subnet_min} is after SubnetMax {subnet_max}");
         }
-        let backend = match get(obj, "Backend") {
-            None => Backend {
-                kind: BackendType::Vxlan,
-                vni: VXLAN_VNI_DEFAULT,
-                port: VXLAN_PORT_DEFAULT,
-                direct_routing: false,
-                mtu: None,
-                bgp: None,
-            },
-            Some(v) => parse_backend(v)?,
-        };
+        let backend = backend(raw.backend.unwrap_or_default())?;
         Ok(Self {
             network,
             subnet_len,
@@ -166,28 +158,142 @@ impl NetConf {
     }
 }
 
-/// A key of `obj`, matched case-insensitively (Go's encoding/json does; flannel users rely on it).
-pub(crate) fn get<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
-    obj.get(key).or_else(|| {
-        obj.iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(key))
-            .map(|(_, v)| v)
+/// net-conf.json as written, keys lowercased (Go's encoding/json matches keys
+/// case-insensitively; flannel users rely on it). Unknown keys are ignored. Public only so the
+/// configuration reference test can list the keys from the type itself.
+#[doc(hidden)]
+#[derive(Debug, Default, Deserialize)]
+pub struct RawNetConf {
+    network: Option<String>,
+    subnetlen: Option<u8>,
+    subnetmin: Option<String>,
+    subnetmax: Option<String>,
+    backend: Option<RawBackend>,
+}
+
+#[doc(hidden)]
+#[derive(Debug, Default, Deserialize)]
+pub struct RawBackend {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    vni: Option<u32>,
+    port: Option<u16>,
+    directrouting: Option<bool>,
+    mtu: Option<u32>,
+    // The bgp backend's keys, read by `crate::bgp::config`.
+    #[serde(rename = "as")]
+    pub(crate) asn: Option<u32>,
+    pub(crate) mesh: Option<bool>,
+    pub(crate) peers: Option<Vec<crate::bgp::config::RawPeer>>,
+    pub(crate) encapsulation: Option<String>,
+    pub(crate) tunnel: Option<String>,
+    pub(crate) routetable: Option<u32>,
+    pub(crate) holdtime: Option<u16>,
+    pub(crate) restarttime: Option<u16>,
+}
+
+/// The keys of a JSON object, lowercased.
+fn lowercase_object(map: Map<String, Value>, mut value: impl FnMut(&str, Value) -> Value) -> Value {
+    Value::Object(
+        map.into_iter()
+            .map(|(k, v)| {
+                let k = k.to_ascii_lowercase();
+                let v = value(&k, v);
+                (k, v)
+            })
+            .collect(),
+    )
+}
+
+/// Lowercases the keys flannel and weft define: the object's, `Backend`'s and those of each
+/// `Backend.Peers` entry. Label names under `NodeSelector` keep their case (labels are
+/// case-sensitive).
+fn lowercase_keys(value: Value) -> Value {
+    let Value::Object(top) = value else {
+        return value;
+    };
+    lowercase_object(top, |k, v| match (k, v) {
+        ("backend", Value::Object(backend)) => lowercase_object(backend, |k, v| match (k, v) {
+            ("peers", Value::Array(peers)) => Value::Array(
+                peers
+                    .into_iter()
+                    .map(|p| match p {
+                        Value::Object(peer) => lowercase_object(peer, |_, v| v),
+                        other => other,
+                    })
+                    .collect(),
+            ),
+            (_, v) => v,
+        }),
+        (_, v) => v,
     })
 }
 
+/// The spelling of a lowercased key in the docs and errors (`vni` -> `VNI`).
+fn canonical_key(key: &str) -> &str {
+    match key {
+        "network" => "Network",
+        "subnetlen" => "SubnetLen",
+        "subnetmin" => "SubnetMin",
+        "subnetmax" => "SubnetMax",
+        "backend" => "Backend",
+        "type" => "Type",
+        "vni" => "VNI",
+        "port" => "Port",
+        "directrouting" => "DirectRouting",
+        "mtu" => "MTU",
+        "as" => "AS",
+        "mesh" => "Mesh",
+        "peers" => "Peers",
+        "encapsulation" => "Encapsulation",
+        "tunnel" => "Tunnel",
+        "routetable" => "RouteTable",
+        "holdtime" => "HoldTime",
+        "restarttime" => "RestartTime",
+        "address" => "Address",
+        "nodeselector" => "NodeSelector",
+        "nodesubnet" => "NodeSubnet",
+        other => other,
+    }
+}
+
+/// flannel's spelling of a lowercased key path (`backend.vni` -> `Backend.VNI`,
+/// `backend.peers[0].as` -> `Backend.Peers[0].AS`). Keys under `NodeSelector` are label names,
+/// printed as written.
+fn canonical_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    let mut in_labels = false;
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                if in_labels {
+                    out.push_str(key);
+                } else {
+                    out.push_str(canonical_key(key));
+                    in_labels = key == "nodeselector";
+                }
+            }
+            Segment::Unknown => out.push_str(".?"),
+        }
+    }
+    out
+}
+
 fn subnet_bound(
-    obj: &Map<String, Value>,
+    value: Option<&str>,
     key: &str,
     network: Ipv4Net,
     subnet_len: u8,
 ) -> Result<Option<Ipv4Addr>> {
-    let Some(v) = get(obj, key) else {
+    let Some(s) = value else {
         return Ok(None);
     };
     // flannel accepts either an address or a CIDR here.
-    let s = v
-        .as_str()
-        .ok_or_else(|| anyhow!("{key}: {v} is not an IPv4 address"))?;
     let addr: Ipv4Addr = s
         .split('/')
         .next()
@@ -203,62 +309,37 @@ fn subnet_bound(
     Ok(Some(addr))
 }
 
-fn parse_backend(v: &Value) -> Result<Backend> {
-    let obj = v
-        .as_object()
-        .ok_or_else(|| anyhow!("Backend: {v} is not a JSON object"))?;
-    let kind = match get(obj, "Type") {
+fn backend(raw: RawBackend) -> Result<Backend> {
+    let kind = match raw.kind.as_deref() {
         None => BackendType::Vxlan,
-        Some(t) => {
-            let s = t
-                .as_str()
-                .ok_or_else(|| anyhow!("Backend.Type: {t} is not a string"))?;
-            BackendType::parse(s).ok_or_else(|| {
-                anyhow!("Backend.Type: {s:?} is not supported (vxlan, ipip, host-gw or bgp)")
-            })?
-        }
+        Some(s) => BackendType::parse(s).ok_or_else(|| {
+            anyhow!("Backend.Type: {s:?} is not supported (vxlan, ipip, host-gw or bgp)")
+        })?,
     };
-    let vni = match get(obj, "VNI") {
+    // Checked whatever the type; kept for the bgp backend only.
+    let bgp = crate::bgp::BgpConfig::from_raw(&raw)?;
+    let vni = match raw.vni {
         None => VXLAN_VNI_DEFAULT,
-        Some(v) => v.as_u64().filter(|n| *n < (1 << 24)).ok_or_else(|| {
-            anyhow!("Backend.VNI: {v} is not a VXLAN network identifier (0-16777215)")
-        })? as u32,
+        Some(v) if v < (1 << 24) => v,
+        Some(v) => bail!("Backend.VNI: {v} is not a VXLAN network identifier (0-16777215)"),
     };
-    let port = match get(obj, "Port") {
-        // flannel: 0 means the kernel's default port.
-        None => VXLAN_PORT_DEFAULT,
-        Some(v) => match v.as_u64() {
-            Some(0) => VXLAN_PORT_DEFAULT,
-            Some(n) if n <= u16::MAX as u64 => n as u16,
-            _ => bail!("Backend.Port: {v} is not a UDP port"),
-        },
+    // flannel: 0 means the kernel's default port.
+    let port = match raw.port {
+        None | Some(0) => VXLAN_PORT_DEFAULT,
+        Some(p) => p,
     };
-    let direct_routing = match get(obj, "DirectRouting") {
-        None => false,
-        Some(v) => v
-            .as_bool()
-            .ok_or_else(|| anyhow!("Backend.DirectRouting: {v} is not true or false"))?,
-    };
-    let mtu = match get(obj, "MTU") {
-        None => None,
-        Some(v) => match v.as_u64() {
-            Some(0) => None,
-            Some(n) if (576..=65535).contains(&n) => Some(n as u32),
-            _ => bail!("Backend.MTU: {v} is not an MTU (576-65535)"),
-        },
-    };
-    // [bgp] The bgp keys, validated only for the bgp backend (flannel ignores unknown keys).
-    let bgp = match kind {
-        BackendType::Bgp => Some(crate::bgp::BgpConfig::parse(obj)?),
-        _ => None,
+    let mtu = match raw.mtu {
+        None | Some(0) => None,
+        Some(n) if (576..=65535).contains(&n) => Some(n),
+        Some(n) => bail!("Backend.MTU: {n} is not an MTU (576-65535)"),
     };
     Ok(Backend {
         kind,
         vni,
         port,
-        direct_routing,
+        direct_routing: raw.directrouting.unwrap_or(false),
         mtu,
-        bgp,
+        bgp: (kind == BackendType::Bgp).then_some(bgp),
     })
 }
 
@@ -267,13 +348,14 @@ mod tests {
     use super::*;
 
     fn err(text: &str) -> String {
-        format!("{:#}", NetConf::parse(text).unwrap_err())
+        format!("{:#}", FlannelNetConf::parse(text).unwrap_err())
     }
 
     #[test]
     fn flannel_defaults() {
-        let c = NetConf::parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#)
-            .unwrap();
+        let c =
+            FlannelNetConf::parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#)
+                .unwrap();
         assert_eq!(c.subnet_len, 24);
         assert_eq!(c.subnet_min, Ipv4Addr::new(10, 244, 1, 0));
         assert_eq!(c.subnet_max, Ipv4Addr::new(10, 244, 255, 0));
@@ -287,7 +369,7 @@ mod tests {
 
     #[test]
     fn every_key_and_go_case_insensitivity() {
-        let c = NetConf::parse(
+        let c = FlannelNetConf::parse(
             r#"{"network": "10.10.0.0/16", "SubnetLen": 26, "SubnetMin": "10.10.4.0",
                 "SubnetMax": "10.10.8.0/26", "EnableIPv6": false,
                 "Backend": {"Type": "ipip", "VNI": 4096, "Port": 4789, "DirectRouting": true, "MTU": 1400}}"#,
@@ -307,11 +389,11 @@ mod tests {
         assert!(c.is_leasable("10.10.4.64/26".parse().unwrap()));
         assert!(!c.is_leasable("10.10.9.0/26".parse().unwrap()));
         assert!(!c.is_leasable("10.10.4.0/24".parse().unwrap()));
-        let hg =
-            NetConf::parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap();
+        let hg = FlannelNetConf::parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"host-gw"}}"#)
+            .unwrap();
         assert_eq!(hg.backend.kind.route_mode(), RouteMode::Direct);
         assert!(hg.backend.bgp.is_none());
-        let bgp = NetConf::parse(
+        let bgp = FlannelNetConf::parse(
             r#"{"Network":"10.1.0.0/16","Backend":{"Type":"bgp","Peers":[{"Address":"10.9.0.1"}]}}"#,
         )
         .unwrap();
@@ -319,12 +401,22 @@ mod tests {
         assert_eq!(bgp.backend.bgp.unwrap().peers.len(), 1);
         let e = format!(
             "{:#}",
-            NetConf::parse(
+            FlannelNetConf::parse(
                 r#"{"Network":"10.1.0.0/16","Backend":{"Type":"bgp","Peers":[{"Address":"x"}]}}"#
             )
             .unwrap_err()
         );
         assert!(e.contains("Backend.Peers[0].Address"), "{e}");
+        // Checked before the switch to bgp too; used only with Type bgp.
+        assert!(
+            err(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","AS":0}}"#)
+                .starts_with("Backend.AS")
+        );
+        let vx = FlannelNetConf::parse(
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","AS":65001}}"#,
+        )
+        .unwrap();
+        assert!(vx.backend.bgp.is_none());
     }
 
     #[test]

@@ -1,17 +1,13 @@
-//! weft's userspace: the datapath loader and map access, and the modules shared by the agent
-//! (`weft-agent`), the CNI plugin (`weft-cni`), the CLI (`weft`) and the tests.
+//! weft's node agent (`weft-agent`) and the modules it is made of: flannel's net-conf, the
+//! datastores, the reconciler, the node's own networking and the metrics server. The node-local
+//! layer it shares with the CNI plugin and the CLI lives in `weft-node` and is re-exported here.
 pub mod bgp;
-pub mod cni;
 pub mod config;
-pub mod datapath;
+pub mod control_loop;
 pub mod datastore;
-pub mod ipam;
-pub mod mac;
 pub mod metrics;
-pub mod netlink;
 pub mod node_net;
-pub mod ns;
+pub mod policy;
 pub mod reconcile;
-pub mod rtnl;
-pub mod subnet_env;
-pub mod tcx;
+
+pub use weft_node::{cni, conntrack, datapath, ipam, json, mac, netlink, ns, subnet_env};

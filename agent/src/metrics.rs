@@ -1,42 +1,75 @@
-//! The agent's health and metrics, and the tiny HTTP server that serves them: `/healthz` (the
-//! reconcile loop is alive), `/readyz` (the datapath is programmed and the first complete set
-//! of peers applied), `/metrics` (Prometheus text format).
+//! The agent's health and metrics, and the HTTP server that serves them: `/healthz` (the
+//! reconcile loop is alive), `/readyz` (the datapath is programmed and the first complete set of
+//! peers applied), `/metrics` (OpenMetrics text from `prometheus-client`; map fill, drops and
+//! packet counters are read from the pinned maps on each scrape).
 //!
-//! The server is hand-written on `std::net::TcpListener` (one thread, one short request at a
-//! time): three GET endpoints do not justify an HTTP framework in the agent.
+//! The server is hyper on the agent's tokio runtime, with limits per connection so that no
+//! client can take the endpoints away from the kubelet: request heads larger than
+//! [`MAX_HEAD_BYTES`] are refused (memory stays bounded whatever a client sends), a head must
+//! arrive within [`HEAD_TIMEOUT`], a connection lives at most [`CONNECTION_TIMEOUT`], and at most
+//! [`MAX_CONNECTIONS`] are served at once (more are closed at once, not queued).
 use std::{
-    fmt::Write as _,
-    io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::PathBuf,
     sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result};
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
 use weft_common::{ENDPOINTS_MAX, NODES_MAX, ROUTES_MAX};
 
-use crate::datapath::Maps;
+use crate::{bgp::BgpStatus, datapath::Maps};
 
-#[derive(Default)]
+/// The port of `/healthz`, `/readyz` and `/metrics` (the `--metrics-addr` default's).
+pub const DEFAULT_PORT: u16 = 9402;
+/// Largest request head (request line and headers) the server reads.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Time a client has to send its request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a connection is kept, whatever it does.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 64;
+
 pub struct Metrics {
-    pub ready: AtomicBool,
-    pub datastore_connected: AtomicBool,
-    pub reconcile_runs: AtomicU64,
-    pub reconcile_errors: AtomicU64,
-    pub reconcile_writes: AtomicU64,
-    /// Sum of reconcile durations in microseconds.
-    pub reconcile_micros_sum: AtomicU64,
-    pub last_reconcile_micros: AtomicU64,
-    pub peers: AtomicU64,
-    pub offlink_peers: AtomicU64,
-    /// Unix time (s) of the reconcile loop's last turn.
-    pub heartbeat: AtomicU64,
-    /// [bgp] BIRD's sessions and routes (backend bgp only).
-    pub bgp: std::sync::Mutex<Option<crate::bgp::BgpStatus>>,
+    pub ready: Gauge,
+    pub datastore_connected: Gauge,
+    pub peers: Gauge,
+    pub offlink_peers: Gauge,
+    /// Capacity of the datapath's conntrack map.
+    pub conntrack_capacity: Gauge,
+    /// Live conntrack entries counted by the GC's last complete pass.
+    pub conntrack_entries: Gauge,
+    /// Expired conntrack entries the GC deleted.
+    pub conntrack_gc_deleted: Counter,
+    pub reconciles: Counter,
+    pub reconcile_errors: Counter,
+    pub reconcile_writes: Counter,
+    pub reconcile_seconds: Histogram,
+    pub reconcile_last_seconds: Gauge<f64, AtomicU64>,
+    /// BIRD's sessions and routes, as the control loop last saw them (`None`: the backend is
+    /// not bgp). Exported by [`BgpCollector`] on each scrape.
+    pub bgp: Arc<Mutex<Option<BgpStatus>>>,
+    /// Unix time (s) of the reconcile loop's last turn (not exported: /healthz reads it).
+    heartbeat: AtomicU64,
+    registry: Registry,
 }
 
 fn now_secs() -> u64 {
@@ -47,190 +80,343 @@ fn now_secs() -> u64 {
 }
 
 impl Metrics {
+    /// The agent's metrics; datapath figures come from the maps pinned under `pin_root`.
+    pub fn new(pin_root: Option<PathBuf>) -> Self {
+        let mut m = Self {
+            ready: Gauge::default(),
+            datastore_connected: Gauge::default(),
+            peers: Gauge::default(),
+            offlink_peers: Gauge::default(),
+            conntrack_capacity: Gauge::default(),
+            conntrack_entries: Gauge::default(),
+            conntrack_gc_deleted: Counter::default(),
+            reconciles: Counter::default(),
+            reconcile_errors: Counter::default(),
+            reconcile_writes: Counter::default(),
+            // 10 µs .. ~5 s.
+            reconcile_seconds: Histogram::new(exponential_buckets(1e-5, 4.0, 10)),
+            reconcile_last_seconds: Gauge::default(),
+            bgp: Arc::default(),
+            heartbeat: AtomicU64::new(now_secs()),
+            registry: Registry::default(),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "weft_ready",
+            "1 once the datapath is programmed",
+            m.ready.clone(),
+        );
+        r.register(
+            "weft_datastore_connected",
+            "1 while the datastore is reachable",
+            m.datastore_connected.clone(),
+        );
+        r.register("weft_peers", "Remote nodes known", m.peers.clone());
+        r.register(
+            "weft_offlink_peers",
+            "Peers routed directly but not on this node's underlay subnet",
+            m.offlink_peers.clone(),
+        );
+        r.register(
+            "weft_conntrack_capacity",
+            "Capacity of the datapath's conntrack map (flows)",
+            m.conntrack_capacity.clone(),
+        );
+        r.register(
+            "weft_conntrack_entries",
+            "Live conntrack entries counted by the GC's last complete pass",
+            m.conntrack_entries.clone(),
+        );
+        r.register(
+            "weft_conntrack_gc_deleted",
+            "Expired conntrack entries deleted by the GC",
+            m.conntrack_gc_deleted.clone(),
+        );
+        r.register("weft_reconcile", "Reconcile runs", m.reconciles.clone());
+        r.register(
+            "weft_reconcile_errors",
+            "Reconcile runs that failed (retried with backoff)",
+            m.reconcile_errors.clone(),
+        );
+        r.register(
+            "weft_reconcile_writes",
+            "Map entries written or removed by reconciles",
+            m.reconcile_writes.clone(),
+        );
+        r.register(
+            "weft_reconcile_seconds",
+            "Time spent per reconcile",
+            m.reconcile_seconds.clone(),
+        );
+        r.register(
+            "weft_reconcile_last_seconds",
+            "Duration of the last reconcile",
+            m.reconcile_last_seconds.clone(),
+        );
+        if let Some(pin_root) = pin_root {
+            r.register_collector(Box::new(MapsCollector { pin_root }));
+        }
+        r.register_collector(Box::new(BgpCollector {
+            status: m.bgp.clone(),
+        }));
+        m
+    }
+
+    /// Publishes the BGP side's status (`None`: the backend is not bgp, no BGP metrics).
+    pub fn set_bgp(&self, status: Option<BgpStatus>) {
+        if let Ok(mut s) = self.bgp.lock() {
+            *s = status;
+        }
+    }
+
     pub fn beat(&self) {
         self.heartbeat.store(now_secs(), Relaxed);
     }
 
     pub fn record_reconcile(&self, duration: Duration, writes: usize, ok: bool) {
-        self.reconcile_runs.fetch_add(1, Relaxed);
+        self.reconciles.inc();
         if !ok {
-            self.reconcile_errors.fetch_add(1, Relaxed);
+            self.reconcile_errors.inc();
         }
-        self.reconcile_writes.fetch_add(writes as u64, Relaxed);
-        let us = duration.as_micros() as u64;
-        self.reconcile_micros_sum.fetch_add(us, Relaxed);
-        self.last_reconcile_micros.store(us, Relaxed);
+        self.reconcile_writes.inc_by(writes as u64);
+        self.reconcile_seconds.observe(duration.as_secs_f64());
+        self.reconcile_last_seconds.set(duration.as_secs_f64());
     }
 
-    /// Alive: the reconcile loop turned within the last minute (it turns at least every resync).
+    pub fn is_ready(&self) -> bool {
+        self.ready.get() == 1
+    }
+
+    /// Alive: the reconcile loop turned within the last minute (it turns at least every second).
     pub fn healthy(&self) -> bool {
         now_secs().saturating_sub(self.heartbeat.load(Relaxed)) < 60
     }
 
-    /// Prometheus text exposition; datapath figures are read from the maps when given.
-    pub fn render(&self, maps: Option<&Maps>) -> String {
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
         let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, kind: &str, value: String| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Map fill, drops and packets by path, read from the pinned maps on each scrape.
+#[derive(Debug)]
+struct MapsCollector {
+    pin_root: PathBuf,
+}
+
+impl Collector for MapsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // No maps (agent starting): no datapath figures.
+        let Ok(maps) = Maps::open_pinned(&self.pin_root) else {
+            return Ok(());
         };
-        let b = |v: &AtomicBool| (v.load(Relaxed) as u8).to_string();
-        gauge(
-            "weft_ready",
-            "1 once the datapath is programmed",
-            "gauge",
-            b(&self.ready),
-        );
-        gauge(
-            "weft_datastore_connected",
-            "1 while the datastore is reachable",
-            "gauge",
-            b(&self.datastore_connected),
-        );
-        gauge(
-            "weft_peers",
-            "Remote nodes known",
-            "gauge",
-            self.peers.load(Relaxed).to_string(),
-        );
-        gauge(
-            "weft_offlink_peers",
-            "Peers routed directly but not on this node's underlay subnet",
-            "gauge",
-            self.offlink_peers.load(Relaxed).to_string(),
-        );
-        gauge(
-            "weft_reconcile_total",
-            "Reconcile runs",
-            "counter",
-            self.reconcile_runs.load(Relaxed).to_string(),
-        );
-        gauge(
-            "weft_reconcile_errors_total",
-            "Reconcile runs that failed (retried with backoff)",
-            "counter",
-            self.reconcile_errors.load(Relaxed).to_string(),
-        );
-        gauge(
-            "weft_reconcile_writes_total",
-            "Map entries written or removed by reconciles",
-            "counter",
-            self.reconcile_writes.load(Relaxed).to_string(),
-        );
-        gauge(
-            "weft_reconcile_seconds_sum",
-            "Total time spent reconciling",
-            "counter",
-            format!(
-                "{:.6}",
-                self.reconcile_micros_sum.load(Relaxed) as f64 / 1e6
-            ),
-        );
-        gauge(
-            "weft_reconcile_last_seconds",
-            "Duration of the last reconcile",
-            "gauge",
-            format!(
-                "{:.6}",
-                self.last_reconcile_micros.load(Relaxed) as f64 / 1e6
-            ),
-        );
-        if let Some(maps) = maps {
-            let routes = maps.routes().map(|r| r.len()).unwrap_or(0);
-            let endpoints = maps.endpoints().map(|r| r.len()).unwrap_or(0);
-            let nodes = maps.nodes().map(|r| r.len()).unwrap_or(0);
-            gauge(
-                "weft_routes",
-                "Entries in the route map",
-                "gauge",
-                routes.to_string(),
-            );
-            gauge(
-                "weft_endpoints",
-                "Entries in the endpoint map",
-                "gauge",
-                endpoints.to_string(),
-            );
-            gauge(
-                "weft_nodes",
-                "Entries in the node map",
-                "gauge",
-                nodes.to_string(),
-            );
-            let _ = writeln!(
-                out,
-                "# HELP weft_map_fill_ratio Entries over capacity per map\n# TYPE weft_map_fill_ratio gauge"
-            );
+        let routes = maps.routes().map(|r| r.len()).unwrap_or(0);
+        let endpoints = maps.endpoints().map(|r| r.len()).unwrap_or(0);
+        let nodes = maps.nodes().map(|r| r.len()).unwrap_or(0);
+        for (name, help, n) in [
+            ("weft_routes", "Entries in the route map", routes),
+            ("weft_endpoints", "Entries in the endpoint map", endpoints),
+            ("weft_nodes", "Entries in the node map", nodes),
+        ] {
+            let g = ConstGauge::new(n as i64);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        {
+            let mut fill = encoder.encode_descriptor(
+                "weft_map_fill_ratio",
+                "Entries over capacity per map",
+                None,
+                MetricType::Gauge,
+            )?;
             for (map, n, max) in [
                 ("routes", routes, ROUTES_MAX),
                 ("endpoints", endpoints, ENDPOINTS_MAX),
                 ("nodes", nodes, NODES_MAX),
             ] {
-                let _ = writeln!(
-                    out,
-                    "weft_map_fill_ratio{{map=\"{map}\"}} {:.6}",
-                    n as f64 / max as f64
-                );
-            }
-            let _ = writeln!(
-                out,
-                "# HELP weft_drops_total Packets dropped by the datapath\n# TYPE weft_drops_total counter"
-            );
-            for (reason, n) in maps.drops().unwrap_or_default() {
-                let _ = writeln!(out, "weft_drops_total{{reason=\"{}\"}} {n}", reason.name());
-            }
-            let _ = writeln!(
-                out,
-                "# HELP weft_packets_total Packets by datapath outcome\n# TYPE weft_packets_total counter"
-            );
-            for (stat, n) in maps.stats().unwrap_or_default() {
-                let _ = writeln!(out, "weft_packets_total{{path=\"{}\"}} {n}", stat.name());
+                ConstGauge::new(n as f64 / max as f64)
+                    .encode(fill.encode_family(&[("map", map)])?)?;
             }
         }
-        // [bgp]
-        if let Ok(status) = self.bgp.lock()
-            && let Some(status) = status.as_ref()
         {
-            status.render_metrics(&mut out);
+            let mut drops = encoder.encode_descriptor(
+                "weft_drops",
+                "Packets dropped by the datapath",
+                None,
+                MetricType::Counter,
+            )?;
+            for (reason, n) in maps.drops().unwrap_or_default() {
+                ConstCounter::new(n).encode(drops.encode_family(&[("reason", reason.name())])?)?;
+            }
         }
-        out
+        let mut packets = encoder.encode_descriptor(
+            "weft_packets",
+            "Packets by datapath outcome",
+            None,
+            MetricType::Counter,
+        )?;
+        for (stat, n) in maps.stats().unwrap_or_default() {
+            ConstCounter::new(n).encode(packets.encode_family(&[("path", stat.name())])?)?;
+        }
+        Ok(())
     }
 }
 
-/// Serves `/healthz`, `/readyz` and `/metrics` on `addr` from a background thread. Map
-/// figures are read from the pins under `pin_root` on each scrape.
-pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>, pin_root: PathBuf) -> Result<SocketAddr> {
-    let listener =
-        TcpListener::bind(addr).with_context(|| format!("--metrics-addr: binding {addr}"))?;
-    let local = listener.local_addr()?;
-    std::thread::Builder::new().name("metrics-http".into()).spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-            let mut line = String::new();
-            if BufReader::new(&stream).read_line(&mut line).is_err() {
-                continue;
-            }
-            let path = line.split_whitespace().nth(1).unwrap_or("/");
-            let (status, body) = match path {
-                "/healthz" if metrics.healthy() => ("200 OK", "ok\n".to_string()),
-                "/healthz" => ("503 Service Unavailable", "reconcile loop stalled\n".into()),
-                "/readyz" if metrics.ready.load(Relaxed) => ("200 OK", "ready\n".into()),
-                "/readyz" => ("503 Service Unavailable", "not ready\n".into()),
-                "/metrics" => {
-                    let maps = Maps::open_pinned(&pin_root).ok();
-                    ("200 OK", metrics.render(maps.as_ref()))
-                }
-                _ => ("404 Not Found", "not found\n".into()),
-            };
-            let _ = write!(
-                stream,
-                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
+/// The bgp backend's figures (from BIRD, through the control loop): the speaker's state, the
+/// sessions, learned and refused routes. Nothing while the backend is not bgp.
+#[derive(Debug)]
+struct BgpCollector {
+    status: Arc<Mutex<Option<BgpStatus>>>,
+}
+
+impl Collector for BgpCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(status) = self.status.lock().ok().and_then(|s| s.clone()) else {
+            return Ok(());
+        };
+        let established = status.sessions.iter().filter(|s| s.established()).count();
+        for (name, help, n) in [
+            (
+                "weft_bgp_speaker_up",
+                "1 while the agent's BIRD runs",
+                i64::from(status.running),
+            ),
+            (
+                "weft_bgp_sessions_established",
+                "BGP sessions in state Established",
+                established as i64,
+            ),
+            (
+                "weft_bgp_sessions_configured",
+                "BGP sessions configured (mesh peers and configured peers)",
+                status.sessions.len() as i64,
+            ),
+            (
+                "weft_bgp_learned_routes",
+                "Routes learned over BGP and installed in weft's routing table",
+                status.learned_routes as i64,
+            ),
+            (
+                "weft_bgp_refused_routes",
+                "Routes refused by the import filters (not a pod subnet of their sender's node)",
+                status.refused_routes as i64,
+            ),
+        ] {
+            let g = ConstGauge::new(n);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
         }
-    })?;
+        for (name, help, n) in [
+            (
+                "weft_bgp_speaker_restarts",
+                "Times BIRD exited unasked and was restarted",
+                status.crashes,
+            ),
+            (
+                "weft_bgp_reloads",
+                "BIRD reconfigurations (birdc configure)",
+                status.reloads,
+            ),
+            (
+                "weft_bgp_reload_errors",
+                "Configurations BIRD refused",
+                status.reload_errors,
+            ),
+        ] {
+            let c = ConstCounter::new(n);
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        let mut sessions = encoder.encode_descriptor(
+            "weft_bgp_session_established",
+            "1 while the session to this peer is Established",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in &status.sessions {
+            let peer = s.peer.to_string();
+            ConstGauge::new(i64::from(s.established())).encode(
+                sessions.encode_family(&[("peer", peer.as_str()), ("kind", s.kind.name())])?,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("Content-Type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("a valid response")
+}
+
+async fn handle(
+    metrics: Arc<Metrics>,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return respond(StatusCode::METHOD_NOT_ALLOWED, TEXT, "GET only\n".into());
+    }
+    match req.uri().path() {
+        "/healthz" if metrics.healthy() => respond(StatusCode::OK, TEXT, "ok\n".into()),
+        "/healthz" => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            TEXT,
+            "reconcile loop stalled\n".into(),
+        ),
+        "/readyz" if metrics.is_ready() => respond(StatusCode::OK, TEXT, "ready\n".into()),
+        "/readyz" => respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n".into()),
+        "/metrics" => {
+            // Map reads are syscalls: off the I/O threads.
+            let body = tokio::task::spawn_blocking(move || metrics.render())
+                .await
+                .unwrap_or_default();
+            respond(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                body,
+            )
+        }
+        _ => respond(StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
+    }
+}
+
+/// Binds `addr` and serves `/healthz`, `/readyz` and `/metrics` on the current tokio runtime.
+/// Returns the bound address.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--metrics-addr: binding {addr}"))?;
+    let local = listener.local_addr()?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                // Out of file descriptors and the like: pause instead of spinning.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                continue; // dropped: closed at once
+            };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let metrics = metrics.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handle(metrics, req).await) }
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEAD_TIMEOUT)
+                    .max_buf_size(MAX_HEAD_BYTES)
+                    .keep_alive(false)
+                    .serve_connection(TokioIo::new(stream), service);
+                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
+                drop(slot);
+            });
+        }
+    });
     Ok(local)
 }

@@ -9,15 +9,16 @@
 //! have /32 routes (written by the CNI plugin), which win. So the agent keeps no per-peer kernel
 //! routes or neighbours: nothing to go stale when a peer changes.
 //!
-//! Links, addresses and routes are read and changed with iproute2 (`ip -j`, JSON) in the
-//! agent's network namespace; sysctls are written under /proc/sys/net (per netns). Not sysfs:
-//! `/sys/class/net` shows the namespace sysfs was mounted in, not necessarily the agent's.
+//! Links, addresses and routes are read and changed over rtnetlink ([`weft_node::netlink`]) in
+//! the agent's network namespace; sysctls are written under /proc/sys/net (per netns). Not
+//! sysfs: `/sys/class/net` shows the namespace sysfs was mounted in, not necessarily the agent's.
+//! The masquerade rule is the one thing written by a tool (`nft`, else `iptables`).
 use std::{net::Ipv4Addr, process::Command};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use ipnet::Ipv4Net;
-use serde_json::Value;
 use weft_common::{HOST_DEV, HOST_PEER_DEV};
+use weft_node::netlink::{self, Netlink, Scope};
 
 /// This node's VTEP MAC: stable, derived from its address, locally administered and unicast
 /// (`02:57` = 'W', then the IPv4 address). A restarted agent, a peer reading the lease and the
@@ -67,16 +68,6 @@ fn run_stdin(cmd: &str, args: &[&str], input: &str) -> Result<()> {
     Ok(())
 }
 
-fn ip_json(args: &[&str]) -> Result<Value> {
-    let mut all = vec!["-j"];
-    all.extend_from_slice(args);
-    let text = run("ip", &all)?;
-    if text.trim().is_empty() {
-        return Ok(Value::Array(vec![]));
-    }
-    serde_json::from_str(&text).with_context(|| format!("parsing `ip -j {}`", args.join(" ")))
-}
-
 /// The interface tunnels and direct routes go through.
 #[derive(Clone, Debug)]
 pub struct Underlay {
@@ -92,39 +83,36 @@ pub struct Underlay {
 
 /// Finds the underlay: `iface` or the default route's interface; the address: `public_ip` or
 /// the interface's first IPv4 address.
-pub fn detect_underlay(iface: Option<&str>, public_ip: Option<Ipv4Addr>) -> Result<Underlay> {
-    let name = match iface {
-        Some(i) => i.to_string(),
+pub async fn detect_underlay(
+    nl: &Netlink,
+    iface: Option<&str>,
+    public_ip: Option<Ipv4Addr>,
+) -> Result<Underlay> {
+    let link = match iface {
+        Some(name) => nl
+            .link(name)
+            .await
+            .with_context(|| format!("--iface: interface {name:?}"))?
+            .ok_or_else(|| anyhow!("--iface: interface {name:?} not found"))?,
         None => {
-            let routes = ip_json(&["-4", "route", "show", "default"])?;
-            routes
-                .as_array()
-                .and_then(|r| r.iter().find_map(|r| r["dev"].as_str()))
-                .map(str::to_string)
+            let routes = nl.routes().await.context("reading the routing table")?;
+            let oif = routes
+                .iter()
+                .find(|r| r.dst.prefix_len() == 0 && r.oif.is_some())
+                .and_then(|r| r.oif)
                 .ok_or_else(|| {
                     anyhow!("no default route to take the underlay interface from: pass --iface")
-                })?
+                })?;
+            nl.link_by_index(oif)
+                .await?
+                .ok_or_else(|| anyhow!("the default route's interface {oif} vanished"))?
         }
     };
-    let links = ip_json(&["-4", "addr", "show", "dev", &name])
-        .with_context(|| format!("--iface: interface {name:?}"))?;
-    let link = links
-        .as_array()
-        .and_then(|l| l.first())
-        .ok_or_else(|| anyhow!("--iface: interface {name:?} not found"))?;
-    let ifindex = link["ifindex"]
-        .as_u64()
-        .ok_or_else(|| anyhow!("{name}: no ifindex"))? as u32;
-    let mtu = link["mtu"].as_u64().unwrap_or(1500) as u32;
-    let addrs: Vec<Ipv4Net> = link["addr_info"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|a| {
-            let local: Ipv4Addr = a["local"].as_str()?.parse().ok()?;
-            Ipv4Net::new(local, a["prefixlen"].as_u64()? as u8).ok()
-        })
-        .collect();
+    let name = link.name.clone();
+    let addrs = nl
+        .addresses(link.ifindex)
+        .await
+        .with_context(|| format!("addresses of {name}"))?;
     let (node_ip, subnet) = match public_ip {
         Some(ip) => {
             let subnet = addrs
@@ -144,72 +132,83 @@ pub fn detect_underlay(iface: Option<&str>, public_ip: Option<Ipv4Addr>) -> Resu
     };
     Ok(Underlay {
         name,
-        ifindex,
-        mtu,
+        ifindex: link.ifindex,
+        mtu: if link.mtu == 0 { 1500 } else { link.mtu },
         node_ip,
         subnet,
     })
 }
 
-fn write_sysctl(path: &str, value: &str) -> Result<()> {
-    let full = format!("/proc/sys/{}", path.replace('.', "/"));
-    std::fs::write(&full, value).with_context(|| format!("setting {path}={value}"))
+/// Where `net.*` sysctls are written (`--sysctl-net-dir`): `/proc/sys/net` unless a container
+/// mounts the host's `/proc/sys/net` elsewhere (runtimes mount `/proc/sys` read-only in every
+/// container that is not privileged).
+static SYSCTL_NET_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Sets the directory `net.*` sysctls are written under (once, at start).
+pub fn set_sysctl_net_dir(dir: std::path::PathBuf) {
+    let _ = SYSCTL_NET_DIR.set(dir);
 }
 
-/// What the datapath needs from the kernel: forwarding (the FIB helper refuses to route
-/// otherwise) and no reverse-path filtering (pod traffic to this node arrives on the underlay
-/// while replies leave through `weft_host`).
+/// Writes `net.<path>` only when its value differs, so a node whose sysctls are already right
+/// needs no write access to them.
+fn write_sysctl(path: &str, value: &str) -> Result<()> {
+    let dir = SYSCTL_NET_DIR
+        .get()
+        .map(std::path::PathBuf::as_path)
+        .unwrap_or(std::path::Path::new("/proc/sys/net"));
+    let rest = path.strip_prefix("net.").unwrap_or(path);
+    let full = dir.join(rest.replace('.', "/"));
+    if std::fs::read_to_string(&full).is_ok_and(|v| v.trim() == value) {
+        return Ok(());
+    }
+    std::fs::write(&full, value)
+        .with_context(|| format!("setting {path}={value} ({})", full.display()))
+}
+
+/// What the datapath needs from the kernel:
+/// - forwarding (Kubernetes requires it; the FIB helper refuses to route otherwise);
+/// - loose reverse-path filtering (`rp_filter=2`) on the underlay, and nowhere else: packets
+///   from other nodes' pods that the stack must see (replies of flows it translated, a node's
+///   traffic answered by a pod) arrive on the underlay, while the route back to those pods is
+///   the cluster network's route through `weft_host`. Strict mode would drop them; loose mode
+///   still drops sources no route reaches. The kernel applies the larger of `all` and the
+///   interface's value, so a host-wide strict setting (1) stays in force everywhere else.
 pub fn set_sysctls(underlay: &Underlay) -> Result<()> {
     write_sysctl("net.ipv4.ip_forward", "1")?;
-    for dev in ["all", "default", underlay.name.as_str()] {
-        write_sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
-    }
+    write_sysctl(&format!("net.ipv4.conf.{}.rp_filter", underlay.name), "2")?;
     Ok(())
 }
 
-fn link_exists(name: &str) -> bool {
-    nix::net::if_::if_nametoindex(name).is_ok()
-}
-
 /// Creates (or adopts) the `weft_host`/`weft_net` pair with the pod MTU (node traffic is
-/// encapsulated like pod traffic) and routes the cluster network through it.
-pub fn ensure_host_link(network: Ipv4Net, node_ip: Ipv4Addr, pod_mtu: u32) -> Result<()> {
-    if !link_exists(HOST_DEV) {
-        run(
-            "ip",
-            &[
-                "link",
-                "add",
-                HOST_DEV,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                HOST_PEER_DEV,
-            ],
-        )?;
+/// encapsulated like pod traffic) and routes the cluster network through it. `weft_host` also
+/// carries the node's address (as `cilium_host` does): traffic the stack masquerades on its way
+/// out through `weft_host` (a NodePort or a node's Service connection to a remote backend) gets
+/// the node's address, which `from_host` accepts, whatever other addresses the node has.
+pub async fn ensure_host_link(
+    nl: &Netlink,
+    network: Ipv4Net,
+    node_ip: Ipv4Addr,
+    pod_mtu: u32,
+) -> Result<()> {
+    if nl.link(HOST_DEV).await?.is_none() {
+        nl.create_veth(HOST_DEV, None, HOST_PEER_DEV, None, pod_mtu, None)
+            .await
+            .with_context(|| format!("creating {HOST_DEV}/{HOST_PEER_DEV}"))?;
     }
-    let mtu = pod_mtu.to_string();
-    run(
-        "ip",
-        &["link", "set", HOST_DEV, "mtu", &mtu, "arp", "off", "up"],
-    )?;
-    run("ip", &["link", "set", HOST_PEER_DEV, "mtu", &mtu, "up"])?;
-    // No reverse-path filtering on the pair either (replies to the node come from the underlay).
-    write_sysctl(&format!("net.ipv4.conf.{HOST_DEV}.rp_filter"), "0")?;
-    write_sysctl(&format!("net.ipv4.conf.{HOST_PEER_DEV}.rp_filter"), "0")?;
-    run(
-        "ip",
-        &[
-            "route",
-            "replace",
-            &network.to_string(),
-            "dev",
-            HOST_DEV,
-            "src",
-            &node_ip.to_string(),
-        ],
-    )?;
+    let host = netlink::ifindex(HOST_DEV)?;
+    let peer = netlink::ifindex(HOST_PEER_DEV)?;
+    nl.set_link(host, Some(pod_mtu), Some(false))
+        .await
+        .with_context(|| format!("setting {HOST_DEV} up"))?;
+    nl.set_link(peer, Some(pod_mtu), None)
+        .await
+        .with_context(|| format!("setting {HOST_PEER_DEV} up"))?;
+    nl.replace_address(host, Ipv4Net::new(node_ip, 32).expect("/32"))
+        .await
+        .with_context(|| format!("adding {node_ip}/32 to {HOST_DEV}"))?;
+    nl.replace_route(network, None, host, Scope::Link, false, Some(node_ip))
+        .await
+        .with_context(|| format!("routing {network} through {HOST_DEV}"))?;
     Ok(())
 }
 

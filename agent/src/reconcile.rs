@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::Result;
 use ipnet::Ipv4Net;
-use weft_common::{NodeInfo, RouteInfo, RouteMode};
+use weft_common::{NodeConfig, NodeInfo, RouteInfo, RouteMode};
 
 use crate::{
     config::BackendType,
@@ -24,6 +24,121 @@ use crate::{
     datastore::{Event, NodeLease},
     node_net::vtep_mac_for,
 };
+
+/// What the reconciler reads and writes: the datapath's peer maps. [`Maps`] is the real one;
+/// [`MemoryMaps`] keeps them in memory and records every write (unit tests, no root).
+pub trait PeerMaps {
+    fn routes(&self) -> Result<Vec<(Ipv4Net, RouteInfo)>>;
+    fn nodes(&self) -> Result<Vec<(Ipv4Addr, NodeInfo)>>;
+    fn upsert_route(&mut self, cidr: Ipv4Net, info: &RouteInfo) -> Result<()>;
+    fn remove_route(&mut self, cidr: Ipv4Net) -> Result<()>;
+    fn upsert_node(&mut self, addr: Ipv4Addr, info: &NodeInfo) -> Result<()>;
+    fn remove_node(&mut self, addr: Ipv4Addr) -> Result<()>;
+    /// Forgets cached underlay next hops (a peer left or moved).
+    fn flush_next_hops(&mut self) -> Result<()>;
+    fn set_config(&mut self, cfg: &NodeConfig) -> Result<()>;
+}
+
+impl PeerMaps for Maps {
+    fn routes(&self) -> Result<Vec<(Ipv4Net, RouteInfo)>> {
+        Maps::routes(self)
+    }
+    fn nodes(&self) -> Result<Vec<(Ipv4Addr, NodeInfo)>> {
+        Maps::nodes(self)
+    }
+    fn upsert_route(&mut self, cidr: Ipv4Net, info: &RouteInfo) -> Result<()> {
+        Maps::upsert_route(self, cidr, info)
+    }
+    fn remove_route(&mut self, cidr: Ipv4Net) -> Result<()> {
+        Maps::remove_route(self, cidr)
+    }
+    fn upsert_node(&mut self, addr: Ipv4Addr, info: &NodeInfo) -> Result<()> {
+        Maps::upsert_node(self, addr, info)
+    }
+    fn remove_node(&mut self, addr: Ipv4Addr) -> Result<()> {
+        Maps::remove_node(self, addr)
+    }
+    fn flush_next_hops(&mut self) -> Result<()> {
+        Maps::flush_next_hops(self)
+    }
+    fn set_config(&mut self, cfg: &NodeConfig) -> Result<()> {
+        Maps::set_config(self, cfg)
+    }
+}
+
+/// One write to the peer maps, as [`MemoryMaps`] records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapWrite {
+    UpsertRoute(Ipv4Net),
+    RemoveRoute(Ipv4Net),
+    UpsertNode(Ipv4Addr),
+    RemoveNode(Ipv4Addr),
+    FlushNextHops,
+    Config,
+}
+
+/// Peer maps in memory, with a log of writes and injectable failures.
+#[derive(Debug, Default)]
+pub struct MemoryMaps {
+    pub routes: std::collections::BTreeMap<Ipv4Net, RouteInfo>,
+    pub nodes: std::collections::BTreeMap<Ipv4Addr, NodeInfo>,
+    pub config: Option<NodeConfig>,
+    pub writes: Vec<MapWrite>,
+    /// The next this many writes fail (a map that refuses, a full map).
+    pub fail_writes: usize,
+}
+
+impl MemoryMaps {
+    fn write(&mut self, w: MapWrite) -> Result<()> {
+        if self.fail_writes > 0 {
+            self.fail_writes -= 1;
+            anyhow::bail!("injected failure of {w:?}");
+        }
+        self.writes.push(w);
+        Ok(())
+    }
+}
+
+impl PeerMaps for MemoryMaps {
+    fn routes(&self) -> Result<Vec<(Ipv4Net, RouteInfo)>> {
+        Ok(self.routes.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn nodes(&self) -> Result<Vec<(Ipv4Addr, NodeInfo)>> {
+        Ok(self.nodes.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn upsert_route(&mut self, cidr: Ipv4Net, info: &RouteInfo) -> Result<()> {
+        self.write(MapWrite::UpsertRoute(cidr))?;
+        self.routes.insert(cidr, *info);
+        Ok(())
+    }
+    fn remove_route(&mut self, cidr: Ipv4Net) -> Result<()> {
+        self.write(MapWrite::RemoveRoute(cidr))?;
+        self.routes
+            .remove(&cidr)
+            .map(|_| ())
+            .ok_or_else(|| anyhow::anyhow!("no route {cidr}"))
+    }
+    fn upsert_node(&mut self, addr: Ipv4Addr, info: &NodeInfo) -> Result<()> {
+        self.write(MapWrite::UpsertNode(addr))?;
+        self.nodes.insert(addr, *info);
+        Ok(())
+    }
+    fn remove_node(&mut self, addr: Ipv4Addr) -> Result<()> {
+        self.write(MapWrite::RemoveNode(addr))?;
+        self.nodes
+            .remove(&addr)
+            .map(|_| ())
+            .ok_or_else(|| anyhow::anyhow!("no node {addr}"))
+    }
+    fn flush_next_hops(&mut self) -> Result<()> {
+        self.write(MapWrite::FlushNextHops)
+    }
+    fn set_config(&mut self, cfg: &NodeConfig) -> Result<()> {
+        self.write(MapWrite::Config)?;
+        self.config = Some(*cfg);
+        Ok(())
+    }
+}
 
 /// How this node reaches a peer: its backend, or direct for peers on its own underlay subnet
 /// when DirectRouting is on. host-gw is direct to everyone (and needs every peer on-link).
@@ -61,16 +176,16 @@ pub struct DesiredState {
     pub nodes: HashMap<Ipv4Addr, NodeInfo>,
 }
 
-/// The writes that turn `current` into `desired`.
+/// The map writes that turn `current` into `desired`.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Plan {
+pub struct MapDiff {
     pub route_upserts: Vec<(Ipv4Net, RouteInfo)>,
     pub route_removes: Vec<Ipv4Net>,
     pub node_upserts: Vec<(Ipv4Addr, NodeInfo)>,
     pub node_removes: Vec<Ipv4Addr>,
 }
 
-impl Plan {
+impl MapDiff {
     pub fn is_empty(&self) -> bool {
         self.route_upserts.is_empty()
             && self.route_removes.is_empty()
@@ -86,8 +201,8 @@ impl Plan {
     }
 }
 
-pub fn diff(current: &DesiredState, desired: &DesiredState) -> Plan {
-    let mut plan = Plan::default();
+pub fn diff(current: &DesiredState, desired: &DesiredState) -> MapDiff {
+    let mut plan = MapDiff::default();
     for (k, v) in &desired.routes {
         if current.routes.get(k) != Some(v) {
             plan.route_upserts.push((*k, *v));
@@ -284,8 +399,8 @@ impl Reconciler {
     }
 
     /// The writes for the keys events touched: O(changes), not O(cluster).
-    fn partial_plan(&self) -> Plan {
-        let mut plan = Plan::default();
+    fn partial_plan(&self) -> MapDiff {
+        let mut plan = MapDiff::default();
         for subnet in &self.pending_subnets {
             match (
                 self.programmed.routes.get(subnet),
@@ -324,7 +439,7 @@ impl Reconciler {
     }
 
     /// Re-reads the maps (adopting what is there), then applies.
-    pub fn resync(&mut self, maps: &mut Maps) -> Result<ApplyReport> {
+    pub fn resync(&mut self, maps: &mut impl PeerMaps) -> Result<ApplyReport> {
         self.programmed = DesiredState {
             routes: maps.routes()?.into_iter().collect(),
             nodes: maps.nodes()?.into_iter().collect(),
@@ -334,7 +449,7 @@ impl Reconciler {
     }
 
     /// Writes the difference between the desired state and what was programmed.
-    pub fn apply(&mut self, maps: &mut Maps) -> Result<ApplyReport> {
+    pub fn apply(&mut self, maps: &mut impl PeerMaps) -> Result<ApplyReport> {
         let start = Instant::now();
         let plan = if self.full {
             diff(&self.programmed, &self.desired())
@@ -367,20 +482,16 @@ impl Reconciler {
             }
         }
         let writes = plan.len();
-        // New peers first (decapsulation accepts them before routes send to them); removals
-        // of routes before the nodes they point to.
-        for (ip, info) in plan.node_upserts {
-            maps.upsert_node(ip, &info)?;
-            self.programmed.nodes.insert(ip, info);
-        }
+        // Removals first (they free room in full maps), routes before the nodes they point to;
+        // then new peers before the routes that send to them (decapsulation accepts a peer
+        // before traffic to it can come back). A route pointing at a removed node still
+        // encapsulates: node entries only admit decapsulation.
+        let mut plan = plan;
+        plan.route_removes.sort();
+        plan.node_removes.sort();
+        plan.node_upserts.sort_by_key(|(k, _)| *k);
+        plan.route_upserts.sort_by_key(|(k, _)| *k);
         let mut next_hops_stale = false;
-        for (net, info) in plan.route_upserts {
-            if let Some(old) = self.programmed.routes.get(&net) {
-                next_hops_stale |= old.node_ip != info.node_ip;
-            }
-            maps.upsert_route(net, &info)?;
-            self.programmed.routes.insert(net, info);
-        }
         for net in plan.route_removes {
             match maps.remove_route(net) {
                 Ok(()) => {}
@@ -391,9 +502,24 @@ impl Reconciler {
             self.programmed.routes.remove(&net);
         }
         for ip in plan.node_removes {
-            let _ = maps.remove_node(ip);
+            match maps.remove_node(ip) {
+                Ok(()) => {}
+                Err(_) if !maps.nodes()?.iter().any(|(n, _)| *n == ip) => {}
+                Err(e) => return Err(e),
+            }
             self.programmed.nodes.remove(&ip);
             next_hops_stale = true;
+        }
+        for (ip, info) in plan.node_upserts {
+            maps.upsert_node(ip, &info)?;
+            self.programmed.nodes.insert(ip, info);
+        }
+        for (net, info) in plan.route_upserts {
+            if let Some(old) = self.programmed.routes.get(&net) {
+                next_hops_stale |= old.node_ip != info.node_ip;
+            }
+            maps.upsert_route(net, &info)?;
+            self.programmed.routes.insert(net, info);
         }
         if next_hops_stale {
             // A node left or moved: forget cached underlay next hops (they refresh within 1 s

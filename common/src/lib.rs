@@ -5,6 +5,9 @@
 //! byte arrays (network order, as on the wire); plain integers are host order.
 #![no_std]
 
+pub mod conntrack;
+pub mod policy;
+
 /// Version of the map layout. It is part of the pin path, so a new layout never reuses maps
 /// pinned by an older agent (aya reuses a pinned map without checking its shape).
 pub const SCHEMA_VERSION: u32 = 3;
@@ -24,7 +27,18 @@ pub mod map_names {
     pub const DROPS: &str = "WEFT_DROPS";
     pub const STATS: &str = "WEFT_STATS";
     pub const NEXT_HOPS: &str = "WEFT_NEXT_HOPS";
-    pub const ALL: [&str; 7] = [CONFIG, ROUTES, ENDPOINTS, NODES, DROPS, STATS, NEXT_HOPS];
+    pub const CONNTRACK: &str = "WEFT_CT";
+    pub const PATH_MTU: &str = "WEFT_PATH_MTU";
+    pub const POLICY_ENDPOINTS: &str = "WEFT_POLICY_ENDPOINTS";
+    pub const POLICY_ADDRS: &str = "WEFT_POLICY_ADDRS";
+    pub const POLICY_CIDRS: &str = "WEFT_POLICY_CIDRS";
+    pub const POLICY_RULES: &str = "WEFT_POLICY_RULES";
+    pub const POLICY_PORT_BLOCKS: &str = "WEFT_POLICY_PORT_BLOCKS";
+    pub const POLICY_NS_DEFAULTS: &str = "WEFT_POLICY_NS_DEFAULTS";
+    /// The maps the datapath declares today (the policy maps join when its programs use them).
+    pub const ALL: [&str; 9] = [
+        CONFIG, ROUTES, ENDPOINTS, NODES, DROPS, STATS, NEXT_HOPS, CONNTRACK, PATH_MTU,
+    ];
 }
 
 /// Program names (the Rust function names in `node-ebpf`).
@@ -37,6 +51,10 @@ pub mod prog_names {
     pub const FROM_UNDERLAY: &str = "from_underlay";
     /// tc ingress on `weft_net`, peer of `weft_host`: the node's own traffic to remote pods.
     pub const FROM_HOST: &str = "from_host";
+    /// tc egress on the host side of a pod's veth: what the host stack delivers into a pod.
+    pub const TO_POD: &str = "to_pod";
+    /// Every tc program, in the order the agent loads them.
+    pub const TC: [&str; 4] = [FROM_POD, FROM_UNDERLAY, FROM_HOST, TO_POD];
 }
 
 /// The veth pair through which the node's own traffic to pods on other nodes enters the
@@ -45,10 +63,22 @@ pub mod prog_names {
 pub const HOST_DEV: &str = "weft_host";
 pub const HOST_PEER_DEV: &str = "weft_net";
 
+/// Every pod's gateway (Calico's link-local address): a permanent neighbour entry in the pod maps
+/// it to the host side of the pod's veth; the datapath answers ARP for it.
+pub const POD_GATEWAY: [u8; 4] = [169, 254, 1, 1];
+
 pub const ROUTES_MAX: u32 = 65_536;
 pub const ENDPOINTS_MAX: u32 = 16_384;
 pub const NODES_MAX: u32 = 65_536;
 pub const NEXT_HOPS_MAX: u32 = 65_536;
+/// Learned path MTUs (one per peer, like the next hops).
+pub const PATH_MTU_MAX: u32 = 65_536;
+/// How long a path MTU learned from an ICMP fragmentation-needed holds (the kernel's
+/// `net.ipv4.route.mtu_expires`, 10 minutes).
+pub const PATH_MTU_TTL_NS: u64 = 600_000_000_000;
+/// Smallest path MTU accepted from an ICMP fragmentation-needed (the kernel's
+/// `net.ipv4.route.min_pmtu`): a forged ICMP cannot shrink packets below it.
+pub const PATH_MTU_MIN: u32 = 552;
 /// How long a next hop resolved by the kernel's FIB is reused before it is looked up again.
 /// Short enough that underlay route or neighbour changes take effect within a second; long
 /// enough that the ~90 ns lookup is paid once per peer per second instead of per packet.
@@ -110,6 +140,11 @@ pub struct Ipv4Key {
     pub addr: [u8; 4],
 }
 
+/// Traffic to and from the pod takes the host stack, never the fast path: its qdiscs (the
+/// `bandwidth` plugin's shaping) see every packet. Set by the CNI plugin when the runtime asks
+/// for bandwidth limits (`runtimeConfig.bandwidth`).
+pub const EP_F_STACK_ONLY: u32 = 1 << 0;
+
 /// A pod attached to this node.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +156,7 @@ pub struct EndpointInfo {
     pub pod_mac: [u8; 6],
     /// MAC of the host side of the veth: the pod's gateway MAC.
     pub host_mac: [u8; 6],
+    /// `EP_F_*` bits.
     pub flags: u32,
 }
 
@@ -135,6 +171,9 @@ pub struct NodeInfo {
     pub _pad: u8,
 }
 
+/// The node is on-link: the FIB's next hop toward it is the node itself, no router.
+pub const NEXT_HOP_F_ONLINK: u32 = 1 << 0;
+
 /// An underlay next hop toward a node, as the kernel's FIB resolved it (cache entry).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,11 +181,43 @@ pub struct NodeInfo {
 pub struct NextHop {
     /// Egress interface.
     pub ifindex: u32,
+    /// MTU of the route toward the node as the FIB reports it (a route's `mtu` or the
+    /// device's).
+    pub mtu: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
+    /// `NEXT_HOP_F_*` bits.
+    pub flags: u32,
     /// `bpf_ktime_get_coarse_ns` time after which the entry is stale.
     pub expires_ns: u64,
 }
+
+/// A path MTU toward a peer learned from an ICMP fragmentation-needed about one of this
+/// node's tunnel packets (the kernel learns none for them: no socket sent them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct PathMtu {
+    pub mtu: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_coarse_ns` time after which the value no longer applies.
+    pub expires_ns: u64,
+}
+
+/// Metadata `xdp_underlay` leaves in front of a packet it decapsulated, for `from_underlay`:
+/// the packet came out of a tunnel from `peer` (whose inner source was checked). Metadata is
+/// not part of the packet, so nothing on the wire can forge it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct DecapMeta {
+    /// [`DECAP_META_MAGIC`].
+    pub magic: u32,
+    /// Outer source: the node the packet came from.
+    pub peer: [u8; 4],
+}
+
+pub const DECAP_META_MAGIC: u32 = 0x5746_4443;
 
 /// Flow hash of a packet's addresses, protocol and ports (zero for non-first fragments and
 /// protocols without ports). Deterministic, so userspace and tests compute the same value;
@@ -200,6 +271,10 @@ pub struct NodeConfig {
 
 /// The config entry is valid (userspace wrote it). Programs pass everything untouched before.
 pub const CONFIG_F_READY: u16 = 1 << 0;
+/// Plain (unencapsulated) traffic from hosts that are not peers may reach this node's pods
+/// through the host stack (routed access from outside the cluster, as BGP setups want).
+/// Off by default: only peers on the underlay may send plain frames to pods.
+pub const CONFIG_F_ACCEPT_ROUTED: u16 = 1 << 1;
 
 /// Declares a counter enum once: its values (the index into a per-CPU array), the count, the
 /// list in index order and the stable snake_case names used by the CLI and metrics all come from
@@ -263,6 +338,34 @@ counter_enum! {
         /// the kernel's FIB refuses to route for it. The agent enables it; this says someone
         /// undid it.
         ForwardingDisabled => "forwarding_disabled",
+        /// A decapsulated packet's inner source is neither in the pod CIDR of the node that
+        /// sent it (the outer source) nor that node's own address.
+        TunnelInnerSourceSpoofed => "tunnel_inner_source_spoofed",
+        /// A plain (unencapsulated) frame to a local pod from a source that is neither a pod of
+        /// an on-link peer (or of a `bgp` peer) nor such a peer itself.
+        PlainFromNonPeer => "plain_from_non_peer",
+        /// A plain frame to a local pod claims a peer's (or its pods') source but does not come
+        /// from that peer's MAC address.
+        PlainPeerMacMismatch => "plain_peer_mac_mismatch",
+        /// A pod sent a tunnel packet (UDP to the VXLAN port, or IP protocol 4) to a node's
+        /// address.
+        TunnelFromPod => "tunnel_from_pod",
+        /// A pod sent IPv6 (the cluster network is IPv4 only).
+        Ipv6FromPod => "ipv6_from_pod",
+        /// A pod sent a VLAN-tagged frame.
+        VlanFromPod => "vlan_from_pod",
+        /// A pod sent a frame that is neither IPv4 nor ARP (nor IPv6 or VLAN, counted above).
+        NonIpFromPod => "non_ip_from_pod",
+        /// A pod's ARP packet carries a sender address or MAC that is not the pod's.
+        ArpSpoofed => "arp_spoofed",
+        /// A pod's ARP packet is neither a request for its gateway (169.254.1.1) nor a reply
+        /// about itself.
+        ArpNotGateway => "arp_not_gateway",
+        /// A pod's ARP packet is truncated or not Ethernet/IPv4 ARP.
+        MalformedArp => "malformed_arp",
+        /// `from_host` got a packet whose source is neither the node's address nor a local
+        /// pod: something from outside relayed toward the overlay without masquerade.
+        HostForeignSource => "host_foreign_source",
         /// A `bgp` route's destination has no usable route in weft's BGP table (BIRD has not
         /// learned it, or withdrew it). Dropped, not passed to the stack: the stack routes the
         /// cluster network back into weft (`weft_host`), so passing would loop.
@@ -271,6 +374,11 @@ counter_enum! {
         /// own address, or a router sent this node, unencapsulated, traffic for another node's
         /// pods routed by BGP (nodes never transit; the only way on is back out to the router).
         RouteLoop => "route_loop",
+        /// A plain frame to a local pod from a `bgp` peer's pod (or the peer itself) that fails
+        /// the reverse-path check: weft's BGP table (the main table for a node's own address)
+        /// has no route toward its source out of the underlay, or the frame does not come from
+        /// that route's next hop (the router's or the peer's MAC).
+        BgpReversePath => "bgp_reverse_path",
     }
 }
 
@@ -299,6 +407,25 @@ counter_enum! {
         PassedToStack => "passed_to_stack",
         /// Next hop not resolved by the FIB; handed to `bpf_redirect_neigh`.
         NeighResolve => "neigh_resolve",
+        /// A flow's first packet took the fast path (pod to pod, no translation): a fast
+        /// conntrack entry was created.
+        ConntrackFastNew => "conntrack_fast_new",
+        /// The host stack carried a flow into a pod or toward the overlay: a stack conntrack
+        /// entry was created (its packets keep going through the stack).
+        ConntrackStackNew => "conntrack_stack_new",
+        /// A packet between pods handed to the host stack because its flow is the stack's
+        /// (translated, or not known from its start).
+        StackFlowToStack => "stack_flow_to_stack",
+        /// Delivered into a pod by the host stack (seen by `to_pod`).
+        StackToPod => "stack_to_pod",
+        /// A pod's ARP request for its gateway answered by the datapath.
+        ArpReplied => "arp_replied",
+        /// A packet too big for the path toward its destination answered with ICMP
+        /// fragmentation-needed (path MTU discovery).
+        FragNeededSent => "frag_needed_sent",
+        /// An ICMP fragmentation-needed about one of this node's tunnel packets lowered the path
+        /// MTU toward a peer.
+        PathMtuLearned => "path_mtu_learned",
     }
 }
 
@@ -309,7 +436,11 @@ const _: () = {
     assert!(core::mem::size_of::<EndpointInfo>() == 20);
     assert!(core::mem::size_of::<NodeInfo>() == 8);
     assert!(core::mem::size_of::<NodeConfig>() == 28);
-    assert!(core::mem::size_of::<NextHop>() == 24);
+    assert!(core::mem::size_of::<NextHop>() == 32);
+    assert!(core::mem::size_of::<PathMtu>() == 16);
+    assert!(core::mem::size_of::<DecapMeta>() == 8);
+    assert!(core::mem::size_of::<conntrack::CtKey>() == 16);
+    assert!(core::mem::size_of::<conntrack::CtEntry>() == 16);
 };
 
 /// aya reads and writes map keys and values as plain bytes (`aya::Pod`). The bound below makes
@@ -336,5 +467,18 @@ aya_pod!(
     EndpointInfo,
     NodeInfo,
     NodeConfig,
-    NextHop
+    NextHop,
+    PathMtu,
+    DecapMeta,
+    conntrack::CtKey,
+    conntrack::CtEntry,
+    policy::PolicyEndpoint,
+    policy::PolicyClass,
+    policy::PolicyRuleKey,
+    policy::PortRange,
+    policy::PolicyPorts,
+    policy::PolicyPortBlockKey,
+    policy::PolicyPortBlock,
+    policy::PolicyNamespaceKey,
+    policy::PolicyNamespaceDefault,
 );

@@ -15,23 +15,39 @@ pub enum Tunnel {
     NotOurs,
     /// Addressed to this node's tunnel but unacceptable.
     Drop(DropReason),
-    /// A valid tunnel packet: `outer_len` bytes follow the outer Ethernet header up to the inner
-    /// Ethernet header (VXLAN) or the inner IPv4 header (IPIP, `inner_has_eth` false).
+    /// A valid tunnel packet from `peer`: `outer_len` bytes follow the outer Ethernet header up
+    /// to the inner Ethernet header (VXLAN) or the inner IPv4 header (IPIP, `inner_has_eth`
+    /// false).
     Decap {
         outer_len: usize,
         inner_has_eth: bool,
         stat_xdp: Stat,
+        peer: [u8; 4],
     },
 }
 
+/// Checks the inner IPv4 header at `offset` of a tunnel packet from `peer`: valid, and from an
+/// address the peer owns (a pod of its pod CIDR, or the peer itself).
 #[inline(always)]
-fn inner_ipv4_valid(data: usize, data_end: usize, offset: usize) -> bool {
-    match ptr_at::<Ipv4Hdr>(data, data_end, offset) {
-        Some(ip) => {
-            let ip = unsafe { &*ip };
-            ip.version() == 4 && ip.header_len() >= IPV4_HLEN
-        }
-        None => false,
+fn inner_check(
+    data: usize,
+    data_end: usize,
+    offset: usize,
+    peer: [u8; 4],
+) -> Result<(), DropReason> {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(data, data_end, offset) else {
+        return Err(DropReason::MalformedTunnel);
+    };
+    let ip = unsafe { &*ip };
+    if ip.version() != 4 || ip.header_len() < IPV4_HLEN {
+        return Err(DropReason::MalformedTunnel);
+    }
+    if u32::from_ne_bytes(ip.saddr) == u32::from_ne_bytes(peer) {
+        return Ok(());
+    }
+    match route::route(ip.saddr) {
+        Some(r) if u32::from_ne_bytes(r.node_ip) == u32::from_ne_bytes(peer) => Ok(()),
+        _ => Err(DropReason::TunnelInnerSourceSpoofed),
     }
 }
 
@@ -77,26 +93,28 @@ pub fn classify(data: usize, data_end: usize, frame_len: usize, cfg: &NodeConfig
             if unsafe { (*inner_eth).ethertype() } != ETH_P_IPV4 {
                 return Tunnel::Drop(DropReason::InnerNotIpv4);
             }
-            if !inner_ipv4_valid(data, data_end, inner_eth_off + ETH_HLEN) {
-                return Tunnel::Drop(DropReason::MalformedTunnel);
+            if let Err(reason) = inner_check(data, data_end, inner_eth_off + ETH_HLEN, ip.saddr) {
+                return Tunnel::Drop(reason);
             }
             Tunnel::Decap {
                 outer_len: inner_eth_off - ETH_HLEN,
                 inner_has_eth: true,
                 stat_xdp: Stat::XdpVxlanDecap,
+                peer: ip.saddr,
             }
         }
         IPPROTO_IPIP => {
             if route::node(ip.saddr).is_none() {
                 return Tunnel::Drop(DropReason::UnknownTunnelSource);
             }
-            if !inner_ipv4_valid(data, data_end, l4) {
-                return Tunnel::Drop(DropReason::MalformedTunnel);
+            if let Err(reason) = inner_check(data, data_end, l4, ip.saddr) {
+                return Tunnel::Drop(reason);
             }
             Tunnel::Decap {
                 outer_len: l4 - ETH_HLEN,
                 inner_has_eth: false,
                 stat_xdp: Stat::XdpIpipDecap,
+                peer: ip.saddr,
             }
         }
         _ => Tunnel::NotOurs,

@@ -13,7 +13,9 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use weft_common::{DropReason, Ipv4Key, NEXT_HOP_TTL_NS, NextHop, NodeConfig, RouteInfo};
+use weft_common::{
+    DropReason, Ipv4Key, NEXT_HOP_F_ONLINK, NEXT_HOP_TTL_NS, NextHop, NodeConfig, RouteInfo,
+};
 
 use crate::{
     checksum,
@@ -133,62 +135,90 @@ pub fn ipip(ctx: &TcContext, cfg: &NodeConfig, route: &RouteInfo) -> Result<(), 
     Ok(())
 }
 
-/// What the kernel's FIB is asked for the next hop.
-#[derive(Clone, Copy)]
-pub enum Lookup {
-    /// The underlay route to a node's own address (main table, through the rules): tunnels and
-    /// direct routes are addressed to the owning node.
-    Node([u8; 4]),
-    /// The route to a pod address in weft's BGP table (`BPF_FIB_LOOKUP_DIRECT | TBID`): the
-    /// next hop BIRD learned, the owning node or a router on the way to it.
-    BgpTable { dst: [u8; 4], table: u32 },
+/// An underlay next hop toward a node.
+pub enum Hop {
+    /// MACs and egress interface known (cached, or fresh from the FIB).
+    Resolved(NextHop),
+    /// The FIB knows the route but not the neighbour: `bpf_redirect_neigh` resolves it as
+    /// the stack would.
+    Unresolved {
+        ifindex: u32,
+        /// The FIB's next hop (the node itself when on-link, else a router).
+        gateway: [u8; 4],
+    },
 }
 
-/// Sends the (encapsulated or routed) frame out of the underlay NIC, with the next hop from the
-/// kernel's FIB (cached per looked-up address for `NEXT_HOP_TTL_NS`: node addresses and pod
-/// addresses never collide, so both kinds share the cache). Unresolved neighbours are left to
-/// `bpf_redirect_neigh`, which resolves them like the stack does. Returns the verdict and
-/// whether the neighbour was unresolved.
+impl Hop {
+    /// The node is on-link (the FIB's next hop is the node itself).
+    #[inline(always)]
+    pub fn onlink(&self, node: [u8; 4]) -> bool {
+        match self {
+            Hop::Resolved(h) => h.flags & NEXT_HOP_F_ONLINK != 0,
+            Hop::Unresolved { gateway, .. } => {
+                u32::from_ne_bytes(*gateway) == u32::from_ne_bytes(node)
+            }
+        }
+    }
+}
+
+/// The next hop toward `next_ip` through the underlay, from the cache (reused for
+/// `NEXT_HOP_TTL_NS`) or the kernel's FIB. The FIB is asked with a packet length, so it also
+/// reports the route's MTU (a route `mtu` metric, a learned exception, or the device's).
 #[inline(always)]
-pub fn redirect_to_underlay(
+pub fn next_hop(
     ctx: &TcContext,
     cfg: &NodeConfig,
     src_ip: [u8; 4],
-    lookup: Lookup,
-) -> Result<(i32, bool), DropReason> {
+    next_ip: [u8; 4],
+) -> Result<Hop, DropReason> {
+    fib_next_hop(ctx, cfg, src_ip, next_ip, None)
+}
+
+/// The next hop toward the pod address `dst` along weft's BGP table (`cfg.bgp_table`, filled by
+/// BIRD): the owning node, or a router on the way to it. Looked up with
+/// `BPF_FIB_LOOKUP_DIRECT | TBID` in that table only, never the main table (which routes the
+/// cluster network into `weft_host`). Cached like node next hops, per pod address: node and pod
+/// addresses never collide. A route back to this node's own address is a loop.
+#[inline(always)]
+pub fn bgp_next_hop(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    src_ip: [u8; 4],
+    dst: [u8; 4],
+) -> Result<Hop, DropReason> {
+    fib_next_hop(ctx, cfg, src_ip, dst, Some(cfg.bgp_table))
+}
+
+#[inline(always)]
+fn fib_next_hop(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    src_ip: [u8; 4],
+    next_ip: [u8; 4],
+    bgp_table: Option<u32>,
+) -> Result<Hop, DropReason> {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let (dst, flags, table, no_route) = match lookup {
-        Lookup::Node(ip) => (ip, BPF_FIB_LOOKUP_OUTPUT, 0, DropReason::NoUnderlayRoute),
-        Lookup::BgpTable { dst, table } => (
-            dst,
-            BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_TBID,
-            table,
-            DropReason::NoBgpRoute,
-        ),
-    };
-    let key = Ipv4Key { addr: dst };
+    let key = Ipv4Key { addr: next_ip };
     if let Some(hop) = WEFT_NEXT_HOPS.get_ptr(key)
         && unsafe { (*hop).expires_ns } > now
     {
-        let hop = unsafe { &*hop };
-        let (data, data_end) = (ctx.data(), ctx.data_end());
-        let eth = ptr_at::<EthHdr>(data, data_end, 0).ok_or(DropReason::StoreFailed)?;
-        unsafe {
-            (*eth).dst = hop.dmac;
-            (*eth).src = hop.smac;
-            (*eth).ethertype = ETH_P_IPV4.to_be_bytes();
-        }
-        return Ok((unsafe { bpf_redirect(hop.ifindex, 0) } as i32, false));
+        return Ok(Hop::Resolved(unsafe { *hop }));
     }
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
     // An egress lookup with the underlay NIC as the output device: only routes out of it
-    // match. A route in weft's table through any other device (weft_host, a pod's veth) would
-    // bring the packet back into weft; the FIB does not return it (no usable route).
+    // match. A route in weft's BGP table through any other device (weft_host, a pod's veth)
+    // would bring the packet back into weft; the FIB does not return it (no usable route).
     fib.ifindex = cfg.underlay_ifindex;
+    // Any length fits: the lookup only reports the route's MTU back in `mtu_result`.
+    fib.__bindgen_anon_1.tot_len = 1;
     fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src_ip);
-    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
-    fib.__bindgen_anon_5.tbid = table;
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(next_ip);
+    let mut flags = BPF_FIB_LOOKUP_OUTPUT;
+    if let Some(table) = bgp_table {
+        fib.__bindgen_anon_5.tbid = table;
+        flags |= BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_TBID;
+    }
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.skb.skb as *mut _,
@@ -197,51 +227,73 @@ pub fn redirect_to_underlay(
             flags,
         )
     };
-    if matches!(lookup, Lookup::BgpTable { .. })
+    // After the lookup, ipv4_dst holds the next hop (a gateway, or the node itself).
+    let gateway = unsafe { fib.__bindgen_anon_4.ipv4_dst }.to_ne_bytes();
+    if bgp_table.is_some()
         && (rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64)
-        && unsafe { fib.__bindgen_anon_4.ipv4_dst }.to_ne_bytes() == cfg.node_ip
+        && u32::from_ne_bytes(gateway) == u32::from_ne_bytes(cfg.node_ip)
     {
         // weft's table sends the packet to this node's own address (the kernel accepts such a
         // gateway): it would come straight back.
         return Err(DropReason::RouteLoop);
     }
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        let (data, data_end) = (ctx.data(), ctx.data_end());
-        let eth = ptr_at::<EthHdr>(data, data_end, 0).ok_or(DropReason::StoreFailed)?;
-        unsafe {
-            (*eth).dst = fib.dmac;
-            (*eth).src = fib.smac;
-            (*eth).ethertype = ETH_P_IPV4.to_be_bytes();
-        }
+        let onlink = u32::from_ne_bytes(gateway) == u32::from_ne_bytes(next_ip);
         let hop = NextHop {
             ifindex: fib.ifindex,
+            mtu: unsafe { fib.__bindgen_anon_1.mtu_result } as u32,
             smac: fib.smac,
             dmac: fib.dmac,
+            flags: if onlink { NEXT_HOP_F_ONLINK } else { 0 },
             expires_ns: now + NEXT_HOP_TTL_NS,
         };
         // Best effort: a full cache only means the next packet looks up again.
         let _ = WEFT_NEXT_HOPS.insert(key, hop, 0);
-        let ret = unsafe { bpf_redirect(fib.ifindex, 0) } as i32;
-        return Ok((ret, false));
+        return Ok(Hop::Resolved(hop));
     }
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-        nh.nh_family = AF_INET as u32;
-        // After the lookup, ipv4_dst holds the next hop (the gateway, or the looked-up address
-        // itself when it is on-link).
-        nh.__bindgen_anon_1.ipv4_nh = unsafe { fib.__bindgen_anon_4.ipv4_dst };
-        let ret = unsafe {
-            bpf_redirect_neigh(
-                fib.ifindex,
-                &mut nh,
-                core::mem::size_of::<bpf_redir_neigh>() as i32,
-                0,
-            )
-        } as i32;
-        return Ok((ret, true));
+        return Ok(Hop::Unresolved {
+            ifindex: fib.ifindex,
+            gateway,
+        });
     }
     if rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64 {
         return Err(DropReason::ForwardingDisabled);
     }
-    Err(no_route)
+    Err(match bgp_table {
+        Some(_) => DropReason::NoBgpRoute,
+        None => DropReason::NoUnderlayRoute,
+    })
+}
+
+/// Sends the (encapsulated or routed) frame to `hop`. Returns the verdict and whether the
+/// neighbour subsystem has to resolve the next hop.
+#[inline(always)]
+pub fn send(ctx: &TcContext, hop: &Hop) -> Result<(i32, bool), DropReason> {
+    match hop {
+        Hop::Resolved(hop) => {
+            let (data, data_end) = (ctx.data(), ctx.data_end());
+            let eth = ptr_at::<EthHdr>(data, data_end, 0).ok_or(DropReason::StoreFailed)?;
+            unsafe {
+                (*eth).dst = hop.dmac;
+                (*eth).src = hop.smac;
+                (*eth).ethertype = ETH_P_IPV4.to_be_bytes();
+            }
+            Ok((unsafe { bpf_redirect(hop.ifindex, 0) } as i32, false))
+        }
+        Hop::Unresolved { ifindex, gateway } => {
+            let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+            nh.nh_family = AF_INET as u32;
+            nh.__bindgen_anon_1.ipv4_nh = u32::from_ne_bytes(*gateway);
+            let ret = unsafe {
+                bpf_redirect_neigh(
+                    *ifindex,
+                    &mut nh,
+                    core::mem::size_of::<bpf_redir_neigh>() as i32,
+                    0,
+                )
+            } as i32;
+            Ok((ret, true))
+        }
+    }
 }

@@ -1,17 +1,43 @@
 //! Forwarding an IPv4 packet by its destination: into a local pod, or toward the node owning
-//! the destination (encapsulated or routed). Shared by `from_pod` and `from_host`.
+//! the destination (encapsulated or routed), answering packets too big for the path with ICMP
+//! fragmentation-needed. Shared by `from_pod`, `from_host` and `from_underlay`.
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_redirect_peer, programs::TcContext};
-use weft_common::{DropReason, EndpointInfo, NodeConfig, RouteMode, Stat};
+use weft_common::{DropReason, EndpointInfo, NodeConfig, RouteInfo, RouteMode, Stat};
 
 use crate::{
     counters::count,
-    encap,
-    parse::{ETH_HLEN, EthHdr, IPPROTO_UDP, Ipv4Hdr, ptr_at},
+    encap, icmp, mtu,
+    parse::{ETH_HLEN, EthHdr, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, ptr_at},
     route,
 };
 
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_SCTP: u8 = 132;
+/// Where a packet's destination lives.
+pub enum Dest {
+    /// A pod on this node.
+    Local(&'static EndpointInfo),
+    /// A pod on another node.
+    Remote(&'static RouteInfo),
+    /// Not a pod: the node, or outside the cluster network.
+    Other,
+}
+
+#[inline(always)]
+pub fn dest(daddr: [u8; 4]) -> Dest {
+    if let Some(ep) = route::endpoint(daddr) {
+        return Dest::Local(ep);
+    }
+    match route::route(daddr) {
+        Some(r) => Dest::Remote(r),
+        None => Dest::Other,
+    }
+}
+
+/// Whether two MAC addresses are equal (integer compares: no `memcmp` in BPF).
+#[inline(always)]
+pub fn mac_eq(a: &[u8; 6], b: &[u8; 6]) -> bool {
+    u32::from_ne_bytes([a[0], a[1], a[2], a[3]]) == u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
+        && u16::from_ne_bytes([a[4], a[5]]) == u16::from_ne_bytes([b[4], b[5]])
+}
 
 /// The flow hash of the packet (addresses, protocol, and ports when the packet carries them).
 #[inline(always)]
@@ -43,54 +69,59 @@ pub fn deliver_to_pod(eth: &mut EthHdr, ip: &mut Ipv4Hdr, dst: &EndpointInfo, st
     unsafe { bpf_redirect_peer(dst.host_ifindex, 0) as i32 }
 }
 
-/// Forwards the packet whose headers are `eth`/`ip`; `Ok(TC_ACT_OK)` hands it to the stack.
+/// Forwards the packet toward the node owning its destination (`route`). A packet that would
+/// not fit the path once encapsulated is answered with ICMP fragmentation-needed from
+/// `icmp_source`, sent back out of `ifindex` (the interface it came in on). `Ok(TC_ACT_OK)`
+/// hands the packet to the stack (TTL 1).
 #[inline(always)]
-pub fn forward(
+pub fn to_remote(
     ctx: &TcContext,
     cfg: &NodeConfig,
-    eth: &mut EthHdr,
     ip: &mut Ipv4Hdr,
+    route: &RouteInfo,
+    icmp_source: [u8; 4],
+    ifindex: u32,
 ) -> Result<i32, DropReason> {
-    if let Some(dst) = route::endpoint(ip.daddr) {
-        return Ok(deliver_to_pod(eth, ip, dst, Stat::LocalDelivered));
-    }
-
-    let Some(route) = route::route(ip.daddr) else {
-        count(Stat::PassedToStack);
-        return Ok(TC_ACT_OK);
-    };
     if ip.ttl <= 1 {
         count(Stat::PassedToStack);
         return Ok(TC_ACT_OK);
     }
-    ip.decrement_ttl();
-    let stat = match RouteMode::from_u8(route.mode) {
-        Some(RouteMode::Vxlan) => {
-            let hash = flow_hash(ctx, ip);
-            encap::vxlan(ctx, cfg, route, hash)?;
-            Stat::VxlanEncap
-        }
-        Some(RouteMode::Ipip) => {
-            encap::ipip(ctx, cfg, route)?;
-            Stat::IpipEncap
-        }
-        Some(RouteMode::Direct) => Stat::DirectForward,
-        Some(RouteMode::Bgp) => Stat::BgpForward,
-        None => return Err(DropReason::BadRouteMode),
+    let Some(mode) = RouteMode::from_u8(route.mode) else {
+        return Err(DropReason::BadRouteMode);
     };
     // Tunnels are addressed to the owning node, and direct routing sends the unchanged packet
     // to its MAC (host-gw: the node is on-link). bgp routes the unchanged packet along the
     // route BIRD learned for the destination: to the node, or to a router in between.
-    let (src, lookup) = if stat == Stat::BgpForward {
-        let lookup = encap::Lookup::BgpTable {
-            dst: ip.daddr,
-            table: cfg.bgp_table,
-        };
-        (ip.saddr, lookup)
+    let hop = if mode == RouteMode::Bgp {
+        encap::bgp_next_hop(ctx, cfg, ip.saddr, ip.daddr)?
     } else {
-        (cfg.node_ip, encap::Lookup::Node(route.node_ip))
+        encap::next_hop(ctx, cfg, cfg.node_ip, route.node_ip)?
     };
-    let (verdict, neigh) = encap::redirect_to_underlay(ctx, cfg, src, lookup)?;
+    let path_mtu = mtu::path_mtu(&hop, route.node_ip);
+    let overhead = mtu::overhead(mode);
+    if path_mtu > overhead {
+        let len = mtu::segment_len(ctx, ip, ETH_HLEN + ip.header_len()) + overhead;
+        if len > path_mtu {
+            // DF or not: the packet cannot be fragmented on the way (a fragmented tunnel
+            // packet is never decapsulated), so the sender learns the path MTU either way.
+            return icmp::frag_needed(ctx, icmp_source, path_mtu - overhead, ifindex);
+        }
+    }
+    ip.decrement_ttl();
+    let stat = match mode {
+        RouteMode::Vxlan => {
+            let hash = flow_hash(ctx, ip);
+            encap::vxlan(ctx, cfg, route, hash)?;
+            Stat::VxlanEncap
+        }
+        RouteMode::Ipip => {
+            encap::ipip(ctx, cfg, route)?;
+            Stat::IpipEncap
+        }
+        RouteMode::Direct => Stat::DirectForward,
+        RouteMode::Bgp => Stat::BgpForward,
+    };
+    let (verdict, neigh) = encap::send(ctx, &hop)?;
     count(stat);
     if neigh {
         count(Stat::NeighResolve);

@@ -1,18 +1,25 @@
-//! tc ingress on `weft_net`, the peer of the node's `weft_host` veth: traffic the node itself
-//! sends to pods on other nodes (kubelet probes, hostNetwork pods). The agent routes the
-//! cluster network through `weft_host`; here it is encapsulated or routed like pod traffic, as
-//! Cilium does with `cilium_host`/`cilium_net`. The node is trusted: no anti-spoofing.
+//! tc ingress on `weft_net`, the peer of the node's `weft_host` veth: what the node's stack
+//! sends to pods on other nodes. The agent routes the cluster network through `weft_host`;
+//! here it is encapsulated or routed like pod traffic, as Cilium does with
+//! `cilium_host`/`cilium_net`.
+//!
+//! Only the node's own traffic (its address, also what it masqueraded) and pod traffic the
+//! stack carried (a Service's DNAT to a remote backend, a flow the fast path handed over) may
+//! pass: anything else would relay a packet from outside into the overlay with a source the
+//! peers trust. Pod flows carried here are recorded as stack flows, so their replies go back
+//! through the stack that translated them.
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
     programs::TcContext,
 };
-use weft_common::DropReason;
+use weft_common::{DropReason, Stat};
 
 use crate::{
-    counters::count_drop,
-    forward,
-    parse::{EthHdr, Ipv4Hdr, L3, parse_ipv4},
+    conntrack,
+    counters::{count, count_drop},
+    forward::{self, Dest},
+    parse::{ETH_HLEN, EthHdr, HEADERS_LEN, Ipv4Hdr, L3, parse_ipv4},
     route,
 };
 
@@ -32,11 +39,41 @@ fn try_from_host(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(cfg) = route::config() else {
         return Ok(TC_ACT_OK);
     };
-    let frame = match parse_ipv4(ctx.data(), ctx.data_end(), ctx.len() as usize) {
+    let frame_len = ctx.len() as usize;
+    if ctx.data() + HEADERS_LEN > ctx.data_end() && frame_len > ETH_HLEN {
+        let want = core::cmp::min(frame_len, HEADERS_LEN) as u32;
+        let _ = ctx.pull_data(want);
+    }
+    let frame = match parse_ipv4(ctx.data(), ctx.data_end(), frame_len) {
         L3::Other => return Ok(TC_ACT_OK),
         L3::Malformed => return Err(DropReason::MalformedIpv4),
         L3::Ipv4(frame) => frame,
     };
     let (eth, ip): (&mut EthHdr, &mut Ipv4Hdr) = unsafe { (&mut *frame.eth, &mut *frame.ip) };
-    forward::forward(ctx, cfg, eth, ip)
+    let from_pod = if ip.saddr == cfg.node_ip {
+        false
+    } else if route::endpoint(ip.saddr).is_some() {
+        true
+    } else {
+        return Err(DropReason::HostForeignSource);
+    };
+    match forward::dest(ip.daddr) {
+        Dest::Local(ep) => Ok(forward::deliver_to_pod(eth, ip, ep, Stat::LocalDelivered)),
+        Dest::Remote(route) => {
+            if from_pod {
+                let track =
+                    conntrack::track(ctx.data(), ctx.data_end(), ip, ETH_HLEN + ip.header_len());
+                conntrack::record_stack(&track);
+            }
+            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            // A too-big packet is answered as if by the destination: an address of this node
+            // would be refused as a martian source on weft_host.
+            let daddr = ip.daddr;
+            forward::to_remote(ctx, cfg, ip, route, daddr, ifindex)
+        }
+        Dest::Other => {
+            count(Stat::PassedToStack);
+            Ok(TC_ACT_OK)
+        }
+    }
 }

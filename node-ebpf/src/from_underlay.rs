@@ -1,18 +1,40 @@
 //! tc ingress on the underlay NIC: delivers packets from other nodes' pods to local pods
 //! straight into the pod's namespace (`bpf_redirect_peer`), after decapsulating tunnel packets
 //! XDP did not handle (XDP not attached, or not supported by the NIC).
+//!
+//! What may reach a pod from the underlay:
+//! - tunnel packets from known nodes whose inner source the sending node owns (checked in
+//!   `decap::classify`, by XDP or here);
+//! - plain frames from on-link peers (host-gw, DirectRouting) whose source is that peer or
+//!   one of its pods, coming from that peer's MAC;
+//! - plain frames from `bgp` peers (possibly behind routers) whose source is that peer or one
+//!   of its pods, coming from the next hop this node's routes give toward that source;
+//! - nothing else, unless the agent allows routed access from outside (`--accept-routed-pod-
+//!   traffic`), which hands such traffic to the stack.
+//!
+//! Pod-to-pod packets take the fast path when conntrack says their flow is weft's; the rest
+//! (a node's own traffic, flows the stack translated) is the stack's. This program also learns
+//! path MTUs from ICMP fragmentation-needed about this node's tunnel packets.
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    bindings::{
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
     macros::classifier,
     programs::TcContext,
 };
-use weft_common::{DropReason, RouteMode, Stat};
+use weft_common::{
+    CONFIG_F_ACCEPT_ROUTED, DECAP_META_MAGIC, DecapMeta, DropReason, EP_F_STACK_ONLY, NodeConfig,
+    RouteMode, Stat,
+};
 
 use crate::{
+    conntrack::{self, Path},
     counters::{count, count_drop},
     decap::{Tunnel, classify},
-    forward,
-    parse::{EthHdr, L3, parse_ipv4},
+    encap::{self, Hop},
+    forward::{self, mac_eq},
+    mtu,
+    parse::{ETH_HLEN, EthHdr, Ipv4Hdr, L3, parse_ipv4},
     route,
 };
 
@@ -30,6 +52,85 @@ pub fn from_underlay(ctx: TcContext) -> i32 {
     }
 }
 
+/// The peer XDP decapsulated this packet from, if it did (its metadata says so).
+#[inline(always)]
+fn decapsulated_by_xdp(ctx: &TcContext) -> bool {
+    let (meta, data) = unsafe {
+        (
+            (*ctx.skb.skb).data_meta as usize,
+            (*ctx.skb.skb).data as usize,
+        )
+    };
+    if meta + core::mem::size_of::<DecapMeta>() > data {
+        return false;
+    }
+    unsafe { (*(meta as *const DecapMeta)).magic == DECAP_META_MAGIC }
+}
+
+/// A plain frame to a local pod: allowed only from an on-link peer (or one of its pods) and
+/// from that peer's MAC, or from a `bgp` peer (or one of its pods) through the next hop toward
+/// it.
+#[inline(always)]
+fn plain_sender_ok(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    eth: &EthHdr,
+    ip: &Ipv4Hdr,
+) -> Result<(), DropReason> {
+    let bgp = RouteMode::Bgp as u8;
+    let (peer, pod, mode) = match route::route(ip.saddr) {
+        Some(r) => (r.node_ip, true, r.mode),
+        None => match route::node(ip.saddr) {
+            Some(n) => (ip.saddr, false, n.mode),
+            None => return Err(DropReason::PlainFromNonPeer),
+        },
+    };
+    if mode == bgp {
+        return bgp_reverse_path_ok(ctx, cfg, eth, ip.saddr, pod);
+    }
+    let hop =
+        encap::next_hop(ctx, cfg, cfg.node_ip, peer).map_err(|_| DropReason::PlainFromNonPeer)?;
+    if !hop.onlink(peer) {
+        return Err(DropReason::PlainFromNonPeer);
+    }
+    if let Hop::Resolved(h) = hop
+        && !mac_eq(&h.dmac, &eth.src)
+    {
+        return Err(DropReason::PlainPeerMacMismatch);
+    }
+    Ok(())
+}
+
+/// A plain frame from a `bgp` peer's pod (`pod`) or from the peer itself: BGP routes it
+/// through routers, so the sender need not be on-link, but the frame must come the way this
+/// node would send the reply (a reverse-path check, as the kernel's strict `rp_filter`): from
+/// the MAC of the next hop weft's BGP table gives toward the source's pod subnet, or the main
+/// table toward a node's own address. A host beside the router forging a pod's source is
+/// refused; routed access from elsewhere needs `--accept-routed-pod-traffic`.
+#[inline(always)]
+fn bgp_reverse_path_ok(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    eth: &EthHdr,
+    src: [u8; 4],
+    pod: bool,
+) -> Result<(), DropReason> {
+    let hop = if pod {
+        encap::bgp_next_hop(ctx, cfg, cfg.node_ip, src)
+    } else {
+        encap::next_hop(ctx, cfg, cfg.node_ip, src)
+    }
+    .map_err(|_| DropReason::BgpReversePath)?;
+    // An unresolved next hop has no MAC to compare yet (the neighbour subsystem resolves it
+    // with the reply); as for on-link peers, the frame is taken.
+    if let Hop::Resolved(h) = hop
+        && !mac_eq(&h.dmac, &eth.src)
+    {
+        return Err(DropReason::BgpReversePath);
+    }
+    Ok(())
+}
+
 #[inline(always)]
 fn try_from_underlay(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(cfg) = route::config() else {
@@ -44,26 +145,39 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, DropReason> {
         };
         let _ = ctx.pull_data(want);
     }
-    let mut tc_decapsulated = false;
-    match classify(ctx.data(), ctx.data_end(), frame_len, cfg) {
-        Tunnel::NotOurs => {}
-        Tunnel::Drop(reason) => return Err(reason),
-        Tunnel::Decap {
-            outer_len,
-            inner_has_eth,
-            ..
-        } => {
-            // Remove everything between the outer Ethernet header and the inner IPv4 header;
-            // the outer Ethernet header (addressed to this NIC, type IPv4) stays.
-            let strip = if inner_has_eth {
-                outer_len + 14
-            } else {
-                outer_len
-            };
-            ctx.adjust_room(-(strip as i32), BPF_ADJ_ROOM_MAC, 0)
+    let mut decapsulated = decapsulated_by_xdp(ctx);
+    if !decapsulated {
+        match classify(ctx.data(), ctx.data_end(), frame_len, cfg) {
+            Tunnel::NotOurs => {}
+            Tunnel::Drop(reason) => return Err(reason),
+            Tunnel::Decap {
+                outer_len,
+                inner_has_eth,
+                ..
+            } => {
+                // Remove everything between the outer Ethernet header and the inner IPv4
+                // header; the outer Ethernet header (addressed to this NIC, type IPv4) stays.
+                // The packet may then go to the stack (a flow it translated, a node's traffic):
+                // fine for IPIP, whose GRO leaves a TCP GSO packet; a UDP-tunnel GSO packet
+                // would keep tunnel GSO state the stack cannot forward (no DECAP_L4_UDP on this
+                // kernel), but without a VXLAN socket the kernel does not aggregate VXLAN.
+                let strip = if inner_has_eth {
+                    outer_len + 14
+                } else {
+                    outer_len
+                };
+                // FIXED_GSO: a GRO'd packet keeps its senders' segment size. Without it the
+                // kernel grows the segments by the bytes removed, and the stack, forwarding the
+                // packet to a pod, finds segments larger than the pod's MTU.
+                ctx.adjust_room(
+                    -(strip as i32),
+                    BPF_ADJ_ROOM_MAC,
+                    BPF_F_ADJ_ROOM_FIXED_GSO as u64,
+                )
                 .map_err(|_| DropReason::AdjustRoomFailed)?;
-            count(Stat::TcDecap);
-            tc_decapsulated = true;
+                count(Stat::TcDecap);
+                decapsulated = true;
+            }
         }
     }
 
@@ -72,26 +186,38 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, DropReason> {
         L3::Ipv4(frame) => frame,
         L3::Other | L3::Malformed => return Ok(TC_ACT_OK),
     };
-    let (eth, ip): (&mut EthHdr, &mut _) = unsafe { (&mut *frame.eth, &mut *frame.ip) };
+    let (eth, ip): (&mut EthHdr, &mut Ipv4Hdr) = unsafe { (&mut *frame.eth, &mut *frame.ip) };
+    let l4 = ETH_HLEN + ip.header_len();
+    if !decapsulated && mtu::learn(ctx.data(), ctx.data_end(), cfg, ip, l4) {
+        return Ok(TC_ACT_OK);
+    }
     let Some(dst) = route::endpoint(ip.daddr) else {
         // Another node's pods, reached over BGP, arriving here unencapsulated: a router sent
         // them to the wrong node. weft nodes never transit (the only way on is back out of the
         // underlay, toward the router that sent it): the start of a loop, refused and counted.
-        if !tc_decapsulated
-            && route::route(ip.daddr).is_some_and(|r| r.mode == RouteMode::Bgp as u8)
-        {
+        if !decapsulated && route::route(ip.daddr).is_some_and(|r| r.mode == RouteMode::Bgp as u8) {
             return Err(DropReason::RouteLoop);
         }
         return Ok(TC_ACT_OK);
     };
-    // (Packets tc decapsulated itself are always delivered here: handing them back to the
-    // stack after `bpf_skb_adjust_room` leaves offload state the stack cannot forward.)
-    if !tc_decapsulated && route::route(ip.saddr).is_none() {
-        // Not from a pod of another node (a node, hostNetwork pod or anything else): the host
-        // stack delivers it, so its conntrack sees the request and the pod's reply is
-        // recognised as a reply (not masqueraded as new pod-to-node traffic), and the node's
-        // own firewall applies. Pod-to-pod traffic keeps the fast path.
+    if !decapsulated && let Err(reason) = plain_sender_ok(ctx, cfg, eth, ip) {
+        if cfg.flags & CONFIG_F_ACCEPT_ROUTED == 0 {
+            return Err(reason);
+        }
+        // Routed access from outside, allowed by the operator: the stack delivers it.
         count(Stat::PassedToStack);
+        return Ok(TC_ACT_OK);
+    }
+    if route::route(ip.saddr).is_none() || dst.flags & EP_F_STACK_ONLY != 0 {
+        // Not from a pod of another node (a node's own traffic), or into a pod whose traffic
+        // must see the stack's qdiscs: the host stack delivers it, so its conntrack sees the
+        // request and the pod's reply is recognised as a reply (not masqueraded as new
+        // pod-to-node traffic), and the node's own firewall applies.
+        count(Stat::PassedToStack);
+        return Ok(TC_ACT_OK);
+    }
+    let track = conntrack::track(ctx.data(), ctx.data_end(), ip, l4);
+    if conntrack::path(&track) == Path::Stack {
         return Ok(TC_ACT_OK);
     }
     Ok(forward::deliver_to_pod(

@@ -1,21 +1,27 @@
-//! weft's kernel-side datapath. One module per attach point (`from_pod`, `xdp_underlay`,
-//! `from_underlay`), one per concern (parsing, checksums, encapsulation, decapsulation, routing,
-//! counters), as Cilium's `bpf/` tree is laid out.
+//! weft's kernel-side datapath. One module per attach point (`from_pod`, `to_pod`,
+//! `from_host`, `xdp_underlay`, `from_underlay`), one per concern (parsing, checksums,
+//! encapsulation, decapsulation, routing, conntrack, path MTU, ICMP, ARP, counters), as
+//! Cilium's `bpf/` tree is laid out.
 #![no_std]
 #![no_main]
 
+mod arp;
 mod checksum;
+mod conntrack;
 mod counters;
 mod decap;
 mod encap;
 mod forward;
+mod icmp;
 mod maps;
+mod mtu;
 mod parse;
 mod route;
 
 mod from_host;
 mod from_pod;
 mod from_underlay;
+mod to_pod;
 mod xdp_underlay;
 
 #[cfg(not(test))]

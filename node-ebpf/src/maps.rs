@@ -6,7 +6,8 @@ use aya_ebpf::{
 };
 use weft_common::{
     DROP_REASON_COUNT, ENDPOINTS_MAX, EndpointInfo, Ipv4Key, NEXT_HOPS_MAX, NODES_MAX, NextHop,
-    NodeConfig, NodeInfo, ROUTES_MAX, RouteInfo, STAT_COUNT,
+    NodeConfig, NodeInfo, PATH_MTU_MAX, PathMtu, ROUTES_MAX, RouteInfo, STAT_COUNT,
+    conntrack::{CT_MAX_DEFAULT, CtEntry, CtKey},
 };
 
 /// Node-wide configuration (index 0).
@@ -37,4 +38,14 @@ pub static WEFT_STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::
 /// Underlay next hops resolved by the kernel's FIB, reused for `NEXT_HOP_TTL_NS`.
 #[btf_map]
 pub static WEFT_NEXT_HOPS: LruHashMap<Ipv4Key, NextHop, { NEXT_HOPS_MAX as usize }> =
+    LruHashMap::new();
+
+/// weft's connection tracking: one entry per flow (see `weft_common::conntrack`). The size is
+/// the default; the agent sets its own (`--conntrack-max`) before loading.
+#[btf_map]
+pub static WEFT_CT: LruHashMap<CtKey, CtEntry, { CT_MAX_DEFAULT as usize }> = LruHashMap::new();
+
+/// Path MTUs toward peers learned from ICMP fragmentation-needed about tunnel packets.
+#[btf_map]
+pub static WEFT_PATH_MTU: LruHashMap<Ipv4Key, PathMtu, { PATH_MTU_MAX as usize }> =
     LruHashMap::new();

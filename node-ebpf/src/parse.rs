@@ -8,8 +8,24 @@ pub const IPV4_HLEN: usize = 20;
 pub const UDP_HLEN: usize = 8;
 pub const VXLAN_HLEN: usize = 8;
 pub const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+/// 802.1Q and 802.1ad VLAN tags.
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
+pub const ICMP_HLEN: usize = 8;
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+/// Enough linear bytes for every header the programs read: Ethernet, IPv4 with options, and
+/// an L4 header (TCP without options, or ICMP with the start of a quoted IPv4 header).
+pub const HEADERS_LEN: usize = ETH_HLEN + 60 + 20;
 /// Everything that precedes the inner Ethernet header of an option-less VXLAN packet.
 pub const VXLAN_ENCAP_LEN: usize = IPV4_HLEN + UDP_HLEN + VXLAN_HLEN + ETH_HLEN;
 /// VXLAN flags byte: the VNI is valid (RFC 7348 "I" flag).
@@ -99,6 +115,35 @@ impl VxlanHdr {
         u32::from_be_bytes(self.vni_reserved) >> 8
     }
 }
+
+/// An ICMP header (RFC 792): type, code, checksum, then four bytes whose meaning depends on the
+/// type (echo: identifier and sequence; fragmentation-needed: unused and next-hop MTU).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct IcmpHdr {
+    pub kind: u8,
+    pub code: u8,
+    pub check: [u8; 2],
+    pub rest: [u8; 4],
+}
+
+/// An Ethernet/IPv4 ARP packet (RFC 826).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ArpHdr {
+    pub htype: [u8; 2],
+    pub ptype: [u8; 2],
+    pub hlen: u8,
+    pub plen: u8,
+    pub oper: [u8; 2],
+    pub sha: [u8; 6],
+    pub spa: [u8; 4],
+    pub tha: [u8; 6],
+    pub tpa: [u8; 4],
+}
+
+pub const ARP_REQUEST: u16 = 1;
+pub const ARP_REPLY: u16 = 2;
 
 /// A bounds-checked pointer to a `T` at `offset` bytes into the packet `[data, data_end)`.
 /// The shape (`start + offset + size > end`) is the one the verifier understands.

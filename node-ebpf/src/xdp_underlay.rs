@@ -1,13 +1,19 @@
 //! XDP on the underlay NIC: decapsulates VXLAN and IPIP addressed to this node from known
-//! nodes, before GRO, and passes the inner packet to the stack (tc then delivers it to the pod).
-//! Everything else passes untouched.
+//! nodes (inner source checked against the sending node's pods), before GRO, and passes the
+//! inner packet to the stack (tc then delivers it to the pod). Everything else passes
+//! untouched.
+//!
+//! A decapsulated packet carries metadata (`DecapMeta`, in front of the packet, not in it)
+//! saying which peer it came from: `from_underlay` tells it apart from a plain frame with the
+//! same headers sent on the wire. Where the driver keeps no metadata, nothing is decapsulated
+//! here and tc does it.
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    helpers::bpf_xdp_adjust_head,
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
     macros::xdp,
     programs::XdpContext,
 };
-use weft_common::DropReason;
+use weft_common::{DECAP_META_MAGIC, DecapMeta, DropReason};
 
 use crate::{
     counters::{count, count_drop},
@@ -22,18 +28,20 @@ pub fn xdp_underlay(ctx: XdpContext) -> u32 {
         return XDP_PASS;
     };
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    let (outer_len, inner_has_eth, stat) = match classify(data, data_end, data_end - data, cfg) {
-        Tunnel::NotOurs => return XDP_PASS,
-        Tunnel::Drop(reason) => {
-            count_drop(reason);
-            return XDP_DROP;
-        }
-        Tunnel::Decap {
-            outer_len,
-            inner_has_eth,
-            stat_xdp,
-        } => (outer_len, inner_has_eth, stat_xdp),
-    };
+    let (outer_len, inner_has_eth, stat, peer) =
+        match classify(data, data_end, data_end - data, cfg) {
+            Tunnel::NotOurs => return XDP_PASS,
+            Tunnel::Drop(reason) => {
+                count_drop(reason);
+                return XDP_DROP;
+            }
+            Tunnel::Decap {
+                outer_len,
+                inner_has_eth,
+                stat_xdp,
+                peer,
+            } => (outer_len, inner_has_eth, stat_xdp, peer),
+        };
     // The outer Ethernet header is addressed to this NIC: the inner frame inherits it so the
     // stack accepts it as PACKET_HOST.
     let Some(outer_eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
@@ -41,6 +49,23 @@ pub fn xdp_underlay(ctx: XdpContext) -> u32 {
     };
     let mut eth = unsafe { *outer_eth };
     eth.ethertype = 0x0800u16.to_be_bytes();
+    // The metadata first: without it tc could not tell this packet from a plain frame, so a
+    // driver that keeps none leaves decapsulation to tc. (`bpf_xdp_adjust_head` below moves
+    // the metadata along with the packet start.)
+    let meta_len = core::mem::size_of::<DecapMeta>() as i32;
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -meta_len) } != 0 {
+        return XDP_PASS;
+    }
+    let (meta, data) = unsafe { ((*ctx.ctx).data_meta as usize, (*ctx.ctx).data as usize) };
+    if meta + meta_len as usize > data {
+        return XDP_PASS;
+    }
+    unsafe {
+        *(meta as *mut DecapMeta) = DecapMeta {
+            magic: DECAP_META_MAGIC,
+            peer,
+        }
+    };
     // VXLAN: strip up to the inner Ethernet header; IPIP: keep room for an Ethernet header.
     let strip = if inner_has_eth {
         ETH_HLEN + outer_len

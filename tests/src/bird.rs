@@ -34,6 +34,11 @@ impl Bird {
         bird
     }
 
+    /// The running BIRD's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(NsProcess::pid)
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.dir.join("bird.ctl")
     }

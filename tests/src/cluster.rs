@@ -2,19 +2,22 @@
 //! routes between two node subnets), N nodes each running the real `weft-agent` with its own pin
 //! directory and files, one etcd for the cluster, and pods created by calling the real `weft-cni`
 //! binary as a container runtime does. Everything is torn down on drop, also after a panic.
+//!
+//! The one harness for every test that runs agents: the agent suites use it with no pods (or no
+//! nodes at all, for the etcd datastore alone), the end-to-end suites with pods.
 use std::{
     io::Write,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
 };
 
-use weft_agent::datapath::Maps;
+use weft_agent::{datapath::Maps, subnet_env::SubnetEnv};
 
 use crate::{
+    agentless::{FlannelNode, mtu_wire},
     etcd::Etcd,
-    manual::{FlannelNode, mtu_wire},
     netns::{Netns, unique_name},
     pins::PinDir,
     process::{NsProcess, wait_until},
@@ -22,19 +25,25 @@ use crate::{
 
 /// The cluster network every test cluster uses.
 pub const CLUSTER_NETWORK: &str = "10.244.0.0/16";
+/// The Service network (kube-apiserver's `--service-cluster-ip-range`) of test clusters.
+pub const SERVICE_NETWORK: &str = "10.96.0.0/16";
 /// Underlay subnets: nodes are spread over both, routed by the underlay namespace.
 pub const UNDERLAY_SUBNETS: [[u8; 3]; 2] = [[192, 168, 100], [192, 168, 101]];
+/// etcd listens on the underlay router's address of the first subnet.
+const ETCD_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
 const ETCD_PORT: u16 = 2379;
 /// flannel's default etcd prefix; weft's etcd datastore uses the same layout.
 pub const FLANNEL_PREFIX: &str = "/coreos.com/network";
+/// Where every agent serves `/healthz`, `/readyz` and `/metrics` (on its node's address).
+pub const METRICS_PORT: u16 = weft_agent::metrics::DEFAULT_PORT;
 
-/// Directory of the workspace's built binaries (`target/debug`), found from the running
-/// executable: a test (`target/debug/deps/<test>`) or a binary (`target/debug/<bin>`).
+/// Directory of the workspace's built binaries (`target/<profile>`), found from the running
+/// executable: a test (`target/<profile>/deps/<test>`) or a binary (`target/<profile>/<bin>`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().expect("target/debug");
+    let dir = exe.parent().expect("target/<profile>");
     if dir.file_name().is_some_and(|n| n == "deps") {
-        dir.parent().expect("target/debug").to_path_buf()
+        dir.parent().expect("target/<profile>").to_path_buf()
     } else {
         dir.to_path_buf()
     }
@@ -45,11 +54,16 @@ pub fn binary(name: &str) -> PathBuf {
     let path = bin_dir().join(name);
     assert!(
         path.exists(),
-        "{} is missing: run `cargo build --workspace --exclude node-ebpf` first (`cargo xtask test` does)",
+        "{} is missing: run `cargo build --workspace --exclude node-ebpf` first (`cargo xtask test` does; --release for benchmarks)",
         path.display()
     );
     path
 }
+
+/// Wraps the agent's command line, e.g. to run it with the capabilities and mounts of the
+/// DaemonSet: given the node's directory, the program and arguments to put before the agent
+/// binary and its arguments.
+pub type AgentWrapper = std::sync::Arc<dyn Fn(&std::path::Path) -> Vec<String> + Send + Sync>;
 
 pub struct ClusterOptions {
     pub nodes: usize,
@@ -62,6 +76,21 @@ pub struct ClusterOptions {
     pub backend_extra: serde_json::Value,
     /// Run BIRD on the underlay router as a route reflector for the nodes (bgp backend).
     pub route_reflector: bool,
+    /// MTU of the second underlay subnet: its nodes' links, their bridge and the router's port
+    /// toward it (the router answers larger DF packets with ICMP fragmentation-needed).
+    pub second_subnet_mtu: Option<u32>,
+    /// Agents decapsulate in tc only (`--no-xdp`), as on NICs without XDP.
+    pub no_xdp: bool,
+    /// Where `weft-agent` and `weft-cni` come from (default: the workspace's build,
+    /// [`bin_dir`]); e.g. an unpacked release tarball.
+    pub bin_dir: Option<PathBuf>,
+    pub agent_wrapper: Option<AgentWrapper>,
+    /// A whole net-conf.json instead of the one `backend` and `direct_routing` describe.
+    pub net_conf: Option<serde_json::Value>,
+    /// TTL of the agents' etcd leases (s).
+    pub lease_ttl: u64,
+    /// Whether `Cluster::new` waits until every node routes to every other node.
+    pub wait_converged: bool,
 }
 
 impl Default for ClusterOptions {
@@ -73,6 +102,27 @@ impl Default for ClusterOptions {
             two_subnets: false,
             backend_extra: serde_json::Value::Null,
             route_reflector: false,
+            second_subnet_mtu: None,
+            no_xdp: false,
+            bin_dir: None,
+            agent_wrapper: None,
+            net_conf: None,
+            lease_ttl: 20,
+            wait_converged: true,
+        }
+    }
+}
+
+impl ClusterOptions {
+    /// `nodes` agents configured by `net_conf`, leases of `lease_ttl` s, not waited for: what
+    /// the agent suites start from.
+    pub fn agents(nodes: usize, net_conf: serde_json::Value, lease_ttl: u64) -> Self {
+        Self {
+            nodes,
+            net_conf: Some(net_conf),
+            lease_ttl,
+            wait_converged: false,
+            ..Default::default()
         }
     }
 }
@@ -85,6 +135,8 @@ pub struct Node {
     pub dir: PathBuf,
     pub agent: Option<NsProcess>,
     pub pods: Vec<Pod>,
+    /// Where this node's `weft-agent` and `weft-cni` come from.
+    pub bin_dir: PathBuf,
 }
 
 pub struct Pod {
@@ -124,9 +176,7 @@ impl Node {
 
     /// The node's pod subnet (from its subnet file).
     pub fn subnet(&self) -> ipnet::Ipv4Net {
-        weft_agent::subnet_env::SubnetEnv::read(&self.subnet_file())
-            .expect("the node's subnet file")
-            .subnet
+        self.subnet_env().subnet
     }
 
     /// Prefixes in the node's BGP routing table (what BIRD installed for the datapath).
@@ -137,6 +187,41 @@ impl Node {
                 .into_keys()
                 .collect()
         })
+    }
+
+    pub fn subnet_env(&self) -> SubnetEnv {
+        SubnetEnv::read(&self.subnet_file()).expect("reading the node's subnet file")
+    }
+
+    /// Number of routes in the node's map (0 when the maps do not exist yet).
+    pub fn route_count(&self) -> usize {
+        Maps::open_pinned(&self.pins.path)
+            .and_then(|m| m.routes())
+            .map(|r| r.len())
+            .unwrap_or(0)
+    }
+
+    /// The agent's metrics server.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, METRICS_PORT))
+    }
+
+    /// GET on the agent's metrics server, from inside the node: (status, body).
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(&self.ns, self.metrics_addr(), path)
+    }
+
+    /// A metric's value from /metrics (first sample of that name).
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = self.http_get("/metrics")?;
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    /// The current agent's log.
+    pub fn log(&self) -> String {
+        self.agent.as_ref().map(|a| a.log()).unwrap_or_default()
     }
 
     pub fn cni_conf(&self) -> serde_json::Value {
@@ -152,6 +237,12 @@ impl Node {
 }
 
 impl Cluster {
+    /// `nodes` agents (no pods) configured by `net_conf`, leases of `lease_ttl` s, without
+    /// waiting for them to converge.
+    pub fn agents(nodes: usize, net_conf: serde_json::Value, lease_ttl: u64) -> Self {
+        Self::new(ClusterOptions::agents(nodes, net_conf, lease_ttl))
+    }
+
     pub fn new(options: ClusterOptions) -> Self {
         let underlay = Netns::new("wul");
         underlay.sysctl("net.ipv4.ip_forward", "1");
@@ -168,7 +259,10 @@ impl Cluster {
             ));
             underlay.ip(&format!("link set br{i} up"));
         }
-        let etcd = Etcd::start(&underlay, Ipv4Addr::new(192, 168, 100, 1), ETCD_PORT);
+        if let Some(mtu) = options.second_subnet_mtu {
+            underlay.ip(&format!("link set br1 mtu {mtu}"));
+        }
+        let etcd = Etcd::start(&underlay, ETCD_IP, ETCD_PORT);
         let net_conf = std::env::temp_dir()
             .join(unique_name("weft-net-conf-"))
             .with_extension("json");
@@ -190,8 +284,10 @@ impl Cluster {
         for _ in 0..cluster.options.nodes {
             cluster.add_node();
         }
-        for i in 0..cluster.nodes.len() {
-            cluster.wait_converged(i);
+        if cluster.options.wait_converged {
+            for i in 0..cluster.nodes.len() {
+                cluster.wait_converged(i);
+            }
         }
         cluster
     }
@@ -248,21 +344,24 @@ impl Cluster {
         )
     }
 
-    /// Writes flannel's net-conf.json for the current backend options.
+    /// Writes flannel's net-conf.json for the current options (`backend_extra` joins the
+    /// `Backend` object).
     pub fn write_net_conf(&self) {
-        let mut backend = serde_json::json!({
-            "Type": self.options.backend,
-            "DirectRouting": self.options.direct_routing,
-        });
-        if let Some(extra) = self.options.backend_extra.as_object() {
-            for (k, v) in extra {
-                backend[k] = v.clone();
+        let conf = self.options.net_conf.clone().unwrap_or_else(|| {
+            let mut backend = serde_json::json!({
+                "Type": self.options.backend,
+                "DirectRouting": self.options.direct_routing,
+            });
+            if let Some(extra) = self.options.backend_extra.as_object() {
+                for (k, v) in extra {
+                    backend[k] = v.clone();
+                }
             }
-        }
-        let conf = serde_json::json!({
-            "Network": CLUSTER_NETWORK,
-            "SubnetLen": 24,
-            "Backend": backend,
+            serde_json::json!({
+                "Network": CLUSTER_NETWORK,
+                "SubnetLen": 24,
+                "Backend": backend,
+            })
         });
         std::fs::write(&self.net_conf, serde_json::to_vec_pretty(&conf).unwrap()).unwrap();
     }
@@ -272,9 +371,14 @@ impl Cluster {
         let index = self.next_node;
         self.next_node += 1;
         let (ns, ip) = self.node_namespace(index);
+        self.adopt_node(ns, ip, format!("node-{index}"))
+    }
+
+    /// Starts a weft agent in an existing node namespace whose underlay address is `ip` (a node
+    /// that ran something else before, e.g. flannel) and returns its index in `nodes`.
+    pub fn adopt_node(&mut self, ns: Netns, ip: Ipv4Addr, name: String) -> usize {
         let dir = std::env::temp_dir().join(unique_name("weft-node-"));
         std::fs::create_dir_all(&dir).unwrap();
-        let name = format!("node-{index}");
         // The route reflector peers with the new node before its agent starts.
         self.reconfigure_router(Some(ip));
         let mut node = Node {
@@ -285,6 +389,7 @@ impl Cluster {
             dir,
             agent: None,
             pods: Vec::new(),
+            bin_dir: self.options.bin_dir.clone().unwrap_or_else(bin_dir),
         };
         let agent = self.start_agent(&node);
         node.agent = Some(agent);
@@ -302,11 +407,19 @@ impl Cluster {
         };
         let ip = Ipv4Addr::new(subnet[0], subnet[1], subnet[2], 10 + index as u8);
         let ns = Netns::new("wn");
+        // Strict reverse-path filtering host-wide, as many distributions configure it: weft
+        // must work with it and change it only per interface.
+        ns.sysctl("net.ipv4.conf.all.rp_filter", "1");
+        ns.sysctl("net.ipv4.conf.default.rp_filter", "1");
         let port = unique_name("u");
         self.underlay.ip(&format!(
             "link add {port} type veth peer name eth0 netns {}",
             ns.name
         ));
+        if let (1, Some(mtu)) = (bridge, self.options.second_subnet_mtu) {
+            self.underlay.ip(&format!("link set {port} mtu {mtu}"));
+            ns.ip(&format!("link set eth0 mtu {mtu}"));
+        }
         self.underlay
             .ip(&format!("link set {port} master br{bridge} up"));
         ns.ip("link set eth0 up");
@@ -369,8 +482,9 @@ impl Cluster {
         }
     }
 
-    fn start_agent(&self, node: &Node) -> NsProcess {
-        let args: Vec<String> = vec![
+    /// Starts `weft-agent` in the node (etcd datastore). Each start logs to its own file.
+    pub fn start_agent(&self, node: &Node) -> NsProcess {
+        let mut args: Vec<String> = vec![
             "--datastore".into(),
             "etcd".into(),
             "--etcd-endpoints".into(),
@@ -386,16 +500,38 @@ impl Cluster {
             "--subnet-file".into(),
             node.subnet_file().display().to_string(),
             "--metrics-addr".into(),
-            format!("{}:9402", node.ip),
+            node.metrics_addr().to_string(),
             "--lease-ttl".into(),
-            "20".into(),
+            self.options.lease_ttl.to_string(),
+            "--conntrack-max".into(),
+            crate::TEST_CONNTRACK_MAX.to_string(),
             "--bgp-dir".into(),
             node.dir.join("bird").display().to_string(),
         ];
-        let log = node.dir.join("agent.log");
+        if self.options.no_xdp {
+            args.push("--no-xdp".into());
+        }
+        let log = node.dir.join(format!("agent-{}.log", unique_name("")));
+        let agent = node.bin_dir.join("weft-agent");
+        assert!(
+            agent.exists(),
+            "{} is missing: run `cargo build --workspace --exclude node-ebpf` first (`cargo xtask test` does)",
+            agent.display()
+        );
+        let (program, args) = match &self.options.agent_wrapper {
+            None => (agent, args),
+            Some(wrap) => {
+                let mut all = wrap(&node.dir);
+                assert!(!all.is_empty(), "the agent wrapper names no program");
+                let program = PathBuf::from(all.remove(0));
+                all.push(agent.display().to_string());
+                all.extend(args);
+                (program, all)
+            }
+        };
         NsProcess::spawn(
             &node.ns,
-            &binary("weft-agent"),
+            &program,
             &args,
             &[("RUST_LOG", "info".into())],
             &log,
@@ -454,6 +590,27 @@ impl Cluster {
         }
     }
 
+    /// Waits until every node has its subnet file and routes to exactly every other node.
+    pub fn wait_all_converged(&self, timeout: Duration) {
+        let others = self.nodes.len().saturating_sub(1);
+        for node in &self.nodes {
+            wait_until(
+                &format!(
+                    "{} to route to {others} peers\n{}",
+                    node.name,
+                    self.agent_logs()
+                ),
+                timeout,
+                || node.subnet_file().exists() && node.route_count() == others,
+            );
+        }
+    }
+
+    /// Runs `f` on a thread inside the underlay namespace (where etcd is reachable).
+    pub fn in_underlay<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.underlay.run(f)
+    }
+
     /// Waits until node `index` has written its subnet file and routes to every other node.
     pub fn wait_converged(&self, index: usize) {
         let node = &self.nodes[index];
@@ -490,6 +647,44 @@ impl Cluster {
         ip
     }
 
+    /// Creates a pod on node `index` through a conflist, as a runtime runs one: weft (its
+    /// config extended by `weft_extra`, e.g. capabilities and `runtimeConfig`) then `chained`
+    /// plugins (Debian's reference plugins), each given the previous result.
+    pub fn add_pod_chained(
+        &mut self,
+        index: usize,
+        weft_extra: serde_json::Value,
+        chained: Vec<serde_json::Value>,
+    ) -> Ipv4Addr {
+        let ns = Netns::new("wp");
+        let container_id = unique_name("ctr");
+        let node = &self.nodes[index];
+        let mut weft = node.cni_conf();
+        weft.as_object_mut().unwrap().remove("cniVersion");
+        weft.as_object_mut().unwrap().remove("name");
+        if let serde_json::Value::Object(extra) = weft_extra {
+            weft.as_object_mut().unwrap().extend(extra);
+        }
+        let mut plugins = vec![weft];
+        plugins.extend(chained);
+        // Debian's reference plugins speak up to 1.0.0.
+        let list = serde_json::json!({"cniVersion": "1.0.0", "name": "weft", "plugins": plugins});
+        let result =
+            crate::cni::run_conflist(&node.ns, "ADD", &list, &container_id, &ns.path(), None)
+                .unwrap_or_else(|out| panic!("conflist ADD on {} failed: {out:?}", node.name));
+        let ip = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in the ADD result: {result}"));
+        self.nodes[index].pods.push(Pod {
+            ns,
+            container_id,
+            ip,
+        });
+        ip
+    }
+
     /// Deletes pod `pod` of node `index` through the CNI plugin (DEL).
     pub fn delete_pod(&mut self, index: usize, pod: usize) {
         let p = self.nodes[index].pods.remove(pod);
@@ -506,16 +701,69 @@ impl Cluster {
     }
 }
 
+/// A host on the underlay that is not a node (a client outside the cluster, or an attacker on
+/// the same L2 segment).
+pub struct OutsideHost {
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+}
+
+impl Cluster {
+    /// Adds a host on the first underlay subnet (bridge `br0`), default route through the
+    /// underlay router.
+    pub fn add_outside_host(&self) -> OutsideHost {
+        let ns = Netns::new("wo");
+        let ip = Ipv4Addr::new(192, 168, 100, 250);
+        let port = unique_name("o");
+        self.underlay.ip(&format!(
+            "link add {port} type veth peer name eth0 netns {}",
+            ns.name
+        ));
+        self.underlay.ip(&format!("link set {port} master br0 up"));
+        ns.ip("link set eth0 up");
+        ns.ip(&format!("addr add {ip}/24 dev eth0"));
+        ns.ip("route add default via 192.168.100.1");
+        OutsideHost { ns, ip }
+    }
+
+    /// How kube-proxy on node `index` sees its node (for `kube_proxy::install`).
+    pub fn proxy_node(&self, index: usize) -> crate::kube_proxy::ProxyNode {
+        crate::kube_proxy::ProxyNode {
+            name: self.nodes[index].name.clone(),
+            ip: self.nodes[index].ip,
+            cluster_cidr: CLUSTER_NETWORK.into(),
+            service_cidr: SERVICE_NETWORK.into(),
+        }
+    }
+
+    /// Installs `services` on every node as kube-proxy in `mode` would.
+    pub fn install_services(
+        &self,
+        mode: crate::kube_proxy::Mode,
+        services: &[crate::kube_proxy::Service],
+    ) {
+        for i in 0..self.nodes.len() {
+            crate::kube_proxy::install(&self.nodes[i].ns, mode, services, &self.proxy_node(i));
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for node in &mut self.nodes {
-            if let Some(agent) = node.agent.as_mut() {
-                agent.kill();
-            }
-            node.pods.clear();
-            let _ = std::fs::remove_dir_all(&node.dir);
-        }
+        // Nodes first (their Drop kills agents and removes pods and files), then the underlay.
+        self.nodes.clear();
         let _ = std::fs::remove_file(&self.net_conf);
+    }
+}
+
+/// A node dropped on its own (removed from a cluster): agent killed, pods and files gone.
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(agent) = self.agent.as_mut() {
+            agent.kill();
+        }
+        self.pods.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -528,14 +776,16 @@ pub fn cni(
     netns: &str,
     conf: &serde_json::Value,
 ) -> serde_json::Value {
+    let plugin = node.bin_dir.join("weft-cni");
+    assert!(plugin.exists(), "{} is missing", plugin.display());
     let mut child = Command::new("nsenter")
         .arg(format!("--net={}", node.ns.path()))
-        .arg(binary("weft-cni"))
+        .arg(plugin)
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", container_id)
         .env("CNI_NETNS", netns)
         .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", bin_dir())
+        .env("CNI_PATH", &node.bin_dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -758,13 +1008,7 @@ impl Cluster {
     pub fn agent_logs(&self) -> String {
         self.nodes
             .iter()
-            .map(|n| {
-                format!(
-                    "--- {} agent log ---\n{}",
-                    n.name,
-                    n.agent.as_ref().map(|a| a.log()).unwrap_or_default()
-                )
-            })
+            .map(|n| format!("--- {} agent log ---\n{}", n.name, n.log()))
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -778,7 +1022,7 @@ pub fn http_get(ns: &Netns, addr: std::net::SocketAddr, path: &str) -> Option<(u
     std::thread::spawn(move || {
         crate::netns::enter(&ns_path);
         let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
         s.write_all(request.as_bytes()).ok()?;
         let mut out = String::new();
         s.read_to_string(&mut out).ok()?;
@@ -798,11 +1042,10 @@ impl Cluster {
     /// Waits until node `index`'s agent answers 200 on /readyz.
     pub fn wait_ready(&self, index: usize) {
         let node = &self.nodes[index];
-        let addr = std::net::SocketAddr::from((node.ip, 9402));
         wait_until(
-            &format!("{} agent /readyz", node.name),
+            &format!("{} agent /readyz\n{}", node.name, node.log()),
             Duration::from_secs(30),
-            || matches!(http_get(&node.ns, addr, "/readyz"), Some((200, _))),
+            || matches!(node.http_get("/readyz"), Some((200, _))),
         );
     }
 }

@@ -12,9 +12,19 @@ use crate::{
     process::{NsProcess, wait_until},
 };
 
+/// Server TLS for etcd: its certificate and key, and the CA its clients' certificates must
+/// chain to (client-certificate authentication).
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
 pub struct Etcd {
     pub ip: Ipv4Addr,
     pub port: u16,
+    pub tls: Option<EtcdTls>,
     ns_path: String,
     ns_name: String,
     data_dir: PathBuf,
@@ -24,6 +34,11 @@ pub struct Etcd {
 impl Etcd {
     /// Starts etcd in `ns`, serving clients on `ip:port` (an address of `ns`).
     pub fn start(ns: &Netns, ip: Ipv4Addr, port: u16) -> Self {
+        Self::start_with(ns, ip, port, None)
+    }
+
+    /// Starts etcd serving HTTPS (`tls`) and requiring client certificates.
+    pub fn start_with(ns: &Netns, ip: Ipv4Addr, port: u16, tls: Option<EtcdTls>) -> Self {
         // On tmpfs when there is one: etcd fsyncs every write, and a test run that loads the
         // disk must not stall etcd long enough for leases to expire.
         let base = if std::path::Path::new("/dev/shm").is_dir() {
@@ -36,6 +51,7 @@ impl Etcd {
         let mut etcd = Self {
             ip,
             port,
+            tls,
             ns_path: ns.path(),
             ns_name: ns.name.clone(),
             data_dir,
@@ -45,9 +61,20 @@ impl Etcd {
         etcd
     }
 
+    /// The server's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(NsProcess::pid)
+    }
+
+    /// The files it keeps: its data directory and its log.
+    pub fn files(&self) -> Vec<PathBuf> {
+        vec![self.data_dir.clone(), self.data_dir.with_extension("log")]
+    }
+
     /// Client URL for agents.
     pub fn endpoint(&self) -> String {
-        format!("http://{}:{}", self.ip, self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:{}", self.ip, self.port)
     }
 
     /// Stops the server (SIGKILL): a datastore outage. Data is kept.
@@ -63,7 +90,7 @@ impl Etcd {
             name: self.ns_name.clone(),
         };
         let url = self.endpoint();
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "--name",
             "weft-test",
             "--data-dir",
@@ -84,6 +111,17 @@ impl Etcd {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if let Some(tls) = &self.tls {
+            for (flag, path) in [
+                ("--cert-file", &tls.cert),
+                ("--key-file", &tls.key),
+                ("--trusted-ca-file", &tls.client_ca),
+            ] {
+                args.push(flag.into());
+                args.push(path.display().to_string());
+            }
+            args.push("--client-cert-auth".into());
+        }
         let log = self.data_dir.with_extension("log");
         let process = NsProcess::spawn(&ns, &etcd_binary(), &args, &[], &log);
         // `ns` is a borrowed handle: it must not delete the namespace when dropped.

@@ -59,6 +59,28 @@ pub fn tcp_transfer(
     len: usize,
     timeout: Duration,
 ) -> Transfer {
+    tcp_transfer_to(
+        server_ns,
+        server_ip,
+        port,
+        client_ns,
+        SocketAddr::from((server_ip, port)),
+        len,
+        timeout,
+    )
+}
+
+/// `tcp_transfer` with the client connecting to `target` (a Service address translated to
+/// `server_ip:port` on the way) instead of the server's own address.
+pub fn tcp_transfer_to(
+    server_ns: &Netns,
+    server_ip: Ipv4Addr,
+    port: u16,
+    client_ns: &Netns,
+    target: SocketAddr,
+    len: usize,
+    timeout: Duration,
+) -> Transfer {
     let data = pattern(len, port as u64);
     let mut expected = Fnv::default();
     expected.update(&data);
@@ -91,11 +113,11 @@ pub fn tcp_transfer(
         .expect("server did not start");
     let start = Instant::now();
     client_ns.run(move || {
-        let mut conn = TcpStream::connect_timeout(&SocketAddr::from((server_ip, port)), timeout)
-            .unwrap_or_else(|e| panic!("connecting to {server_ip}:{port}: {e}"));
+        let mut conn = TcpStream::connect_timeout(&target, timeout)
+            .unwrap_or_else(|e| panic!("connecting to {target}: {e}"));
         conn.set_write_timeout(Some(timeout)).unwrap();
         conn.write_all(&data)
-            .unwrap_or_else(|e| panic!("sending to {server_ip}:{port}: {e}"));
+            .unwrap_or_else(|e| panic!("sending to {target}: {e}"));
         conn.shutdown(std::net::Shutdown::Write).unwrap();
     });
     let (total, hash) = server
@@ -267,4 +289,133 @@ pub fn udp_echo_sizes(
         .join()
         .unwrap_or_else(|e| std::panic::resume_unwind(e));
     retries
+}
+
+/// A sequenced UDP request/response flow at about 5,000 requests a second: the client sends
+/// numbered datagrams to `target` (a Service address or a pod), a server bound to `bind` echoes
+/// them, and the client counts the echoes that came back. Both directions of a translated flow
+/// are exercised, so a reply that misses the translation counts as lost.
+pub struct EchoFlow {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    client: std::thread::JoinHandle<(u64, std::collections::BTreeSet<u64>)>,
+    server: std::thread::JoinHandle<()>,
+}
+
+impl EchoFlow {
+    pub fn start(
+        client_ns: &Netns,
+        server_ns: &Netns,
+        bind: SocketAddr,
+        target: SocketAddr,
+    ) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let server = {
+            let stop = stop.clone();
+            server_ns.spawn(move || {
+                let sock = std::net::UdpSocket::bind(bind)
+                    .unwrap_or_else(|e| panic!("binding {bind}: {e}"));
+                sock.set_read_timeout(Some(Duration::from_millis(50)))
+                    .unwrap();
+                nix::sys::socket::setsockopt(
+                    &sock,
+                    nix::sys::socket::sockopt::RcvBufForce,
+                    &(16 << 20),
+                )
+                .expect("SO_RCVBUFFORCE");
+                ready_tx.send(()).unwrap();
+                let mut buf = [0u8; 64];
+                // Echo until stopped and a second of silence has passed (late requests).
+                let mut idle_since: Option<Instant> = None;
+                loop {
+                    match sock.recv_from(&mut buf) {
+                        Ok((n, peer)) => {
+                            idle_since = None;
+                            let _ = sock.send_to(&buf[..n], peer);
+                        }
+                        Err(_) => {
+                            if stop.load(Ordering::Relaxed) {
+                                let since = *idle_since.get_or_insert_with(Instant::now);
+                                if since.elapsed() > Duration::from_secs(1) {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+            })
+        };
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("echo server did not start");
+        let client = {
+            let stop = stop.clone();
+            client_ns.spawn(move || {
+                let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                sock.connect(target).unwrap();
+                nix::sys::socket::setsockopt(
+                    &sock,
+                    nix::sys::socket::sockopt::RcvBufForce,
+                    &(16 << 20),
+                )
+                .expect("SO_RCVBUFFORCE");
+                let receiver_sock = sock.try_clone().unwrap();
+                receiver_sock
+                    .set_read_timeout(Some(Duration::from_secs(2)))
+                    .unwrap();
+                let receiver = std::thread::spawn(move || {
+                    let mut seen = std::collections::BTreeSet::new();
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = receiver_sock.recv(&mut buf) {
+                        if n >= 8 {
+                            seen.insert(u64::from_be_bytes(buf[..8].try_into().unwrap()));
+                        }
+                    }
+                    seen
+                });
+                let mut seq = 0u64;
+                let start = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    // A refused send (ICMP unreachable seen by the socket) is loss, not a crash.
+                    let _ = sock.send(&seq.to_be_bytes());
+                    seq += 1;
+                    let due = start + Duration::from_micros(200 * seq);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+                (seq, receiver.join().unwrap())
+            })
+        };
+        Self {
+            stop,
+            client,
+            server,
+        }
+    }
+
+    /// Stops sending, waits for the echoes to drain (2 s of silence) and counts.
+    pub fn stop(self) -> FlowLoss {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (sent, seen) = self
+            .client
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e));
+        self.server
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e));
+        let mut missing: Vec<(u64, u64)> = Vec::new();
+        for seq in (0..sent).filter(|s| !seen.contains(s)) {
+            match missing.last_mut() {
+                Some((_, end)) if *end + 1 == seq => *end = seq,
+                _ => missing.push((seq, seq)),
+            }
+        }
+        FlowLoss {
+            sent,
+            lost: sent - seen.range(..sent).count() as u64,
+            missing,
+        }
+    }
 }

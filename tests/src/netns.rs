@@ -3,12 +3,9 @@
 //! Code runs inside a namespace on a dedicated thread that `setns`es only its network
 //! namespace (not `ip netns exec`, which remounts sysfs and hides bpffs pins).
 use std::{
-    fs::File,
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
 };
-
-use nix::sched::{CloneFlags, setns};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -140,10 +137,9 @@ impl Drop for Netns {
     }
 }
 
-/// Moves the calling thread into the network namespace at `path`.
+/// Moves the calling thread into the network namespace at `path` (the agent's helper).
 pub fn enter(path: &str) {
-    let file = File::open(path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-    setns(file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+    weft_agent::ns::enter(std::path::Path::new(path)).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 pub use weft_agent::mac::format_mac;

@@ -1,12 +1,14 @@
 //! Frames for packet-injection tests, built with etherparse, and the expected results of the
 //! datapath's rewrites computed independently of the datapath's own code.
 use etherparse::{
-    EtherType, Ethernet2Header, IpNumber, Ipv4Header, PacketBuilder, TcpHeader, UdpHeader,
+    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpDscp, IpNumber, Ipv4Header,
+    PacketBuilder, TcpHeader, UdpHeader, icmpv4::DestUnreachableHeader,
 };
 
 pub const ETH_P_IPV4: u16 = 0x0800;
 
-/// An Ethernet/IPv4/TCP frame with `payload`.
+/// An Ethernet/IPv4/TCP SYN frame with `payload` (the first packet of a flow, which the fast
+/// path carries and tracks).
 pub fn tcp_frame(
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
@@ -18,7 +20,8 @@ pub fn tcp_frame(
 ) -> Vec<u8> {
     let builder = PacketBuilder::ethernet2(src_mac, dst_mac)
         .ipv4(src, dst, 64)
-        .tcp(sport, dport, 1000, 64240);
+        .tcp(sport, dport, 1000, 64240)
+        .syn();
     let mut out = Vec::with_capacity(builder.size(payload.len()));
     builder
         .write(&mut out, payload)
@@ -140,7 +143,67 @@ pub fn ipip_frame(
     out
 }
 
-/// A TCP header as bytes, for hand-assembled frames.
+/// A TCP SYN header as bytes, for hand-assembled frames.
 pub fn tcp_header_bytes(sport: u16, dport: u16) -> Vec<u8> {
-    TcpHeader::new(sport, dport, 1, 64240).to_bytes().to_vec()
+    let mut tcp = TcpHeader::new(sport, dport, 1, 64240);
+    tcp.syn = true;
+    tcp.to_bytes().to_vec()
+}
+
+/// The ICMP fragmentation-needed a router at `source` answers the IPv4 packet of `frame` with:
+/// Ethernet addresses `dst_mac`/`src_mac`, next-hop MTU `mtu`, quoting the packet's header
+/// and the first 64 bytes of its payload. TOS 0xc0 and TTL 64 as Linux's `icmp_send`.
+pub fn frag_needed_frame(
+    frame: &[u8],
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    source: [u8; 4],
+    mtu: u16,
+) -> Vec<u8> {
+    let (orig, _) = Ipv4Header::from_slice(&frame[14..]).expect("an IPv4 frame");
+    let quote_len = (orig.header_len() + 64).min(orig.total_len as usize);
+    let quote = &frame[14..14 + quote_len];
+    let icmp = Icmpv4Header::with_checksum(
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+            next_hop_mtu: mtu,
+        }),
+        quote,
+    );
+    let mut ip = Ipv4Header::new(
+        (icmp.header_len() + quote.len()) as u16,
+        64,
+        IpNumber::ICMP,
+        source,
+        orig.source,
+    )
+    .expect("header");
+    ip.dont_fragment = false;
+    ip.identification = 0;
+    ip.dscp = IpDscp::try_new(0x30).unwrap();
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut out = raw_frame(src_mac, dst_mac, ETH_P_IPV4, &[]);
+    out.extend_from_slice(&ip.to_bytes());
+    out.extend_from_slice(&icmp.to_bytes());
+    out.extend_from_slice(quote);
+    out
+}
+
+/// An Ethernet/IPv4 ARP packet.
+#[allow(clippy::too_many_arguments)]
+pub fn arp_frame(
+    eth_src: [u8; 6],
+    eth_dst: [u8; 6],
+    oper: u16,
+    sha: [u8; 6],
+    spa: [u8; 4],
+    tha: [u8; 6],
+    tpa: [u8; 4],
+) -> Vec<u8> {
+    let mut arp = vec![0, 1, 0x08, 0x00, 6, 4];
+    arp.extend_from_slice(&oper.to_be_bytes());
+    arp.extend_from_slice(&sha);
+    arp.extend_from_slice(&spa);
+    arp.extend_from_slice(&tha);
+    arp.extend_from_slice(&tpa);
+    raw_frame(eth_src, eth_dst, 0x0806, &arp)
 }

@@ -15,13 +15,16 @@ use std::{
 use ipnet::Ipv4Net;
 use serde_json::json;
 use weft_agent::{
-    config::{BackendType, NetConf},
+    config::{BackendType, FlannelNetConf},
     datapath::{Maps, link_pin_path},
     datastore::{Datastore, LocalNode, NodeLease, etcd::EtcdDatastore},
     node_net::vtep_mac_for,
 };
 use weft_common::{CONFIG_F_READY, RouteMode, prog_names};
-use weft_tests::{agents::AgentCluster, process::wait_until};
+use weft_tests::{
+    cluster::{Cluster, Node},
+    process::wait_until,
+};
 
 const PREFIX: &str = "/coreos.com/network";
 
@@ -30,7 +33,7 @@ fn vxlan_conf() -> serde_json::Value {
 }
 
 /// Asserts that every node routes exactly the other nodes' subnets to their addresses.
-fn assert_full_mesh(c: &AgentCluster, mode: RouteMode) {
+fn assert_full_mesh(c: &Cluster, mode: RouteMode) {
     let subnets: Vec<Ipv4Net> = c.nodes.iter().map(|n| n.subnet_env().subnet).collect();
     let distinct: HashSet<_> = subnets.iter().collect();
     assert_eq!(
@@ -82,8 +85,8 @@ fn assert_full_mesh(c: &AgentCluster, mode: RouteMode) {
 
 #[test]
 fn agents_share_etcd_join_and_leave() {
-    let mut c = AgentCluster::new(3, vxlan_conf(), 3);
-    c.wait_converged(Duration::from_secs(40));
+    let mut c = Cluster::agents(3, vxlan_conf(), 3);
+    c.wait_all_converged(Duration::from_secs(40));
     assert_full_mesh(&c, RouteMode::Vxlan);
 
     // Subnet files for the CNI plugin; leases in flannel's format.
@@ -159,7 +162,7 @@ fn agents_share_etcd_join_and_leave() {
         })
     };
     let fake: Ipv4Net = "10.244.200.0/24".parse().unwrap();
-    let route_on = |n: &weft_tests::agents::AgentNode| {
+    let route_on = |n: &Node| {
         n.maps()
             .routes()
             .unwrap()
@@ -211,7 +214,7 @@ fn agents_share_etcd_join_and_leave() {
 
     // A fourth node joins: everyone routes to it.
     c.add_node();
-    c.wait_converged(Duration::from_secs(40));
+    c.wait_all_converged(Duration::from_secs(40));
     assert_full_mesh(&c, RouteMode::Vxlan);
 
     // Node 1 crashes for good: its lease expires (TTL 3 s) and every other node forgets it.
@@ -269,8 +272,8 @@ fn link_id(pin: &Path) -> u64 {
 
 #[test]
 fn sigkilled_agent_restarts_without_touching_the_datapath() {
-    let mut c = AgentCluster::new(3, vxlan_conf(), 10);
-    c.wait_converged(Duration::from_secs(40));
+    let mut c = Cluster::agents(3, vxlan_conf(), 10);
+    c.wait_all_converged(Duration::from_secs(40));
     let node = &c.nodes[0];
     wait_until("readyz", Duration::from_secs(10), || {
         node.http_get("/readyz").is_some_and(|r| r.0 == 200)
@@ -338,14 +341,14 @@ fn sigkilled_agent_restarts_without_touching_the_datapath() {
     );
     // And the cluster still converges around it.
     c.add_node();
-    c.wait_converged(Duration::from_secs(40));
+    c.wait_all_converged(Duration::from_secs(40));
     assert_full_mesh(&c, RouteMode::Vxlan);
 }
 
 #[test]
 fn etcd_outage_leaves_forwarding_alone_and_reconverges() {
-    let mut c = AgentCluster::new(3, vxlan_conf(), 4);
-    c.wait_converged(Duration::from_secs(40));
+    let mut c = Cluster::agents(3, vxlan_conf(), 4);
+    c.wait_all_converged(Duration::from_secs(40));
     let before: Vec<_> = c
         .nodes
         .iter()
@@ -374,7 +377,7 @@ fn etcd_outage_leaves_forwarding_alone_and_reconverges() {
     // Reconnected: a new node is seen by everyone within seconds, nobody lost anyone.
     let t = Instant::now();
     c.add_node();
-    c.wait_converged(Duration::from_secs(30));
+    c.wait_all_converged(Duration::from_secs(30));
     assert_full_mesh(&c, RouteMode::Vxlan);
     eprintln!("reconverged {:?} after etcd came back", t.elapsed());
     for node in &c.nodes {
@@ -386,9 +389,9 @@ fn etcd_outage_leaves_forwarding_alone_and_reconverges() {
 
 #[test]
 fn racing_nodes_never_share_a_subnet() {
-    let c = AgentCluster::new(0, json!({}), 10);
+    let c = Cluster::agents(0, json!({}), 10);
     // Ten subnets for twelve racing nodes.
-    let conf = NetConf::parse(
+    let conf = FlannelNetConf::parse(
         r#"{"Network": "10.50.0.0/16", "SubnetMin": "10.50.1.0", "SubnetMax": "10.50.10.0"}"#,
     )
     .unwrap();
@@ -466,8 +469,8 @@ fn conf_contains(s: &Ipv4Net) -> bool {
 
 #[test]
 fn previous_subnet_is_reused_and_flannel_leases_are_read() {
-    let c = AgentCluster::new(0, json!({}), 10);
-    let conf = NetConf::parse(r#"{"Network": "10.60.0.0/16"}"#).unwrap();
+    let c = Cluster::agents(0, json!({}), 10);
+    let conf = FlannelNetConf::parse(r#"{"Network": "10.60.0.0/16"}"#).unwrap();
     let endpoint = c.etcd.endpoint();
     let (prev, lease) = c.in_underlay(move || {
         let mut ds = EtcdDatastore::new(std::slice::from_ref(&endpoint), PREFIX, 30).unwrap();
@@ -497,7 +500,7 @@ fn previous_subnet_is_reused_and_flannel_leases_are_read() {
 }
 
 /// Every node's routes all in `mode` (and their node entries too).
-fn all_in_mode(c: &AgentCluster, mode: RouteMode) -> bool {
+fn all_in_mode(c: &Cluster, mode: RouteMode) -> bool {
     c.nodes.iter().all(|n| {
         let maps = n.maps();
         let routes = maps.routes().unwrap();
@@ -513,12 +516,12 @@ fn all_in_mode(c: &AgentCluster, mode: RouteMode) -> bool {
 
 #[test]
 fn backends_and_live_backend_switch() {
-    let c = AgentCluster::new(
+    let c = Cluster::agents(
         3,
         json!({"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}),
         10,
     );
-    c.wait_converged(Duration::from_secs(40));
+    c.wait_all_converged(Duration::from_secs(40));
     assert_full_mesh(&c, RouteMode::Direct);
     for n in &c.nodes {
         assert_eq!(
@@ -546,7 +549,7 @@ fn backends_and_live_backend_switch() {
     ] {
         std::fs::write(&c.net_conf, conf.to_string()).unwrap();
         wait_until(
-            &format!("every node in {mode:?}\n{}", c.logs()),
+            &format!("every node in {mode:?}\n{}", c.agent_logs()),
             Duration::from_secs(15),
             || all_in_mode(&c, mode),
         );

@@ -1,23 +1,34 @@
-//! The Kubernetes datastore against recorded API server responses, served by a scripted HTTP
-//! server on loopback: the node's own podCIDR and annotation publishing, the initial list,
-//! watch events (add, update, delete, bookmark), a watch re-opened from the last version, and
-//! resource version expiry (410 Gone, as a watch event and as an HTTP status) answered by a
-//! relist.
+//! The Kubernetes datastore (kube-rs) against recorded API server responses, served over HTTPS
+//! with a private CA by a scripted server on loopback: the node's own podCIDR and annotation
+//! publishing, the initial list in two pages, watch events (add, update, delete, bookmark), a
+//! watch re-opened from the last version, resource version expiry (410 Gone, as a watch event
+//! and as an HTTP status) answered by a relist, a rotated service-account token re-read from
+//! its file once the server refuses the old one, and a server whose certificate is not signed
+//! by the cluster's CA refused.
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, TcpListener, TcpStream},
-    sync::{Arc, Mutex, mpsc},
+    net::{Ipv4Addr, TcpListener},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     time::Duration,
 };
 
 use serde_json::{Value, json};
 use weft_agent::{
-    config::{BackendType, NetConf},
+    config::{BackendType, FlannelNetConf},
     datastore::{
         Datastore, Event, LocalNode, NodeLease,
-        kube::{KubeClient, KubeDatastore},
+        kube::{KubeDatastore, KubeSource},
     },
     node_net::vtep_mac_for,
+};
+use weft_tests::{
+    cni::TempDir,
+    pki::{self, Ca},
 };
 
 fn node(name: &str, cidr: &str, ip: &str, annotations: Value, rv: &str) -> Value {
@@ -63,84 +74,25 @@ fn list(rv: &str, items: Vec<Value>) -> String {
         .to_string()
 }
 
+/// A first page of a paginated list: the API server's `continue` token, no final version yet.
+fn first_page(continue_token: &str, items: Vec<Value>) -> String {
+    json!({"kind": "NodeList", "apiVersion": "v1",
+        "metadata": {"resourceVersion": "100", "continue": continue_token, "remainingItemCount": 1},
+        "items": items})
+    .to_string()
+}
+
+fn status(code: u16, reason: &str) -> String {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!("{reason}"), "reason": reason, "code": code})
+    .to_string()
+}
+
 fn watch_lines(events: &[(&str, Value)]) -> String {
     events
         .iter()
         .map(|(t, o)| format!("{}\n", json!({"type": t, "object": o})))
         .collect()
-}
-
-/// What the scripted server answers, in order, for each kind of request.
-struct Script {
-    lists: Vec<String>,
-    watches: Vec<(u16, String)>,
-    requests: Vec<String>,
-    patches: Vec<String>,
-    auth: Vec<String>,
-}
-
-fn handle(mut stream: TcpStream, script: Arc<Mutex<Script>>) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line).unwrap();
-    let mut content_length = 0;
-    let mut auth = String::new();
-    loop {
-        let mut h = String::new();
-        reader.read_line(&mut h).unwrap();
-        if h.trim().is_empty() {
-            break;
-        }
-        let lower = h.to_ascii_lowercase();
-        if let Some(v) = lower.strip_prefix("content-length:") {
-            content_length = v.trim().parse().unwrap();
-        }
-        if lower.starts_with("authorization:") {
-            auth = h.trim().to_string();
-        }
-    }
-    let mut body = vec![0; content_length];
-    reader.read_exact(&mut body).unwrap();
-    let mut parts = request_line.split_whitespace();
-    let method = parts.next().unwrap_or("").to_string();
-    let path = parts.next().unwrap_or("").to_string();
-    let (status, response, hang) = {
-        let mut s = script.lock().unwrap();
-        s.requests.push(format!("{method} {path}"));
-        s.auth.push(auth);
-        if method == "PATCH" {
-            s.patches.push(String::from_utf8_lossy(&body).into_owned());
-            (200, node_a().to_string(), false)
-        } else if path == "/api/v1/nodes/node-a" {
-            (200, node_a().to_string(), false)
-        } else if path == "/api/v1/nodes" {
-            let l = if s.lists.len() > 1 {
-                s.lists.remove(0)
-            } else {
-                s.lists[0].clone()
-            };
-            (200, l, false)
-        } else if path.starts_with("/api/v1/nodes?watch=true") {
-            if s.watches.is_empty() {
-                (200, String::new(), true)
-            } else {
-                let (st, b) = s.watches.remove(0);
-                (st, b, false)
-            }
-        } else {
-            (404, "{}".into(), false)
-        }
-    };
-    let reason = if status == 200 { "OK" } else { "Gone" };
-    let _ = write!(
-        stream,
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{response}"
-    );
-    let _ = stream.flush();
-    if hang {
-        // The last watch stays open, as an idle watch does.
-        std::thread::sleep(Duration::from_secs(20));
-    }
 }
 
 fn next(rx: &mpsc::Receiver<Event>) -> Event {
@@ -162,80 +114,257 @@ fn sorted(mut v: Vec<NodeLease>) -> Vec<NodeLease> {
     v
 }
 
-#[test]
-fn list_watch_events_and_relist_on_410() {
-    let script = Arc::new(Mutex::new(Script {
-        lists: vec![
-            list("100", vec![node_a(), node_b("10.9.9.2")]),
-            list("200", vec![node_a(), node_d()]),
-            list("300", vec![node_a(), node_d()]),
-        ],
-        watches: vec![
-            (
-                200,
-                watch_lines(&[
-                    ("ADDED", node_c("101")),
-                    ("MODIFIED", node_b("10.9.9.22")),
-                    ("DELETED", node_c("103")),
-                    (
-                        "BOOKMARK",
-                        json!({"kind": "Node", "metadata": {"resourceVersion": "150"}}),
-                    ),
-                ]),
-            ),
-            (
-                200,
-                watch_lines(&[(
-                    "ERROR",
-                    json!({"kind": "Status", "status": "Failure", "reason": "Expired", "code": 410}),
-                )]),
-            ),
-            (
-                410,
-                json!({"kind": "Status", "code": 410, "reason": "Expired"}).to_string(),
-            ),
-        ],
-        requests: vec![],
-        patches: vec![],
-        auth: vec![],
-    }));
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    {
-        let script = script.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let script = script.clone();
-                std::thread::spawn(move || handle(stream, script));
-            }
-        });
+/// What the scripted server answers, in order, for each kind of request.
+#[derive(Default)]
+struct Script {
+    /// List responses (the last one repeats).
+    lists: Vec<String>,
+    /// Watch responses (status, body); with none left a watch stays open until `release`.
+    watches: Vec<(u16, String)>,
+    requests: Vec<String>,
+    patches: Vec<String>,
+    auth: Vec<String>,
+    /// The only bearer token accepted, when set.
+    token: Option<String>,
+}
+
+/// The scripted API server: HTTPS on loopback with a certificate of `ca`.
+struct ApiServer {
+    script: Arc<Mutex<Script>>,
+    /// Ends the open watches.
+    release: Arc<AtomicBool>,
+    url: String,
+}
+
+impl ApiServer {
+    fn start(ca: &Ca, script: Script) -> Self {
+        let tls = pki::server_config(&ca.issue("kube-apiserver", &["127.0.0.1"], true, false));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let script = Arc::new(Mutex::new(script));
+        let release = Arc::new(AtomicBool::new(false));
+        {
+            let (script, release) = (script.clone(), release.clone());
+            std::thread::spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    let (script, release, tls) = (script.clone(), release.clone(), tls.clone());
+                    std::thread::spawn(move || {
+                        let conn = rustls::ServerConnection::new(tls).unwrap();
+                        let mut stream = rustls::StreamOwned::new(conn, stream);
+                        handle(&mut stream, &script, &release);
+                        // A close-delimited body ends with TLS close_notify, not just EOF.
+                        stream.conn.send_close_notify();
+                        let _ = stream.flush();
+                    });
+                }
+            });
+        }
+        Self {
+            script,
+            release,
+            url,
+        }
     }
-    let kubeconfig = std::env::temp_dir().join(format!("weft-kubeconfig-{}", std::process::id()));
+}
+
+fn handle(stream: &mut (impl Read + Write), script: &Mutex<Script>, release: &AtomicBool) {
+    let mut reader = BufReader::new(&mut *stream);
+    let mut request_line = String::new();
+    // A client that refused our certificate never sends a request.
+    if reader.read_line(&mut request_line).is_err() || request_line.is_empty() {
+        return;
+    }
+    let mut content_length = 0;
+    let mut auth = String::new();
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h).unwrap();
+        if h.trim().is_empty() {
+            break;
+        }
+        let lower = h.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            content_length = v.trim().parse().unwrap();
+        }
+        if lower.starts_with("authorization:") {
+            auth = h["authorization:".len()..].trim().to_string();
+        }
+    }
+    let mut body = vec![0; content_length];
+    reader.read_exact(&mut body).unwrap();
+    drop(reader);
+    let mut parts = request_line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let target = parts.next().unwrap_or("").to_string();
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    let (status_code, response, hang) = {
+        let mut s = script.lock().unwrap();
+        s.requests.push(format!("{method} {target}"));
+        s.auth.push(auth.clone());
+        if s.token
+            .as_ref()
+            .is_some_and(|t| auth != format!("Bearer {t}"))
+        {
+            (401, status(401, "Unauthorized"), false)
+        } else if method == "PATCH" {
+            s.patches.push(String::from_utf8_lossy(&body).into_owned());
+            (200, node_a().to_string(), false)
+        } else if path == "/api/v1/nodes/node-a" {
+            (200, node_a().to_string(), false)
+        } else if path == "/api/v1/nodes" && query.contains("watch=true") {
+            if s.watches.is_empty() {
+                (200, String::new(), true)
+            } else {
+                let (st, b) = s.watches.remove(0);
+                (st, b, false)
+            }
+        } else if path == "/api/v1/nodes" {
+            let l = if s.lists.len() > 1 {
+                s.lists.remove(0)
+            } else {
+                s.lists[0].clone()
+            };
+            (200, l, false)
+        } else {
+            (404, status(404, "NotFound"), false)
+        }
+    };
+    let reason = match status_code {
+        200 => "OK",
+        401 => "Unauthorized",
+        410 => "Gone",
+        _ => "Not Found",
+    };
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status_code} {reason}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{response}"
+    );
+    let _ = stream.flush();
+    if hang {
+        // An idle watch stays open (until released or 20 s, as a server's timeout would).
+        for _ in 0..200 {
+            if release.load(Ordering::Relaxed) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A kubeconfig whose current context uses `server` with `ca` and the given user fields; a
+/// decoy first context points elsewhere (only the current context counts).
+fn kubeconfig(dir: &Path, server: &str, ca: &Path, user: &str) -> PathBuf {
+    let path = dir.join("kubeconfig");
     std::fs::write(
-        &kubeconfig,
+        &path,
         format!(
-            "apiVersion: v1\nclusters:\n- cluster:\n    server: http://{addr}\n  name: test\nusers:\n- name: agent\n  user:\n    token: t0ken\n"
+            "apiVersion: v1
+kind: Config
+clusters:
+- name: decoy
+  cluster:
+    server: https://192.0.2.1:6443
+- name: test
+  cluster:
+    server: {server}
+    certificate-authority: {}
+users:
+- name: decoy
+  user:
+    token: wrong
+- name: agent
+  user:
+{user}
+contexts:
+- name: decoy
+  context: {{cluster: decoy, user: decoy}}
+- name: weft
+  context: {{cluster: test, user: agent}}
+current-context: weft
+",
+            ca.display()
         ),
     )
     .unwrap();
-    let client = KubeClient::new(None, Some(&kubeconfig)).unwrap();
-    let _ = std::fs::remove_file(&kubeconfig);
-    let mut ds = KubeDatastore::new(client);
-    let conf = NetConf::parse(r#"{"Network": "10.244.0.0/16"}"#).unwrap();
+    path
+}
+
+fn local_node() -> LocalNode {
     let ip = Ipv4Addr::new(192, 168, 1, 1);
-    let local = LocalNode {
+    LocalNode {
         name: "node-a".into(),
         public_ip: ip,
         backend: BackendType::Vxlan,
         vtep_mac: vtep_mac_for(ip),
         previous_subnet: None,
-    };
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn list_watch_events_and_relist_on_410() {
+    let ca = Ca::new("cluster-ca");
+    let server = ApiServer::start(
+        &ca,
+        Script {
+            lists: vec![
+                first_page("page-2", vec![node_a()]),
+                list("100", vec![node_b("10.9.9.2")]),
+                list("200", vec![node_a(), node_d()]),
+                list("300", vec![node_a(), node_d()]),
+            ],
+            watches: vec![
+                (
+                    200,
+                    watch_lines(&[
+                        ("ADDED", node_c("101")),
+                        ("MODIFIED", node_b("10.9.9.22")),
+                        ("DELETED", node_c("103")),
+                        (
+                            "BOOKMARK",
+                            json!({"kind": "Node", "apiVersion": "v1", "metadata": {"resourceVersion": "150"}}),
+                        ),
+                    ]),
+                ),
+                (
+                    200,
+                    watch_lines(&[(
+                        "ERROR",
+                        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                            "message": "too old resource version: 150 (180)", "reason": "Expired", "code": 410}),
+                    )]),
+                ),
+                (410, status(410, "Expired")),
+            ],
+            ..Default::default()
+        },
+    );
+    let dir = TempDir::new("weft-kube-");
+    let ca_file = pki::write(&dir.path, "ca.crt", &ca.cert_pem());
+    let kubeconfig = kubeconfig(&dir.path, &server.url, &ca_file, "    token: t0ken");
+    let rt = runtime();
+    let mut ds = KubeDatastore::new(
+        KubeSource {
+            api: None,
+            kubeconfig: Some(kubeconfig),
+        },
+        rt.handle().clone(),
+    )
+    .unwrap();
+    let conf = FlannelNetConf::parse(r#"{"Network": "10.244.0.0/16"}"#).unwrap();
     assert_eq!(
-        ds.acquire(&local, &conf).unwrap(),
+        ds.acquire(&local_node(), &conf).unwrap(),
         "10.244.1.0/24".parse().unwrap()
     );
     {
-        let s = script.lock().unwrap();
+        let s = server.script.lock().unwrap();
         assert_eq!(s.patches.len(), 1);
         let patch: Value = serde_json::from_str(&s.patches[0]).unwrap();
         let ann = &patch["metadata"]["annotations"];
@@ -247,11 +376,7 @@ fn list_watch_events_and_relist_on_410() {
                     .unwrap();
             assert_eq!(data, json!({"VNI": 1, "VtepMAC": "02:57:c0:a8:01:01"}));
         }
-        assert!(
-            s.auth.iter().all(|a| a == "Authorization: Bearer t0ken"),
-            "{:?}",
-            s.auth
-        );
+        assert!(s.auth.iter().all(|a| a == "Bearer t0ken"), "{:?}", s.auth);
     }
 
     let (tx, rx) = mpsc::channel();
@@ -303,7 +428,8 @@ fn list_watch_events_and_relist_on_410() {
     // Then the watch from the newest list stays open and quiet.
     assert!(rx.recv_timeout(Duration::from_millis(500)).is_err());
 
-    let s = script.lock().unwrap();
+    server.release.store(true, Ordering::Relaxed);
+    let s = server.script.lock().unwrap();
     let watches: Vec<&String> = s
         .requests
         .iter()
@@ -312,187 +438,160 @@ fn list_watch_events_and_relist_on_410() {
     assert_eq!(watches.len(), 4, "{:?}", s.requests);
     for (w, rv) in watches.iter().zip(["100", "150", "200", "300"]) {
         assert!(
-            w.ends_with(&format!("resourceVersion={rv}")),
+            w.contains(&format!("resourceVersion={rv}")),
             "{w} should resume from {rv}"
         );
         assert!(w.contains("allowWatchBookmarks=true"), "{w}");
     }
-    assert_eq!(
-        s.requests
-            .iter()
-            .filter(|r| *r == "GET /api/v1/nodes")
-            .count(),
-        3
-    );
+    let lists: Vec<&String> = s
+        .requests
+        .iter()
+        .filter(|r| r.starts_with("GET /api/v1/nodes?") && !r.contains("watch=true"))
+        .collect();
+    // Two pages, then two relists.
+    assert_eq!(lists.len(), 4, "{:?}", s.requests);
+    assert!(lists[1].contains("continue=page-2"), "{}", lists[1]);
+    assert!(s.auth.iter().all(|a| a == "Bearer t0ken"));
 }
 
 #[test]
-fn kube_client_refuses_what_it_cannot_speak() {
-    let err = KubeClient::new(Some("https://10.0.0.1:6443"), None)
+fn kube_source_refuses_what_it_cannot_speak() {
+    let rt = runtime();
+    for bad in ["ftp://10.0.0.1:6443", "not a url"] {
+        let err = rt
+            .block_on(
+                KubeSource {
+                    api: Some(bad.into()),
+                    kubeconfig: None,
+                }
+                .client(),
+            )
+            .err()
+            .unwrap();
+        assert!(format!("{err:#}").contains("--kube-api"), "{err:#}");
+    }
+    let err = rt
+        .block_on(
+            KubeSource {
+                api: None,
+                kubeconfig: Some("/nonexistent/kubeconfig".into()),
+            }
+            .client(),
+        )
         .err()
         .unwrap();
-    assert!(format!("{err:#}").contains("--kube-api"), "{err:#}");
+    assert!(format!("{err:#}").contains("--kubeconfig"), "{err:#}");
 }
 
-/// An `openssl s_server -HTTP` on loopback, killed by pid on drop.
-struct TlsServer {
-    child: std::process::Child,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for TlsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+#[test]
+fn rotated_token_file_is_reread_when_the_old_token_is_refused() {
+    let ca = Ca::new("cluster-ca");
+    let server = ApiServer::start(
+        &ca,
+        Script {
+            lists: vec![
+                list("100", vec![node_a()]),
+                list("200", vec![node_a(), node_d()]),
+            ],
+            token: Some("old-token".into()),
+            ..Default::default()
+        },
     );
-}
-
-/// A CA named `name` (`name.crt`, `name.key`).
-fn ca(dir: &std::path::Path, name: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.crt"),
-            "-subj",
-            &format!("/CN={name}"),
-        ],
+    let dir = TempDir::new("weft-kube-token-");
+    let ca_file = pki::write(&dir.path, "ca.crt", &ca.cert_pem());
+    let token_file = dir.path.join("token");
+    std::fs::write(&token_file, "old-token").unwrap();
+    let kubeconfig = kubeconfig(
+        &dir.path,
+        &server.url,
+        &ca_file,
+        &format!("    tokenFile: {}", token_file.display()),
     );
-}
-
-/// A server certificate for 127.0.0.1 signed by CA `ca` (`server.crt`, `server.key`).
-fn server_cert(dir: &std::path::Path, ca: &str) {
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    let rt = runtime();
+    let ds = KubeDatastore::new(
+        KubeSource {
+            api: None,
+            kubeconfig: Some(kubeconfig),
+        },
+        rt.handle().clone(),
     )
     .unwrap();
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ],
+    let (tx, rx) = mpsc::channel();
+    Box::new(ds).run(tx).unwrap();
+    let a = lease("10.244.1.0/24", [192, 168, 1, 1], None, None);
+    let first = next(&rx);
+    assert_eq!(
+        first,
+        Event::Connected(true),
+        "{:?}",
+        server.script.lock().unwrap().requests
     );
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            &format!("{ca}.crt"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-out",
-            "server.crt",
-            "-extfile",
-            "server.ext",
-        ],
+    assert_eq!(next(&rx), Event::Snapshot(vec![a.clone()]));
+    // The token rotates (as the kubelet rotates projected tokens); the server refuses the old
+    // one from now on and ends the open watch.
+    std::fs::write(&token_file, "new-token").unwrap();
+    server.script.lock().unwrap().token = Some("new-token".into());
+    server.release.store(true, Ordering::Relaxed);
+    let d = lease("10.244.4.0/24", [192, 168, 1, 4], None, None);
+    // A refusal is a lost connection until the client has re-read the token and relisted.
+    let mut refused = 0;
+    loop {
+        match rx
+            .recv_timeout(Duration::from_secs(15))
+            .expect("recovery after the rotation")
+        {
+            Event::Connected(false) => refused += 1,
+            Event::Connected(true) => break,
+            e => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(next(&rx), Event::Snapshot(vec![a, d]));
+    let s = server.script.lock().unwrap();
+    assert!(
+        refused >= 1,
+        "the old token was never refused: {:?}",
+        s.auth
     );
+    let last = s.auth.last().unwrap();
+    assert_eq!(last, "Bearer new-token", "{:?}", s.auth);
 }
 
 #[test]
 fn https_trusts_only_the_cluster_ca() {
-    let dir = std::env::temp_dir().join(format!("weft-kube-tls-{}", std::process::id()));
-    let www = dir.join("www");
-    std::fs::create_dir_all(www.join("api/v1/nodes")).unwrap();
-    // `s_server -HTTP` sends the file as the whole response.
-    std::fs::write(
-        www.join("api/v1/nodes/node-a"),
-        format!(
-            "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{}",
-            node_a()
-        ),
-    )
-    .unwrap();
-    ca(&dir, "cluster");
-    ca(&dir, "other");
-    server_cert(&dir, "cluster");
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = std::process::Command::new("openssl")
-        .args([
-            "s_server",
-            "-quiet",
-            "-HTTP",
-            "-accept",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .arg("-cert")
-        .arg(dir.join("server.crt"))
-        .arg("-key")
-        .arg(dir.join("server.key"))
-        .current_dir(&www)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("openssl s_server");
-    let server = TlsServer {
-        child,
-        dir: dir.clone(),
-    };
-    weft_tests::process::wait_until("the TLS server", Duration::from_secs(10), || {
-        TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
-    let client_with = |ca: &str| {
-        let kubeconfig = server.dir.join(format!("kubeconfig-{ca}"));
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "clusters:\n- cluster:\n    certificate-authority: {}\n    server: https://127.0.0.1:{port}\n",
-                server.dir.join(format!("{ca}.crt")).display()
-            ),
+    let ca = Ca::new("cluster-ca");
+    let other = Ca::new("other-ca");
+    let server = ApiServer::start(
+        &ca,
+        Script {
+            lists: vec![list("1", vec![])],
+            ..Default::default()
+        },
+    );
+    let rt = runtime();
+    let client_with = |ca: &Ca, name: &str| {
+        let dir = TempDir::new(&format!("weft-kube-ca-{name}-"));
+        let ca_file = pki::write(&dir.path, "ca.crt", &ca.cert_pem());
+        let kubeconfig = kubeconfig(&dir.path, &server.url, &ca_file, "    token: t");
+        let ds = KubeDatastore::new(
+            KubeSource {
+                api: None,
+                kubeconfig: Some(kubeconfig),
+            },
+            rt.handle().clone(),
         )
         .unwrap();
-        KubeClient::new(None, Some(&kubeconfig)).unwrap()
+        let client = ds.client().clone();
+        rt.block_on(async move {
+            kube::Api::<k8s_openapi::api::core::v1::Node>::all(client)
+                .get("node-a")
+                .await
+        })
     };
-    let node = client_with("cluster")
-        .get_node("node-a")
-        .expect("HTTPS with the cluster CA");
-    assert_eq!(node["metadata"]["name"], "node-a");
-    let err = client_with("other").get_node("node-a").unwrap_err();
+    let node = client_with(&ca, "good").expect("HTTPS with the cluster CA");
+    assert_eq!(node.metadata.name.as_deref(), Some("node-a"));
+    let err = client_with(&other, "other").unwrap_err();
     assert!(
-        format!("{err:#}").to_lowercase().contains("certificate"),
-        "{err:#}"
+        format!("{err:?}").to_lowercase().contains("certificate"),
+        "{err:?}"
     );
 }

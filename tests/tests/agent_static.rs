@@ -4,7 +4,7 @@ use std::{net::Ipv4Addr, time::Duration};
 use serde_json::json;
 use weft_common::RouteMode;
 use weft_tests::{
-    agents::agent_binary,
+    cluster::{METRICS_PORT, binary},
     netns::{Netns, unique_name, veth_pair},
     pins::PinDir,
     process::{NsProcess, wait_until},
@@ -55,7 +55,7 @@ fn static_topology_programs_routes() {
             "--subnet-file",
             dir.join(format!("{name}.env")).to_str().unwrap(),
             "--metrics-addr",
-            "127.0.0.1:9402",
+            &format!("127.0.0.1:{METRICS_PORT}"),
             "--no-ip-masq",
         ]
         .iter()
@@ -63,7 +63,7 @@ fn static_topology_programs_routes() {
         .collect();
         agents.push(NsProcess::spawn(
             ns,
-            &agent_binary(),
+            &binary("weft-agent"),
             &args,
             &[],
             &dir.join(format!("{name}.log")),
@@ -108,7 +108,7 @@ fn static_topology_programs_routes() {
     .unwrap();
     let out = std::process::Command::new("nsenter")
         .arg(format!("--net={}", a.path()))
-        .arg(agent_binary())
+        .arg(binary("weft-agent"))
         .args([
             "--datastore",
             "static",
@@ -135,7 +135,7 @@ fn install_cni_copies_the_plugin_and_writes_the_conflist() {
     let plugin = dir.join("fake-weft-cni");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(&plugin, b"#!/bin/sh\n").unwrap();
-    let out = std::process::Command::new(agent_binary())
+    let out = std::process::Command::new(binary("weft-agent"))
         .args([
             "--install-cni",
             "--install-cni-only",

@@ -108,7 +108,13 @@ fn libbpf_loads_the_object_too() {
     names.sort();
     assert_eq!(
         names,
-        ["from_host", "from_pod", "from_underlay", "xdp_underlay"],
+        [
+            "from_host",
+            "from_pod",
+            "from_underlay",
+            "to_pod",
+            "xdp_underlay"
+        ],
         "{names:?}"
     );
 }

@@ -79,24 +79,39 @@ fn assert_wired(node: &CniNode, cid: &str, pod: &Netns, ip: Ipv4Addr) {
                 .expect("bpftool");
             String::from_utf8_lossy(&out.stdout).into_owned()
         };
-        let link = bpftool(
-            "link",
-            &weft_agent::datapath::link_pin_path(&root, "from_pod", &dev),
-        );
-        let prog = bpftool(
-            "prog",
-            &weft_agent::datapath::pin_dir(&root).join("progs/from_pod"),
-        );
-        (link, prog)
+        ["from_pod", "to_pod"].map(|name| {
+            let link = bpftool(
+                "link",
+                &weft_agent::datapath::link_pin_path(&root, name, &dev),
+            );
+            let prog = bpftool(
+                "prog",
+                &weft_agent::datapath::pin_dir(&root)
+                    .join("progs")
+                    .join(name),
+            );
+            (link, prog)
+        })
     });
-    // A TCX link (BPF_LINK_TYPE_TCX = 11) running the node's pinned from_pod.
-    let prog_id = attached.1.split(':').next().unwrap().trim().to_string();
-    assert!(
-        attached.0.contains("type 11") && attached.0.contains(&format!("prog {prog_id} ")),
-        "bpftool link {} / prog {}",
-        attached.0,
-        attached.1
+    // TCX links (BPF_LINK_TYPE_TCX = 11) running the node's pinned from_pod and to_pod.
+    // (Debian's bpftool prints no attach direction for TCX links; the end-to-end tests show
+    // to_pod sees what the stack delivers.)
+    for (link, prog) in &attached {
+        let prog_id = prog.split(':').next().unwrap().trim().to_string();
+        assert!(
+            link.contains("type 11") && link.contains(&format!("prog {prog_id} ")),
+            "bpftool link {link} / prog {prog}"
+        );
+    }
+    assert!(node.link_pins().contains(&format!("to_pod@{host}")));
+    // Router advertisements from the pod are ignored by the node; the pod sends no IPv6.
+    let accept_ra = node.ns.exec(
+        "sysctl",
+        &["-n", &format!("net.ipv6.conf.{host}.accept_ra")],
     );
+    assert_eq!(accept_ra.trim(), "0");
+    let disabled = pod.exec("sysctl", &["-n", "net.ipv6.conf.eth0.disable_ipv6"]);
+    assert_eq!(disabled.trim(), "1");
 }
 
 fn assert_gone(node: &CniNode, cid: &str, ip: Ipv4Addr) {
@@ -392,7 +407,7 @@ fn del_is_idempotent() {
     // Without subnet.env DEL cannot know the pin root: GC removes the stale link pin and
     // endpoint later.
     node.write_subnet_env();
-    assert_eq!(node.link_pins().len(), 1);
+    assert_eq!(node.link_pins().len(), 2, "from_pod and to_pod");
     assert!(node.gc(&[]).success);
     assert!(node.link_pins().is_empty(), "{:?}", node.link_pins());
     assert!(
@@ -497,7 +512,10 @@ fn gc_keeps_exactly_the_valid_attachments() {
     assert_eq!(node.host_links(), vec![names0.host_ifname.clone()]);
     assert_eq!(
         node.link_pins(),
-        vec![format!("from_pod@{}", names0.host_ifname)]
+        vec![
+            format!("from_pod@{}", names0.host_ifname),
+            format!("to_pod@{}", names0.host_ifname)
+        ]
     );
     assert!(node.check("gc-0", &pods[0], &results[0]).success);
     // GC with an empty list releases everything.

@@ -1,16 +1,21 @@
 //! Packet injection for the `bgp` route mode: the next hop comes from weft's BGP table (what
 //! BIRD installs), not from the owning node's address; a missing route is a counted drop; no
-//! path loops. The fixture's namespace gets a router on the underlay (a neighbour entry) and
-//! routes in weft's table written with `ip route ... table N`, as BIRD writes them.
+//! path loops; plain frames from bgp peers are accepted only through the next hop toward their
+//! source (a reverse-path check). The injection node's namespace gets a router on the underlay
+//! (a neighbour entry) and routes in weft's table written with `ip route ... table N`, as BIRD
+//! writes them.
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use weft_common::{BGP_TABLE_DEFAULT, DropReason, RouteInfo, RouteMode, Stat, prog_names};
+use weft_common::{
+    BGP_TABLE_DEFAULT, CONFIG_F_ACCEPT_ROUTED, DropReason, NodeInfo, RouteInfo, RouteMode, Stat,
+    prog_names,
+};
 use weft_tests::{
-    fixture::*,
+    injection_node::*,
     netns::ip,
     packets::*,
-    testrun::{Outcome, run_tc},
+    testrun::{TestRunOutput, run_tc},
 };
 
 const TC_ACT_OK: i32 = 0;
@@ -21,23 +26,27 @@ const TC_ACT_REDIRECT: i32 = 7;
 const ROUTER_IP: &str = "192.168.50.254";
 const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x50, 0xfe];
 /// A node on another subnet, behind the router: the owner of the `bgp` subnets below. Not
-/// on-link and without any route in the main table: only the BGP table reaches its pods.
-const FAR_NODE_IP: [u8; 4] = [192, 168, 60, 9];
+/// on-link; the main table reaches it through the router, only the BGP table reaches its pods.
+const FAR_NODE_IP: [u8; 4] = [192, 168, 70, 9];
 /// Pod subnets owned by the far node, routed in `bgp` mode.
-const BGP_SUBNET: &str = "10.244.6.0/24";
-const BGP_POD: [u8; 4] = [10, 244, 6, 7];
-const NO_ROUTE_SUBNET: &str = "10.244.7.0/24";
-const NO_ROUTE_POD: [u8; 4] = [10, 244, 7, 7];
-const LOOP_SUBNET: &str = "10.244.8.0/24";
-const LOOP_POD: [u8; 4] = [10, 244, 8, 7];
+const BGP_SUBNET: &str = "10.244.16.0/24";
+const BGP_POD: [u8; 4] = [10, 244, 16, 7];
+const NO_ROUTE_SUBNET: &str = "10.244.17.0/24";
+const NO_ROUTE_POD: [u8; 4] = [10, 244, 17, 7];
+const LOOP_SUBNET: &str = "10.244.18.0/24";
+const LOOP_POD: [u8; 4] = [10, 244, 18, 7];
+/// This node's underlay NIC as frames from the underlay address it.
+const NIC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x50, 0x01];
+/// Another host on the router's subnet (not a node).
+const OUTSIDER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x50, 0xc8];
 
-fn from_pod(node: &mut Node, frame: &[u8]) -> Outcome {
+fn from_pod(node: &mut Node, frame: &[u8]) -> TestRunOutput {
     let ifindex = node.pod1_ifindex;
     let prog = node.dp.tc_program(prog_names::FROM_POD).unwrap();
     run_tc(prog, frame, ifindex, 1)
 }
 
-fn from_underlay(node: &mut Node, frame: &[u8]) -> Outcome {
+fn from_underlay(node: &mut Node, frame: &[u8]) -> TestRunOutput {
     let prog = node.dp.tc_program(prog_names::FROM_UNDERLAY).unwrap();
     run_tc(prog, frame, 0, 1)
 }
@@ -69,14 +78,29 @@ fn bgp_route(node: &mut Node, subnet: &str) {
         .unwrap();
 }
 
-/// The fixture plus: the router's neighbour entry, `bgp` routes for the far node's subnets, a
-/// BGP-table route for the first one through the router, and a decoy in the main table for the
-/// subnet without a BGP route (the main table must never be used for `bgp` routes).
+/// The injection node plus: the router's neighbour entry, the far node (a `bgp` peer, reached
+/// through the router in the main table), `bgp` routes for its subnets, a BGP-table route for
+/// the first one through the router, and a decoy in the main table for the subnet without a BGP
+/// route (the main table must never be used for `bgp` routes).
 fn with_bgp_node(test: impl FnOnce(&mut Node) + Send + 'static) {
     with_node(move |node| {
         ip(&format!(
             "neigh replace {ROUTER_IP} lladdr 02:00:00:00:50:fe dev ul0 nud permanent"
         ));
+        ip(&format!(
+            "route add 192.168.70.0/24 via {ROUTER_IP} dev ul0"
+        ));
+        node.dp
+            .maps
+            .upsert_node(
+                Ipv4Addr::from(FAR_NODE_IP),
+                &NodeInfo {
+                    vtep_mac: PEER_VTEP_MAC,
+                    mode: RouteMode::Bgp as u8,
+                    _pad: 0,
+                },
+            )
+            .unwrap();
         ip(&format!(
             "route add {BGP_SUBNET} via {ROUTER_IP} dev ul0 table {BGP_TABLE_DEFAULT} proto bird"
         ));
@@ -217,7 +241,7 @@ fn a_bgp_route_that_leads_back_into_the_node_is_not_used() {
 #[test]
 fn transit_from_the_underlay_is_refused_delivery_is_not() {
     with_bgp_node(|node| {
-        let nic = [0x02, 0, 0, 0, 0x50, 0x01];
+        let nic = NIC_MAC;
         // A router sends this node traffic for the far node's pods: the only way on is back
         // out of the underlay. Refused as a loop, counted.
         let transit = tcp_frame(ROUTER_MAC, nic, [10, 244, 9, 9], BGP_POD, 80, 40000, b"x");
@@ -245,5 +269,81 @@ fn transit_from_the_underlay_is_refused_delivery_is_not() {
         assert_eq!(&out.data[14..], &forwarded_ip(&delivery)[..]);
         assert_eq!(stat(node, Stat::UnderlayDelivered), 1);
         assert_eq!(drops(node, DropReason::RouteLoop), 1);
+    });
+}
+
+/// Plain frames from bgp peers arrive through routers, so they cannot be held to the on-link
+/// check; they are held to the reverse path instead: a frame from a bgp peer's pod must come
+/// from the MAC of the next hop weft's BGP table gives toward that pod's subnet, a frame from
+/// the peer's own address from the next hop the main table gives toward it. A host beside the
+/// router forging either is refused; routed access from outside is the operator's choice.
+#[test]
+fn plain_frames_from_bgp_peers_pass_the_reverse_path_check() {
+    with_bgp_node(|node| {
+        let plain = |mac: [u8; 6], src: [u8; 4]| {
+            udp_frame(mac, NIC_MAC, src, POD1_IP, 4000, 5000, b"plain over bgp")
+        };
+        // Accepted: the far node's pod, from the router (weft's table's next hop toward its
+        // subnet): delivered into the pod.
+        let ok = plain(ROUTER_MAC, BGP_POD);
+        let out = from_underlay(node, &ok);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(&out.data[0..6], &POD1_MAC);
+        assert_eq!(&out.data[14..], &forwarded_ip(&ok)[..]);
+        assert_eq!(stat(node, Stat::UnderlayDelivered), 1);
+        // Accepted: the far node itself, from the router (the main table's next hop toward
+        // it): the stack delivers a node's traffic.
+        let from_far_node = plain(ROUTER_MAC, FAR_NODE_IP);
+        let out = from_underlay(node, &from_far_node);
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert_eq!(out.data, from_far_node);
+        assert_eq!(drops(node, DropReason::BgpReversePath), 0);
+
+        // Refused: the same sources from another host on the router's subnet (forged).
+        for src in [BGP_POD, FAR_NODE_IP] {
+            let out = from_underlay(node, &plain(OUTSIDER_MAC, src));
+            assert_eq!(out.verdict, TC_ACT_SHOT, "{src:?}");
+        }
+        assert_eq!(drops(node, DropReason::BgpReversePath), 2);
+        // Refused: from an on-link peer (a node, but not the way toward the bgp subnet).
+        assert_eq!(
+            from_underlay(node, &plain(PEER_MAC, BGP_POD)).verdict,
+            TC_ACT_SHOT
+        );
+        assert_eq!(drops(node, DropReason::BgpReversePath), 3);
+        // Refused: a bgp subnet weft's table has no route for (BIRD has not learned it), even
+        // from the router and although the main table routes it.
+        assert_eq!(
+            from_underlay(node, &plain(ROUTER_MAC, NO_ROUTE_POD)).verdict,
+            TC_ACT_SHOT
+        );
+        assert_eq!(drops(node, DropReason::BgpReversePath), 4);
+        // Not a peer at all: the on-link rule's reason, as before.
+        assert_eq!(
+            from_underlay(node, &plain(ROUTER_MAC, [10, 244, 99, 1])).verdict,
+            TC_ACT_SHOT
+        );
+        assert_eq!(drops(node, DropReason::PlainFromNonPeer), 1);
+        assert_eq!(stat(node, Stat::UnderlayDelivered), 1);
+
+        // A withdrawn route (the cache flushed, as the agent does on table changes): refused.
+        ip(&format!("route del {BGP_SUBNET} table {BGP_TABLE_DEFAULT}"));
+        node.dp.maps.flush_next_hops().unwrap();
+        assert_eq!(from_underlay(node, &ok).verdict, TC_ACT_SHOT);
+        assert_eq!(drops(node, DropReason::BgpReversePath), 5);
+
+        // With routed access allowed (`--accept-routed-pod-traffic`, for BGP networks that route
+        // to pods), what fails the check goes to the host stack instead of being dropped.
+        let mut cfg = node.dp.maps.config().unwrap();
+        cfg.flags |= CONFIG_F_ACCEPT_ROUTED;
+        node.dp.maps.set_config(&cfg).unwrap();
+        let forged = plain(OUTSIDER_MAC, BGP_POD);
+        let passed = stat(node, Stat::PassedToStack);
+        let out = from_underlay(node, &forged);
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert_eq!(out.data, forged);
+        assert_eq!(stat(node, Stat::PassedToStack), passed + 1);
+        assert_eq!(drops(node, DropReason::BgpReversePath), 5);
+        assert_eq!(stat(node, Stat::UnderlayDelivered), 1);
     });
 }

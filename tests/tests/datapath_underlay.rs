@@ -3,9 +3,9 @@
 use etherparse::{IpNumber, Ipv4Header, Ipv4Options, UdpHeader};
 use weft_common::{DropReason, Stat, prog_names};
 use weft_tests::{
-    fixture::*,
+    injection_node::*,
     packets::*,
-    testrun::{Outcome, run_tc, run_xdp},
+    testrun::{TestRunOutput, run_tc, run_xdp},
 };
 
 const XDP_DROP: i32 = 1;
@@ -17,11 +17,11 @@ const TC_ACT_REDIRECT: i32 = 7;
 const NIC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x50, 0x01];
 const UNKNOWN_NODE_IP: [u8; 4] = [192, 168, 50, 77];
 
-fn xdp(node: &mut Node, frame: &[u8]) -> Outcome {
+fn xdp(node: &mut Node, frame: &[u8]) -> TestRunOutput {
     run_xdp(node.dp.xdp_program().unwrap(), frame, 1)
 }
 
-fn tc(node: &mut Node, frame: &[u8]) -> Outcome {
+fn tc(node: &mut Node, frame: &[u8]) -> TestRunOutput {
     let prog = node.dp.tc_program(prog_names::FROM_UNDERLAY).unwrap();
     run_tc(prog, frame, 0, 1)
 }
@@ -63,11 +63,21 @@ fn vxlan_from(src: [u8; 4], dport: u16, vni: u32, inner: &[u8]) -> Vec<u8> {
 }
 
 /// What the stack receives after XDP decapsulation: the inner packet under the outer MACs.
+/// (Without XDP's metadata in front, tc sees this as a plain frame from the peer.)
 fn decapsulated(inner: &[u8]) -> Vec<u8> {
     let mut out = NIC_MAC.to_vec();
     out.extend_from_slice(&PEER_MAC);
     out.extend_from_slice(&[0x08, 0x00]);
     out.extend_from_slice(&inner[14..]);
+    out
+}
+
+/// What XDP hands on after decapsulating a packet from `peer`: its metadata (which
+/// BPF_PROG_TEST_RUN returns in front of the packet), then the packet.
+fn xdp_decapsulated(inner: &[u8], peer: [u8; 4]) -> Vec<u8> {
+    let mut out = weft_common::DECAP_META_MAGIC.to_ne_bytes().to_vec();
+    out.extend_from_slice(&peer);
+    out.extend_from_slice(&decapsulated(inner));
     out
 }
 
@@ -77,7 +87,7 @@ fn xdp_decapsulates_vxlan_exactly() {
         let inner = inner_to_pod1(b"reply from a remote pod");
         let out = xdp(node, &vxlan_from(PEER_IP, VXLAN_PORT, VNI, &inner));
         assert_eq!(out.verdict, XDP_PASS);
-        assert_eq!(out.data, decapsulated(&inner));
+        assert_eq!(out.data, xdp_decapsulated(&inner, PEER_IP));
         assert_eq!(stat(node, Stat::XdpVxlanDecap), 1);
     });
 }
@@ -91,7 +101,7 @@ fn xdp_decapsulates_ipip_exactly() {
             &ipip_frame(PEER_MAC, NIC_MAC, PEER_IP, NODE_IP, &inner),
         );
         assert_eq!(out.verdict, XDP_PASS);
-        assert_eq!(out.data, decapsulated(&inner));
+        assert_eq!(out.data, xdp_decapsulated(&inner, PEER_IP));
         assert_eq!(stat(node, Stat::XdpIpipDecap), 1);
     });
 }
@@ -115,7 +125,7 @@ fn xdp_decapsulates_outer_headers_with_options() {
         let frame = ipv4_frame(PEER_MAC, NIC_MAC, &ip, &l4);
         let out = xdp(node, &frame);
         assert_eq!(out.verdict, XDP_PASS);
-        assert_eq!(out.data, decapsulated(&inner));
+        assert_eq!(out.data, xdp_decapsulated(&inner, PEER_IP));
     });
 }
 
@@ -283,7 +293,7 @@ fn tc_delivers_decapsulated_and_routed_packets_to_pods() {
         let out = tc(node, &to_node);
         assert_eq!(out.verdict, TC_ACT_OK);
         assert_eq!(out.data, to_node);
-        let mut ttl1 = inner_to_pod1(b"");
+        let mut ttl1 = decapsulated(&inner_to_pod1(b""));
         ttl1[22] = 1;
         let out = tc(node, &ttl1);
         assert_eq!(out.verdict, TC_ACT_OK);
@@ -374,7 +384,7 @@ fn node_traffic_to_pods_goes_through_the_host_stack() {
         assert_eq!(out.verdict, TC_ACT_OK);
         assert_eq!(out.data, plain);
         assert_eq!(stat(node, Stat::PassedToStack), 1);
-        // What tc decapsulated itself is delivered by tc.
+        // The same decapsulated by tc: handed to the stack decapsulated.
         let from_node = tcp_frame(
             PEER_VTEP_MAC,
             VTEP_MAC,
@@ -385,7 +395,108 @@ fn node_traffic_to_pods_goes_through_the_host_stack() {
             b"probe",
         );
         let out = tc(node, &vxlan_from(PEER_IP, VXLAN_PORT, VNI, &from_node));
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert_eq!(&out.data[14..], &from_node[14..]);
+        assert_eq!(stat(node, Stat::TcDecap), 1);
+        assert_eq!(stat(node, Stat::PassedToStack), 2);
+        assert_eq!(stat(node, Stat::UnderlayDelivered), 0);
+    });
+}
+
+/// A tunnel packet whose inner source the sending node does not own: dropped by XDP and by
+/// the tc fallback, VXLAN and IPIP alike.
+#[test]
+fn decapsulation_checks_the_inner_source() {
+    with_node(|node| {
+        let inner_from =
+            |src: [u8; 4]| tcp_frame(PEER_VTEP_MAC, VTEP_MAC, src, POD1_IP, 80, 40000, b"inner");
+        let mut expected = 0;
+        // 8.8.8.8, a pod of another node (PEER_NO_NEIGH_IP's), a pod address nobody has.
+        for src in [[8, 8, 8, 8], REMOTE_NO_NEIGH_IP, [10, 244, 99, 1]] {
+            let inner = inner_from(src);
+            let vx = vxlan_from(PEER_IP, VXLAN_PORT, VNI, &inner);
+            let ipip = ipip_frame(PEER_MAC, NIC_MAC, PEER_IP, NODE_IP, &inner);
+            assert_eq!(xdp(node, &vx).verdict, XDP_DROP);
+            assert_eq!(xdp(node, &ipip).verdict, XDP_DROP);
+            assert_eq!(tc(node, &vx).verdict, TC_ACT_SHOT);
+            assert_eq!(tc(node, &ipip).verdict, TC_ACT_SHOT);
+            expected += 4;
+            assert_eq!(drops(node, DropReason::TunnelInnerSourceSpoofed), expected);
+        }
+        // The peer's own pods (every route mode it has) and the peer itself are its own.
+        for src in [REMOTE_VXLAN_IP, REMOTE_IPIP_IP, REMOTE_DIRECT_IP, PEER_IP] {
+            let inner = inner_from(src);
+            let out = xdp(node, &vxlan_from(PEER_IP, VXLAN_PORT, VNI, &inner));
+            assert_eq!(out.verdict, XDP_PASS);
+            assert_eq!(out.data, xdp_decapsulated(&inner, PEER_IP));
+            let ipip = ipip_frame(PEER_MAC, NIC_MAC, PEER_IP, NODE_IP, &inner);
+            assert_eq!(xdp(node, &ipip).verdict, XDP_PASS);
+        }
+        assert_eq!(drops(node, DropReason::TunnelInnerSourceSpoofed), expected);
+    });
+}
+
+/// Plain (unencapsulated) frames into pods: only from on-link peers (or their pods), from
+/// the peer's own MAC.
+#[test]
+fn plain_frames_reach_pods_only_from_onlink_peers() {
+    with_node(|node| {
+        let plain =
+            |mac: [u8; 6], src: [u8; 4]| tcp_frame(mac, NIC_MAC, src, POD1_IP, 80, 40000, b"plain");
+        // A peer's pod (host-gw), from the peer's MAC: delivered.
+        let ok = plain(PEER_MAC, REMOTE_DIRECT_IP);
+        let out = tc(node, &ok);
         assert_eq!(out.verdict, TC_ACT_REDIRECT);
-        assert_eq!(stat(node, Stat::UnderlayDelivered), 1);
+        assert_eq!(&out.data[14..], &forwarded_ip(&ok)[..]);
+        // An on-link peer whose neighbour entry is not known yet: nothing to compare, accepted.
+        assert_eq!(
+            tc(node, &plain([2, 0, 0, 0, 0x50, 3], REMOTE_NO_NEIGH_IP)).verdict,
+            TC_ACT_REDIRECT
+        );
+        // The peer's address from another MAC, and its pod's.
+        for src in [PEER_IP, REMOTE_DIRECT_IP] {
+            assert_eq!(
+                tc(node, &plain([2, 0, 0, 0, 0x50, 0x66], src)).verdict,
+                TC_ACT_SHOT
+            );
+        }
+        assert_eq!(drops(node, DropReason::PlainPeerMacMismatch), 2);
+        // Not peers: a host on the underlay, the internet, an address in the cluster network
+        // nobody has, the pod of a peer behind a router.
+        for src in [
+            [192, 168, 50, 200],
+            [8, 8, 8, 8],
+            [10, 244, 99, 1],
+            REMOTE_OFFLINK_IP,
+        ] {
+            assert_eq!(
+                tc(node, &plain(PEER_MAC, src)).verdict,
+                TC_ACT_SHOT,
+                "{src:?}"
+            );
+        }
+        assert_eq!(drops(node, DropReason::PlainFromNonPeer), 4);
+        // To the node itself, anyone may send (the stack and its firewall decide).
+        let to_node = tcp_frame(
+            [2, 0, 0, 0, 0x50, 0x66],
+            NIC_MAC,
+            [8, 8, 8, 8],
+            NODE_IP,
+            1,
+            22,
+            b"",
+        );
+        assert_eq!(tc(node, &to_node).verdict, TC_ACT_OK);
+
+        // With routed access allowed by the operator, outsiders' traffic goes to the stack.
+        let mut cfg = node.dp.maps.config().unwrap();
+        cfg.flags |= weft_common::CONFIG_F_ACCEPT_ROUTED;
+        node.dp.maps.set_config(&cfg).unwrap();
+        let outsider = plain([2, 0, 0, 0, 0x50, 0xc8], [192, 168, 50, 200]);
+        let out = tc(node, &outsider);
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert_eq!(out.data, outsider);
+        assert_eq!(drops(node, DropReason::PlainFromNonPeer), 4);
+        assert_eq!(stat(node, Stat::UnderlayDelivered), 2);
     });
 }

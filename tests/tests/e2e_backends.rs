@@ -6,7 +6,7 @@ use std::{net::Ipv4Addr, time::Duration};
 use weft_common::RouteMode;
 use weft_tests::{
     cluster::{Cluster, ClusterOptions, http_get},
-    flow::{FlowLoss, SequencedFlow},
+    flow::{FlowLoss, SequencedFlow, tcp_transfer, udp_echo_sizes},
     process::wait_until,
 };
 
@@ -156,7 +156,7 @@ fn host_gw_reports_off_link_peers() {
     let expected = [1u64, 2, 1];
     for (i, want) in expected.iter().enumerate() {
         let node = &c.nodes[i];
-        let addr = std::net::SocketAddr::from((node.ip, 9402));
+        let addr = node.metrics_addr();
         wait_until(
             &format!("{} to report off-link peers", node.name),
             Duration::from_secs(20),
@@ -177,4 +177,72 @@ fn host_gw_reports_off_link_peers() {
         "ping",
         &["-c", "2", "-i", "0.2", "-W", "2", &b.ip.to_string()],
     );
+}
+
+/// Path MTU discovery across a smaller underlay: node 1 sits on the second subnet, whose
+/// links and router port have an MTU of 1400. A pod on node 0 (pod MTU 1450) sending a DF
+/// packet that needs 1500 bytes once encapsulated is told the path's inner MTU (1400 - 50) by
+/// ICMP fragmentation-needed instead of losing it silently; TCP and UDP (DF, PMTU discovery on)
+/// of every size cross.
+#[test]
+fn path_mtu_discovery_across_a_smaller_underlay() {
+    let mut c = Cluster::new(ClusterOptions {
+        nodes: 2,
+        backend: "vxlan".into(),
+        direct_routing: false,
+        two_subnets: true,
+        second_subnet_mtu: Some(1400),
+        ..Default::default()
+    });
+    let a = c.add_pod(0);
+    let b = c.add_pod(1);
+    let (a_ns, b_ns) = (&c.nodes[0].pods[0].ns, &c.nodes[1].pods[0].ns);
+    // The first oversized packet is lost at the router (which tells node 0); the next ones
+    // are answered by node 0 with the path's inner MTU.
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &a_ns.name, "ping", "-M", "do", "-s", "1422", "-c", "3",
+        ])
+        .args(["-i", "0.3", "-W", "1", &b.to_string()])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("mtu = 1350") || text.contains("mtu=1350"),
+        "ping -M do across the smaller underlay: {text}\n{}",
+        c.datapath_state()
+    );
+    let stats = c.nodes[0].maps().stats().unwrap();
+    let stat = |s: weft_common::Stat| stats.iter().find(|(k, _)| *k == s).unwrap().1;
+    assert!(stat(weft_common::Stat::PathMtuLearned) >= 1, "{stats:?}");
+    assert!(stat(weft_common::Stat::FragNeededSent) >= 1, "{stats:?}");
+    // What fits the path passes with DF.
+    a_ns.exec(
+        "ping",
+        &[
+            "-M",
+            "do",
+            "-s",
+            "1322",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            &b.to_string(),
+        ],
+    );
+    // UDP with path MTU discovery on (DF set; the pod fragments itself once told): every
+    // size crosses, the first too-big one retried once.
+    let retries = udp_echo_sizes(a_ns, b_ns, b, 7600, 1300..=1460);
+    assert!(retries <= 2, "{retries} retries");
+    // TCP both ways, bulk.
+    tcp_transfer(b_ns, b, 7601, a_ns, 4 << 20, Duration::from_secs(30));
+    tcp_transfer(a_ns, a, 7602, b_ns, 4 << 20, Duration::from_secs(30));
+    let _ = &mut c;
 }

@@ -6,8 +6,8 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use weft_common::{RouteMode, Stat};
 use weft_tests::{
+    agentless::{FlannelNode, WeftNode, mtu_wire},
     flow::tcp_transfer,
-    manual::{FlannelNode, WeftNode, mtu_wire},
     netns::{Netns, veth_pair},
 };
 

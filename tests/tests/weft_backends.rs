@@ -6,8 +6,8 @@ use std::{net::Ipv4Addr, time::Duration};
 use ipnet::Ipv4Net;
 use weft_common::{RouteMode, Stat};
 use weft_tests::{
+    agentless::{Pod, WeftNode, mtu_wire},
     flow::{FlowLoss, SequencedFlow, tcp_transfer, udp_echo_sizes},
-    manual::{Pod, WeftNode, mtu_wire},
     netns::{Netns, veth_pair},
 };
 

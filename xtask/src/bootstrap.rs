@@ -24,11 +24,33 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "ethtool",
     "util-linux",
     "openssl",
+    // `strip` for the release tarball (`cargo xtask dist`).
+    "binutils",
+    // A virtual environment for kubernetes-validate.
+    "python3-venv",
     // BIRD 2: the BGP speaker of the bgp backend (weft-agent supervises one per node) and the
     // route reflector of the bgp demo and tests.
     "bird2",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Validates deploy/weft.yaml against the Kubernetes API schemas (`--strict`: no unknown
+/// fields); from PyPI, into a virtual environment of its own.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
+/// The virtual environment kubernetes-validate is installed in: under the user's cache, so
+/// that every worktree and CI run on the machine shares it.
+pub fn kubernetes_validate_venv() -> std::path::PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| std::path::PathBuf::from("/root/.cache"));
+    cache.join("weft/kubernetes-validate")
+}
+
+/// The `kubernetes-validate` program of that environment.
+pub fn kubernetes_validate() -> std::path::PathBuf {
+    kubernetes_validate_venv().join("bin/kubernetes-validate")
+}
 
 pub fn run() -> Result<()> {
     let start = Instant::now();
@@ -63,6 +85,22 @@ pub fn run() -> Result<()> {
             &[],
         )?;
     }
+    // The lint gate of `cargo xtask test`: rustfmt and clippy on stable, clippy on nightly
+    // (node-ebpf).
+    for (toolchain, component) in [
+        ("stable", "rustfmt"),
+        ("stable", "clippy"),
+        ("nightly", "clippy"),
+    ] {
+        if !has_component(toolchain, component) {
+            eprintln!("bootstrap: adding {component} to the {toolchain} toolchain");
+            sh(
+                "rustup",
+                &["component", "add", component, "--toolchain", toolchain],
+                &[],
+            )?;
+        }
+    }
     if !bpf_linker_ok() {
         eprintln!(
             "bootstrap: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about two minutes)"
@@ -89,6 +127,34 @@ pub fn run() -> Result<()> {
             "bootstrap: bpf-linker built in {:.0} s",
             t.elapsed().as_secs_f64()
         );
+    }
+    if !kubernetes_validate_ok() {
+        eprintln!(
+            "bootstrap: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} into {}",
+            kubernetes_validate_venv().display()
+        );
+        let venv = kubernetes_validate_venv();
+        let venv_str = venv.to_str().context("cache path is not UTF-8")?;
+        // Debian's python3 (python3-venv is installed above), whatever else is on PATH.
+        sh(
+            "/usr/bin/python3",
+            &["-m", "venv", "--clear", venv_str],
+            &[],
+        )?;
+        let pip = venv.join("bin/pip");
+        sh(
+            pip.to_str().context("cache path is not UTF-8")?,
+            &[
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+            ],
+            &[],
+        )?;
+        if !kubernetes_validate_ok() {
+            bail!("kubernetes-validate was installed but does not run");
+        }
     }
     eprintln!("bootstrap: ready ({:.1} s)", start.elapsed().as_secs_f64());
     Ok(())
@@ -121,6 +187,18 @@ fn dpkg_installed(package: &str) -> bool {
         .unwrap_or(false)
 }
 
+fn has_component(toolchain: &str, component: &str) -> bool {
+    Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", toolchain])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.starts_with(component))
+        })
+        .unwrap_or(false)
+}
+
 fn nightly_has_rust_src() -> bool {
     Command::new("rustup")
         .args(["+nightly", "component", "list", "--installed"])
@@ -139,6 +217,17 @@ fn bpf_linker_ok() -> bool {
         .output()
         .map(|o| {
             o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
+        .unwrap_or(false)
+}
+
+fn kubernetes_validate_ok() -> bool {
+    Command::new(kubernetes_validate())
+        .arg("--version")
+        .output()
+        .map(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).trim() == KUBERNETES_VALIDATE_VERSION
         })
         .unwrap_or(false)
 }

@@ -2,6 +2,7 @@
 //! machine has what they need (installing only what is missing, so a prepared machine pays a
 //! second), then build and run.
 mod bootstrap;
+mod dist;
 
 use std::process::Command;
 
@@ -29,8 +30,12 @@ enum Cmd {
     /// A three-node weft cluster in network namespaces: connectivity matrix, CLI view, teardown.
     Demo {
         /// Leave the cluster running and print how to enter a pod.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "down")]
         keep: bool,
+        /// Remove everything kept (or interrupted) demos left: namespaces, pins, the agents and
+        /// etcd (by their recorded pids), files. Idempotent.
+        #[arg(long)]
+        down: bool,
         #[arg(long, default_value_t = 3)]
         nodes: usize,
         #[arg(long, default_value_t = 2)]
@@ -47,17 +52,28 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// The release tarball: stripped release binaries, the CNI conflist, the manifest, the
+    /// Dockerfile and the docs, in target/dist/.
+    Dist,
     /// Only install the prerequisites.
     Bootstrap,
+    /// Only the formatting and lint checks that `test` runs first.
+    Lint,
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Bootstrap => bootstrap::run(),
+        Cmd::Dist => dist::run().map(drop),
+        Cmd::Lint => {
+            bootstrap::run()?;
+            lint()
+        }
         Cmd::Test { cargo_args } => {
             require_root("tests create network namespaces and load BPF programs")?;
             bootstrap::run()?;
+            lint()?;
             cargo(&[
                 "build",
                 "--workspace",
@@ -66,6 +82,8 @@ fn main() -> Result<()> {
                 "--bins",
                 "--tests",
             ])?;
+            // The release tarball, for the tests that unpack it and run what it ships.
+            dist::run()?;
             // Doc tests are left out: the crates have none, and their empty "0 passed" lines
             // would close the output.
             let mut args = vec![
@@ -82,10 +100,18 @@ fn main() -> Result<()> {
                 args.push("--");
                 args.extend(extra);
             }
-            cargo_test_with_summary(&args)
+            let validate = bootstrap::kubernetes_validate();
+            cargo_test_with_summary(&args, &[("KUBERNETES_VALIDATE", validate.as_os_str())])
+        }
+        Cmd::Demo { down: true, .. } => {
+            require_root("tearing the demo down deletes network namespaces and pins")?;
+            // The demo's own build command: after a demo, nothing to rebuild.
+            cargo(&["build", "--workspace", "--exclude", "node-ebpf", "--bins"])?;
+            run_bin("debug", "weft-demo", &["--down"])
         }
         Cmd::Demo {
             keep,
+            down: false,
             nodes,
             pods,
             backend,
@@ -112,12 +138,60 @@ fn main() -> Result<()> {
                 "-p",
                 "weft-agent",
                 "-p",
+                "weft-node",
+                "-p",
                 "weft-tests",
                 "--bins",
             ])?;
             bench(quick)
         }
     }
+}
+
+/// Formatting and lints gate the tests: `cargo fmt --check`, clippy with warnings denied for
+/// the host crates, and for node-ebpf on the BPF target as aya's own xtask does (nightly,
+/// `-Z build-std=core`).
+fn lint() -> Result<()> {
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "node-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    // `rustup run`: $CARGO is the stable toolchain's cargo, which knows no `+nightly`.
+    let args = [
+        "run",
+        "nightly",
+        "cargo",
+        "clippy",
+        "--package",
+        "node-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ];
+    eprintln!("xtask: rustup {}", args.join(" "));
+    let status = Command::new("rustup")
+        .args(args)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("CARGO")
+        .current_dir(workspace_root())
+        .status()
+        .context("running rustup")?;
+    if !status.success() {
+        bail!("clippy of node-ebpf failed ({status})");
+    }
+    Ok(())
 }
 
 fn require_root(why: &str) -> Result<()> {
@@ -161,13 +235,14 @@ fn cargo(args: &[&str]) -> Result<()> {
 
 /// Runs `cargo test`, passing its output through, and closes with one line that sums every
 /// test binary's result: `weft: N passed, N failed`.
-fn cargo_test_with_summary(args: &[&str]) -> Result<()> {
+fn cargo_test_with_summary(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Result<()> {
     use std::io::{BufRead as _, Write as _};
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("xtask: cargo {}", args.join(" "));
     let mut child = Command::new(cargo)
         .args(args)
         .current_dir(workspace_root())
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("running cargo test")?;
@@ -242,6 +317,7 @@ fn bench(quick: bool) -> Result<()> {
     // The CNI figures are over 200 pods either way (the minimum).
     report.insert("cni".into(), bench_json("bench-cni", &["--pods", "200"])?);
     report.insert("agent".into(), bench_json("bench-agent", &[])?);
+    report.insert("policy".into(), bench_json("bench-policy", &[])?);
     let report = serde_json::Value::Object(report);
     let dir = workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
@@ -307,7 +383,7 @@ fn print_table(report: &serde_json::Value) {
             println!("  {name:<32} {:>7.1}", ns.as_f64().unwrap_or(f64::NAN));
         }
     }
-    for key in ["cni", "agent"] {
+    for key in ["cni", "agent", "policy"] {
         if !report[key].is_null() {
             println!("\n{key}: {}", report[key]);
         }

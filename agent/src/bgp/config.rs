@@ -29,10 +29,10 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use anyhow::{Result, anyhow, bail};
 use ipnet::Ipv4Net;
-use serde_json::{Map, Value};
+use serde::Deserialize;
 use weft_common::{BGP_TABLE_DEFAULT, RouteMode};
 
-use crate::config::get;
+use crate::config::RawBackend;
 
 /// Calico's default AS number (a private one, RFC 6996).
 pub const AS_DEFAULT: u32 = 64512;
@@ -117,133 +117,114 @@ impl BgpConfig {
         }
     }
 
-    /// Reads the bgp keys of a `Backend` object.
-    pub fn parse(backend: &Map<String, Value>) -> Result<Self> {
+    /// The bgp keys of `Backend` as read (keys lowercased, types checked by serde): values
+    /// checked, defaults filled in.
+    pub(crate) fn from_raw(raw: &RawBackend) -> Result<Self> {
         let mut c = Self::default();
-        if let Some(v) = get(backend, "AS") {
-            c.asn = asn(v, "Backend.AS")?;
+        if let Some(n) = raw.asn {
+            c.asn = asn(n, "Backend.AS")?;
         }
-        if let Some(v) = get(backend, "Mesh") {
-            c.mesh = v
-                .as_bool()
-                .ok_or_else(|| anyhow!("Backend.Mesh: {v} is not true or false"))?;
+        if let Some(mesh) = raw.mesh {
+            c.mesh = mesh;
         }
-        if let Some(v) = get(backend, "Peers") {
-            let list = v
-                .as_array()
-                .ok_or_else(|| anyhow!("Backend.Peers: {v} is not a list of peers"))?;
-            for (i, p) in list.iter().enumerate() {
-                c.peers
-                    .push(peer(p, &format!("Backend.Peers[{i}]"), c.asn)?);
-            }
+        for (i, p) in raw.peers.iter().flatten().enumerate() {
+            c.peers
+                .push(peer(p, &format!("Backend.Peers[{i}]"), c.asn)?);
         }
-        if let Some(v) = get(backend, "Encapsulation") {
+        if let Some(v) = &raw.encapsulation {
             c.encapsulation = match v.as_str() {
-                Some(s) if s.eq_ignore_ascii_case("none") || s.eq_ignore_ascii_case("never") => {
+                s if s.eq_ignore_ascii_case("none") || s.eq_ignore_ascii_case("never") => {
                     Encapsulation::None
                 }
-                Some(s) if s.eq_ignore_ascii_case("crosssubnet") => Encapsulation::CrossSubnet,
-                Some(s) if s.eq_ignore_ascii_case("always") => Encapsulation::Always,
+                s if s.eq_ignore_ascii_case("crosssubnet") => Encapsulation::CrossSubnet,
+                s if s.eq_ignore_ascii_case("always") => Encapsulation::Always,
                 _ => bail!(
-                    "Backend.Encapsulation: {v} is not \"None\", \"CrossSubnet\" or \"Always\""
+                    "Backend.Encapsulation: {v:?} is not \"None\", \"CrossSubnet\" or \"Always\""
                 ),
             };
         }
-        if let Some(v) = get(backend, "Tunnel") {
+        if let Some(v) = &raw.tunnel {
             c.tunnel = match v.as_str() {
-                Some(s) if s.eq_ignore_ascii_case("ipip") => RouteMode::Ipip,
-                Some(s) if s.eq_ignore_ascii_case("vxlan") => RouteMode::Vxlan,
-                _ => bail!("Backend.Tunnel: {v} is not \"ipip\" or \"vxlan\""),
+                s if s.eq_ignore_ascii_case("ipip") => RouteMode::Ipip,
+                s if s.eq_ignore_ascii_case("vxlan") => RouteMode::Vxlan,
+                _ => bail!("Backend.Tunnel: {v:?} is not \"ipip\" or \"vxlan\""),
             };
         }
-        if let Some(v) = get(backend, "RouteTable") {
+        if let Some(n) = raw.routetable {
             // 0 is unspecified, 253-255 are the kernel's default, main and local tables.
-            c.table = v
-                .as_u64()
-                .filter(|n| (1..=u32::MAX as u64).contains(n) && !(253..=255).contains(n))
-                .ok_or_else(|| {
-                    anyhow!(
-                        "Backend.RouteTable: {v} is not a routing table of weft's own (1-4294967295, not 253-255)"
-                    )
-                })? as u32;
+            if n == 0 || (253..=255).contains(&n) {
+                bail!(
+                    "Backend.RouteTable: {n} is not a routing table of weft's own (1-4294967295, not 253-255)"
+                );
+            }
+            c.table = n;
         }
-        if let Some(v) = get(backend, "HoldTime") {
+        if let Some(n) = raw.holdtime {
             // RFC 4271: zero (no keepalives) or at least three seconds.
-            c.hold_time = v
-                .as_u64()
-                .filter(|n| (3..=u16::MAX as u64).contains(n))
-                .ok_or_else(|| {
-                    anyhow!("Backend.HoldTime: {v} is not a hold time in seconds (3-65535)")
-                })? as u16;
+            if n < 3 {
+                bail!("Backend.HoldTime: {n} is not a hold time in seconds (3-65535)");
+            }
+            c.hold_time = n;
         }
-        if let Some(v) = get(backend, "RestartTime") {
+        if let Some(n) = raw.restarttime {
             // The graceful restart capability carries it in 12 bits.
-            c.restart_time = v
-                .as_u64()
-                .filter(|n| (1..=4095).contains(n))
-                .ok_or_else(|| {
-                    anyhow!("Backend.RestartTime: {v} is not a restart time in seconds (1-4095)")
-                })? as u16;
+            if !(1..=4095).contains(&n) {
+                bail!("Backend.RestartTime: {n} is not a restart time in seconds (1-4095)");
+            }
+            c.restart_time = n;
         }
         Ok(c)
     }
 }
 
-fn asn(v: &Value, key: &str) -> Result<u32> {
-    // 0 is reserved (RFC 7607), and 4-octet AS numbers end at 2^32 - 1.
-    v.as_u64()
-        .filter(|n| (1..=u32::MAX as u64).contains(n))
-        .map(|n| n as u32)
-        .ok_or_else(|| anyhow!("{key}: {v} is not an AS number (1-4294967295)"))
+/// One `Backend.Peers` entry as written (keys lowercased; `NodeSelector`'s label names keep
+/// their case). Public only so the configuration reference test can list the keys.
+#[doc(hidden)]
+#[derive(Debug, Default, Deserialize)]
+pub struct RawPeer {
+    address: Option<Ipv4Addr>,
+    #[serde(rename = "as")]
+    asn: Option<u32>,
+    port: Option<u16>,
+    nodeselector: Option<BTreeMap<String, String>>,
+    nodesubnet: Option<String>,
 }
 
-fn peer(v: &Value, key: &str, default_asn: u32) -> Result<Peer> {
-    let obj = v
-        .as_object()
-        .ok_or_else(|| anyhow!("{key}: {v} is not a JSON object"))?;
-    let address = match get(obj, "Address") {
-        None => bail!("{key}.Address: missing (the peer's IPv4 address)"),
-        Some(a) => a
-            .as_str()
-            .and_then(|s| s.parse::<Ipv4Addr>().ok())
-            .filter(|a| !a.is_unspecified() && !a.is_broadcast() && !a.is_multicast())
-            .ok_or_else(|| anyhow!("{key}.Address: {a} is not a unicast IPv4 address"))?,
-    };
-    let asn = match get(obj, "AS") {
-        None => default_asn,
-        Some(v) => asn(v, &format!("{key}.AS"))?,
-    };
-    let port = match get(obj, "Port") {
-        None => BGP_PORT,
-        Some(v) => v
-            .as_u64()
-            .filter(|n| (1..=u16::MAX as u64).contains(n))
-            .ok_or_else(|| anyhow!("{key}.Port: {v} is not a TCP port"))? as u16,
-    };
-    let mut node_selector = BTreeMap::new();
-    if let Some(v) = get(obj, "NodeSelector") {
-        let labels = v.as_object().ok_or_else(|| {
-            anyhow!(
-                "{key}.NodeSelector: {v} is not an object of labels (e.g. {{\"rack\": \"r1\"}})"
-            )
-        })?;
-        for (k, val) in labels {
-            let val = val.as_str().ok_or_else(|| {
-                anyhow!("{key}.NodeSelector.{k}: {val} is not a string label value")
-            })?;
-            if k.is_empty() {
-                bail!("{key}.NodeSelector: an empty label name");
-            }
-            node_selector.insert(k.clone(), val.to_string());
-        }
+fn asn(n: u32, key: &str) -> Result<u32> {
+    // 0 is reserved (RFC 7607); serde refuses anything beyond 4-octet AS numbers (2^32 - 1).
+    if n == 0 {
+        bail!("{key}: 0 is not an AS number (1-4294967295)");
     }
-    let node_subnet = match get(obj, "NodeSubnet") {
+    Ok(n)
+}
+
+fn peer(raw: &RawPeer, key: &str, default_asn: u32) -> Result<Peer> {
+    let address = match raw.address {
+        None => bail!("{key}.Address: missing (the peer's IPv4 address)"),
+        Some(a) if a.is_unspecified() || a.is_broadcast() || a.is_multicast() => {
+            bail!("{key}.Address: {a} is not a unicast IPv4 address")
+        }
+        Some(a) => a,
+    };
+    let asn = match raw.asn {
+        None => default_asn,
+        Some(n) => asn(n, &format!("{key}.AS"))?,
+    };
+    let port = match raw.port {
+        None => BGP_PORT,
+        Some(0) => bail!("{key}.Port: 0 is not a TCP port"),
+        Some(p) => p,
+    };
+    let node_selector = raw.nodeselector.clone().unwrap_or_default();
+    if node_selector.keys().any(String::is_empty) {
+        bail!("{key}.NodeSelector: an empty label name");
+    }
+    let node_subnet = match &raw.nodesubnet {
         None => None,
         Some(v) => Some(
-            v.as_str()
-                .and_then(|s| s.parse::<Ipv4Net>().ok())
+            v.parse::<Ipv4Net>()
                 .map(|n| n.trunc())
-                .ok_or_else(|| anyhow!("{key}.NodeSubnet: {v} is not an IPv4 CIDR"))?,
+                .map_err(|_| anyhow!("{key}.NodeSubnet: {v:?} is not an IPv4 CIDR"))?,
         ),
     };
     Ok(Peer {
@@ -274,9 +255,15 @@ pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>> {
 mod tests {
     use super::*;
 
+    /// The bgp config of a `Backend` object (its `Type` set to bgp).
     fn parse(backend: &str) -> Result<BgpConfig> {
-        let v: Value = serde_json::from_str(backend).unwrap();
-        BgpConfig::parse(v.as_object().unwrap())
+        let mut backend: serde_json::Value = serde_json::from_str(backend).unwrap();
+        backend["Type"] = "bgp".into();
+        let conf = serde_json::json!({"Network": "10.244.0.0/16", "Backend": backend});
+        Ok(crate::config::FlannelNetConf::parse(&conf.to_string())?
+            .backend
+            .bgp
+            .expect("Type bgp"))
     }
 
     fn err(backend: &str) -> String {

@@ -12,8 +12,9 @@
 //!   `weft status`.
 //! - [`table`]: weft's own kernel routing table, which BIRD fills and the datapath reads
 //!   (`bpf_fib_lookup` with `BPF_FIB_LOOKUP_TBID`).
-//! - [`Controller`]: what the agent drives: the backend config and the cluster in, BIRD
-//!   started, reconfigured or retired, the learned routes and the status out.
+//! - [`Controller`]: what the agent's control loop drives through [`BgpControl`]: the backend
+//!   config and the cluster in, BIRD started, reconfigured or retired, the learned routes and
+//!   the status out.
 //!
 //! Why a child process rather than a second container in the DaemonSet: the agent renders the
 //! configuration, so it also decides when BIRD may start (only once the complete node list is
@@ -25,7 +26,6 @@
 //! of the agent and of BIRD).
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt::Write as _,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -99,78 +99,41 @@ pub struct BgpStatus {
     pub reload_errors: u64,
 }
 
-impl BgpStatus {
-    /// Prometheus text lines.
-    pub fn render_metrics(&self, out: &mut String) {
-        let mut metric = |name: &str, help: &str, kind: &str, value: String| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        };
-        metric(
-            "weft_bgp_speaker_up",
-            "1 while the agent's BIRD runs",
-            "gauge",
-            (self.running as u8).to_string(),
-        );
-        let established = self.sessions.iter().filter(|s| s.established()).count();
-        metric(
-            "weft_bgp_sessions_established",
-            "BGP sessions in state Established",
-            "gauge",
-            established.to_string(),
-        );
-        metric(
-            "weft_bgp_sessions_configured",
-            "BGP sessions configured (mesh peers and configured peers)",
-            "gauge",
-            self.sessions.len().to_string(),
-        );
-        metric(
-            "weft_bgp_learned_routes",
-            "Routes learned over BGP and installed in weft's routing table",
-            "gauge",
-            self.learned_routes.to_string(),
-        );
-        metric(
-            "weft_bgp_refused_routes",
-            "Routes refused by the import filters (not a pod subnet of their sender's node)",
-            "gauge",
-            self.refused_routes.to_string(),
-        );
-        metric(
-            "weft_bgp_speaker_restarts_total",
-            "Times BIRD exited unasked and was restarted",
-            "counter",
-            self.crashes.to_string(),
-        );
-        metric(
-            "weft_bgp_reloads_total",
-            "BIRD reconfigurations (birdc configure)",
-            "counter",
-            self.reloads.to_string(),
-        );
-        metric(
-            "weft_bgp_reload_errors_total",
-            "Configurations BIRD refused",
-            "counter",
-            self.reload_errors.to_string(),
-        );
-        let _ = writeln!(
-            out,
-            "# HELP weft_bgp_session_established 1 while the session to this peer is Established\n# TYPE weft_bgp_session_established gauge"
-        );
-        for s in &self.sessions {
-            let _ = writeln!(
-                out,
-                "weft_bgp_session_established{{peer=\"{}\",kind=\"{}\"}} {}",
-                s.peer,
-                s.kind.name(),
-                s.established() as u8
-            );
-        }
-    }
+/// The BGP side as the control loop drives it (`crate::control_loop`): [`Controller`] runs BIRD;
+/// unit tests of the loop use a fake. The loop hands it the backend's bgp settings and the
+/// complete node list, polls it every turn for changes in weft's table, and publishes its
+/// status.
+pub trait BgpControl: Send {
+    /// The backend's bgp settings (`None`: the backend is not bgp).
+    fn set_config(&mut self, config: Option<&BgpConfig>);
+    /// This node's pod subnets and the other nodes (the complete list).
+    fn set_cluster(&mut self, local_subnets: Vec<Ipv4Net>, nodes: Vec<PeerNode>);
+    /// What changed in weft's table since the last poll.
+    fn poll(&mut self) -> TableChange;
+    /// Prefixes with a route in weft's table (as of the last poll).
+    fn learned(&self) -> Arc<BTreeSet<Ipv4Net>>;
+    /// For metrics: `None` while no BIRD is run.
+    fn status(&self) -> Option<BgpStatus>;
+}
+
+/// The other nodes as BGP sees them: each address with the pod subnets it owns.
+pub fn peer_nodes<'a>(
+    leases: impl Iterator<Item = &'a crate::datastore::NodeLease>,
+) -> Vec<PeerNode> {
+    leases
+        .fold(
+            BTreeMap::<std::net::Ipv4Addr, Vec<Ipv4Net>>::new(),
+            |mut m, l| {
+                m.entry(l.public_ip).or_default().push(l.subnet);
+                m
+            },
+        )
+        .into_iter()
+        .map(|(ip, mut subnets)| {
+            subnets.sort();
+            PeerNode { ip, subnets }
+        })
+        .collect()
 }
 
 /// Drives BIRD for the agent: configuration and cluster in; BIRD started, reconfigured or
@@ -204,32 +167,6 @@ impl Controller {
             table_seen: BTreeMap::new(),
             rendered: None,
         }
-    }
-
-    /// The backend's bgp settings (`None`: the backend is not bgp).
-    pub fn set_config(&mut self, config: Option<&BgpConfig>) {
-        if self.config.as_ref() == config {
-            return;
-        }
-        self.config = config.cloned();
-        if self.config.is_none()
-            && let Some(speaker) = self.speaker.take()
-        {
-            tracing::info!(
-                "backend is no longer bgp: BIRD stops in {}s",
-                RETIRE_AFTER.as_secs()
-            );
-            self.retiring = Some((speaker, Instant::now() + RETIRE_AFTER));
-            self.rendered = None;
-        }
-        self.sync();
-    }
-
-    /// This node's pod subnets and the other nodes (the complete list).
-    pub fn set_cluster(&mut self, local_subnets: Vec<Ipv4Net>, nodes: Vec<PeerNode>) {
-        self.local.subnets = local_subnets;
-        self.nodes = Some(nodes);
-        self.sync();
     }
 
     fn state(&self) -> Option<ClusterState> {
@@ -270,14 +207,40 @@ impl Controller {
         }
         self.rendered = Some(text);
     }
+}
+
+impl BgpControl for Controller {
+    fn set_config(&mut self, config: Option<&BgpConfig>) {
+        if self.config.as_ref() == config {
+            return;
+        }
+        self.config = config.cloned();
+        if self.config.is_none()
+            && let Some(speaker) = self.speaker.take()
+        {
+            tracing::info!(
+                "backend is no longer bgp: BIRD stops in {}s",
+                RETIRE_AFTER.as_secs()
+            );
+            self.retiring = Some((speaker, Instant::now() + RETIRE_AFTER));
+            self.rendered = None;
+        }
+        self.sync();
+    }
+
+    fn set_cluster(&mut self, local_subnets: Vec<Ipv4Net>, nodes: Vec<PeerNode>) {
+        self.local.subnets = local_subnets;
+        self.nodes = Some(nodes);
+        self.sync();
+    }
 
     /// Retires a BIRD whose time has come and reports changes in weft's table.
-    pub fn poll(&mut self) -> TableChange {
+    fn poll(&mut self) -> TableChange {
         if let Some((_, at)) = &self.retiring
             && Instant::now() >= *at
         {
             let (old, _) = self.retiring.take().expect("checked");
-            // A clean shutdown takes milliseconds, but never holds up the reconcile loop.
+            // A clean shutdown takes milliseconds, but never holds up the control loop.
             std::thread::spawn(move || old.stop());
         }
         let table = match &self.speaker {
@@ -299,20 +262,11 @@ impl Controller {
         change
     }
 
-    /// Prefixes BIRD installed in weft's table (as of the last poll).
-    pub fn learned(&self) -> Arc<BTreeSet<Ipv4Net>> {
+    fn learned(&self) -> Arc<BTreeSet<Ipv4Net>> {
         self.learned.clone()
     }
 
-    /// For the reconciler: the bgp settings and the learned prefixes, when the backend is bgp.
-    pub fn route_modes(&self) -> Option<RouteModes> {
-        Some(RouteModes {
-            config: self.config.clone()?,
-            learned: self.learned.clone(),
-        })
-    }
-
-    pub fn status(&self) -> Option<BgpStatus> {
+    fn status(&self) -> Option<BgpStatus> {
         let speaker = self.speaker.as_ref()?;
         let s = speaker.status();
         Some(BgpStatus {
@@ -376,8 +330,13 @@ mesh_192_168_100_11 BGP        ---        start  1764150925  Active        Socke
             refused_routes: 1,
             ..Default::default()
         };
-        let mut out = String::new();
-        status.render_metrics(&mut out);
+        let metrics = crate::metrics::Metrics::new(None);
+        assert!(
+            !metrics.render().contains("weft_bgp_"),
+            "no BGP metrics without bgp"
+        );
+        metrics.set_bgp(Some(status));
+        let out = metrics.render();
         for line in [
             "weft_bgp_speaker_up 1",
             "weft_bgp_sessions_established 1",

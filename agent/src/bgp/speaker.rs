@@ -38,6 +38,7 @@ use super::{
     render::Files,
     table,
 };
+use crate::netlink::BlockingNetlink;
 
 /// How often sessions and weft's table are read.
 const POLL_EVERY: Duration = Duration::from_secs(1);
@@ -131,6 +132,8 @@ struct Supervisor {
     delay: Duration,
     /// The written configuration has not been taken by the running BIRD yet.
     reload_pending: bool,
+    /// For reading weft's table (opened on the supervisor's thread, in the agent's namespace).
+    netlink: Option<BlockingNetlink>,
 }
 
 impl Supervisor {
@@ -145,6 +148,28 @@ impl Supervisor {
             next_start: Instant::now(),
             delay: RESTART_DELAY_MIN,
             reload_pending: false,
+            netlink: None,
+        }
+    }
+
+    /// Weft's kernel table (empty when it cannot be read: logged).
+    fn read_table(&mut self) -> BTreeMap<Ipv4Net, String> {
+        if self.netlink.is_none() {
+            match BlockingNetlink::open() {
+                Ok(nl) => self.netlink = Some(nl),
+                Err(e) => {
+                    tracing::warn!("opening netlink to read weft's BGP table: {e}");
+                    return BTreeMap::new();
+                }
+            }
+        }
+        let nl = self.netlink.as_ref().expect("opened above");
+        match table::read_with(nl, self.table) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(table = self.table, "reading weft's BGP table: {e:#}");
+                BTreeMap::new()
+            }
         }
     }
 
@@ -226,7 +251,7 @@ impl Supervisor {
         }
         // Routes in weft's table: a previous BIRD ran here. Recover gracefully: keep them until
         // the peers have sent theirs again.
-        let recover = table::read(self.table).is_ok_and(|t| !t.is_empty());
+        let recover = !self.read_table().is_empty();
         match spawn(&self.files, recover) {
             Ok(child) => {
                 tracing::info!(pid = child.id(), recover, "BIRD started");
@@ -270,7 +295,7 @@ impl Supervisor {
     }
 
     fn poll(&mut self) {
-        let table = table::read(self.table).unwrap_or_default();
+        let table = self.read_table();
         let socket = self.files.socket();
         let (sessions, refused) = if self.child.is_some() {
             (
@@ -354,15 +379,14 @@ fn spawn(files: &Files, recover: bool) -> Result<Child> {
     }
     // Logs go to the agent's stderr (`log stderr` in the configuration).
     cmd.stdin(Stdio::null());
-    // SAFETY: only async-signal-safe calls between fork and exec.
+    // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The agent died between fork and prctl: do not start an orphan.
-            if libc::getppid() as u32 != agent {
-                libc::_exit(0);
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
+            // The agent died between fork and prctl: do not start an orphan (the error ends
+            // the child before exec).
+            if nix::unistd::getppid().as_raw() as u32 != agent {
+                return Err(io::Error::other("the agent is gone"));
             }
             Ok(())
         });

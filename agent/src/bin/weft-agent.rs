@@ -3,10 +3,11 @@
 //! CNI plugin, and keeps the maps in line with the cluster's nodes. Never flushes anything on
 //! exit: a restarted agent adopts pins and links and writes only what changed.
 use std::{
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::ExitCode,
-    sync::{Arc, atomic::Ordering::Relaxed, mpsc},
+    sync::{Arc, mpsc},
     time::{Duration, Instant},
 };
 
@@ -14,20 +15,25 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, ValueEnum};
 use weft_agent::{
     bgp,
-    config::NetConf,
-    datapath::Datapath,
+    config::FlannelNetConf,
+    conntrack,
+    control_loop::{ControlLoop, mode_policy, node_config},
+    datapath::{Datapath, LoadOptions, Maps},
     datastore::{
-        Backoff, Datastore, Event, LocalNode,
-        etcd::{DEFAULT_PREFIX, EtcdDatastore},
-        kube::{KubeClient, KubeDatastore},
+        Backoff, Datastore, LocalNode,
+        etcd::{DEFAULT_PREFIX, EtcdDatastore, EtcdOptions},
+        kube::{KubeDatastore, KubeSource},
         static_file::StaticFile,
     },
     metrics::{self, Metrics},
+    netlink::BlockingNetlink,
     node_net::{self, Underlay},
-    reconcile::{ModePolicy, Reconciler},
+    reconcile::Reconciler,
     subnet_env::{self, SubnetEnv},
 };
-use weft_common::{CONFIG_F_READY, DEFAULT_PIN_ROOT, HOST_PEER_DEV, NodeConfig};
+use weft_common::{
+    CONFIG_F_ACCEPT_ROUTED, DEFAULT_PIN_ROOT, HOST_PEER_DEV, conntrack::CT_MAX_DEFAULT,
+};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum DatastoreKind {
@@ -36,7 +42,7 @@ enum DatastoreKind {
     Static,
 }
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(
     version,
     about = "weft node agent: cluster state into the eBPF datapath"
@@ -45,9 +51,29 @@ struct Args {
     /// Where node records live.
     #[arg(long, value_enum, default_value = "etcd")]
     datastore: DatastoreKind,
-    /// etcd client URLs, comma-separated (http://).
+    /// etcd client URLs, comma-separated (http:// or https://).
     #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
     etcd_endpoints: Vec<String>,
+    /// CA bundle for etcd's server certificate (https:// endpoints).
+    #[arg(long)]
+    etcd_cafile: Option<PathBuf>,
+    /// Client certificate for etcd (client-certificate authentication).
+    #[arg(long, requires = "etcd_keyfile")]
+    etcd_certfile: Option<PathBuf>,
+    /// Key of --etcd-certfile.
+    #[arg(long, requires = "etcd_certfile")]
+    etcd_keyfile: Option<PathBuf>,
+    /// etcd user (etcd's own authentication).
+    #[arg(long, requires = "etcd_password")]
+    etcd_username: Option<String>,
+    /// Password of --etcd-username.
+    #[arg(
+        long,
+        requires = "etcd_username",
+        env = "WEFT_ETCD_PASSWORD",
+        hide_env_values = true
+    )]
+    etcd_password: Option<String>,
     /// etcd key prefix (flannel's layout).
     #[arg(long, default_value = DEFAULT_PREFIX)]
     etcd_prefix: String,
@@ -72,13 +98,14 @@ struct Args {
     /// Subnet file the CNI plugin reads.
     #[arg(long, default_value = subnet_env::DEFAULT_PATH)]
     subnet_file: PathBuf,
-    /// Address of the /healthz, /readyz and /metrics server.
-    #[arg(long, default_value = "127.0.0.1:9402")]
-    metrics_addr: SocketAddr,
-    /// Kubernetes API base URL (http://, e.g. a `kubectl proxy`).
+    /// Address of the /healthz, /readyz and /metrics server (default: the node's address, port
+    /// 9402).
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+    /// Kubernetes API server URL (overrides the kubeconfig's; http:// for a `kubectl proxy`).
     #[arg(long)]
     kube_api: Option<String>,
-    /// kubeconfig to take the API server and token from.
+    /// kubeconfig (its current context); default: KUBECONFIG, ~/.kube/config, in-cluster.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
     /// Install the CNI plugin binary and conflist (the DaemonSet's init step).
@@ -106,10 +133,25 @@ struct Args {
     /// Attach the underlay decapsulation in tc only (no XDP).
     #[arg(long)]
     no_xdp: bool,
-    /// [bgp] Directory of the node's BIRD files: configuration, control socket, pid file.
+    /// Capacity of the datapath's conntrack map (flows). Applies when the map is created; a
+    /// pinned map keeps its size until its pin is removed (e.g. at the next boot).
+    #[arg(long, default_value_t = CT_MAX_DEFAULT, value_parser = clap::value_parser!(u32).range(1024..))]
+    conntrack_max: u32,
+    /// Let plain traffic from hosts that are not cluster nodes reach this node's pods through
+    /// the host stack (routed access to pod addresses, as BGP setups want). Off: only nodes
+    /// on the underlay may send plain (unencapsulated) packets to pods.
+    #[arg(long)]
+    accept_routed_pod_traffic: bool,
+    /// Directory of the `net.*` sysctls (a container mounts the host's /proc/sys/net elsewhere:
+    /// /proc/sys is read-only in unprivileged containers).
+    #[arg(long, default_value = "/proc/sys/net")]
+    sysctl_net_dir: PathBuf,
+    /// bgp backend: directory of the node's BIRD files (configuration, control socket, pid
+    /// file).
     #[arg(long, default_value = "/run/weft/bird")]
     bgp_dir: PathBuf,
-    /// [bgp] This node's labels, matched by `Peers[].NodeSelector` (`key=value,...`).
+    /// bgp backend: this node's labels, matched by `Backend.Peers[].NodeSelector`
+    /// (`key=value,...`; with `--datastore kube`, the Node object's labels when empty).
     #[arg(long, default_value = "")]
     node_labels: String,
 }
@@ -172,17 +214,27 @@ fn install_cni(args: &Args, conf_subnet_file: &Path) -> Result<()> {
     Ok(())
 }
 
-fn open_datastore(args: &Args) -> Result<Box<dyn Datastore>> {
+fn open_datastore(args: &Args, runtime: &tokio::runtime::Handle) -> Result<Box<dyn Datastore>> {
     Ok(match args.datastore {
-        DatastoreKind::Etcd => Box::new(EtcdDatastore::new(
+        DatastoreKind::Etcd => Box::new(EtcdDatastore::with_options(
             &args.etcd_endpoints,
+            &EtcdOptions {
+                ca_file: args.etcd_cafile.clone(),
+                cert_file: args.etcd_certfile.clone(),
+                key_file: args.etcd_keyfile.clone(),
+                username: args.etcd_username.clone(),
+                password: args.etcd_password.clone(),
+            },
             &args.etcd_prefix,
             args.lease_ttl,
         )?),
-        DatastoreKind::Kube => Box::new(KubeDatastore::new(KubeClient::new(
-            args.kube_api.as_deref(),
-            args.kubeconfig.as_deref(),
-        )?)),
+        DatastoreKind::Kube => Box::new(KubeDatastore::new(
+            KubeSource {
+                api: args.kube_api.clone(),
+                kubeconfig: args.kubeconfig.clone(),
+            },
+            runtime.clone(),
+        )?),
         DatastoreKind::Static => {
             let path = args
                 .static_file
@@ -193,17 +245,18 @@ fn open_datastore(args: &Args) -> Result<Box<dyn Datastore>> {
     })
 }
 
-fn load_net_conf(args: &Args, ds: &mut dyn Datastore) -> Result<NetConf> {
+fn load_net_conf(args: &Args, ds: &mut dyn Datastore) -> Result<FlannelNetConf> {
     if let Some(path) = &args.net_conf {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("--net-conf: reading {}", path.display()))?;
-        return NetConf::parse(&text).with_context(|| format!("--net-conf {}", path.display()));
+        return FlannelNetConf::parse(&text)
+            .with_context(|| format!("--net-conf {}", path.display()));
     }
     let mut backoff = Backoff::new(Duration::from_secs(5));
     loop {
         match ds.net_conf() {
             Ok(Some(text)) => {
-                return NetConf::parse(&text).context("net-conf from the datastore");
+                return FlannelNetConf::parse(&text).context("net-conf from the datastore");
             }
             Ok(None) => bail!("no --net-conf given and the datastore holds no config"),
             Err(e) => tracing::warn!("reading the net-conf from the datastore: {e:#}"),
@@ -212,146 +265,109 @@ fn load_net_conf(args: &Args, ds: &mut dyn Datastore) -> Result<NetConf> {
     }
 }
 
-fn node_config(conf: &NetConf, underlay: &Underlay) -> NodeConfig {
-    NodeConfig {
-        node_ip: underlay.node_ip.octets(),
-        underlay_ifindex: underlay.ifindex,
-        vni: conf.backend.vni,
-        vxlan_port: conf.backend.port,
-        flags: CONFIG_F_READY,
-        vtep_mac: node_net::vtep_mac_for(underlay.node_ip),
-        _pad: [0; 2],
-        // [bgp] The table bgp routes are looked up in.
-        bgp_table: conf
-            .backend
-            .bgp
-            .as_ref()
-            .map_or(weft_common::BGP_TABLE_DEFAULT, |b| b.table),
-    }
-}
-
-/// [bgp] This node's labels, matched by `Peers[].NodeSelector`: `--node-labels`, or with the
+/// This node's labels, matched by `Backend.Peers[].NodeSelector`: `--node-labels`, or with the
 /// Kubernetes datastore (and selectors in use) the Node object's labels, read at start.
 fn node_labels(
     args: &Args,
-    conf: &NetConf,
+    conf: &FlannelNetConf,
     name: &str,
-) -> Result<std::collections::BTreeMap<String, String>> {
-    let mut labels = bgp::config::parse_labels(&args.node_labels)?;
+    runtime: &tokio::runtime::Handle,
+) -> Result<BTreeMap<String, String>> {
+    let labels = bgp::config::parse_labels(&args.node_labels)?;
     let selectors = conf
         .backend
         .bgp
         .as_ref()
         .is_some_and(|b| b.peers.iter().any(|p| !p.node_selector.is_empty()));
-    if labels.is_empty() && selectors && matches!(args.datastore, DatastoreKind::Kube) {
-        let node = KubeClient::new(args.kube_api.as_deref(), args.kubeconfig.as_deref())?
-            .get_node(name)
-            .context("reading this node's labels (Peers[].NodeSelector)")?;
-        for (k, v) in node["metadata"]["labels"].as_object().into_iter().flatten() {
-            if let Some(v) = v.as_str() {
-                labels.insert(k.clone(), v.to_string());
-            }
-        }
+    if !labels.is_empty() || !selectors || !matches!(args.datastore, DatastoreKind::Kube) {
+        return Ok(labels);
     }
-    Ok(labels)
-}
-
-/// How peers are reached: the backend's policy, and [bgp] the routes BIRD installed.
-fn mode_policy(conf: &NetConf, underlay: &Underlay, bgp: &bgp::Controller) -> ModePolicy {
-    ModePolicy {
-        backend: conf.backend.kind,
-        direct_routing: conf.backend.direct_routing,
-        underlay_subnet: underlay.subnet,
-        bgp: bgp.route_modes(),
-    }
-}
-
-/// Watches `--net-conf` for changes a node can apply live: the backend (type, DirectRouting,
-/// VNI, port). Pods are untouched: their MTU already leaves room for the largest overhead.
-struct NetConfWatch {
-    path: Option<PathBuf>,
-    mtime: Option<std::time::SystemTime>,
-}
-
-impl NetConfWatch {
-    fn mtime(path: &Path) -> Option<std::time::SystemTime> {
-        std::fs::metadata(path).and_then(|m| m.modified()).ok()
-    }
-
-    /// The new config when the file changed to a valid one.
-    fn poll(&mut self, current: &NetConf) -> Option<NetConf> {
-        let path = self.path.as_ref()?;
-        let mtime = Self::mtime(path);
-        if mtime == self.mtime {
-            return None;
-        }
-        self.mtime = mtime;
-        let new = match std::fs::read_to_string(path)
-            .map_err(anyhow::Error::from)
-            .and_then(|t| NetConf::parse(&t))
-        {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!("ignoring the changed {}: {e:#}", path.display());
-                return None;
-            }
-        };
-        if new.network != current.network
-            || new.subnet_len != current.subnet_len
-            || new.backend.mtu != current.backend.mtu
-        {
-            tracing::warn!(
-                "Network, SubnetLen and MTU changes take effect at the next agent start"
-            );
-        }
-        if new.backend == current.backend {
-            return None;
-        }
-        Some(NetConf {
-            backend: new.backend,
-            ..current.clone()
+    let source = KubeSource {
+        api: args.kube_api.clone(),
+        kubeconfig: args.kubeconfig.clone(),
+    };
+    runtime
+        .block_on(async {
+            let client = source.client().await?;
+            weft_agent::datastore::kube::node_labels(&client, name).await
         })
+        .context("reading this node's labels (Backend.Peers[].NodeSelector)")
+}
+
+/// The `CONFIG_F_*` flags the agent's flags ask for.
+fn config_flags(args: &Args) -> u16 {
+    if args.accept_routed_pod_traffic {
+        CONFIG_F_ACCEPT_ROUTED
+    } else {
+        0
     }
+}
+
+/// Collects expired conntrack entries in its own thread, a chunk per second, through its own
+/// handle on the pinned map (the control loop owns the other maps).
+fn spawn_conntrack_gc(pin_root: PathBuf, metrics: Arc<Metrics>) -> Result<()> {
+    let mut maps = Maps::open_pinned(&pin_root)?;
+    std::thread::Builder::new()
+        .name("weft-ct-gc".into())
+        .spawn(move || {
+            let mut gc = conntrack::Gc::default();
+            loop {
+                match gc.step(&mut maps, conntrack::GC_BUDGET, conntrack::now_s()) {
+                    Ok(step) => {
+                        metrics.conntrack_gc_deleted.inc_by(step.deleted as u64);
+                        if let Some(live) = step.pass_live {
+                            metrics.conntrack_entries.set(live as i64);
+                        }
+                    }
+                    Err(e) => tracing::warn!("conntrack GC: {e:#}"),
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })?;
+    Ok(())
 }
 
 /// Loads or adopts the datapath and attaches it. On a restart every step swaps in place: the
 /// maps are the pinned ones, the links are atomically switched to the new programs.
 fn program_datapath(
     args: &Args,
-    conf: &NetConf,
+    conf: &FlannelNetConf,
     underlay: &Underlay,
     pod_mtu: u32,
+    nl: &BlockingNetlink,
 ) -> Result<Datapath> {
-    let mut dp = Datapath::load_pinned(&args.pin_root).with_context(|| {
+    let options = LoadOptions {
+        conntrack_max: args.conntrack_max,
+    };
+    let mut dp = Datapath::load_pinned_with(&args.pin_root, &options).with_context(|| {
         format!(
             "loading the datapath pinned under {}",
             args.pin_root.display()
         )
     })?;
+    let capacity = dp.conntrack_capacity()?;
+    if capacity != args.conntrack_max {
+        tracing::warn!(
+            pinned = capacity,
+            requested = args.conntrack_max,
+            "the pinned conntrack map keeps its size; --conntrack-max applies once its pin is removed"
+        );
+    }
     dp.pin_programs()?;
-    dp.maps.set_config(&node_config(conf, underlay))?;
+    let mut config = node_config(conf, underlay);
+    config.flags |= config_flags(args);
+    dp.maps.set_config(&config)?;
     dp.attach_underlay(&underlay.name, !args.no_xdp)?;
-    node_net::ensure_host_link(conf.network, underlay.node_ip, pod_mtu)?;
+    nl.block_on(node_net::ensure_host_link(
+        nl,
+        conf.network,
+        underlay.node_ip,
+        pod_mtu,
+    ))?;
     dp.attach_from_host(HOST_PEER_DEV)?;
     let pods = dp.reattach_pods()?;
     tracing::info!(pods, "datapath programmed");
     Ok(dp)
-}
-
-fn write_subnet_file(
-    args: &Args,
-    conf: &NetConf,
-    subnet: ipnet::Ipv4Net,
-    pod_mtu: u32,
-) -> Result<()> {
-    SubnetEnv {
-        network: conf.network,
-        subnet,
-        mtu: pod_mtu,
-        ipmasq: !args.no_ip_masq,
-        pin_root: args.pin_root.clone(),
-    }
-    .write(&args.subnet_file)
 }
 
 fn run(args: Args) -> Result<()> {
@@ -361,9 +377,22 @@ fn run(args: Args) -> Result<()> {
             return Ok(());
         }
     }
-    let mut ds = open_datastore(&args)?;
+    node_net::set_sysctl_net_dir(args.sysctl_net_dir.clone());
+    // Kubernetes, the metrics server and netlink run on this runtime; the control loop runs on
+    // the main thread and takes datastore events from a channel.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("weft-io")
+        .build()?;
+    let mut ds = open_datastore(&args, runtime.handle())?;
     let conf = load_net_conf(&args, ds.as_mut())?;
-    let underlay = node_net::detect_underlay(args.iface.as_deref(), args.public_ip)?;
+    let nl = BlockingNetlink::open()?;
+    let underlay = nl.block_on(node_net::detect_underlay(
+        &nl,
+        args.iface.as_deref(),
+        args.public_ip,
+    ))?;
     let pod_mtu = conf.pod_mtu(underlay.mtu);
     tracing::info!(
         iface = %underlay.name, node_ip = %underlay.node_ip, network = %conf.network,
@@ -371,12 +400,18 @@ fn run(args: Args) -> Result<()> {
         "starting"
     );
     node_net::set_sysctls(&underlay)?;
-    let mut dp = program_datapath(&args, &conf, &underlay, pod_mtu)?;
+    let dp = program_datapath(&args, &conf, &underlay, pod_mtu, &nl)?;
 
-    let metrics = Arc::new(Metrics::default());
-    metrics.beat();
-    let addr = metrics::serve(args.metrics_addr, metrics.clone(), args.pin_root.clone())?;
+    let metrics = Arc::new(Metrics::new(Some(args.pin_root.clone())));
+    let metrics_addr = args
+        .metrics_addr
+        .unwrap_or_else(|| SocketAddr::from((underlay.node_ip, metrics::DEFAULT_PORT)));
+    let addr = runtime.block_on(metrics::serve(metrics_addr, metrics.clone()))?;
     tracing::info!(%addr, "serving /healthz /readyz /metrics");
+    metrics
+        .conntrack_capacity
+        .set(i64::from(dp.conntrack_capacity()?));
+    spawn_conntrack_gc(args.pin_root.clone(), metrics.clone())?;
 
     let local = LocalNode {
         name: args.node_name.clone().unwrap_or_else(hostname),
@@ -395,14 +430,22 @@ fn run(args: Args) -> Result<()> {
         std::thread::sleep(backoff.next_delay());
     };
     tracing::info!(%subnet, "subnet acquired");
-    write_subnet_file(&args, &conf, subnet, pod_mtu)?;
+    let subnet_env = move |args: &Args, conf: &FlannelNetConf, subnet| SubnetEnv {
+        network: conf.network,
+        subnet,
+        mtu: pod_mtu,
+        ipmasq: !args.no_ip_masq,
+        pin_root: args.pin_root.clone(),
+    };
+    subnet_env(&args, &conf, subnet).write(&args.subnet_file)?;
     if !args.no_ip_masq {
         let fw = node_net::ensure_masquerade(conf.network)?;
         tracing::info!(?fw, "masquerading pod traffic leaving {}", conf.network);
     }
 
-    // [bgp] BIRD for the bgp backend, driven by the reconcile loop (idle for other backends).
-    let mut bgp = bgp::Controller::new(
+    // BIRD for the bgp backend, driven by the control loop (idle for other backends, ready for
+    // a live switch to bgp).
+    let bgp = bgp::Controller::new(
         bgp::Files {
             dir: args.bgp_dir.clone(),
         },
@@ -412,152 +455,34 @@ fn run(args: Args) -> Result<()> {
             underlay_subnet: underlay.subnet,
             underlay_iface: underlay.name.clone(),
             subnets: vec![subnet],
-            labels: node_labels(&args, &conf, &local.name)?,
+            labels: node_labels(&args, &conf, &local.name, runtime.handle())?,
         },
         conf.network,
     );
-    bgp.set_config(conf.backend.bgp.as_ref());
 
     let (tx, rx) = mpsc::channel();
     ds.run(tx)?;
-    let mut rec = Reconciler::new(
-        mode_policy(&conf, &underlay, &bgp),
+    let rec = Reconciler::new(
+        mode_policy(&conf, &underlay, Arc::default()),
         subnet,
         underlay.node_ip,
     );
-    reconcile_loop(
-        &args, &conf, &underlay, pod_mtu, &mut dp, &mut rec, &mut bgp, rx, &metrics,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn reconcile_loop(
-    args: &Args,
-    conf: &NetConf,
-    underlay: &Underlay,
-    pod_mtu: u32,
-    dp: &mut Datapath,
-    rec: &mut Reconciler,
-    bgp: &mut bgp::Controller,
-    rx: mpsc::Receiver<Event>,
-    metrics: &Metrics,
-) -> Result<()> {
-    let resync_every = Duration::from_secs(args.resync_interval.max(1));
-    // The first apply is a resync: it adopts what the maps hold.
-    let mut next_resync = Instant::now();
-    let mut retry_at: Option<Instant> = None;
-    let mut dirty = false;
-    let mut backoff = Backoff::new(Duration::from_secs(10));
-    let mut conf = conf.clone();
-    let mut conf_watch = NetConfWatch {
-        path: args.net_conf.clone(),
-        mtime: args.net_conf.as_deref().and_then(NetConfWatch::mtime),
+    let on_local_subnet = {
+        let (args, conf) = (args.clone(), conf.clone());
+        move |subnet| subnet_env(&args, &conf, subnet).write(&args.subnet_file)
     };
-    loop {
-        let now = Instant::now();
-        let wake = retry_at.map_or(next_resync, |r| r.min(next_resync));
-        // Wakes at least every second to notice net-conf changes.
-        let timeout = wake
-            .saturating_duration_since(now)
-            .min(Duration::from_secs(1));
-        let mut first = match rx.recv_timeout(timeout) {
-            Ok(ev) => Some(ev),
-            Err(mpsc::RecvTimeoutError::Timeout) => None,
-            Err(mpsc::RecvTimeoutError::Disconnected) => bail!("the datastore stopped"),
-        };
-        // Take everything queued at once: a relist and a burst of events is one apply.
-        while let Some(ev) = first.take().or_else(|| rx.try_recv().ok()) {
-            match &ev {
-                Event::Connected(c) => {
-                    metrics.datastore_connected.store(*c, Relaxed);
-                }
-                Event::LocalSubnet(s) => {
-                    tracing::warn!(subnet = %s, "this node's subnet changed");
-                    write_subnet_file(args, &conf, *s, pod_mtu)?;
-                }
-                _ => {}
-            }
-            dirty |= rec.handle(ev);
-        }
-        if let Some(new) = conf_watch.poll(&conf) {
-            tracing::info!(
-                backend = new.backend.kind.name(),
-                direct_routing = new.backend.direct_routing,
-                vni = new.backend.vni,
-                port = new.backend.port,
-                "backend changed: re-programming every peer"
-            );
-            dp.maps.set_config(&node_config(&new, underlay))?;
-            // [bgp] Starts, reconfigures or retires BIRD.
-            bgp.set_config(new.backend.bgp.as_ref());
-            rec.set_policy(mode_policy(&new, underlay, bgp));
-            conf = new;
-            dirty = true;
-        }
-        // [bgp] The complete node list for BIRD's sessions and filters; BIRD's routes back.
-        if dirty && rec.synced {
-            let nodes = rec
-                .remote_leases()
-                .fold(
-                    std::collections::BTreeMap::<Ipv4Addr, Vec<_>>::new(),
-                    |mut m, l| {
-                        m.entry(l.public_ip).or_default().push(l.subnet);
-                        m
-                    },
-                )
-                .into_iter()
-                .map(|(ip, subnets)| bgp::PeerNode { ip, subnets })
-                .collect();
-            bgp.set_cluster(vec![rec.local_subnet], nodes);
-        }
-        let table = bgp.poll();
-        if table.routes {
-            // Next hops cached from weft's table may be stale.
-            dp.maps.flush_next_hops()?;
-        }
-        if table.learned {
-            rec.set_policy(mode_policy(&conf, underlay, bgp));
-            dirty = true;
-        }
-        if let Ok(mut status) = metrics.bgp.lock() {
-            *status = bgp.status();
-        }
-        metrics.beat();
-        let now = Instant::now();
-        let resync = now >= next_resync;
-        let retry = retry_at.is_some_and(|r| now >= r);
-        if !(dirty || resync || retry) || !rec.synced {
-            continue;
-        }
-        let result = if resync {
-            next_resync = now + resync_every;
-            rec.resync(&mut dp.maps)
-        } else {
-            rec.apply(&mut dp.maps)
-        };
-        metrics.peers.store(rec.peer_count() as u64, Relaxed);
-        metrics
-            .offlink_peers
-            .store(rec.offlink_count() as u64, Relaxed);
-        match result {
-            Ok(report) => {
-                metrics.record_reconcile(report.duration, report.writes, true);
-                if report.writes > 0 {
-                    tracing::info!(writes = report.writes, peers = rec.peer_count(), took = ?report.duration, "reconciled");
-                }
-                dirty = false;
-                retry_at = None;
-                backoff.reset();
-                if !metrics.ready.swap(true, Relaxed) {
-                    tracing::info!("ready");
-                }
-            }
-            Err(e) => {
-                metrics.record_reconcile(now.elapsed(), 0, false);
-                let delay = backoff.next_delay();
-                tracing::warn!("reconcile failed (retrying in {delay:?}): {e:#}");
-                retry_at = Some(Instant::now() + delay);
-            }
-        }
-    }
+    ControlLoop::new(
+        dp.maps,
+        rec,
+        conf,
+        underlay,
+        metrics,
+        Duration::from_secs(args.resync_interval),
+        Instant::now(),
+    )
+    .config_flags(config_flags(&args))
+    .bgp(Box::new(bgp))
+    .watch_net_conf(args.net_conf.clone())
+    .on_local_subnet(on_local_subnet)
+    .run(rx)
 }

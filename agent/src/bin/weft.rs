@@ -6,7 +6,10 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use weft_agent::{bgp, datapath::Maps, mac::format_mac as mac};
-use weft_common::{CONFIG_F_READY, RouteMode};
+use weft_common::{
+    CONFIG_F_READY, RouteMode,
+    conntrack::{CT_F_INIT_HI, CT_F_SEEN_HI, CT_F_SEEN_LO, CtOrigin, closing},
+};
 
 #[derive(Parser)]
 #[command(name = "weft", about = "Inspect a node's weft datapath")]
@@ -40,6 +43,8 @@ enum Cmd {
     Drops,
     /// Packets by datapath path.
     Stats,
+    /// Tracked flows: which ones take the fast path and which the host stack.
+    Conntrack,
 }
 
 fn mode(m: u8) -> String {
@@ -310,11 +315,11 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::Value::Object(v));
             } else {
                 let total: u64 = drops.iter().map(|(_, n)| n).sum();
-                println!("{:<24} {:>12}", "REASON", "PACKETS");
+                println!("{:<30} {:>12}", "REASON", "PACKETS");
                 for (r, n) in drops.iter().filter(|(_, n)| *n > 0) {
-                    println!("{:<24} {:>12}", r.name(), n);
+                    println!("{:<30} {:>12}", r.name(), n);
                 }
-                println!("{:<24} {:>12}", "total", total);
+                println!("{:<30} {:>12}", "total", total);
             }
         }
         Cmd::Stats => {
@@ -329,6 +334,75 @@ fn main() -> Result<()> {
                 println!("{:<24} {:>12}", "PATH", "PACKETS");
                 for (s, n) in stats {
                     println!("{:<24} {:>12}", s.name(), n);
+                }
+            }
+        }
+        Cmd::Conntrack => {
+            let now = weft_agent::conntrack::now_s();
+            let flows = maps.conntrack()?;
+            let proto = |p: u8| match p {
+                1 => "icmp".to_string(),
+                6 => "tcp".to_string(),
+                17 => "udp".to_string(),
+                132 => "sctp".to_string(),
+                p => p.to_string(),
+            };
+            let rows: Vec<_> = flows
+                .iter()
+                .filter(|(_, e)| e.expires_s >= now)
+                .map(|(k, e)| {
+                    let lo = format!(
+                        "{}:{}",
+                        std::net::Ipv4Addr::from(k.addr_lo),
+                        u16::from_be_bytes(k.port_lo)
+                    );
+                    let hi = format!(
+                        "{}:{}",
+                        std::net::Ipv4Addr::from(k.addr_hi),
+                        u16::from_be_bytes(k.port_hi)
+                    );
+                    // The initiator first.
+                    let (from, to) = if e.flags & CT_F_INIT_HI != 0 {
+                        (hi, lo)
+                    } else {
+                        (lo, hi)
+                    };
+                    let origin = match CtOrigin::from_u8(e.origin) {
+                        Some(CtOrigin::Fast) => "fast",
+                        Some(CtOrigin::Stack) => "stack",
+                        None => "unknown",
+                    };
+                    let state = if closing(k.protocol, e.flags) {
+                        "closing"
+                    } else if e.flags & (CT_F_SEEN_LO | CT_F_SEEN_HI) == CT_F_SEEN_LO | CT_F_SEEN_HI
+                    {
+                        "replied"
+                    } else {
+                        "new"
+                    };
+                    (
+                        proto(k.protocol),
+                        from,
+                        to,
+                        origin,
+                        state,
+                        e.expires_s - now,
+                    )
+                })
+                .collect();
+            if cli.json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(p, f, t, o, s, x)| json!({"protocol": p, "from": f, "to": t, "path": o, "state": s, "expires_in_s": x}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                println!(
+                    "{:<5} {:<22} {:<22} {:<6} {:<8} {:>8}",
+                    "PROTO", "FROM", "TO", "PATH", "STATE", "EXPIRES"
+                );
+                for (p, f, t, o, s, x) in rows {
+                    println!("{p:<5} {f:<22} {t:<22} {o:<6} {s:<8} {x:>7}s");
                 }
             }
         }

@@ -4,24 +4,29 @@
 //! lease with a TTL that the agent keeps alive.
 //!
 //! The client speaks etcd's v3 JSON gateway (`/v3/kv/range`, `/v3/kv/txn`, `/v3/lease/*`,
-//! `/v3/watch`) over plain HTTP: no gRPC/protobuf toolchain, a small dependency (`ureq`), and
-//! the same API the etcd v3 gRPC clients use. Allocation is a transaction that creates the key
-//! only if it does not exist (`create_revision == 0`), so two racing nodes never share a subnet.
+//! `/v3/watch`, `/v3/auth/authenticate`) over HTTP or HTTPS (rustls: the cluster's CA, a client
+//! certificate, and/or a username and password, with flannel's flag names): the same v3 API as
+//! the gRPC clients without a protobuf toolchain in the build (the measured trade-off is in
+//! agent/README.md). Responses are serde types. Allocation is a transaction that creates the
+//! key only if it does not exist (`create_revision == 0`), so two racing nodes never share a
+//! subnet.
 use std::{
     collections::hash_map::RandomState,
     hash::BuildHasher,
     io::{BufRead, BufReader},
-    sync::mpsc::Sender,
+    path::PathBuf,
+    sync::{Arc, Mutex, mpsc::Sender},
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 use ipnet::Ipv4Net;
+use serde::{Deserialize, Deserializer, de::DeserializeOwned};
 use serde_json::{Value, json};
 
 use super::{Backoff, Datastore, Event, LocalNode, NodeLease, parse_subnet_key, subnet_key};
-use crate::config::NetConf;
+use crate::config::FlannelNetConf;
 
 /// flannel's default prefix.
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
@@ -42,27 +47,135 @@ pub enum WatchEvent {
     Delete(String),
 }
 
-/// Minimal etcd v3 client over the JSON gateway.
-#[derive(Clone)]
-pub struct EtcdClient {
-    endpoints: Vec<String>,
-    agent: ureq::Agent,
-    watch_agent: ureq::Agent,
+/// How to reach etcd: flannel's `--etcd-cafile`, `--etcd-certfile`, `--etcd-keyfile`,
+/// `--etcd-username`, `--etcd-password`.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdOptions {
+    /// CA bundle the server's certificate must chain to (default: the web PKI roots).
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (client-certificate authentication).
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
 }
 
-fn num(v: &Value) -> i64 {
-    // The gateway renders int64 as strings.
-    match v {
-        Value::String(s) => s.parse().unwrap_or(0),
-        Value::Number(n) => n.as_i64().unwrap_or(0),
-        _ => 0,
+// --- the gateway's JSON, as serde types (int64 fields come as strings) -------------------
+
+fn de_i64<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Int {
+        Text(String),
+        Number(i64),
+    }
+    Ok(match Int::deserialize(d)? {
+        Int::Text(s) => s.parse().map_err(serde::de::Error::custom)?,
+        Int::Number(n) => n,
+    })
+}
+
+fn de_b64<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    let s = String::deserialize(d)?;
+    B64.decode(s).map_err(serde::de::Error::custom)
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ResponseHeader {
+    #[serde(default, deserialize_with = "de_i64")]
+    revision: i64,
+}
+
+#[derive(Debug, Deserialize)]
+struct KeyValue {
+    #[serde(default, deserialize_with = "de_b64")]
+    key: Vec<u8>,
+    #[serde(default, deserialize_with = "de_b64")]
+    value: Vec<u8>,
+    #[serde(default, deserialize_with = "de_i64")]
+    mod_revision: i64,
+    #[serde(default, deserialize_with = "de_i64")]
+    lease: i64,
+}
+
+impl From<KeyValue> for Kv {
+    fn from(kv: KeyValue) -> Self {
+        Kv {
+            key: String::from_utf8_lossy(&kv.key).into_owned(),
+            value: kv.value,
+            mod_revision: kv.mod_revision,
+            lease: kv.lease,
+        }
     }
 }
 
-fn decode(v: &Value) -> Vec<u8> {
-    v.as_str()
-        .and_then(|s| B64.decode(s).ok())
-        .unwrap_or_default()
+#[derive(Debug, Deserialize)]
+struct RangeResponse {
+    #[serde(default)]
+    header: ResponseHeader,
+    #[serde(default)]
+    kvs: Vec<KeyValue>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TxnResponse {
+    #[serde(default)]
+    succeeded: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct LeaseGrantResponse {
+    #[serde(rename = "ID", default, deserialize_with = "de_i64")]
+    id: i64,
+}
+
+#[derive(Debug, Deserialize)]
+struct LeaseKeepAliveResult {
+    #[serde(rename = "TTL", default, deserialize_with = "de_i64")]
+    ttl: i64,
+}
+
+#[derive(Debug, Deserialize)]
+struct LeaseKeepAliveResponse {
+    result: Option<LeaseKeepAliveResult>,
+}
+
+#[derive(Debug, Deserialize)]
+struct AuthenticateResponse {
+    token: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct WatchedEvent {
+    /// Absent for PUT (the gateway leaves out enum defaults).
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    kv: KeyValue,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct WatchResult {
+    #[serde(default)]
+    events: Vec<WatchedEvent>,
+    #[serde(default)]
+    canceled: bool,
+    #[serde(default, deserialize_with = "de_i64")]
+    compact_revision: i64,
+}
+
+#[derive(Debug, Deserialize)]
+struct WatchMessage {
+    #[serde(default)]
+    result: WatchResult,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+/// An error body of the gateway (`{"error": .., "code": .., "message": ..}`).
+#[derive(Debug, Deserialize)]
+struct GatewayError {
+    #[serde(default)]
+    message: String,
 }
 
 fn prefix_end(prefix: &str) -> Vec<u8> {
@@ -73,17 +186,72 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
     end
 }
 
-fn parse_kv(kv: &Value) -> Kv {
-    Kv {
-        key: String::from_utf8_lossy(&decode(&kv["key"])).into_owned(),
-        value: decode(&kv["value"]),
-        mod_revision: num(&kv["mod_revision"]),
-        lease: num(&kv["lease"]),
+/// TLS toward etcd: the given CA (else the web PKI roots), and a client certificate if given.
+fn tls_config(options: &EtcdOptions) -> Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let read = |flag: &str, path: &PathBuf| {
+        std::fs::read(path).with_context(|| format!("{flag}: reading {}", path.display()))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    match &options.ca_file {
+        Some(path) => {
+            let pem = read("--etcd-cafile", path)?;
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert
+                    .map_err(|e| anyhow!("--etcd-cafile {}: invalid PEM: {e:?}", path.display()))?;
+                roots.add(cert).map_err(|e| {
+                    anyhow!(
+                        "--etcd-cafile {}: unusable certificate: {e}",
+                        path.display()
+                    )
+                })?;
+            }
+            if roots.is_empty() {
+                bail!("--etcd-cafile {}: no certificate in it", path.display());
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_root_certificates(roots);
+    let config = match (&options.cert_file, &options.key_file) {
+        (Some(cert), Some(key)) => {
+            let certs = CertificateDer::pem_slice_iter(&read("--etcd-certfile", cert)?)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow!("--etcd-certfile {}: invalid PEM: {e:?}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_slice(&read("--etcd-keyfile", key)?)
+                .map_err(|e| anyhow!("--etcd-keyfile {}: no private key: {e:?}", key.display()))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .context("--etcd-certfile/--etcd-keyfile: the key does not fit the certificate")?
+        }
+        (None, None) => builder.with_no_client_auth(),
+        _ => bail!("--etcd-certfile and --etcd-keyfile go together"),
+    };
+    Ok(Arc::new(config))
+}
+
+/// etcd v3 client over the JSON gateway.
+#[derive(Clone)]
+pub struct EtcdClient {
+    endpoints: Vec<String>,
+    agent: ureq::Agent,
+    watch_agent: ureq::Agent,
+    credentials: Option<(String, String)>,
+    /// The auth token of `credentials` (simple tokens expire: renewed on refusal).
+    token: Arc<Mutex<Option<String>>>,
 }
 
 impl EtcdClient {
     pub fn new(endpoints: &[String]) -> Result<Self> {
+        Self::with_options(endpoints, &EtcdOptions::default())
+    }
+
+    pub fn with_options(endpoints: &[String], options: &EtcdOptions) -> Result<Self> {
         if endpoints.is_empty() {
             bail!("--etcd-endpoints: at least one endpoint is needed");
         }
@@ -91,41 +259,100 @@ impl EtcdClient {
             .iter()
             .map(|e| e.trim_end_matches('/').to_string())
             .collect::<Vec<_>>();
+        let https = endpoints.iter().any(|e| e.starts_with("https://"));
         for e in &endpoints {
-            if !e.starts_with("http://") {
-                bail!("--etcd-endpoints: {e:?} must be an http:// URL");
+            if !e.starts_with("http://") && !e.starts_with("https://") {
+                bail!("--etcd-endpoints: {e:?} must be an http:// or https:// URL");
             }
         }
-        let agent = ureq::AgentBuilder::new()
+        let tls_flags = options.ca_file.is_some() || options.cert_file.is_some();
+        if tls_flags && !https {
+            bail!("--etcd-cafile/--etcd-certfile need https:// endpoints");
+        }
+        let credentials = match (&options.username, &options.password) {
+            (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+            (None, None) => None,
+            _ => bail!("--etcd-username and --etcd-password go together"),
+        };
+        let mut agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(1))
-            .timeout(Duration::from_secs(3))
-            .build();
+            .timeout(Duration::from_secs(3));
         // A watch is idle for as long as nothing changes; a dead server resets the connection.
         // The read timeout only bounds a silent network partition (then the watch is renewed).
-        let watch_agent = ureq::AgentBuilder::new()
+        let mut watch_agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(1))
-            .timeout_read(Duration::from_secs(120))
-            .build();
+            .timeout_read(Duration::from_secs(120));
+        if https {
+            let tls = tls_config(options)?;
+            agent = agent.tls_config(tls.clone());
+            watch_agent = watch_agent.tls_config(tls);
+        }
         Ok(Self {
             endpoints,
-            agent,
-            watch_agent,
+            agent: agent.build(),
+            watch_agent: watch_agent.build(),
+            credentials,
+            token: Arc::new(Mutex::new(None)),
         })
     }
 
+    fn post(&self, agent: &ureq::Agent, url: &str, token: Option<&str>) -> ureq::Request {
+        let req = agent.post(url);
+        match token {
+            Some(t) => req.set("Authorization", t),
+            None => req,
+        }
+    }
+
+    /// The auth token, authenticating first when there is none.
+    fn auth_token(&self, refresh: bool) -> Result<Option<String>> {
+        let Some((user, password)) = &self.credentials else {
+            return Ok(None);
+        };
+        let mut token = self.token.lock().expect("token lock");
+        if refresh || token.is_none() {
+            let out: AuthenticateResponse = self.call_raw(
+                "/v3/auth/authenticate",
+                &json!({"name": user, "password": password}),
+                None,
+            )?;
+            *token = Some(out.token);
+        }
+        Ok(token.clone())
+    }
+
     /// POSTs `body` to `path` on the first endpoint that answers.
-    pub fn call(&self, path: &str, body: Value) -> Result<Value> {
+    fn call_raw<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &Value,
+        token: Option<&str>,
+    ) -> Result<T> {
         let mut last = None;
         for e in &self.endpoints {
-            match self.agent.post(&format!("{e}{path}")).send_json(&body) {
+            match self
+                .post(&self.agent, &format!("{e}{path}"), token)
+                .send_json(body)
+            {
                 Ok(resp) => {
                     return resp
                         .into_json()
-                        .with_context(|| format!("etcd {path}: invalid response"));
+                        .with_context(|| format!("etcd {path}: unexpected response"));
                 }
                 Err(ureq::Error::Status(code, resp)) => {
                     let text = resp.into_string().unwrap_or_default();
-                    bail!("etcd {path}: HTTP {code}: {text}");
+                    let mut message = serde_json::from_str::<GatewayError>(&text)
+                        .map(|e| e.message)
+                        .unwrap_or(text);
+                    if message.contains("CommonName of client") {
+                        message += " (etcd's JSON gateway takes no client certificate with a \
+                                     common name once etcd users are on: use one without CN)";
+                    }
+                    bail!(EtcdRefused {
+                        path: path.into(),
+                        code,
+                        message
+                    });
                 }
                 Err(err) => last = Some(anyhow!("etcd {e}{path}: {err}")),
             }
@@ -133,27 +360,37 @@ impl EtcdClient {
         Err(last.unwrap_or_else(|| anyhow!("no etcd endpoint")))
     }
 
+    /// POSTs `body` to `path`, authenticating (again, when the token expired) as needed.
+    pub fn call<T: DeserializeOwned>(&self, path: &str, body: Value) -> Result<T> {
+        let token = self.auth_token(false)?;
+        match self.call_raw(path, &body, token.as_deref()) {
+            Err(e) if self.credentials.is_some() && is_auth_refusal(&e) => {
+                let token = self.auth_token(true)?;
+                self.call_raw(path, &body, token.as_deref())
+            }
+            other => other,
+        }
+    }
+
     pub fn get(&self, key: &str) -> Result<Option<Kv>> {
-        let out = self.call("/v3/kv/range", json!({"key": B64.encode(key)}))?;
-        Ok(out["kvs"].as_array().and_then(|a| a.first()).map(parse_kv))
+        let out: RangeResponse = self.call("/v3/kv/range", json!({"key": B64.encode(key)}))?;
+        Ok(out.kvs.into_iter().next().map(Kv::from))
     }
 
     /// Every key under `prefix` and the store's revision at that moment.
     pub fn range_prefix(&self, prefix: &str) -> Result<(i64, Vec<Kv>)> {
-        let out = self.call(
+        let out: RangeResponse = self.call(
             "/v3/kv/range",
             json!({"key": B64.encode(prefix), "range_end": B64.encode(prefix_end(prefix))}),
         )?;
-        let rev = num(&out["header"]["revision"]);
-        let kvs = out["kvs"]
-            .as_array()
-            .map(|a| a.iter().map(parse_kv).collect())
-            .unwrap_or_default();
-        Ok((rev, kvs))
+        Ok((
+            out.header.revision,
+            out.kvs.into_iter().map(Kv::from).collect(),
+        ))
     }
 
     pub fn put(&self, key: &str, value: &[u8], lease: i64) -> Result<()> {
-        self.call(
+        self.call::<Value>(
             "/v3/kv/put",
             json!({"key": B64.encode(key), "value": B64.encode(value), "lease": lease.to_string()}),
         )?;
@@ -167,12 +404,12 @@ impl EtcdClient {
             .iter()
             .map(|(k, v)| json!({"request_put": {"key": B64.encode(k), "value": B64.encode(v)}}))
             .collect();
-        self.call("/v3/kv/txn", json!({"success": ops}))?;
+        self.call::<Value>("/v3/kv/txn", json!({"success": ops}))?;
         Ok(())
     }
 
     pub fn delete(&self, key: &str) -> Result<()> {
-        self.call("/v3/kv/deleterange", json!({"key": B64.encode(key)}))?;
+        self.call::<Value>("/v3/kv/deleterange", json!({"key": B64.encode(key)}))?;
         Ok(())
     }
 
@@ -193,33 +430,34 @@ impl EtcdClient {
                 json!({"key": B64.encode(key), "target": "MOD", "result": "EQUAL", "mod_revision": r.to_string()})
             }
         };
-        let out = self.call(
+        let out: TxnResponse = self.call(
             "/v3/kv/txn",
             json!({
                 "compare": [compare],
                 "success": [{"request_put": {"key": B64.encode(key), "value": B64.encode(value), "lease": lease.to_string()}}],
             }),
         )?;
-        Ok(out["succeeded"].as_bool().unwrap_or(false))
+        Ok(out.succeeded)
     }
 
     pub fn lease_grant(&self, ttl: u64) -> Result<i64> {
-        let out = self.call("/v3/lease/grant", json!({"TTL": ttl.to_string()}))?;
-        let id = num(&out["ID"]);
-        if id == 0 {
-            bail!("etcd granted no lease: {out}");
+        let out: LeaseGrantResponse =
+            self.call("/v3/lease/grant", json!({"TTL": ttl.to_string()}))?;
+        if out.id == 0 {
+            bail!("etcd granted no lease");
         }
-        Ok(id)
+        Ok(out.id)
     }
 
     /// Renews a lease; returns its new TTL (0: the lease no longer exists).
     pub fn lease_keepalive(&self, id: i64) -> Result<i64> {
-        let out = self.call("/v3/lease/keepalive", json!({"ID": id.to_string()}))?;
-        Ok(num(&out["result"]["TTL"]))
+        let out: LeaseKeepAliveResponse =
+            self.call("/v3/lease/keepalive", json!({"ID": id.to_string()}))?;
+        Ok(out.result.map_or(0, |r| r.ttl))
     }
 
     pub fn lease_revoke(&self, id: i64) -> Result<()> {
-        self.call("/v3/lease/revoke", json!({"ID": id.to_string()}))?;
+        self.call::<Value>("/v3/lease/revoke", json!({"ID": id.to_string()}))?;
         Ok(())
     }
 
@@ -236,11 +474,18 @@ impl EtcdClient {
             "range_end": B64.encode(prefix_end(prefix)),
             "start_revision": start_revision.to_string(),
         }});
+        let token = match self.auth_token(false) {
+            Ok(t) => t,
+            Err(e) => return e,
+        };
         let mut last = anyhow!("no etcd endpoint");
         for e in &self.endpoints {
             let resp = match self
-                .watch_agent
-                .post(&format!("{e}/v3/watch"))
+                .post(
+                    &self.watch_agent,
+                    &format!("{e}/v3/watch"),
+                    token.as_deref(),
+                )
                 .send_json(&body)
             {
                 Ok(r) => r,
@@ -258,21 +503,23 @@ impl EtcdClient {
                 if line.trim().is_empty() {
                     continue;
                 }
-                let Ok(msg) = serde_json::from_str::<Value>(&line) else {
-                    return anyhow!("etcd watch: unparsable message {line}");
+                let msg: WatchMessage = match serde_json::from_str(&line) {
+                    Ok(m) => m,
+                    Err(err) => return anyhow!("etcd watch: unparsable message ({err}): {line}"),
                 };
-                let result = &msg["result"];
-                if result["canceled"].as_bool().unwrap_or(false)
-                    || num(&result["compact_revision"]) != 0
-                {
+                if let Some(error) = msg.error {
+                    // An expired token ends the stream too: the next watch authenticates again.
+                    if let Ok(mut t) = self.token.lock() {
+                        *t = None;
+                    }
+                    return anyhow!("etcd watch error: {error}");
+                }
+                if msg.result.canceled || msg.result.compact_revision != 0 {
                     return anyhow!("etcd watch canceled: {line}");
                 }
-                if msg.get("error").is_some() {
-                    return anyhow!("etcd watch error: {line}");
-                }
-                for ev in result["events"].as_array().into_iter().flatten() {
-                    let kv = parse_kv(&ev["kv"]);
-                    if ev["type"].as_str() == Some("DELETE") {
+                for ev in msg.result.events {
+                    let kv = Kv::from(ev.kv);
+                    if ev.kind.as_deref() == Some("DELETE") {
                         on_event(WatchEvent::Delete(kv.key));
                     } else {
                         on_event(WatchEvent::Put(kv));
@@ -285,11 +532,27 @@ impl EtcdClient {
     }
 }
 
+/// etcd answered with an HTTP error.
+#[derive(Debug, thiserror::Error)]
+#[error("etcd {path}: HTTP {code}: {message}")]
+pub struct EtcdRefused {
+    pub path: String,
+    pub code: u16,
+    pub message: String,
+}
+
+/// Whether `e` is etcd refusing the auth token (expired or revoked).
+fn is_auth_refusal(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<EtcdRefused>().is_some_and(|r| {
+        r.code == 401 || r.message.contains("invalid auth token") || r.message.contains("token")
+    })
+}
+
 pub struct EtcdDatastore {
     client: EtcdClient,
     prefix: String,
     ttl: u64,
-    conf: Option<NetConf>,
+    conf: Option<FlannelNetConf>,
     lease_id: i64,
     local: Option<LocalNode>,
     subnet: Option<Ipv4Net>,
@@ -297,11 +560,20 @@ pub struct EtcdDatastore {
 
 impl EtcdDatastore {
     pub fn new(endpoints: &[String], prefix: &str, ttl: u64) -> Result<Self> {
+        Self::with_options(endpoints, &EtcdOptions::default(), prefix, ttl)
+    }
+
+    pub fn with_options(
+        endpoints: &[String],
+        options: &EtcdOptions,
+        prefix: &str,
+        ttl: u64,
+    ) -> Result<Self> {
         if ttl < 2 {
             bail!("--lease-ttl: {ttl} s is too short (at least 2)");
         }
         Ok(Self {
-            client: EtcdClient::new(endpoints)?,
+            client: EtcdClient::with_options(endpoints, options)?,
             prefix: prefix.trim_end_matches('/').to_string(),
             ttl,
             conf: None,
@@ -331,13 +603,16 @@ impl EtcdDatastore {
             vtep_mac: Some(local.vtep_mac),
         }
         .to_flannel_json(vni)
-        .to_string()
         .into_bytes()
     }
 
     /// One allocation attempt: reuse this node's record (same PublicIP), else its previous
     /// subnet if free, else a free subnet picked at random. `Ok(None)`: lost a race, try again.
-    fn try_allocate(&mut self, local: &LocalNode, conf: &NetConf) -> Result<Option<Ipv4Net>> {
+    fn try_allocate(
+        &mut self,
+        local: &LocalNode,
+        conf: &FlannelNetConf,
+    ) -> Result<Option<Ipv4Net>> {
         let (_, kvs) = self.client.range_prefix(&self.subnets_prefix())?;
         let mut taken = std::collections::HashSet::new();
         for kv in &kvs {
@@ -380,7 +655,7 @@ impl EtcdDatastore {
             .then_some(candidate))
     }
 
-    fn allocate(&mut self, local: &LocalNode, conf: &NetConf) -> Result<Ipv4Net> {
+    fn allocate(&mut self, local: &LocalNode, conf: &FlannelNetConf) -> Result<Ipv4Net> {
         self.lease_id = self
             .client
             .lease_grant(self.ttl)
@@ -510,7 +785,7 @@ impl Datastore for EtcdDatastore {
             .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
     }
 
-    fn acquire(&mut self, local: &LocalNode, conf: &NetConf) -> Result<Ipv4Net> {
+    fn acquire(&mut self, local: &LocalNode, conf: &FlannelNetConf) -> Result<Ipv4Net> {
         self.conf = Some(conf.clone());
         self.local = Some(local.clone());
         self.allocate(local, conf)

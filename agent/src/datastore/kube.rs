@@ -1,225 +1,153 @@
-//! Kubernetes datastore: Node objects. A node's pod subnet is `spec.podCIDRs` (its IPv4 entry)
-//! or `spec.podCIDR`, allocated by kube-controller-manager (`--allocate-node-cidrs`); its
-//! address is the `weft.io/public-ip` annotation, else flannel's `public-ip-overwrite` /
-//! `public-ip` annotations, else its `InternalIP` (then `ExternalIP`) status address. weft
-//! publishes its own data under `weft.io/` and, so that flannel nodes can reach weft nodes
-//! during a migration, flannel's `flannel.alpha.coreos.com/` annotations too; it reads both.
+//! Kubernetes datastore: Node objects through kube-rs. A node's pod subnet is `spec.podCIDRs`
+//! (its IPv4 entry) or `spec.podCIDR`, allocated by kube-controller-manager
+//! (`--allocate-node-cidrs`); its address is the `weft.io/public-ip` annotation, else flannel's
+//! `public-ip-overwrite` / `public-ip` annotations, else its `InternalIP` (then `ExternalIP`)
+//! status address. weft publishes its own data under `weft.io/` and, so that flannel nodes can
+//! reach weft nodes during a migration, flannel's `flannel.alpha.coreos.com/` annotations too;
+//! it reads both.
 //!
-//! A minimal typed client (serde_json over `ureq`) instead of kube-rs + k8s-openapi: the agent
-//! needs three calls (get/patch one node, list+watch nodes), and kube-rs with k8s-openapi
-//! roughly triples the agent's build time on these 2-core machines. list+watch follows the API
-//! conventions: list, watch from the list's resourceVersion with bookmarks, re-watch from the
-//! last seen version when the server ends a watch, relist on `410 Gone`.
+//! kube-rs does what the API conventions ask: the client comes from a kubeconfig (its
+//! current-context, client certificates, exec plugins, token files) or the in-cluster service
+//! account, and the watcher lists in pages, watches with bookmarks from the list's version and
+//! relists when the version expired. Two cases the watcher does not cover are handled here:
+//! a watch *refused* with HTTP 410 relists (the watcher would retry the expired version
+//! forever), and an HTTP 401 rebuilds the client, which re-reads a rotated token file at once
+//! (instead of within the minute kube-rs caches it).
 //!
-//! Transport: HTTPS (rustls) trusting only the cluster's CA (in-cluster service account CA, or
-//! the kubeconfig's `certificate-authority(-data)`), or plain HTTP (a `kubectl proxy`, tests).
+//! [`watch_kind`] is the one watch loop: Nodes use it here; Pods, Namespaces and
+//! NetworkPolicies can be watched the same way (e.g. into a `kube::runtime::reflector` store).
 use std::{
-    collections::HashMap,
-    io::{BufRead, BufReader},
+    collections::{BTreeMap, HashMap},
+    fmt::Debug,
     net::Ipv4Addr,
-    path::Path,
-    sync::{Arc, mpsc::Sender},
+    path::PathBuf,
+    sync::mpsc::Sender,
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use futures_util::StreamExt as _;
 use ipnet::Ipv4Net;
-use serde_json::{Value, json};
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api, Client, Config, Resource, ResourceExt as _,
+    api::{Patch, PatchParams},
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::watcher,
+};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use super::{Backoff, Datastore, Event, LocalNode, NodeLease, format_mac, parse_mac};
-use crate::config::{BackendType, NetConf};
-
-const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
-
-/// TLS trusting only the cluster's CA bundle (PEM).
-pub fn tls_config(ca_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>> {
-    use rustls::pki_types::{CertificateDer, pem::PemObject as _};
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem) {
-        let cert = cert.map_err(|e| anyhow!("cluster CA: invalid PEM: {e:?}"))?;
-        roots
-            .add(cert)
-            .map_err(|e| anyhow!("cluster CA: unusable certificate: {e}"))?;
-    }
-    if roots.is_empty() {
-        bail!("cluster CA: no certificate in the bundle");
-    }
-    Ok(Arc::new(
-        rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    ))
-}
+use crate::config::{BackendType, FlannelNetConf};
 
 pub const WEFT_PREFIX: &str = "weft.io/";
 pub const FLANNEL_PREFIX: &str = "flannel.alpha.coreos.com/";
 
-#[derive(Clone)]
-pub struct KubeClient {
-    base: String,
-    token: Option<String>,
-    agent: ureq::Agent,
-    watch_agent: ureq::Agent,
+/// Where the API server and the credentials come from. Kept so that a client can be rebuilt
+/// (rotated credentials) the same way it was first built.
+#[derive(Clone, Debug, Default)]
+pub struct KubeSource {
+    /// `--kube-api`: overrides the server (e.g. a `kubectl proxy`).
+    pub api: Option<String>,
+    /// `--kubeconfig`; without it `KUBECONFIG`, `~/.kube/config`, then in-cluster.
+    pub kubeconfig: Option<PathBuf>,
 }
 
-impl KubeClient {
-    /// `api`: base URL; otherwise the `server:` of `kubeconfig`; otherwise the in-cluster
-    /// service address. The token: `kubeconfig`'s `token:` or the service account's.
-    pub fn new(api: Option<&str>, kubeconfig: Option<&Path>) -> Result<Self> {
-        let mut base = api.map(str::to_string);
-        let mut token = None;
-        let mut ca: Option<Vec<u8>> = None;
-        if let Some(path) = kubeconfig {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("--kubeconfig: reading {}", path.display()))?;
-            // The two fields the agent needs, without a YAML parser: the first cluster's
-            // `server:` and the first user's `token:`.
-            for line in text.lines().map(str::trim) {
-                if let Some(s) = line.strip_prefix("server:")
-                    && base.is_none()
-                {
-                    base = Some(s.trim().trim_matches('"').to_string());
-                } else if let Some(t) = line.strip_prefix("token:")
-                    && token.is_none()
-                {
-                    token = Some(t.trim().trim_matches('"').to_string());
-                } else if let Some(d) = line.strip_prefix("certificate-authority-data:")
-                    && ca.is_none()
-                {
-                    use base64::Engine as _;
-                    ca = Some(
-                        base64::engine::general_purpose::STANDARD
-                            .decode(d.trim().trim_matches('"'))
-                            .context("--kubeconfig: certificate-authority-data is not base64")?,
-                    );
-                } else if let Some(f) = line.strip_prefix("certificate-authority:")
-                    && ca.is_none()
-                {
-                    let f = f.trim().trim_matches('"');
-                    ca = Some(
-                        std::fs::read(f).with_context(|| format!("--kubeconfig: reading {f}"))?,
-                    );
-                }
+impl KubeSource {
+    pub async fn config(&self) -> Result<Config> {
+        let mut config = match &self.kubeconfig {
+            Some(path) => {
+                let kubeconfig = Kubeconfig::read_from(path)
+                    .with_context(|| format!("--kubeconfig: reading {}", path.display()))?;
+                Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                    .await
+                    .with_context(|| format!("--kubeconfig {}", path.display()))?
             }
+            None => match &self.api {
+                // A proxy needs no credentials.
+                Some(api) => Config::new(
+                    api.parse()
+                        .with_context(|| format!("--kube-api: {api:?} is not a URL"))?,
+                ),
+                None => Config::infer().await.context(
+                    "no --kubeconfig, no KUBECONFIG or ~/.kube/config, and not in a cluster",
+                )?,
+            },
+        };
+        if let Some(api) = &self.api {
+            config.cluster_url = api
+                .parse()
+                .with_context(|| format!("--kube-api: {api:?} is not a URL"))?;
         }
-        if base.is_none()
-            && let (Ok(host), Ok(port)) = (
-                std::env::var("KUBERNETES_SERVICE_HOST"),
-                std::env::var("KUBERNETES_SERVICE_PORT"),
-            )
-        {
-            base = Some(format!("https://{host}:{port}"));
-            token = std::fs::read_to_string(format!("{SERVICE_ACCOUNT}/token"))
-                .ok()
-                .map(|t| t.trim().to_string());
-            ca = std::fs::read(format!("{SERVICE_ACCOUNT}/ca.crt")).ok();
+        match config.cluster_url.scheme_str() {
+            Some("https") | Some("http") => {}
+            _ => bail!(
+                "--kube-api: {} is not an http:// or https:// URL",
+                config.cluster_url
+            ),
         }
-        let base = base
-            .ok_or_else(|| {
-                anyhow!("--kube-api: no API server address (nor --kubeconfig, nor in-cluster)")
-            })?
-            .trim_end_matches('/')
-            .to_string();
-        let mut agent = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10));
-        let mut watch_agent = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(2))
-            .timeout_read(Duration::from_secs(600));
-        if base.starts_with("https://") {
-            let ca = ca.ok_or_else(|| {
-                anyhow!("--kube-api: {base:?} is HTTPS but no cluster CA is known (kubeconfig certificate-authority, or in-cluster)")
-            })?;
-            let tls = tls_config(&ca)?;
-            agent = agent.tls_config(tls.clone());
-            watch_agent = watch_agent.tls_config(tls);
-        } else if !base.starts_with("http://") {
-            bail!("--kube-api: {base:?} is not an http:// or https:// URL");
-        }
-        Ok(Self {
-            base,
-            token,
-            agent: agent.build(),
-            watch_agent: watch_agent.build(),
-        })
+        Ok(config)
     }
 
-    fn request(&self, agent: &ureq::Agent, method: &str, path: &str) -> ureq::Request {
-        let mut r = agent.request(method, &format!("{}{path}", self.base));
-        if let Some(t) = &self.token {
-            r = r.set("Authorization", &format!("Bearer {t}"));
-        }
-        r
+    pub async fn client(&self) -> Result<Client> {
+        let config = self.config().await?;
+        Client::try_from(config).context("building the Kubernetes client")
     }
+}
 
-    fn get_json(&self, path: &str) -> Result<Value> {
-        let resp = self
-            .request(&self.agent, "GET", path)
-            .call()
-            .map_err(|e| anyhow!("GET {path}: {e}"))?;
-        resp.into_json()
-            .with_context(|| format!("GET {path}: invalid JSON"))
-    }
+/// The `BackendData` annotation (flannel's format).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct BackendData {
+    #[serde(rename = "VNI", default, skip_serializing_if = "Option::is_none")]
+    vni: Option<u32>,
+    #[serde(rename = "VtepMAC", default, skip_serializing_if = "Option::is_none")]
+    vtep_mac: Option<String>,
+}
 
-    pub fn get_node(&self, name: &str) -> Result<Value> {
-        self.get_json(&format!("/api/v1/nodes/{name}"))
-    }
-
-    pub fn patch_node_annotations(&self, name: &str, annotations: Value) -> Result<()> {
-        let path = format!("/api/v1/nodes/{name}");
-        self.request(&self.agent, "PATCH", &path)
-            .set("Content-Type", "application/merge-patch+json")
-            .send_string(&json!({"metadata": {"annotations": annotations}}).to_string())
-            .map_err(|e| anyhow!("PATCH {path}: {e}"))?;
-        Ok(())
-    }
-
-    pub fn list_nodes(&self) -> Result<(String, Vec<Value>)> {
-        let list = self.get_json("/api/v1/nodes")?;
-        let rv = list["metadata"]["resourceVersion"]
-            .as_str()
-            .unwrap_or("")
-            .to_string();
-        let items = list["items"].as_array().cloned().unwrap_or_default();
-        Ok((rv, items))
-    }
+/// The labels of Node `name` (the bgp backend matches them against `Peers[].NodeSelector`).
+pub async fn node_labels(client: &Client, name: &str) -> Result<BTreeMap<String, String>> {
+    let api: Api<Node> = Api::all(client.clone());
+    let node = api
+        .get(name)
+        .await
+        .with_context(|| format!("reading Node {name}"))?;
+    Ok(node.labels().clone())
 }
 
 /// The record a Node object describes, if it has a subnet and an address.
-pub fn node_lease(node: &Value) -> Option<NodeLease> {
-    let spec = &node["spec"];
-    let subnet: Ipv4Net = spec["podCIDRs"]
-        .as_array()
-        .into_iter()
+pub fn node_lease(node: &Node) -> Option<NodeLease> {
+    let spec = node.spec.as_ref()?;
+    let subnet: Ipv4Net = spec
+        .pod_cidrs
+        .iter()
         .flatten()
-        .chain(std::iter::once(&spec["podCIDR"]))
-        .filter_map(|c| c.as_str()?.parse::<Ipv4Net>().ok())
-        .next()?
+        .chain(spec.pod_cidr.iter())
+        .find_map(|c| c.parse::<Ipv4Net>().ok())?
         .trunc();
-    let ann = &node["metadata"]["annotations"];
-    let annotation = |key: &str| -> Option<&str> {
-        ann[format!("{WEFT_PREFIX}{key}")]
-            .as_str()
-            .or_else(|| ann[format!("{FLANNEL_PREFIX}{key}")].as_str())
+    let ann = node.annotations();
+    let get = |key: String| ann.get(&key).map(String::as_str);
+    let annotation = |key: &str| {
+        get(format!("{WEFT_PREFIX}{key}")).or_else(|| get(format!("{FLANNEL_PREFIX}{key}")))
     };
     let from_status = |kind: &str| -> Option<Ipv4Addr> {
-        node["status"]["addresses"]
-            .as_array()?
+        node.status
+            .as_ref()?
+            .addresses
             .iter()
-            .filter(|a| a["type"].as_str() == Some(kind))
-            .find_map(|a| a["address"].as_str()?.parse().ok())
+            .flatten()
+            .filter(|a| a.type_ == kind)
+            .find_map(|a| a.address.parse().ok())
     };
-    let public_ip = ann[format!("{WEFT_PREFIX}public-ip")]
-        .as_str()
-        .or_else(|| ann[format!("{FLANNEL_PREFIX}public-ip-overwrite")].as_str())
-        .or_else(|| ann[format!("{FLANNEL_PREFIX}public-ip")].as_str())
+    let public_ip = get(format!("{WEFT_PREFIX}public-ip"))
+        .or_else(|| get(format!("{FLANNEL_PREFIX}public-ip-overwrite")))
+        .or_else(|| get(format!("{FLANNEL_PREFIX}public-ip")))
         .and_then(|s| s.parse().ok())
         .or_else(|| from_status("InternalIP"))
         .or_else(|| from_status("ExternalIP"))?;
     let backend = annotation("backend-type").and_then(BackendType::parse);
     let vtep_mac = annotation("backend-data")
-        .and_then(|d| serde_json::from_str::<Value>(d).ok())
-        .and_then(|d| d["VtepMAC"].as_str().and_then(parse_mac));
+        .and_then(|d| serde_json::from_str::<BackendData>(d).ok())
+        .and_then(|d| d.vtep_mac.as_deref().and_then(parse_mac));
     Some(NodeLease {
         subnet,
         public_ip,
@@ -228,143 +156,181 @@ pub fn node_lease(node: &Value) -> Option<NodeLease> {
     })
 }
 
-fn node_name(node: &Value) -> String {
-    node["metadata"]["name"].as_str().unwrap_or("").to_string()
+/// The annotations a weft node publishes (weft's and flannel's).
+pub fn node_annotations(local: &LocalNode, vni: u32) -> BTreeMap<String, String> {
+    let data = serde_json::to_string(&BackendData {
+        vni: Some(vni),
+        vtep_mac: Some(format_mac(&local.vtep_mac)),
+    })
+    .expect("serializable");
+    let mut ann = BTreeMap::new();
+    for prefix in [WEFT_PREFIX, FLANNEL_PREFIX] {
+        ann.insert(format!("{prefix}backend-type"), local.backend.name().into());
+        ann.insert(format!("{prefix}backend-data"), data.clone());
+        ann.insert(format!("{prefix}public-ip"), local.public_ip.to_string());
+    }
+    ann.insert(
+        format!("{FLANNEL_PREFIX}kube-subnet-manager"),
+        "true".into(),
+    );
+    ann
+}
+
+/// The HTTP status of an API error, if the error is one.
+fn api_status(err: &kube::Error) -> Option<u16> {
+    match err {
+        kube::Error::Api(status) => Some(status.code),
+        _ => None,
+    }
+}
+
+/// What a watcher error calls for.
+enum Recovery {
+    /// The watcher retries by itself (after a pause).
+    Retry,
+    /// Start a new watcher: it relists.
+    Relist,
+    /// Rebuild the client (credentials rotated), then relist.
+    Reauthenticate,
+}
+
+fn recovery(err: &watcher::Error) -> Recovery {
+    let status = match err {
+        watcher::Error::InitialListFailed(e)
+        | watcher::Error::WatchStartFailed(e)
+        | watcher::Error::WatchFailed(e) => api_status(e),
+        watcher::Error::WatchError(s) => Some(s.code),
+        _ => None,
+    };
+    match status {
+        Some(401) => Recovery::Reauthenticate,
+        Some(410) => Recovery::Relist,
+        _ => Recovery::Retry,
+    }
+}
+
+/// Watches every object of kind `K`, forever: `on_event` gets the watcher's events (a relist is
+/// `Init`, `InitApply`.., `InitDone`) and `on_error` every error (after which the loop pauses
+/// with backoff). Returns when `on_event` returns false.
+pub async fn watch_kind<K>(
+    source: KubeSource,
+    mut client: Client,
+    mut on_event: impl FnMut(watcher::Event<K>) -> bool,
+    mut on_error: impl FnMut(&watcher::Error),
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    let mut backoff = Backoff::new(Duration::from_secs(5));
+    loop {
+        let api: Api<K> = Api::all(client.clone());
+        let mut stream = watcher(api, watcher::Config::default()).boxed();
+        let mut reauthenticate = false;
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(ev) => {
+                    backoff.reset();
+                    if !on_event(ev) {
+                        return;
+                    }
+                }
+                Err(err) => {
+                    on_error(&err);
+                    let pause = backoff.next_delay();
+                    match recovery(&err) {
+                        Recovery::Retry => {
+                            tokio::time::sleep(pause).await;
+                            continue;
+                        }
+                        Recovery::Relist => {}
+                        Recovery::Reauthenticate => reauthenticate = true,
+                    }
+                    tokio::time::sleep(pause).await;
+                    break;
+                }
+            }
+        }
+        if reauthenticate {
+            match source.client().await {
+                Ok(c) => client = c,
+                Err(e) => tracing::warn!("rebuilding the Kubernetes client: {e:#}"),
+            }
+        }
+    }
 }
 
 pub struct KubeDatastore {
-    client: KubeClient,
+    source: KubeSource,
+    client: Client,
+    runtime: tokio::runtime::Handle,
     /// How long `acquire` waits for the node's podCIDR.
     pub cidr_wait: Duration,
 }
 
 impl KubeDatastore {
-    pub fn new(client: KubeClient) -> Self {
-        Self {
+    /// Builds the client on `runtime` (kube-rs needs one; its tasks run there).
+    pub fn new(source: KubeSource, runtime: tokio::runtime::Handle) -> Result<Self> {
+        let client = runtime.block_on(source.client())?;
+        Ok(Self {
+            source,
             client,
+            runtime,
             cidr_wait: Duration::from_secs(300),
-        }
+        })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
     }
 }
 
-/// Why a watch ended.
-enum WatchEnd {
-    /// The server closed it (timeout): watch again from the last version.
-    Closed(String),
-    /// The version is too old (410 Gone): list again.
-    Gone,
-    Failed(anyhow::Error),
-}
-
-/// State of list+watch: which subnet each node had, to turn node events into record events.
+/// Which subnet each node had, to turn node events into record events.
+#[derive(Default)]
 struct NodeIndex {
     subnets: HashMap<String, Ipv4Net>,
+    /// Records of a relist in progress.
+    listing: Vec<(String, NodeLease)>,
 }
 
 impl NodeIndex {
-    fn apply(&mut self, kind: &str, node: &Value, events: &Sender<Event>) {
-        let name = node_name(node);
-        let lease = if kind == "DELETED" {
-            None
-        } else {
-            node_lease(node)
-        };
+    fn apply(&mut self, node: &Node, deleted: bool, events: &Sender<Event>) -> bool {
+        let name = node.name_any();
+        let lease = if deleted { None } else { node_lease(node) };
         let old = self.subnets.remove(&name);
         if let Some(old) = old
             && lease.as_ref().is_none_or(|l| l.subnet != old)
+            && events.send(Event::Remove(old)).is_err()
         {
-            let _ = events.send(Event::Remove(old));
+            return false;
         }
         if let Some(lease) = lease {
             self.subnets.insert(name, lease.subnet);
-            let _ = events.send(Event::Upsert(lease));
+            return events.send(Event::Upsert(lease)).is_ok();
         }
+        true
     }
-}
 
-fn watch(client: &KubeClient, rv: &str, index: &mut NodeIndex, events: &Sender<Event>) -> WatchEnd {
-    let path = format!(
-        "/api/v1/nodes?watch=true&allowWatchBookmarks=true&timeoutSeconds=300&resourceVersion={rv}"
-    );
-    let resp = match client.request(&client.watch_agent, "GET", &path).call() {
-        Ok(r) => r,
-        Err(ureq::Error::Status(410, _)) => return WatchEnd::Gone,
-        Err(e) => return WatchEnd::Failed(anyhow!("watch nodes: {e}")),
-    };
-    let mut last_rv = rv.to_string();
-    for line in BufReader::new(resp.into_reader()).lines() {
-        let line = match line {
-            Ok(l) => l,
-            Err(e) => return WatchEnd::Failed(anyhow!("watch stream: {e}")),
-        };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let Ok(ev) = serde_json::from_str::<Value>(&line) else {
-            return WatchEnd::Failed(anyhow!("watch: unparsable event {line}"));
-        };
-        let kind = ev["type"].as_str().unwrap_or("");
-        let object = &ev["object"];
-        match kind {
-            "ERROR" => {
-                if object["code"].as_u64() == Some(410) {
-                    return WatchEnd::Gone;
-                }
-                return WatchEnd::Failed(anyhow!("watch error: {object}"));
+    fn on_event(&mut self, ev: watcher::Event<Node>, events: &Sender<Event>) -> bool {
+        match ev {
+            watcher::Event::Init => {
+                self.listing.clear();
+                true
             }
-            "ADDED" | "MODIFIED" | "DELETED" => index.apply(kind, object, events),
-            _ => {}
-        }
-        if let Some(v) = object["metadata"]["resourceVersion"].as_str() {
-            last_rv = v.to_string();
-        }
-    }
-    WatchEnd::Closed(last_rv)
-}
-
-fn list_watch_loop(client: KubeClient, events: Sender<Event>) {
-    let mut backoff = Backoff::new(Duration::from_secs(5));
-    let mut index = NodeIndex {
-        subnets: HashMap::new(),
-    };
-    loop {
-        let (mut rv, items) = match client.list_nodes() {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!("listing nodes: {e:#}");
-                let _ = events.send(Event::Connected(false));
-                std::thread::sleep(backoff.next_delay());
-                continue;
-            }
-        };
-        let _ = events.send(Event::Connected(true));
-        index.subnets.clear();
-        let mut leases = Vec::new();
-        for node in &items {
-            if let Some(l) = node_lease(node) {
-                index.subnets.insert(node_name(node), l.subnet);
-                leases.push(l);
-            }
-        }
-        if events.send(Event::Snapshot(leases)).is_err() {
-            return;
-        }
-        loop {
-            match watch(&client, &rv, &mut index, &events) {
-                WatchEnd::Closed(last) => {
-                    backoff.reset();
-                    rv = last;
+            watcher::Event::InitApply(node) => {
+                if let Some(l) = node_lease(&node) {
+                    self.listing.push((node.name_any(), l));
                 }
-                WatchEnd::Gone => {
-                    tracing::info!("node watch expired (410 Gone): listing again");
-                    break;
-                }
-                WatchEnd::Failed(e) => {
-                    tracing::warn!("{e:#}");
-                    std::thread::sleep(backoff.next_delay());
-                    break;
-                }
+                true
             }
+            watcher::Event::InitDone => {
+                let listed = std::mem::take(&mut self.listing);
+                self.subnets = listed.iter().map(|(n, l)| (n.clone(), l.subnet)).collect();
+                let mut leases: Vec<NodeLease> = listed.into_iter().map(|(_, l)| l).collect();
+                leases.sort_by_key(|l| l.subnet);
+                events.send(Event::Connected(true)).is_ok()
+                    && events.send(Event::Snapshot(leases)).is_ok()
+            }
+            watcher::Event::Apply(node) => self.apply(&node, false, events),
+            watcher::Event::Delete(node) => self.apply(&node, true, events),
         }
     }
 }
@@ -375,11 +341,12 @@ impl Datastore for KubeDatastore {
         Ok(None)
     }
 
-    fn acquire(&mut self, local: &LocalNode, conf: &NetConf) -> Result<Ipv4Net> {
+    fn acquire(&mut self, local: &LocalNode, conf: &FlannelNetConf) -> Result<Ipv4Net> {
+        let api: Api<Node> = Api::all(self.client.clone());
         let deadline = std::time::Instant::now() + self.cidr_wait;
         let mut backoff = Backoff::new(Duration::from_secs(5));
         let subnet = loop {
-            match self.client.get_node(&local.name) {
+            match self.runtime.block_on(api.get(&local.name)) {
                 Ok(node) => {
                     if let Some(l) = node_lease(&node) {
                         break l.subnet;
@@ -404,62 +371,65 @@ impl Datastore for KubeDatastore {
                 conf.network
             );
         }
-        let data =
-            json!({"VNI": conf.backend.vni, "VtepMAC": format_mac(&local.vtep_mac)}).to_string();
-        let mut ann = serde_json::Map::new();
-        for prefix in [WEFT_PREFIX, FLANNEL_PREFIX] {
-            ann.insert(format!("{prefix}backend-type"), json!(local.backend.name()));
-            ann.insert(format!("{prefix}backend-data"), json!(data));
-            ann.insert(
-                format!("{prefix}public-ip"),
-                json!(local.public_ip.to_string()),
-            );
-        }
-        ann.insert(
-            format!("{FLANNEL_PREFIX}kube-subnet-manager"),
-            json!("true"),
-        );
-        self.client
-            .patch_node_annotations(&local.name, Value::Object(ann))
+        let patch = serde_json::json!({
+            "metadata": {"annotations": node_annotations(local, conf.backend.vni)}
+        });
+        self.runtime
+            .block_on(api.patch(&local.name, &PatchParams::default(), &Patch::Merge(&patch)))
+            .map_err(|e| anyhow!("{e}"))
             .context("publishing the node's annotations")?;
         Ok(subnet)
     }
 
     fn run(self: Box<Self>, events: Sender<Event>) -> Result<()> {
-        let client = self.client.clone();
-        std::thread::Builder::new()
-            .name("kube-watch".into())
-            .spawn(move || list_watch_loop(client, events))?;
+        let mut index = NodeIndex::default();
+        let errors = events.clone();
+        self.runtime.spawn(watch_kind::<Node>(
+            self.source.clone(),
+            self.client.clone(),
+            move |ev| index.on_event(ev, &events),
+            move |err| {
+                tracing::warn!("watching nodes: {err}");
+                // An expired version is routine (a relist follows), not a lost API server.
+                if !matches!(recovery(err), Recovery::Relist) {
+                    let _ = errors.send(Event::Connected(false));
+                }
+            },
+        ));
         Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]
     fn node_records_from_status_and_annotations() {
-        let node = json!({
+        let node: Node = serde_json::from_value(json!({
             "metadata": {"name": "a", "annotations": {
                 "flannel.alpha.coreos.com/backend-data": "{\"VNI\":1,\"VtepMAC\":\"aa:bb:cc:dd:ee:ff\"}",
                 "flannel.alpha.coreos.com/backend-type": "vxlan"}},
             "spec": {"podCIDR": "10.244.5.0/24", "podCIDRs": ["fd00::/64", "10.244.5.0/24"]},
             "status": {"addresses": [{"type": "Hostname", "address": "a"}, {"type": "InternalIP", "address": "192.168.1.5"}]}
-        });
+        }))
+        .unwrap();
         let l = node_lease(&node).unwrap();
         assert_eq!(l.subnet, "10.244.5.0/24".parse().unwrap());
         assert_eq!(l.public_ip, Ipv4Addr::new(192, 168, 1, 5));
         assert_eq!(l.vtep_mac, Some([0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff]));
         assert_eq!(l.backend, Some(BackendType::Vxlan));
         let mut over = node.clone();
-        over["metadata"]["annotations"]["weft.io/public-ip"] = json!("10.0.0.9");
+        over.annotations_mut()
+            .insert("weft.io/public-ip".into(), "10.0.0.9".into());
         assert_eq!(
             node_lease(&over).unwrap().public_ip,
             Ipv4Addr::new(10, 0, 0, 9)
         );
         let mut no_cidr = node.clone();
-        no_cidr["spec"] = json!({});
+        no_cidr.spec = Some(Default::default());
         assert!(node_lease(&no_cidr).is_none());
     }
 }

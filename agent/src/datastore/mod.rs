@@ -8,9 +8,9 @@ use std::{net::Ipv4Addr, sync::mpsc::Sender};
 
 use anyhow::Result;
 use ipnet::Ipv4Net;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
-use crate::config::{BackendType, NetConf};
+use crate::config::{BackendType, FlannelNetConf};
 
 pub mod etcd;
 pub mod kube;
@@ -28,35 +28,58 @@ pub struct NodeLease {
     pub vtep_mac: Option<[u8; 6]>,
 }
 
+/// A lease value as flanneld writes it: `{"PublicIP":..,"BackendType":..,"BackendData":{..}}`.
+#[derive(Debug, Serialize, Deserialize)]
+struct FlannelLease {
+    #[serde(rename = "PublicIP")]
+    public_ip: Ipv4Addr,
+    #[serde(rename = "BackendType", default)]
+    backend_type: Option<String>,
+    #[serde(
+        rename = "BackendData",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    backend_data: Option<FlannelBackendData>,
+}
+
+/// `BackendData` of a lease (vxlan: the VNI and the node's VTEP MAC).
+#[derive(Debug, Serialize, Deserialize)]
+struct FlannelBackendData {
+    #[serde(rename = "VNI", default, skip_serializing_if = "Option::is_none")]
+    vni: Option<u32>,
+    #[serde(rename = "VtepMAC", default, skip_serializing_if = "Option::is_none")]
+    vtep_mac: Option<String>,
+}
+
 impl NodeLease {
     /// The lease value as flanneld writes it.
-    pub fn to_flannel_json(&self, vni: u32) -> serde_json::Value {
+    pub fn to_flannel_json(&self, vni: u32) -> String {
         let backend = self.backend.unwrap_or(BackendType::Vxlan);
-        let mut v = json!({
-            "PublicIP": self.public_ip.to_string(),
-            "BackendType": backend.name(),
-        });
-        if let Some(mac) = self.vtep_mac {
-            v["BackendData"] = json!({"VNI": vni, "VtepMAC": format_mac(&mac)});
-        }
-        v
+        serde_json::to_string(&FlannelLease {
+            public_ip: self.public_ip,
+            backend_type: Some(backend.name().into()),
+            backend_data: self.vtep_mac.map(|mac| FlannelBackendData {
+                vni: Some(vni),
+                vtep_mac: Some(format_mac(&mac)),
+            }),
+        })
+        .expect("a lease serializes")
     }
 
     /// Parses a lease value written by weft or flanneld.
     pub fn from_flannel_json(subnet: Ipv4Net, value: &[u8]) -> Result<Self> {
-        let v: serde_json::Value = serde_json::from_slice(value)
-            .map_err(|e| anyhow::anyhow!("lease {subnet}: not JSON: {e}"))?;
-        let public_ip = v["PublicIP"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("lease {subnet}: PublicIP missing or invalid"))?;
-        let backend = v["BackendType"].as_str().and_then(BackendType::parse);
-        let vtep_mac = v["BackendData"]["VtepMAC"].as_str().and_then(parse_mac);
+        let lease: FlannelLease =
+            crate::json::from_slice(value).map_err(|e| anyhow::anyhow!("lease {subnet}: {e}"))?;
         Ok(Self {
             subnet,
-            public_ip,
-            backend,
-            vtep_mac,
+            public_ip: lease.public_ip,
+            backend: lease.backend_type.as_deref().and_then(BackendType::parse),
+            vtep_mac: lease
+                .backend_data
+                .and_then(|d| d.vtep_mac)
+                .as_deref()
+                .and_then(parse_mac),
         })
     }
 }
@@ -92,7 +115,7 @@ pub trait Datastore: Send {
     fn net_conf(&mut self) -> Result<Option<String>>;
     /// Acquires this node's subnet (reusing its previous one when possible) and publishes its
     /// record. Returns the subnet.
-    fn acquire(&mut self, local: &LocalNode, conf: &NetConf) -> Result<Ipv4Net>;
+    fn acquire(&mut self, local: &LocalNode, conf: &FlannelNetConf) -> Result<Ipv4Net>;
     /// Starts the adapter's threads: keeping the lease alive and streaming peer records.
     fn run(self: Box<Self>, events: Sender<Event>) -> Result<()>;
 }
@@ -148,17 +171,18 @@ mod tests {
         };
         let v = lease.to_flannel_json(1);
         assert_eq!(
-            v,
-            json!({"PublicIP":"192.168.1.5","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:57:01:02:03:04"}})
+            serde_json::from_str::<serde_json::Value>(&v).unwrap(),
+            serde_json::json!({"PublicIP":"192.168.1.5","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:57:01:02:03:04"}})
         );
-        let back = NodeLease::from_flannel_json(lease.subnet, v.to_string().as_bytes()).unwrap();
+        let back = NodeLease::from_flannel_json(lease.subnet, v.as_bytes()).unwrap();
         assert_eq!(back, lease);
         assert_eq!(subnet_key(lease.subnet), "10.244.3.0-24");
         assert_eq!(
             parse_subnet_key("/coreos.com/network/subnets/10.244.3.0-24"),
             Some(lease.subnet)
         );
-        assert!(NodeLease::from_flannel_json(lease.subnet, b"{}").is_err());
+        let err = NodeLease::from_flannel_json(lease.subnet, b"{}").unwrap_err();
+        assert!(format!("{err:#}").contains("PublicIP"), "{err:#}");
         assert_eq!(parse_mac("02:57:01:02:03"), None);
     }
 }

@@ -11,6 +11,7 @@
 //! address). A missing `vtepMAC` is derived from `publicIP` as every weft node derives its own.
 //! The file is re-read when it changes.
 use std::{
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::mpsc::Sender,
     time::{Duration, SystemTime},
@@ -18,11 +19,11 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use ipnet::Ipv4Net;
-use serde_json::Value;
+use serde::Deserialize;
 
 use super::{Datastore, Event, LocalNode, NodeLease, parse_mac};
 use crate::{
-    config::{BackendType, NetConf},
+    config::{BackendType, FlannelNetConf},
     node_net::vtep_mac_for,
 };
 
@@ -36,42 +37,45 @@ struct Entry {
     lease: NodeLease,
 }
 
+/// The file as written.
+#[derive(Debug, Deserialize)]
+struct Topology {
+    nodes: Vec<StaticNode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StaticNode {
+    name: String,
+    #[serde(rename = "publicIP")]
+    public_ip: Ipv4Addr,
+    subnet: Ipv4Net,
+    #[serde(rename = "vtepMAC", default)]
+    vtep_mac: Option<String>,
+    #[serde(default)]
+    backend_type: Option<String>,
+}
+
 fn parse(text: &str) -> Result<Vec<Entry>> {
-    let v: Value = serde_json::from_str(text).map_err(|e| anyhow!("not valid JSON: {e}"))?;
-    let nodes = v["nodes"]
-        .as_array()
-        .ok_or_else(|| anyhow!("nodes: missing or not a list"))?;
+    let topology: Topology = crate::json::from_str(text)?;
     let mut out = Vec::new();
-    for (i, n) in nodes.iter().enumerate() {
-        let field = |k: &str| {
-            n[k].as_str()
-                .ok_or_else(|| anyhow!("nodes[{i}].{k}: missing or not a string"))
+    for (i, n) in topology.nodes.into_iter().enumerate() {
+        let vtep_mac = match &n.vtep_mac {
+            None => vtep_mac_for(n.public_ip),
+            Some(m) => parse_mac(m)
+                .ok_or_else(|| anyhow!("nodes[{i}].vtepMAC: {m:?} is not a MAC address"))?,
         };
-        let name = field("name")?.to_string();
-        let public_ip = field("publicIP")?
-            .parse()
-            .map_err(|_| anyhow!("nodes[{i}].publicIP: not an IPv4 address"))?;
-        let subnet: Ipv4Net = field("subnet")?
-            .parse()
-            .map_err(|_| anyhow!("nodes[{i}].subnet: not an IPv4 CIDR"))?;
-        let vtep_mac = match n.get("vtepMAC") {
-            None => vtep_mac_for(public_ip),
-            Some(m) => m
-                .as_str()
-                .and_then(parse_mac)
-                .ok_or_else(|| anyhow!("nodes[{i}].vtepMAC: not a MAC address"))?,
-        };
-        let backend = match n.get("backendType") {
+        let backend = match &n.backend_type {
             None => None,
-            Some(b) => Some(b.as_str().and_then(BackendType::parse).ok_or_else(|| {
-                anyhow!("nodes[{i}].backendType: not vxlan, ipip, host-gw or bgp")
+            Some(b) => Some(BackendType::parse(b).ok_or_else(|| {
+                anyhow!("nodes[{i}].backendType: {b:?} is not vxlan, ipip, host-gw or bgp")
             })?),
         };
         out.push(Entry {
-            name,
+            name: n.name,
             lease: NodeLease {
-                subnet: subnet.trunc(),
-                public_ip,
+                subnet: n.subnet.trunc(),
+                public_ip: n.public_ip,
                 backend,
                 vtep_mac: Some(vtep_mac),
             },
@@ -100,7 +104,7 @@ impl Datastore for StaticFile {
         Ok(None)
     }
 
-    fn acquire(&mut self, local: &LocalNode, conf: &NetConf) -> Result<Ipv4Net> {
+    fn acquire(&mut self, local: &LocalNode, conf: &FlannelNetConf) -> Result<Ipv4Net> {
         let entries = read(&self.path)?;
         let me = entries
             .iter()

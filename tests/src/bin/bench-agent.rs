@@ -26,7 +26,7 @@ use weft_agent::{
     reconcile::{ModePolicy, Reconciler},
 };
 use weft_common::{RouteInfo, map_names};
-use weft_tests::{agents::AgentCluster, pins::PinDir, process::wait_until};
+use weft_tests::{cluster::Cluster, pins::PinDir, process::wait_until};
 
 const PREFIX: &str = "/coreos.com/network";
 
@@ -97,7 +97,7 @@ fn main() {
     let r10k = reconcile_from_empty(10_000);
 
     let conf = json!({"Network": "10.0.0.0/8", "SubnetLen": 24, "Backend": {"Type": "vxlan"}});
-    let mut c = AgentCluster::new(0, conf, 60);
+    let mut c = Cluster::agents(0, conf, 60);
     let endpoint = c.etcd.endpoint();
     let client = c.in_underlay(move || EtcdClient::new(&[endpoint]).unwrap());
     let leases: Vec<NodeLease> = (0..10_000).map(peer).collect();

@@ -12,8 +12,8 @@ use std::{
 use serde_json::{Value, json};
 use weft_common::{RouteMode, prog_names};
 use weft_tests::{
-    fixture::*,
-    manual::{FlannelNode, Pod, WeftNode, mtu_wire},
+    agentless::{FlannelNode, Pod, WeftNode, mtu_wire},
+    injection_node::*,
     netns::{Netns, veth_pair},
     packets::*,
     testrun::{run_tc, run_xdp},
@@ -475,6 +475,41 @@ fn prog_costs(s: &Settings) -> Value {
             let ns = per_call_ns(calls, || run_xdp(xdp, frame, 1).duration_ns);
             out.insert(name.to_string(), round(ns, 1));
         }
+        // Conntrack: `from_pod_local_delivery` above is the fast path with an entry hit (the
+        // first call created it); here every call opens a new flow (a miss and an insert; past
+        // the map's size, LRU eviction too).
+        let frames: Vec<Vec<u8>> = (0..calls)
+            .map(|i| {
+                let (sport, dport) = (1024 + (i % 60_000) as u16, 80 + (i / 60_000) as u16);
+                tcp_frame(
+                    POD1_MAC, [0xee; 6], POD1_IP, POD2_IP, sport, dport, &[0u8; 64],
+                )
+            })
+            .collect();
+        let p = node.dp.tc_program(prog_names::FROM_POD).unwrap();
+        let mut next = frames.iter();
+        let ns = per_call_ns(calls, || {
+            run_tc(p, next.next().unwrap(), idx, 1).duration_ns
+        });
+        out.insert("from_pod_ct_new_flow".into(), round(ns, 1));
+        // A Service's backend answering: the stack delivered the request (to_pod records the
+        // flow), so the reply is handed back to the stack (the stack's own cost not included).
+        let request = tcp_frame(
+            POD1_MAC, [0xee; 6], POD1_IP, POD2_IP, 50_000, 8080, &[0u8; 64],
+        );
+        let reply = tcp_frame(
+            POD2_MAC, [0xee; 6], POD2_IP, POD1_IP, 8080, 50_000, &[0u8; 64],
+        );
+        let to_pod = node.dp.tc_program(prog_names::TO_POD).unwrap();
+        let ns = per_call_ns(calls, || {
+            run_tc(to_pod, &request, node.pod2_ifindex, 1).duration_ns
+        });
+        out.insert("to_pod_stack_flow".into(), round(ns, 1));
+        let p = node.dp.tc_program(prog_names::FROM_POD).unwrap();
+        let ns = per_call_ns(calls, || {
+            run_tc(p, &reply, node.pod2_ifindex, 1).duration_ns
+        });
+        out.insert("from_pod_stack_flow".into(), round(ns, 1));
         serde_json::to_value(out).unwrap()
     })
 }

@@ -6,41 +6,103 @@
 //! BIRD as a route reflector; every node's agent runs BIRD and peers with the router's address
 //! on its subnet. The demo prints the sessions (the router's and every node's), the matrix, and
 //! the datapath's encapsulation counters, which must stay at zero.
-use std::{io::Write as _, time::Instant};
+//!
+//! Everything a demo makes is recorded as soon as it exists (see `weft_tests::demo`), so that
+//! `--down` removes what a kept or interrupted demo left, and nothing else.
+use std::{io::Write as _, path::PathBuf, time::Instant};
 
 use weft_common::{DropReason, Stat};
-use weft_tests::cluster::{Cluster, ClusterOptions, bin_dir};
+use weft_tests::{
+    cluster::{Cluster, ClusterOptions, bin_dir},
+    demo::{DEFAULT_STATE_DIR, DemoRecord},
+};
 
 struct Args {
     keep: bool,
+    down: bool,
     nodes: usize,
     pods: usize,
     backend: String,
+    state_dir: PathBuf,
 }
+
+const USAGE: &str = "usage: weft-demo [--keep] [--nodes N] [--pods N] [--backend vxlan|ipip|host-gw|bgp] [--state-dir DIR]\n       weft-demo --down [--state-dir DIR]";
 
 fn parse_args() -> Args {
     let mut args = Args {
         keep: false,
+        down: false,
         nodes: 3,
         pods: 2,
         backend: "vxlan".into(),
+        state_dir: PathBuf::from(DEFAULT_STATE_DIR),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--keep" => args.keep = true,
+            "--down" => args.down = true,
+            "--state-dir" => args.state_dir = it.next().expect("--state-dir DIR").into(),
             "--nodes" => args.nodes = it.next().and_then(|v| v.parse().ok()).expect("--nodes N"),
             "--pods" => args.pods = it.next().and_then(|v| v.parse().ok()).expect("--pods N"),
             "--backend" => args.backend = it.next().expect("--backend vxlan|ipip|host-gw|bgp"),
             other => {
-                eprintln!(
-                    "unknown argument {other:?}\nusage: weft-demo [--keep] [--nodes N] [--pods N] [--backend vxlan|ipip|host-gw|bgp]"
-                );
+                eprintln!("unknown argument {other:?}\n{USAGE}");
                 std::process::exit(2);
             }
         }
     }
+    if args.keep && args.down {
+        eprintln!("--keep and --down exclude each other\n{USAGE}");
+        std::process::exit(2);
+    }
     args
+}
+
+/// `--down`: removes what every recorded demo left. Idempotent: nothing recorded, nothing to do.
+fn down(state_dir: &std::path::Path) -> i32 {
+    let records = match DemoRecord::load_all(state_dir) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("weft-demo --down: {e:#}");
+            return 1;
+        }
+    };
+    if records.is_empty() {
+        println!(
+            "no demo to tear down (no record in {})",
+            state_dir.display()
+        );
+        return 0;
+    }
+    let mut status = 0;
+    for (path, record) in records {
+        println!("tearing down the demo started by pid {}", record.demo_pid);
+        match record.tear_down() {
+            Ok(done) => {
+                for line in done {
+                    println!("  {line}");
+                }
+                let _ = std::fs::remove_file(&path);
+            }
+            Err(e) => {
+                eprintln!("  {e:#}\n  (record kept in {})", path.display());
+                status = 1;
+            }
+        }
+    }
+    if status == 0 {
+        let _ = std::fs::remove_dir(state_dir);
+        println!("done: nothing of the demo is left");
+    }
+    status
+}
+
+fn record(cluster: &Cluster, state_dir: &std::path::Path) {
+    if let Err(e) = DemoRecord::of(cluster).save(state_dir) {
+        eprintln!("weft-demo: cannot record the demo for `cargo xtask demo --down`: {e:#}");
+        std::process::exit(1);
+    }
 }
 
 fn step<T>(what: &str, f: impl FnOnce() -> T) -> T {
@@ -54,6 +116,9 @@ fn step<T>(what: &str, f: impl FnOnce() -> T) -> T {
 
 fn main() {
     let args = parse_args();
+    if args.down {
+        std::process::exit(down(&args.state_dir));
+    }
     let started = Instant::now();
     println!(
         "weft demo: {} nodes, {} pods per node, backend {}\n",
@@ -81,6 +146,7 @@ fn main() {
         format!("underlay, etcd and {} nodes running weft-agent", args.nodes)
     };
     let mut cluster = step(&what, || Cluster::new(options));
+    record(&cluster, &args.state_dir);
     if bgp {
         step(
             "BGP: every node learns every other node's pod subnet",
@@ -97,6 +163,7 @@ fn main() {
             for node in 0..cluster.nodes.len() {
                 for _ in 0..args.pods {
                     cluster.add_pod(node);
+                    record(&cluster, &args.state_dir);
                 }
             }
         },
@@ -255,13 +322,20 @@ fn main() {
                 .join(" ")
         );
         println!(
-            "tear down: kill the agent pids, `ip netns del` every namespace above and the underlay {}, remove the pin directories",
-            cluster.underlay.name
+            "etcd pid: {}",
+            cluster
+                .etcd
+                .pid()
+                .map(|p| p.to_string())
+                .unwrap_or_default()
         );
+        println!("\ntear everything down (namespaces, pins, agents, etcd and its data):\n");
+        println!("  cargo xtask demo --down");
         std::mem::forget(cluster);
         return;
     }
     step("tearing down", || drop(cluster));
+    DemoRecord::forget(&args.state_dir, std::process::id());
     if ok != probes.len() || encapsulated > 0 {
         std::process::exit(1);
     }

@@ -1,0 +1,814 @@
+//! The agent's control loop: datastore events and net-conf changes in, peer map writes out.
+//!
+//! [`ControlLoop::turn`] is one turn without waiting (take the queued events, notice a changed
+//! net-conf, drive BGP, apply, schedule a retry with backoff on failure, a full resync when
+//! due); [`ControlLoop::run`] waits for events and turns forever. Everything outside the maps
+//! goes through [`PeerMaps`], [`BgpControl`] and plain callbacks, so the loop runs in unit tests
+//! with [`crate::reconcile::MemoryMaps`], a fake BGP side and a fake clock.
+//!
+//! The bgp backend: the loop gives the BGP side ([`crate::bgp::Controller`], which runs BIRD)
+//! the backend's settings (at start and on every net-conf change) and the complete node list
+//! (once the datastore listed it, and on every change); every turn it asks what changed in
+//! weft's routing table: changed routes flush the datapath's cached next hops, a changed set of
+//! learned prefixes re-decides the route modes (a route switching into bgp keeps its old mode
+//! until BIRD installed its route).
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    sync::{Arc, mpsc},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Result, bail};
+use ipnet::Ipv4Net;
+use weft_common::{BGP_TABLE_DEFAULT, CONFIG_F_READY, NodeConfig};
+
+use crate::{
+    bgp::{BgpControl, RouteModes},
+    config::FlannelNetConf,
+    datastore::{Backoff, Event},
+    metrics::Metrics,
+    node_net::{Underlay, vtep_mac_for},
+    reconcile::{ModePolicy, PeerMaps, Reconciler},
+};
+
+/// The node config the datapath runs with under `conf`.
+pub fn node_config(conf: &FlannelNetConf, underlay: &Underlay) -> NodeConfig {
+    NodeConfig {
+        node_ip: underlay.node_ip.octets(),
+        underlay_ifindex: underlay.ifindex,
+        vni: conf.backend.vni,
+        vxlan_port: conf.backend.port,
+        flags: CONFIG_F_READY,
+        vtep_mac: vtep_mac_for(underlay.node_ip),
+        _pad: [0; 2],
+        // The table bgp routes are looked up in.
+        bgp_table: conf
+            .backend
+            .bgp
+            .as_ref()
+            .map_or(BGP_TABLE_DEFAULT, |b| b.table),
+    }
+}
+
+/// How this node reaches peers under `conf`; for the bgp backend, with the prefixes BIRD has
+/// installed in weft's table (`learned`).
+pub fn mode_policy(
+    conf: &FlannelNetConf,
+    underlay: &Underlay,
+    learned: Arc<BTreeSet<Ipv4Net>>,
+) -> ModePolicy {
+    ModePolicy {
+        backend: conf.backend.kind,
+        direct_routing: conf.backend.direct_routing,
+        underlay_subnet: underlay.subnet,
+        bgp: conf
+            .backend
+            .bgp
+            .clone()
+            .map(|config| RouteModes { config, learned }),
+    }
+}
+
+/// Watches `--net-conf` for changes a node can apply live: the backend (type, DirectRouting,
+/// VNI, port). Pods are untouched: their MTU already leaves room for the largest overhead.
+pub struct NetConfWatch {
+    path: Option<PathBuf>,
+    mtime: Option<SystemTime>,
+}
+
+impl NetConfWatch {
+    pub fn new(path: Option<PathBuf>) -> Self {
+        let mtime = path.as_deref().and_then(Self::mtime);
+        Self { path, mtime }
+    }
+
+    fn mtime(path: &Path) -> Option<SystemTime> {
+        std::fs::metadata(path).and_then(|m| m.modified()).ok()
+    }
+
+    /// The new config when the file changed to a valid one with another backend.
+    pub fn poll(&mut self, current: &FlannelNetConf) -> Option<FlannelNetConf> {
+        let path = self.path.as_ref()?;
+        let mtime = Self::mtime(path);
+        if mtime == self.mtime {
+            return None;
+        }
+        self.mtime = mtime;
+        let new = match std::fs::read_to_string(path)
+            .map_err(anyhow::Error::from)
+            .and_then(|t| FlannelNetConf::parse(&t))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("ignoring the changed {}: {e:#}", path.display());
+                return None;
+            }
+        };
+        if new.network != current.network
+            || new.subnet_len != current.subnet_len
+            || new.backend.mtu != current.backend.mtu
+        {
+            tracing::warn!(
+                "Network, SubnetLen and MTU changes take effect at the next agent start"
+            );
+        }
+        if new.backend == current.backend {
+            return None;
+        }
+        Some(FlannelNetConf {
+            backend: new.backend,
+            ..current.clone()
+        })
+    }
+}
+
+/// What one turn did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Turn {
+    /// Map entries written or removed.
+    pub writes: usize,
+    /// Whether an apply failed (retried at `retry_at`).
+    pub failed: bool,
+    /// Whether the backend changed.
+    pub backend_switched: bool,
+    /// Whether the set of prefixes in weft's BGP table changed (route modes re-decided).
+    pub bgp_learned_changed: bool,
+}
+
+pub struct ControlLoop<M: PeerMaps> {
+    pub maps: M,
+    pub rec: Reconciler,
+    pub conf: FlannelNetConf,
+    underlay: Underlay,
+    watch: NetConfWatch,
+    metrics: Arc<Metrics>,
+    /// Called when this node's subnet changed (the subnet file is rewritten).
+    on_local_subnet: Box<dyn FnMut(ipnet::Ipv4Net) -> Result<()> + Send>,
+    resync_every: Duration,
+    next_resync: Instant,
+    pub retry_at: Option<Instant>,
+    dirty: bool,
+    backoff: Backoff,
+    /// `CONFIG_F_*` flags set in every node config written besides `CONFIG_F_READY`.
+    config_flags: u16,
+    /// The BGP side (BIRD), driven for the bgp backend; idle otherwise.
+    bgp: Option<Box<dyn BgpControl>>,
+}
+
+impl<M: PeerMaps> ControlLoop<M> {
+    pub fn new(
+        maps: M,
+        rec: Reconciler,
+        conf: FlannelNetConf,
+        underlay: Underlay,
+        metrics: Arc<Metrics>,
+        resync_every: Duration,
+        now: Instant,
+    ) -> Self {
+        Self {
+            maps,
+            rec,
+            conf,
+            underlay,
+            watch: NetConfWatch::new(None),
+            metrics,
+            on_local_subnet: Box::new(|_| Ok(())),
+            resync_every: resync_every.max(Duration::from_secs(1)),
+            // The first apply is a resync: it adopts what the maps hold.
+            next_resync: now,
+            retry_at: None,
+            dirty: false,
+            backoff: Backoff::new(Duration::from_secs(10)),
+            config_flags: 0,
+            bgp: None,
+        }
+    }
+
+    /// Drives `bgp` (BIRD) for the bgp backend: it gets the backend's settings now and on every
+    /// change, and the node list once it is complete.
+    pub fn bgp(mut self, mut bgp: Box<dyn BgpControl>) -> Self {
+        bgp.set_config(self.conf.backend.bgp.as_ref());
+        self.bgp = Some(bgp);
+        self.rec.set_policy(self.policy(&self.conf));
+        self
+    }
+
+    /// The mode policy under `conf` with what BGP learned so far.
+    fn policy(&self, conf: &FlannelNetConf) -> ModePolicy {
+        let learned = self.bgp.as_ref().map(|b| b.learned()).unwrap_or_default();
+        mode_policy(conf, &self.underlay, learned)
+    }
+
+    /// The BGP side's turn: the node list when it changed, then what changed in weft's table.
+    fn drive_bgp(&mut self, turn: &mut Turn) {
+        let Some(bgp) = self.bgp.as_mut() else {
+            return;
+        };
+        if self.dirty && self.rec.synced {
+            let nodes = crate::bgp::peer_nodes(self.rec.remote_leases());
+            bgp.set_cluster(vec![self.rec.local_subnet], nodes);
+        }
+        let change = bgp.poll();
+        self.metrics.set_bgp(bgp.status());
+        if change.routes
+            && let Err(e) = self.maps.flush_next_hops()
+        {
+            // Cached next hops expire within a second anyway.
+            tracing::warn!("flushing next hops after a BGP table change: {e:#}");
+        }
+        if change.learned {
+            self.rec.set_policy(self.policy(&self.conf));
+            self.dirty = true;
+            turn.bgp_learned_changed = true;
+        }
+    }
+
+    /// Keeps `flags` (`CONFIG_F_*`, from the agent's flags) in the node config it writes.
+    pub fn config_flags(mut self, flags: u16) -> Self {
+        self.config_flags = flags;
+        self
+    }
+
+    /// Applies changes of the net-conf file `path` (its backend) live.
+    pub fn watch_net_conf(mut self, path: Option<PathBuf>) -> Self {
+        self.watch = NetConfWatch::new(path);
+        self
+    }
+
+    pub fn on_local_subnet(
+        mut self,
+        f: impl FnMut(ipnet::Ipv4Net) -> Result<()> + Send + 'static,
+    ) -> Self {
+        self.on_local_subnet = Box::new(f);
+        self
+    }
+
+    /// When the loop must turn next even without events (a retry, a resync; at least every
+    /// second, to notice net-conf changes).
+    pub fn next_wake(&self, now: Instant) -> Instant {
+        let wake = self
+            .retry_at
+            .map_or(self.next_resync, |r| r.min(self.next_resync));
+        wake.min(now + Duration::from_secs(1))
+    }
+
+    /// One turn at `now` with the events that arrived since the last one.
+    pub fn turn(&mut self, events: Vec<Event>, now: Instant) -> Result<Turn> {
+        let mut turn = Turn::default();
+        for ev in events {
+            match &ev {
+                Event::Connected(c) => {
+                    self.metrics.datastore_connected.set(i64::from(*c));
+                }
+                Event::LocalSubnet(s) => {
+                    tracing::warn!(subnet = %s, "this node's subnet changed");
+                    (self.on_local_subnet)(*s)?;
+                }
+                _ => {}
+            }
+            self.dirty |= self.rec.handle(ev);
+        }
+        if let Some(new) = self.watch.poll(&self.conf) {
+            tracing::info!(
+                backend = new.backend.kind.name(),
+                direct_routing = new.backend.direct_routing,
+                vni = new.backend.vni,
+                port = new.backend.port,
+                "backend changed: re-programming every peer"
+            );
+            self.switch_backend(new)?;
+            turn.backend_switched = true;
+        }
+        self.drive_bgp(&mut turn);
+        self.metrics.beat();
+        let resync = now >= self.next_resync;
+        let retry = self.retry_at.is_some_and(|r| now >= r);
+        // A failed apply waits for its retry, whatever arrives meanwhile (it is taken along).
+        let backing_off = self.retry_at.is_some_and(|r| now < r);
+        if !(self.dirty || resync || retry) || backing_off || !self.rec.synced {
+            return Ok(turn);
+        }
+        let result = if resync {
+            self.next_resync = now + self.resync_every;
+            self.rec.resync(&mut self.maps)
+        } else {
+            self.rec.apply(&mut self.maps)
+        };
+        self.metrics.peers.set(self.rec.peer_count() as i64);
+        self.metrics
+            .offlink_peers
+            .set(self.rec.offlink_count() as i64);
+        match result {
+            Ok(report) => {
+                self.metrics
+                    .record_reconcile(report.duration, report.writes, true);
+                if report.writes > 0 {
+                    tracing::info!(writes = report.writes, peers = self.rec.peer_count(), took = ?report.duration, "reconciled");
+                }
+                turn.writes = report.writes;
+                self.dirty = false;
+                self.retry_at = None;
+                self.backoff.reset();
+                if self.metrics.ready.set(1) == 0 {
+                    tracing::info!("ready");
+                }
+            }
+            Err(e) => {
+                self.metrics.record_reconcile(Duration::ZERO, 0, false);
+                let delay = self.backoff.next_delay();
+                tracing::warn!("reconcile failed (retrying in {delay:?}): {e:#}");
+                self.retry_at = Some(now + delay);
+                turn.failed = true;
+            }
+        }
+        Ok(turn)
+    }
+
+    /// A live backend switch: the node config, then every route in its new mode.
+    pub fn switch_backend(&mut self, new: FlannelNetConf) -> Result<()> {
+        let mut config = node_config(&new, &self.underlay);
+        config.flags |= self.config_flags;
+        self.maps.set_config(&config)?;
+        // Starts, reconfigures or retires BIRD.
+        if let Some(bgp) = self.bgp.as_mut() {
+            bgp.set_config(new.backend.bgp.as_ref());
+        }
+        self.rec.set_policy(self.policy(&new));
+        self.conf = new;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Waits for events and turns, forever (until the datastore's sender goes away).
+    pub fn run(mut self, rx: mpsc::Receiver<Event>) -> Result<()> {
+        loop {
+            let now = Instant::now();
+            let timeout = self.next_wake(now).saturating_duration_since(now);
+            let mut events = match rx.recv_timeout(timeout) {
+                Ok(ev) => vec![ev],
+                Err(mpsc::RecvTimeoutError::Timeout) => Vec::new(),
+                Err(mpsc::RecvTimeoutError::Disconnected) => bail!("the datastore stopped"),
+            };
+            // Take everything queued at once: a relist and a burst of events is one apply.
+            events.extend(rx.try_iter());
+            self.turn(events, Instant::now())?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use weft_common::RouteMode;
+
+    use super::*;
+    use crate::{
+        config::BackendType,
+        datastore::NodeLease,
+        reconcile::{MapWrite, MemoryMaps},
+    };
+
+    fn conf(backend: &str, direct: bool) -> FlannelNetConf {
+        FlannelNetConf::parse(&format!(
+            r#"{{"Network": "10.244.0.0/16", "Backend": {{"Type": "{backend}", "DirectRouting": {direct}}}}}"#
+        ))
+        .unwrap()
+    }
+
+    fn underlay() -> Underlay {
+        Underlay {
+            name: "eth0".into(),
+            ifindex: 2,
+            mtu: 1500,
+            node_ip: Ipv4Addr::new(192, 168, 1, 1),
+            subnet: "192.168.1.0/24".parse().unwrap(),
+        }
+    }
+
+    fn lease(subnet: &str, ip: [u8; 4]) -> NodeLease {
+        NodeLease {
+            subnet: subnet.parse().unwrap(),
+            public_ip: Ipv4Addr::from(ip),
+            backend: Some(BackendType::Vxlan),
+            vtep_mac: None,
+        }
+    }
+
+    fn control_loop(
+        maps: MemoryMaps,
+        conf: FlannelNetConf,
+        now: Instant,
+    ) -> ControlLoop<MemoryMaps> {
+        let u = underlay();
+        let rec = Reconciler::new(
+            mode_policy(&conf, &u, Arc::default()),
+            "10.244.1.0/24".parse().unwrap(),
+            u.node_ip,
+        );
+        ControlLoop::new(
+            maps,
+            rec,
+            conf,
+            u,
+            Arc::new(Metrics::new(None)),
+            Duration::from_secs(30),
+            now,
+        )
+    }
+
+    fn position(writes: &[MapWrite], w: &MapWrite) -> usize {
+        writes
+            .iter()
+            .position(|x| x == w)
+            .unwrap_or_else(|| panic!("{w:?} not written: {writes:?}"))
+    }
+
+    #[test]
+    fn peers_before_routes_and_removals_before_additions() {
+        let t0 = Instant::now();
+        let mut l = control_loop(MemoryMaps::default(), conf("vxlan", false), t0);
+        l.turn(
+            vec![Event::Snapshot(vec![
+                lease("10.244.2.0/24", [192, 168, 1, 2]),
+                lease("10.244.3.0/24", [192, 168, 1, 3]),
+            ])],
+            t0,
+        )
+        .unwrap();
+        let w = &l.maps.writes;
+        for (net, ip) in [
+            ("10.244.2.0/24", [192, 168, 1, 2]),
+            ("10.244.3.0/24", [192, 168, 1, 3]),
+        ] {
+            assert!(
+                position(w, &MapWrite::UpsertNode(Ipv4Addr::from(ip)))
+                    < position(w, &MapWrite::UpsertRoute(net.parse().unwrap())),
+                "the peer before its route: {w:?}"
+            );
+        }
+        assert!(l.metrics.is_ready());
+        // Node 3 moves to a new address, node 2 leaves, node 4 joins: one apply.
+        l.maps.writes.clear();
+        l.turn(
+            vec![
+                Event::Upsert(lease("10.244.3.0/24", [192, 168, 1, 33])),
+                Event::Remove("10.244.2.0/24".parse().unwrap()),
+                Event::Upsert(lease("10.244.4.0/24", [192, 168, 1, 4])),
+            ],
+            t0 + Duration::from_millis(10),
+        )
+        .unwrap();
+        let w = l.maps.writes.clone();
+        let last_removal = w
+            .iter()
+            .rposition(|x| matches!(x, MapWrite::RemoveRoute(_) | MapWrite::RemoveNode(_)))
+            .unwrap();
+        let first_addition = w
+            .iter()
+            .position(|x| matches!(x, MapWrite::UpsertRoute(_) | MapWrite::UpsertNode(_)))
+            .unwrap();
+        assert!(last_removal < first_addition, "removals first: {w:?}");
+        assert!(
+            position(&w, &MapWrite::RemoveRoute("10.244.2.0/24".parse().unwrap()))
+                < position(&w, &MapWrite::RemoveNode(Ipv4Addr::new(192, 168, 1, 2))),
+            "a route goes before the node it points to: {w:?}"
+        );
+        assert!(
+            position(&w, &MapWrite::UpsertNode(Ipv4Addr::new(192, 168, 1, 33)))
+                < position(&w, &MapWrite::UpsertRoute("10.244.3.0/24".parse().unwrap())),
+            "{w:?}"
+        );
+        assert!(w.contains(&MapWrite::FlushNextHops), "a peer moved: {w:?}");
+        assert_eq!(l.maps.routes.len(), 2);
+        assert_eq!(
+            l.maps.nodes.keys().copied().collect::<Vec<_>>(),
+            vec![
+                Ipv4Addr::new(192, 168, 1, 4),
+                Ipv4Addr::new(192, 168, 1, 33)
+            ]
+        );
+    }
+
+    #[test]
+    fn failed_applies_are_retried_with_backoff() {
+        let t0 = Instant::now();
+        let maps = MemoryMaps {
+            fail_writes: 3,
+            ..Default::default()
+        };
+        let mut l = control_loop(maps, conf("vxlan", false), t0);
+        let snapshot = Event::Snapshot(vec![lease("10.244.2.0/24", [192, 168, 1, 2])]);
+        let turn = l.turn(vec![snapshot], t0).unwrap();
+        assert!(turn.failed);
+        assert!(!l.metrics.is_ready(), "not ready before a successful apply");
+        // 100 ms, then 200 ms, then 400 ms: doubling delays.
+        let mut now = t0;
+        for delay_ms in [100, 200] {
+            assert_eq!(l.retry_at, Some(now + Duration::from_millis(delay_ms)));
+            assert_eq!(l.next_wake(now), now + Duration::from_millis(delay_ms));
+            // Nothing happens before the retry is due.
+            assert_eq!(
+                l.turn(vec![], now + Duration::from_millis(delay_ms - 1))
+                    .unwrap(),
+                Turn::default()
+            );
+            now += Duration::from_millis(delay_ms);
+            assert!(l.turn(vec![], now).unwrap().failed);
+        }
+        assert_eq!(l.retry_at, Some(now + Duration::from_millis(400)));
+        now += Duration::from_millis(400);
+        let turn = l.turn(vec![], now).unwrap();
+        assert!(!turn.failed);
+        assert_eq!(turn.writes, 2, "the route and its node");
+        assert_eq!(l.retry_at, None);
+        assert!(l.metrics.is_ready());
+        assert_eq!(l.metrics.reconcile_errors.get(), 3);
+        // Success reset the backoff: the next failure waits 100 ms again.
+        l.maps.fail_writes = 1;
+        now += Duration::from_millis(10);
+        assert!(
+            l.turn(
+                vec![Event::Upsert(lease("10.244.5.0/24", [192, 168, 1, 5]))],
+                now
+            )
+            .unwrap()
+            .failed
+        );
+        assert_eq!(l.retry_at, Some(now + Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn backend_switch_reprograms_every_peer_and_the_config() {
+        let t0 = Instant::now();
+        let mut l = control_loop(MemoryMaps::default(), conf("vxlan", false), t0);
+        l.turn(
+            vec![Event::Snapshot(vec![
+                lease("10.244.2.0/24", [192, 168, 1, 2]),
+                lease("10.244.3.0/24", [192, 168, 2, 3]),
+            ])],
+            t0,
+        )
+        .unwrap();
+        assert!(
+            l.maps
+                .routes
+                .values()
+                .all(|r| r.mode == RouteMode::Vxlan as u8)
+        );
+        // (config, mode of the peer on this subnet, of the one across, entries that change)
+        for (c, near, far, changed) in [
+            (conf("ipip", false), RouteMode::Ipip, RouteMode::Ipip, 4),
+            (conf("vxlan", true), RouteMode::Direct, RouteMode::Vxlan, 4),
+            (
+                conf("host-gw", false),
+                RouteMode::Direct,
+                RouteMode::Direct,
+                2,
+            ),
+        ] {
+            l.maps.writes.clear();
+            l.switch_backend(c).unwrap();
+            let turn = l.turn(vec![], t0 + Duration::from_millis(1)).unwrap();
+            assert_eq!(turn.writes, changed, "{:?}", l.maps.writes);
+            assert_eq!(l.maps.writes[0], MapWrite::Config, "config first");
+            let mode = |net: &str| l.maps.routes[&net.parse().unwrap()].mode;
+            assert_eq!(mode("10.244.2.0/24"), near as u8);
+            assert_eq!(mode("10.244.3.0/24"), far as u8);
+            assert_eq!(l.maps.nodes[&Ipv4Addr::new(192, 168, 2, 3)].mode, far as u8);
+        }
+        assert_eq!(
+            l.metrics.offlink_peers.get(),
+            1,
+            "host-gw cannot reach 192.168.2.3"
+        );
+        let vni = l.maps.config.unwrap().vni;
+        assert_eq!(vni, 1);
+    }
+
+    #[test]
+    fn net_conf_file_changes_switch_the_backend() {
+        let dir = std::env::temp_dir().join(format!("weft-netconf-watch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("net-conf.json");
+        std::fs::write(&path, r#"{"Network": "10.244.0.0/16"}"#).unwrap();
+        let current = FlannelNetConf::parse(r#"{"Network": "10.244.0.0/16"}"#).unwrap();
+        let mut w = NetConfWatch::new(Some(path.clone()));
+        assert_eq!(w.poll(&current), None, "unchanged");
+        // A changed but invalid file is ignored; a valid one with a new backend is taken.
+        w.mtime = None;
+        std::fs::write(
+            &path,
+            r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}"#,
+        )
+        .unwrap();
+        assert_eq!(w.poll(&current), None);
+        w.mtime = None;
+        std::fs::write(
+            &path,
+            r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "ipip"}}"#,
+        )
+        .unwrap();
+        let new = w.poll(&current).expect("the new backend");
+        assert_eq!(new.backend.kind, BackendType::Ipip);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// What the fake BGP side was told, and what its table holds (shared with the test).
+    #[derive(Default)]
+    struct FakeBgpState {
+        configs: Vec<Option<crate::bgp::BgpConfig>>,
+        clusters: Vec<(Vec<Ipv4Net>, Vec<crate::bgp::PeerNode>)>,
+        /// Prefixes in weft's table, as BIRD would install them.
+        table: BTreeSet<Ipv4Net>,
+        /// What the last poll reported.
+        seen: Arc<BTreeSet<Ipv4Net>>,
+    }
+
+    #[derive(Clone, Default)]
+    struct FakeBgp(Arc<std::sync::Mutex<FakeBgpState>>);
+
+    impl BgpControl for FakeBgp {
+        fn set_config(&mut self, config: Option<&crate::bgp::BgpConfig>) {
+            self.0.lock().unwrap().configs.push(config.cloned());
+        }
+        fn set_cluster(&mut self, local: Vec<Ipv4Net>, nodes: Vec<crate::bgp::PeerNode>) {
+            self.0.lock().unwrap().clusters.push((local, nodes));
+        }
+        fn poll(&mut self) -> crate::bgp::TableChange {
+            let mut s = self.0.lock().unwrap();
+            if *s.seen == s.table {
+                return Default::default();
+            }
+            s.seen = Arc::new(s.table.clone());
+            crate::bgp::TableChange {
+                routes: true,
+                learned: true,
+            }
+        }
+        fn learned(&self) -> Arc<BTreeSet<Ipv4Net>> {
+            self.0.lock().unwrap().seen.clone()
+        }
+        fn status(&self) -> Option<crate::bgp::BgpStatus> {
+            let s = self.0.lock().unwrap();
+            s.configs
+                .last()
+                .cloned()
+                .flatten()
+                .map(|_| crate::bgp::BgpStatus {
+                    running: true,
+                    learned_routes: s.seen.len(),
+                    ..Default::default()
+                })
+        }
+    }
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    fn bgp_conf(backend: &str) -> FlannelNetConf {
+        FlannelNetConf::parse(&format!(
+            r#"{{"Network": "10.244.0.0/16", "Backend": {backend}}}"#
+        ))
+        .unwrap()
+    }
+
+    fn modes(l: &ControlLoop<MemoryMaps>) -> Vec<(Ipv4Net, u8)> {
+        l.maps.routes.iter().map(|(k, r)| (*k, r.mode)).collect()
+    }
+
+    #[test]
+    fn bgp_gets_its_config_and_the_complete_node_list() {
+        let t0 = Instant::now();
+        let fake = FakeBgp::default();
+        let conf =
+            bgp_conf(r#"{"Type": "bgp", "RouteTable": 100, "Encapsulation": "CrossSubnet"}"#);
+        let mut l = control_loop(MemoryMaps::default(), conf, t0).bgp(Box::new(fake.clone()));
+        {
+            let s = fake.0.lock().unwrap();
+            assert_eq!(s.configs.len(), 1);
+            assert_eq!(s.configs[0].as_ref().unwrap().table, 100);
+            assert!(
+                s.clusters.is_empty(),
+                "no node list before the datastore listed"
+            );
+        }
+        // Nothing listed yet: BIRD must not start on an incomplete list.
+        l.turn(vec![Event::Connected(true)], t0).unwrap();
+        assert!(fake.0.lock().unwrap().clusters.is_empty());
+        l.turn(
+            vec![Event::Snapshot(vec![
+                lease("10.244.1.0/24", [192, 168, 1, 1]),
+                lease("10.244.2.0/24", [192, 168, 1, 2]),
+                lease("10.244.3.0/24", [192, 168, 2, 3]),
+                lease("10.244.4.0/24", [192, 168, 2, 3]),
+            ])],
+            t0,
+        )
+        .unwrap();
+        {
+            let s = fake.0.lock().unwrap();
+            let (local, nodes) = s.clusters.last().unwrap();
+            assert_eq!(local, &vec![net("10.244.1.0/24")]);
+            assert_eq!(
+                nodes,
+                &vec![
+                    crate::bgp::PeerNode {
+                        ip: Ipv4Addr::new(192, 168, 1, 2),
+                        subnets: vec![net("10.244.2.0/24")],
+                    },
+                    crate::bgp::PeerNode {
+                        ip: Ipv4Addr::new(192, 168, 2, 3),
+                        subnets: vec![net("10.244.3.0/24"), net("10.244.4.0/24")],
+                    },
+                ],
+                "this node's own record is no peer; one peer per address"
+            );
+        }
+        assert_eq!(node_config(&l.conf, &underlay()).bgp_table, 100);
+        // CrossSubnet: native along BGP on this subnet, the tunnel (ipip) across.
+        assert_eq!(
+            modes(&l),
+            vec![
+                (net("10.244.2.0/24"), RouteMode::Bgp as u8),
+                (net("10.244.3.0/24"), RouteMode::Ipip as u8),
+                (net("10.244.4.0/24"), RouteMode::Ipip as u8),
+            ]
+        );
+        // A node leaving: BGP gets the new list; an idle turn gives it nothing new.
+        let before = fake.0.lock().unwrap().clusters.len();
+        l.turn(
+            vec![Event::Remove(net("10.244.2.0/24"))],
+            t0 + Duration::from_millis(5),
+        )
+        .unwrap();
+        l.turn(vec![], t0 + Duration::from_millis(6)).unwrap();
+        let s = fake.0.lock().unwrap();
+        assert_eq!(s.clusters.len(), before + 1);
+        assert_eq!(s.clusters.last().unwrap().1.len(), 1);
+        assert!(l.metrics.render().contains("weft_bgp_speaker_up 1"));
+    }
+
+    #[test]
+    fn a_live_switch_into_bgp_waits_for_birds_routes() {
+        let t0 = Instant::now();
+        let fake = FakeBgp::default();
+        let mut l = control_loop(MemoryMaps::default(), conf("vxlan", false), t0)
+            .bgp(Box::new(fake.clone()));
+        assert_eq!(fake.0.lock().unwrap().configs, vec![None]);
+        l.turn(
+            vec![Event::Snapshot(vec![
+                lease("10.244.2.0/24", [192, 168, 1, 2]),
+                lease("10.244.3.0/24", [192, 168, 2, 3]),
+            ])],
+            t0,
+        )
+        .unwrap();
+        let vxlan = RouteMode::Vxlan as u8;
+        let bgp = RouteMode::Bgp as u8;
+        assert!(modes(&l).iter().all(|(_, m)| *m == vxlan));
+        assert!(l.metrics.render().find("weft_bgp_").is_none());
+
+        // Into bgp: BIRD is configured, but no route changes mode before BIRD installed it.
+        l.maps.writes.clear();
+        l.switch_backend(bgp_conf(r#"{"Type": "bgp"}"#)).unwrap();
+        l.turn(vec![], t0 + Duration::from_millis(1)).unwrap();
+        assert!(fake.0.lock().unwrap().configs.last().unwrap().is_some());
+        assert!(
+            modes(&l).iter().all(|(_, m)| *m == vxlan),
+            "{:?}",
+            modes(&l)
+        );
+        assert_eq!(l.maps.nodes[&Ipv4Addr::new(192, 168, 2, 3)].mode, vxlan);
+
+        // BIRD installs one route: that subnet (and its node) goes to bgp, the next hops cached
+        // from the old table are flushed; the other stays vxlan.
+        fake.0.lock().unwrap().table.insert(net("10.244.2.0/24"));
+        l.maps.writes.clear();
+        let turn = l.turn(vec![], t0 + Duration::from_millis(2)).unwrap();
+        assert!(turn.bgp_learned_changed);
+        assert!(l.maps.writes.contains(&MapWrite::FlushNextHops));
+        assert_eq!(
+            modes(&l),
+            vec![(net("10.244.2.0/24"), bgp), (net("10.244.3.0/24"), vxlan)]
+        );
+        assert_eq!(l.maps.nodes[&Ipv4Addr::new(192, 168, 1, 2)].mode, bgp);
+        fake.0.lock().unwrap().table.insert(net("10.244.3.0/24"));
+        l.turn(vec![], t0 + Duration::from_millis(3)).unwrap();
+        assert!(modes(&l).iter().all(|(_, m)| *m == bgp));
+        // Withdrawn later: the route keeps bgp (its packets are counted drops, no_bgp_route,
+        // rather than a tunnel the peer may no longer expect).
+        fake.0.lock().unwrap().table.remove(&net("10.244.3.0/24"));
+        l.turn(vec![], t0 + Duration::from_millis(4)).unwrap();
+        assert!(modes(&l).iter().all(|(_, m)| *m == bgp));
+
+        // Back to vxlan: immediate, and BIRD is told the backend is no longer bgp.
+        l.switch_backend(conf("vxlan", false)).unwrap();
+        l.turn(vec![], t0 + Duration::from_millis(5)).unwrap();
+        assert!(modes(&l).iter().all(|(_, m)| *m == vxlan));
+        assert_eq!(fake.0.lock().unwrap().configs.last(), Some(&None));
+        assert!(l.maps.config.unwrap().bgp_table == BGP_TABLE_DEFAULT);
+    }
+}

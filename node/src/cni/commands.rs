@@ -1,0 +1,759 @@
+//! ADD, DEL, CHECK, GC, STATUS and VERSION. The plugin runs in the node's network namespace
+//! (bpffs visible); pod-side configuration runs on a thread inside the pod's namespace.
+use std::{
+    net::Ipv4Addr,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use ipnet::Ipv4Net;
+use serde::Serialize;
+use serde_json::Value;
+use weft_common::{CONFIG_F_READY, EP_F_STACK_ONLY, EndpointInfo};
+
+use super::{
+    Log,
+    error::{CniError, CniResult, code},
+    names::{AttachmentNames, HOST_IF_PREFIX, POD_GATEWAY},
+    result::{AddResult, Interface, IpConfig, Route},
+    spec::{self, Env, NetworkConfig},
+};
+use crate::{
+    datapath::{self, Maps},
+    ipam::{Ipam, IpamError},
+    mac::format_mac,
+    netlink::{self, BlockingNetlink, Scope},
+    ns,
+    subnet_env::SubnetEnv,
+};
+
+/// How long a plugin waits for another one holding the IPAM lock before answering "try again".
+const LOCK_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// VERSION's answer: the versions spoken, in the version asked for (else the newest).
+#[derive(Debug, Serialize)]
+struct VersionReply {
+    #[serde(rename = "cniVersion")]
+    cni_version: String,
+    #[serde(rename = "supportedVersions")]
+    supported_versions: &'static [&'static str],
+}
+
+pub fn version(stdin: &[u8]) -> Value {
+    let asked = spec::requested_version(stdin).unwrap_or_else(|| spec::CURRENT_VERSION.to_string());
+    serde_json::to_value(VersionReply {
+        cni_version: asked,
+        supported_versions: &spec::SUPPORTED_VERSIONS,
+    })
+    .expect("serializable")
+}
+
+/// The node's subnet file; missing means the agent has not set the node up yet.
+fn node_subnet(conf: &NetworkConfig, missing_code: u32) -> CniResult<SubnetEnv> {
+    SubnetEnv::read(&conf.subnet_file).map_err(|e| {
+        CniError::with_cause(
+            missing_code,
+            format!(
+                "the node's subnet file {} is not readable: is weft-agent running on this node?",
+                conf.subnet_file.display()
+            ),
+            &e,
+        )
+    })
+}
+
+fn pin_root(conf: &NetworkConfig, subnet: Option<&SubnetEnv>) -> PathBuf {
+    conf.pin_root
+        .clone()
+        .or_else(|| subnet.map(|s| s.pin_root.clone()))
+        .unwrap_or_else(|| PathBuf::from(weft_common::DEFAULT_PIN_ROOT))
+}
+
+/// The node's pinned maps, provided the agent marked the config ready.
+fn ready_maps(pin_root: &Path, not_ready_code: u32) -> CniResult<Maps> {
+    let maps = Maps::open_pinned(pin_root).map_err(|e| {
+        CniError::with_cause(
+            not_ready_code,
+            format!(
+                "the datapath maps under {} are missing: is weft-agent running on this node?",
+                pin_root.display()
+            ),
+            &e,
+        )
+    })?;
+    let config = maps.config().map_err(|e| {
+        CniError::with_cause(not_ready_code, "reading the node config map failed", &e)
+    })?;
+    if config.flags & CONFIG_F_READY == 0 {
+        return Err(CniError::new(
+            not_ready_code,
+            format!(
+                "the datapath under {} is not configured yet (config map not READY)",
+                pin_root.display()
+            ),
+        ));
+    }
+    for (name, _) in datapath::POD_PROGRAMS {
+        let prog = datapath::pin_dir(pin_root).join("progs").join(name);
+        if !prog.exists() {
+            return Err(CniError::new(
+                not_ready_code,
+                format!(
+                    "the pinned program {} is missing: weft-agent has not pinned its programs",
+                    prog.display()
+                ),
+            ));
+        }
+    }
+    Ok(maps)
+}
+
+fn ipam_error(e: IpamError) -> CniError {
+    match &e {
+        IpamError::Exhausted { .. } => CniError::new(
+            code::ADDRESSES_EXHAUSTED,
+            format!("{e}: delete unused pods or give the node a larger subnet"),
+        ),
+        IpamError::LockTimeout { .. } => CniError::new(code::TRY_AGAIN_LATER, e.to_string()),
+        IpamError::Store { .. } => CniError::new(code::IPAM_STORE, format!("{e:#}")),
+    }
+}
+
+fn prev_result(conf: &NetworkConfig) -> CniResult<Option<AddResult>> {
+    conf.prev_result
+        .as_ref()
+        .map(|v| AddResult::parse(v).map_err(CniError::invalid_config))
+        .transpose()
+}
+
+/// What ADD has done so far, undone in reverse order when a later step fails.
+#[derive(Default)]
+struct Undo {
+    release: Option<(Ipam, String, String)>,
+    link: Option<String>,
+    endpoint: Option<Ipv4Addr>,
+    attached: Option<(PathBuf, String)>,
+}
+
+impl Undo {
+    fn run(self, maps: &mut Maps, log: &Log) {
+        if let Some((root, dev)) = self.attached
+            && let Err(e) = datapath::detach_pinned_pod(&root, &dev)
+        {
+            log.line(&format!(
+                "undo: detaching the pod programs from {dev}: {e:#}"
+            ));
+        }
+        if let Some(ip) = self.endpoint
+            && let Err(e) = maps.remove_endpoint(ip)
+        {
+            log.line(&format!("undo: removing endpoint {ip}: {e:#}"));
+        }
+        if let Some(dev) = self.link
+            && let Err(e) = BlockingNetlink::open().and_then(|nl| nl.block_on(nl.delete_link(&dev)))
+        {
+            log.line(&format!("undo: deleting {dev}: {e:#}"));
+        }
+        if let Some((ipam, cid, ifname)) = self.release {
+            let released = ipam
+                .lock(LOCK_TIMEOUT)
+                .map_err(anyhow::Error::from)
+                .and_then(|mut l| {
+                    l.release(&cid, &ifname);
+                    l.commit().map_err(anyhow::Error::from)
+                });
+            if let Err(e) = released {
+                log.line(&format!("undo: releasing the address: {e:#}"));
+            }
+        }
+    }
+}
+
+pub fn add(env: &Env, conf: &NetworkConfig, log: &Log) -> CniResult<Value> {
+    let netns = env.netns.clone().expect("ADD has CNI_NETNS");
+    if !ns::is_netns(&netns) {
+        return Err(CniError::invalid_env(format!(
+            "CNI_NETNS {} is not a network namespace",
+            netns.display()
+        )));
+    }
+    let prev = prev_result(conf)?;
+    let subnet = node_subnet(conf, code::TRY_AGAIN_LATER)?;
+    let pin_root = pin_root(conf, Some(&subnet));
+    let mtu = conf.mtu.unwrap_or(subnet.mtu);
+    let mut maps = ready_maps(&pin_root, code::TRY_AGAIN_LATER)?;
+    let names = AttachmentNames::of(&env.container_id, &env.ifname);
+    let mut undo = Undo::default();
+    let wiring = Wiring {
+        env,
+        conf,
+        subnet: &subnet,
+        netns: &netns,
+        names: &names,
+        mtu,
+        pin_root: &pin_root,
+    };
+    let ip = match wiring.wire(&mut maps, &mut undo, log) {
+        Ok(ip) => ip,
+        Err(e) => {
+            undo.run(&mut maps, log);
+            return Err(e);
+        }
+    };
+    let ours = AddResult {
+        interfaces: vec![
+            Interface {
+                name: names.host_ifname.clone(),
+                mac: format_mac(&names.host_mac),
+                sandbox: None,
+                mtu: Some(mtu),
+            },
+            Interface {
+                name: env.ifname.clone(),
+                mac: format_mac(&names.pod_mac),
+                sandbox: Some(netns.display().to_string()),
+                mtu: Some(mtu),
+            },
+        ],
+        ips: vec![IpConfig {
+            address: Ipv4Net::new(ip, 32).expect("/32"),
+            gateway: Some(POD_GATEWAY),
+            interface: Some(1),
+        }],
+        routes: vec![Route {
+            dst: Ipv4Net::default(),
+            gw: Some(POD_GATEWAY),
+        }],
+        ..Default::default()
+    };
+    let result = match prev {
+        Some(prev) => prev.merge(ours),
+        None => ours,
+    };
+    Ok(result.render(&conf.cni_version))
+}
+
+/// Everything ADD needs to wire one attachment.
+struct Wiring<'a> {
+    env: &'a Env,
+    conf: &'a NetworkConfig,
+    subnet: &'a SubnetEnv,
+    netns: &'a Path,
+    names: &'a AttachmentNames,
+    mtu: u32,
+    pin_root: &'a Path,
+}
+
+impl Wiring<'_> {
+    fn setup_err(what: String, e: &anyhow::Error) -> CniError {
+        CniError::with_cause(code::INTERFACE_SETUP, what, e)
+    }
+
+    /// The veth (host side up), the pod side created directly in the pod's namespace under
+    /// its final name (no address needed yet).
+    fn create_veth(&self, nl: &BlockingNetlink) -> CniResult<()> {
+        let host = &self.names.host_ifname;
+        let pod_if = &self.env.ifname;
+        let netns = std::fs::File::open(self.netns).map_err(|e| {
+            CniError::invalid_env(format!("CNI_NETNS {}: {e}", self.netns.display()))
+        })?;
+        let create = || {
+            nl.block_on(nl.create_veth(
+                host,
+                Some(&self.names.host_mac),
+                pod_if,
+                Some(&self.names.pod_mac),
+                self.mtu,
+                Some(netns.as_raw_fd()),
+            ))
+        };
+        match create() {
+            Ok(()) => Ok(()),
+            // A previous ADD of this attachment may have been killed half way: its host link
+            // (and with it the peer) goes, and the ADD is tried once more.
+            Err(e) if e.is(libc::EEXIST) => {
+                if !nl.block_on(nl.delete_link(host)).unwrap_or(false) {
+                    return Err(Self::setup_err(
+                        format!(
+                            "creating veth {host} <-> {pod_if} in {} failed: {pod_if} already exists there",
+                            self.netns.display()
+                        ),
+                        &e.into(),
+                    ));
+                }
+                create().map_err(|e| {
+                    Self::setup_err(format!("creating veth {host} <-> {pod_if}"), &e.into())
+                })
+            }
+            Err(e) => Err(Self::setup_err(
+                format!("creating veth {host} <-> {pod_if}"),
+                &e.into(),
+            )),
+        }
+    }
+
+    /// Creates the veth, then attaches `from_pod` (ingress) and `to_pod` (egress) on a second
+    /// thread while the address is allocated and both sides are configured. A TCX attach waits
+    /// for an RCU grace period (`tcx_entry_sync`, ~10 ms each, the bulk of an ADD) holding
+    /// rtnl, so the netlink steps queue behind it but the IPAM store's file I/O overlaps. Each
+    /// step is recorded in `undo` once done. Returns the pod address.
+    fn wire(&self, maps: &mut Maps, undo: &mut Undo, log: &Log) -> CniResult<Ipv4Addr> {
+        let host = self.names.host_ifname.clone();
+        // The node's side of the wiring goes through one connection (this thread, the node's
+        // namespace); the pod's side opens its own in the pod's namespace.
+        let nl = BlockingNetlink::open()
+            .map_err(|e| Self::setup_err("opening rtnetlink".into(), &e.into()))?;
+        self.create_veth(&nl)?;
+        undo.link = Some(host.clone());
+        let host_ifindex = nix::net::if_::if_nametoindex(host.as_str())
+            .map_err(|e| Self::setup_err(format!("ifindex of {host}"), &anyhow::Error::from(e)))?;
+        // Pins left by an earlier, interrupted ADD hold links severed with their device.
+        let _ = datapath::detach_pinned_pod(self.pin_root, &host);
+        let (pin_root, dev) = (self.pin_root.to_path_buf(), host.clone());
+        let attach = std::thread::spawn(move || datapath::attach_pinned_pod(&pin_root, &dev));
+        let configured = self.configure(&nl, host_ifindex, maps, undo, log);
+        let attached = attach
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the attach thread panicked")));
+        match attached {
+            Ok(()) => undo.attached = Some((self.pin_root.to_path_buf(), host.clone())),
+            Err(e) => {
+                configured?;
+                return Err(CniError::with_cause(
+                    code::DATAPATH,
+                    format!("attaching from_pod and to_pod to {host}"),
+                    &e,
+                ));
+            }
+        }
+        configured
+    }
+
+    /// Address, routes and neighbours on both sides, and the endpoint entry.
+    fn configure(
+        &self,
+        nl: &BlockingNetlink,
+        host_ifindex: u32,
+        maps: &mut Maps,
+        undo: &mut Undo,
+        log: &Log,
+    ) -> CniResult<Ipv4Addr> {
+        let env = self.env;
+        let ipam = Ipam::new(&self.conf.data_dir, &self.conf.name);
+        let (ip, new) = {
+            let mut locked = ipam.lock(LOCK_TIMEOUT).map_err(ipam_error)?;
+            let got = locked
+                .allocate(
+                    self.subnet.subnet,
+                    &[self.subnet.gateway()],
+                    &env.container_id,
+                    &env.ifname,
+                )
+                .map_err(ipam_error)?;
+            if got.1 {
+                locked.commit().map_err(ipam_error)?;
+            }
+            got
+        };
+        log.line(&format!("address {ip} (new: {new})"));
+        if new {
+            undo.release = Some((ipam, env.container_id.clone(), env.ifname.clone()));
+        }
+        let host = &self.names.host_ifname;
+        let pod_if = &env.ifname;
+        let pod_addr = Ipv4Net::new(ip, 32).expect("/32");
+        let host_side = || -> anyhow::Result<()> {
+            // Router advertisements from the pod never configure the node.
+            ipv6_sysctl(host, "accept_ra", "0").context("accept_ra")?;
+            nl.block_on(nl.replace_route(pod_addr, None, host_ifindex, Scope::Link, false, None))
+                .context("route")?;
+            nl.block_on(nl.replace_neighbour(host_ifindex, ip, &self.names.pod_mac))
+                .context("neighbour")?;
+            Ok(())
+        };
+        let pod_side = || -> anyhow::Result<()> {
+            let nl = BlockingNetlink::open()?;
+            let index = netlink::ifindex(pod_if)?;
+            nl.block_on(nl.replace_address(index, pod_addr))
+                .context("address")?;
+            // The cluster network is IPv4: the pod's interface sends no IPv6 (router and
+            // neighbour solicitations, MLD) for the datapath to drop.
+            ipv6_sysctl(pod_if, "disable_ipv6", "1").context("disable_ipv6")?;
+            nl.block_on(nl.set_link(index, None, None))
+                .context("link up")?;
+            nl.block_on(nl.replace_neighbour(index, POD_GATEWAY, &self.names.host_mac))
+                .context("gateway neighbour")?;
+            nl.block_on(nl.replace_route(
+                Ipv4Net::default(),
+                Some(POD_GATEWAY),
+                index,
+                Scope::Universe,
+                true,
+                None,
+            ))
+            .context("default route")?;
+            Ok(())
+        };
+        let (host_done, pod_done) = std::thread::scope(|s| {
+            let pod = s.spawn(|| ns::run_in(self.netns, pod_side));
+            let host = host_side();
+            (
+                host,
+                pod.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the pod thread panicked"))),
+            )
+        });
+        host_done.map_err(|e| Self::setup_err(format!("routing {ip} to {host}"), &e))?;
+        pod_done.map_err(|e| {
+            Self::setup_err(
+                format!("configuring {pod_if} in {}", self.netns.display()),
+                &e,
+            )
+        })?;
+        maps.upsert_endpoint(
+            ip,
+            &EndpointInfo {
+                host_ifindex,
+                pod_mac: self.names.pod_mac,
+                host_mac: self.names.host_mac,
+                flags: endpoint_flags(self.conf),
+            },
+        )
+        .map_err(|e| {
+            CniError::with_cause(code::DATAPATH, format!("registering endpoint {ip}"), &e)
+        })?;
+        undo.endpoint = Some(ip);
+        Ok(ip)
+    }
+}
+
+/// Sets `net.ipv6.conf.<dev>.<key>` in the calling thread's network namespace; nothing to do
+/// on a kernel without IPv6.
+fn ipv6_sysctl(dev: &str, key: &str, value: &str) -> anyhow::Result<()> {
+    let path = PathBuf::from(format!("/proc/sys/net/ipv6/conf/{dev}/{key}"));
+    if !Path::new("/proc/sys/net/ipv6").exists() {
+        return Ok(());
+    }
+    std::fs::write(&path, value).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The endpoint's `EP_F_*` flags: a pod the runtime asks to shape (`runtimeConfig.bandwidth`,
+/// for the `bandwidth` plugin chained after weft) takes the host stack both ways, where the
+/// plugin's qdiscs are.
+fn endpoint_flags(conf: &NetworkConfig) -> u32 {
+    if conf.bandwidth { EP_F_STACK_ONLY } else { 0 }
+}
+
+/// Removes what ADD set up for one attachment except the allocation; every step tolerates
+/// its object being gone already.
+fn teardown(
+    maps: Option<&mut Maps>,
+    pin_root: &Path,
+    host_ifname: &str,
+    ip: Option<Ipv4Addr>,
+    log: &Log,
+) -> CniResult<()> {
+    if let (Some(maps), Some(ip)) = (maps, ip) {
+        let present = maps
+            .endpoints()
+            .map(|eps| eps.iter().any(|(a, _)| *a == ip))
+            .unwrap_or(true);
+        if present && let Err(e) = maps.remove_endpoint(ip) {
+            log.line(&format!("removing endpoint {ip}: {e:#}"));
+        }
+    }
+    // The device first: its removal detaches the program as part of the device's own
+    // teardown, whereas detaching a live TCX link waits for an RCU grace period of its own.
+    BlockingNetlink::open()
+        .and_then(|nl| nl.block_on(nl.delete_link(host_ifname)))
+        .map_err(|e| {
+            let e = anyhow::Error::from(e);
+            CniError::with_cause(code::INTERFACE_SETUP, format!("deleting {host_ifname}"), &e)
+        })?;
+    datapath::detach_pinned_pod(pin_root, host_ifname).map_err(|e| {
+        CniError::with_cause(
+            code::DATAPATH,
+            format!("detaching from_pod and to_pod from {host_ifname}"),
+            &e,
+        )
+    })?;
+    Ok(())
+}
+
+pub fn del(env: &Env, conf: &NetworkConfig, log: &Log) -> CniResult<()> {
+    // DEL works without the agent: the subnet file only supplies the pin root.
+    let subnet = SubnetEnv::read(&conf.subnet_file).ok();
+    let pin_root = pin_root(conf, subnet.as_ref());
+    let names = AttachmentNames::of(&env.container_id, &env.ifname);
+    let ipam = Ipam::new(&conf.data_dir, &conf.name);
+    let ip = ipam
+        .lock(LOCK_TIMEOUT)
+        .map_err(ipam_error)?
+        .find(&env.container_id, &env.ifname)
+        .map(|a| a.ip);
+    let mut maps = match Maps::open_pinned(&pin_root) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            log.line(&format!("no datapath maps, skipping the endpoint: {e:#}"));
+            None
+        }
+    };
+    teardown(maps.as_mut(), &pin_root, &names.host_ifname, ip, log)?;
+    if ip.is_some() {
+        let mut locked = ipam.lock(LOCK_TIMEOUT).map_err(ipam_error)?;
+        if locked.release(&env.container_id, &env.ifname).is_some() {
+            locked.commit().map_err(ipam_error)?;
+        }
+    }
+    Ok(())
+}
+
+fn mismatch(msg: String) -> CniError {
+    CniError::new(code::CHECK_MISMATCH, msg)
+}
+
+pub fn check(env: &Env, conf: &NetworkConfig, _log: &Log) -> CniResult<()> {
+    let netns = env.netns.clone().expect("CHECK has CNI_NETNS");
+    let prev = prev_result(conf)?;
+    let subnet = node_subnet(conf, code::TRY_AGAIN_LATER)?;
+    let pin_root = pin_root(conf, Some(&subnet));
+    let mtu = conf.mtu.unwrap_or(subnet.mtu);
+    let ipam = Ipam::new(&conf.data_dir, &conf.name);
+    let ip = ipam
+        .lock(LOCK_TIMEOUT)
+        .map_err(ipam_error)?
+        .find(&env.container_id, &env.ifname)
+        .map(|a| a.ip)
+        .ok_or_else(|| {
+            CniError::new(
+                code::UNKNOWN_CONTAINER,
+                format!(
+                    "no address is allocated to container {} interface {}: ADD never ran or DEL already did",
+                    env.container_id, env.ifname
+                ),
+            )
+        })?;
+    let want = Ipv4Net::new(ip, 32).expect("/32");
+    if let Some(prev) = &prev
+        && !prev.ips.iter().any(|c| c.address == want)
+    {
+        return Err(mismatch(format!(
+            "prevResult does not list the allocated address {want}"
+        )));
+    }
+    let names = AttachmentNames::of(&env.container_id, &env.ifname);
+    let host = &names.host_ifname;
+    let io =
+        |what: &str, e: anyhow::Error| CniError::with_cause(code::IO_FAILURE, what.to_string(), &e);
+
+    let nl = BlockingNetlink::open().map_err(|e| io("opening rtnetlink", e.into()))?;
+    let link = nl
+        .block_on(nl.link(host))
+        .map_err(|e| io("reading the host link", e.into()))?
+        .ok_or_else(|| mismatch(format!("host interface {host} is missing")))?;
+    expect_link(&link, &names.host_mac, mtu, "host interface")?;
+    let routes = nl
+        .block_on(nl.routes())
+        .map_err(|e| io("reading host routes", e.into()))?;
+    if !routes
+        .iter()
+        .any(|r| r.dst == want && r.oif == Some(link.ifindex))
+    {
+        return Err(mismatch(format!(
+            "the host route {want} dev {host} is missing"
+        )));
+    }
+
+    let pod_if = env.ifname.clone();
+    let host_mac = names.host_mac;
+    let pod_mac = names.pod_mac;
+    ns::run_in(&netns, || -> anyhow::Result<Result<(), CniError>> {
+        let nl = BlockingNetlink::open()?;
+        let Some(l) = nl.block_on(nl.link(&pod_if))? else {
+            return Ok(Err(mismatch(format!(
+                "interface {pod_if} is missing in {}",
+                netns.display()
+            ))));
+        };
+        if let Err(e) = expect_link(&l, &pod_mac, mtu, "pod interface") {
+            return Ok(Err(e));
+        }
+        let addrs = nl.block_on(nl.addresses(l.ifindex))?;
+        if !addrs.contains(&want) {
+            return Ok(Err(mismatch(format!(
+                "{pod_if} has addresses {addrs:?}, expected {want}"
+            ))));
+        }
+        let routes = nl.block_on(nl.routes())?;
+        let gw = POD_GATEWAY;
+        if !routes.iter().any(|r| {
+            r.dst == Ipv4Net::default() && r.gateway == Some(gw) && r.oif == Some(l.ifindex)
+        }) {
+            return Ok(Err(mismatch(format!(
+                "the pod's default route via {gw} dev {pod_if} is missing (routes: {routes:?})"
+            ))));
+        }
+        match nl.block_on(nl.permanent_neighbour(l.ifindex, POD_GATEWAY))? {
+            Some(mac) if mac == host_mac => {}
+            other => {
+                return Ok(Err(mismatch(format!(
+                    "the pod's neighbour entry for {gw} is {:?}, expected permanent {}",
+                    other.map(|m| format_mac(&m)),
+                    format_mac(&host_mac)
+                ))));
+            }
+        }
+        Ok(Ok(()))
+    })
+    .map_err(|e| io(&format!("inspecting {}", netns.display()), e))??;
+
+    let maps = ready_maps(&pin_root, code::TRY_AGAIN_LATER)?;
+    let endpoints = maps
+        .endpoints()
+        .map_err(|e| io("reading the endpoint map", e))?;
+    let expected = EndpointInfo {
+        host_ifindex: link.ifindex,
+        pod_mac: names.pod_mac,
+        host_mac: names.host_mac,
+        flags: endpoint_flags(conf),
+    };
+    match endpoints.iter().find(|(a, _)| *a == ip) {
+        Some((_, info)) if *info == expected => {}
+        Some((_, info)) => {
+            return Err(mismatch(format!(
+                "endpoint map entry of {ip} is {info:?}, expected {expected:?}"
+            )));
+        }
+        None => return Err(mismatch(format!("endpoint map has no entry for {ip}"))),
+    }
+    for (name, _) in datapath::POD_PROGRAMS {
+        let pin = datapath::link_pin_path(&pin_root, name, host);
+        if !pin.exists() {
+            return Err(mismatch(format!(
+                "{name} is not attached to {host} (no link pin at {})",
+                pin.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn expect_link(l: &netlink::LinkInfo, mac: &[u8; 6], mtu: u32, what: &str) -> CniResult<()> {
+    if l.mac != Some(*mac) {
+        return Err(mismatch(format!(
+            "{what} {} has MAC {}, expected {}",
+            l.name,
+            l.mac.map(|m| format_mac(&m)).unwrap_or_default(),
+            format_mac(mac)
+        )));
+    }
+    if l.mtu != mtu {
+        return Err(mismatch(format!(
+            "{what} {} has MTU {}, expected {mtu}",
+            l.name, l.mtu
+        )));
+    }
+    if !l.up {
+        return Err(mismatch(format!("{what} {} is down", l.name)));
+    }
+    Ok(())
+}
+
+pub fn gc(conf: &NetworkConfig, log: &Log) -> CniResult<()> {
+    let valid = conf.valid_attachments.clone().ok_or_else(|| {
+        CniError::invalid_config("field `cni.dev/valid-attachments` is missing (required by GC)")
+    })?;
+    let subnet = SubnetEnv::read(&conf.subnet_file).ok();
+    let pin_root = pin_root(conf, subnet.as_ref());
+    let mut maps = Maps::open_pinned(&pin_root)
+        .map_err(|e| log.line(&format!("GC without datapath maps: {e:#}")))
+        .ok();
+    let ipam = Ipam::new(&conf.data_dir, &conf.name);
+    let mut locked = ipam.lock(LOCK_TIMEOUT).map_err(ipam_error)?;
+    let stale = locked.retain(|a| {
+        valid
+            .iter()
+            .any(|v| v.container_id == a.container_id && v.ifname == a.ifname)
+    });
+    for a in &stale {
+        let names = AttachmentNames::of(&a.container_id, &a.ifname);
+        log.line(&format!(
+            "GC: releasing {} of {}/{}",
+            a.ip, a.container_id, a.ifname
+        ));
+        teardown(
+            maps.as_mut(),
+            &pin_root,
+            &names.host_ifname,
+            Some(a.ip),
+            log,
+        )?;
+    }
+    locked.commit().map_err(ipam_error)?;
+
+    // What no allocation accounts for any more (a plugin killed between steps): endpoints of
+    // this node's subnet, host-side links and link pins.
+    let live_ips: Vec<Ipv4Addr> = locked.state.allocations.iter().map(|a| a.ip).collect();
+    let live_links: Vec<String> = locked
+        .state
+        .allocations
+        .iter()
+        .map(|a| AttachmentNames::of(&a.container_id, &a.ifname).host_ifname)
+        .collect();
+    if let Some(maps) = maps.as_mut() {
+        let endpoints = maps
+            .endpoints()
+            .map_err(|e| CniError::with_cause(code::DATAPATH, "reading endpoints", &e))?;
+        for (ip, _) in endpoints {
+            let ours = subnet.as_ref().is_some_and(|s| s.subnet.contains(&ip));
+            if ours && !live_ips.contains(&ip) {
+                log.line(&format!("GC: removing orphan endpoint {ip}"));
+                let _ = maps.remove_endpoint(ip);
+            }
+        }
+    }
+    let links = BlockingNetlink::open()
+        .and_then(|nl| nl.block_on(nl.links()))
+        .map_err(|e| CniError::with_cause(code::IO_FAILURE, "listing links", &e.into()))?;
+    for l in links {
+        if l.name.starts_with(HOST_IF_PREFIX) && !live_links.contains(&l.name) {
+            log.line(&format!("GC: deleting orphan link {}", l.name));
+            teardown(None, &pin_root, &l.name, None, log)?;
+        }
+    }
+    let links_dir = datapath::pin_dir(&pin_root).join("links");
+    if let Ok(entries) = std::fs::read_dir(&links_dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let orphan = datapath::POD_PROGRAMS.iter().any(|(prog, _)| {
+                name.strip_prefix(&format!("{prog}@")).is_some_and(|dev| {
+                    dev.starts_with(HOST_IF_PREFIX) && !live_links.iter().any(|l| l == dev)
+                })
+            });
+            if orphan {
+                log.line(&format!("GC: removing orphan link pin {name}"));
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn status(conf: &NetworkConfig) -> CniResult<()> {
+    let subnet = node_subnet(conf, code::NOT_AVAILABLE)?;
+    let pin_root = pin_root(conf, Some(&subnet));
+    ready_maps(&pin_root, code::NOT_AVAILABLE)?;
+    // Where ADD will write: a full or read-only data directory is "not available" too.
+    std::fs::create_dir_all(&conf.data_dir)
+        .with_context(|| format!("creating {}", conf.data_dir.display()))
+        .map_err(|e| {
+            CniError::with_cause(
+                code::NOT_AVAILABLE,
+                "the IPAM data directory is not writable",
+                &e,
+            )
+        })?;
+    Ok(())
+}

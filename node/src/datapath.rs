@@ -1,0 +1,660 @@
+//! The eBPF datapath as userspace sees it: the embedded object, loading with or without pins,
+//! typed access to every map, and attaching the programs to interfaces.
+//!
+//! Pins live under `<root>/v<SCHEMA_VERSION>/` (`maps/`, `links/`), so an agent, the CNI plugin
+//! and the CLI of one node share maps, several simulated nodes never do, and a new map layout
+//! never reuses an old map.
+use std::{
+    io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, Xdp,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::{XdpLink, XdpMode},
+    },
+    sys::SyscallError,
+};
+use ipnet::Ipv4Net;
+use weft_common::{
+    DropReason, EndpointInfo, Ipv4Key, NextHop, NodeConfig, NodeInfo, PathMtu, RouteInfo,
+    SCHEMA_VERSION, Stat,
+    conntrack::{CT_MAX_DEFAULT, CtEntry, CtKey},
+    map_names, prog_names,
+};
+
+/// The compiled `node-ebpf` object (BTF included).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft"));
+
+/// The schema-versioned pin directory under a pin root (e.g. `/sys/fs/bpf/weft/v1`).
+pub fn pin_dir(root: &Path) -> PathBuf {
+    root.join(format!("v{SCHEMA_VERSION}"))
+}
+
+/// `BPF_FS_MAGIC` from the kernel's `magic.h`.
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Makes sure a bpffs is mounted at `/sys/fs/bpf` (a fresh host may not have one), as Cilium's
+/// agent does: pins live there and must survive agent restarts.
+pub fn ensure_bpffs() -> Result<()> {
+    let mount_point = Path::new("/sys/fs/bpf");
+    if let Ok(st) = nix::sys::statfs::statfs(mount_point)
+        && st.filesystem_type().0 == BPF_FS_MAGIC
+    {
+        return Ok(());
+    }
+    std::fs::create_dir_all(mount_point).context("creating /sys/fs/bpf")?;
+    nix::mount::mount(
+        Some("bpf"),
+        mount_point,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mounting bpffs at /sys/fs/bpf")
+}
+
+/// Sizes chosen at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Capacity of the conntrack map (`WEFT_CT`). A map already pinned keeps the size it was
+    /// created with: see [`Datapath::conntrack_capacity`].
+    pub conntrack_max: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            conntrack_max: CT_MAX_DEFAULT,
+        }
+    }
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pub maps: Maps,
+    /// Schema-versioned pin directory, when pinned.
+    pin_dir: Option<PathBuf>,
+}
+
+impl Datapath {
+    /// Loads the object with private, unpinned maps (packet-injection tests, benchmarks).
+    pub fn load_unpinned() -> Result<Self> {
+        Self::load_unpinned_with(&LoadOptions::default())
+    }
+
+    /// `load_unpinned` with explicit sizes.
+    pub fn load_unpinned_with(options: &LoadOptions) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map_names::CONNTRACK, options.conntrack_max)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+        load_programs(&mut ebpf)?;
+        let maps = Maps::take_from(&mut ebpf)?;
+        Ok(Self {
+            ebpf,
+            maps,
+            pin_dir: None,
+        })
+    }
+
+    /// Loads the object reusing the maps pinned under `pin_root` (creating and pinning them on
+    /// first use): what the agent and the CNI plugin do.
+    pub fn load_pinned(pin_root: &Path) -> Result<Self> {
+        Self::load_pinned_with(pin_root, &LoadOptions::default())
+    }
+
+    /// `load_pinned` with explicit sizes for maps created now (pinned maps keep theirs).
+    pub fn load_pinned_with(pin_root: &Path, options: &LoadOptions) -> Result<Self> {
+        if pin_root.starts_with("/sys/fs/bpf") {
+            ensure_bpffs()?;
+        }
+        let dir = pin_dir(pin_root);
+        let maps_dir = dir.join("maps");
+        std::fs::create_dir_all(&maps_dir)
+            .with_context(|| format!("creating the pin directory {}", maps_dir.display()))?;
+        std::fs::create_dir_all(dir.join("links"))?;
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(map_names::CONNTRACK, options.conntrack_max);
+        for name in map_names::ALL {
+            loader.map_pin_path(name, maps_dir.join(name));
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).with_context(|| {
+            format!(
+                "loading the eBPF object with maps pinned in {}",
+                maps_dir.display()
+            )
+        })?;
+        load_programs(&mut ebpf)?;
+        let maps = Maps::take_from(&mut ebpf)?;
+        Ok(Self {
+            ebpf,
+            maps,
+            pin_dir: Some(dir),
+        })
+    }
+
+    /// The conntrack map's capacity as loaded: the requested size for a new map, the old size
+    /// for a map adopted from its pin (a map cannot be resized; a new size takes effect once
+    /// the pin is removed, e.g. at the next boot).
+    pub fn conntrack_capacity(&self) -> Result<u32> {
+        let map = self.maps.map(map_names::CONNTRACK)?;
+        let Map::LruHashMap(data) = map else {
+            return Err(anyhow!("{} is not an LRU hash map", map_names::CONNTRACK));
+        };
+        Ok(data.info()?.max_entries())
+    }
+
+    pub fn tc_program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
+        let prog = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+        prog.try_into()
+            .with_context(|| format!("{name} is not a tc program"))
+    }
+
+    pub fn xdp_program(&mut self) -> Result<&mut Xdp> {
+        let prog = self
+            .ebpf
+            .program_mut(prog_names::XDP_UNDERLAY)
+            .ok_or_else(|| anyhow!("program xdp_underlay missing from the object"))?;
+        prog.try_into()
+            .context("xdp_underlay is not an XDP program")
+    }
+
+    // --- attaching ------------------------------------------------------------------------
+    //
+    // Attachments are bpf_links. When the datapath is pinned, links are pinned too: they outlive
+    // the process (the CNI plugin exits after ADD; the agent may be killed), and a restarted
+    // agent atomically swaps its freshly loaded program into the existing link, so no packet
+    // ever meets an interface without a program.
+
+    fn link_pin(&self, prog: &str, ifname: &str) -> Option<PathBuf> {
+        self.pin_dir
+            .as_ref()
+            .map(|d| d.join("links").join(format!("{prog}@{ifname}")))
+    }
+
+    /// Attaches `from_pod` (tc ingress) and `to_pod` (tc egress) to a pod's host-side veth (in
+    /// the current netns).
+    pub fn attach_pod(&mut self, ifname: &str) -> Result<()> {
+        self.attach_tc(prog_names::FROM_POD, ifname, TcAttachType::Ingress)?;
+        self.attach_tc(prog_names::TO_POD, ifname, TcAttachType::Egress)
+    }
+
+    /// Attaches the underlay programs to the node's NIC: XDP (decapsulation, optional) and tc
+    /// ingress (delivery, decapsulation fallback).
+    pub fn attach_underlay(&mut self, ifname: &str, with_xdp: bool) -> Result<()> {
+        self.attach_tc(prog_names::FROM_UNDERLAY, ifname, TcAttachType::Ingress)?;
+        if with_xdp {
+            self.attach_xdp(ifname)?;
+        }
+        Ok(())
+    }
+
+    /// Switches every pod link pinned by the CNI plugin (`from_pod` and `to_pod`) to this
+    /// object's programs (an agent upgrade or restart): atomic per link, no packet meets a veth
+    /// without a program. Links whose veth is gone are unpinned. A pod attached by an older
+    /// plugin without `to_pod` gets it now. Returns how many pods were switched.
+    pub fn reattach_pods(&mut self) -> Result<usize> {
+        let Some(dir) = self.pin_dir.clone() else {
+            return Ok(0);
+        };
+        let prefix = format!("{}@", prog_names::FROM_POD);
+        let mut switched = 0;
+        for entry in std::fs::read_dir(dir.join("links"))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(ifname) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            if nix::net::if_::if_nametoindex(ifname).is_err() {
+                // The pod is gone (DEL never ran): drop the stale links.
+                let _ = std::fs::remove_file(entry.path());
+                let _ = std::fs::remove_file(
+                    dir.join("links")
+                        .join(format!("{}@{ifname}", prog_names::TO_POD)),
+                );
+                continue;
+            }
+            self.attach_pod(ifname)?;
+            switched += 1;
+        }
+        Ok(switched)
+    }
+
+    /// Attaches `from_host` to the ingress of `weft_net` (the peer of `weft_host`).
+    pub fn attach_from_host(&mut self, ifname: &str) -> Result<()> {
+        self.attach_tc(prog_names::FROM_HOST, ifname, TcAttachType::Ingress)
+    }
+
+    fn attach_tc(&mut self, prog_name: &str, ifname: &str, direction: TcAttachType) -> Result<()> {
+        let pin = self.link_pin(prog_name, ifname);
+        let prog = self.tc_program(prog_name)?;
+        attach_tc_link(prog, prog_name, ifname, direction, pin.as_deref())
+    }
+
+    /// Pins the loaded programs under `<pin dir>/progs/` so the CNI plugin attaches them
+    /// without loading (and verifying) the object on every ADD. Replaces older pins atomically
+    /// (pin under a temporary name, then rename).
+    pub fn pin_programs(&mut self) -> Result<()> {
+        let Some(dir) = self.pin_dir.clone() else {
+            return Err(anyhow!("the datapath is not pinned"));
+        };
+        let progs = dir.join("progs");
+        std::fs::create_dir_all(&progs)?;
+        for name in prog_names::TC.into_iter().chain([prog_names::XDP_UNDERLAY]) {
+            // bpffs refuses names containing dots.
+            let tmp = progs.join(format!("tmp_{name}_{}", std::process::id()));
+            let _ = std::fs::remove_file(&tmp);
+            let prog = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+            prog.pin(&tmp).with_context(|| format!("pinning {name}"))?;
+            std::fs::rename(&tmp, progs.join(name))
+                .with_context(|| format!("renaming the pin of {name}"))?;
+        }
+        Ok(())
+    }
+
+    fn attach_xdp(&mut self, ifname: &str) -> Result<()> {
+        let pin = self.link_pin(prog_names::XDP_UNDERLAY, ifname);
+        let prog = self.xdp_program()?;
+        if let Some(old) = open_pinned_link(pin.as_deref())? {
+            let link = XdpLink::try_from(old).context("pinned link is not an XDP link")?;
+            let id = prog
+                .attach_to_link(link)
+                .with_context(|| format!("replacing xdp_underlay on {ifname}"))?;
+            // The pin keeps the link; our handle may go.
+            std::mem::drop(FdLink::try_from(prog.take_link(id)?)?);
+            return Ok(());
+        }
+        let id = prog
+            .attach(ifname, XdpMode::default())
+            .with_context(|| format!("attaching xdp_underlay to {ifname}"))?;
+        if let Some(pin) = pin {
+            let link = prog.take_link(id)?;
+            FdLink::try_from(link)?
+                .pin(&pin)
+                .with_context(|| format!("pinning the link at {}", pin.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Typed access to every map of the datapath, either taken from a loaded object or opened from
+/// the pins of a running node (the CNI plugin and the CLI open pins: no program load, no
+/// verifier run).
+pub struct Maps {
+    maps: std::collections::HashMap<&'static str, Map>,
+}
+
+impl Maps {
+    fn take_from(ebpf: &mut Ebpf) -> Result<Self> {
+        let mut maps = std::collections::HashMap::new();
+        for name in map_names::ALL {
+            let map = ebpf
+                .take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
+            maps.insert(name, map);
+        }
+        Ok(Self { maps })
+    }
+
+    /// Opens the maps pinned under `pin_root` by a node's agent.
+    pub fn open_pinned(pin_root: &Path) -> Result<Self> {
+        let dir = pin_dir(pin_root).join("maps");
+        let mut maps = std::collections::HashMap::new();
+        for name in map_names::ALL {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).with_context(|| {
+                format!(
+                    "opening pinned map {} (is the agent running?)",
+                    path.display()
+                )
+            })?;
+            maps.insert(name, Map::from_map_data(data)?);
+        }
+        Ok(Self { maps })
+    }
+
+    fn map(&self, name: &str) -> Result<&Map> {
+        self.maps
+            .get(name)
+            .ok_or_else(|| anyhow!("map {name} missing"))
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut Map> {
+        self.maps
+            .get_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing"))
+    }
+
+    pub fn set_config(&mut self, cfg: &NodeConfig) -> Result<()> {
+        let mut map: Array<&mut MapData, NodeConfig> =
+            self.map_mut(map_names::CONFIG)?.try_into()?;
+        map.set(0, cfg, 0).context("writing the node config")
+    }
+
+    pub fn config(&self) -> Result<NodeConfig> {
+        let map: Array<&MapData, NodeConfig> = self.map(map_names::CONFIG)?.try_into()?;
+        map.get(&0, 0).context("reading the node config")
+    }
+
+    pub fn upsert_route(&mut self, cidr: Ipv4Net, info: &RouteInfo) -> Result<()> {
+        let mut map: LpmTrie<&mut MapData, [u8; 4], RouteInfo> =
+            self.map_mut(map_names::ROUTES)?.try_into()?;
+        let key = Key::new(cidr.prefix_len() as u32, cidr.network().octets());
+        map.insert(&key, info, 0)
+            .with_context(|| format!("inserting route {cidr}"))
+    }
+
+    pub fn remove_route(&mut self, cidr: Ipv4Net) -> Result<()> {
+        let mut map: LpmTrie<&mut MapData, [u8; 4], RouteInfo> =
+            self.map_mut(map_names::ROUTES)?.try_into()?;
+        let key = Key::new(cidr.prefix_len() as u32, cidr.network().octets());
+        map.remove(&key)
+            .with_context(|| format!("removing route {cidr}"))
+    }
+
+    pub fn routes(&self) -> Result<Vec<(Ipv4Net, RouteInfo)>> {
+        let map: LpmTrie<&MapData, [u8; 4], RouteInfo> = self.map(map_names::ROUTES)?.try_into()?;
+        let mut out = Vec::new();
+        for entry in map.iter() {
+            let (key, info) = entry.context("iterating routes")?;
+            let net = Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8)
+                .context("route key with an invalid prefix length")?;
+            out.push((net, info));
+        }
+        out.sort_by_key(|(net, _)| *net);
+        Ok(out)
+    }
+
+    /// Inserts or replaces `value` under the IPv4 key `addr` in the hash map `name`.
+    fn hash_upsert<V: aya::Pod>(&mut self, name: &str, addr: Ipv4Addr, value: &V) -> Result<()> {
+        let mut map: HashMap<&mut MapData, Ipv4Key, V> = self.map_mut(name)?.try_into()?;
+        map.insert(
+            Ipv4Key {
+                addr: addr.octets(),
+            },
+            value,
+            0,
+        )?;
+        Ok(())
+    }
+
+    fn hash_remove<V: aya::Pod>(&mut self, name: &str, addr: Ipv4Addr) -> Result<()> {
+        let mut map: HashMap<&mut MapData, Ipv4Key, V> = self.map_mut(name)?.try_into()?;
+        map.remove(&Ipv4Key {
+            addr: addr.octets(),
+        })?;
+        Ok(())
+    }
+
+    /// Every entry of an IPv4-keyed hash map, sorted by address.
+    fn hash_entries<V: aya::Pod>(&self, name: &str) -> Result<Vec<(Ipv4Addr, V)>> {
+        let map: HashMap<&MapData, Ipv4Key, V> = self.map(name)?.try_into()?;
+        let mut out = Vec::new();
+        for entry in map.iter() {
+            let (key, value) = entry?;
+            out.push((Ipv4Addr::from(key.addr), value));
+        }
+        out.sort_by_key(|(a, _)| *a);
+        Ok(out)
+    }
+
+    pub fn upsert_endpoint(&mut self, addr: Ipv4Addr, info: &EndpointInfo) -> Result<()> {
+        self.hash_upsert(map_names::ENDPOINTS, addr, info)
+            .with_context(|| format!("inserting endpoint {addr}"))
+    }
+
+    pub fn remove_endpoint(&mut self, addr: Ipv4Addr) -> Result<()> {
+        self.hash_remove::<EndpointInfo>(map_names::ENDPOINTS, addr)
+            .with_context(|| format!("removing endpoint {addr}"))
+    }
+
+    pub fn endpoints(&self) -> Result<Vec<(Ipv4Addr, EndpointInfo)>> {
+        self.hash_entries(map_names::ENDPOINTS)
+            .context("iterating endpoints")
+    }
+
+    pub fn upsert_node(&mut self, addr: Ipv4Addr, info: &NodeInfo) -> Result<()> {
+        self.hash_upsert(map_names::NODES, addr, info)
+            .with_context(|| format!("inserting node {addr}"))
+    }
+
+    pub fn remove_node(&mut self, addr: Ipv4Addr) -> Result<()> {
+        self.hash_remove::<NodeInfo>(map_names::NODES, addr)
+            .with_context(|| format!("removing node {addr}"))
+    }
+
+    pub fn nodes(&self) -> Result<Vec<(Ipv4Addr, NodeInfo)>> {
+        self.hash_entries(map_names::NODES)
+            .context("iterating nodes")
+    }
+
+    /// Cached underlay next hops (what the datapath resolved through the kernel's FIB).
+    pub fn next_hops(&self) -> Result<Vec<(Ipv4Addr, NextHop)>> {
+        self.hash_entries(map_names::NEXT_HOPS)
+            .context("iterating next hops")
+    }
+
+    /// Forgets every cached next hop, so the next packet to each node asks the FIB again (the
+    /// agent calls this when the underlay's routes or neighbours change).
+    pub fn flush_next_hops(&mut self) -> Result<()> {
+        let mut map: HashMap<&mut MapData, Ipv4Key, NextHop> =
+            self.map_mut(map_names::NEXT_HOPS)?.try_into()?;
+        let keys: Vec<Ipv4Key> = map.keys().filter_map(|k| k.ok()).collect();
+        for key in keys {
+            let _ = map.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Every conntrack entry (dead ones included until the GC removes them).
+    pub fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>> {
+        let map: HashMap<&MapData, CtKey, CtEntry> = self.map(map_names::CONNTRACK)?.try_into()?;
+        // An entry evicted between the key walk and its lookup is simply gone.
+        let mut out: Vec<(CtKey, CtEntry)> = map.iter().flatten().collect();
+        out.sort_by_key(|(k, _)| *k);
+        Ok(out)
+    }
+
+    /// The conntrack map's descriptor, for the GC's cursor walk (`crate::conntrack`).
+    pub fn conntrack_fd(&self) -> Result<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd as _;
+        match self.map(map_names::CONNTRACK)? {
+            Map::LruHashMap(data) | Map::HashMap(data) => Ok(data.fd().as_fd()),
+            _ => Err(anyhow!("{} is not a hash map", map_names::CONNTRACK)),
+        }
+    }
+
+    /// One conntrack entry (`None`: absent or evicted).
+    pub fn conntrack_entry(&self, key: &CtKey) -> Result<Option<CtEntry>> {
+        let map: HashMap<&MapData, CtKey, CtEntry> = self.map(map_names::CONNTRACK)?.try_into()?;
+        match map.get(key, 0) {
+            Ok(e) => Ok(Some(e)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading a conntrack entry"),
+        }
+    }
+
+    /// Writes a conntrack entry (tests and tools; the datapath writes its own).
+    pub fn upsert_conntrack(&mut self, key: &CtKey, entry: &CtEntry) -> Result<()> {
+        let mut map: HashMap<&mut MapData, CtKey, CtEntry> =
+            self.map_mut(map_names::CONNTRACK)?.try_into()?;
+        map.insert(key, entry, 0)
+            .context("writing a conntrack entry")
+    }
+
+    /// Removes a conntrack entry (a missing one is fine: evicted meanwhile).
+    pub fn remove_conntrack(&mut self, key: &CtKey) -> Result<()> {
+        let mut map: HashMap<&mut MapData, CtKey, CtEntry> =
+            self.map_mut(map_names::CONNTRACK)?.try_into()?;
+        match map.remove(key) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Path MTUs learned from ICMP fragmentation-needed, by peer.
+    pub fn path_mtus(&self) -> Result<Vec<(Ipv4Addr, PathMtu)>> {
+        self.hash_entries(map_names::PATH_MTU)
+            .context("iterating path MTUs")
+    }
+
+    fn per_cpu_sum(&self, name: &str, index: u32) -> Result<u64> {
+        let map: PerCpuArray<&MapData, u64> = self.map(name)?.try_into()?;
+        let values = map
+            .get(&index, 0)
+            .with_context(|| format!("reading {name}[{index}]"))?;
+        Ok(values.iter().sum())
+    }
+
+    /// Drop counters summed over CPUs.
+    pub fn drops(&self) -> Result<Vec<(DropReason, u64)>> {
+        DropReason::ALL
+            .iter()
+            .map(|r| Ok((*r, self.per_cpu_sum(map_names::DROPS, *r as u32)?)))
+            .collect()
+    }
+
+    pub fn drop_count(&self, reason: DropReason) -> Result<u64> {
+        self.per_cpu_sum(map_names::DROPS, reason as u32)
+    }
+
+    /// Path counters summed over CPUs.
+    pub fn stats(&self) -> Result<Vec<(Stat, u64)>> {
+        Stat::ALL
+            .iter()
+            .map(|s| Ok((*s, self.per_cpu_sum(map_names::STATS, *s as u32)?)))
+            .collect()
+    }
+
+    pub fn stat_count(&self, stat: Stat) -> Result<u64> {
+        self.per_cpu_sum(map_names::STATS, stat as u32)
+    }
+}
+
+/// The link pinned at `pin`, if there is one (a previous agent's attachment to adopt).
+fn open_pinned_link(pin: Option<&Path>) -> Result<Option<FdLink>> {
+    let Some(pin) = pin else {
+        return Ok(None);
+    };
+    match PinnedLink::from_pin(pin) {
+        Ok(old) => Ok(Some(FdLink::from(old))),
+        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e).context(format!("opening {}", pin.display())),
+    }
+}
+
+/// Attaches `prog` to the tc ingress or egress of `ifname` (current netns) as a TCX link. With
+/// a pin path, the link is pinned there; an existing pinned link is atomically switched to
+/// `prog`.
+fn attach_tc_link(
+    prog: &mut SchedClassifier,
+    prog_name: &str,
+    ifname: &str,
+    direction: TcAttachType,
+    pin: Option<&Path>,
+) -> Result<()> {
+    if let Some(old) = open_pinned_link(pin)? {
+        let link = SchedClassifierLink::try_from(old).context("pinned link is not a tc link")?;
+        let id = prog
+            .attach_to_link(link)
+            .with_context(|| format!("replacing {prog_name} on {ifname}"))?;
+        // The pin keeps the link; our handle may go.
+        std::mem::drop(FdLink::try_from(prog.take_link(id)?)?);
+        return Ok(());
+    }
+    let id = prog
+        .attach_with_options(
+            ifname,
+            direction,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .with_context(|| format!("attaching {prog_name} to {ifname}"))?;
+    if let Some(pin) = pin {
+        let link = prog.take_link(id)?;
+        FdLink::try_from(link)?
+            .pin(pin)
+            .with_context(|| format!("pinning the link at {}", pin.display()))?;
+    }
+    Ok(())
+}
+
+/// Path of the pinned link of `prog_name` on `ifname` for the node pinned under `pin_root`.
+pub fn link_pin_path(pin_root: &Path, prog_name: &str, ifname: &str) -> PathBuf {
+    pin_dir(pin_root)
+        .join("links")
+        .join(format!("{prog_name}@{ifname}"))
+}
+
+/// The programs on a pod's host-side veth and the direction each is attached in.
+pub const POD_PROGRAMS: [(&str, TcAttachType); 2] = [
+    (prog_names::FROM_POD, TcAttachType::Ingress),
+    (prog_names::TO_POD, TcAttachType::Egress),
+];
+
+/// Attaches the node's pinned `from_pod` and `to_pod` programs (pinned by the agent) to a pod's
+/// host-side veth in the current netns, pinning the links: what the CNI plugin does on ADD. No
+/// object load, no verifier run.
+pub fn attach_pinned_pod(pin_root: &Path, ifname: &str) -> Result<()> {
+    for (name, direction) in POD_PROGRAMS {
+        let prog_path = pin_dir(pin_root).join("progs").join(name);
+        let mut prog = SchedClassifier::from_pin(&prog_path).with_context(|| {
+            format!(
+                "opening the pinned program {} (is the agent running?)",
+                prog_path.display()
+            )
+        })?;
+        let pin = link_pin_path(pin_root, name, ifname);
+        attach_tc_link(&mut prog, name, ifname, direction, Some(&pin))?;
+    }
+    Ok(())
+}
+
+/// Detaches `from_pod` and `to_pod` from a pod's veth by removing their pinned links
+/// (idempotent).
+pub fn detach_pinned_pod(pin_root: &Path, ifname: &str) -> Result<()> {
+    for (name, _) in POD_PROGRAMS {
+        let pin = link_pin_path(pin_root, name, ifname);
+        match std::fs::remove_file(&pin) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
+        }
+    }
+    Ok(())
+}
+
+fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
+    for name in prog_names::TC {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("loading (verifying) {name}"))?;
+    }
+    let xdp: &mut Xdp = ebpf
+        .program_mut(prog_names::XDP_UNDERLAY)
+        .ok_or_else(|| anyhow!("program xdp_underlay missing from the object"))?
+        .try_into()?;
+    xdp.load().context("loading (verifying) xdp_underlay")?;
+    Ok(())
+}
