@@ -15,8 +15,12 @@ use weft_tests::{
     capture::Capture,
     cluster::{CLUSTER_NETWORK, Cluster, ClusterOptions, Node, binary},
     flow::{FlowLoss, SequencedFlow},
+    inject::{UdpCounter, frame_send, udp_send},
+    packets::udp_frame,
     process::wait_until,
 };
+
+const PORT: u16 = 9999;
 
 fn network() -> Ipv4Net {
     CLUSTER_NETWORK.parse().unwrap()
@@ -195,6 +199,50 @@ fn route_reflector_across_two_subnets() {
     let status = weft_status(&c.nodes[0], false);
     assert!(status.contains(&format!("refused  {hijack}")), "{status}");
     c.assert_full_matrix();
+
+    // The reverse-path check: node 1's pods reach node 0's through the router, so node 0 takes
+    // plain frames from them only from the router's MAC. A host beside the router (on node 0's
+    // subnet) forging a node 1 pod's source delivers nothing; the same frame from the router
+    // arrives. A host routed through the router with its own address is no peer: refused too
+    // (routed access needs --accept-routed-pod-traffic).
+    let outside = c.add_outside_host();
+    let (local, remote) = (c.nodes[0].pods[0].ip, c.nodes[1].pods[0].ip);
+    let counter = UdpCounter::start(&c.nodes[0].pods[0].ns, local, PORT);
+    let node0_mac = c.nodes[0].ns.mac("eth0");
+    let frame = |src_mac| {
+        udp_frame(
+            src_mac,
+            node0_mac,
+            remote.octets(),
+            local.octets(),
+            1,
+            PORT,
+            b"bgp",
+        )
+    };
+    frame_send(&outside.ns, "eth0", frame(outside.ns.mac("eth0")));
+    udp_send(
+        &outside.ns,
+        std::net::SocketAddr::from((local, PORT)),
+        b"routed".to_vec(),
+    );
+    wait_until(
+        "node 0 to refuse the forged and the routed frames",
+        Duration::from_secs(5),
+        || {
+            drops(&c.nodes[0], DropReason::BgpReversePath) == 1
+                && drops(&c.nodes[0], DropReason::PlainFromNonPeer) == 1
+        },
+    );
+    frame_send(&c.underlay, "br0", frame(c.underlay.mac("br0")));
+    wait_until(
+        "the router's frame to arrive",
+        Duration::from_secs(5),
+        || counter.count() == 1,
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(counter.count(), 1, "only the router's frame arrived");
+    assert_eq!(drops(&c.nodes[0], DropReason::BgpReversePath), 1);
 }
 
 /// Waits until `check` holds on every node of `nodes`; returns how long it took.

@@ -152,8 +152,8 @@ struct Args {
     bgp_dir: PathBuf,
     /// bgp backend: this node's labels, matched by `Backend.Peers[].NodeSelector`
     /// (`key=value,...`; with `--datastore kube`, the Node object's labels when empty).
-    #[arg(long, default_value = "")]
-    node_labels: String,
+    #[arg(long)]
+    node_labels: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -273,7 +273,7 @@ fn node_labels(
     name: &str,
     runtime: &tokio::runtime::Handle,
 ) -> Result<BTreeMap<String, String>> {
-    let labels = bgp::config::parse_labels(&args.node_labels)?;
+    let labels = bgp::config::parse_labels(args.node_labels.as_deref().unwrap_or(""))?;
     let selectors = conf
         .backend
         .bgp
