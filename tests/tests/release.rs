@@ -978,7 +978,7 @@ fn each_capability_of_the_manifest_is_needed() {
         eprintln!(
             "without {left_out}: {}",
             log.lines()
-                .rfind(|l| l.contains("weft-agent:"))
+                .rfind(|l| l.contains("weft-agent:") || l.contains(step))
                 .unwrap_or("")
                 .chars()
                 .take(300)
