@@ -241,6 +241,7 @@ fn mode_name(mode: u8) -> &'static str {
         Some(RouteMode::Vxlan) => "vxlan",
         Some(RouteMode::Ipip) => "ipip",
         Some(RouteMode::Direct) => "direct",
+        Some(RouteMode::Bgp) => "bgp",
         None => "unknown",
     }
 }

@@ -109,6 +109,7 @@ fn node_pinned_or_not(pin_root: Option<&std::path::Path>) -> Node {
             flags: CONFIG_F_READY,
             vtep_mac: VTEP_MAC,
             _pad: [0; 2],
+            bgp_table: weft_common::BGP_TABLE_DEFAULT,
         })
         .unwrap();
     for (ip, ifindex, pod_mac, host_mac) in [

@@ -60,6 +60,7 @@ fn peer_node(root: &Path, pod_ifindex: u32) -> Datapath {
             flags: CONFIG_F_READY,
             vtep_mac: PEER_VTEP_MAC,
             _pad: [0; 2],
+            bgp_table: weft_common::BGP_TABLE_DEFAULT,
         })
         .unwrap();
     dp.maps
