@@ -210,7 +210,7 @@ struct MapsCollector {
 impl Collector for MapsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         // No maps (agent starting): no datapath figures.
-        let Ok(mut maps) = Maps::open_pinned(&self.pin_root) else {
+        let Ok(maps) = Maps::open_pinned(&self.pin_root) else {
             return Ok(());
         };
         let routes = maps.routes().map(|r| r.len()).unwrap_or(0);
@@ -252,25 +252,14 @@ impl Collector for MapsCollector {
             }
         }
         {
-            // One series per local pod and direction: the endpoint map bounds them. Counters
-            // of pods that are gone (the CNI plugin's DEL never ran) are deleted here.
-            let endpoints: std::collections::HashSet<_> = maps
-                .endpoints()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(ip, _)| ip)
-                .collect();
-            let mut flows = maps.flows().unwrap_or_default();
-            for (ip, _) in flows.iter().filter(|(ip, _)| !endpoints.contains(ip)) {
-                let _ = maps.remove_flows(*ip);
-            }
-            flows.retain(|(ip, _)| endpoints.contains(ip));
+            // One series per local pod and direction: the endpoint map bounds them.
+            let flows = maps.flows().unwrap_or_default();
             for (name, help, pick) in [
                 (
                     "weft_endpoint_packets",
                     "Packets sent (out) and received (in) by each local pod",
-                    (|f: &weft_common::EndpointFlows| (f.packets_in, f.packets_out))
-                        as fn(&weft_common::EndpointFlows) -> (u64, u64),
+                    (|f: &weft_common::FlowSlot| (f.packets_in, f.packets_out))
+                        as fn(&weft_common::FlowSlot) -> (u64, u64),
                 ),
                 (
                     "weft_endpoint_bytes",

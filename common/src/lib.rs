@@ -199,12 +199,25 @@ pub struct EndpointInfo {
     pub flags: u32,
 }
 
-/// Traffic of one local pod (value of `WEFT_FLOWS`, per CPU). Bytes are IPv4 lengths (headers
+/// Slots of the per-endpoint flow counters (`WEFT_FLOWS`): pods' addresses are distinct in
+/// their low 12 bits within any pod subnet of up to 4096 addresses (flannel's default is 256).
+pub const FLOW_SLOTS: u32 = 4096;
+
+/// The `WEFT_FLOWS` slot of a pod address.
+#[inline(always)]
+pub fn flow_slot(addr: [u8; 4]) -> u32 {
+    u32::from_be_bytes(addr) & (FLOW_SLOTS - 1)
+}
+
+/// Traffic of one local pod (a `WEFT_FLOWS` slot, per CPU). Bytes are IPv4 lengths (headers
 /// included, no Ethernet header).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-pub struct EndpointFlows {
+pub struct FlowSlot {
+    /// The pod the counters belong to (network order); all zero: unused.
+    pub addr: [u8; 4],
+    pub _pad: u32,
     /// Sent by the pod (past its source checks).
     pub packets_out: u64,
     pub bytes_out: u64,
@@ -213,8 +226,10 @@ pub struct EndpointFlows {
     pub bytes_in: u64,
 }
 
-impl EndpointFlows {
+impl FlowSlot {
     pub const ZERO: Self = Self {
+        addr: [0; 4],
+        _pad: 0,
         packets_out: 0,
         bytes_out: 0,
         packets_in: 0,
@@ -501,7 +516,7 @@ const _: () = {
     assert!(core::mem::size_of::<NextHop>() == 32);
     assert!(core::mem::size_of::<PathMtu>() == 16);
     assert!(core::mem::size_of::<DecapMeta>() == 8);
-    assert!(core::mem::size_of::<EndpointFlows>() == 32);
+    assert!(core::mem::size_of::<FlowSlot>() == 40);
     assert!(core::mem::size_of::<conntrack::CtKey>() == 16);
     assert!(core::mem::size_of::<conntrack::CtEntry>() == 16);
 };
@@ -533,7 +548,7 @@ aya_pod!(
     NextHop,
     PathMtu,
     DecapMeta,
-    EndpointFlows,
+    FlowSlot,
     conntrack::CtKey,
     conntrack::CtEntry,
     monitor::MonitorConfig,

@@ -24,10 +24,10 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use weft_common::{
-    DropReason, EndpointFlows, EndpointInfo, Ipv4Key, NextHop, NodeConfig, NodeInfo, PathMtu,
-    RouteInfo, SCHEMA_VERSION, Stat,
+    DropReason, EndpointInfo, FlowSlot, Ipv4Key, NextHop, NodeConfig, NodeInfo, PathMtu, RouteInfo,
+    SCHEMA_VERSION, Stat,
     conntrack::{CT_MAX_DEFAULT, CtEntry, CtKey},
-    map_names,
+    flow_slot, map_names,
     monitor::{MonitorConfig, MonitorRate},
     prog_names,
 };
@@ -94,12 +94,22 @@ impl Datapath {
 
     /// `load_unpinned` with explicit sizes.
     pub fn load_unpinned_with(options: &LoadOptions) -> Result<Self> {
+        Self::load_unpinned_object(EBPF_OBJECT, options)
+    }
+
+    /// `load_unpinned_with` for another build of the object (benchmarks comparing builds).
+    pub fn load_unpinned_object(object: &[u8], options: &LoadOptions) -> Result<Self> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(map_names::CONNTRACK, options.conntrack_max)
-            .load(EBPF_OBJECT)
+            .load(object)
             .context("loading the eBPF object")?;
         load_programs(&mut ebpf)?;
-        let maps = Maps::take_from(&mut ebpf)?;
+        let maps = if object.as_ptr() == EBPF_OBJECT.as_ptr() {
+            Maps::take_from(&mut ebpf)?
+        } else {
+            // Another build may lack maps this one has.
+            Maps::take_present(&mut ebpf)
+        };
         Ok(Self {
             ebpf,
             maps,
@@ -351,6 +361,15 @@ impl Maps {
         Ok(Self { maps })
     }
 
+    /// The maps of `map_names::ALL` the object has.
+    fn take_present(ebpf: &mut Ebpf) -> Self {
+        let maps = map_names::ALL
+            .iter()
+            .filter_map(|name| Some((*name, ebpf.take_map(name)?)))
+            .collect();
+        Self { maps }
+    }
+
     /// Opens the maps pinned under `pin_root` by a node's agent.
     pub fn open_pinned(pin_root: &Path) -> Result<Self> {
         let dir = pin_dir(pin_root).join("maps");
@@ -516,41 +535,54 @@ impl Maps {
         self.remove_flows(addr)
     }
 
-    /// Per-endpoint packets and bytes, summed over CPUs, by pod address.
-    pub fn flows(&self) -> Result<Vec<(Ipv4Addr, EndpointFlows)>> {
-        let map: aya::maps::PerCpuHashMap<&MapData, Ipv4Key, EndpointFlows> =
-            self.map(map_names::FLOWS)?.try_into()?;
+    /// Packets and bytes of each local pod, summed over CPUs (`WEFT_FLOWS`).
+    pub fn flows(&self) -> Result<Vec<(Ipv4Addr, FlowSlot)>> {
+        let map: PerCpuArray<&MapData, FlowSlot> = self.map(map_names::FLOWS)?.try_into()?;
         let mut out = Vec::new();
-        // An entry deleted between the key walk and its lookup is simply gone.
-        for (key, per_cpu) in map.iter().flatten() {
-            let mut sum = EndpointFlows::default();
-            for f in per_cpu.iter() {
+        for (ip, _) in self.endpoints()? {
+            let addr = ip.octets();
+            let per_cpu = map
+                .get(&flow_slot(addr), 0)
+                .with_context(|| format!("reading the flow counters of {ip}"))?;
+            let mut sum = FlowSlot {
+                addr,
+                ..FlowSlot::ZERO
+            };
+            // Only the CPUs' values that belong to this pod (a slot taken over elsewhere is
+            // another address's).
+            for f in per_cpu.iter().filter(|f| f.addr == addr) {
                 sum.packets_out += f.packets_out;
                 sum.bytes_out += f.bytes_out;
                 sum.packets_in += f.packets_in;
                 sum.bytes_in += f.bytes_in;
             }
-            out.push((Ipv4Addr::from(key.addr), sum));
+            out.push((ip, sum));
         }
-        out.sort_by_key(|(a, _)| *a);
         Ok(out)
     }
 
-    /// Forgets the flow counters of an address (absent: nothing to do).
+    /// Forgets the flow counters of an address (a later pod with it starts from zero).
     pub fn remove_flows(&mut self, addr: Ipv4Addr) -> Result<()> {
-        let mut map: aya::maps::PerCpuHashMap<&mut MapData, Ipv4Key, EndpointFlows> =
+        let mut map: PerCpuArray<&mut MapData, FlowSlot> =
             self.map_mut(map_names::FLOWS)?.try_into()?;
-        match map.remove(&Ipv4Key {
-            addr: addr.octets(),
-        }) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(SyscallError { io_error, .. }))
-                if io_error.kind() == io::ErrorKind::NotFound =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e).with_context(|| format!("removing the flow counters of {addr}")),
+        let index = flow_slot(addr.octets());
+        let values = map.get(&index, 0)?;
+        let changed = values.iter().any(|v| v.addr == addr.octets());
+        let zeroed: Vec<FlowSlot> = values
+            .iter()
+            .map(|v| {
+                if v.addr == addr.octets() {
+                    FlowSlot::ZERO
+                } else {
+                    *v
+                }
+            })
+            .collect();
+        if changed {
+            map.set(index, aya::maps::PerCpuValues::try_from(zeroed)?, 0)
+                .with_context(|| format!("clearing the flow counters of {addr}"))?;
         }
+        Ok(())
     }
 
     pub fn endpoints(&self) -> Result<Vec<(Ipv4Addr, EndpointInfo)>> {

@@ -73,6 +73,23 @@ pub fn node_pinned(pin_root: &std::path::Path) -> Node {
 }
 
 fn node_pinned_or_not(pin_root: Option<&std::path::Path>) -> Node {
+    let dp = match pin_root {
+        None => Datapath::load_unpinned_with(&LoadOptions {
+            conntrack_max: crate::TEST_CONNTRACK_MAX,
+        }),
+        Some(root) => Datapath::load_pinned_with(
+            root,
+            &LoadOptions {
+                conntrack_max: crate::TEST_CONNTRACK_MAX,
+            },
+        ),
+    }
+    .expect("loading the datapath");
+    configure(dp)
+}
+
+/// Configures a loaded datapath as the fixture's node (inside the namespace).
+pub fn configure(mut dp: Datapath) -> Node {
     let link = |dev: &str| -> (u32, [u8; 6]) {
         let out = crate::netns::ip(&format!("-o link show dev {dev}"));
         let idx = out.split(':').next().unwrap().trim().parse().unwrap();
@@ -88,18 +105,6 @@ fn node_pinned_or_not(pin_root: Option<&std::path::Path>) -> Node {
     let (pod1_ifindex, pod1_host_mac) = link("h1");
     let (pod2_ifindex, pod2_host_mac) = link("h2");
     let (ul_ifindex, underlay_mac) = link("ul0");
-    let mut dp = match pin_root {
-        None => Datapath::load_unpinned_with(&LoadOptions {
-            conntrack_max: crate::TEST_CONNTRACK_MAX,
-        }),
-        Some(root) => Datapath::load_pinned_with(
-            root,
-            &LoadOptions {
-                conntrack_max: crate::TEST_CONNTRACK_MAX,
-            },
-        ),
-    }
-    .expect("loading the datapath");
     dp.maps
         .set_config(&NodeConfig {
             node_ip: NODE_IP,
