@@ -29,7 +29,15 @@ impl Monitor {
     /// Starts `weft monitor --json` (in the calling thread's network namespace) and waits until
     /// it is attached.
     fn start(node: &Node, pins: &Path, ipam: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(binary("weft"))
+        // With only the capabilities the manifest gives the agent container (the CLI runs
+        // there).
+        let mut child = Command::new("setpriv")
+            .args([
+                "--bounding-set=-all,+bpf,+net_admin,+perfmon",
+                "--inh-caps=-all",
+                "--",
+            ])
+            .arg(binary("weft"))
             .arg("--pin-root")
             .arg(pins)
             .arg("--json")

@@ -254,6 +254,7 @@ fn tarball_image_and_manifest_agree() {
         "bin/weft",
         "cni/10-weft.conflist",
         "deploy/weft.yaml",
+        "deploy/grafana/weft.json",
         "Dockerfile",
         "README.md",
         "docs/configuration.md",

@@ -292,6 +292,21 @@ fn trace_explains_local_encapsulated_and_spoofed_packets_without_changing_state(
         assert_eq!(counter(&steps[1], "underlay_delivered"), 1, "{r}");
         assert!(steps[1]["leaves"]["summary"].as_str().unwrap().contains("tcp 10.244.1.2:42424 -> 10.244.2.7:80 (ttl 62)"), "{r}");
 
+        // With only the capabilities the manifest gives the agent container (the CLI runs
+        // there): loading the instance and BPF_PROG_TEST_RUN need nothing more.
+        let out = Command::new("setpriv")
+            .args(["--bounding-set=-all,+bpf,+net_admin,+perfmon", "--inh-caps=-all", "--"])
+            .arg(binary("weft"))
+            .arg("--pin-root")
+            .arg(&root)
+            .args(["--json", "trace", "--cni-data-dir", ipam_dir.to_str().unwrap()])
+            .args(["--from", "pod-one", "--to", "pod-two"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(r["steps"][0]["verdict"], "TC_ACT_REDIRECT");
+
         // The text form, for people.
         let out = Command::new(binary("weft"))
             .arg("--pin-root")

@@ -103,6 +103,11 @@ pub fn run() -> Result<PathBuf> {
     )?;
     std::fs::remove_dir_all(&scratch)?;
     std::fs::copy(root.join("deploy/weft.yaml"), top.join("deploy/weft.yaml"))?;
+    std::fs::create_dir_all(top.join("deploy/grafana"))?;
+    std::fs::copy(
+        root.join("deploy/grafana/weft.json"),
+        top.join("deploy/grafana/weft.json"),
+    )?;
     std::fs::copy(root.join("Dockerfile"), top.join("Dockerfile"))?;
     std::fs::copy(root.join("README.md"), top.join("README.md"))?;
     for entry in std::fs::read_dir(root.join("docs")).context("reading docs/")? {
