@@ -382,6 +382,26 @@ fn print_table(report: &serde_json::Value) {
         for (name, ns) in progs {
             println!("  {name:<32} {:>7.1}", ns.as_f64().unwrap_or(f64::NAN));
         }
+        // weft monitor: off must cost nothing (within the noise of two off series), on is the
+        // price of one event per packet.
+        let get = |k: String| progs.get(&k).and_then(|v| v.as_f64());
+        println!("\nweft monitor, from_pod (ns per packet, medians of interleaved rounds)");
+        for (label, case) in [
+            ("forwarded (vxlan)", "from_pod_vxlan_encap"),
+            ("dropped (spoofed)", "from_pod_spoofed_drop"),
+        ] {
+            if let (Some(off), Some(off_b), Some(on)) = (
+                get(format!("{case}_monitor_off")),
+                get(format!("{case}_monitor_off_b")),
+                get(format!("{case}_monitor_on")),
+            ) {
+                println!(
+                    "  {label:<20} off {off:>7.1} (again {off_b:.1}: noise {:.1})  on {on:>7.1} (+{:.1} per event)",
+                    (off - off_b).abs(),
+                    on - off
+                );
+            }
+        }
     }
     for key in ["cni", "agent", "policy"] {
         if !report[key].is_null() {
