@@ -356,6 +356,11 @@ counter_enum! {
         /// `from_host` got a packet whose source is neither the node's address nor a local
         /// pod: something from outside relayed toward the overlay without masquerade.
         HostForeignSource => "host_foreign_source",
+        /// `from_host` got a packet from the node or one of its pods to an address of the
+        /// cluster network that nobody holds (no node's subnet covers it, or no pod of this
+        /// node has it): answered with ICMP host unreachable, as the stack would route it
+        /// into `weft_host` again until its TTL ran out.
+        NoPodRoute => "no_pod_route",
     }
 }
 
