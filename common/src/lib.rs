@@ -87,6 +87,12 @@ pub const VXLAN_OVERHEAD: u32 = 50;
 /// Outer IPv4 header only.
 pub const IPIP_OVERHEAD: u32 = 20;
 
+/// The largest pod MTU an underlay MTU allows: minus the largest overhead of any backend
+/// (VXLAN's), so that a pod's packet fits every backend a cluster can switch to live.
+pub const fn max_pod_mtu(underlay_mtu: u32) -> u32 {
+    underlay_mtu.saturating_sub(VXLAN_OVERHEAD)
+}
+
 /// How packets reach the node owning a route.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -384,6 +384,25 @@ impl Netlink {
             .map_err(Error::from_rtnetlink)
     }
 
+    /// Deletes the main-table route to `dst` out of `ifindex`; Ok(false) when there is none.
+    pub async fn delete_route(&self, dst: Ipv4Net, ifindex: u32) -> Result<bool> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.network(), dst.prefix_len())
+            .output_interface(ifindex)
+            .build();
+        match self.handle.route().del(msg).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let e = Error::from_rtnetlink(e);
+                if e.is(libc::ESRCH) || e.is(libc::ENODEV) {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
     /// IPv4 routes of the main table.
     pub async fn routes(&self) -> Result<Vec<RouteInfo>> {
         let msgs: Vec<_> = self

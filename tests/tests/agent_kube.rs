@@ -31,10 +31,17 @@ use weft_tests::{
     pki::{self, Ca},
 };
 
+/// When node-a, node-b, ... were created: a day apart, in that order.
+fn created(name: &str) -> String {
+    let day = name.bytes().last().unwrap() - b'a' + 1;
+    format!("2025-01-{day:02}T00:00:00Z")
+}
+
 fn node(name: &str, cidr: &str, ip: &str, annotations: Value, rv: &str) -> Value {
     json!({
         "kind": "Node", "apiVersion": "v1",
-        "metadata": {"name": name, "resourceVersion": rv, "annotations": annotations},
+        "metadata": {"name": name, "resourceVersion": rv, "annotations": annotations,
+            "creationTimestamp": created(name), "uid": format!("uid-{name}")},
         "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
         "status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}]}
     })
@@ -100,12 +107,22 @@ fn next(rx: &mpsc::Receiver<Event>) -> Event {
         .expect("an event from the kube datastore")
 }
 
+/// The record of node-a (10.244.1.0/24), node-b (10.244.2.0/24), ...
 fn lease(cidr: &str, ip: [u8; 4], backend: Option<BackendType>, mac: Option<[u8; 6]>) -> NodeLease {
+    let subnet: ipnet::Ipv4Net = cidr.parse().unwrap();
+    let name = format!("node-{}", (b'a' + subnet.network().octets()[2] - 1) as char);
+    let seniority = created(&name)
+        .parse::<k8s_openapi::jiff::Timestamp>()
+        .unwrap()
+        .as_second();
     NodeLease {
-        subnet: cidr.parse().unwrap(),
+        subnet,
         public_ip: Ipv4Addr::from(ip),
         backend,
         vtep_mac: mac,
+        name,
+        seniority,
+        unknown_backend: None,
     }
 }
 
@@ -417,7 +434,7 @@ fn list_watch_events_and_relist_on_410() {
             flannel_mac
         ))
     );
-    assert_eq!(next(&rx), Event::Remove("10.244.3.0/24".parse().unwrap()));
+    assert_eq!(next(&rx), Event::Remove("node-c".into()));
     // The watch from the bookmark's version says 410: relist.
     assert_eq!(next(&rx), Event::Connected(true));
     let d = lease("10.244.4.0/24", [192, 168, 1, 4], None, None);

@@ -17,7 +17,7 @@
 //! [`watch_kind`] is the one watch loop: Nodes use it here; Pods, Namespaces and
 //! NetworkPolicies can be watched the same way (e.g. into a `kube::runtime::reflector` store).
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     fmt::Debug,
     net::Ipv4Addr,
     path::PathBuf,
@@ -37,8 +37,10 @@ use kube::{
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use super::{Backoff, Datastore, Event, LocalNode, NodeLease, format_mac, parse_mac};
-use crate::config::{BackendType, FlannelNetConf};
+use super::{
+    Backoff, Datastore, Event, LocalNode, NodeLease, format_mac, parse_backend, parse_mac,
+};
+use crate::config::FlannelNetConf;
 
 pub const WEFT_PREFIX: &str = "weft.io/";
 pub const FLANNEL_PREFIX: &str = "flannel.alpha.coreos.com/";
@@ -134,7 +136,7 @@ pub fn node_lease(node: &Node) -> Option<NodeLease> {
         .and_then(|s| s.parse().ok())
         .or_else(|| from_status("InternalIP"))
         .or_else(|| from_status("ExternalIP"))?;
-    let backend = annotation("backend-type").and_then(BackendType::parse);
+    let (backend, unknown_backend) = parse_backend(annotation("backend-type"));
     let vtep_mac = annotation("backend-data")
         .and_then(|d| serde_json::from_str::<BackendData>(d).ok())
         .and_then(|d| d.vtep_mac.as_deref().and_then(parse_mac));
@@ -143,6 +145,14 @@ pub fn node_lease(node: &Node) -> Option<NodeLease> {
         public_ip,
         backend,
         vtep_mac,
+        name: node.name_any(),
+        // Nodes without a creation time (never from an API server) count as the youngest.
+        seniority: node
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(i64::MAX, |t| t.0.as_second()),
+        unknown_backend,
     })
 }
 
@@ -273,30 +283,28 @@ impl KubeDatastore {
     }
 }
 
-/// Which subnet each node had, to turn node events into record events.
+/// Turns node events into record events: a Node is a record named after it (none while it
+/// has no podCIDR or address).
 #[derive(Default)]
 struct NodeIndex {
-    subnets: HashMap<String, Ipv4Net>,
+    /// Nodes that have a record.
+    named: std::collections::HashSet<String>,
     /// Records of a relist in progress.
-    listing: Vec<(String, NodeLease)>,
+    listing: Vec<NodeLease>,
 }
 
 impl NodeIndex {
     fn apply(&mut self, node: &Node, deleted: bool, events: &Sender<Event>) -> bool {
         let name = node.name_any();
         let lease = if deleted { None } else { node_lease(node) };
-        let old = self.subnets.remove(&name);
-        if let Some(old) = old
-            && lease.as_ref().is_none_or(|l| l.subnet != old)
-            && events.send(Event::Remove(old)).is_err()
-        {
-            return false;
+        match lease {
+            Some(lease) => {
+                self.named.insert(name);
+                events.send(Event::Upsert(lease)).is_ok()
+            }
+            None if self.named.remove(&name) => events.send(Event::Remove(name)).is_ok(),
+            None => true,
         }
-        if let Some(lease) = lease {
-            self.subnets.insert(name, lease.subnet);
-            return events.send(Event::Upsert(lease)).is_ok();
-        }
-        true
     }
 
     fn on_event(&mut self, ev: watcher::Event<Node>, events: &Sender<Event>) -> bool {
@@ -306,15 +314,12 @@ impl NodeIndex {
                 true
             }
             watcher::Event::InitApply(node) => {
-                if let Some(l) = node_lease(&node) {
-                    self.listing.push((node.name_any(), l));
-                }
+                self.listing.extend(node_lease(&node));
                 true
             }
             watcher::Event::InitDone => {
-                let listed = std::mem::take(&mut self.listing);
-                self.subnets = listed.iter().map(|(n, l)| (n.clone(), l.subnet)).collect();
-                let mut leases: Vec<NodeLease> = listed.into_iter().map(|(_, l)| l).collect();
+                let mut leases = std::mem::take(&mut self.listing);
+                self.named = leases.iter().map(|l| l.name.clone()).collect();
                 leases.sort_by_key(|l| l.subnet);
                 events.send(Event::Connected(true)).is_ok()
                     && events.send(Event::Snapshot(leases)).is_ok()
@@ -361,6 +366,14 @@ impl Datastore for KubeDatastore {
                 conf.network
             );
         }
+        if subnet.prefix_len() != conf.subnet_len {
+            bail!(
+                "node {}: podCIDR {subnet} is not a /{} (SubnetLen): set SubnetLen to \
+                 kube-controller-manager's --node-cidr-mask-size",
+                local.name,
+                conf.subnet_len
+            );
+        }
         let patch = serde_json::json!({
             "metadata": {"annotations": node_annotations(local, conf.backend.vni)}
         });
@@ -395,6 +408,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::config::BackendType;
 
     #[test]
     fn node_records_from_status_and_annotations() {

@@ -64,6 +64,26 @@ fn node_subnet(conf: &NetworkConfig, missing_code: u32) -> CniResult<SubnetEnv> 
     })
 }
 
+/// The pod's MTU: the config's `mtu`, else the node's. An `mtu` above the node's underlay MTU
+/// minus the largest tunnel overhead (the pod MTU rule) is refused: its large packets would
+/// not fit once encapsulated.
+fn pod_mtu(conf: &NetworkConfig, subnet: &SubnetEnv) -> CniResult<u32> {
+    let Some(mtu) = conf.mtu else {
+        return Ok(subnet.mtu);
+    };
+    if let Some(underlay) = subnet.underlay_mtu {
+        let max = weft_common::max_pod_mtu(underlay);
+        if mtu > max {
+            return Err(CniError::invalid_config(format!(
+                "field `mtu`: {mtu} is above the node's underlay MTU {underlay} minus {} (the \
+                 largest encapsulation overhead): at most {max}",
+                weft_common::VXLAN_OVERHEAD
+            )));
+        }
+    }
+    Ok(mtu)
+}
+
 fn pin_root(conf: &NetworkConfig, subnet: Option<&SubnetEnv>) -> PathBuf {
     conf.pin_root
         .clone()
@@ -182,7 +202,7 @@ pub fn add(env: &Env, conf: &NetworkConfig, log: &Log) -> CniResult<Value> {
     let prev = prev_result(conf)?;
     let subnet = node_subnet(conf, code::TRY_AGAIN_LATER)?;
     let pin_root = pin_root(conf, Some(&subnet));
-    let mtu = conf.mtu.unwrap_or(subnet.mtu);
+    let mtu = pod_mtu(conf, &subnet)?;
     let mut maps = ready_maps(&pin_root, code::TRY_AGAIN_LATER)?;
     let names = AttachmentNames::of(&env.container_id, &env.ifname);
     let mut undo = Undo::default();
