@@ -228,6 +228,9 @@ impl<M: PeerMaps> ControlLoop<M> {
             turn.backend_switched = true;
         }
         self.metrics.beat();
+        // Refused records change no map: counted whatever the turn does next.
+        self.metrics
+            .set_rejected_records(&self.rec.records().refused_by_reason());
         let resync = now >= self.next_resync;
         let retry = self.retry_at.is_some_and(|r| now >= r);
         // A failed apply waits for its retry, whatever arrives meanwhile (it is taken along).
@@ -245,8 +248,6 @@ impl<M: PeerMaps> ControlLoop<M> {
         self.metrics
             .offlink_peers
             .set(self.rec.offlink_count() as i64);
-        self.metrics
-            .set_rejected_records(&self.rec.records().refused_by_reason());
         match result {
             Ok(report) => {
                 self.metrics.set_full_maps(&report.full_maps);

@@ -402,9 +402,12 @@ impl Netlink {
 
     /// Deletes the main-table route to `dst` out of `ifindex`; Ok(false) when there is none.
     pub async fn delete_route(&self, dst: Ipv4Net, ifindex: u32) -> Result<bool> {
+        // Any protocol and scope (what `ip route del` matches).
         let msg = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(dst.network(), dst.prefix_len())
             .output_interface(ifindex)
+            .protocol(RouteProtocol::Unspec)
+            .scope(RouteScope::NoWhere)
             .build();
         match self.handle.route().del(msg).execute().await {
             Ok(()) => Ok(true),

@@ -612,3 +612,146 @@ fn https_trusts_only_the_cluster_ca() {
         "{err:?}"
     );
 }
+
+/// Node objects no node may route, as an API server returns them, through the datastore and
+/// the control loop: refused with their reasons, the rest routed; a refused node whose rival
+/// goes is routed then.
+#[test]
+fn bad_node_records_from_the_api_server_are_refused() {
+    use std::{sync::Arc, time::Instant};
+
+    use weft_agent::{
+        control_loop::{ControlLoop, mode_policy},
+        metrics::Metrics,
+        node_net::Underlay,
+        reconcile::{MemoryMaps, Reconciler},
+    };
+    let flannel = |ip: &str, backend: &str| {
+        json!({"flannel.alpha.coreos.com/public-ip": ip, "flannel.alpha.coreos.com/backend-type": backend})
+    };
+    let bad_node = |name: &str, cidr: &str, ip: &str, ann: Value| node(name, cidr, ip, ann, "99");
+    let ca = Ca::new("cluster-ca");
+    let server = ApiServer::start(
+        &ca,
+        Script {
+            lists: vec![list(
+                "100",
+                vec![
+                    node_a(),
+                    node_b("10.9.9.2"),
+                    bad_node("node-e", "0.0.0.0/0", "192.168.1.50", json!({})),
+                    bad_node("node-f", "10.96.0.0/12", "192.168.1.51", json!({})),
+                    bad_node("node-g", "169.254.169.254/32", "192.168.1.52", json!({})),
+                    // Created after node-b (its name sorts later), claiming node-b's /24.
+                    bad_node("node-h", "10.244.2.0/24", "192.168.1.53", json!({})),
+                    bad_node("node-i", "10.244.9.0/24", "192.168.1.54", flannel("", "wireguard")),
+                    bad_node("node-j", "10.244.10.0/24", "10.244.77.1", json!({})),
+                    node_c("98"),
+                ],
+            )],
+            ..Default::default()
+        },
+    );
+    let dir = TempDir::new("weft-kube-bad-");
+    let ca_file = pki::write(&dir.path, "ca.crt", &ca.cert_pem());
+    let kubeconfig = kubeconfig(&dir.path, &server.url, &ca_file, "    token: t0ken");
+    let rt = runtime();
+    let ds = KubeDatastore::new(
+        KubeSource {
+            api: None,
+            kubeconfig: Some(kubeconfig),
+        },
+        rt.handle().clone(),
+    )
+    .unwrap();
+    let (tx, rx) = mpsc::channel();
+    Box::new(ds).run(tx).unwrap();
+    let conf = FlannelNetConf::parse(r#"{"Network": "10.244.0.0/16"}"#).unwrap();
+    let underlay = Underlay {
+        name: "eth0".into(),
+        ifindex: 2,
+        mtu: 1500,
+        node_ip: Ipv4Addr::new(192, 168, 1, 1),
+        subnet: "192.168.1.0/24".parse().unwrap(),
+    };
+    let metrics = Arc::new(Metrics::new(None));
+    let rec = Reconciler::new(
+        mode_policy(&conf, &underlay),
+        "10.244.1.0/24".parse().unwrap(),
+        underlay.node_ip,
+    );
+    let mut l = ControlLoop::new(
+        MemoryMaps::default(),
+        rec,
+        conf,
+        underlay,
+        metrics.clone(),
+        Duration::from_secs(30),
+        Instant::now(),
+    );
+    let rejected = |reason: &'static str| {
+        metrics
+            .rejected_records
+            .get_or_create(&vec![("reason", reason)])
+            .get()
+    };
+    let routes = |l: &ControlLoop<MemoryMaps>| -> Vec<(String, Ipv4Addr)> {
+        l.maps
+            .routes
+            .iter()
+            .map(|(n, r)| (n.to_string(), Ipv4Addr::from(r.node_ip)))
+            .collect()
+    };
+    // The list (the watch after it stays open and quiet).
+    let turn_until = |l: &mut ControlLoop<MemoryMaps>, what: &str, done: &dyn Fn(&ControlLoop<MemoryMaps>) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done(l) {
+            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+            let events: Vec<Event> = rx.recv_timeout(Duration::from_millis(100)).into_iter().collect();
+            l.turn(events, Instant::now()).unwrap();
+        }
+    };
+    turn_until(&mut l, "the list", &|l| l.rec.synced);
+    // node-b holds its subnet; the others are refused, with their reasons.
+    assert_eq!(
+        routes(&l),
+        vec![
+            ("10.244.2.0/24".into(), Ipv4Addr::new(10, 9, 9, 2)),
+            ("10.244.3.0/24".into(), Ipv4Addr::new(192, 168, 1, 3)),
+        ]
+    );
+    assert_eq!(rejected("outside_network"), 3);
+    assert_eq!(rejected("overlaps_node"), 1);
+    assert_eq!(rejected("unknown_backend"), 1);
+    assert_eq!(rejected("public_ip_in_pod_network"), 1);
+    assert_eq!(l.maps.nodes.len(), 2);
+    // The API server deletes node-b (the open watch ends, the next one says so).
+    server
+        .script
+        .lock()
+        .unwrap()
+        .watches
+        .push((200, watch_lines(&[("DELETED", node_b("10.9.9.2"))])));
+    server.release.store(true, Ordering::Relaxed);
+    turn_until(&mut l, "node-h to take over", &|l| {
+        routes(l)
+            .iter()
+            .any(|(_, ip)| *ip == Ipv4Addr::new(192, 168, 1, 53))
+    });
+    // node-b is gone: node-h, refused as the younger claim until now, holds the subnet.
+    assert_eq!(
+        routes(&l),
+        vec![
+            ("10.244.2.0/24".into(), Ipv4Addr::new(192, 168, 1, 53)),
+            ("10.244.3.0/24".into(), Ipv4Addr::new(192, 168, 1, 3)),
+        ]
+    );
+    assert_eq!(rejected("overlaps_node"), 0);
+    assert_eq!(rejected("outside_network"), 3);
+    assert!(
+        l.maps
+            .nodes
+            .keys()
+            .all(|ip| [Ipv4Addr::new(192, 168, 1, 53), Ipv4Addr::new(192, 168, 1, 3)].contains(ip))
+    );
+}
