@@ -7,7 +7,8 @@
 //! client can take the endpoints away from the kubelet: request heads larger than
 //! [`MAX_HEAD_BYTES`] are refused (memory stays bounded whatever a client sends), a head must
 //! arrive within [`HEAD_TIMEOUT`], a connection lives at most [`CONNECTION_TIMEOUT`], and at most
-//! [`MAX_CONNECTIONS`] are served at once (more are closed at once, not queued).
+//! [`MAX_CONNECTIONS`] are served at once (a new one ends the oldest: clients holding
+//! connections cannot lock the kubelet's probes out).
 use std::{
     net::SocketAddr,
     path::PathBuf,
@@ -404,14 +405,25 @@ async fn handle(
     }
 }
 
+/// The connections being served, oldest first, each with the means to end it.
+#[derive(Default)]
+struct Connections {
+    next_id: u64,
+    open: std::collections::VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>,
+}
+
 /// Binds `addr` and serves `/healthz`, `/readyz` and `/metrics` on the current tokio runtime.
 /// Returns the bound address.
+///
+/// At most [`MAX_CONNECTIONS`] are served at once; a new one beyond that ends the oldest (not
+/// itself): clients that hold connections open (slowly sending, or idle) are the ones to go,
+/// so a kubelet probe is answered whatever they do.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("--metrics-addr: binding {addr}"))?;
     let local = listener.local_addr()?;
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let connections = Arc::new(std::sync::Mutex::new(Connections::default()));
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -419,10 +431,20 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                continue; // dropped: closed at once
+            let (end_tx, end_rx) = tokio::sync::oneshot::channel::<()>();
+            let id = {
+                let mut c = connections.lock().expect("connections lock");
+                if c.open.len() >= MAX_CONNECTIONS
+                    && let Some((_, oldest)) = c.open.pop_front()
+                {
+                    let _ = oldest.send(());
+                }
+                c.next_id += 1;
+                let id = c.next_id;
+                c.open.push_back((id, end_tx));
+                id
             };
-            let metrics = metrics.clone();
+            let (metrics, connections) = (metrics.clone(), connections.clone());
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let metrics = metrics.clone();
@@ -434,8 +456,13 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr
                     .max_buf_size(MAX_HEAD_BYTES)
                     .keep_alive(false)
                     .serve_connection(TokioIo::new(stream), service);
-                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
-                drop(slot);
+                tokio::select! {
+                    _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection) => {}
+                    _ = end_rx => {}
+                }
+                if let Ok(mut c) = connections.lock() {
+                    c.open.retain(|(i, _)| *i != id);
+                }
             });
         }
     });
