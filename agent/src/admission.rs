@@ -99,7 +99,10 @@ impl fmt::Display for Refusal {
                 "the public address is unspecified, loopback, multicast or reserved"
             ),
             Self::PublicIpInPodNetwork { network } => {
-                write!(f, "the public address is a pod address (inside Network {network})")
+                write!(
+                    f,
+                    "the public address is a pod address (inside Network {network})"
+                )
             }
             Self::PublicIpIsLocal => write!(f, "the public address is this node's own"),
             Self::UnknownBackend { backend } => {
@@ -220,7 +223,12 @@ impl Records {
     pub fn refused_by_reason(&self) -> Vec<(&'static str, usize)> {
         REASONS
             .iter()
-            .map(|r| (*r, self.refused.values().filter(|f| f.reason() == *r).count()))
+            .map(|r| {
+                (
+                    *r,
+                    self.refused.values().filter(|f| f.reason() == *r).count(),
+                )
+            })
             .collect()
     }
 
@@ -336,7 +344,9 @@ impl Records {
             let winner = valid.first().map(|l| l.name.clone());
             for lease in &valid {
                 let verdict = match &winner {
-                    Some(w) if *w != lease.name => Some(Refusal::OverlapsNode { holder: w.clone() }),
+                    Some(w) if *w != lease.name => {
+                        Some(Refusal::OverlapsNode { holder: w.clone() })
+                    }
                     _ => None,
                 };
                 verdicts.push((lease.name.clone(), verdict));
@@ -434,12 +444,24 @@ mod tests {
             ("10.244.2.0/23", ok, Some("wrong_prefix_length")),
             ("10.244.2.5/24", ok, Some("unaligned_subnet")),
             ("10.244.1.0/24", ok, Some("overlaps_local_subnet")),
-            ("10.244.2.0/24", [10, 244, 9, 9], Some("public_ip_in_pod_network")),
+            (
+                "10.244.2.0/24",
+                [10, 244, 9, 9],
+                Some("public_ip_in_pod_network"),
+            ),
             ("10.244.2.0/24", [0, 0, 0, 0], Some("invalid_public_ip")),
             ("10.244.2.0/24", [127, 0, 0, 1], Some("invalid_public_ip")),
             ("10.244.2.0/24", [224, 0, 0, 5], Some("invalid_public_ip")),
-            ("10.244.2.0/24", [255, 255, 255, 255], Some("invalid_public_ip")),
-            ("10.244.2.0/24", [192, 168, 1, 1], Some("public_ip_is_local")),
+            (
+                "10.244.2.0/24",
+                [255, 255, 255, 255],
+                Some("invalid_public_ip"),
+            ),
+            (
+                "10.244.2.0/24",
+                [192, 168, 1, 1],
+                Some("public_ip_is_local"),
+            ),
         ] {
             assert_eq!(
                 reason(&r, &rec("x", subnet, ip, 0)),
@@ -448,7 +470,10 @@ mod tests {
             );
         }
         // This node's own record passes (it just never becomes a route).
-        assert_eq!(reason(&r, &rec("me", "10.244.1.0/24", [192, 168, 1, 1], 0)), None);
+        assert_eq!(
+            reason(&r, &rec("me", "10.244.1.0/24", [192, 168, 1, 1], 0)),
+            None
+        );
         let mut wg = rec("x", "10.244.2.0/24", ok, 0);
         wg.unknown_backend = Some("wireguard".into());
         assert_eq!(reason(&r, &wg), Some("unknown_backend"));
@@ -552,10 +577,7 @@ mod tests {
             ..rules()
         });
         assert!(changed.contains(&"10.244.3.0/24".parse().unwrap()));
-        assert_eq!(
-            r.refused().get("bad"),
-            Some(&Refusal::OverlapsLocalSubnet)
-        );
+        assert_eq!(r.refused().get("bad"), Some(&Refusal::OverlapsLocalSubnet));
         // This node lost its subnet and holds none: the subnet's new holder is admitted.
         let changed = r.set_rules(Rules {
             local_subnet: None,
@@ -563,6 +585,9 @@ mod tests {
         });
         assert!(changed.contains(&"10.244.3.0/24".parse().unwrap()));
         assert!(!r.refused().contains_key("bad"));
-        assert_eq!(r.admitted(&"10.244.3.0/24".parse().unwrap()).unwrap().name, "bad");
+        assert_eq!(
+            r.admitted(&"10.244.3.0/24".parse().unwrap()).unwrap().name,
+            "bad"
+        );
     }
 }

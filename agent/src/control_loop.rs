@@ -576,7 +576,11 @@ mod tests {
             [192, 168, 1, 23],
             "the rival took over"
         );
-        assert!(l.maps.routes.contains_key(&"10.244.96.0/24".parse().unwrap()));
+        assert!(
+            l.maps
+                .routes
+                .contains_key(&"10.244.96.0/24".parse().unwrap())
+        );
         assert!(!l.maps.nodes.contains_key(&Ipv4Addr::new(192, 168, 1, 2)));
         assert_eq!(rejected(&l, "outside_network"), 2);
         assert_eq!(rejected(&l, "overlaps_node"), 0);
@@ -611,11 +615,17 @@ mod tests {
             "{why}"
         );
         assert_eq!(
-            l.metrics.map_full.get_or_create(&vec![("map", "routes")]).get(),
+            l.metrics
+                .map_full
+                .get_or_create(&vec![("map", "routes")])
+                .get(),
             1
         );
         assert_eq!(
-            l.metrics.map_full.get_or_create(&vec![("map", "nodes")]).get(),
+            l.metrics
+                .map_full
+                .get_or_create(&vec![("map", "nodes")])
+                .get(),
             0
         );
         // A peer leaves: its route goes first, which makes room for the one that did not fit.
@@ -628,7 +638,10 @@ mod tests {
         assert_eq!(routes, vec!["10.244.3.0/24", "10.244.4.0/24"]);
         assert_eq!(l.metrics.not_ready(), None);
         assert_eq!(
-            l.metrics.map_full.get_or_create(&vec![("map", "routes")]).get(),
+            l.metrics
+                .map_full
+                .get_or_create(&vec![("map", "routes")])
+                .get(),
             0
         );
         // At capacity, a replacement in one turn fits: removals are applied before additions.
@@ -644,11 +657,13 @@ mod tests {
             .unwrap();
         assert!(!turn.failed, "{:?}", l.maps.writes);
         assert!(
-            position(&l.maps.writes, &MapWrite::RemoveRoute("10.244.3.0/24".parse().unwrap()))
-                < position(
-                    &l.maps.writes,
-                    &MapWrite::UpsertRoute("10.244.5.0/24".parse().unwrap())
-                )
+            position(
+                &l.maps.writes,
+                &MapWrite::RemoveRoute("10.244.3.0/24".parse().unwrap())
+            ) < position(
+                &l.maps.writes,
+                &MapWrite::UpsertRoute("10.244.5.0/24".parse().unwrap())
+            )
         );
         // A full node map: no route toward the peer whose node entry is missing.
         l.maps.nodes_max = Some(l.maps.nodes.len());
@@ -660,7 +675,11 @@ mod tests {
             )
             .unwrap();
         assert!(turn.failed);
-        assert!(!l.maps.routes.contains_key(&"10.244.6.0/24".parse().unwrap()));
+        assert!(
+            !l.maps
+                .routes
+                .contains_key(&"10.244.6.0/24".parse().unwrap())
+        );
         assert!(l.metrics.not_ready().unwrap().contains("WEFT_NODES"));
     }
 

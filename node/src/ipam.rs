@@ -361,9 +361,16 @@ mod tests {
                 ifname: "eth0".into(),
             }],
         };
-        let kept = l.replace(state.clone()).unwrap().expect("the old file kept");
+        let kept = l
+            .replace(state.clone())
+            .unwrap()
+            .expect("the old file kept");
         drop(l);
-        assert!(std::fs::read_to_string(kept).unwrap().starts_with("{\"allocations\""));
+        assert!(
+            std::fs::read_to_string(kept)
+                .unwrap()
+                .starts_with("{\"allocations\"")
+        );
         assert_eq!(ipam.lock(Duration::from_secs(1)).unwrap().state, state);
         std::fs::remove_dir_all(&dir).unwrap();
     }

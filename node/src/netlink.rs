@@ -255,7 +255,8 @@ impl Netlink {
     /// Sets the alias of the link `ifindex` (the kernel keeps up to 255 bytes).
     pub async fn set_alias(&self, ifindex: u32, alias: &str) -> Result<()> {
         let mut msg = LinkUnspec::new_with_index(ifindex).build();
-        msg.attributes.push(LinkAttribute::IfAlias(alias.to_string()));
+        msg.attributes
+            .push(LinkAttribute::IfAlias(alias.to_string()));
         self.handle
             .link()
             .set(msg)

@@ -626,9 +626,7 @@ fn bad_node_records_from_the_api_server_are_refused() {
         node_net::Underlay,
         reconcile::{MemoryMaps, Reconciler},
     };
-    let flannel = |ip: &str, backend: &str| {
-        json!({"flannel.alpha.coreos.com/public-ip": ip, "flannel.alpha.coreos.com/backend-type": backend})
-    };
+    let flannel = |ip: &str, backend: &str| json!({"flannel.alpha.coreos.com/public-ip": ip, "flannel.alpha.coreos.com/backend-type": backend});
     let bad_node = |name: &str, cidr: &str, ip: &str, ann: Value| node(name, cidr, ip, ann, "99");
     let ca = Ca::new("cluster-ca");
     let server = ApiServer::start(
@@ -644,7 +642,12 @@ fn bad_node_records_from_the_api_server_are_refused() {
                     bad_node("node-g", "169.254.169.254/32", "192.168.1.52", json!({})),
                     // Created after node-b (its name sorts later), claiming node-b's /24.
                     bad_node("node-h", "10.244.2.0/24", "192.168.1.53", json!({})),
-                    bad_node("node-i", "10.244.9.0/24", "192.168.1.54", flannel("", "wireguard")),
+                    bad_node(
+                        "node-i",
+                        "10.244.9.0/24",
+                        "192.168.1.54",
+                        flannel("", "wireguard"),
+                    ),
                     bad_node("node-j", "10.244.10.0/24", "10.244.77.1", json!({})),
                     node_c("98"),
                 ],
@@ -703,11 +706,19 @@ fn bad_node_records_from_the_api_server_are_refused() {
             .collect()
     };
     // The list (the watch after it stays open and quiet).
-    let turn_until = |l: &mut ControlLoop<MemoryMaps>, what: &str, done: &dyn Fn(&ControlLoop<MemoryMaps>) -> bool| {
+    let turn_until = |l: &mut ControlLoop<MemoryMaps>,
+                      what: &str,
+                      done: &dyn Fn(&ControlLoop<MemoryMaps>) -> bool| {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !done(l) {
-            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
-            let events: Vec<Event> = rx.recv_timeout(Duration::from_millis(100)).into_iter().collect();
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            let events: Vec<Event> = rx
+                .recv_timeout(Duration::from_millis(100))
+                .into_iter()
+                .collect();
             l.turn(events, Instant::now()).unwrap();
         }
     };
@@ -748,10 +759,11 @@ fn bad_node_records_from_the_api_server_are_refused() {
     );
     assert_eq!(rejected("overlaps_node"), 0);
     assert_eq!(rejected("outside_network"), 3);
-    assert!(
-        l.maps
-            .nodes
-            .keys()
-            .all(|ip| [Ipv4Addr::new(192, 168, 1, 53), Ipv4Addr::new(192, 168, 1, 3)].contains(ip))
-    );
+    assert!(l.maps.nodes.keys().all(|ip| {
+        [
+            Ipv4Addr::new(192, 168, 1, 53),
+            Ipv4Addr::new(192, 168, 1, 3),
+        ]
+        .contains(ip)
+    }));
 }

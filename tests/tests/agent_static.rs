@@ -107,16 +107,21 @@ fn static_topology_programs_routes() {
     // On b the copy claims b's own subnet; on a it is the younger of two claims.
     for (ns, rival) in [(&a, "overlaps_node"), (&b, "overlaps_local_subnet")] {
         let metric = |name: &str| {
-            let (_, body) =
-                weft_tests::cluster::http_get(ns, ([127, 0, 0, 1], METRICS_PORT).into(), "/metrics")
-                    .expect("metrics");
+            let (_, body) = weft_tests::cluster::http_get(
+                ns,
+                ([127, 0, 0, 1], METRICS_PORT).into(),
+                "/metrics",
+            )
+            .expect("metrics");
             body.lines()
                 .find(|l| l.starts_with(name))
                 .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         };
-        wait_until("the refused entries counted", Duration::from_secs(10), || {
-            metric("weft_rejected_node_records{reason=\"outside_network\"}") == Some(3.0)
-        });
+        wait_until(
+            "the refused entries counted",
+            Duration::from_secs(10),
+            || metric("weft_rejected_node_records{reason=\"outside_network\"}") == Some(3.0),
+        );
         assert_eq!(
             metric(&format!("weft_rejected_node_records{{reason=\"{rival}\"}}")),
             Some(1.0)

@@ -373,7 +373,12 @@ fn a_corrupt_store_keeps_del_working_fails_add_and_is_rebuilt() {
     let gone = AttachmentNames::of("cor-0", "eth0").host_ifname;
     assert!(!node.host_links().contains(&gone));
     assert!(
-        !node.maps().endpoints().unwrap().iter().any(|(a, _)| *a == ips[0]),
+        !node
+            .maps()
+            .endpoints()
+            .unwrap()
+            .iter()
+            .any(|(a, _)| *a == ips[0]),
         "the endpoint stayed"
     );
     assert!(!node.link_pins().iter().any(|p| p.ends_with(&gone)));
@@ -389,7 +394,10 @@ fn a_corrupt_store_keeps_del_working_fails_add_and_is_rebuilt() {
         msg.contains(&store.display().to_string()) && msg.contains("weft ipam rebuild"),
         "{msg}"
     );
-    assert!(!pods[3].ip("-o link show").contains("eth0"), "nothing wired");
+    assert!(
+        !pods[3].ip("-o link show").contains("eth0"),
+        "nothing wired"
+    );
 
     // GC rebuilds it from the links that remain: the two live pods, not the deleted one.
     let out = node.gc(&[("cor-1", "eth0"), ("cor-2", "eth0")]);
@@ -410,7 +418,10 @@ fn a_corrupt_store_keeps_del_working_fails_add_and_is_rebuilt() {
         .collect();
     assert_eq!(kept.len(), 1, "the corrupt file is kept for a post-mortem");
     let r3 = node.add("cor-3", &pods[3], "1.1.0");
-    assert!(!ips[1..].contains(&result_ip(&r3)), "a live address handed out twice");
+    assert!(
+        !ips[1..].contains(&result_ip(&r3)),
+        "a live address handed out twice"
+    );
     for i in [1, 2] {
         let out = node.check(&format!("cor-{i}"), &pods[i], &results[i]);
         assert!(out.success, "CHECK cor-{i} after the rebuild: {out:?}");
@@ -434,6 +445,10 @@ fn a_corrupt_store_keeps_del_working_fails_add_and_is_rebuilt() {
         String::from_utf8_lossy(&out.stderr)
     );
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["allocations"].as_array().unwrap().len(), 3, "{report}");
+    assert_eq!(
+        report["allocations"].as_array().unwrap().len(),
+        3,
+        "{report}"
+    );
     assert_eq!(node.allocations(), before);
 }

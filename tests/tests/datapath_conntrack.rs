@@ -509,13 +509,7 @@ fn from_host_answers_addresses_nobody_holds_with_host_unreachable() {
             assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back out of weft_net");
             assert_eq!(
                 out.data,
-                dest_unreachable_frame(
-                    &syn,
-                    [0xee; 6],
-                    src_mac,
-                    dst,
-                    DestUnreachableHeader::Host
-                ),
+                dest_unreachable_frame(&syn, [0xee; 6], src_mac, dst, DestUnreachableHeader::Host),
                 "{dst:?}"
             );
             dropped += 1;
@@ -550,7 +544,14 @@ fn from_host_answers_addresses_nobody_holds_with_host_unreachable() {
         // dropped, counted, nothing sent.
         // (the node's port unreachable about a segment claiming to come from that address)
         let error = dest_unreachable_frame(
-            &tcp([0xee; 6], [10, 244, 77, 5], NODE_IP, 80, 40000, Flags::SynAck),
+            &tcp(
+                [0xee; 6],
+                [10, 244, 77, 5],
+                NODE_IP,
+                80,
+                40000,
+                Flags::SynAck,
+            ),
             [0xee; 6],
             [0xee; 6],
             NODE_IP,
@@ -560,14 +561,21 @@ fn from_host_answers_addresses_nobody_holds_with_host_unreachable() {
         fragment[20] = 0x00;
         fragment[21] = 0x10; // offset 128 bytes
         for frame in [error, fragment] {
-            assert_eq!(run(node, prog_names::FROM_HOST, &frame, 0).verdict, TC_ACT_SHOT);
+            assert_eq!(
+                run(node, prog_names::FROM_HOST, &frame, 0).verdict,
+                TC_ACT_SHOT
+            );
             dropped += 1;
         }
         assert_eq!(
             node.dp.maps.drop_count(DropReason::NoPodRoute).unwrap(),
             dropped
         );
-        assert_eq!(stat(node, Stat::PassedToStack), 0, "nothing went back to the stack");
+        assert_eq!(
+            stat(node, Stat::PassedToStack),
+            0,
+            "nothing went back to the stack"
+        );
         // Routed and local destinations are unaffected.
         let to_remote = tcp([0xee; 6], NODE_IP, REMOTE_VXLAN_IP, 40001, 80, Flags::Syn);
         assert_eq!(

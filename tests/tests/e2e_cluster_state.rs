@@ -28,14 +28,26 @@ fn put_lease(c: &Cluster, key: &str, ip: &str, backend: &str) {
 }
 
 fn rejected(node: &Node, reason: &str) -> Option<f64> {
-    node.metric(&format!("weft_rejected_node_records{{reason=\"{reason}\"}}"))
+    node.metric(&format!(
+        "weft_rejected_node_records{{reason=\"{reason}\"}}"
+    ))
 }
 
 /// `ping` from a node to `addr`: (output, how long it took).
 fn ping_from(node: &Node, addr: &str) -> (String, Duration) {
     let start = Instant::now();
     let out = Command::new("ip")
-        .args(["netns", "exec", &node.ns.name, "ping", "-c", "1", "-W", "3", addr])
+        .args([
+            "netns",
+            "exec",
+            &node.ns.name,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "3",
+            addr,
+        ])
         .output()
         .expect("ping");
     (
@@ -60,12 +72,42 @@ fn bad_records_in_etcd_and_a_full_route_map_leave_the_rest_converging() {
     // Records no node may route, with the reason every node must give.
     let bad = [
         ("0.0.0.0-0", "192.168.100.200", "vxlan", "outside_network"),
-        ("10.96.0.0-12", "192.168.100.201", "vxlan", "outside_network"),
-        ("169.254.169.254-32", "192.168.100.202", "vxlan", "outside_network"),
-        (half0.as_str(), "192.168.100.203", "vxlan", "wrong_prefix_length"),
-        (unaligned0.as_str(), "192.168.100.204", "vxlan", "unaligned_subnet"),
-        ("10.244.250.0-24", "10.244.1.5", "vxlan", "public_ip_in_pod_network"),
-        ("10.244.251.0-24", "192.168.100.205", "wireguard", "unknown_backend"),
+        (
+            "10.96.0.0-12",
+            "192.168.100.201",
+            "vxlan",
+            "outside_network",
+        ),
+        (
+            "169.254.169.254-32",
+            "192.168.100.202",
+            "vxlan",
+            "outside_network",
+        ),
+        (
+            half0.as_str(),
+            "192.168.100.203",
+            "vxlan",
+            "wrong_prefix_length",
+        ),
+        (
+            unaligned0.as_str(),
+            "192.168.100.204",
+            "vxlan",
+            "unaligned_subnet",
+        ),
+        (
+            "10.244.250.0-24",
+            "10.244.1.5",
+            "vxlan",
+            "public_ip_in_pod_network",
+        ),
+        (
+            "10.244.251.0-24",
+            "192.168.100.205",
+            "wireguard",
+            "unknown_backend",
+        ),
     ];
     for (key, ip, backend, _) in bad {
         put_lease(&c, key, ip, backend);
@@ -103,9 +145,11 @@ fn bad_records_in_etcd_and_a_full_route_map_leave_the_rest_converging() {
     // An agent started with the bad records already there converges the same way.
     c.restart_agent(1);
     c.wait_ready(1);
-    wait_until("restarted agent refuses them too", Duration::from_secs(15), || {
-        expect(&c.nodes[1])
-    });
+    wait_until(
+        "restarted agent refuses them too",
+        Duration::from_secs(15),
+        || expect(&c.nodes[1]),
+    );
     assert_eq!(c.nodes[1].route_count(), 2);
 
     // An address of the cluster network nobody holds is answered at once with "host
@@ -113,14 +157,24 @@ fn bad_records_in_etcd_and_a_full_route_map_leave_the_rest_converging() {
     let (out, took) = ping_from(&c.nodes[0], "10.244.200.9");
     assert!(out.contains("Destination Host Unreachable"), "{out}");
     assert!(took < Duration::from_secs(1), "{took:?}: {out}");
-    assert!(c.nodes[0].maps().drop_count(DropReason::NoPodRoute).unwrap() >= 1);
+    assert!(
+        c.nodes[0]
+            .maps()
+            .drop_count(DropReason::NoPodRoute)
+            .unwrap()
+            >= 1
+    );
 
     // A refused record that becomes valid is routed: then the route map is full. The other
     // routes stay, /readyz names the map, the fill shows.
     put_lease(&c, "10.244.250.0-24", "192.168.100.206", "vxlan");
     for node in &c.nodes {
         wait_until(
-            &format!("{} not ready for its full route map\n{}", node.name, node.log()),
+            &format!(
+                "{} not ready for its full route map\n{}",
+                node.name,
+                node.log()
+            ),
             Duration::from_secs(15),
             || {
                 node.http_get("/readyz").is_some_and(|(s, body)| {
@@ -131,7 +185,10 @@ fn bad_records_in_etcd_and_a_full_route_map_leave_the_rest_converging() {
         assert_eq!(rejected(node, "public_ip_in_pod_network"), Some(0.0));
         assert_eq!(node.metric("weft_map_full{map=\"routes\"}"), Some(1.0));
         assert_eq!(node.metric("weft_map_capacity{map=\"routes\"}"), Some(2.0));
-        assert_eq!(node.metric("weft_map_fill_ratio{map=\"routes\"}"), Some(1.0));
+        assert_eq!(
+            node.metric("weft_map_fill_ratio{map=\"routes\"}"),
+            Some(1.0)
+        );
         assert_eq!(node.route_count(), 2);
         // Removals and the rest of the reconcile go on: the peer's node entry is in.
         assert_eq!(node.maps().nodes().unwrap().len(), 3);
@@ -173,8 +230,10 @@ fn node_away_past_its_lease_ttl_while_subnets_are_scarce() {
     // Three subnets, leases of 3 s.
     let mut c = Cluster::new(ClusterOptions {
         nodes: 2,
-        net_conf: Some(json!({"Network": "10.244.0.0/16", "SubnetMin": "10.244.1.0",
-            "SubnetMax": "10.244.3.0", "Backend": {"Type": "vxlan"}})),
+        net_conf: Some(
+            json!({"Network": "10.244.0.0/16", "SubnetMin": "10.244.1.0",
+            "SubnetMax": "10.244.3.0", "Backend": {"Type": "vxlan"}}),
+        ),
         lease_ttl: 3,
         ..Default::default()
     });
@@ -195,7 +254,10 @@ fn node_away_past_its_lease_ttl_while_subnets_are_scarce() {
     let n_c = c.add_node();
     c.wait_ready(n_c);
     let subnet_c = subnet_of(&c, n_c);
-    assert_ne!(subnet_c, subnet_a, "a just-expired subnet was handed out first");
+    assert_ne!(
+        subnet_c, subnet_a,
+        "a just-expired subnet was handed out first"
+    );
     // Only A's is left: the next node gets it, its first pod A's pod's address.
     let n_d = c.add_node();
     c.wait_ready(n_d);
@@ -218,10 +280,17 @@ fn node_away_past_its_lease_ttl_while_subnets_are_scarce() {
         },
     );
     assert_eq!(lease_holder(&c, subnet_a), Some(c.nodes[n_d].ip));
-    assert!(!a.subnet_file().exists(), "the CNI plugin would hand out D's addresses");
+    assert!(
+        !a.subnet_file().exists(),
+        "the CNI plugin would hand out D's addresses"
+    );
     assert_eq!(a.metric("weft_fenced_endpoints_total"), Some(1.0));
     assert!(
-        !a.maps().endpoints().unwrap().iter().any(|(ip, _)| *ip == pod_a),
+        !a.maps()
+            .endpoints()
+            .unwrap()
+            .iter()
+            .any(|(ip, _)| *ip == pod_a),
         "A still serves {pod_a}"
     );
     let routes = a.ns.ip("route show");

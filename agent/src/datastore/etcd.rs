@@ -945,7 +945,11 @@ pub fn pick_subnet(
     }
     let mine = free
         .iter()
-        .filter(|s| holders.get(s).is_some_and(|(ip, _)| *ip == Some(local.public_ip)))
+        .filter(|s| {
+            holders
+                .get(s)
+                .is_some_and(|(ip, _)| *ip == Some(local.public_ip))
+        })
         .max_by_key(|s| holders[s].1);
     if let Some(s) = mine {
         return Some(*s);

@@ -17,11 +17,7 @@
 //! [`watch_kind`] is the one watch loop: Nodes use it here; Pods, Namespaces and
 //! NetworkPolicies can be watched the same way (e.g. into a `kube::runtime::reflector` store).
 use std::{
-    collections::BTreeMap,
-    fmt::Debug,
-    net::Ipv4Addr,
-    path::PathBuf,
-    sync::mpsc::Sender,
+    collections::BTreeMap, fmt::Debug, net::Ipv4Addr, path::PathBuf, sync::mpsc::Sender,
     time::Duration,
 };
 

@@ -22,10 +22,7 @@ use ipnet::Ipv4Net;
 use serde::Deserialize;
 
 use super::{Datastore, Event, LocalNode, NodeLease, parse_backend, parse_mac};
-use crate::{
-    config::FlannelNetConf,
-    node_net::vtep_mac_for,
-};
+use crate::{config::FlannelNetConf, node_net::vtep_mac_for};
 
 pub struct StaticFile {
     path: PathBuf,

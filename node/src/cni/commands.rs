@@ -532,7 +532,10 @@ pub fn del(env: &Env, conf: &NetworkConfig, log: &Log) -> CniResult<()> {
     // A corrupt store does not keep the pod's link, endpoint and programs alive: they go, and
     // the allocation with them once the store is rebuilt from the links that remain.
     let (ip, corrupt) = match ipam.lock(LOCK_TIMEOUT) {
-        Ok(locked) => (locked.find(&env.container_id, &env.ifname).map(|a| a.ip), false),
+        Ok(locked) => (
+            locked.find(&env.container_id, &env.ifname).map(|a| a.ip),
+            false,
+        ),
         Err(e @ IpamError::Corrupt { .. }) => {
             log.line(&format!("DEL without the allocation: {e}"));
             (None, true)
@@ -736,9 +739,7 @@ pub fn gc(conf: &NetworkConfig, log: &Log) -> CniResult<()> {
                 subnet.as_ref().map(|s| s.subnet),
                 LOCK_TIMEOUT,
             )
-            .map_err(|e| {
-                CniError::with_cause(code::IPAM_STORE, "rebuilding the IPAM store", &e)
-            })?;
+            .map_err(|e| CniError::with_cause(code::IPAM_STORE, "rebuilding the IPAM store", &e))?;
             log.line(&format!(
                 "GC: rebuilt {} with {} allocations (old file kept at {:?}); left out: {:?}",
                 ipam.path().display(),
