@@ -269,19 +269,6 @@ pub fn ensure_masquerade(network: Ipv4Net) -> Result<Firewall> {
     Ok(Firewall::Iptables)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn vtep_mac_is_local_unicast_and_stable() {
-        let mac = vtep_mac_for(Ipv4Addr::new(192, 168, 100, 10));
-        assert_eq!(mac, [0x02, 0x57, 192, 168, 100, 10]);
-        assert_eq!(mac[0] & 0x01, 0, "unicast");
-        assert_eq!(mac[0] & 0x02, 0x02, "locally administered");
-    }
-}
-
 /// Cuts off the local pods whose addresses are not this node's any more: their endpoint entries
 /// and their host routes go, so the datapath no longer delivers to them or accepts their traffic
 /// and the node's stack routes their addresses like any other node's (toward the subnet's new
@@ -320,4 +307,17 @@ pub fn fence_endpoints(
         fenced.push(ip);
     }
     Ok(fenced)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vtep_mac_is_local_unicast_and_stable() {
+        let mac = vtep_mac_for(Ipv4Addr::new(192, 168, 100, 10));
+        assert_eq!(mac, [0x02, 0x57, 192, 168, 100, 10]);
+        assert_eq!(mac[0] & 0x01, 0, "unicast");
+        assert_eq!(mac[0] & 0x02, 0x02, "locally administered");
+    }
 }

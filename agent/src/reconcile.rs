@@ -642,7 +642,7 @@ impl Reconciler {
             writes: writes - failures.subnets.len() - failures.ips.len(),
             duration: start.elapsed(),
             failures: failures.messages,
-            full_maps: failures.full.into_iter().map(|(_, v)| v).collect(),
+            full_maps: failures.full.into_values().collect(),
         })
     }
 }
