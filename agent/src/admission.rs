@@ -48,10 +48,13 @@ pub enum Refusal {
     PublicIpIsLocal,
     /// The record announces a backend this node cannot talk to.
     UnknownBackend { backend: String },
+    /// The record could not be read at all (not JSON, a field of the wrong type, an address
+    /// that is not one).
+    Unreadable { error: String },
 }
 
 /// Every refusal reason, in the order the metric lists them.
-pub const REASONS: [&str; 9] = [
+pub const REASONS: [&str; 10] = [
     "unaligned_subnet",
     "outside_network",
     "wrong_prefix_length",
@@ -61,6 +64,7 @@ pub const REASONS: [&str; 9] = [
     "public_ip_in_pod_network",
     "public_ip_is_local",
     "unknown_backend",
+    "unreadable",
 ];
 
 impl Refusal {
@@ -76,6 +80,7 @@ impl Refusal {
             Self::PublicIpInPodNetwork { .. } => REASONS[6],
             Self::PublicIpIsLocal => REASONS[7],
             Self::UnknownBackend { .. } => REASONS[8],
+            Self::Unreadable { .. } => REASONS[9],
         }
     }
 }
@@ -108,6 +113,7 @@ impl fmt::Display for Refusal {
             Self::UnknownBackend { backend } => {
                 write!(f, "backend type {backend:?} is not one this node speaks")
             }
+            Self::Unreadable { error } => write!(f, "the record cannot be read: {error}"),
         }
     }
 }
@@ -286,9 +292,29 @@ impl Records {
         changed
     }
 
+    /// The record `name` can no longer be read: whatever it said before counts no more (an
+    /// unreadable record is no route), and it is refused until it is readable or gone. Returns
+    /// the subnets whose admitted record changed.
+    pub fn unreadable(&mut self, name: &str, error: String) -> BTreeSet<Ipv4Net> {
+        let changed = self.remove(name);
+        let refusal = Refusal::Unreadable { error };
+        if self.refused.get(name) != Some(&refusal) {
+            tracing::warn!(
+                record = name,
+                reason = refusal.reason(),
+                "refused node record {name}: {refusal}"
+            );
+            self.refused.insert(name.to_string(), refusal);
+        }
+        changed
+    }
+
     /// The record `name` is gone. Returns the subnets whose admitted record changed.
     pub fn remove(&mut self, name: &str) -> BTreeSet<Ipv4Net> {
         let Some(old) = self.all.remove(name) else {
+            if self.refused.remove(name).is_some() {
+                tracing::info!(record = name, "refused node record gone");
+            }
             return BTreeSet::new();
         };
         self.unindex(name, old.subnet);
@@ -589,5 +615,41 @@ mod tests {
             r.admitted(&"10.244.3.0/24".parse().unwrap()).unwrap().name,
             "bad"
         );
+    }
+
+    #[test]
+    fn an_unreadable_record_is_no_route_and_counted_until_readable_or_gone() {
+        let count = |r: &Records| -> usize {
+            r.refused_by_reason()
+                .into_iter()
+                .find(|(reason, _)| *reason == "unreadable")
+                .unwrap()
+                .1
+        };
+        let mut r = Records::new(rules());
+        let held = "10.244.2.0/24".parse().unwrap();
+        r.replace_all(vec![rec("n2", "10.244.2.0/24", [192, 168, 1, 2], 1)]);
+        // A record that was routed turns unreadable: its route goes, it is counted.
+        assert_eq!(
+            r.unreadable("n2", "expected value at line 1".into()),
+            BTreeSet::from([held])
+        );
+        assert!(r.admitted(&held).is_none());
+        assert_eq!(count(&r), 1);
+        assert!(
+            r.refused()["n2"].to_string().contains("line 1"),
+            "the error is kept"
+        );
+        // Another one, never readable: counted, changes no route.
+        assert!(r.unreadable("n9", "not JSON".into()).is_empty());
+        assert_eq!(count(&r), 2);
+        // Readable again: admitted, no longer counted.
+        r.upsert(rec("n2", "10.244.2.0/24", [192, 168, 1, 2], 1));
+        assert_eq!(r.admitted(&held).unwrap().name, "n2");
+        assert_eq!(count(&r), 1);
+        // Gone: not counted.
+        assert!(r.remove("n9").is_empty());
+        assert_eq!(count(&r), 0);
+        assert!(r.refused().is_empty());
     }
 }

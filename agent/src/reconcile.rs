@@ -321,6 +321,7 @@ impl Reconciler {
             }
             Event::Upsert(lease) => self.records.upsert(lease),
             Event::Remove(name) => self.records.remove(&name),
+            Event::Unreadable { name, error } => self.records.unreadable(&name, error),
             Event::LocalSubnet(subnet) => {
                 self.local_subnet = subnet;
                 self.set_local_subnet(Some(subnet));

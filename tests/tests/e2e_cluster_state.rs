@@ -127,7 +127,7 @@ fn bad_records_in_etcd_and_a_full_route_map_leave_the_rest_converging() {
                 return false;
             }
         }
-        true
+        rejected(node, "unreadable") == Some(1.0)
     };
     for node in &c.nodes {
         wait_until(
@@ -194,8 +194,9 @@ fn bad_records_in_etcd_and_a_full_route_map_leave_the_rest_converging() {
         assert_eq!(node.maps().nodes().unwrap().len(), 3);
     }
     c.assert_full_matrix();
-    // The record goes: room again, ready again.
+    // The record goes: room again, ready again. The unreadable one goes too: not counted.
     c.etcd.delete(&lease_key("10.244.250.0-24"));
+    c.etcd.delete(&lease_key("10.244.252.0-24"));
     for node in &c.nodes {
         wait_until(
             &format!("{} ready again", node.name),
@@ -203,6 +204,14 @@ fn bad_records_in_etcd_and_a_full_route_map_leave_the_rest_converging() {
             || node.http_get("/readyz").is_some_and(|(s, _)| s == 200),
         );
         assert_eq!(node.metric("weft_map_full{map=\"routes\"}"), Some(0.0));
+        wait_until(
+            &format!(
+                "{} to stop counting the deleted unreadable record",
+                node.name
+            ),
+            Duration::from_secs(10),
+            || rejected(node, "unreadable") == Some(0.0),
+        );
     }
 }
 

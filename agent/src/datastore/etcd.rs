@@ -845,15 +845,21 @@ fn watch_loop(client: EtcdClient, prefix: String, events: Sender<Event>) {
             let _ = events.send(Event::Connected(true));
             connected = Some(true);
         }
-        let leases = kvs
-            .iter()
-            .filter_map(|kv| {
-                lease_of(kv)?
-                    .map_err(|e| tracing::warn!("ignoring {}: {e:#}", kv.key))
-                    .ok()
-            })
-            .collect();
-        if events.send(Event::Snapshot(leases)).is_err() {
+        let mut leases = Vec::new();
+        let mut unreadable = Vec::new();
+        for kv in &kvs {
+            match lease_of(kv) {
+                None => {}
+                Some(Ok(lease)) => leases.push(lease),
+                Some(Err(e)) => unreadable.push(Event::Unreadable {
+                    name: lease_name(&kv.key).to_string(),
+                    error: format!("{e:#}"),
+                }),
+            }
+        }
+        if events.send(Event::Snapshot(leases)).is_err()
+            || unreadable.into_iter().any(|ev| events.send(ev).is_err())
+        {
             return;
         }
         let mut sent = false;
@@ -863,11 +869,11 @@ fn watch_loop(client: EtcdClient, prefix: String, events: Sender<Event>) {
                 WatchEvent::Put(kv) => match lease_of(&kv) {
                     None => return,
                     Some(Ok(lease)) => Event::Upsert(lease),
-                    Some(Err(e)) => {
-                        tracing::warn!("ignoring {}: {e:#}", kv.key);
-                        // An unreadable record is no route.
-                        Event::Remove(lease_name(&kv.key).to_string())
-                    }
+                    // An unreadable record is no route (and counted as refused).
+                    Some(Err(e)) => Event::Unreadable {
+                        name: lease_name(&kv.key).to_string(),
+                        error: format!("{e:#}"),
+                    },
                 },
                 WatchEvent::Delete(key) => match parse_subnet_key(&key) {
                     Some(_) => Event::Remove(lease_name(&key).to_string()),

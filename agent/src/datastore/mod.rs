@@ -119,6 +119,10 @@ pub enum Event {
     Upsert(NodeLease),
     /// The record of this name ([`NodeLease::name`]) is gone.
     Remove(String),
+    /// The record of this name is there but cannot be read (it is no route, and it is counted
+    /// as refused until it is readable or gone). After a [`Event::Snapshot`], one of these
+    /// follows for every unreadable record of the list.
+    Unreadable { name: String, error: String },
     /// This node's own subnet changed (lease lost and re-acquired elsewhere).
     LocalSubnet(Ipv4Net),
     /// This node's lease on this subnet is gone, another node holds it, and no other subnet
