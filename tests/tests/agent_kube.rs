@@ -649,6 +649,21 @@ fn bad_node_records_from_the_api_server_are_refused() {
                         flannel("", "wireguard"),
                     ),
                     bad_node("node-j", "10.244.10.0/24", "10.244.77.1", json!({})),
+                    // Records that cannot be made: an address annotation that is not one, and
+                    // a node with a podCIDR but no address at all.
+                    bad_node(
+                        "node-k",
+                        "10.244.11.0/24",
+                        "192.168.1.55",
+                        json!({"weft.io/public-ip": "192.168.1"}),
+                    ),
+                    json!({
+                        "kind": "Node", "apiVersion": "v1",
+                        "metadata": {"name": "node-l", "resourceVersion": "99",
+                            "creationTimestamp": created("node-l"), "uid": "uid-node-l"},
+                        "spec": {"podCIDR": "10.244.12.0/24", "podCIDRs": ["10.244.12.0/24"]},
+                        "status": {"addresses": [{"type": "Hostname", "address": "node-l"}]}
+                    }),
                     node_c("98"),
                 ],
             )],
@@ -705,7 +720,7 @@ fn bad_node_records_from_the_api_server_are_refused() {
             .map(|(n, r)| (n.to_string(), Ipv4Addr::from(r.node_ip)))
             .collect()
     };
-    // The list (the watch after it stays open and quiet).
+    // Turns the loop on the events as they come (the watch after the list stays open and quiet).
     let turn_until = |l: &mut ControlLoop<MemoryMaps>,
                       what: &str,
                       done: &dyn Fn(&ControlLoop<MemoryMaps>) -> bool| {
@@ -722,7 +737,10 @@ fn bad_node_records_from_the_api_server_are_refused() {
             l.turn(events, Instant::now()).unwrap();
         }
     };
-    turn_until(&mut l, "the list", &|l| l.rec.synced);
+    // The list (the unreadable records follow its snapshot).
+    turn_until(&mut l, "the list", &|l| {
+        l.rec.synced && rejected("unreadable") == 2
+    });
     // node-b holds its subnet; the others are refused, with their reasons.
     assert_eq!(
         routes(&l),
@@ -735,26 +753,42 @@ fn bad_node_records_from_the_api_server_are_refused() {
     assert_eq!(rejected("overlaps_node"), 1);
     assert_eq!(rejected("unknown_backend"), 1);
     assert_eq!(rejected("public_ip_in_pod_network"), 1);
+    assert_eq!(rejected("unreadable"), 2);
     assert_eq!(l.maps.nodes.len(), 2);
-    // The API server deletes node-b (the open watch ends, the next one says so).
-    server
-        .script
-        .lock()
-        .unwrap()
-        .watches
-        .push((200, watch_lines(&[("DELETED", node_b("10.9.9.2"))])));
+    // The API server deletes node-b, fixes node-k's annotation and deletes node-l (the open
+    // watch ends, the next one says so).
+    let fixed_k = bad_node(
+        "node-k",
+        "10.244.11.0/24",
+        "192.168.1.55",
+        json!({"weft.io/public-ip": "192.168.1.56"}),
+    );
+    let node_l = json!({"kind": "Node", "apiVersion": "v1",
+        "metadata": {"name": "node-l", "resourceVersion": "101"}});
+    server.script.lock().unwrap().watches.push((
+        200,
+        watch_lines(&[
+            ("DELETED", node_b("10.9.9.2")),
+            ("MODIFIED", fixed_k),
+            ("DELETED", node_l),
+        ]),
+    ));
     server.release.store(true, Ordering::Relaxed);
-    turn_until(&mut l, "node-h to take over", &|l| {
-        routes(l)
-            .iter()
-            .any(|(_, ip)| *ip == Ipv4Addr::new(192, 168, 1, 53))
+    turn_until(&mut l, "node-h and node-k routed, node-l gone", &|l| {
+        routes(l).len() == 3
+            && routes(l)
+                .iter()
+                .any(|(_, ip)| *ip == Ipv4Addr::new(192, 168, 1, 53))
+            && rejected("unreadable") == 0
     });
-    // node-b is gone: node-h, refused as the younger claim until now, holds the subnet.
+    // node-b is gone: node-h, refused as the younger claim until now, holds the subnet;
+    // node-k is readable now and routed; node-l is gone and no longer counted.
     assert_eq!(
         routes(&l),
         vec![
             ("10.244.2.0/24".into(), Ipv4Addr::new(192, 168, 1, 53)),
             ("10.244.3.0/24".into(), Ipv4Addr::new(192, 168, 1, 3)),
+            ("10.244.11.0/24".into(), Ipv4Addr::new(192, 168, 1, 56)),
         ]
     );
     assert_eq!(rejected("overlaps_node"), 0);
@@ -763,6 +797,7 @@ fn bad_node_records_from_the_api_server_are_refused() {
         [
             Ipv4Addr::new(192, 168, 1, 53),
             Ipv4Addr::new(192, 168, 1, 3),
+            Ipv4Addr::new(192, 168, 1, 56),
         ]
         .contains(ip)
     }));

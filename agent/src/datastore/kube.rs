@@ -104,14 +104,27 @@ struct BackendData {
 
 /// The record a Node object describes, if it has a subnet and an address.
 pub fn node_lease(node: &Node) -> Option<NodeLease> {
+    node_record(node)?.ok()
+}
+
+/// The record a Node object describes: None while it has no podCIDR yet (the controller
+/// manager has not allocated one), an error naming the field when it has one but the record
+/// cannot be made (no IPv4 podCIDR, no address, an address annotation that is not one).
+pub fn node_record(node: &Node) -> Option<Result<NodeLease, String>> {
     let spec = node.spec.as_ref()?;
-    let subnet: Ipv4Net = spec
+    let cidrs: Vec<&String> = spec
         .pod_cidrs
         .iter()
         .flatten()
         .chain(spec.pod_cidr.iter())
-        .find_map(|c| c.parse::<Ipv4Net>().ok())?
-        .trunc();
+        .collect();
+    if cidrs.is_empty() {
+        return None;
+    }
+    let Some(subnet) = cidrs.iter().find_map(|c| c.parse::<Ipv4Net>().ok()) else {
+        return Some(Err(format!("spec.podCIDRs: no IPv4 CIDR among {cidrs:?}")));
+    };
+    let subnet = subnet.trunc();
     let ann = node.annotations();
     let get = |key: String| ann.get(&key).map(String::as_str);
     let annotation = |key: &str| {
@@ -126,17 +139,43 @@ pub fn node_lease(node: &Node) -> Option<NodeLease> {
             .filter(|a| a.type_ == kind)
             .find_map(|a| a.address.parse().ok())
     };
-    let public_ip = get(format!("{WEFT_PREFIX}public-ip"))
-        .or_else(|| get(format!("{FLANNEL_PREFIX}public-ip-overwrite")))
-        .or_else(|| get(format!("{FLANNEL_PREFIX}public-ip")))
-        .and_then(|s| s.parse().ok())
+    // The first address annotation set wins; one that is set but not an address is an error
+    // (falling back to the status would route to an address the operator overrode).
+    let mut annotated = None;
+    for key in [
+        format!("{WEFT_PREFIX}public-ip"),
+        format!("{FLANNEL_PREFIX}public-ip-overwrite"),
+        format!("{FLANNEL_PREFIX}public-ip"),
+    ] {
+        match get(key.clone()).map(str::trim) {
+            None | Some("") => continue,
+            Some(v) => match v.parse::<Ipv4Addr>() {
+                Ok(ip) => {
+                    annotated = Some(ip);
+                    break;
+                }
+                Err(_) => {
+                    return Some(Err(format!(
+                        "metadata.annotations[{key}]: {v:?} is not an IPv4 address"
+                    )));
+                }
+            },
+        }
+    }
+    let Some(public_ip) = annotated
         .or_else(|| from_status("InternalIP"))
-        .or_else(|| from_status("ExternalIP"))?;
+        .or_else(|| from_status("ExternalIP"))
+    else {
+        return Some(Err(format!(
+            "no address: no {WEFT_PREFIX}public-ip annotation and no IPv4 InternalIP or \
+             ExternalIP in status.addresses"
+        )));
+    };
     let (backend, unknown_backend) = parse_backend(annotation("backend-type"));
     let vtep_mac = annotation("backend-data")
         .and_then(|d| serde_json::from_str::<BackendData>(d).ok())
         .and_then(|d| d.vtep_mac.as_deref().and_then(parse_mac));
-    Some(NodeLease {
+    Some(Ok(NodeLease {
         subnet,
         public_ip,
         backend,
@@ -149,7 +188,7 @@ pub fn node_lease(node: &Node) -> Option<NodeLease> {
             .as_ref()
             .map_or(i64::MAX, |t| t.0.as_second()),
         unknown_backend,
-    })
+    }))
 }
 
 /// The annotations a weft node publishes (weft's and flannel's).
@@ -283,20 +322,25 @@ impl KubeDatastore {
 /// has no podCIDR or address).
 #[derive(Default)]
 struct NodeIndex {
-    /// Nodes that have a record.
+    /// Nodes that have a record (readable or not).
     named: std::collections::HashSet<String>,
-    /// Records of a relist in progress.
+    /// Records of a relist in progress, and the unreadable ones (name, why).
     listing: Vec<NodeLease>,
+    listing_unreadable: Vec<(String, String)>,
 }
 
 impl NodeIndex {
     fn apply(&mut self, node: &Node, deleted: bool, events: &Sender<Event>) -> bool {
         let name = node.name_any();
-        let lease = if deleted { None } else { node_lease(node) };
-        match lease {
-            Some(lease) => {
+        let record = if deleted { None } else { node_record(node) };
+        match record {
+            Some(Ok(lease)) => {
                 self.named.insert(name);
                 events.send(Event::Upsert(lease)).is_ok()
+            }
+            Some(Err(error)) => {
+                self.named.insert(name.clone());
+                events.send(Event::Unreadable { name, error }).is_ok()
             }
             None if self.named.remove(&name) => events.send(Event::Remove(name)).is_ok(),
             None => true,
@@ -307,18 +351,31 @@ impl NodeIndex {
         match ev {
             watcher::Event::Init => {
                 self.listing.clear();
+                self.listing_unreadable.clear();
                 true
             }
             watcher::Event::InitApply(node) => {
-                self.listing.extend(node_lease(&node));
+                match node_record(&node) {
+                    Some(Ok(lease)) => self.listing.push(lease),
+                    Some(Err(error)) => self.listing_unreadable.push((node.name_any(), error)),
+                    None => {}
+                }
                 true
             }
             watcher::Event::InitDone => {
                 let mut leases = std::mem::take(&mut self.listing);
-                self.named = leases.iter().map(|l| l.name.clone()).collect();
+                let unreadable = std::mem::take(&mut self.listing_unreadable);
+                self.named = leases
+                    .iter()
+                    .map(|l| l.name.clone())
+                    .chain(unreadable.iter().map(|(n, _)| n.clone()))
+                    .collect();
                 leases.sort_by_key(|l| l.subnet);
                 events.send(Event::Connected(true)).is_ok()
                     && events.send(Event::Snapshot(leases)).is_ok()
+                    && unreadable
+                        .into_iter()
+                        .all(|(name, error)| events.send(Event::Unreadable { name, error }).is_ok())
             }
             watcher::Event::Apply(node) => self.apply(&node, false, events),
             watcher::Event::Delete(node) => self.apply(&node, true, events),
@@ -338,12 +395,11 @@ impl Datastore for KubeDatastore {
         let mut backoff = Backoff::new(Duration::from_secs(5));
         let subnet = loop {
             match self.runtime.block_on(api.get(&local.name)) {
-                Ok(node) => {
-                    if let Some(l) = node_lease(&node) {
-                        break l.subnet;
-                    }
-                    tracing::info!(node = %local.name, "waiting for the node's podCIDR");
-                }
+                Ok(node) => match node_record(&node) {
+                    Some(Ok(l)) => break l.subnet,
+                    Some(Err(e)) => tracing::warn!(node = %local.name, "this node's record: {e}"),
+                    None => tracing::info!(node = %local.name, "waiting for the node's podCIDR"),
+                },
                 Err(e) => tracing::warn!("reading node {}: {e:#}", local.name),
             }
             if std::time::Instant::now() > deadline {
@@ -430,6 +486,28 @@ mod tests {
         );
         let mut no_cidr = node.clone();
         no_cidr.spec = Some(Default::default());
-        assert!(node_lease(&no_cidr).is_none());
+        assert!(
+            node_record(&no_cidr).is_none(),
+            "not allocated yet: no record, no error"
+        );
+        // A record that cannot be made names the field.
+        let mut garbage = node.clone();
+        garbage
+            .annotations_mut()
+            .insert("flannel.alpha.coreos.com/public-ip".into(), "10.0.0".into());
+        let err = node_record(&garbage).unwrap().unwrap_err();
+        assert!(
+            err.contains("flannel.alpha.coreos.com/public-ip") && err.contains("10.0.0"),
+            "{err}"
+        );
+        let mut no_addr = node.clone();
+        no_addr.status = None;
+        let err = node_record(&no_addr).unwrap().unwrap_err();
+        assert!(err.contains("status.addresses"), "{err}");
+        let mut v6 = node.clone();
+        v6.spec.as_mut().unwrap().pod_cidr = None;
+        v6.spec.as_mut().unwrap().pod_cidrs = Some(vec!["fd00::/64".into()]);
+        let err = node_record(&v6).unwrap().unwrap_err();
+        assert!(err.contains("spec.podCIDRs"), "{err}");
     }
 }
