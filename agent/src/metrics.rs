@@ -13,7 +13,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -37,7 +37,10 @@ use prometheus_client::{
 };
 use weft_common::map_names;
 
-use crate::datapath::{MapFull, Maps};
+use crate::{
+    bgp::BgpStatus,
+    datapath::{MapFull, Maps},
+};
 
 /// A metric's labels, e.g. `[("reason", "outside_network")]`.
 type Labels = Vec<(&'static str, &'static str)>;
@@ -79,6 +82,9 @@ pub struct Metrics {
     pub fenced_endpoints: Counter,
     /// Why this node holds no subnet, when it lost its own (for `/readyz`).
     subnet_lost: std::sync::Mutex<Option<String>>,
+    /// BIRD's sessions and routes, as the control loop last saw them (`None`: the backend is
+    /// not bgp). Exported by [`BgpCollector`] on each scrape.
+    pub bgp: Arc<Mutex<Option<BgpStatus>>>,
     /// Unix time (s) of the reconcile loop's last turn (not exported: /healthz reads it).
     heartbeat: AtomicU64,
     registry: Registry,
@@ -113,6 +119,7 @@ impl Metrics {
             full_maps: Default::default(),
             fenced_endpoints: Counter::default(),
             subnet_lost: Default::default(),
+            bgp: Arc::default(),
             heartbeat: AtomicU64::new(now_secs()),
             registry: Registry::default(),
         };
@@ -193,6 +200,9 @@ impl Metrics {
         if let Some(pin_root) = pin_root {
             r.register_collector(Box::new(MapsCollector { pin_root }));
         }
+        r.register_collector(Box::new(BgpCollector {
+            status: m.bgp.clone(),
+        }));
         m
     }
 
@@ -252,6 +262,13 @@ impl Metrics {
             return Some(format!("not ready: {}", maps.join("; ")));
         }
         (!self.is_ready()).then(|| "not ready".to_string())
+    }
+
+    /// Publishes the BGP side's status (`None`: the backend is not bgp, no BGP metrics).
+    pub fn set_bgp(&self, status: Option<BgpStatus>) {
+        if let Ok(mut s) = self.bgp.lock() {
+            *s = status;
+        }
     }
 
     pub fn beat(&self) {
@@ -358,6 +375,85 @@ impl Collector for MapsCollector {
         )?;
         for (stat, n) in maps.stats().unwrap_or_default() {
             ConstCounter::new(n).encode(packets.encode_family(&[("path", stat.name())])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The bgp backend's figures (from BIRD, through the control loop): the speaker's state, the
+/// sessions, learned and refused routes. Nothing while the backend is not bgp.
+#[derive(Debug)]
+struct BgpCollector {
+    status: Arc<Mutex<Option<BgpStatus>>>,
+}
+
+impl Collector for BgpCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(status) = self.status.lock().ok().and_then(|s| s.clone()) else {
+            return Ok(());
+        };
+        let established = status.sessions.iter().filter(|s| s.established()).count();
+        for (name, help, n) in [
+            (
+                "weft_bgp_speaker_up",
+                "1 while the agent's BIRD runs",
+                i64::from(status.running),
+            ),
+            (
+                "weft_bgp_sessions_established",
+                "BGP sessions in state Established",
+                established as i64,
+            ),
+            (
+                "weft_bgp_sessions_configured",
+                "BGP sessions configured (mesh peers and configured peers)",
+                status.sessions.len() as i64,
+            ),
+            (
+                "weft_bgp_learned_routes",
+                "Routes learned over BGP and installed in weft's routing table",
+                status.learned_routes as i64,
+            ),
+            (
+                "weft_bgp_refused_routes",
+                "Routes refused by the import filters (not a pod subnet of their sender's node)",
+                status.refused_routes as i64,
+            ),
+        ] {
+            let g = ConstGauge::new(n);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        for (name, help, n) in [
+            (
+                "weft_bgp_speaker_restarts",
+                "Times BIRD exited unasked and was restarted",
+                status.crashes,
+            ),
+            (
+                "weft_bgp_reloads",
+                "BIRD reconfigurations (birdc configure)",
+                status.reloads,
+            ),
+            (
+                "weft_bgp_reload_errors",
+                "Configurations BIRD refused",
+                status.reload_errors,
+            ),
+        ] {
+            let c = ConstCounter::new(n);
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        let mut sessions = encoder.encode_descriptor(
+            "weft_bgp_session_established",
+            "1 while the session to this peer is Established",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in &status.sessions {
+            let peer = s.peer.to_string();
+            ConstGauge::new(i64::from(s.established())).encode(
+                sessions.encode_family(&[("peer", peer.as_str()), ("kind", s.kind.name())])?,
+            )?;
         }
         Ok(())
     }
