@@ -972,6 +972,38 @@ mod tests {
     }
 
     #[test]
+    fn bgp_announces_no_subnet_while_the_node_holds_none() {
+        let t0 = Instant::now();
+        let fake = FakeBgp::default();
+        let conf = bgp_conf(r#"{"Type": "bgp"}"#);
+        let mut l = control_loop(MemoryMaps::default(), conf, t0).bgp(Box::new(fake.clone()));
+        let announced = |fake: &FakeBgp| fake.0.lock().unwrap().clusters.last().unwrap().0.clone();
+        l.turn(
+            vec![Event::Snapshot(vec![lease(
+                "10.244.2.0/24",
+                [192, 168, 1, 2],
+            )])],
+            t0,
+        )
+        .unwrap();
+        assert_eq!(announced(&fake), vec![net("10.244.1.0/24")]);
+        // Another node holds this node's subnet now: announcing it would hijack its traffic.
+        l.turn(
+            vec![Event::SubnetLost(net("10.244.1.0/24"))],
+            t0 + Duration::from_millis(5),
+        )
+        .unwrap();
+        assert_eq!(announced(&fake), vec![]);
+        // A new subnet: announced.
+        l.turn(
+            vec![Event::LocalSubnet(net("10.244.7.0/24"))],
+            t0 + Duration::from_millis(10),
+        )
+        .unwrap();
+        assert_eq!(announced(&fake), vec![net("10.244.7.0/24")]);
+    }
+
+    #[test]
     fn a_live_switch_into_bgp_waits_for_birds_routes() {
         let t0 = Instant::now();
         let fake = FakeBgp::default();
