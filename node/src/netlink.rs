@@ -132,6 +132,8 @@ pub struct LinkInfo {
     pub mac: Option<[u8; 6]>,
     pub mtu: u32,
     pub up: bool,
+    /// The link's alias (`ip link set DEV alias ...`), if any.
+    pub alias: Option<String>,
 }
 
 impl LinkInfo {
@@ -142,12 +144,14 @@ impl LinkInfo {
             mac: None,
             mtu: 0,
             up: m.header.flags.contains(LinkFlags::Up),
+            alias: None,
         };
         for a in &m.attributes {
             match a {
                 LinkAttribute::IfName(n) => info.name = n.clone(),
                 LinkAttribute::Mtu(v) => info.mtu = *v,
                 LinkAttribute::Address(a) => info.mac = a.as_slice().try_into().ok(),
+                LinkAttribute::IfAlias(a) => info.alias = Some(a.clone()),
                 _ => {}
             }
         }
@@ -251,6 +255,19 @@ impl Netlink {
         self.handle
             .link()
             .set(msg.build())
+            .execute()
+            .await
+            .map_err(Error::from_rtnetlink)
+    }
+
+    /// Sets the alias of the link `ifindex` (the kernel keeps up to 255 bytes).
+    pub async fn set_alias(&self, ifindex: u32, alias: &str) -> Result<()> {
+        let mut msg = LinkUnspec::new_with_index(ifindex).build();
+        msg.attributes
+            .push(LinkAttribute::IfAlias(alias.to_string()));
+        self.handle
+            .link()
+            .set(msg)
             .execute()
             .await
             .map_err(Error::from_rtnetlink)
@@ -390,6 +407,28 @@ impl Netlink {
             .execute()
             .await
             .map_err(Error::from_rtnetlink)
+    }
+
+    /// Deletes the main-table route to `dst` out of `ifindex`; Ok(false) when there is none.
+    pub async fn delete_route(&self, dst: Ipv4Net, ifindex: u32) -> Result<bool> {
+        // Any protocol and scope (what `ip route del` matches).
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.network(), dst.prefix_len())
+            .output_interface(ifindex)
+            .protocol(RouteProtocol::Unspec)
+            .scope(RouteScope::NoWhere)
+            .build();
+        match self.handle.route().del(msg).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let e = Error::from_rtnetlink(e);
+                if e.is(libc::ESRCH) || e.is(libc::ENODEV) {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
     }
 
     /// IPv4 routes of the main table.

@@ -76,11 +76,13 @@ fn node_pinned_or_not(pin_root: Option<&std::path::Path>) -> Node {
     let dp = match pin_root {
         None => Datapath::load_unpinned_with(&LoadOptions {
             conntrack_max: crate::TEST_CONNTRACK_MAX,
+            ..Default::default()
         }),
         Some(root) => Datapath::load_pinned_with(
             root,
             &LoadOptions {
                 conntrack_max: crate::TEST_CONNTRACK_MAX,
+                ..Default::default()
             },
         ),
     }

@@ -48,6 +48,7 @@ fn peer_node(root: &Path, pod_ifindex: u32) -> Datapath {
         root,
         &LoadOptions {
             conntrack_max: weft_tests::TEST_CONNTRACK_MAX,
+            ..Default::default()
         },
     )
     .unwrap();
