@@ -33,9 +33,10 @@ pub static WEFT_MONITOR_SOCK: SockMap<1> = SockMap::new();
 #[btf_map]
 pub static WEFT_MONITOR_RATE: PerCpuArray<MonitorRate, 1> = PerCpuArray::new();
 
-/// The events.
+/// The events (`MonitorEvent`s). Declared without a value type, as C declares ring buffers:
+/// libbpf (`bpftool prog loadall`) refuses a ring buffer whose BTF names a value.
 #[btf_map]
-pub static WEFT_EVENTS: RingBuf<MonitorEvent, { EVENTS_RING_BYTES as usize }> = RingBuf::new();
+pub static WEFT_EVENTS: RingBuf<(), { EVENTS_RING_BYTES as usize }> = RingBuf::new();
 
 /// What an event needs from a program's context.
 pub trait Packet {
@@ -137,7 +138,7 @@ fn emit<P: Packet>(p: &P, cfg: &MonitorConfig, kind: u8, hook: Hook, code: u32) 
         }
         return;
     }
-    let Some(mut entry) = WEFT_EVENTS.reserve(0) else {
+    let Some(mut entry) = WEFT_EVENTS.reserve_untyped::<MonitorEvent>(0) else {
         rate.ring_full += 1;
         return;
     };
