@@ -63,21 +63,12 @@ pub mod map_names {
         EVENTS,
         FLOWS,
     ];
-    /// The maps the programs write (counters, caches, conntrack, the monitor's): `weft trace`
-    /// gives its instance private copies of these and shares every other map with the live
-    /// datapath, so a trace changes no state.
-    pub const WRITTEN_BY_DATAPATH: [&str; 10] = [
-        DROPS,
-        STATS,
-        NEXT_HOPS,
-        CONNTRACK,
-        PATH_MTU,
-        MONITOR,
-        MONITOR_SOCK,
-        MONITOR_RATE,
-        EVENTS,
-        FLOWS,
-    ];
+    /// The maps the programs only read (userspace writes them): `weft trace` shares these with
+    /// the live datapath and gives its instance private copies of every other map (counters,
+    /// conntrack, caches, the monitor's), so a trace changes no state. A new map is private to
+    /// the trace unless listed here: a read-only map left out shows as a wrong trace, never as
+    /// a trace that writes to the node.
+    pub const SHARED_WITH_TRACE: [&str; 4] = [CONFIG, ROUTES, ENDPOINTS, NODES];
 }
 
 /// Program names (the Rust function names in `node-ebpf`).

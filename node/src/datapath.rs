@@ -198,9 +198,9 @@ impl Datapath {
     }
 
     /// A second instance of the programs for `weft trace`: the maps the programs only read
-    /// (config, routes, endpoints, nodes, policy) are the live ones pinned under `pin_root`;
-    /// the maps they write (`map_names::WRITTEN_BY_DATAPATH`: counters, conntrack, caches, the
-    /// monitor's) are private to this instance, so running it changes nothing on the node.
+    /// (`map_names::SHARED_WITH_TRACE`: config, routes, endpoints, nodes) are the live ones
+    /// pinned under `pin_root`; every other map (counters, conntrack, caches, the monitor's)
+    /// is private to this instance, so running it changes nothing on the node.
     /// The caller copies into the private maps whatever live state a decision depends on (the
     /// flow's conntrack entry, learned path MTUs).
     pub fn load_for_trace(pin_root: &Path) -> Result<Self> {
@@ -210,10 +210,7 @@ impl Datapath {
         loader.map_max_entries(map_names::CONNTRACK, 1024);
         loader.map_max_entries(map_names::NEXT_HOPS, 1024);
         loader.map_max_entries(map_names::PATH_MTU, 1024);
-        for name in map_names::ALL {
-            if map_names::WRITTEN_BY_DATAPATH.contains(&name) {
-                continue;
-            }
+        for name in map_names::SHARED_WITH_TRACE {
             let pin = maps_dir.join(name);
             if !pin.exists() {
                 return Err(anyhow!(

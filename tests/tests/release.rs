@@ -962,12 +962,13 @@ fn each_capability_of_the_manifest_is_needed() {
             log.contains("Operation not permitted") || log.contains("Permission denied"),
             "without {left_out} the agent failed for another reason than a permission:\n{log}"
         );
-        // Why each is needed (deploy/weft.yaml says so): maps need CAP_BPF; tc and XDP
-        // programs need CAP_NET_ADMIN to load; without CAP_PERFMON the verifier refuses the
-        // programs' pointer arithmetic; BIRD binds BGP's port 179 (CAP_NET_BIND_SERVICE).
+        // Why each is needed (deploy/weft.yaml says so): maps need CAP_BPF; a sockmap (the
+        // monitor's) and tc and XDP programs need CAP_NET_ADMIN; without CAP_PERFMON the
+        // verifier refuses the programs' pointer arithmetic; BIRD binds BGP's port 179
+        // (CAP_NET_BIND_SERVICE).
         let step = match left_out.as_str() {
             "bpf" => "failed to create map",
-            "net_admin" => "BPF_PROG_LOAD",
+            "net_admin" => "failed to create map `WEFT_MONITOR_SOCK`",
             "perfmon" => "pointer -= pointer prohibited",
             "net_bind_service" => "Cannot open listening socket",
             _ => "",
