@@ -275,59 +275,51 @@ fn round(v: f64, digits: i32) -> f64 {
     (v * f).round() / f
 }
 
-/// Average kernel-reported run time of one program invocation over `calls` single runs.
-/// (`repeat` > 1 would re-run on the already rewritten packet and measure another path.)
-fn per_call_ns(calls: u64, mut run: impl FnMut() -> u64) -> f64 {
-    let total: u64 = (0..calls).map(|_| run()).sum();
-    total as f64 / calls as f64
+/// One program run measured by `prog_costs`.
+enum Hook {
+    /// A tc program by name, the packet arriving on `ifindex` (0: none).
+    Tc(&'static str, u32),
+    Xdp,
 }
 
+/// A case of `prog_costs`: frames cycled through, one per run.
+struct Case {
+    name: &'static str,
+    hook: Hook,
+    frames: Vec<Vec<u8>>,
+}
+
+/// The median of `samples` (sorted in place).
+fn median(samples: &mut [u64]) -> f64 {
+    samples.sort_unstable();
+    let n = samples.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        samples[n / 2] as f64
+    } else {
+        (samples[n / 2 - 1] + samples[n / 2]) as f64 / 2.0
+    }
+}
+
+/// Per-program cost through BPF_PROG_TEST_RUN. Every run is one syscall with `repeat` 1, so
+/// the kernel copies the frame afresh each time (a repeated run would see the frame the
+/// previous run rewrote, and measure another path). The cases are interleaved in short
+/// batches, so a burst of load elsewhere on the machine hits them all alike, and each figure
+/// is the median of its runs: a preempted or interrupted run is an outlier, not a share of the
+/// mean. The ARP baselines (the program's prologue, a drop or a pass) are subtracted for the
+/// net figures: what is left is what the path itself costs.
 fn prog_costs(s: &Settings) -> Value {
     let calls = s.prog_calls;
     with_node(move |node| {
         let idx = node.pod1_ifindex;
-        let mut out = BTreeMap::new();
-        let mut tc = |name: &str, frame: Vec<u8>, ifindex: u32, prog: &str, node: &mut Node| {
-            let p = node.dp.tc_program(prog).unwrap();
-            let ns = per_call_ns(calls, || run_tc(p, &frame, ifindex, 1).duration_ns);
-            out.insert(name.to_string(), round(ns, 1));
-        };
         let pod = |dst| tcp_frame(POD1_MAC, [0xee; 6], POD1_IP, dst, 40000, 80, &[0u8; 64]);
-        tc(
-            "from_pod_baseline_arp",
-            raw_frame(POD1_MAC, [0xff; 6], 0x0806, &[0u8; 46]),
-            idx,
-            prog_names::FROM_POD,
-            node,
-        );
-        tc(
-            "from_pod_vxlan_encap",
-            pod(REMOTE_VXLAN_IP),
-            idx,
-            prog_names::FROM_POD,
-            node,
-        );
-        tc(
-            "from_pod_ipip_encap",
-            pod(REMOTE_IPIP_IP),
-            idx,
-            prog_names::FROM_POD,
-            node,
-        );
-        tc(
-            "from_pod_direct",
-            pod(REMOTE_DIRECT_IP),
-            idx,
-            prog_names::FROM_POD,
-            node,
-        );
-        tc(
-            "from_pod_local_delivery",
-            pod(POD2_IP),
-            idx,
-            prog_names::FROM_POD,
-            node,
-        );
+        let from_pod = |name, frames| Case {
+            name,
+            hook: Hook::Tc(prog_names::FROM_POD, idx),
+            frames,
+        };
         let inner = tcp_frame(
             PEER_VTEP_MAC,
             VTEP_MAC,
@@ -340,13 +332,6 @@ fn prog_costs(s: &Settings) -> Value {
         let nic = [2, 0, 0, 0, 0x50, 1];
         let mut delivered = inner.clone();
         delivered[0..6].copy_from_slice(&nic);
-        tc(
-            "from_underlay_delivery",
-            delivered,
-            0,
-            prog_names::FROM_UNDERLAY,
-            node,
-        );
         let outer = Outer {
             src_mac: PEER_MAC,
             dst_mac: nic,
@@ -354,28 +339,11 @@ fn prog_costs(s: &Settings) -> Value {
             dst: NODE_IP,
         };
         let vx = vxlan_frame(&outer, 50000, VXLAN_PORT, VNI, &inner);
-        tc(
-            "from_underlay_tc_vxlan_decap",
-            vx.clone(),
-            0,
-            prog_names::FROM_UNDERLAY,
-            node,
-        );
         let ipip = ipip_frame(PEER_MAC, nic, PEER_IP, NODE_IP, &inner);
         let arp = raw_frame(PEER_MAC, [0xff; 6], 0x0806, &[0u8; 46]);
-        let xdp = node.dp.xdp_program().unwrap();
-        for (name, frame) in [
-            ("xdp_baseline_arp", &arp),
-            ("xdp_vxlan_decap", &vx),
-            ("xdp_ipip_decap", &ipip),
-        ] {
-            let ns = per_call_ns(calls, || run_xdp(xdp, frame, 1).duration_ns);
-            out.insert(name.to_string(), round(ns, 1));
-        }
-        // Conntrack: `from_pod_local_delivery` above is the fast path with an entry hit (the
-        // first call created it); here every call opens a new flow (a miss and an insert; past
-        // the map's size, LRU eviction too).
-        let frames: Vec<Vec<u8>> = (0..calls)
+        // Conntrack misses: every run opens a new flow (a miss and an insert; past the map's
+        // size, LRU eviction too).
+        let new_flows: Vec<Vec<u8>> = (0..calls)
             .map(|i| {
                 let (sport, dport) = (1024 + (i % 60_000) as u16, 80 + (i / 60_000) as u16);
                 tcp_frame(
@@ -383,12 +351,6 @@ fn prog_costs(s: &Settings) -> Value {
                 )
             })
             .collect();
-        let p = node.dp.tc_program(prog_names::FROM_POD).unwrap();
-        let mut next = frames.iter();
-        let ns = per_call_ns(calls, || {
-            run_tc(p, next.next().unwrap(), idx, 1).duration_ns
-        });
-        out.insert("from_pod_ct_new_flow".into(), round(ns, 1));
         // A Service's backend answering: the stack delivered the request (to_pod records the
         // flow), so the reply is handed back to the stack (the stack's own cost not included).
         let request = tcp_frame(
@@ -397,17 +359,96 @@ fn prog_costs(s: &Settings) -> Value {
         let reply = tcp_frame(
             POD2_MAC, [0xee; 6], POD2_IP, POD1_IP, 8080, 50_000, &[0u8; 64],
         );
-        let to_pod = node.dp.tc_program(prog_names::TO_POD).unwrap();
-        let ns = per_call_ns(calls, || {
-            run_tc(to_pod, &request, node.pod2_ifindex, 1).duration_ns
-        });
-        out.insert("to_pod_stack_flow".into(), round(ns, 1));
-        let p = node.dp.tc_program(prog_names::FROM_POD).unwrap();
-        let ns = per_call_ns(calls, || {
-            run_tc(p, &reply, node.pod2_ifindex, 1).duration_ns
-        });
-        out.insert("from_pod_stack_flow".into(), round(ns, 1));
-        serde_json::to_value(out).unwrap()
+        let mut cases = vec![
+            from_pod(
+                "from_pod_baseline_arp",
+                vec![raw_frame(POD1_MAC, [0xff; 6], 0x0806, &[0u8; 46])],
+            ),
+            // Conntrack hits from the second run on (the first creates the entry).
+            from_pod("from_pod_vxlan_encap", vec![pod(REMOTE_VXLAN_IP)]),
+            from_pod("from_pod_ipip_encap", vec![pod(REMOTE_IPIP_IP)]),
+            from_pod("from_pod_direct", vec![pod(REMOTE_DIRECT_IP)]),
+            from_pod("from_pod_local_delivery", vec![pod(POD2_IP)]),
+            from_pod("from_pod_ct_new_flow", new_flows),
+            Case {
+                name: "to_pod_stack_flow",
+                hook: Hook::Tc(prog_names::TO_POD, node.pod2_ifindex),
+                frames: vec![request],
+            },
+            Case {
+                name: "from_pod_stack_flow",
+                hook: Hook::Tc(prog_names::FROM_POD, node.pod2_ifindex),
+                frames: vec![reply],
+            },
+            Case {
+                name: "from_underlay_delivery",
+                hook: Hook::Tc(prog_names::FROM_UNDERLAY, 0),
+                frames: vec![delivered],
+            },
+            Case {
+                name: "from_underlay_tc_vxlan_decap",
+                hook: Hook::Tc(prog_names::FROM_UNDERLAY, 0),
+                frames: vec![vx.clone()],
+            },
+            Case {
+                name: "xdp_baseline_arp",
+                hook: Hook::Xdp,
+                frames: vec![arp],
+            },
+            Case {
+                name: "xdp_vxlan_decap",
+                hook: Hook::Xdp,
+                frames: vec![vx],
+            },
+            Case {
+                name: "xdp_ipip_decap",
+                hook: Hook::Xdp,
+                frames: vec![ipip],
+            },
+        ];
+        // The stack flow's request first, so its reply finds the entry from the first run on.
+        cases.sort_by_key(|c| c.name != "to_pod_stack_flow");
+        const BATCH: u64 = 50;
+        let mut samples: Vec<Vec<u64>> = vec![Vec::with_capacity(calls as usize); cases.len()];
+        let mut next = vec![0usize; cases.len()];
+        for _ in 0..calls.div_ceil(BATCH) {
+            for (i, case) in cases.iter().enumerate() {
+                for _ in 0..BATCH {
+                    let frame = &case.frames[next[i] % case.frames.len()];
+                    next[i] += 1;
+                    let ns = match case.hook {
+                        Hook::Tc(prog, ifindex) => {
+                            let p = node.dp.tc_program(prog).unwrap();
+                            run_tc(p, frame, ifindex, 1).duration_ns
+                        }
+                        Hook::Xdp => run_xdp(node.dp.xdp_program().unwrap(), frame, 1).duration_ns,
+                    };
+                    samples[i].push(ns);
+                }
+            }
+        }
+        let mut gross = BTreeMap::new();
+        for (case, mut s) in cases.iter().zip(samples) {
+            gross.insert(case.name.to_string(), median(&mut s));
+        }
+        let (tc_base, xdp_base) = (gross["from_pod_baseline_arp"], gross["xdp_baseline_arp"]);
+        let mut net = BTreeMap::new();
+        for case in &cases {
+            if case.name.contains("baseline") {
+                continue;
+            }
+            let base = match case.hook {
+                Hook::Tc(..) => tc_base,
+                Hook::Xdp => xdp_base,
+            };
+            net.insert(case.name.to_string(), round(gross[case.name] - base, 1));
+        }
+        json!({
+            "prog_ns": gross,
+            "prog_ns_net": net,
+            "prog_ns_baseline": {"tc": tc_base, "xdp": xdp_base},
+            "prog_ns_runs": calls,
+        })
     })
 }
 
@@ -419,7 +460,7 @@ fn main() {
             tcp_runs: 1,
             udp_secs: 2,
             pings: 200,
-            prog_calls: 5_000,
+            prog_calls: 20_000,
         }
     } else {
         Settings {
@@ -427,10 +468,17 @@ fn main() {
             tcp_runs: 3,
             udp_secs: 5,
             pings: 1000,
-            prog_calls: 50_000,
+            prog_calls: 100_000,
         }
     };
     let mut report = serde_json::Map::new();
+    if std::env::args().any(|a| a == "--prog-only") {
+        if let Value::Object(costs) = prog_costs(&s) {
+            report.extend(costs);
+        }
+        println!("{}", Value::Object(report));
+        return;
+    }
     for (key, mtu_sized) in [("datapath", true), ("datapath_veth", false)] {
         let mut section = serde_json::Map::new();
         let contestants: [(&str, BuildTestbed); 7] = [
@@ -450,6 +498,8 @@ fn main() {
         report.insert(key.to_string(), Value::Object(section));
     }
     eprintln!("bench: per-program cost");
-    report.insert("prog_ns".into(), prog_costs(&s));
+    if let Value::Object(costs) = prog_costs(&s) {
+        report.extend(costs);
+    }
     println!("{}", Value::Object(report));
 }
