@@ -17,7 +17,7 @@ use aya::{
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, LinkError, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
+        tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle, qdisc_add_clsact},
         xdp::{XdpLink, XdpMode},
     },
     sys::SyscallError,
@@ -184,10 +184,15 @@ impl Datapath {
     }
 
     /// Attaches `from_pod` (tc ingress) and `to_pod` (tc egress) to a pod's host-side veth (in
-    /// the current netns).
-    pub fn attach_pod(&mut self, ifname: &str) -> Result<()> {
-        self.attach_tc(prog_names::FROM_POD, ifname, TcAttachType::Ingress)?;
-        self.attach_tc(prog_names::TO_POD, ifname, TcAttachType::Egress)
+    /// the current netns), through `hook`; attachments already there switch to this object's
+    /// programs in place.
+    pub fn attach_pod(&mut self, ifname: &str, hook: PodHook) -> Result<()> {
+        for (name, direction) in POD_PROGRAMS {
+            let pin = self.link_pin(name, ifname);
+            let prog = self.tc_program(name)?;
+            attach_pod_program(prog, name, ifname, direction, hook, pin.as_deref())?;
+        }
+        Ok(())
     }
 
     /// Attaches the underlay programs to the node's NIC: XDP (decapsulation, optional) and tc
@@ -200,16 +205,19 @@ impl Datapath {
         Ok(())
     }
 
-    /// Switches every pod link pinned by the CNI plugin (`from_pod` and `to_pod`) to this
-    /// object's programs (an agent upgrade or restart): atomic per link, no packet meets a veth
-    /// without a program. Links whose veth is gone are unpinned. A pod attached by an older
-    /// plugin without `to_pod` gets it now. Returns how many pods were switched.
+    /// Switches every pod's programs to this object's (an agent upgrade or restart): atomic
+    /// per attachment, no packet meets a veth without a program. Pods attached through TCX
+    /// are found by their link pins (pins whose veth is gone are removed; a pod attached by an
+    /// older plugin without `to_pod` gets it now); pods attached through clsact by the endpoint
+    /// map (their host-side veth), whose filters are replaced in place. Returns how many pods
+    /// were switched.
     pub fn reattach_pods(&mut self) -> Result<usize> {
         let Some(dir) = self.pin_dir.clone() else {
             return Ok(0);
         };
         let prefix = format!("{}@", prog_names::FROM_POD);
         let mut switched = 0;
+        let mut tcx_pods = Vec::new();
         for entry in std::fs::read_dir(dir.join("links"))? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -225,7 +233,23 @@ impl Datapath {
                 );
                 continue;
             }
-            self.attach_pod(ifname)?;
+            self.attach_pod(ifname, PodHook::Tcx)?;
+            tcx_pods.push(ifname.to_string());
+            switched += 1;
+        }
+        for (_, ep) in self.maps.endpoints()? {
+            let Ok(ifname) = nix::net::if_::if_indextoname(ep.host_ifindex) else {
+                continue;
+            };
+            let ifname = ifname.to_string_lossy().into_owned();
+            if tcx_pods.contains(&ifname) {
+                continue;
+            }
+            // A device clsact cannot go on (another ingress qdisc: a shaped pod whose link pins
+            // are gone) gets TCX links instead.
+            if self.attach_pod(&ifname, PodHook::Clsact).is_err() {
+                self.attach_pod(&ifname, PodHook::Tcx)?;
+            }
             switched += 1;
         }
         Ok(switched)
@@ -610,10 +634,87 @@ pub const POD_PROGRAMS: [(&str, TcAttachType); 2] = [
     (prog_names::TO_POD, TcAttachType::Egress),
 ];
 
+/// How `from_pod` and `to_pod` hook into a pod's host-side veth.
+///
+/// Measured on this project's machines (2 vCPUs, kernel 6.18): attaching both programs
+/// through TCX takes 26 ms (each TCX attach waits for a normal RCU grace period,
+/// `tcx_entry_sync()`, holding rtnl, and deleting the device waits again in
+/// `tcx_uninstall()`); a clsact qdisc with two cls_bpf filters takes 0.2 ms (the filter swap
+/// waits only when a grace period is still due, and then for an expedited one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodHook {
+    /// A clsact qdisc with both programs as direct-action cls_bpf filters (priority
+    /// [`POD_FILTER_PRIORITY`], handle [`POD_FILTER_HANDLE`]: first in line). The filters
+    /// belong to the device (no pin); an upgrade replaces them in place, atomically. The
+    /// default.
+    Clsact,
+    /// Pinned TCX links. For pods the runtime asks to shape: the `bandwidth` plugin chained
+    /// after weft adds an `ingress` qdisc, which cannot coexist with clsact.
+    Tcx,
+}
+
+/// tc priority of weft's cls_bpf filters on pod veths.
+pub const POD_FILTER_PRIORITY: u16 = 1;
+/// tc handle (minor) of weft's cls_bpf filters on pod veths.
+pub const POD_FILTER_HANDLE: u16 = 1;
+
+/// Attaches `prog` (named `prog_name`) in `direction` of the pod veth `ifname` through
+/// `hook`, switching an existing attachment to it in place.
+fn attach_pod_program(
+    prog: &mut SchedClassifier,
+    prog_name: &str,
+    ifname: &str,
+    direction: TcAttachType,
+    hook: PodHook,
+    pin: Option<&Path>,
+) -> Result<()> {
+    match hook {
+        PodHook::Tcx => attach_tc_link(prog, prog_name, ifname, direction, pin),
+        PodHook::Clsact => attach_tc_filter(prog, prog_name, ifname, direction),
+    }
+}
+
+/// Attaches `prog` as weft's direct-action cls_bpf filter in `direction` of `ifname` (adding
+/// the clsact qdisc if missing); an existing filter of weft's is switched to `prog` in place
+/// (cls_bpf replaces the program under RCU: no packet meets the device without one).
+fn attach_tc_filter(
+    prog: &mut SchedClassifier,
+    prog_name: &str,
+    ifname: &str,
+    direction: TcAttachType,
+) -> Result<()> {
+    // Already there (the other direction's attach, a retried ADD, a restart): fine. Anything
+    // else (another ingress qdisc in the way) shows in the filter's attach error below.
+    let _ = qdisc_add_clsact(ifname);
+    let handle = TcHandle::new(0, POD_FILTER_HANDLE);
+    let options = NlOptions {
+        priority: POD_FILTER_PRIORITY,
+        handle,
+        ..Default::default()
+    };
+    let id = match prog.attach_with_options(ifname, direction, TcAttachOptions::Netlink(options)) {
+        Ok(id) => id,
+        Err(create) => {
+            let existing =
+                SchedClassifierLink::attached(ifname, direction, POD_FILTER_PRIORITY, handle, None)
+                    .with_context(|| format!("{ifname}: no such interface"))?;
+            prog.attach_to_link(existing).map_err(|replace| {
+                anyhow!(
+                    "attaching {prog_name} to {ifname} as a cls_bpf filter: {create} \
+                     (replacing: {replace})"
+                )
+            })?
+        }
+    };
+    // The filter belongs to the device from now on; dropping aya's handle would delete it.
+    std::mem::forget(prog.take_link(id)?);
+    Ok(())
+}
+
 /// Attaches the node's pinned `from_pod` and `to_pod` programs (pinned by the agent) to a pod's
-/// host-side veth in the current netns, pinning the links: what the CNI plugin does on ADD. No
-/// object load, no verifier run.
-pub fn attach_pinned_pod(pin_root: &Path, ifname: &str) -> Result<()> {
+/// host-side veth in the current netns through `hook` (TCX links are pinned): what the CNI
+/// plugin does on ADD. No object load, no verifier run.
+pub fn attach_pinned_pod(pin_root: &Path, ifname: &str, hook: PodHook) -> Result<()> {
     for (name, direction) in POD_PROGRAMS {
         let prog_path = pin_dir(pin_root).join("progs").join(name);
         let mut prog = SchedClassifier::from_pin(&prog_path).with_context(|| {
@@ -623,13 +724,13 @@ pub fn attach_pinned_pod(pin_root: &Path, ifname: &str) -> Result<()> {
             )
         })?;
         let pin = link_pin_path(pin_root, name, ifname);
-        attach_tc_link(&mut prog, name, ifname, direction, Some(&pin))?;
+        attach_pod_program(&mut prog, name, ifname, direction, hook, Some(&pin))?;
     }
     Ok(())
 }
 
-/// Detaches `from_pod` and `to_pod` from a pod's veth by removing their pinned links
-/// (idempotent).
+/// Detaches TCX-attached `from_pod` and `to_pod` from a pod's veth by removing their pinned
+/// links (idempotent; clsact filters go with their device).
 pub fn detach_pinned_pod(pin_root: &Path, ifname: &str) -> Result<()> {
     for (name, _) in POD_PROGRAMS {
         let pin = link_pin_path(pin_root, name, ifname);

@@ -30,6 +30,7 @@ use rtnetlink::{
         link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
         route::{RouteAddress, RouteAttribute, RouteProtocol, RouteScope},
+        tc::{TcAttribute, TcFilterBpfOption, TcOption},
     },
 };
 
@@ -474,6 +475,70 @@ impl Netlink {
                 _ => None,
             })
         }))
+    }
+}
+
+/// A cls_bpf filter on a device's clsact hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BpfFilter {
+    pub priority: u16,
+    /// The program's name as given at attach time.
+    pub name: String,
+    pub prog_id: Option<u32>,
+}
+
+impl Netlink {
+    /// The cls_bpf filters on the ingress (or egress) hook of `ifindex`'s clsact qdisc.
+    pub async fn bpf_filters(&self, ifindex: u32, egress: bool) -> Result<Vec<BpfFilter>> {
+        let mut request = self.handle.traffic_filter(ifindex as i32).get();
+        request = if egress {
+            request.egress()
+        } else {
+            request.ingress()
+        };
+        let msgs: Vec<_> = match request.execute().try_collect().await {
+            Ok(m) => m,
+            // No clsact qdisc: no filters.
+            Err(e) if Error::from_rtnetlink(e.clone()).is(libc::EINVAL) => Vec::new(),
+            Err(e) => return Err(Error::from_rtnetlink(e)),
+        };
+        Ok(msgs
+            .iter()
+            .filter(|m| {
+                m.attributes
+                    .iter()
+                    .any(|a| matches!(a, TcAttribute::Kind(k) if k == "bpf"))
+            })
+            .map(|m| {
+                let options = m.attributes.iter().find_map(|a| match a {
+                    TcAttribute::Options(o) => Some(o),
+                    _ => None,
+                });
+                let bpf = || {
+                    options
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|o| match o {
+                            TcOption::Bpf(b) => Some(b),
+                            _ => None,
+                        })
+                };
+                BpfFilter {
+                    // tcm_info: protocol in the low 16 bits, priority in the high ones.
+                    priority: (m.header.info >> 16) as u16,
+                    name: bpf()
+                        .find_map(|b| match b {
+                            TcFilterBpfOption::ProgName(n) => Some(n.clone()),
+                            _ => None,
+                        })
+                        .unwrap_or_default(),
+                    prog_id: bpf().find_map(|b| match b {
+                        TcFilterBpfOption::ProgId(id) => Some(*id),
+                        _ => None,
+                    }),
+                }
+            })
+            .collect())
     }
 }
 

@@ -139,7 +139,11 @@ impl WeftNode {
         let root = self.pins.path.clone();
         let dev = host_ifname.clone();
         self.ns.run(move || {
-            weft_agent::datapath::attach_pinned_pod(&root, &dev)
+            weft_agent::datapath::attach_pinned_pod(
+                &root,
+                &dev,
+                weft_agent::datapath::PodHook::Clsact,
+            )
                 .expect("attaching the pod programs")
         });
         Pod {

@@ -237,12 +237,8 @@ fn no_leaks_after_a_thousand_cycles_with_killed_plugins() {
     weft_tests::process::wait_until("abandoned links to vanish", Duration::from_secs(10), || {
         node.host_links() == want_links
     });
-    let mut want_pins: Vec<String> = want_links
-        .iter()
-        .flat_map(|l| [format!("from_pod@{l}"), format!("to_pod@{l}")])
-        .collect();
-    want_pins.sort();
-    assert_eq!(node.link_pins(), want_pins);
+    // clsact filters go with their device: no pins.
+    assert!(node.link_pins().is_empty(), "{:?}", node.link_pins());
     for (cid, pod, r) in &live {
         let out = node.check(cid, pod, r);
         assert!(out.success, "CHECK {cid} after GC: {out:?}");

@@ -194,6 +194,10 @@ fn install_cni(args: &Args, conf_subnet_file: &Path) -> Result<()> {
             "subnetFile": conf_subnet_file,
             "dataDir": "/var/lib/cni/weft",
             "pinRoot": args.pin_root,
+            // A `bandwidth` plugin appended to this list shapes a pod only if weft knows
+            // (the pod then takes the stack, where the plugin's qdiscs are, and gets TCX
+            // links, which coexist with the plugin's ingress qdisc).
+            "capabilities": {"bandwidth": true},
         }]
     });
     let path = args.cni_conf_dir.join("10-weft.conflist");
