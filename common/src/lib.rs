@@ -209,7 +209,12 @@ pub struct DecapMeta {
     pub peer: [u8; 4],
 }
 
+/// `DecapMeta::magic`: decapsulated from `peer`; the inner source may be the peer itself.
 pub const DECAP_META_MAGIC: u32 = 0x5746_4443;
+/// `DecapMeta::magic`: decapsulated from `peer`, and the inner source is one of its pods (its
+/// route was checked): `from_underlay` need not look it up again. (A separate value, so a
+/// packet an older `xdp_underlay` marked is never taken for one whose source was classified.)
+pub const DECAP_META_MAGIC_POD: u32 = 0x5746_4450;
 
 /// Flow hash of a packet's addresses, protocol and ports (zero for non-first fragments and
 /// protocols without ports). Deterministic, so userspace and tests compute the same value;

@@ -406,6 +406,10 @@ fn prog_costs(s: &Settings) -> Value {
                 frames: vec![ipip],
             },
         ];
+        // `--prog-case NAME` (profiling one path): that case alone.
+        if let Some(only) = std::env::args().skip_while(|a| a != "--prog-case").nth(1) {
+            cases.retain(|c| c.name == only || c.name.contains("baseline"));
+        }
         // The stack flow's request first, so its reply finds the entry from the first run on.
         cases.sort_by_key(|c| c.name != "to_pod_stack_flow");
         const BATCH: u64 = 50;
