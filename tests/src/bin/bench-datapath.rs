@@ -406,9 +406,10 @@ fn prog_costs(s: &Settings) -> Value {
                 frames: vec![ipip],
             },
         ];
-        // `--prog-case NAME` (profiling one path): that case alone.
+        // `--prog-case NAME` (profiling one path): that case alone (net figures are then
+        // against a zero baseline).
         if let Some(only) = std::env::args().skip_while(|a| a != "--prog-case").nth(1) {
-            cases.retain(|c| c.name == only || c.name.contains("baseline"));
+            cases.retain(|c| c.name == only);
         }
         // The stack flow's request first, so its reply finds the entry from the first run on.
         cases.sort_by_key(|c| c.name != "to_pod_stack_flow");
@@ -435,7 +436,8 @@ fn prog_costs(s: &Settings) -> Value {
         for (case, mut s) in cases.iter().zip(samples) {
             gross.insert(case.name.to_string(), median(&mut s));
         }
-        let (tc_base, xdp_base) = (gross["from_pod_baseline_arp"], gross["xdp_baseline_arp"]);
+        let base = |name: &str| gross.get(name).copied().unwrap_or(0.0);
+        let (tc_base, xdp_base) = (base("from_pod_baseline_arp"), base("xdp_baseline_arp"));
         let mut net = BTreeMap::new();
         for case in &cases {
             if case.name.contains("baseline") {
