@@ -21,8 +21,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weft_common::{
-    CONFIG_F_ACCEPT_ROUTED, DECAP_META_MAGIC, DECAP_META_MAGIC_POD, DecapMeta, DropReason, EP_F_STACK_ONLY, NodeConfig,
-    Stat,
+    CONFIG_F_ACCEPT_ROUTED, DECAP_META_MAGIC, DECAP_META_MAGIC_POD, DecapMeta, DropReason,
+    EP_F_STACK_ONLY, NodeConfig, Stat,
 };
 
 use crate::{

@@ -27,7 +27,10 @@ use rtnetlink::{
     packet_route::{
         AddressFamily,
         address::AddressAttribute,
-        link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage},
+        link::{
+            InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo as LinkInfoAttribute,
+            LinkMessage, LinkXdp, XdpAttached,
+        },
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
         route::{RouteAddress, RouteAttribute, RouteProtocol, RouteScope},
         tc::{TcAttribute, TcFilterBpfOption, TcOption},
@@ -133,6 +136,21 @@ pub struct LinkInfo {
     pub mac: Option<[u8; 6]>,
     pub mtu: u32,
     pub up: bool,
+    /// The link's kind (`veth`, `bridge`, ...); `None` for a physical NIC.
+    pub kind: Option<String>,
+    /// How an XDP program is attached to it, if one is.
+    pub xdp: Option<XdpMode>,
+}
+
+/// How an XDP program runs on a device (`IFLA_XDP_ATTACHED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpMode {
+    /// In the driver, on its own buffers.
+    Driver,
+    /// Generic (skb) mode: after the skb is built, usually a copy.
+    Generic,
+    /// Offloaded to the NIC, or several modes at once.
+    Other,
 }
 
 impl LinkInfo {
@@ -143,12 +161,33 @@ impl LinkInfo {
             mac: None,
             mtu: 0,
             up: m.header.flags.contains(LinkFlags::Up),
+            kind: None,
+            xdp: None,
         };
         for a in &m.attributes {
             match a {
                 LinkAttribute::IfName(n) => info.name = n.clone(),
                 LinkAttribute::Mtu(v) => info.mtu = *v,
                 LinkAttribute::Address(a) => info.mac = a.as_slice().try_into().ok(),
+                LinkAttribute::LinkInfo(infos) => {
+                    for i in infos {
+                        if let LinkInfoAttribute::Kind(kind) = i {
+                            info.kind = Some(kind.to_string());
+                        }
+                    }
+                }
+                LinkAttribute::Xdp(xdp) => {
+                    for x in xdp {
+                        if let LinkXdp::Attached(mode) = x {
+                            info.xdp = match mode {
+                                XdpAttached::None => None,
+                                XdpAttached::Driver => Some(XdpMode::Driver),
+                                XdpAttached::SocketBuffer => Some(XdpMode::Generic),
+                                _ => Some(XdpMode::Other),
+                            };
+                        }
+                    }
+                }
                 _ => {}
             }
         }
@@ -515,13 +554,10 @@ impl Netlink {
                     _ => None,
                 });
                 let bpf = || {
-                    options
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|o| match o {
-                            TcOption::Bpf(b) => Some(b),
-                            _ => None,
-                        })
+                    options.into_iter().flatten().filter_map(|o| match o {
+                        TcOption::Bpf(b) => Some(b),
+                        _ => None,
+                    })
                 };
                 BpfFilter {
                     // tcm_info: protocol in the low 16 bits, priority in the high ones.

@@ -72,23 +72,34 @@ fn assert_wired(node: &CniNode, cid: &str, pod: &Netns, ip: Ipv4Addr) {
     let ifindex = host_ifindex;
     let (filters, prog_ids) = node.ns.run(move || {
         let nl = weft_agent::netlink::BlockingNetlink::open().unwrap();
-        let filters = [false, true].map(|egress| nl.block_on(nl.bpf_filters(ifindex, egress)).unwrap());
+        let filters =
+            [false, true].map(|egress| nl.block_on(nl.bpf_filters(ifindex, egress)).unwrap());
         let prog_ids = ["from_pod", "to_pod"].map(|name| {
             let out = std::process::Command::new("bpftool")
                 .args(["prog", "show", "pinned"])
-                .arg(weft_agent::datapath::pin_dir(&root).join("progs").join(name))
+                .arg(
+                    weft_agent::datapath::pin_dir(&root)
+                        .join("progs")
+                        .join(name),
+                )
                 .output()
                 .expect("bpftool");
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            text.split(':').next().unwrap().trim().parse::<u32>().unwrap()
+            text.split(':')
+                .next()
+                .unwrap()
+                .trim()
+                .parse::<u32>()
+                .unwrap()
         });
         (filters, prog_ids)
     });
     for ((list, name), id) in filters.iter().zip(["from_pod", "to_pod"]).zip(prog_ids) {
         assert!(
-            list.iter().any(|f| f.priority == weft_agent::datapath::POD_FILTER_PRIORITY
-                && f.name == name
-                && f.prog_id == Some(id)),
+            list.iter()
+                .any(|f| f.priority == weft_agent::datapath::POD_FILTER_PRIORITY
+                    && f.name == name
+                    && f.prog_id == Some(id)),
             "{name} (program {id}) on {host}: {list:?}"
         );
     }

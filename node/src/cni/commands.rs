@@ -314,8 +314,7 @@ impl Wiring<'_> {
         let _ = datapath::detach_pinned_pod(self.pin_root, &host);
         let (pin_root, dev) = (self.pin_root.to_path_buf(), host.clone());
         let hook = pod_hook(self.conf);
-        let attach =
-            std::thread::spawn(move || datapath::attach_pinned_pod(&pin_root, &dev, hook));
+        let attach = std::thread::spawn(move || datapath::attach_pinned_pod(&pin_root, &dev, hook));
         let configured = self.configure(&nl, host_ifindex, maps, undo, log);
         let attached = attach
             .join()
