@@ -1,7 +1,15 @@
-//! `cargo xtask bench`'s datapath part (issue 7): weft's backends side by side with the
-//! kernel's own paths on the same two-node namespace testbed, in one run, on both wire models
-//! (DESIGN.md: `datapath` = MTU-sized frames on the underlay, `datapath_veth` = ideal veth
-//! offloads), plus the per-program cost through BPF_PROG_TEST_RUN. Prints one JSON object.
+//! `cargo xtask bench`'s datapath part: weft's backends side by side with the kernel's own
+//! paths on the same two-node namespace testbed, in one run, on both wire models (DESIGN.md:
+//! `datapath` = MTU-sized frames on the underlay, `datapath_veth` = ideal veth offloads), plus
+//! the per-program cost through BPF_PROG_TEST_RUN. Prints one JSON object.
+//!
+//! The machine may be shared and has few cores, so throughput moves between runs: every
+//! contestant is measured in several rounds, interleaved (round 1 of every contestant on both
+//! wires, then round 2, ...), each round on a fresh testbed; a figure is the median over the
+//! rounds (`_min`/`_max` beside it), and each ratio to the kernel's contestant is the median of
+//! the per-round ratios (same round, same load). CPU is measured at a fixed rate (a TCP stream
+//! paced at 2 Gbit/s, 64-byte UDP at 30,000 packets/s): busy time of all cores from
+//! `/proc/stat`, which does not depend on how the work lands on the cores.
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
@@ -10,7 +18,8 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use weft_common::{RouteMode, prog_names};
+use weft_agent::datapath::XdpSetting;
+use weft_common::{DecapHook, RouteMode, prog_names};
 use weft_tests::{
     agentless::{FlannelNode, Pod, WeftNode, mtu_wire},
     injection_node::*,
@@ -27,12 +36,18 @@ const NODE_A: Ipv4Addr = Ipv4Addr::new(192, 168, 80, 1);
 const NODE_B: Ipv4Addr = Ipv4Addr::new(192, 168, 80, 2);
 
 struct Settings {
+    rounds: usize,
     tcp_secs: u32,
-    tcp_runs: u32,
     udp_secs: u32,
+    /// Length of each paced stream measuring CPU.
+    cpu_secs: u32,
     pings: u32,
     prog_calls: u64,
 }
+
+/// The fixed rates CPU is measured at.
+const TCP_CPU_RATE_BPS: u64 = 2_000_000_000;
+const UDP_CPU_RATE_PPS: u64 = 30_000;
 
 /// What a contestant's testbed must keep alive while it is measured.
 enum Testbed {
@@ -41,6 +56,8 @@ enum Testbed {
         _b: WeftNode,
         pa: Pod,
         pb: Pod,
+        /// The hook the nodes decapsulate in.
+        decap: DecapHook,
     },
     Flannel {
         _a: FlannelNode,
@@ -83,11 +100,7 @@ fn underlay(mtu_sized: bool) -> (Netns, Netns) {
     (a, b)
 }
 
-fn weft(mode: RouteMode, mtu_sized: bool) -> Testbed {
-    weft_with(mode, mtu_sized, true)
-}
-
-fn weft_with(mode: RouteMode, mtu_sized: bool, xdp: bool) -> Testbed {
+fn weft(mode: RouteMode, mtu_sized: bool, xdp: XdpSetting) -> Testbed {
     let (na, nb) = underlay(mtu_sized);
     let a = WeftNode::new(na, NODE_A, "eth0", [2, 0x77, 0, 0, 0, 1], xdp);
     let b = WeftNode::new(nb, NODE_B, "eth0", [2, 0x77, 0, 0, 0, 2], xdp);
@@ -95,11 +108,13 @@ fn weft_with(mode: RouteMode, mtu_sized: bool, xdp: bool) -> Testbed {
     let pb = b.add_pod(Ipv4Addr::new(10, 244, 2, 2), POD_MTU);
     a.add_peer("10.244.2.0/24".parse().unwrap(), NODE_B, b.vtep_mac, mode);
     b.add_peer("10.244.1.0/24".parse().unwrap(), NODE_A, a.vtep_mac, mode);
+    let decap = a.decap;
     Testbed::Weft {
         _a: a,
         _b: b,
         pa,
         pb,
+        decap,
     }
 }
 
@@ -203,15 +218,97 @@ fn iperf3(bed: &Testbed, extra: &[&str]) -> Value {
 
 fn tcp_gbps(bed: &Testbed, s: &Settings) -> f64 {
     let secs = s.tcp_secs.to_string();
-    (0..s.tcp_runs)
-        .map(|_| {
-            let v = iperf3(bed, &["-t", &secs]);
-            v["end"]["sum_received"]["bits_per_second"]
-                .as_f64()
-                .unwrap_or(0.0)
-                / 1e9
-        })
-        .fold(0.0, f64::max)
+    let v = iperf3(bed, &["-t", &secs]);
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9
+}
+
+/// Busy and total jiffies of all CPUs (`/proc/stat`'s first line).
+fn cpu_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").expect("reading /proc/stat");
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// CPU time (user + system) of the waited-for children (the iperf3 client and server), in
+/// seconds.
+fn children_cpu_secs() -> f64 {
+    let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+        .expect("getrusage");
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    secs(u.user_time()) + secs(u.system_time())
+}
+
+/// CPU at a fixed rate while iperf3 runs with `extra` (a paced stream).
+struct CpuAtRate {
+    /// Busy time of all cores (percent) from `/proc/stat`, over the stream's middle (the first
+    /// and last half second left out): everything the machine did.
+    all_pct: f64,
+    /// The same over the second before the stream (no traffic): what else the machine was
+    /// doing. Near 0 on an idle machine; near 100 it makes `all_pct` meaningless.
+    background_pct: f64,
+    /// CPU time of the iperf3 client and server processes (user + system, which includes the
+    /// softirq work the kernel does in their context: most of a veth path's), as a percent of
+    /// all cores over the stream. Robust to other load on the machine; misses work done in
+    /// ksoftirqd.
+    procs_pct: f64,
+    /// The rate achieved (bits/s for TCP, packets/s for UDP).
+    rate: f64,
+}
+
+fn cpu_pct_during(bed: &Testbed, s: &Settings, extra: &[&str], udp: bool) -> CpuAtRate {
+    let secs = s.cpu_secs.to_string();
+    let mut args = extra.to_vec();
+    args.extend_from_slice(&["-t", &secs]);
+    let window = Duration::from_secs_f64(f64::from(s.cpu_secs) - 1.0);
+    let (b0, t0) = cpu_jiffies();
+    std::thread::sleep(Duration::from_secs(1));
+    let (b1, t1) = cpu_jiffies();
+    let background_pct = 100.0 * (b1 - b0) as f64 / (t1 - t0).max(1) as f64;
+    let children0 = children_cpu_secs();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sampler = std::thread::spawn(move || {
+        // iperf3's server starts 300 ms before the client; skip the ramp-up.
+        std::thread::sleep(Duration::from_millis(800));
+        let (b0, t0) = cpu_jiffies();
+        std::thread::sleep(window);
+        let (b1, t1) = cpu_jiffies();
+        let _ = tx.send(100.0 * (b1 - b0) as f64 / (t1 - t0).max(1) as f64);
+    });
+    let v = iperf3(bed, &args);
+    let _ = sampler.join();
+    let all_pct = rx.recv().unwrap_or(f64::NAN);
+    // The server is waited for when `iperf3` returns.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let procs_pct = 100.0 * (children_cpu_secs() - children0) / (f64::from(s.cpu_secs) * cores);
+    let rate = if udp {
+        let sum = &v["end"]["sum"];
+        let packets =
+            sum["packets"].as_f64().unwrap_or(0.0) - sum["lost_packets"].as_f64().unwrap_or(0.0);
+        packets / sum["seconds"].as_f64().unwrap_or(1.0).max(0.001)
+    } else {
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+    };
+    CpuAtRate {
+        all_pct,
+        background_pct,
+        procs_pct,
+        rate,
+    }
 }
 
 fn udp64_kpps(bed: &Testbed, s: &Settings) -> f64 {
@@ -256,7 +353,7 @@ fn rtt_us(bed: &Testbed, s: &Settings) -> (f64, f64) {
     (pct(0.50), pct(0.99))
 }
 
-fn measure(bed: &Testbed, s: &Settings) -> Value {
+fn measure(bed: &Testbed, s: &Settings) -> BTreeMap<&'static str, f64> {
     // Warm up neighbour entries and caches.
     let (_, ip) = bed.server();
     let _ = netns_cmd(
@@ -267,7 +364,110 @@ fn measure(bed: &Testbed, s: &Settings) -> Value {
     let tcp = tcp_gbps(bed, s);
     let udp = udp64_kpps(bed, s);
     let (p50, p99) = rtt_us(bed, s);
-    json!({"tcp_gbps": round(tcp, 3), "udp64_kpps": round(udp, 1), "rtt_p50_us": round(p50, 1), "rtt_p99_us": round(p99, 1)})
+    let tcp_rate = TCP_CPU_RATE_BPS.to_string();
+    let tcp_cpu = cpu_pct_during(bed, s, &["-b", &tcp_rate], false);
+    // iperf3 paces UDP by payload bits.
+    let udp_rate = (UDP_CPU_RATE_PPS * 64 * 8).to_string();
+    let udp_cpu = cpu_pct_during(bed, s, &["-u", "-l", "64", "-b", &udp_rate], true);
+    BTreeMap::from([
+        ("tcp_gbps", round(tcp, 3)),
+        ("udp64_kpps", round(udp, 1)),
+        ("rtt_p50_us", round(p50, 1)),
+        ("rtt_p99_us", round(p99, 1)),
+        ("tcp_cpu_pct_at_2g", round(tcp_cpu.all_pct, 1)),
+        (
+            "tcp_cpu_pct_at_2g_background",
+            round(tcp_cpu.background_pct, 1),
+        ),
+        ("tcp_cpu_pct_at_2g_procs", round(tcp_cpu.procs_pct, 1)),
+        ("tcp_gbps_at_2g", round(tcp_cpu.rate / 1e9, 3)),
+        ("udp64_cpu_pct_at_30k", round(udp_cpu.all_pct, 1)),
+        (
+            "udp64_cpu_pct_at_30k_background",
+            round(udp_cpu.background_pct, 1),
+        ),
+        ("udp64_cpu_pct_at_30k_procs", round(udp_cpu.procs_pct, 1)),
+        ("udp64_kpps_at_30k", round(udp_cpu.rate / 1e3, 1)),
+    ])
+}
+
+/// The kernel contestant a weft contestant is compared with: its vxlan device for tunnels,
+/// its routing for host-gw (and future routed modes).
+fn baseline_of(name: &str) -> Option<&'static str> {
+    if name.starts_with("kernel-") {
+        None
+    } else if name.contains("hostgw") {
+        Some("kernel-hostgw")
+    } else {
+        Some("kernel-vxlan")
+    }
+}
+
+/// The keys whose ratio to the baseline is reported (`<key>_ratio`).
+const RATIO_KEYS: [&str; 7] = [
+    "tcp_gbps",
+    "udp64_kpps",
+    "rtt_p99_us",
+    "tcp_cpu_pct_at_2g",
+    "udp64_cpu_pct_at_30k",
+    "tcp_cpu_pct_at_2g_procs",
+    "udp64_cpu_pct_at_30k_procs",
+];
+
+/// Median, min and max of one figure over the rounds.
+fn summarize(values: &[f64]) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (median, v[0], v[n - 1])
+}
+
+/// Every round's figures of one wire (`rounds[r][contestant][key]`) as the report's section:
+/// per contestant the median of each key with `_min` and `_max`, and per weft contestant the
+/// median over the rounds of its ratio to the kernel's contestant of the same round.
+fn section(rounds: &[BTreeMap<String, BTreeMap<&'static str, f64>>]) -> Value {
+    let mut out = serde_json::Map::new();
+    let names: Vec<String> = rounds
+        .first()
+        .map(|r| r.keys().cloned().collect())
+        .unwrap_or_default();
+    for name in names {
+        let mut entry = serde_json::Map::new();
+        let keys: Vec<&'static str> = rounds[0][&name].keys().copied().collect();
+        for key in keys {
+            let values: Vec<f64> = rounds.iter().map(|r| r[&name][key]).collect();
+            let (median, min, max) = summarize(&values);
+            let digits = if key.contains("gbps") { 3 } else { 1 };
+            entry.insert(key.into(), json!(round(median, digits)));
+            entry.insert(format!("{key}_min"), json!(round(min, digits)));
+            entry.insert(format!("{key}_max"), json!(round(max, digits)));
+        }
+        // No ratio when the baseline did not run (`--only` without it).
+        if let Some(base) = baseline_of(&name).filter(|b| rounds[0].contains_key(*b)) {
+            for key in RATIO_KEYS {
+                let ratios: Vec<f64> = rounds
+                    .iter()
+                    .map(|r| r[&name][key] / r[base][key])
+                    .collect();
+                let (median, min, max) = summarize(&ratios);
+                entry.insert(format!("{key}_ratio"), json!(round(median, 3)));
+                entry.insert(format!("{key}_ratio_min"), json!(round(min, 3)));
+                entry.insert(format!("{key}_ratio_max"), json!(round(max, 3)));
+            }
+            entry.insert("baseline".into(), json!(base));
+        }
+        entry.insert("rounds".into(), json!(rounds.len()));
+        out.insert(name, Value::Object(entry));
+    }
+    Value::Object(out)
 }
 
 fn round(v: f64, digits: i32) -> f64 {
@@ -462,21 +662,28 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let s = if quick {
         Settings {
+            rounds: 1,
             tcp_secs: 2,
-            tcp_runs: 1,
             udp_secs: 2,
+            cpu_secs: 3,
             pings: 200,
             prog_calls: 20_000,
         }
     } else {
         Settings {
+            rounds: 3,
             tcp_secs: 5,
-            tcp_runs: 3,
             udp_secs: 5,
+            cpu_secs: 5,
             pings: 1000,
             prog_calls: 100_000,
         }
     };
+    let rounds = std::env::args()
+        .skip_while(|a| a != "--rounds")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(s.rounds);
     let mut report = serde_json::Map::new();
     if std::env::args().any(|a| a == "--prog-only") {
         if let Value::Object(costs) = prog_costs(&s) {
@@ -485,24 +692,72 @@ fn main() {
         println!("{}", Value::Object(report));
         return;
     }
-    for (key, mtu_sized) in [("datapath", true), ("datapath_veth", false)] {
-        let mut section = serde_json::Map::new();
-        let contestants: [(&str, BuildTestbed); 7] = [
-            ("weft-vxlan-tc", |m| weft_with(RouteMode::Vxlan, m, false)),
-            ("weft-hostgw-tc", |m| weft_with(RouteMode::Direct, m, false)),
-            ("kernel-hostgw", kernel_host_gw),
-            ("kernel-vxlan", flannel),
-            ("weft-vxlan", |m| weft(RouteMode::Vxlan, m)),
-            ("weft-ipip", |m| weft(RouteMode::Ipip, m)),
-            ("weft-hostgw", |m| weft(RouteMode::Direct, m)),
-        ];
-        for (name, build) in contestants {
-            eprintln!("bench: {key} {name}");
-            let bed = build(mtu_sized);
-            section.insert(name.to_string(), measure(&bed, &s));
+    // The agent's default hook (`--xdp=auto`), then XDP and tc forced, for comparison. More
+    // modes (a routed BGP contestant, its kernel counterpart) are rows of this list.
+    let contestants: Vec<(&str, BuildTestbed)> = vec![
+        ("kernel-hostgw", kernel_host_gw),
+        ("kernel-vxlan", flannel),
+        ("weft-vxlan", |m| {
+            weft(RouteMode::Vxlan, m, XdpSetting::Auto)
+        }),
+        ("weft-ipip", |m| weft(RouteMode::Ipip, m, XdpSetting::Auto)),
+        ("weft-hostgw", |m| {
+            weft(RouteMode::Direct, m, XdpSetting::Auto)
+        }),
+        ("weft-vxlan-xdp", |m| {
+            weft(RouteMode::Vxlan, m, XdpSetting::On)
+        }),
+        ("weft-ipip-xdp", |m| {
+            weft(RouteMode::Ipip, m, XdpSetting::On)
+        }),
+        ("weft-hostgw-xdp", |m| {
+            weft(RouteMode::Direct, m, XdpSetting::On)
+        }),
+        ("weft-vxlan-tc", |m| {
+            weft(RouteMode::Vxlan, m, XdpSetting::Off)
+        }),
+        ("weft-ipip-tc", |m| {
+            weft(RouteMode::Ipip, m, XdpSetting::Off)
+        }),
+        ("weft-hostgw-tc", |m| {
+            weft(RouteMode::Direct, m, XdpSetting::Off)
+        }),
+    ];
+    // `--only a,b` (a partial run while working on one path): those contestants alone.
+    let only: Option<Vec<String>> = std::env::args()
+        .skip_while(|a| a != "--only")
+        .nth(1)
+        .map(|l| l.split(',').map(str::to_string).collect());
+    let contestants: Vec<(&str, BuildTestbed)> = contestants
+        .into_iter()
+        .filter(|(name, _)| only.as_ref().is_none_or(|o| o.iter().any(|n| n == name)))
+        .collect();
+    let wires = [("datapath", true), ("datapath_veth", false)];
+    let mut results: Vec<Vec<BTreeMap<String, BTreeMap<&'static str, f64>>>> =
+        vec![Vec::new(); wires.len()];
+    let mut hooks = BTreeMap::new();
+    for round in 0..rounds {
+        for (w, (key, mtu_sized)) in wires.iter().enumerate() {
+            let mut this_round = BTreeMap::new();
+            for (name, build) in &contestants {
+                eprintln!("bench: round {}/{rounds} {key} {name}", round + 1);
+                let bed = build(*mtu_sized);
+                if let Testbed::Weft { decap, .. } = &bed {
+                    hooks.insert(
+                        name.to_string(),
+                        json!({"hook": decap.hook(), "reason": decap.reason()}),
+                    );
+                }
+                this_round.insert(name.to_string(), measure(&bed, &s));
+            }
+            results[w].push(this_round);
         }
-        report.insert(key.to_string(), Value::Object(section));
     }
+    for (w, (key, _)) in wires.iter().enumerate() {
+        report.insert(key.to_string(), section(&results[w]));
+    }
+    report.insert("decap_hooks".into(), json!(hooks));
+    report.insert("rounds".into(), json!(rounds));
     eprintln!("bench: per-program cost");
     if let Value::Object(costs) = prog_costs(&s) {
         report.extend(costs);
