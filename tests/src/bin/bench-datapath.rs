@@ -732,7 +732,12 @@ fn main() {
         .into_iter()
         .filter(|(name, _)| only.as_ref().is_none_or(|o| o.iter().any(|n| n == name)))
         .collect();
-    let wires = [("datapath", true), ("datapath_veth", false)];
+    // `--wire datapath` or `--wire datapath_veth`: one wire model alone (profiling).
+    let wire: Option<String> = std::env::args().skip_while(|a| a != "--wire").nth(1);
+    let wires: Vec<(&str, bool)> = [("datapath", true), ("datapath_veth", false)]
+        .into_iter()
+        .filter(|(key, _)| wire.as_deref().is_none_or(|w| w == *key))
+        .collect();
     let mut results: Vec<Vec<BTreeMap<String, BTreeMap<&'static str, f64>>>> =
         vec![Vec::new(); wires.len()];
     let mut hooks = BTreeMap::new();
@@ -758,9 +763,12 @@ fn main() {
     }
     report.insert("decap_hooks".into(), json!(hooks));
     report.insert("rounds".into(), json!(rounds));
-    eprintln!("bench: per-program cost");
-    if let Value::Object(costs) = prog_costs(&s) {
-        report.extend(costs);
+    // `--no-prog`: the contestants alone (profiling one of them).
+    if !std::env::args().any(|a| a == "--no-prog") {
+        eprintln!("bench: per-program cost");
+        if let Value::Object(costs) = prog_costs(&s) {
+            report.extend(costs);
+        }
     }
     println!("{}", Value::Object(report));
 }
