@@ -12,7 +12,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -35,7 +35,7 @@ use prometheus_client::{
 };
 use weft_common::{ENDPOINTS_MAX, NODES_MAX, ROUTES_MAX};
 
-use crate::datapath::Maps;
+use crate::{bgp::BgpStatus, datapath::Maps};
 
 /// The port of `/healthz`, `/readyz` and `/metrics` (the `--metrics-addr` default's).
 pub const DEFAULT_PORT: u16 = 9402;
@@ -64,6 +64,9 @@ pub struct Metrics {
     pub reconcile_writes: Counter,
     pub reconcile_seconds: Histogram,
     pub reconcile_last_seconds: Gauge<f64, AtomicU64>,
+    /// BIRD's sessions and routes, as the control loop last saw them (`None`: the backend is
+    /// not bgp). Exported by [`BgpCollector`] on each scrape.
+    pub bgp: Arc<Mutex<Option<BgpStatus>>>,
     /// Unix time (s) of the reconcile loop's last turn (not exported: /healthz reads it).
     heartbeat: AtomicU64,
     registry: Registry,
@@ -93,6 +96,7 @@ impl Metrics {
             // 10 µs .. ~5 s.
             reconcile_seconds: Histogram::new(exponential_buckets(1e-5, 4.0, 10)),
             reconcile_last_seconds: Gauge::default(),
+            bgp: Arc::default(),
             heartbeat: AtomicU64::new(now_secs()),
             registry: Registry::default(),
         };
@@ -152,7 +156,17 @@ impl Metrics {
         if let Some(pin_root) = pin_root {
             r.register_collector(Box::new(MapsCollector { pin_root }));
         }
+        r.register_collector(Box::new(BgpCollector {
+            status: m.bgp.clone(),
+        }));
         m
+    }
+
+    /// Publishes the BGP side's status (`None`: the backend is not bgp, no BGP metrics).
+    pub fn set_bgp(&self, status: Option<BgpStatus>) {
+        if let Ok(mut s) = self.bgp.lock() {
+            *s = status;
+        }
     }
 
     pub fn beat(&self) {
@@ -256,6 +270,85 @@ impl Collector for MapsCollector {
         )?;
         for (stat, n) in maps.stats().unwrap_or_default() {
             ConstCounter::new(n).encode(packets.encode_family(&[("path", stat.name())])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The bgp backend's figures (from BIRD, through the control loop): the speaker's state, the
+/// sessions, learned and refused routes. Nothing while the backend is not bgp.
+#[derive(Debug)]
+struct BgpCollector {
+    status: Arc<Mutex<Option<BgpStatus>>>,
+}
+
+impl Collector for BgpCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(status) = self.status.lock().ok().and_then(|s| s.clone()) else {
+            return Ok(());
+        };
+        let established = status.sessions.iter().filter(|s| s.established()).count();
+        for (name, help, n) in [
+            (
+                "weft_bgp_speaker_up",
+                "1 while the agent's BIRD runs",
+                i64::from(status.running),
+            ),
+            (
+                "weft_bgp_sessions_established",
+                "BGP sessions in state Established",
+                established as i64,
+            ),
+            (
+                "weft_bgp_sessions_configured",
+                "BGP sessions configured (mesh peers and configured peers)",
+                status.sessions.len() as i64,
+            ),
+            (
+                "weft_bgp_learned_routes",
+                "Routes learned over BGP and installed in weft's routing table",
+                status.learned_routes as i64,
+            ),
+            (
+                "weft_bgp_refused_routes",
+                "Routes refused by the import filters (not a pod subnet of their sender's node)",
+                status.refused_routes as i64,
+            ),
+        ] {
+            let g = ConstGauge::new(n);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        for (name, help, n) in [
+            (
+                "weft_bgp_speaker_restarts",
+                "Times BIRD exited unasked and was restarted",
+                status.crashes,
+            ),
+            (
+                "weft_bgp_reloads",
+                "BIRD reconfigurations (birdc configure)",
+                status.reloads,
+            ),
+            (
+                "weft_bgp_reload_errors",
+                "Configurations BIRD refused",
+                status.reload_errors,
+            ),
+        ] {
+            let c = ConstCounter::new(n);
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        let mut sessions = encoder.encode_descriptor(
+            "weft_bgp_session_established",
+            "1 while the session to this peer is Established",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in &status.sessions {
+            let peer = s.peer.to_string();
+            ConstGauge::new(i64::from(s.established())).encode(
+                sessions.encode_family(&[("peer", peer.as_str()), ("kind", s.kind.name())])?,
+            )?;
         }
         Ok(())
     }

@@ -147,10 +147,16 @@ pub struct ModePolicy {
     pub backend: BackendType,
     pub direct_routing: bool,
     pub underlay_subnet: Ipv4Net,
+    /// [bgp] The bgp backend's settings and the routes BIRD installed (backend bgp only).
+    pub bgp: Option<crate::bgp::RouteModes>,
 }
 
 impl ModePolicy {
     pub fn mode_for(&self, peer: Ipv4Addr) -> RouteMode {
+        // [bgp] Native along BGP's routes, or tunnelled (Encapsulation CrossSubnet / Always).
+        if let Some(bgp) = &self.bgp {
+            return bgp.config.mode_for(peer, self.underlay_subnet);
+        }
         if self.direct_routing && self.underlay_subnet.contains(&peer) {
             return RouteMode::Direct;
         }
@@ -325,6 +331,11 @@ impl Reconciler {
         self.full = true;
     }
 
+    /// [bgp] Every remote node record (what BGP peers with and accepts routes for).
+    pub fn remote_leases(&self) -> impl Iterator<Item = &NodeLease> {
+        self.peers.values().filter(|l| self.is_remote(l))
+    }
+
     pub fn peer_count(&self) -> usize {
         self.peers.values().filter(|l| self.is_remote(l)).count()
     }
@@ -335,12 +346,18 @@ impl Reconciler {
     }
 
     fn route_for(&self, lease: &NodeLease) -> RouteInfo {
+        let mut mode = self.policy.mode_for(lease.public_ip);
+        // [bgp] A route switching into bgp keeps its mode until BIRD installed its route.
+        if let Some(bgp) = &self.policy.bgp {
+            let programmed = self.programmed.routes.get(&lease.subnet).map(|r| r.mode);
+            mode = crate::bgp::effective_mode(mode, lease.subnet, &bgp.learned, programmed);
+        }
         RouteInfo {
             node_ip: lease.public_ip.octets(),
             vtep_mac: lease
                 .vtep_mac
                 .unwrap_or_else(|| vtep_mac_for(lease.public_ip)),
-            mode: self.policy.mode_for(lease.public_ip) as u8,
+            mode: mode as u8,
             _pad: 0,
         }
     }
@@ -538,6 +555,7 @@ mod tests {
                 backend,
                 direct_routing: direct,
                 underlay_subnet: "192.168.1.0/24".parse().unwrap(),
+                bgp: None,
             },
             "10.244.1.0/24".parse().unwrap(),
             Ipv4Addr::new(192, 168, 1, 1),

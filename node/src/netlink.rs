@@ -32,7 +32,7 @@ use rtnetlink::{
             LinkMessage, LinkXdp, XdpAttached,
         },
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
-        route::{RouteAddress, RouteAttribute, RouteProtocol, RouteScope},
+        route::{RouteAddress, RouteAttribute, RouteProtocol, RouteScope, RouteType},
         tc::{TcAttribute, TcFilterBpfOption, TcOption},
     },
 };
@@ -201,6 +201,14 @@ pub struct RouteInfo {
     pub dst: Ipv4Net,
     pub gateway: Option<Ipv4Addr>,
     pub oif: Option<u32>,
+}
+
+/// A unicast IPv4 route of a table other than main (weft's BGP table, which BIRD fills).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableRoute {
+    pub dst: Ipv4Net,
+    /// Every next hop (several for an ECMP route): gateway (none when on-link) and device.
+    pub next_hops: Vec<(Option<Ipv4Addr>, Option<u32>)>,
 }
 
 /// Route scopes weft uses.
@@ -460,6 +468,70 @@ impl Netlink {
                     dst: Ipv4Net::new(dst, m.header.destination_prefix_length).unwrap_or_default(),
                     gateway,
                     oif,
+                }
+            })
+            .collect())
+    }
+
+    /// The unicast IPv4 routes of routing table `table` (empty when the table does not exist:
+    /// the kernel creates a table with its first route). Blackhole, unreachable and other
+    /// non-forwarding routes are left out: the datapath cannot forward along them.
+    pub async fn table_routes(&self, table: u32) -> Result<Vec<TableRoute>> {
+        let msgs: Vec<_> = self
+            .handle
+            .route()
+            .get(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .table_id(table)
+                    .build(),
+            )
+            .execute()
+            .try_collect()
+            .await
+            .map_err(Error::from_rtnetlink)?;
+        Ok(msgs
+            .iter()
+            .filter(|m| {
+                // Tables above 255 are named by the attribute only.
+                let id = m
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RouteAttribute::Table(t) => Some(*t),
+                        _ => None,
+                    })
+                    .unwrap_or(u32::from(m.header.table));
+                m.header.address_family == AddressFamily::Inet
+                    && m.header.kind == RouteType::Unicast
+                    && id == table
+            })
+            .map(|m| {
+                let mut dst = Ipv4Addr::UNSPECIFIED;
+                let (mut gateway, mut oif) = (None, None);
+                let mut next_hops = Vec::new();
+                for a in &m.attributes {
+                    match a {
+                        RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = *ip,
+                        RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(*ip),
+                        RouteAttribute::Oif(i) => oif = Some(*i),
+                        RouteAttribute::MultiPath(hops) => {
+                            for h in hops {
+                                let gw = h.attributes.iter().find_map(|a| match a {
+                                    RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some(*ip),
+                                    _ => None,
+                                });
+                                next_hops.push((gw, Some(h.interface_index)));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                if next_hops.is_empty() {
+                    next_hops.push((gateway, oif));
+                }
+                TableRoute {
+                    dst: Ipv4Net::new(dst, m.header.destination_prefix_length).unwrap_or_default(),
+                    next_hops,
                 }
             })
             .collect())

@@ -74,6 +74,7 @@ impl WeftNode {
                 flags: CONFIG_F_READY,
                 vtep_mac,
                 _pad: [0; 2],
+                bgp_table: weft_common::BGP_TABLE_DEFAULT,
             };
             dp.maps.set_config(&config).expect("writing the config");
             // As the agent does: the hook `xdp` picks, recorded in the config.

@@ -287,6 +287,7 @@ impl CniNode {
                     flags: CONFIG_F_READY,
                     vtep_mac: [0x02, 0, 0, 0, 0x77, 1],
                     _pad: [0; 2],
+                    bgp_table: weft_common::BGP_TABLE_DEFAULT,
                 })
                 .expect("writing the config");
         });

@@ -3,8 +3,8 @@
 //! publishing, the initial list in two pages, watch events (add, update, delete, bookmark), a
 //! watch re-opened from the last version, resource version expiry (410 Gone, as a watch event
 //! and as an HTTP status) answered by a relist, a rotated service-account token re-read from
-//! its file once the server refuses the old one, and a server whose certificate is not signed
-//! by the cluster's CA refused.
+//! its file once the server refuses the old one, a server whose certificate is not signed by
+//! the cluster's CA refused, and the node's own labels (the bgp backend's peer selection).
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, TcpListener},
@@ -41,7 +41,10 @@ fn node(name: &str, cidr: &str, ip: &str, annotations: Value, rv: &str) -> Value
 }
 
 fn node_a() -> Value {
-    node("node-a", "10.244.1.0/24", "192.168.1.1", json!({}), "90")
+    let mut n = node("node-a", "10.244.1.0/24", "192.168.1.1", json!({}), "90");
+    // Matched by the bgp backend's `Peers[].NodeSelector`.
+    n["metadata"]["labels"] = json!({"rack": "r1", "kubernetes.io/hostname": "node-a"});
+    n
 }
 fn node_b(ip_override: &str) -> Value {
     node(
@@ -593,5 +596,42 @@ fn https_trusts_only_the_cluster_ca() {
     assert!(
         format!("{err:?}").to_lowercase().contains("certificate"),
         "{err:?}"
+    );
+}
+
+/// The bgp backend matches `Peers[].NodeSelector` against the node's labels, read from its
+/// Node object when `--node-labels` is not given.
+#[test]
+fn node_labels_come_from_the_node_object() {
+    let ca = Ca::new("cluster-ca");
+    let server = ApiServer::start(
+        &ca,
+        Script {
+            lists: vec![list("1", vec![])],
+            ..Default::default()
+        },
+    );
+    let dir = TempDir::new("weft-kube-labels-");
+    let ca_file = pki::write(&dir.path, "ca.crt", &ca.cert_pem());
+    let source = KubeSource {
+        api: None,
+        kubeconfig: Some(kubeconfig(&dir.path, &server.url, &ca_file, "    token: t")),
+    };
+    let rt = runtime();
+    let labels = rt
+        .block_on(async {
+            let client = source.client().await?;
+            weft_agent::datastore::kube::node_labels(&client, "node-a").await
+        })
+        .unwrap();
+    assert_eq!(labels.get("rack").map(String::as_str), Some("r1"));
+    assert_eq!(labels.len(), 2, "{labels:?}");
+    let missing = rt.block_on(async {
+        let client = source.client().await?;
+        weft_agent::datastore::kube::node_labels(&client, "node-x").await
+    });
+    assert!(
+        format!("{:#}", missing.unwrap_err()).contains("node-x"),
+        "the error names the node"
     );
 }

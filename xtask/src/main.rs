@@ -40,7 +40,8 @@ enum Cmd {
         nodes: usize,
         #[arg(long, default_value_t = 2)]
         pods: usize,
-        /// vxlan, ipip or host-gw.
+        /// vxlan, ipip, host-gw or bgp (bgp: two underlay subnets joined by a router running
+        /// BIRD as a route reflector).
         #[arg(long, default_value = "vxlan")]
         backend: String,
     },

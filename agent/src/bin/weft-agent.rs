@@ -3,6 +3,7 @@
 //! CNI plugin, and keeps the maps in line with the cluster's nodes. Never flushes anything on
 //! exit: a restarted agent adopts pins and links and writes only what changed.
 use std::{
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::ExitCode,
@@ -16,6 +17,7 @@ use clap::{
     builder::{PossibleValuesParser, TypedValueParser},
 };
 use weft_agent::{
+    bgp,
     config::FlannelNetConf,
     conntrack,
     control_loop::{ControlLoop, mode_policy, node_config},
@@ -153,6 +155,14 @@ struct Args {
     /// /proc/sys is read-only in unprivileged containers).
     #[arg(long, default_value = "/proc/sys/net")]
     sysctl_net_dir: PathBuf,
+    /// bgp backend: directory of the node's BIRD files (configuration, control socket, pid
+    /// file).
+    #[arg(long, default_value = "/run/weft/bird")]
+    bgp_dir: PathBuf,
+    /// bgp backend: this node's labels, matched by `Backend.Peers[].NodeSelector`
+    /// (`key=value,...`; with `--datastore kube`, the Node object's labels when empty).
+    #[arg(long)]
+    node_labels: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -266,6 +276,35 @@ fn load_net_conf(args: &Args, ds: &mut dyn Datastore) -> Result<FlannelNetConf> 
         }
         std::thread::sleep(backoff.next_delay());
     }
+}
+
+/// This node's labels, matched by `Backend.Peers[].NodeSelector`: `--node-labels`, or with the
+/// Kubernetes datastore (and selectors in use) the Node object's labels, read at start.
+fn node_labels(
+    args: &Args,
+    conf: &FlannelNetConf,
+    name: &str,
+    runtime: &tokio::runtime::Handle,
+) -> Result<BTreeMap<String, String>> {
+    let labels = bgp::config::parse_labels(args.node_labels.as_deref().unwrap_or(""))?;
+    let selectors = conf
+        .backend
+        .bgp
+        .as_ref()
+        .is_some_and(|b| b.peers.iter().any(|p| !p.node_selector.is_empty()));
+    if !labels.is_empty() || !selectors || !matches!(args.datastore, DatastoreKind::Kube) {
+        return Ok(labels);
+    }
+    let source = KubeSource {
+        api: args.kube_api.clone(),
+        kubeconfig: args.kubeconfig.clone(),
+    };
+    runtime
+        .block_on(async {
+            let client = source.client().await?;
+            weft_agent::datastore::kube::node_labels(&client, name).await
+        })
+        .context("reading this node's labels (Backend.Peers[].NodeSelector)")
 }
 
 /// The `CONFIG_F_*` flags the agent's flags ask for.
@@ -435,9 +474,30 @@ fn run(args: Args) -> Result<()> {
         tracing::info!(?fw, "masquerading pod traffic leaving {}", conf.network);
     }
 
+    // BIRD for the bgp backend, driven by the control loop (idle for other backends, ready for
+    // a live switch to bgp).
+    let bgp = bgp::Controller::new(
+        bgp::Files {
+            dir: args.bgp_dir.clone(),
+        },
+        bgp::LocalNode {
+            name: local.name.clone(),
+            ip: underlay.node_ip,
+            underlay_subnet: underlay.subnet,
+            underlay_iface: underlay.name.clone(),
+            subnets: vec![subnet],
+            labels: node_labels(&args, &conf, &local.name, runtime.handle())?,
+        },
+        conf.network,
+    );
+
     let (tx, rx) = mpsc::channel();
     ds.run(tx)?;
-    let rec = Reconciler::new(mode_policy(&conf, &underlay), subnet, underlay.node_ip);
+    let rec = Reconciler::new(
+        mode_policy(&conf, &underlay, Arc::default()),
+        subnet,
+        underlay.node_ip,
+    );
     let on_local_subnet = {
         let (args, conf) = (args.clone(), conf.clone());
         move |subnet| subnet_env(&args, &conf, subnet).write(&args.subnet_file)
@@ -453,6 +513,7 @@ fn run(args: Args) -> Result<()> {
     )
     // The hook's bits too, so a live backend switch keeps them for `weft status`.
     .config_flags(config_flags(&args) | hook.flags())
+    .bgp(Box::new(bgp))
     .watch_net_conf(args.net_conf.clone())
     .on_local_subnet(on_local_subnet)
     .run(rx)

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use weft_agent::{datapath::Maps, mac::format_mac as mac};
+use weft_agent::{bgp, datapath::Maps, mac::format_mac as mac};
 use weft_common::{
     CONFIG_F_READY, RouteMode,
     conntrack::{CT_F_INIT_HI, CT_F_SEEN_HI, CT_F_SEEN_LO, CtOrigin, closing},
@@ -20,13 +20,16 @@ struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// [bgp] The node's BIRD control socket: `status` shows its sessions and routes.
+    #[arg(long, global = true, default_value = "/run/weft/bird/bird.ctl")]
+    bird_socket: PathBuf,
     #[command(subcommand)]
     command: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Node configuration and map fill.
+    /// Node configuration, map fill and (bgp backend) BGP sessions and learned prefixes.
     Status,
     /// Pod CIDRs of other nodes and how they are reached.
     Routes,
@@ -49,7 +52,118 @@ fn mode(m: u8) -> String {
         Some(RouteMode::Vxlan) => "vxlan".into(),
         Some(RouteMode::Ipip) => "ipip".into(),
         Some(RouteMode::Direct) => "direct".into(),
+        Some(RouteMode::Bgp) => "bgp".into(),
         None => format!("unknown({m})"),
+    }
+}
+
+/// [bgp] BGP as the node's BIRD reports it (`birdc`): sessions, learned and refused prefixes.
+struct BgpView {
+    socket: PathBuf,
+    table: u32,
+    /// `None`: BIRD does not answer on the socket.
+    sessions: Option<Vec<bgp::birdc::Session>>,
+    learned: Vec<bgp::birdc::Route>,
+    refused: Vec<bgp::birdc::Route>,
+}
+
+/// The BGP view when BIRD answers on `socket`, or when routes use bgp (then its absence is
+/// news); `None` for nodes that do not run BGP.
+fn bgp_view(socket: &std::path::Path, uses_bgp: bool, table: u32) -> Option<BgpView> {
+    use bgp::birdc;
+    let sessions = birdc::run(socket, true, "show protocols")
+        .ok()
+        .map(|t| birdc::parse_protocols(&t));
+    if sessions.is_none() && !uses_bgp {
+        return None;
+    }
+    let routes = |cmd: &str| {
+        birdc::run(socket, true, cmd)
+            .map(|t| birdc::parse_routes(&t))
+            .unwrap_or_default()
+    };
+    let learned = routes("show route")
+        .into_iter()
+        .filter(|r| birdc::session_kind(&r.from).is_some())
+        .collect();
+    Some(BgpView {
+        socket: socket.to_path_buf(),
+        table,
+        sessions,
+        learned,
+        refused: routes("show route filtered"),
+    })
+}
+
+impl BgpView {
+    fn json(&self) -> serde_json::Value {
+        let route = |r: &bgp::birdc::Route| {
+            json!({"prefix": r.prefix.to_string(), "from": r.from, "primary": r.primary,
+                "via": r.via.iter().map(|v| v.to_string()).collect::<Vec<_>>()})
+        };
+        json!({
+            "socket": self.socket,
+            "table": self.table,
+            "running": self.sessions.is_some(),
+            "sessions": self.sessions.iter().flatten().map(|s| json!({
+                "name": s.name, "peer": s.peer.to_string(), "kind": s.kind.name(),
+                "state": s.state, "info": s.info, "established": s.established(), "since": s.since,
+            })).collect::<Vec<_>>(),
+            "learned": self.learned.iter().map(route).collect::<Vec<_>>(),
+            "refused": self.refused.iter().map(route).collect::<Vec<_>>(),
+        })
+    }
+
+    fn print(&self) {
+        let Some(sessions) = &self.sessions else {
+            println!(
+                "bgp        BIRD NOT ANSWERING on {} (routes use bgp)",
+                self.socket.display()
+            );
+            return;
+        };
+        let established = sessions.iter().filter(|s| s.established()).count();
+        println!(
+            "bgp        {established}/{} sessions established, {} prefixes learned (kernel table {}), {} refused",
+            sessions.len(),
+            self.learned.iter().filter(|r| r.primary).count(),
+            self.table,
+            self.refused.len()
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        for s in sessions {
+            let since = s
+                .since
+                .map(|t| format!("for {}s", now.saturating_sub(t)))
+                .unwrap_or_default();
+            println!(
+                "  session  {:<16} {:<5} {:<6} {} {since}",
+                s.peer.to_string(),
+                s.kind.name(),
+                s.state,
+                s.info
+            );
+        }
+        for r in &self.learned {
+            let via: Vec<String> = r.via.iter().map(|v| v.to_string()).collect();
+            println!(
+                "  learned  {:<18} via {:<16} from {}{}",
+                r.prefix.to_string(),
+                via.join(","),
+                r.from,
+                if r.primary { "" } else { " (not preferred)" }
+            );
+        }
+        for r in &self.refused {
+            println!(
+                "  refused  {:<18} from {} (import filter: not a known node's pod subnet from its owner)",
+                r.prefix.to_string(),
+                r.from
+            );
+        }
     }
 }
 
@@ -68,13 +182,20 @@ fn main() -> Result<()> {
             let drops: u64 = maps.drops()?.iter().map(|(_, n)| n).sum();
             let node_ip = std::net::Ipv4Addr::from(cfg.node_ip);
             let decap = weft_common::DecapHook::of_flags(cfg.flags);
+            // [bgp]
+            let uses_bgp = maps
+                .routes()?
+                .iter()
+                .any(|(_, r)| r.mode == RouteMode::Bgp as u8);
+            let bgp = bgp_view(&cli.bird_socket, uses_bgp, cfg.bgp_table);
             if cli.json {
                 println!(
                     "{}",
                     json!({"ready": ready, "node_ip": node_ip.to_string(), "underlay_ifindex": cfg.underlay_ifindex,
                         "vni": cfg.vni, "vxlan_port": cfg.vxlan_port, "vtep_mac": mac(&cfg.vtep_mac),
                         "decap_hook": decap.hook(), "decap_reason": decap.reason(),
-                        "routes": routes, "endpoints": endpoints, "nodes": nodes, "drops": drops})
+                        "routes": routes, "endpoints": endpoints, "nodes": nodes, "drops": drops,
+                        "bgp": bgp.as_ref().map(BgpView::json)})
                 );
             } else {
                 println!(
@@ -102,6 +223,9 @@ fn main() -> Result<()> {
                     "pins       {}",
                     weft_agent::datapath::pin_dir(&cli.pin_root).display()
                 );
+                if let Some(bgp) = bgp {
+                    bgp.print();
+                }
             }
         }
         Cmd::Routes => {

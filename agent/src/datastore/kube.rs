@@ -104,6 +104,16 @@ struct BackendData {
     vtep_mac: Option<String>,
 }
 
+/// The labels of Node `name` (the bgp backend matches them against `Peers[].NodeSelector`).
+pub async fn node_labels(client: &Client, name: &str) -> Result<BTreeMap<String, String>> {
+    let api: Api<Node> = Api::all(client.clone());
+    let node = api
+        .get(name)
+        .await
+        .with_context(|| format!("reading Node {name}"))?;
+    Ok(node.labels().clone())
+}
+
 /// The record a Node object describes, if it has a subnet and an address.
 pub fn node_lease(node: &Node) -> Option<NodeLease> {
     let spec = node.spec.as_ref()?;

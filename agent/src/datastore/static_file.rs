@@ -68,7 +68,7 @@ fn parse(text: &str) -> Result<Vec<Entry>> {
         let backend = match &n.backend_type {
             None => None,
             Some(b) => Some(BackendType::parse(b).ok_or_else(|| {
-                anyhow!("nodes[{i}].backendType: {b:?} is not vxlan, ipip or host-gw")
+                anyhow!("nodes[{i}].backendType: {b:?} is not vxlan, ipip, host-gw or bgp")
             })?),
         };
         out.push(Entry {

@@ -50,6 +50,7 @@ fn reconcile_from_empty(n: u32) -> f64 {
             backend: BackendType::Vxlan,
             direct_routing: false,
             underlay_subnet: "192.168.0.0/24".parse().unwrap(),
+            bgp: None,
         },
         "10.0.1.0/24".parse().unwrap(),
         Ipv4Addr::new(192, 168, 0, 1),
