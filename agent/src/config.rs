@@ -12,6 +12,7 @@ use anyhow::{Result, anyhow, bail};
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 use serde_json::{Map, Value};
+pub use weft_common::max_pod_mtu;
 use weft_common::{RouteMode, VXLAN_OVERHEAD, VXLAN_PORT_DEFAULT, VXLAN_VNI_DEFAULT};
 
 /// How this node reaches its peers by default.
@@ -152,9 +153,20 @@ impl FlannelNetConf {
     /// pod MTUs: pods are never rebuilt, at the price of 30 bytes per packet under ipip and 50
     /// under host-gw.
     pub fn pod_mtu(&self, underlay_mtu: u32) -> u32 {
-        self.backend
-            .mtu
-            .unwrap_or(underlay_mtu.saturating_sub(VXLAN_OVERHEAD))
+        self.backend.mtu.unwrap_or(max_pod_mtu(underlay_mtu))
+    }
+
+    /// Refuses a `Backend.MTU` above the underlay MTU minus the largest overhead of any backend
+    /// (the pod MTU rule: every backend the cluster can switch to must carry a pod's packet).
+    pub fn check_mtu(&self, underlay_mtu: u32) -> Result<()> {
+        let max = max_pod_mtu(underlay_mtu);
+        match self.backend.mtu {
+            Some(mtu) if mtu > max => bail!(
+                "Backend.MTU: {mtu} is above the underlay MTU {underlay_mtu} minus {VXLAN_OVERHEAD} \
+                 (the largest encapsulation overhead, VXLAN's): at most {max}"
+            ),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -457,5 +469,25 @@ mod tests {
             err(r#"{"Network": "10.0.0.0/16", "Backend": {"MTU": 10}}"#).contains("Backend.MTU")
         );
         assert!(err(r#"{"Network": "10.0.0.0/16", "Backend": 3}"#).contains("Backend"));
+    }
+
+    #[test]
+    fn mtu_above_the_underlay_minus_the_overhead_is_refused() {
+        let conf = |mtu: u32| {
+            FlannelNetConf::parse(&format!(
+                r#"{{"Network": "10.0.0.0/16", "Backend": {{"Type": "host-gw", "MTU": {mtu}}}}}"#
+            ))
+            .unwrap()
+        };
+        assert!(conf(1450).check_mtu(1500).is_ok());
+        assert!(conf(1400).check_mtu(1500).is_ok());
+        for (mtu, underlay) in [(1451, 1500), (1500, 1500), (8950, 1500), (1450, 1400)] {
+            let e = format!("{:#}", conf(mtu).check_mtu(underlay).unwrap_err());
+            assert!(e.contains("Backend.MTU") && e.contains("at most"), "{e}");
+        }
+        // Without Backend.MTU the pod MTU is derived, always within the bound.
+        let derived = FlannelNetConf::parse(r#"{"Network": "10.0.0.0/16"}"#).unwrap();
+        assert!(derived.check_mtu(1500).is_ok());
+        assert_eq!(derived.pod_mtu(9000), max_pod_mtu(9000));
     }
 }

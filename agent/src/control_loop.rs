@@ -145,6 +145,8 @@ pub struct ControlLoop<M: PeerMaps> {
     metrics: Arc<Metrics>,
     /// Called when this node's subnet changed (the subnet file is rewritten).
     on_local_subnet: Box<dyn FnMut(ipnet::Ipv4Net) -> Result<()> + Send>,
+    /// Called when this node lost its subnet to another node and holds none.
+    on_subnet_lost: Box<dyn FnMut(ipnet::Ipv4Net) -> Result<()> + Send>,
     resync_every: Duration,
     next_resync: Instant,
     pub retry_at: Option<Instant>,
@@ -159,13 +161,15 @@ pub struct ControlLoop<M: PeerMaps> {
 impl<M: PeerMaps> ControlLoop<M> {
     pub fn new(
         maps: M,
-        rec: Reconciler,
+        mut rec: Reconciler,
         conf: FlannelNetConf,
         underlay: Underlay,
         metrics: Arc<Metrics>,
         resync_every: Duration,
         now: Instant,
     ) -> Self {
+        // Records are checked against the cluster's network (`crate::admission`).
+        rec.set_network(conf.network, conf.subnet_len);
         Self {
             maps,
             rec,
@@ -174,6 +178,7 @@ impl<M: PeerMaps> ControlLoop<M> {
             watch: NetConfWatch::new(None),
             metrics,
             on_local_subnet: Box::new(|_| Ok(())),
+            on_subnet_lost: Box::new(|_| Ok(())),
             resync_every: resync_every.max(Duration::from_secs(1)),
             // The first apply is a resync: it adopts what the maps hold.
             next_resync: now,
@@ -207,7 +212,8 @@ impl<M: PeerMaps> ControlLoop<M> {
         };
         if self.dirty && self.rec.synced {
             let nodes = crate::bgp::peer_nodes(self.rec.remote_leases());
-            bgp.set_cluster(vec![self.rec.local_subnet], nodes);
+            // A node that lost its subnet to another node announces nothing.
+            bgp.set_cluster(self.rec.held_subnet().into_iter().collect(), nodes);
         }
         let change = bgp.poll();
         self.metrics.set_bgp(bgp.status());
@@ -244,6 +250,14 @@ impl<M: PeerMaps> ControlLoop<M> {
         self
     }
 
+    pub fn on_subnet_lost(
+        mut self,
+        f: impl FnMut(ipnet::Ipv4Net) -> Result<()> + Send + 'static,
+    ) -> Self {
+        self.on_subnet_lost = Box::new(f);
+        self
+    }
+
     /// When the loop must turn next even without events (a retry, a resync; at least every
     /// second, to notice net-conf changes).
     pub fn next_wake(&self, now: Instant) -> Instant {
@@ -265,6 +279,10 @@ impl<M: PeerMaps> ControlLoop<M> {
                     tracing::warn!(subnet = %s, "this node's subnet changed");
                     (self.on_local_subnet)(*s)?;
                 }
+                Event::SubnetLost(s) => {
+                    tracing::warn!(subnet = %s, "this node's subnet is another node's now");
+                    (self.on_subnet_lost)(*s)?;
+                }
                 _ => {}
             }
             self.dirty |= self.rec.handle(ev);
@@ -282,6 +300,9 @@ impl<M: PeerMaps> ControlLoop<M> {
         }
         self.drive_bgp(&mut turn);
         self.metrics.beat();
+        // Refused records change no map: counted whatever the turn does next.
+        self.metrics
+            .set_rejected_records(&self.rec.records().refused_by_reason());
         let resync = now >= self.next_resync;
         let retry = self.retry_at.is_some_and(|r| now >= r);
         // A failed apply waits for its retry, whatever arrives meanwhile (it is taken along).
@@ -301,12 +322,26 @@ impl<M: PeerMaps> ControlLoop<M> {
             .set(self.rec.offlink_count() as i64);
         match result {
             Ok(report) => {
+                self.metrics.set_full_maps(&report.full_maps);
                 self.metrics
-                    .record_reconcile(report.duration, report.writes, true);
+                    .record_reconcile(report.duration, report.writes, !report.failed());
+                turn.writes = report.writes;
+                if report.failed() {
+                    // The rest was applied; what failed is retried with backoff.
+                    let delay = self.backoff.next_delay();
+                    tracing::warn!(
+                        "{} map writes failed, {} applied (retrying in {delay:?}): {}",
+                        report.failures.len(),
+                        report.writes,
+                        report.failures.join("; ")
+                    );
+                    self.retry_at = Some(now + delay);
+                    turn.failed = true;
+                    return Ok(turn);
+                }
                 if report.writes > 0 {
                     tracing::info!(writes = report.writes, peers = self.rec.peer_count(), took = ?report.duration, "reconciled");
                 }
-                turn.writes = report.writes;
                 self.dirty = false;
                 self.retry_at = None;
                 self.backoff.reset();
@@ -388,11 +423,15 @@ mod tests {
     }
 
     fn lease(subnet: &str, ip: [u8; 4]) -> NodeLease {
+        let subnet: ipnet::Ipv4Net = subnet.parse().unwrap();
         NodeLease {
-            subnet: subnet.parse().unwrap(),
+            subnet,
             public_ip: Ipv4Addr::from(ip),
             backend: Some(BackendType::Vxlan),
             vtep_mac: None,
+            name: crate::datastore::subnet_key(subnet),
+            seniority: 0,
+            unknown_backend: None,
         }
     }
 
@@ -454,7 +493,7 @@ mod tests {
         l.turn(
             vec![
                 Event::Upsert(lease("10.244.3.0/24", [192, 168, 1, 33])),
-                Event::Remove("10.244.2.0/24".parse().unwrap()),
+                Event::Remove("10.244.2.0-24".into()),
                 Event::Upsert(lease("10.244.4.0/24", [192, 168, 1, 4])),
             ],
             t0 + Duration::from_millis(10),
@@ -537,6 +576,187 @@ mod tests {
             .failed
         );
         assert_eq!(l.retry_at, Some(now + Duration::from_millis(100)));
+    }
+
+    fn named(name: &str, subnet: &str, ip: [u8; 4], seniority: i64) -> NodeLease {
+        NodeLease {
+            name: name.into(),
+            seniority,
+            ..lease(subnet, ip)
+        }
+    }
+
+    fn rejected(l: &ControlLoop<MemoryMaps>, reason: &str) -> i64 {
+        l.metrics
+            .rejected_records
+            .get_or_create(&vec![("reason", weft_reason(reason))])
+            .get()
+    }
+
+    /// The `'static` spelling of a reason (the metric's labels are static strings).
+    fn weft_reason(reason: &str) -> &'static str {
+        crate::admission::REASONS
+            .iter()
+            .find(|r| **r == reason)
+            .unwrap_or_else(|| panic!("no reason {reason}"))
+    }
+
+    #[test]
+    fn bad_records_are_refused_and_the_rest_converges() {
+        let t0 = Instant::now();
+        let mut l = control_loop(MemoryMaps::default(), conf("vxlan", false), t0);
+        l.turn(
+            vec![Event::Snapshot(vec![
+                named("good-2", "10.244.2.0/24", [192, 168, 1, 2], 10),
+                named("everything", "0.0.0.0/0", [192, 168, 1, 20], 1),
+                named("services", "10.96.0.0/12", [192, 168, 1, 21], 1),
+                named("metadata", "169.254.169.254/32", [192, 168, 1, 22], 1),
+                // Younger than good-2 and claiming its subnet.
+                named("rival", "10.244.2.0/24", [192, 168, 1, 23], 20),
+                named("thief", "10.244.1.0/24", [192, 168, 1, 24], 1),
+                named("pod-address", "10.244.4.0/24", [10, 244, 9, 9], 1),
+                named("good-3", "10.244.3.0/24", [192, 168, 1, 3], 30),
+            ])],
+            t0,
+        )
+        .unwrap();
+        let routes: Vec<String> = l.maps.routes.keys().map(|n| n.to_string()).collect();
+        assert_eq!(routes, vec!["10.244.2.0/24", "10.244.3.0/24"]);
+        assert_eq!(
+            l.maps.routes[&"10.244.2.0/24".parse().unwrap()].node_ip,
+            [192, 168, 1, 2],
+            "the older record holds the subnet"
+        );
+        assert_eq!(l.maps.nodes.len(), 2, "refused records are no tunnel peers");
+        assert!(l.metrics.is_ready());
+        for (reason, n) in [
+            ("outside_network", 3),
+            ("overlaps_node", 1),
+            ("overlaps_local_subnet", 1),
+            ("public_ip_in_pod_network", 1),
+            ("wrong_prefix_length", 0),
+        ] {
+            assert_eq!(rejected(&l, reason), n, "{reason}");
+        }
+        // The records are fixed or their rival goes: they are routed at once.
+        l.turn(
+            vec![
+                Event::Upsert(named("services", "10.244.96.0/24", [192, 168, 1, 21], 1)),
+                Event::Remove("good-2".into()),
+            ],
+            t0 + Duration::from_millis(5),
+        )
+        .unwrap();
+        assert_eq!(
+            l.maps.routes[&"10.244.2.0/24".parse().unwrap()].node_ip,
+            [192, 168, 1, 23],
+            "the rival took over"
+        );
+        assert!(
+            l.maps
+                .routes
+                .contains_key(&"10.244.96.0/24".parse().unwrap())
+        );
+        assert!(!l.maps.nodes.contains_key(&Ipv4Addr::new(192, 168, 1, 2)));
+        assert_eq!(rejected(&l, "outside_network"), 2);
+        assert_eq!(rejected(&l, "overlaps_node"), 0);
+    }
+
+    #[test]
+    fn a_full_map_stops_nothing_else_and_names_itself() {
+        let t0 = Instant::now();
+        let maps = MemoryMaps {
+            routes_max: Some(2),
+            ..Default::default()
+        };
+        let mut l = control_loop(maps, conf("vxlan", false), t0);
+        let turn = l
+            .turn(
+                vec![Event::Snapshot(vec![
+                    lease("10.244.2.0/24", [192, 168, 1, 2]),
+                    lease("10.244.3.0/24", [192, 168, 1, 3]),
+                    lease("10.244.4.0/24", [192, 168, 1, 4]),
+                ])],
+                t0,
+            )
+            .unwrap();
+        assert!(turn.failed);
+        assert_eq!(turn.writes, 5, "three node entries and two routes");
+        assert_eq!(l.maps.routes.len(), 2);
+        // The third peer's node entry went in (the node map has room), not its route.
+        assert_eq!(l.maps.nodes.len(), 3);
+        let why = l.metrics.not_ready().expect("not ready");
+        assert!(
+            why.contains("WEFT_ROUTES") && why.contains("full") && why.contains("--routes-max"),
+            "{why}"
+        );
+        assert_eq!(
+            l.metrics
+                .map_full
+                .get_or_create(&vec![("map", "routes")])
+                .get(),
+            1
+        );
+        assert_eq!(
+            l.metrics
+                .map_full
+                .get_or_create(&vec![("map", "nodes")])
+                .get(),
+            0
+        );
+        // A peer leaves: its route goes first, which makes room for the one that did not fit.
+        let retry_at = l.retry_at.unwrap();
+        let turn = l
+            .turn(vec![Event::Remove("10.244.2.0-24".into())], retry_at)
+            .unwrap();
+        assert!(!turn.failed, "{turn:?}");
+        let routes: Vec<String> = l.maps.routes.keys().map(|n| n.to_string()).collect();
+        assert_eq!(routes, vec!["10.244.3.0/24", "10.244.4.0/24"]);
+        assert_eq!(l.metrics.not_ready(), None);
+        assert_eq!(
+            l.metrics
+                .map_full
+                .get_or_create(&vec![("map", "routes")])
+                .get(),
+            0
+        );
+        // At capacity, a replacement in one turn fits: removals are applied before additions.
+        l.maps.writes.clear();
+        let turn = l
+            .turn(
+                vec![
+                    Event::Remove("10.244.3.0-24".into()),
+                    Event::Upsert(lease("10.244.5.0/24", [192, 168, 1, 5])),
+                ],
+                retry_at + Duration::from_millis(1),
+            )
+            .unwrap();
+        assert!(!turn.failed, "{:?}", l.maps.writes);
+        assert!(
+            position(
+                &l.maps.writes,
+                &MapWrite::RemoveRoute("10.244.3.0/24".parse().unwrap())
+            ) < position(
+                &l.maps.writes,
+                &MapWrite::UpsertRoute("10.244.5.0/24".parse().unwrap())
+            )
+        );
+        // A full node map: no route toward the peer whose node entry is missing.
+        l.maps.nodes_max = Some(l.maps.nodes.len());
+        l.maps.routes_max = None;
+        let turn = l
+            .turn(
+                vec![Event::Upsert(lease("10.244.6.0/24", [192, 168, 1, 6]))],
+                retry_at + Duration::from_millis(2),
+            )
+            .unwrap();
+        assert!(turn.failed);
+        assert!(
+            !l.maps
+                .routes
+                .contains_key(&"10.244.6.0/24".parse().unwrap())
+        );
+        assert!(l.metrics.not_ready().unwrap().contains("WEFT_NODES"));
     }
 
     #[test]
@@ -740,7 +960,7 @@ mod tests {
         // A node leaving: BGP gets the new list; an idle turn gives it nothing new.
         let before = fake.0.lock().unwrap().clusters.len();
         l.turn(
-            vec![Event::Remove(net("10.244.2.0/24"))],
+            vec![Event::Remove("10.244.2.0-24".into())],
             t0 + Duration::from_millis(5),
         )
         .unwrap();
@@ -749,6 +969,38 @@ mod tests {
         assert_eq!(s.clusters.len(), before + 1);
         assert_eq!(s.clusters.last().unwrap().1.len(), 1);
         assert!(l.metrics.render().contains("weft_bgp_speaker_up 1"));
+    }
+
+    #[test]
+    fn bgp_announces_no_subnet_while_the_node_holds_none() {
+        let t0 = Instant::now();
+        let fake = FakeBgp::default();
+        let conf = bgp_conf(r#"{"Type": "bgp"}"#);
+        let mut l = control_loop(MemoryMaps::default(), conf, t0).bgp(Box::new(fake.clone()));
+        let announced = |fake: &FakeBgp| fake.0.lock().unwrap().clusters.last().unwrap().0.clone();
+        l.turn(
+            vec![Event::Snapshot(vec![lease(
+                "10.244.2.0/24",
+                [192, 168, 1, 2],
+            )])],
+            t0,
+        )
+        .unwrap();
+        assert_eq!(announced(&fake), vec![net("10.244.1.0/24")]);
+        // Another node holds this node's subnet now: announcing it would hijack its traffic.
+        l.turn(
+            vec![Event::SubnetLost(net("10.244.1.0/24"))],
+            t0 + Duration::from_millis(5),
+        )
+        .unwrap();
+        assert_eq!(announced(&fake), vec![]);
+        // A new subnet: announced.
+        l.turn(
+            vec![Event::LocalSubnet(net("10.244.7.0/24"))],
+            t0 + Duration::from_millis(10),
+        )
+        .unwrap();
+        assert_eq!(announced(&fake), vec![net("10.244.7.0/24")]);
     }
 
     #[test]

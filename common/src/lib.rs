@@ -91,6 +91,12 @@ pub const VXLAN_OVERHEAD: u32 = 50;
 /// Outer IPv4 header only.
 pub const IPIP_OVERHEAD: u32 = 20;
 
+/// The largest pod MTU an underlay MTU allows: minus the largest overhead of any backend
+/// (VXLAN's), so that a pod's packet fits every backend a cluster can switch to live.
+pub const fn max_pod_mtu(underlay_mtu: u32) -> u32 {
+    underlay_mtu.saturating_sub(VXLAN_OVERHEAD)
+}
+
 /// How packets reach the node owning a route.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -457,6 +463,11 @@ counter_enum! {
         /// has no route toward its source out of the underlay, or the frame does not come from
         /// that route's next hop (the router's or the peer's MAC).
         BgpReversePath => "bgp_reverse_path",
+        /// `from_host` got a packet from the node or one of its pods to an address of the
+        /// cluster network that nobody holds (no node's subnet covers it, or no pod of this
+        /// node has it): answered with ICMP host unreachable, as the stack would route it
+        /// into `weft_host` again until its TTL ran out.
+        NoPodRoute => "no_pod_route",
     }
 }
 

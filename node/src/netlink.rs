@@ -140,6 +140,8 @@ pub struct LinkInfo {
     pub kind: Option<String>,
     /// How an XDP program is attached to it, if one is.
     pub xdp: Option<XdpMode>,
+    /// The link's alias (`ip link set DEV alias ...`), if any.
+    pub alias: Option<String>,
 }
 
 /// How an XDP program runs on a device (`IFLA_XDP_ATTACHED`).
@@ -163,6 +165,7 @@ impl LinkInfo {
             up: m.header.flags.contains(LinkFlags::Up),
             kind: None,
             xdp: None,
+            alias: None,
         };
         for a in &m.attributes {
             match a {
@@ -188,6 +191,7 @@ impl LinkInfo {
                         }
                     }
                 }
+                LinkAttribute::IfAlias(a) => info.alias = Some(a.clone()),
                 _ => {}
             }
         }
@@ -291,6 +295,19 @@ impl Netlink {
         self.handle
             .link()
             .set(msg.build())
+            .execute()
+            .await
+            .map_err(Error::from_rtnetlink)
+    }
+
+    /// Sets the alias of the link `ifindex` (the kernel keeps up to 255 bytes).
+    pub async fn set_alias(&self, ifindex: u32, alias: &str) -> Result<()> {
+        let mut msg = LinkUnspec::new_with_index(ifindex).build();
+        msg.attributes
+            .push(LinkAttribute::IfAlias(alias.to_string()));
+        self.handle
+            .link()
+            .set(msg)
             .execute()
             .await
             .map_err(Error::from_rtnetlink)
@@ -430,6 +447,28 @@ impl Netlink {
             .execute()
             .await
             .map_err(Error::from_rtnetlink)
+    }
+
+    /// Deletes the main-table route to `dst` out of `ifindex`; Ok(false) when there is none.
+    pub async fn delete_route(&self, dst: Ipv4Net, ifindex: u32) -> Result<bool> {
+        // Any protocol and scope (what `ip route del` matches).
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.network(), dst.prefix_len())
+            .output_interface(ifindex)
+            .protocol(RouteProtocol::Unspec)
+            .scope(RouteScope::NoWhere)
+            .build();
+        match self.handle.route().del(msg).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let e = Error::from_rtnetlink(e);
+                if e.is(libc::ESRCH) || e.is(libc::ENODEV) {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
     }
 
     /// IPv4 routes of the main table.

@@ -92,6 +92,8 @@ pub struct ClusterOptions {
     pub lease_ttl: u64,
     /// Whether `Cluster::new` waits until every node routes to every other node.
     pub wait_converged: bool,
+    /// More `weft-agent` flags for every node (e.g. `--routes-max 2`).
+    pub agent_args: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -110,6 +112,7 @@ impl Default for ClusterOptions {
             net_conf: None,
             lease_ttl: 20,
             wait_converged: true,
+            agent_args: Vec::new(),
         }
     }
 }
@@ -514,6 +517,7 @@ impl Cluster {
         if !self.options.default_xdp {
             args.push("--xdp=on".into());
         }
+        args.extend(self.options.agent_args.iter().cloned());
         let log = node.dir.join(format!("agent-{}.log", unique_name("")));
         let agent = node.bin_dir.join("weft-agent");
         assert!(

@@ -309,6 +309,8 @@ impl CniNode {
             network: "10.244.0.0/16".parse().unwrap(),
             subnet: self.subnet,
             mtu: self.mtu,
+            // As the agent writes it: the pod MTU is the underlay's minus 50.
+            underlay_mtu: Some(self.mtu + weft_common::VXLAN_OVERHEAD),
             ipmasq: true,
             pin_root: self.pins.path.clone(),
         }

@@ -81,6 +81,7 @@ pub fn node() -> Node {
     let (ul_ifindex, underlay_mac) = link("ul0");
     let mut dp = Datapath::load_unpinned_with(&LoadOptions {
         conntrack_max: crate::TEST_CONNTRACK_MAX,
+        ..Default::default()
     })
     .expect("loading the datapath");
     dp.maps

@@ -24,7 +24,7 @@ use weft_agent::{
     datapath::{Datapath, LoadOptions, Maps, XdpSetting},
     datastore::{
         Backoff, Datastore, LocalNode,
-        etcd::{DEFAULT_PREFIX, EtcdDatastore, EtcdOptions},
+        etcd::{DEFAULT_PREFIX, EtcdDatastore, EtcdOptions, SubnetTaken},
         kube::{KubeDatastore, KubeSource},
         static_file::StaticFile,
     },
@@ -35,8 +35,8 @@ use weft_agent::{
     subnet_env::{self, SubnetEnv},
 };
 use weft_common::{
-    CONFIG_DECAP_HOOK_MASK, CONFIG_F_ACCEPT_ROUTED, DEFAULT_PIN_ROOT, DecapHook, HOST_PEER_DEV,
-    conntrack::CT_MAX_DEFAULT,
+    CONFIG_DECAP_HOOK_MASK, CONFIG_F_ACCEPT_ROUTED, DEFAULT_PIN_ROOT, DecapHook, ENDPOINTS_MAX,
+    HOST_PEER_DEV, NODES_MAX, ROUTES_MAX, conntrack::CT_MAX_DEFAULT,
 };
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -125,8 +125,9 @@ struct Args {
     cni_bin_dir: PathBuf,
     #[arg(long, default_value = "/etc/cni/net.d")]
     cni_conf_dir: PathBuf,
-    /// TTL of the etcd subnet lease in seconds (renewed every third of it).
-    #[arg(long, default_value_t = 60)]
+    /// TTL of the etcd subnet lease in seconds (flannel's 24 h). A node away longer loses its
+    /// subnet: it may be handed to another node once no never-used subnet is left.
+    #[arg(long, default_value_t = 86_400)]
     lease_ttl: u64,
     /// Full resync period in seconds (re-reads the maps and repairs drift).
     #[arg(long, default_value_t = 30)]
@@ -146,6 +147,16 @@ struct Args {
     /// pinned map keeps its size until its pin is removed (e.g. at the next boot).
     #[arg(long, default_value_t = CT_MAX_DEFAULT, value_parser = clap::value_parser!(u32).range(1024..))]
     conntrack_max: u32,
+    /// Capacity of the route map (other nodes' subnets). Applies when the map is created; a
+    /// pinned map keeps its size until its pin is removed.
+    #[arg(long, default_value_t = ROUTES_MAX, value_parser = clap::value_parser!(u32).range(1..))]
+    routes_max: u32,
+    /// Capacity of the node map (other nodes' addresses). As --routes-max.
+    #[arg(long, default_value_t = NODES_MAX, value_parser = clap::value_parser!(u32).range(1..))]
+    nodes_max: u32,
+    /// Capacity of the endpoint map (this node's pods). As --routes-max.
+    #[arg(long, default_value_t = ENDPOINTS_MAX, value_parser = clap::value_parser!(u32).range(1..))]
+    endpoints_max: u32,
     /// Let plain traffic from hosts that are not cluster nodes reach this node's pods through
     /// the host stack (routed access to pod addresses, as BGP setups want). Off: only nodes
     /// on the underlay may send plain (unencapsulated) packets to pods.
@@ -351,6 +362,9 @@ fn program_datapath(
 ) -> Result<(Datapath, DecapHook)> {
     let options = LoadOptions {
         conntrack_max: args.conntrack_max,
+        routes_max: args.routes_max,
+        nodes_max: args.nodes_max,
+        endpoints_max: args.endpoints_max,
     };
     let mut dp = Datapath::load_pinned_with(&args.pin_root, &options).with_context(|| {
         format!(
@@ -358,13 +372,16 @@ fn program_datapath(
             args.pin_root.display()
         )
     })?;
-    let capacity = dp.conntrack_capacity()?;
-    if capacity != args.conntrack_max {
-        tracing::warn!(
-            pinned = capacity,
-            requested = args.conntrack_max,
-            "the pinned conntrack map keeps its size; --conntrack-max applies once its pin is removed"
-        );
+    for (map, requested) in options.sizes() {
+        let capacity = dp.capacity(map)?;
+        if capacity != requested {
+            tracing::warn!(
+                map,
+                pinned = capacity,
+                requested,
+                "a pinned map keeps its size: the requested one applies once its pin is removed (e.g. at the next boot)"
+            );
+        }
     }
     dp.pin_programs()?;
     let mut config = node_config(conf, underlay);
@@ -424,6 +441,12 @@ fn run(args: Args) -> Result<()> {
         args.iface.as_deref(),
         args.public_ip,
     ))?;
+    conf.check_mtu(underlay.mtu).with_context(|| {
+        format!(
+            "net-conf (the underlay {} has MTU {})",
+            underlay.name, underlay.mtu
+        )
+    })?;
     let pod_mtu = conf.pod_mtu(underlay.mtu);
     tracing::info!(
         iface = %underlay.name, node_ip = %underlay.node_ip, network = %conf.network,
@@ -451,11 +474,21 @@ fn run(args: Args) -> Result<()> {
         vtep_mac: node_net::vtep_mac_for(underlay.node_ip),
         previous_subnet: SubnetEnv::read(&args.subnet_file).ok().map(|e| e.subnet),
     };
+    let fence = Fence {
+        pin_root: args.pin_root.clone(),
+        subnet_file: args.subnet_file.clone(),
+        metrics: metrics.clone(),
+    };
     let mut backoff = Backoff::new(Duration::from_secs(5));
     let subnet = loop {
         match ds.acquire(&local, &conf) {
             Ok(s) => break s,
-            Err(e) => tracing::warn!("acquiring the node's subnet: {e:#}"),
+            Err(e) => {
+                tracing::warn!("acquiring the node's subnet: {e:#}");
+                if let Some(taken) = e.downcast_ref::<SubnetTaken>() {
+                    fence.lost(taken.subnet, &taken.to_string());
+                }
+            }
         }
         metrics.beat();
         std::thread::sleep(backoff.next_delay());
@@ -465,10 +498,12 @@ fn run(args: Args) -> Result<()> {
         network: conf.network,
         subnet,
         mtu: pod_mtu,
+        underlay_mtu: Some(underlay.mtu),
         ipmasq: !args.no_ip_masq,
         pin_root: args.pin_root.clone(),
     };
     subnet_env(&args, &conf, subnet).write(&args.subnet_file)?;
+    fence.holds(subnet);
     if !args.no_ip_masq {
         let fw = node_net::ensure_masquerade(conf.network)?;
         tracing::info!(?fw, "masquerading pod traffic leaving {}", conf.network);
@@ -499,8 +534,19 @@ fn run(args: Args) -> Result<()> {
         underlay.node_ip,
     );
     let on_local_subnet = {
-        let (args, conf) = (args.clone(), conf.clone());
-        move |subnet| subnet_env(&args, &conf, subnet).write(&args.subnet_file)
+        let (args, conf, fence) = (args.clone(), conf.clone(), fence.clone());
+        move |subnet| {
+            subnet_env(&args, &conf, subnet).write(&args.subnet_file)?;
+            fence.holds(subnet);
+            Ok(())
+        }
+    };
+    let on_subnet_lost = move |subnet: ipnet::Ipv4Net| {
+        fence.lost(
+            subnet,
+            &format!("subnet {subnet}, this node's before, is leased to another node now"),
+        );
+        Ok(())
     };
     ControlLoop::new(
         dp.maps,
@@ -516,5 +562,53 @@ fn run(args: Args) -> Result<()> {
     .bgp(Box::new(bgp))
     .watch_net_conf(args.net_conf.clone())
     .on_local_subnet(on_local_subnet)
+    .on_subnet_lost(on_subnet_lost)
     .run(rx)
+}
+
+/// What the agent does when this node's subnet changes hands: local pods whose addresses are
+/// not this node's any more are cut off (`node_net::fence_endpoints`), and while the node holds
+/// no subnet the subnet file is gone (the CNI plugin then answers "try again later" instead of
+/// handing out another node's addresses) and `/readyz` says why.
+#[derive(Clone)]
+struct Fence {
+    pin_root: PathBuf,
+    subnet_file: PathBuf,
+    metrics: Arc<Metrics>,
+}
+
+impl Fence {
+    /// This node holds `subnet`: pods outside it are not this node's.
+    fn holds(&self, subnet: ipnet::Ipv4Net) {
+        self.metrics.set_subnet_lost(None);
+        self.fence(Some(subnet), None);
+    }
+
+    /// This node lost `subnet` to another node and holds none.
+    fn lost(&self, subnet: ipnet::Ipv4Net, why: &str) {
+        match std::fs::remove_file(&self.subnet_file) {
+            Ok(()) => tracing::warn!(
+                file = %self.subnet_file.display(),
+                "removed the subnet file: no pod can be created until this node holds a subnet"
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::error!("removing {}: {e}", self.subnet_file.display()),
+        }
+        self.metrics
+            .set_subnet_lost(Some(format!("{why}, and no other subnet is free")));
+        self.fence(None, Some(subnet));
+    }
+
+    fn fence(&self, keep: Option<ipnet::Ipv4Net>, lost: Option<ipnet::Ipv4Net>) {
+        let fenced = Maps::open_pinned(&self.pin_root).and_then(|mut maps| {
+            let nl = BlockingNetlink::open()?;
+            node_net::fence_endpoints(&mut maps, &nl, keep, lost)
+        });
+        match fenced {
+            Ok(ips) => {
+                self.metrics.fenced_endpoints.inc_by(ips.len() as u64);
+            }
+            Err(e) => tracing::error!("cutting off pods of a subnet this node lost: {e:#}"),
+        }
+    }
 }

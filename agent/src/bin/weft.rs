@@ -45,6 +45,84 @@ enum Cmd {
     Stats,
     /// Tracked flows: which ones take the fast path and which the host stack.
     Conntrack,
+    /// The CNI plugin's address store.
+    #[command(subcommand)]
+    Ipam(IpamCmd),
+}
+
+#[derive(Subcommand)]
+enum IpamCmd {
+    /// Rebuilds the store from the node's pod links (their aliases and host routes), e.g. after
+    /// it was found corrupt. The old file is kept beside it.
+    Rebuild {
+        /// The CNI conflist naming weft-cni's dataDir, network name and subnetFile.
+        #[arg(long, default_value = "/etc/cni/net.d/10-weft.conflist")]
+        conflist: PathBuf,
+    },
+}
+
+/// weft-cni's configuration in a conflist (its entry, with the list's name and version).
+fn cni_conf(conflist: &std::path::Path) -> Result<weft_agent::cni::spec::NetworkConfig> {
+    use anyhow::Context as _;
+    let text = std::fs::read(conflist)
+        .with_context(|| format!("--conflist: reading {}", conflist.display()))?;
+    let list: serde_json::Value = serde_json::from_slice(&text)
+        .with_context(|| format!("--conflist {}: not JSON", conflist.display()))?;
+    let mut entry = list["plugins"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["type"] == "weft-cni"))
+        .cloned()
+        .with_context(|| format!("--conflist {}: no weft-cni plugin", conflist.display()))?;
+    entry["name"] = list["name"].clone();
+    entry["cniVersion"] = list["cniVersion"].clone();
+    weft_agent::cni::spec::NetworkConfig::parse(entry)
+        .map_err(|e| anyhow::anyhow!("--conflist {}: {e}", conflist.display()))
+}
+
+/// `weft ipam rebuild`: works without the agent (the maps only add addresses a route lacks).
+fn ipam_rebuild(pin_root: &std::path::Path, conflist: &std::path::Path, json: bool) -> Result<()> {
+    let conf = cni_conf(conflist)?;
+    let ipam = weft_agent::ipam::Ipam::new(&conf.data_dir, &conf.name);
+    let maps = Maps::open_pinned(pin_root).ok();
+    let subnet = weft_agent::subnet_env::SubnetEnv::read(&conf.subnet_file)
+        .ok()
+        .map(|e| e.subnet);
+    let rebuilt = weft_agent::cni::recover::rebuild(
+        &ipam,
+        maps.as_ref(),
+        &[],
+        subnet,
+        std::time::Duration::from_secs(20),
+    )?;
+    if json {
+        let allocations: Vec<_> = rebuilt
+            .state
+            .allocations
+            .iter()
+            .map(|a| json!({"ip": a.ip.to_string(), "containerID": a.container_id, "ifname": a.ifname}))
+            .collect();
+        println!(
+            "{}",
+            json!({"store": ipam.path(), "allocations": allocations, "skipped": rebuilt.skipped,
+                "kept": rebuilt.kept})
+        );
+        return Ok(());
+    }
+    println!(
+        "rebuilt {} with {} allocations",
+        ipam.path().display(),
+        rebuilt.state.allocations.len()
+    );
+    for a in &rebuilt.state.allocations {
+        println!("  {:<16} {} {}", a.ip.to_string(), a.container_id, a.ifname);
+    }
+    for s in &rebuilt.skipped {
+        println!("  left out: {s}");
+    }
+    if let Some(kept) = &rebuilt.kept {
+        println!("the old file is kept at {}", kept.display());
+    }
+    Ok(())
 }
 
 fn mode(m: u8) -> String {
@@ -169,6 +247,9 @@ impl BgpView {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Cmd::Ipam(IpamCmd::Rebuild { conflist }) = &cli.command {
+        return ipam_rebuild(&cli.pin_root, conflist, cli.json);
+    }
     let maps = Maps::open_pinned(&cli.pin_root)?;
     match cli.command {
         Cmd::Status => {
@@ -340,6 +421,7 @@ fn main() -> Result<()> {
                 }
             }
         }
+        Cmd::Ipam(_) => unreachable!("handled before the maps are opened"),
         Cmd::Conntrack => {
             let now = weft_agent::conntrack::now_s();
             let flows = maps.conntrack()?;
