@@ -25,7 +25,7 @@ use anyhow::{Context as _, Result, bail};
 use etherparse::PacketBuilder;
 use serde::Serialize;
 use weft_common::{
-    DECAP_META_MAGIC, DecapMeta, EndpointInfo, RouteMode, Stat,
+    DECAP_META_MAGIC, DECAP_META_MAGIC_POD, DecapMeta, EndpointInfo, RouteMode, Stat,
     conntrack::{CtEntry, CtKey, CtOrigin},
     monitor::Hook,
 };
@@ -377,7 +377,7 @@ fn run(
         let meta_len = std::mem::size_of::<DecapMeta>();
         if let Some(meta) = data.get(..meta_len)
             && let Ok(meta) = bytemuck::try_pod_read_unaligned::<DecapMeta>(meta)
-            && meta.magic == DECAP_META_MAGIC
+            && (meta.magic == DECAP_META_MAGIC || meta.magic == DECAP_META_MAGIC_POD)
         {
             step.state.push(format!(
                 "metadata for from_underlay: from node {}",
