@@ -5,6 +5,7 @@ pub mod config;
 pub mod control_loop;
 pub mod datastore;
 pub mod metrics;
+pub mod netpol;
 pub mod node_net;
 pub mod policy;
 pub mod reconcile;

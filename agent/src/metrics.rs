@@ -155,6 +155,11 @@ impl Metrics {
         m
     }
 
+    /// Registers more metrics (before the server starts serving them).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     pub fn beat(&self) {
         self.heartbeat.store(now_secs(), Relaxed);
     }

@@ -31,9 +31,41 @@ pub mod map_names {
     pub const POLICY_RULES: &str = "WEFT_POLICY_RULES";
     pub const POLICY_PORT_BLOCKS: &str = "WEFT_POLICY_PORT_BLOCKS";
     pub const POLICY_NS_DEFAULTS: &str = "WEFT_POLICY_NS_DEFAULTS";
-    /// The maps the datapath declares today (the policy maps join when its programs use them).
-    pub const ALL: [&str; 9] = [
-        CONFIG, ROUTES, ENDPOINTS, NODES, DROPS, STATS, NEXT_HOPS, CONNTRACK, PATH_MTU,
+    pub const POLICY_CONFIG: &str = "WEFT_POLICY_CONFIG";
+    pub const POLICY_PODS: &str = "WEFT_POLICY_PODS";
+    pub const POLICY_DROPS: &str = "WEFT_POLICY_DROPS";
+    /// The policy maps (`crate::policy`).
+    pub const POLICY: [&str; 9] = [
+        POLICY_ENDPOINTS,
+        POLICY_ADDRS,
+        POLICY_CIDRS,
+        POLICY_RULES,
+        POLICY_PORT_BLOCKS,
+        POLICY_NS_DEFAULTS,
+        POLICY_CONFIG,
+        POLICY_PODS,
+        POLICY_DROPS,
+    ];
+    /// Every map the datapath declares.
+    pub const ALL: [&str; 18] = [
+        CONFIG,
+        ROUTES,
+        ENDPOINTS,
+        NODES,
+        DROPS,
+        STATS,
+        NEXT_HOPS,
+        CONNTRACK,
+        PATH_MTU,
+        POLICY_ENDPOINTS,
+        POLICY_ADDRS,
+        POLICY_CIDRS,
+        POLICY_RULES,
+        POLICY_PORT_BLOCKS,
+        POLICY_NS_DEFAULTS,
+        POLICY_CONFIG,
+        POLICY_PODS,
+        POLICY_DROPS,
     ];
 }
 
@@ -356,6 +388,13 @@ counter_enum! {
         /// `from_host` got a packet whose source is neither the node's address nor a local
         /// pod: something from outside relayed toward the overlay without masquerade.
         HostForeignSource => "host_foreign_source",
+        /// NetworkPolicy: a new flow into a pod that its ingress policies do not allow (also a
+        /// flow that a policy change denied, at its next packet; see `WEFT_POLICY_DROPS` for
+        /// the pod).
+        PolicyDeniedIngress => "policy_denied_ingress",
+        /// NetworkPolicy: a new flow out of a pod that its egress policies do not allow (also a
+        /// flow that a policy change denied, at its next packet).
+        PolicyDeniedEgress => "policy_denied_egress",
     }
 }
 
@@ -456,4 +495,7 @@ aya_pod!(
     policy::PolicyPortBlock,
     policy::PolicyNamespaceKey,
     policy::PolicyNamespaceDefault,
+    policy::PolicyConfig,
+    policy::PolicyPodName,
+    policy::PolicyDrops,
 );

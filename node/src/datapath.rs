@@ -61,18 +61,25 @@ pub fn ensure_bpffs() -> Result<()> {
     .context("mounting bpffs at /sys/fs/bpf")
 }
 
+#[path = "datapath_policy.rs"]
+pub mod policy_write;
+pub use policy_write::{PolicyCapacities, PolicySnapshot};
+
 /// Sizes chosen at load time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoadOptions {
     /// Capacity of the conntrack map (`WEFT_CT`). A map already pinned keeps the size it was
     /// created with: see [`Datapath::conntrack_capacity`].
     pub conntrack_max: u32,
+    /// Capacities of the NetworkPolicy maps (pinned maps keep theirs).
+    pub policy: PolicyCapacities,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             conntrack_max: CT_MAX_DEFAULT,
+            policy: PolicyCapacities::default(),
         }
     }
 }
@@ -92,8 +99,10 @@ impl Datapath {
 
     /// `load_unpinned` with explicit sizes.
     pub fn load_unpinned_with(options: &LoadOptions) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(map_names::CONNTRACK, options.conntrack_max)
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(map_names::CONNTRACK, options.conntrack_max);
+        options.policy.size(&mut loader);
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         load_programs(&mut ebpf)?;
@@ -123,6 +132,7 @@ impl Datapath {
         std::fs::create_dir_all(dir.join("links"))?;
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(map_names::CONNTRACK, options.conntrack_max);
+        options.policy.size(&mut loader);
         for name in map_names::ALL {
             loader.map_pin_path(name, maps_dir.join(name));
         }

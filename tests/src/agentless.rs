@@ -67,6 +67,9 @@ impl WeftNode {
                     _pad: [0; 2],
                 })
                 .expect("writing the config");
+            dp.maps
+                .put_policy_ns_default("", Some(weft_common::policy::POLICY_NS_F_SYNCED))
+                .expect("marking the policy maps synced");
             dp.attach_underlay(&dev, with_xdp)
                 .expect("attaching underlay programs");
             dp.attach_from_host(weft_common::HOST_PEER_DEV)
@@ -136,6 +139,10 @@ impl WeftNode {
                 },
             )
             .expect("registering the endpoint");
+        // As an agent with no policy does: the pod is not isolated.
+        self.maps()
+            .put_policy_endpoint(ip, Some(&weft_common::policy::PolicyEndpoint::OPEN))
+            .expect("writing the pod's policy state");
         let root = self.pins.path.clone();
         let dev = host_ifname.clone();
         self.ns.run(move || {

@@ -5,7 +5,10 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use weft_agent::datapath::{Datapath, LoadOptions};
-use weft_common::{CONFIG_F_READY, EndpointInfo, NodeConfig, NodeInfo, RouteInfo, RouteMode};
+use weft_common::{
+    CONFIG_F_READY, EndpointInfo, NodeConfig, NodeInfo, RouteInfo, RouteMode,
+    policy::{POLICY_NS_F_SYNCED, PolicyEndpoint},
+};
 
 use crate::netns::{Netns, parse_mac};
 
@@ -81,6 +84,7 @@ pub fn node() -> Node {
     let (ul_ifindex, underlay_mac) = link("ul0");
     let mut dp = Datapath::load_unpinned_with(&LoadOptions {
         conntrack_max: crate::TEST_CONNTRACK_MAX,
+        ..Default::default()
     })
     .expect("loading the datapath");
     dp.maps
@@ -110,6 +114,15 @@ pub fn node() -> Node {
             )
             .unwrap();
     }
+    // As an agent with no policy does: the pods are not isolated.
+    for ip in [POD1_IP, POD2_IP] {
+        dp.maps
+            .put_policy_endpoint(Ipv4Addr::from(ip), Some(&PolicyEndpoint::OPEN))
+            .unwrap();
+    }
+    dp.maps
+        .put_policy_ns_default("", Some(POLICY_NS_F_SYNCED))
+        .unwrap();
     for (cidr, node_ip, mode) in [
         ("10.244.2.0/24", PEER_IP, RouteMode::Vxlan),
         ("10.244.3.0/24", PEER_IP, RouteMode::Ipip),
