@@ -54,6 +54,16 @@ enum Cmd {
     /// The release tarball: stripped release binaries, the CNI conflist, the manifest, the
     /// Dockerfile and the docs, in target/dist/.
     Dist,
+    /// NetworkPolicy truth tables: runs case files (tests/netpol/*.json format) against a
+    /// 3-node weft cluster in network namespaces; a line per case, a JSON report, non-zero exit
+    /// on any wrong probe.
+    Netpol {
+        /// Where the report goes.
+        #[arg(long, default_value = "target/netpol/report.json")]
+        report: String,
+        #[arg(required = true)]
+        files: Vec<String>,
+    },
     /// Only install the prerequisites.
     Bootstrap,
     /// Only the formatting and lint checks that `test` runs first.
@@ -125,6 +135,18 @@ fn main() -> Result<()> {
                 args.push("--keep");
             }
             run_bin("debug", "weft-demo", &args)
+        }
+        Cmd::Netpol { report, files } => {
+            require_root("the runner creates network namespaces and loads BPF programs")?;
+            bootstrap::run()?;
+            cargo(&["build", "--workspace", "--exclude", "node-ebpf", "--bins"])?;
+            // Relative paths are the caller's: cargo runs xtask from the invocation directory.
+            let cwd = std::env::current_dir()?;
+            let abs = |p: &str| cwd.join(p).display().to_string();
+            let mut args = vec!["--report".to_string(), abs(&report)];
+            args.extend(files.iter().map(|f| abs(f)));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_bin("debug", "weft-netpol", &args)
         }
         Cmd::Bench { quick } => {
             require_root("benchmarks create network namespaces and load BPF programs")?;

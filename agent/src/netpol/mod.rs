@@ -11,6 +11,7 @@ pub mod controller;
 pub mod etcd_source;
 pub mod kube_source;
 pub mod maps;
+pub mod show;
 pub mod store;
 
 use std::{net::Ipv4Addr, path::PathBuf};
