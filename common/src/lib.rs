@@ -424,8 +424,9 @@ counter_enum! {
         /// A flow's first packet took the fast path (pod to pod, no translation): a fast
         /// conntrack entry was created.
         ConntrackFastNew => "conntrack_fast_new",
-        /// The host stack carried a flow into a pod or toward the overlay: a stack conntrack
-        /// entry was created (its packets keep going through the stack).
+        /// The host stack carried a flow into a pod or toward the overlay, or a pod started one
+        /// toward something that is not a pod (the node, outside): a stack conntrack entry was
+        /// created (its packets keep going through the stack).
         ConntrackStackNew => "conntrack_stack_new",
         /// A packet between pods handed to the host stack because its flow is the stack's
         /// (translated, or not known from its start).

@@ -308,7 +308,10 @@ impl Cluster {
             bin_dir: self.options.bin_dir.clone().unwrap_or_else(bin_dir),
         };
         if self.options.numbered_subnets
-            && let Some(n) = node.name.strip_prefix("node-").and_then(|n| n.parse::<u8>().ok())
+            && let Some(n) = node
+                .name
+                .strip_prefix("node-")
+                .and_then(|n| n.parse::<u8>().ok())
         {
             SubnetEnv {
                 network: CLUSTER_NETWORK.parse().unwrap(),
@@ -547,7 +550,14 @@ impl Cluster {
         if let Some(ip) = ip {
             args += &format!(";IP={ip}");
         }
-        let result = cni_with_args(node, "ADD", &container_id, &ns.path(), &node.cni_conf(), &args);
+        let result = cni_with_args(
+            node,
+            "ADD",
+            &container_id,
+            &ns.path(),
+            &node.cni_conf(),
+            &args,
+        );
         let ip = result["ips"][0]["address"]
             .as_str()
             .and_then(|a| a.split('/').next())

@@ -220,8 +220,12 @@ impl NetpolCluster {
             layout,
         };
         nc.apply_json(&objects)?;
-        let want: Vec<(String, Ipv4Addr)> =
-            nc.layout.pods.iter().map(|(k, ip)| (k.clone(), *ip)).collect();
+        let want: Vec<(String, Ipv4Addr)> = nc
+            .layout
+            .pods
+            .iter()
+            .map(|(k, ip)| (k.clone(), *ip))
+            .collect();
         for (key, ip) in want {
             let node = ip.octets()[2] as usize - 1;
             let (ns, name) = key.split_once('/').expect("ns/pod");
@@ -373,7 +377,10 @@ impl NetpolCluster {
                     s.spawn(move || probe(&from.ns_path, to.ip, p.port, &p.proto, &to.key))
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or(false)).collect()
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(false))
+                .collect()
         });
         let wrong = case
             .probes
@@ -415,7 +422,10 @@ impl NetpolCluster {
 }
 
 /// Runs the case files, printing a line per case; returns the report.
-pub fn run_files(files: &[std::path::PathBuf], mut on_line: impl FnMut(&str)) -> Result<cases::Report> {
+pub fn run_files(
+    files: &[std::path::PathBuf],
+    mut on_line: impl FnMut(&str),
+) -> Result<cases::Report> {
     let mut all = Vec::new();
     for f in files {
         all.extend(cases::load_file(f)?);
@@ -430,7 +440,11 @@ pub fn run_files(files: &[std::path::PathBuf], mut on_line: impl FnMut(&str)) ->
     for case in &all {
         let t = Instant::now();
         let r = nc.run_case(case)?;
-        on_line(&format!("{} [{:.1} s]", r.line(), t.elapsed().as_secs_f64()));
+        on_line(&format!(
+            "{} [{:.1} s]",
+            r.line(),
+            t.elapsed().as_secs_f64()
+        ));
         report.push(r);
     }
     Ok(report)

@@ -462,3 +462,52 @@ fn a_local_pod_without_policy_state_is_denied_both_ways_and_a_pending_one_is_iso
         );
     });
 }
+
+/// An SCTP packet (common header: ports, verification tag, checksum; then an INIT chunk).
+fn sctp(src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    l4.extend_from_slice(&[0; 8]);
+    // INIT: type 1, flags, length 20, initiate tag, a_rwnd, streams, initial TSN.
+    l4.extend_from_slice(&[1, 0, 0, 20, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1]);
+    let ip = etherparse::Ipv4Header::new(0, 64, etherparse::IpNumber(132), src, dst).unwrap();
+    ipv4_frame(src_mac, [0xee; 6], &ip, &l4)
+}
+
+#[test]
+fn sctp_ports_are_matched_as_sctp_not_tcp() {
+    with_node(|node| {
+        let (p1, p2) = (node.pod1_ifindex, node.pod2_ifindex);
+        enforce(
+            node,
+            vec![policy(
+                json!({"metadata": {"name": "b-sctp", "namespace": "x"}, "spec": {
+                "podSelector": {"matchLabels": {"app": "b"}},
+                "ingress": [{"ports": [{"protocol": "SCTP", "port": 9000},
+                                       {"protocol": "TCP", "port": 9001}]}]}}),
+            )],
+            1,
+        );
+        let ok = sctp(POD1_MAC, POD1_IP, POD2_IP, 5000, 9000);
+        assert_delivered(run(node, prog_names::FROM_POD, &ok, p1), &ok, "SCTP 9000");
+        // Its reply (same association) passes.
+        let back = sctp(POD2_MAC, POD2_IP, POD1_IP, 9000, 5000);
+        assert_delivered(
+            run(node, prog_names::FROM_POD, &back, p2),
+            &back,
+            "SCTP reply",
+        );
+        let tcp_port = sctp(POD1_MAC, POD1_IP, POD2_IP, 5001, 9001);
+        assert_dropped(
+            run(node, prog_names::FROM_POD, &tcp_port, p1),
+            "SCTP to a TCP port",
+        );
+        let tcp = syn(POD1_MAC, POD1_IP, POD2_IP, 5002, 9000);
+        assert_dropped(
+            run(node, prog_names::FROM_POD, &tcp, p1),
+            "TCP to the SCTP port",
+        );
+        assert_eq!(drops(node, DropReason::PolicyDeniedIngress), 2);
+    });
+}

@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, bail};
-use weft_agent::netpol::store;
 use clap::{Parser, Subcommand};
 use serde_json::json;
+use weft_agent::netpol::store;
 use weft_agent::{datapath::Maps, mac::format_mac as mac};
 use weft_common::{
     CONFIG_F_READY, RouteMode,
@@ -71,7 +71,12 @@ struct EtcdArgs {
     etcd_keyfile: Option<PathBuf>,
     #[arg(long, requires = "etcd_password")]
     etcd_username: Option<String>,
-    #[arg(long, requires = "etcd_username", env = "WEFT_ETCD_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long,
+        requires = "etcd_username",
+        env = "WEFT_ETCD_PASSWORD",
+        hide_env_values = true
+    )]
     etcd_password: Option<String>,
 }
 
@@ -173,10 +178,16 @@ fn policy_action(action: PolicyCmd) -> Result<()> {
                         .unwrap_or((namespace.clone(), name.clone()));
                     vec![match kind.to_ascii_lowercase().as_str() {
                         "networkpolicy" | "networkpolicies" | "netpol" => {
-                            store::Key::NetworkPolicy { namespace: ns, name: n }
+                            store::Key::NetworkPolicy {
+                                namespace: ns,
+                                name: n,
+                            }
                         }
                         "namespace" | "namespaces" | "ns" => store::Key::Namespace(name.clone()),
-                        "pod" | "pods" => store::Key::Pod { namespace: ns, name: n },
+                        "pod" | "pods" => store::Key::Pod {
+                            namespace: ns,
+                            name: n,
+                        },
                         other => bail!("unknown kind {other:?} (networkpolicy, namespace, pod)"),
                     }]
                 }

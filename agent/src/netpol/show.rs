@@ -104,7 +104,13 @@ fn ports(snap: &PolicySnapshot, v: &PolicyPorts) -> Vec<String> {
         .collect()
 }
 
-fn direction(snap: &PolicySnapshot, dir: u8, ruleset: u32, isolated: bool, failed: bool) -> DirectionRules {
+fn direction(
+    snap: &PolicySnapshot,
+    dir: u8,
+    ruleset: u32,
+    isolated: bool,
+    failed: bool,
+) -> DirectionRules {
     let mut allow = Vec::new();
     if isolated {
         let mut by_class: BTreeMap<(u32, u8), PolicyPorts> = BTreeMap::new();
@@ -243,7 +249,10 @@ pub fn render(e: &Effective) -> String {
             ep.denied_ingress,
             ep.denied_egress
         );
-        for (name, d, word) in [("ingress", &ep.ingress, "from"), ("egress", &ep.egress, "to")] {
+        for (name, d, word) in [
+            ("ingress", &ep.ingress, "from"),
+            ("egress", &ep.egress, "to"),
+        ] {
             if !d.isolated {
                 s += &format!("  {name}: not isolated (everything allowed)\n");
                 continue;
