@@ -350,16 +350,9 @@ impl PolicyPodName {
 /// [`POLICY_NS_F_SYNCED`] in `marker_flags`, the entry of the empty name), allowing nothing
 /// until the agent compiles the pod.
 pub fn new_endpoint_state(marker_flags: Option<u32>, ns_flags: Option<u32>) -> PolicyEndpoint {
-    let synced = match marker_flags {
-        Some(f) => f & POLICY_NS_F_SYNCED != 0,
-        None => false,
-    };
+    let synced = marker_flags.is_some_and(|f| f & POLICY_NS_F_SYNCED != 0);
     let isolation = if synced {
-        let f = match ns_flags {
-            Some(f) => f,
-            None => 0,
-        };
-        f & (POLICY_F_INGRESS_ISOLATED | POLICY_F_EGRESS_ISOLATED)
+        ns_flags.unwrap_or_default() & (POLICY_F_INGRESS_ISOLATED | POLICY_F_EGRESS_ISOLATED)
     } else {
         POLICY_F_INGRESS_ISOLATED | POLICY_F_EGRESS_ISOLATED
     };

@@ -50,6 +50,9 @@ enum Cmd {
         /// Shorter runs.
         #[arg(long)]
         quick: bool,
+        /// Only these parts (repeatable): datapath, cni, agent, policy, netpol.
+        #[arg(long, value_parser = ["datapath", "cni", "agent", "policy", "netpol"])]
+        only: Vec<String>,
     },
     /// The release tarball: stripped release binaries, the CNI conflist, the manifest, the
     /// Dockerfile and the docs, in target/dist/.
@@ -148,7 +151,7 @@ fn main() -> Result<()> {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             run_bin("debug", "weft-netpol", &args)
         }
-        Cmd::Bench { quick } => {
+        Cmd::Bench { quick, only } => {
             require_root("benchmarks create network namespaces and load BPF programs")?;
             bootstrap::run()?;
             cargo(&["build", "--workspace", "--exclude", "node-ebpf", "--bins"])?;
@@ -164,7 +167,7 @@ fn main() -> Result<()> {
                 "weft-tests",
                 "--bins",
             ])?;
-            bench(quick)
+            bench(quick, &only)
         }
     }
 }
@@ -328,23 +331,41 @@ fn bench_json(name: &str, args: &[&str]) -> Result<serde_json::Value> {
     serde_json::from_slice(&out.stdout).with_context(|| format!("{name} printed no JSON object"))
 }
 
-fn bench(quick: bool) -> Result<()> {
+fn bench(quick: bool, only: &[String]) -> Result<()> {
     let q: &[&str] = if quick { &["--quick"] } else { &[] };
+    let part = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let mut report = serde_json::Map::new();
-    let datapath = bench_json("bench-datapath", q)?;
-    if let serde_json::Value::Object(map) = datapath {
-        report.extend(map);
+    if part("datapath") {
+        let datapath = bench_json("bench-datapath", q)?;
+        if let serde_json::Value::Object(map) = datapath {
+            report.extend(map);
+        }
     }
     // The CNI figures are over 200 pods either way (the minimum).
-    report.insert("cni".into(), bench_json("bench-cni", &["--pods", "200"])?);
-    report.insert("agent".into(), bench_json("bench-agent", &[])?);
-    report.insert("policy".into(), bench_json("bench-policy", &[])?);
+    if part("cni") {
+        report.insert("cni".into(), bench_json("bench-cni", &["--pods", "200"])?);
+    }
+    if part("agent") {
+        report.insert("agent".into(), bench_json("bench-agent", &[])?);
+    }
+    if part("policy") {
+        report.insert("policy".into(), bench_json("bench-policy", &[])?);
+    }
+    if part("netpol") {
+        report.insert("netpol".into(), bench_json("bench-netpol", q)?);
+    }
     let report = serde_json::Value::Object(report);
     let dir = workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
+    // A partial run does not overwrite the full report.
+    let file = if only.is_empty() {
+        "report.json".to_string()
+    } else {
+        format!("report-{}.json", only.join("-"))
+    };
+    std::fs::write(dir.join(&file), serde_json::to_vec_pretty(&report)?)?;
     print_table(&report);
-    println!("\nreport: {}", dir.join("report.json").display());
+    println!("\nreport: {}", dir.join(&file).display());
     Ok(())
 }
 
@@ -399,6 +420,47 @@ fn print_table(report: &serde_json::Value) {
         for (name, ns) in progs {
             println!("  {name:<32} {:>7.1}", ns.as_f64().unwrap_or(f64::NAN));
         }
+    }
+    if let Some(n) = report["netpol"].as_object() {
+        println!(
+            "\nNetworkPolicy (goals: verdict flat within 10%, +25 ns forwarding, change p99 < 500 ms, RSS < 150 MiB, identity p99 < 1 s)"
+        );
+        let v = &n["verdict_prog_ns"];
+        println!(
+            "  new-flow verdict, ns: 1 rule {}, 100 rules {}, 10,000 rules {} (spread {}%; no policy {})",
+            v["rules_1"],
+            v["rules_100"],
+            v["rules_10000"],
+            v["spread_pct"],
+            v["new_flow_no_policy"]
+        );
+        let f = &n["forwarding_prog_ns"];
+        println!(
+            "  established flow, ns: with policy {}, without {} (+{})",
+            f["established_with_policy"], f["established_no_policy"], f["overhead_ns"]
+        );
+        for (k, what) in [
+            (
+                "change_enforced_ms",
+                "policy change -> enforced on 3 nodes, ms",
+            ),
+            (
+                "identity_propagation_ms",
+                "new pod's identity on the other nodes, ms",
+            ),
+        ] {
+            println!(
+                "  {what}: p50 {} p99 {} max {}",
+                n[k]["p50"], n[k]["p99"], n[k]["max"]
+            );
+        }
+        println!(
+            "  agent at {} pods and {} policies: RSS {} MiB (peak {} MiB)",
+            n["agent"]["pods"],
+            n["agent"]["policies"],
+            n["agent"]["rss_mib"],
+            n["agent"]["rss_peak_mib"]
+        );
     }
     for key in ["cni", "agent", "policy"] {
         if !report[key].is_null() {

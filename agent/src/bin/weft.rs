@@ -51,7 +51,7 @@ enum Cmd {
         /// A local pod: `namespace/name` or its address.
         endpoint: Option<String>,
         #[command(subcommand)]
-        action: Option<PolicyCmd>,
+        action: Option<Box<PolicyCmd>>,
     },
 }
 
@@ -221,7 +221,7 @@ fn main() -> Result<()> {
         ..
     } = cli.command
     {
-        return policy_action(action);
+        return policy_action(*action);
     }
     let maps = Maps::open_pinned(&cli.pin_root)?;
     match cli.command {

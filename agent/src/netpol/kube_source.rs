@@ -64,6 +64,16 @@ impl Listed {
     }
 }
 
+/// What a kind's objects become.
+struct Convert<K> {
+    /// Drops what policy does not read, before the store keeps it.
+    strip: fn(&mut K),
+    /// A (re)list: the store's complete state.
+    snapshot: fn(Vec<Arc<K>>) -> PolicyEvent,
+    upsert: fn(&K) -> Option<PolicyEvent>,
+    remove: fn(&K) -> PolicyEvent,
+}
+
 /// Watches one kind into a reflector store, sending the events `convert` makes of it.
 fn spawn_kind<K>(
     runtime: &tokio::runtime::Handle,
@@ -71,10 +81,7 @@ fn spawn_kind<K>(
     client: Client,
     events: Sender<PolicyEvent>,
     listed: Listed,
-    strip: fn(&mut K),
-    snapshot: fn(Vec<Arc<K>>) -> PolicyEvent,
-    upsert: fn(&K) -> Option<PolicyEvent>,
-    remove: fn(&K) -> PolicyEvent,
+    convert: Convert<K>,
 ) where
     K: Resource<DynamicType = ()>
         + Clone
@@ -91,20 +98,20 @@ fn spawn_kind<K>(
         source,
         client,
         move |ev| {
-            let ev = ev.modify(strip);
+            let ev = ev.modify(convert.strip);
             writer.apply_watcher_event(&ev);
             let out = match &ev {
                 watcher::Event::Init | watcher::Event::InitApply(_) => return true,
                 watcher::Event::InitDone => {
-                    let sent = events.send(snapshot(store.state())).is_ok();
+                    let sent = events.send((convert.snapshot)(store.state())).is_ok();
                     if first {
                         first = false;
                         listed.kind_listed(&events);
                     }
                     return sent;
                 }
-                watcher::Event::Apply(o) => upsert(o),
-                watcher::Event::Delete(o) => Some(remove(o)),
+                watcher::Event::Apply(o) => (convert.upsert)(o),
+                watcher::Event::Delete(o) => Some((convert.remove)(o)),
             };
             match out {
                 Some(e) => events.send(e).is_ok(),
@@ -148,12 +155,14 @@ pub fn spawn(
         client.clone(),
         events.clone(),
         listed.clone(),
-        strip_pod,
-        |pods| PolicyEvent::Pods(pods.iter().filter_map(|p| pod_record(p)).collect()),
-        |p| pod_record(p).map(PolicyEvent::PodUpsert),
-        |p| PolicyEvent::PodRemove {
-            namespace: p.namespace().unwrap_or_default(),
-            name: p.name_any(),
+        Convert {
+            strip: strip_pod,
+            snapshot: |pods| PolicyEvent::Pods(pods.iter().filter_map(|p| pod_record(p)).collect()),
+            upsert: |p| pod_record(p).map(PolicyEvent::PodUpsert),
+            remove: |p| PolicyEvent::PodRemove {
+                namespace: p.namespace().unwrap_or_default(),
+                name: p.name_any(),
+            },
         },
     );
     spawn_kind::<Namespace>(
@@ -162,25 +171,27 @@ pub fn spawn(
         client.clone(),
         events.clone(),
         listed.clone(),
-        |ns| {
-            ns.metadata.annotations = None;
-            ns.metadata.managed_fields = None;
-            ns.spec = None;
-            ns.status = None;
+        Convert {
+            strip: |ns| {
+                ns.metadata.annotations = None;
+                ns.metadata.managed_fields = None;
+                ns.spec = None;
+                ns.status = None;
+            },
+            snapshot: |list| {
+                PolicyEvent::Namespaces(
+                    list.iter()
+                        .filter_map(|n| namespace_labels(n).ok())
+                        .collect(),
+                )
+            },
+            upsert: |n| {
+                namespace_labels(n)
+                    .ok()
+                    .map(|(n, l)| PolicyEvent::NamespaceUpsert(n, l))
+            },
+            remove: |n| PolicyEvent::NamespaceRemove(n.name_any()),
         },
-        |list| {
-            PolicyEvent::Namespaces(
-                list.iter()
-                    .filter_map(|n| namespace_labels(n).ok())
-                    .collect(),
-            )
-        },
-        |n| {
-            namespace_labels(n)
-                .ok()
-                .map(|(n, l)| PolicyEvent::NamespaceUpsert(n, l))
-        },
-        |n| PolicyEvent::NamespaceRemove(n.name_any()),
     );
     spawn_kind::<NetworkPolicy>(
         runtime,
@@ -188,15 +199,17 @@ pub fn spawn(
         client,
         events,
         listed,
-        |np| {
-            np.metadata.annotations = None;
-            np.metadata.managed_fields = None;
-        },
-        |list| PolicyEvent::Policies(list.iter().filter_map(|p| policy(p)).collect()),
-        |p| policy(p).map(PolicyEvent::PolicyUpsert),
-        |p| PolicyEvent::PolicyRemove {
-            namespace: p.namespace().unwrap_or_default(),
-            name: p.name_any(),
+        Convert {
+            strip: |np| {
+                np.metadata.annotations = None;
+                np.metadata.managed_fields = None;
+            },
+            snapshot: |list| PolicyEvent::Policies(list.iter().filter_map(|p| policy(p)).collect()),
+            upsert: |p| policy(p).map(PolicyEvent::PolicyUpsert),
+            remove: |p| PolicyEvent::PolicyRemove {
+                namespace: p.namespace().unwrap_or_default(),
+                name: p.name_any(),
+            },
         },
     );
 }
