@@ -67,6 +67,14 @@ pub fn namespace() -> Netns {
 
 /// Loads and configures the datapath; must run inside the namespace (`Netns::run`).
 pub fn node() -> Node {
+    node_with(&LoadOptions {
+        conntrack_max: crate::TEST_CONNTRACK_MAX,
+        ..Default::default()
+    })
+}
+
+/// [`node`] with explicit map sizes.
+pub fn node_with(options: &LoadOptions) -> Node {
     let link = |dev: &str| -> (u32, [u8; 6]) {
         let out = crate::netns::ip(&format!("-o link show dev {dev}"));
         let idx = out.split(':').next().unwrap().trim().parse().unwrap();
@@ -82,11 +90,7 @@ pub fn node() -> Node {
     let (pod1_ifindex, pod1_host_mac) = link("h1");
     let (pod2_ifindex, pod2_host_mac) = link("h2");
     let (ul_ifindex, underlay_mac) = link("ul0");
-    let mut dp = Datapath::load_unpinned_with(&LoadOptions {
-        conntrack_max: crate::TEST_CONNTRACK_MAX,
-        ..Default::default()
-    })
-    .expect("loading the datapath");
+    let mut dp = Datapath::load_unpinned_with(options).expect("loading the datapath");
     dp.maps
         .set_config(&NodeConfig {
             node_ip: NODE_IP,
@@ -167,9 +171,23 @@ pub fn node() -> Node {
 
 /// Runs `test` with a configured node inside a fresh namespace.
 pub fn with_node<T: Send + 'static>(test: impl FnOnce(&mut Node) -> T + Send + 'static) -> T {
+    with_node_using(
+        LoadOptions {
+            conntrack_max: crate::TEST_CONNTRACK_MAX,
+            ..Default::default()
+        },
+        test,
+    )
+}
+
+/// [`with_node`] with explicit map sizes.
+pub fn with_node_using<T: Send + 'static>(
+    options: LoadOptions,
+    test: impl FnOnce(&mut Node) -> T + Send + 'static,
+) -> T {
     let ns = namespace();
     let result = ns.run(move || {
-        let mut node = node();
+        let mut node = node_with(&options);
         test(&mut node)
     });
     drop(ns);

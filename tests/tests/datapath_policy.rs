@@ -11,10 +11,11 @@ use std::net::Ipv4Addr;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde_json::json;
 use weft_agent::{
+    datapath::{LoadOptions, PolicyCapacities},
     netpol::maps::KernelMaps,
     policy::{
         compile::Compiler,
-        model::{NamedPort, PodRecord, Policy, Protocol, World},
+        model::{Direction, NamedPort, PodRecord, Policy, Protocol, World},
     },
 };
 use weft_common::{
@@ -509,5 +510,86 @@ fn sctp_ports_are_matched_as_sctp_not_tcp() {
             "TCP to the SCTP port",
         );
         assert_eq!(drops(node, DropReason::PolicyDeniedIngress), 2);
+    });
+}
+
+#[test]
+fn a_full_rule_map_closes_the_endpoint_it_could_not_hold_never_opens_it() {
+    let options = LoadOptions {
+        conntrack_max: weft_tests::TEST_CONNTRACK_MAX,
+        policy: PolicyCapacities {
+            rules: 8,
+            ..Default::default()
+        },
+    };
+    with_node_using(options, |node| {
+        let p1 = node.pod1_ifindex;
+        // x/b takes app=a on every port, and 20 remote peers (a class each) on a port each:
+        // 21 rule entries into a map of 8.
+        let mut w = world();
+        let mut from = vec![json!({"from": [{"podSelector": {"matchLabels": {"app": "a"}}}]})];
+        for i in 0..20u8 {
+            w.upsert_pod(pod(
+                "y",
+                &format!("p{i}"),
+                [10, 244, 2, 10 + i],
+                "there",
+                &format!("p{i}"),
+            ));
+            from.push(json!({"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": format!("p{i}")}}}],
+                             "ports": [{"port": 1000 + i as u16}]}));
+        }
+        let big = policy(json!({"metadata": {"name": "b-in", "namespace": "x"},
+            "spec": {"podSelector": {"matchLabels": {"app": "b"}}, "ingress": from}}));
+        let (mut c, plan) = Compiler::build("here", w, vec![big]);
+        let report = c.apply(&plan, &mut KernelMaps::new(&mut node.dp.maps));
+        assert_eq!(
+            report.failed_endpoints,
+            [(
+                Ipv4Addr::from(POD2_IP),
+                Direction::Ingress,
+                "WEFT_POLICY_RULES"
+            )],
+            "{report:?}"
+        );
+        assert_eq!(c.failed_endpoints(), 1);
+        set_revision(node, 1);
+        // Closed, not open: even app=a, whose entry may well have fitted, is denied.
+        let a_to_b = syn(POD1_MAC, POD1_IP, POD2_IP, 41000, 80);
+        assert_dropped(
+            run(node, prog_names::FROM_POD, &a_to_b, p1),
+            "a -> b, closed",
+        );
+        assert_eq!(endpoint_drops(node, POD2_IP).ingress, 1);
+        // x/a is not selected: its traffic is untouched by b's failure.
+        let b_to_a = syn(POD2_MAC, POD2_IP, POD1_IP, 41001, 80);
+        assert_delivered(
+            run(node, prog_names::FROM_POD, &b_to_a, node.pod2_ifindex),
+            &b_to_a,
+            "b -> a",
+        );
+        // Room made (the policy shrinks to app=a), the retry restores b's allowances.
+        let small = policy(json!({"metadata": {"name": "b-in", "namespace": "x"},
+            "spec": {"podSelector": {"matchLabels": {"app": "b"}},
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a"}}}]}]}}));
+        let mut km = KernelMaps::new(&mut node.dp.maps);
+        let plan = c.upsert_policy(small);
+        c.apply(&plan, &mut km);
+        let retry = c.retry_plan();
+        assert!(c.apply(&retry, &mut km).is_clean());
+        assert_eq!(c.failed_endpoints(), 0);
+        set_revision(node, 2);
+        let a_to_b = syn(POD1_MAC, POD1_IP, POD2_IP, 41002, 80);
+        assert_delivered(
+            run(node, prog_names::FROM_POD, &a_to_b, p1),
+            &a_to_b,
+            "a -> b after the retry",
+        );
+        let y_to_b = syn(POD1_MAC, POD1_IP, POD2_IP, 41003, 1000);
+        assert_delivered(
+            run(node, prog_names::FROM_POD, &y_to_b, p1),
+            &y_to_b,
+            "a -> b:1000 (all ports)",
+        );
     });
 }

@@ -314,7 +314,10 @@ impl Controller {
             }
         }
         if !plans.is_empty() && writes > 0 {
-            self.failed = !report.is_clean();
+            // From the compiler's state, not this turn's report: a later clean turn about
+            // something else leaves a closed endpoint closed (and retried).
+            let failed_endpoints = c.failed_endpoints();
+            self.failed = failed_endpoints > 0;
             for (ip, dir, map) in &report.failed_endpoints {
                 let d = match dir {
                     Direction::Ingress => "ingress",
@@ -331,9 +334,7 @@ impl Controller {
             for (ns, map) in &report.ns_defaults_failed {
                 tracing::warn!(namespace = %ns, map, "no room for the namespace default: new pods are isolated both ways");
             }
-            self.metrics
-                .failed_endpoints
-                .set(report.failed_endpoints.len() as i64);
+            self.metrics.failed_endpoints.set(failed_endpoints as i64);
             self.config.revision = self.config.revision.wrapping_add(1);
         }
         let synced_revision = self.pending_revision.take();
