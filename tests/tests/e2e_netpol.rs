@@ -5,7 +5,8 @@
 //! - beyond the matrix: a pod and a namespace relabelled; the node and kubelet-probe path; a
 //!   hostNetwork client; a new pod isolated when CNI ADD returns; an established flow cut by a
 //!   policy change; agents restarted with policies in place under a prober (no window of
-//!   openness); 100 policy changes under flows (no allowed packet lost).
+//!   openness); 100 policy changes under flows (no allowed packet lost);
+//! - a real agent with a rule map too small for a pod's policy: closed, counted, logged.
 use std::{
     net::{Ipv4Addr, SocketAddr, UdpSocket},
     path::Path,
@@ -17,9 +18,12 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use weft_agent::policy::cases;
-use weft_common::policy::{POLICY_F_INGRESS_ISOLATED, POLICY_F_PENDING};
-use weft_tests::netpol::{NetpolCluster, pod_object, probe};
+use weft_agent::{datastore::etcd::EtcdClient, netpol::store, policy::cases};
+use weft_common::policy::{POLICY_F_INGRESS_FAILED, POLICY_F_INGRESS_ISOLATED, POLICY_F_PENDING};
+use weft_tests::{
+    cluster::{Cluster, ClusterOptions, FLANNEL_PREFIX},
+    netpol::{NetpolCluster, pod_object, probe},
+};
 
 #[test]
 fn repository_case_files_hold_in_the_datapath() {
@@ -342,4 +346,60 @@ fn beyond_the_matrix() {
     println!("policy churn: allowed {oa} answered, {la} lost");
     assert!(oa > 10, "the prober ran");
     assert_eq!(la, 0, "allowed packets lost under policy churn");
+}
+
+/// A real agent whose rule map is too small for a pod's policy: the pod is closed in that
+/// direction (never open), `weft_policy_failed_endpoints` counts it and the log names it.
+#[test]
+fn a_full_policy_map_closes_the_endpoint_with_a_metric_and_a_log_line() {
+    let mut cluster = Cluster::new(ClusterOptions {
+        nodes: 1,
+        numbered_subnets: true,
+        agent_args: vec!["--policy-rules-max".into(), "16".into()],
+        ..Default::default()
+    });
+    cluster.wait_ready(0);
+    let (_, ip) = cluster.add_named_pod(0, "x", "t", None);
+    // 30 ipBlocks, each on its own port: 30 classes, 30 rule entries into a map of 16 (the
+    // smallest the flag takes).
+    let rules: Vec<Value> = (0..30)
+        .map(|i| {
+            json!({"from": [{"ipBlock": {"cidr": format!("10.{}.0.0/16", 100 + i)}}],
+                        "ports": [{"port": 1000 + i}]})
+        })
+        .collect();
+    let text: String = [
+        pod_object("x", "t", &[]),
+        netpol("many", "x", json!({"podSelector": {}, "ingress": rules})),
+    ]
+    .iter()
+    .map(|o| o.to_string() + "\n")
+    .collect();
+    let objects = store::parse_documents(&text).unwrap();
+    let client = EtcdClient::new(&[cluster.etcd.endpoint()]).unwrap();
+    cluster
+        .in_underlay(move || store::apply(&client, FLANNEL_PREFIX, &objects, "default").unwrap());
+    let node = &cluster.nodes[0];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node.metric("weft_policy_failed_endpoints") != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "weft_policy_failed_endpoints never became 1\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let st = node
+        .maps()
+        .policy_endpoint(ip)
+        .unwrap()
+        .expect("a policy state");
+    assert_ne!(st.flags & POLICY_F_INGRESS_FAILED, 0, "{st:?}");
+    let log = node.log();
+    assert!(
+        log.lines().any(|l| l.contains("policy rules do not fit")
+            && l.contains(&ip.to_string())
+            && l.contains("WEFT_POLICY_RULES")),
+        "no log line names {ip}:\n{log}"
+    );
 }
