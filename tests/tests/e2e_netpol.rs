@@ -6,6 +6,7 @@
 //!   hostNetwork client; a new pod isolated when CNI ADD returns; an established flow cut by a
 //!   policy change; agents restarted with policies in place under a prober (no window of
 //!   openness); 100 policy changes under flows (no allowed packet lost);
+//!   `weft policy apply`, show (by name and address), an invalid file refused, delete;
 //! - a real agent with a rule map too small for a pod's policy: closed, counted, logged.
 use std::{
     net::{Ipv4Addr, SocketAddr, UdpSocket},
@@ -21,7 +22,7 @@ use serde_json::{Value, json};
 use weft_agent::{datastore::etcd::EtcdClient, netpol::store, policy::cases};
 use weft_common::policy::{POLICY_F_INGRESS_FAILED, POLICY_F_INGRESS_ISOLATED, POLICY_F_PENDING};
 use weft_tests::{
-    cluster::{Cluster, ClusterOptions, FLANNEL_PREFIX},
+    cluster::{Cluster, ClusterOptions, FLANNEL_PREFIX, binary},
     netpol::{NetpolCluster, pod_object, probe},
 };
 
@@ -82,6 +83,14 @@ impl Env {
         };
         let to = &self.nc.pods[to];
         probe(&ns, to.ip, 80, "TCP", &to.key)
+    }
+
+    /// The etcd store's current revision.
+    fn etcd_revision(&self) -> i64 {
+        let client = self.nc.etcd_client();
+        self.nc
+            .cluster
+            .in_underlay(move || client.range_prefix("/").unwrap().0)
     }
 
     fn node_ns(&self, i: usize) -> String {
@@ -346,6 +355,149 @@ fn beyond_the_matrix() {
     println!("policy churn: allowed {oa} answered, {la} lost");
     assert!(oa > 10, "the prober ran");
     assert_eq!(la, 0, "allowed packets lost under policy churn");
+
+    // --- `weft policy` as an operator runs it: apply a YAML file to etcd, read x/c's effective
+    // rules back from its node's maps (by name and by address), refuse an invalid file
+    // (nothing written), delete by file.
+    let dir = std::env::temp_dir().join(format!("weft-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("web.yaml");
+    let yaml = [
+        "# x/c takes TCP 80 from pod=a only",
+        "apiVersion: networking.k8s.io/v1",
+        "kind: NetworkPolicy",
+        "metadata: {name: cli-web, namespace: x}",
+        "spec:",
+        "  podSelector: {matchLabels: {pod: c}}",
+        "  ingress:",
+        "  - from: [{podSelector: {matchLabels: {pod: a}}}]",
+        "    ports: [{port: 80}]",
+        "---",
+        "# z/a may send anywhere (isolates nothing)",
+        "apiVersion: networking.k8s.io/v1",
+        "kind: NetworkPolicy",
+        "metadata: {name: cli-out, namespace: z}",
+        "spec: {podSelector: {matchLabels: {pod: a}}, policyTypes: [Egress], egress: [{}]}",
+    ];
+    std::fs::write(&good, yaml.join("\n") + "\n").unwrap();
+    let bad = dir.join("bad.json");
+    std::fs::write(
+        &bad,
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "cli-bad", "namespace": "x"},
+            "spec": {"podSelector": {}, "ingress": [{"from": [
+                {"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]}]}})
+        .to_string(),
+    )
+    .unwrap();
+    let etcd = env.nc.cluster.etcd.endpoint();
+    let weft = |args: &[&str]| -> std::process::Output {
+        let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        if matches!(args.get(1), Some(&"apply") | Some(&"delete")) {
+            a.extend([
+                "--etcd-endpoints".into(),
+                etcd.clone(),
+                "--etcd-prefix".into(),
+                FLANNEL_PREFIX.into(),
+            ]);
+        }
+        env.nc.cluster.in_underlay(move || {
+            std::process::Command::new(binary("weft"))
+                .args(&a)
+                .output()
+                .unwrap()
+        })
+    };
+    let revision_of = |out: &std::process::Output| -> i64 {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "weft failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("etcd revision "))
+            .and_then(|r| r.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no revision in {stdout}"))
+    };
+    let out = weft(&["policy", "apply", "-f", good.to_str().unwrap()]);
+    let rev = revision_of(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("networkpolicy x/cli-web configured")
+            && stdout.contains("networkpolicy z/cli-out configured"),
+        "{stdout}"
+    );
+    env.nc.wait_enforced(rev).unwrap();
+    assert!(env.tcp("x/a", "x/c"), "x/a -> x/c allowed by cli-web");
+    assert!(!env.tcp("x/b", "x/c"), "x/b -> x/c denied by cli-web");
+    // x/c lives on node-2 (index 1).
+    let pins = env.nc.cluster.nodes[1]
+        .pins
+        .path
+        .to_str()
+        .unwrap()
+        .to_string();
+    let (xa, xb, xc) = (
+        env.nc.pods["x/a"].ip,
+        env.nc.pods["x/b"].ip,
+        env.nc.pods["x/c"].ip,
+    );
+    for who in ["x/c".to_string(), xc.to_string()] {
+        let out = weft(&["--pin-root", &pins, "--json", "policy", &who]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ep = &v["endpoints"][0];
+        assert_eq!(ep["pod"], "x/c", "{v}");
+        assert_eq!(ep["ingress"]["isolated"], true, "{v}");
+        assert_eq!(ep["egress"]["isolated"], false, "{v}");
+        let allow = ep["ingress"]["allow"].as_array().unwrap();
+        let peers = |a: &Value| -> Vec<String> {
+            a["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_str().unwrap().to_string())
+                .collect()
+        };
+        assert!(
+            allow.iter().any(|a| peers(a).contains(&xa.to_string())
+                && a["protocol"] == "TCP"
+                && a["ports"] == json!(["80"])),
+            "x/a on TCP 80 not among x/c's allowances: {v}"
+        );
+        assert!(
+            !allow.iter().any(|a| peers(a).contains(&xb.to_string())),
+            "x/b allowed into x/c: {v}"
+        );
+    }
+    let table = weft(&["--pin-root", &pins, "policy", "x/c"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("ingress: isolated") && table.contains(&xa.to_string()),
+        "{table}"
+    );
+    // Invalid: refused with the API server's message, nothing written.
+    let before = env.etcd_revision();
+    let out = weft(&["policy", "apply", "-f", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "spec.ingress[0].from[0]: Forbidden: may not specify both ipBlock and another peer"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(env.etcd_revision(), before, "an invalid file wrote to etcd");
+    let rev = revision_of(&weft(&["policy", "delete", "-f", good.to_str().unwrap()]));
+    env.nc.wait_enforced(rev).unwrap();
+    assert!(env.tcp("x/b", "x/c"), "x/b -> x/c after the delete");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A real agent whose rule map is too small for a pod's policy: the pod is closed in that
