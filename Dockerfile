@@ -7,10 +7,12 @@
 # built on, so their glibc is there.
 FROM debian:bookworm-slim
 
-# iproute2: the agent manages links, addresses and routes with `ip -j`; nftables: the
-# masquerade rule; bpftool: inspecting the pinned maps (`kubectl exec ds/weft -- bpftool ...`).
+# iproute2: `ip` for operators inside the container (the agent speaks netlink itself);
+# nftables: the masquerade rule; bpftool: inspecting the pinned maps
+# (`kubectl exec ds/weft -- bpftool ...`); bird2: the bgp backend's BGP speaker, which the agent
+# runs as its child (`bird`, `birdc`).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends iproute2 nftables bpftool \
+ && apt-get install -y --no-install-recommends iproute2 nftables bpftool bird2 \
  && rm -rf /var/lib/apt/lists/*
 
 # weft-cni stays beside weft-agent: `weft-agent --install-cni` copies it onto the host.

@@ -2,13 +2,17 @@
 //! `SubnetMin`, `SubnetMax`, `Backend` with `Type`, `VNI`, `Port`, `DirectRouting`, `MTU`),
 //! matched case-insensitively as Go's encoding/json does, unknown keys ignored (so a flannel
 //! user's file with `EnableIPv6: false` works unchanged). Bad values are refused with an error
-//! naming the key.
+//! naming the key. The `bgp` backend's keys (`AS`, `Mesh`, `Peers`, `Encapsulation`, ...) sit in
+//! `Backend` beside flannel's; they are read the same way and checked whatever the `Type` (a
+//! typo is caught before the switch to bgp), and used only with `Type: "bgp"`
+//! ([`crate::bgp::config`]).
 use std::net::Ipv4Addr;
 
 use anyhow::{Result, anyhow, bail};
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 use serde_json::{Map, Value};
+pub use weft_common::max_pod_mtu;
 use weft_common::{RouteMode, VXLAN_OVERHEAD, VXLAN_PORT_DEFAULT, VXLAN_VNI_DEFAULT};
 
 /// How this node reaches its peers by default.
@@ -17,6 +21,8 @@ pub enum BackendType {
     Vxlan,
     Ipip,
     HostGw,
+    /// Calico's BGP mode: BIRD distributes pod routes (see `crate::bgp`).
+    Bgp,
 }
 
 impl BackendType {
@@ -26,6 +32,7 @@ impl BackendType {
             Self::Vxlan => "vxlan",
             Self::Ipip => "ipip",
             Self::HostGw => "host-gw",
+            Self::Bgp => "bgp",
         }
     }
 
@@ -34,6 +41,7 @@ impl BackendType {
             "vxlan" => Some(Self::Vxlan),
             "ipip" => Some(Self::Ipip),
             "host-gw" => Some(Self::HostGw),
+            "bgp" => Some(Self::Bgp),
             _ => None,
         }
     }
@@ -44,6 +52,7 @@ impl BackendType {
             Self::Vxlan => RouteMode::Vxlan,
             Self::Ipip => RouteMode::Ipip,
             Self::HostGw => RouteMode::Direct,
+            Self::Bgp => RouteMode::Bgp,
         }
     }
 }
@@ -58,6 +67,8 @@ pub struct Backend {
     pub direct_routing: bool,
     /// Explicit pod MTU; otherwise derived from the underlay MTU.
     pub mtu: Option<u32>,
+    /// The bgp backend's keys (`Type: "bgp"` only).
+    pub bgp: Option<crate::bgp::BgpConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,7 +90,7 @@ impl FlannelNetConf {
             bail!("net-conf must be a JSON object");
         }
         let raw: RawNetConf = serde_path_to_error::deserialize(lowercase_keys(value))
-            .map_err(|e| anyhow!("{}: {}", canonical_path(&e.path().to_string()), e.inner()))?;
+            .map_err(|e| anyhow!("{}: {}", canonical_path(e.path()), e.inner()))?;
         let network: Ipv4Net = match raw.network {
             Some(s) => s.parse().map_err(|_| {
                 anyhow!("Network: {s:?} is not an IPv4 CIDR (e.g. \"10.244.0.0/16\")")
@@ -142,9 +153,20 @@ impl FlannelNetConf {
     /// pod MTUs: pods are never rebuilt, at the price of 30 bytes per packet under ipip and 50
     /// under host-gw.
     pub fn pod_mtu(&self, underlay_mtu: u32) -> u32 {
-        self.backend
-            .mtu
-            .unwrap_or(underlay_mtu.saturating_sub(VXLAN_OVERHEAD))
+        self.backend.mtu.unwrap_or(max_pod_mtu(underlay_mtu))
+    }
+
+    /// Refuses a `Backend.MTU` above the underlay MTU minus the largest overhead of any backend
+    /// (the pod MTU rule: every backend the cluster can switch to must carry a pod's packet).
+    pub fn check_mtu(&self, underlay_mtu: u32) -> Result<()> {
+        let max = max_pod_mtu(underlay_mtu);
+        match self.backend.mtu {
+            Some(mtu) if mtu > max => bail!(
+                "Backend.MTU: {mtu} is above the underlay MTU {underlay_mtu} minus {VXLAN_OVERHEAD} \
+                 (the largest encapsulation overhead, VXLAN's): at most {max}"
+            ),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -170,42 +192,108 @@ pub struct RawBackend {
     port: Option<u16>,
     directrouting: Option<bool>,
     mtu: Option<u32>,
+    // The bgp backend's keys, read by `crate::bgp::config`.
+    #[serde(rename = "as")]
+    pub(crate) asn: Option<u32>,
+    pub(crate) mesh: Option<bool>,
+    pub(crate) peers: Option<Vec<crate::bgp::config::RawPeer>>,
+    pub(crate) encapsulation: Option<String>,
+    pub(crate) tunnel: Option<String>,
+    pub(crate) routetable: Option<u32>,
+    pub(crate) holdtime: Option<u16>,
+    pub(crate) restarttime: Option<u16>,
 }
 
-/// Lowercases the keys of the object and of `Backend` (the levels flannel defines).
+/// The keys of a JSON object, lowercased.
+fn lowercase_object(map: Map<String, Value>, mut value: impl FnMut(&str, Value) -> Value) -> Value {
+    Value::Object(
+        map.into_iter()
+            .map(|(k, v)| {
+                let k = k.to_ascii_lowercase();
+                let v = value(&k, v);
+                (k, v)
+            })
+            .collect(),
+    )
+}
+
+/// Lowercases the keys flannel and weft define: the object's, `Backend`'s and those of each
+/// `Backend.Peers` entry. Label names under `NodeSelector` keep their case (labels are
+/// case-sensitive).
 fn lowercase_keys(value: Value) -> Value {
-    match value {
-        Value::Object(map) => Value::Object(
-            map.into_iter()
-                .map(|(k, v)| {
-                    let k = k.to_ascii_lowercase();
-                    let v = if k == "backend" { lowercase_keys(v) } else { v };
-                    (k, v)
-                })
-                .collect::<Map<String, Value>>(),
-        ),
+    let Value::Object(top) = value else {
+        return value;
+    };
+    lowercase_object(top, |k, v| match (k, v) {
+        ("backend", Value::Object(backend)) => lowercase_object(backend, |k, v| match (k, v) {
+            ("peers", Value::Array(peers)) => Value::Array(
+                peers
+                    .into_iter()
+                    .map(|p| match p {
+                        Value::Object(peer) => lowercase_object(peer, |_, v| v),
+                        other => other,
+                    })
+                    .collect(),
+            ),
+            (_, v) => v,
+        }),
+        (_, v) => v,
+    })
+}
+
+/// The spelling of a lowercased key in the docs and errors (`vni` -> `VNI`).
+fn canonical_key(key: &str) -> &str {
+    match key {
+        "network" => "Network",
+        "subnetlen" => "SubnetLen",
+        "subnetmin" => "SubnetMin",
+        "subnetmax" => "SubnetMax",
+        "backend" => "Backend",
+        "type" => "Type",
+        "vni" => "VNI",
+        "port" => "Port",
+        "directrouting" => "DirectRouting",
+        "mtu" => "MTU",
+        "as" => "AS",
+        "mesh" => "Mesh",
+        "peers" => "Peers",
+        "encapsulation" => "Encapsulation",
+        "tunnel" => "Tunnel",
+        "routetable" => "RouteTable",
+        "holdtime" => "HoldTime",
+        "restarttime" => "RestartTime",
+        "address" => "Address",
+        "nodeselector" => "NodeSelector",
+        "nodesubnet" => "NodeSubnet",
         other => other,
     }
 }
 
-/// flannel's spelling of a lowercased key path (`backend.vni` -> `Backend.VNI`).
-fn canonical_path(path: &str) -> String {
-    path.split('.')
-        .map(|part| match part {
-            "network" => "Network",
-            "subnetlen" => "SubnetLen",
-            "subnetmin" => "SubnetMin",
-            "subnetmax" => "SubnetMax",
-            "backend" => "Backend",
-            "type" => "Type",
-            "vni" => "VNI",
-            "port" => "Port",
-            "directrouting" => "DirectRouting",
-            "mtu" => "MTU",
-            other => other,
-        })
-        .collect::<Vec<_>>()
-        .join(".")
+/// flannel's spelling of a lowercased key path (`backend.vni` -> `Backend.VNI`,
+/// `backend.peers[0].as` -> `Backend.Peers[0].AS`). Keys under `NodeSelector` are label names,
+/// printed as written.
+fn canonical_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    let mut in_labels = false;
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                if in_labels {
+                    out.push_str(key);
+                } else {
+                    out.push_str(canonical_key(key));
+                    in_labels = key == "nodeselector";
+                }
+            }
+            Segment::Unknown => out.push_str(".?"),
+        }
+    }
+    out
 }
 
 fn subnet_bound(
@@ -237,9 +325,11 @@ fn backend(raw: RawBackend) -> Result<Backend> {
     let kind = match raw.kind.as_deref() {
         None => BackendType::Vxlan,
         Some(s) => BackendType::parse(s).ok_or_else(|| {
-            anyhow!("Backend.Type: {s:?} is not supported (vxlan, ipip or host-gw)")
+            anyhow!("Backend.Type: {s:?} is not supported (vxlan, ipip, host-gw or bgp)")
         })?,
     };
+    // Checked whatever the type; kept for the bgp backend only.
+    let bgp = crate::bgp::BgpConfig::from_raw(&raw)?;
     let vni = match raw.vni {
         None => VXLAN_VNI_DEFAULT,
         Some(v) if v < (1 << 24) => v,
@@ -261,6 +351,7 @@ fn backend(raw: RawBackend) -> Result<Backend> {
         port,
         direct_routing: raw.directrouting.unwrap_or(false),
         mtu,
+        bgp: (kind == BackendType::Bgp).then_some(bgp),
     })
 }
 
@@ -313,6 +404,31 @@ mod tests {
         let hg = FlannelNetConf::parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"host-gw"}}"#)
             .unwrap();
         assert_eq!(hg.backend.kind.route_mode(), RouteMode::Direct);
+        assert!(hg.backend.bgp.is_none());
+        let bgp = FlannelNetConf::parse(
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"bgp","Peers":[{"Address":"10.9.0.1"}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(bgp.backend.kind, BackendType::Bgp);
+        assert_eq!(bgp.backend.bgp.unwrap().peers.len(), 1);
+        let e = format!(
+            "{:#}",
+            FlannelNetConf::parse(
+                r#"{"Network":"10.1.0.0/16","Backend":{"Type":"bgp","Peers":[{"Address":"x"}]}}"#
+            )
+            .unwrap_err()
+        );
+        assert!(e.contains("Backend.Peers[0].Address"), "{e}");
+        // Checked before the switch to bgp too; used only with Type bgp.
+        assert!(
+            err(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","AS":0}}"#)
+                .starts_with("Backend.AS")
+        );
+        let vx = FlannelNetConf::parse(
+            r#"{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","AS":65001}}"#,
+        )
+        .unwrap();
+        assert!(vx.backend.bgp.is_none());
     }
 
     #[test]
@@ -353,5 +469,25 @@ mod tests {
             err(r#"{"Network": "10.0.0.0/16", "Backend": {"MTU": 10}}"#).contains("Backend.MTU")
         );
         assert!(err(r#"{"Network": "10.0.0.0/16", "Backend": 3}"#).contains("Backend"));
+    }
+
+    #[test]
+    fn mtu_above_the_underlay_minus_the_overhead_is_refused() {
+        let conf = |mtu: u32| {
+            FlannelNetConf::parse(&format!(
+                r#"{{"Network": "10.0.0.0/16", "Backend": {{"Type": "host-gw", "MTU": {mtu}}}}}"#
+            ))
+            .unwrap()
+        };
+        assert!(conf(1450).check_mtu(1500).is_ok());
+        assert!(conf(1400).check_mtu(1500).is_ok());
+        for (mtu, underlay) in [(1451, 1500), (1500, 1500), (8950, 1500), (1450, 1400)] {
+            let e = format!("{:#}", conf(mtu).check_mtu(underlay).unwrap_err());
+            assert!(e.contains("Backend.MTU") && e.contains("at most"), "{e}");
+        }
+        // Without Backend.MTU the pod MTU is derived, always within the bound.
+        let derived = FlannelNetConf::parse(r#"{"Network": "10.0.0.0/16"}"#).unwrap();
+        assert!(derived.check_mtu(1500).is_ok());
+        assert_eq!(derived.pod_mtu(9000), max_pod_mtu(9000));
     }
 }

@@ -1,20 +1,30 @@
 //! The agent's control loop: datastore events and net-conf changes in, peer map writes out.
 //!
 //! [`ControlLoop::turn`] is one turn without waiting (take the queued events, notice a changed
-//! net-conf, apply, schedule a retry with backoff on failure, a full resync when due);
-//! [`ControlLoop::run`] waits for events and turns forever. Everything outside the maps goes
-//! through [`PeerMaps`] and plain callbacks, so the loop runs in unit tests with
-//! [`crate::reconcile::MemoryMaps`] and a fake clock.
+//! net-conf, drive BGP, apply, schedule a retry with backoff on failure, a full resync when
+//! due); [`ControlLoop::run`] waits for events and turns forever. Everything outside the maps
+//! goes through [`PeerMaps`], [`BgpControl`] and plain callbacks, so the loop runs in unit tests
+//! with [`crate::reconcile::MemoryMaps`], a fake BGP side and a fake clock.
+//!
+//! The bgp backend: the loop gives the BGP side ([`crate::bgp::Controller`], which runs BIRD)
+//! the backend's settings (at start and on every net-conf change) and the complete node list
+//! (once the datastore listed it, and on every change); every turn it asks what changed in
+//! weft's routing table: changed routes flush the datapath's cached next hops, a changed set of
+//! learned prefixes re-decides the route modes (a route switching into bgp keeps its old mode
+//! until BIRD installed its route).
 use std::{
+    collections::BTreeSet,
     path::{Path, PathBuf},
     sync::{Arc, mpsc},
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Result, bail};
-use weft_common::{CONFIG_F_READY, NodeConfig};
+use ipnet::Ipv4Net;
+use weft_common::{BGP_TABLE_DEFAULT, CONFIG_F_READY, NodeConfig};
 
 use crate::{
+    bgp::{BgpControl, RouteModes},
     config::FlannelNetConf,
     datastore::{Backoff, Event},
     metrics::Metrics,
@@ -32,15 +42,31 @@ pub fn node_config(conf: &FlannelNetConf, underlay: &Underlay) -> NodeConfig {
         flags: CONFIG_F_READY,
         vtep_mac: vtep_mac_for(underlay.node_ip),
         _pad: [0; 2],
+        // The table bgp routes are looked up in.
+        bgp_table: conf
+            .backend
+            .bgp
+            .as_ref()
+            .map_or(BGP_TABLE_DEFAULT, |b| b.table),
     }
 }
 
-/// How this node reaches peers under `conf`.
-pub fn mode_policy(conf: &FlannelNetConf, underlay: &Underlay) -> ModePolicy {
+/// How this node reaches peers under `conf`; for the bgp backend, with the prefixes BIRD has
+/// installed in weft's table (`learned`).
+pub fn mode_policy(
+    conf: &FlannelNetConf,
+    underlay: &Underlay,
+    learned: Arc<BTreeSet<Ipv4Net>>,
+) -> ModePolicy {
     ModePolicy {
         backend: conf.backend.kind,
         direct_routing: conf.backend.direct_routing,
         underlay_subnet: underlay.subnet,
+        bgp: conf
+            .backend
+            .bgp
+            .clone()
+            .map(|config| RouteModes { config, learned }),
     }
 }
 
@@ -106,6 +132,8 @@ pub struct Turn {
     pub failed: bool,
     /// Whether the backend changed.
     pub backend_switched: bool,
+    /// Whether the set of prefixes in weft's BGP table changed (route modes re-decided).
+    pub bgp_learned_changed: bool,
 }
 
 pub struct ControlLoop<M: PeerMaps> {
@@ -117,6 +145,8 @@ pub struct ControlLoop<M: PeerMaps> {
     metrics: Arc<Metrics>,
     /// Called when this node's subnet changed (the subnet file is rewritten).
     on_local_subnet: Box<dyn FnMut(ipnet::Ipv4Net) -> Result<()> + Send>,
+    /// Called when this node lost its subnet to another node and holds none.
+    on_subnet_lost: Box<dyn FnMut(ipnet::Ipv4Net) -> Result<()> + Send>,
     resync_every: Duration,
     next_resync: Instant,
     pub retry_at: Option<Instant>,
@@ -124,18 +154,22 @@ pub struct ControlLoop<M: PeerMaps> {
     backoff: Backoff,
     /// `CONFIG_F_*` flags set in every node config written besides `CONFIG_F_READY`.
     config_flags: u16,
+    /// The BGP side (BIRD), driven for the bgp backend; idle otherwise.
+    bgp: Option<Box<dyn BgpControl>>,
 }
 
 impl<M: PeerMaps> ControlLoop<M> {
     pub fn new(
         maps: M,
-        rec: Reconciler,
+        mut rec: Reconciler,
         conf: FlannelNetConf,
         underlay: Underlay,
         metrics: Arc<Metrics>,
         resync_every: Duration,
         now: Instant,
     ) -> Self {
+        // Records are checked against the cluster's network (`crate::admission`).
+        rec.set_network(conf.network, conf.subnet_len);
         Self {
             maps,
             rec,
@@ -144,6 +178,7 @@ impl<M: PeerMaps> ControlLoop<M> {
             watch: NetConfWatch::new(None),
             metrics,
             on_local_subnet: Box::new(|_| Ok(())),
+            on_subnet_lost: Box::new(|_| Ok(())),
             resync_every: resync_every.max(Duration::from_secs(1)),
             // The first apply is a resync: it adopts what the maps hold.
             next_resync: now,
@@ -151,6 +186,47 @@ impl<M: PeerMaps> ControlLoop<M> {
             dirty: false,
             backoff: Backoff::new(Duration::from_secs(10)),
             config_flags: 0,
+            bgp: None,
+        }
+    }
+
+    /// Drives `bgp` (BIRD) for the bgp backend: it gets the backend's settings now and on every
+    /// change, and the node list once it is complete.
+    pub fn bgp(mut self, mut bgp: Box<dyn BgpControl>) -> Self {
+        bgp.set_config(self.conf.backend.bgp.as_ref());
+        self.bgp = Some(bgp);
+        self.rec.set_policy(self.policy(&self.conf));
+        self
+    }
+
+    /// The mode policy under `conf` with what BGP learned so far.
+    fn policy(&self, conf: &FlannelNetConf) -> ModePolicy {
+        let learned = self.bgp.as_ref().map(|b| b.learned()).unwrap_or_default();
+        mode_policy(conf, &self.underlay, learned)
+    }
+
+    /// The BGP side's turn: the node list when it changed, then what changed in weft's table.
+    fn drive_bgp(&mut self, turn: &mut Turn) {
+        let Some(bgp) = self.bgp.as_mut() else {
+            return;
+        };
+        if self.dirty && self.rec.synced {
+            let nodes = crate::bgp::peer_nodes(self.rec.remote_leases());
+            // A node that lost its subnet to another node announces nothing.
+            bgp.set_cluster(self.rec.held_subnet().into_iter().collect(), nodes);
+        }
+        let change = bgp.poll();
+        self.metrics.set_bgp(bgp.status());
+        if change.routes
+            && let Err(e) = self.maps.flush_next_hops()
+        {
+            // Cached next hops expire within a second anyway.
+            tracing::warn!("flushing next hops after a BGP table change: {e:#}");
+        }
+        if change.learned {
+            self.rec.set_policy(self.policy(&self.conf));
+            self.dirty = true;
+            turn.bgp_learned_changed = true;
         }
     }
 
@@ -171,6 +247,14 @@ impl<M: PeerMaps> ControlLoop<M> {
         f: impl FnMut(ipnet::Ipv4Net) -> Result<()> + Send + 'static,
     ) -> Self {
         self.on_local_subnet = Box::new(f);
+        self
+    }
+
+    pub fn on_subnet_lost(
+        mut self,
+        f: impl FnMut(ipnet::Ipv4Net) -> Result<()> + Send + 'static,
+    ) -> Self {
+        self.on_subnet_lost = Box::new(f);
         self
     }
 
@@ -195,6 +279,10 @@ impl<M: PeerMaps> ControlLoop<M> {
                     tracing::warn!(subnet = %s, "this node's subnet changed");
                     (self.on_local_subnet)(*s)?;
                 }
+                Event::SubnetLost(s) => {
+                    tracing::warn!(subnet = %s, "this node's subnet is another node's now");
+                    (self.on_subnet_lost)(*s)?;
+                }
                 _ => {}
             }
             self.dirty |= self.rec.handle(ev);
@@ -210,7 +298,11 @@ impl<M: PeerMaps> ControlLoop<M> {
             self.switch_backend(new)?;
             turn.backend_switched = true;
         }
+        self.drive_bgp(&mut turn);
         self.metrics.beat();
+        // Refused records change no map: counted whatever the turn does next.
+        self.metrics
+            .set_rejected_records(&self.rec.records().refused_by_reason());
         let resync = now >= self.next_resync;
         let retry = self.retry_at.is_some_and(|r| now >= r);
         // A failed apply waits for its retry, whatever arrives meanwhile (it is taken along).
@@ -230,12 +322,26 @@ impl<M: PeerMaps> ControlLoop<M> {
             .set(self.rec.offlink_count() as i64);
         match result {
             Ok(report) => {
+                self.metrics.set_full_maps(&report.full_maps);
                 self.metrics
-                    .record_reconcile(report.duration, report.writes, true);
+                    .record_reconcile(report.duration, report.writes, !report.failed());
+                turn.writes = report.writes;
+                if report.failed() {
+                    // The rest was applied; what failed is retried with backoff.
+                    let delay = self.backoff.next_delay();
+                    tracing::warn!(
+                        "{} map writes failed, {} applied (retrying in {delay:?}): {}",
+                        report.failures.len(),
+                        report.writes,
+                        report.failures.join("; ")
+                    );
+                    self.retry_at = Some(now + delay);
+                    turn.failed = true;
+                    return Ok(turn);
+                }
                 if report.writes > 0 {
                     tracing::info!(writes = report.writes, peers = self.rec.peer_count(), took = ?report.duration, "reconciled");
                 }
-                turn.writes = report.writes;
                 self.dirty = false;
                 self.retry_at = None;
                 self.backoff.reset();
@@ -259,7 +365,11 @@ impl<M: PeerMaps> ControlLoop<M> {
         let mut config = node_config(&new, &self.underlay);
         config.flags |= self.config_flags;
         self.maps.set_config(&config)?;
-        self.rec.set_policy(mode_policy(&new, &self.underlay));
+        // Starts, reconfigures or retires BIRD.
+        if let Some(bgp) = self.bgp.as_mut() {
+            bgp.set_config(new.backend.bgp.as_ref());
+        }
+        self.rec.set_policy(self.policy(&new));
         self.conf = new;
         self.dirty = true;
         Ok(())
@@ -313,11 +423,15 @@ mod tests {
     }
 
     fn lease(subnet: &str, ip: [u8; 4]) -> NodeLease {
+        let subnet: ipnet::Ipv4Net = subnet.parse().unwrap();
         NodeLease {
-            subnet: subnet.parse().unwrap(),
+            subnet,
             public_ip: Ipv4Addr::from(ip),
             backend: Some(BackendType::Vxlan),
             vtep_mac: None,
+            name: crate::datastore::subnet_key(subnet),
+            seniority: 0,
+            unknown_backend: None,
         }
     }
 
@@ -328,7 +442,7 @@ mod tests {
     ) -> ControlLoop<MemoryMaps> {
         let u = underlay();
         let rec = Reconciler::new(
-            mode_policy(&conf, &u),
+            mode_policy(&conf, &u, Arc::default()),
             "10.244.1.0/24".parse().unwrap(),
             u.node_ip,
         );
@@ -379,7 +493,7 @@ mod tests {
         l.turn(
             vec![
                 Event::Upsert(lease("10.244.3.0/24", [192, 168, 1, 33])),
-                Event::Remove("10.244.2.0/24".parse().unwrap()),
+                Event::Remove("10.244.2.0-24".into()),
                 Event::Upsert(lease("10.244.4.0/24", [192, 168, 1, 4])),
             ],
             t0 + Duration::from_millis(10),
@@ -464,6 +578,187 @@ mod tests {
         assert_eq!(l.retry_at, Some(now + Duration::from_millis(100)));
     }
 
+    fn named(name: &str, subnet: &str, ip: [u8; 4], seniority: i64) -> NodeLease {
+        NodeLease {
+            name: name.into(),
+            seniority,
+            ..lease(subnet, ip)
+        }
+    }
+
+    fn rejected(l: &ControlLoop<MemoryMaps>, reason: &str) -> i64 {
+        l.metrics
+            .rejected_records
+            .get_or_create(&vec![("reason", weft_reason(reason))])
+            .get()
+    }
+
+    /// The `'static` spelling of a reason (the metric's labels are static strings).
+    fn weft_reason(reason: &str) -> &'static str {
+        crate::admission::REASONS
+            .iter()
+            .find(|r| **r == reason)
+            .unwrap_or_else(|| panic!("no reason {reason}"))
+    }
+
+    #[test]
+    fn bad_records_are_refused_and_the_rest_converges() {
+        let t0 = Instant::now();
+        let mut l = control_loop(MemoryMaps::default(), conf("vxlan", false), t0);
+        l.turn(
+            vec![Event::Snapshot(vec![
+                named("good-2", "10.244.2.0/24", [192, 168, 1, 2], 10),
+                named("everything", "0.0.0.0/0", [192, 168, 1, 20], 1),
+                named("services", "10.96.0.0/12", [192, 168, 1, 21], 1),
+                named("metadata", "169.254.169.254/32", [192, 168, 1, 22], 1),
+                // Younger than good-2 and claiming its subnet.
+                named("rival", "10.244.2.0/24", [192, 168, 1, 23], 20),
+                named("thief", "10.244.1.0/24", [192, 168, 1, 24], 1),
+                named("pod-address", "10.244.4.0/24", [10, 244, 9, 9], 1),
+                named("good-3", "10.244.3.0/24", [192, 168, 1, 3], 30),
+            ])],
+            t0,
+        )
+        .unwrap();
+        let routes: Vec<String> = l.maps.routes.keys().map(|n| n.to_string()).collect();
+        assert_eq!(routes, vec!["10.244.2.0/24", "10.244.3.0/24"]);
+        assert_eq!(
+            l.maps.routes[&"10.244.2.0/24".parse().unwrap()].node_ip,
+            [192, 168, 1, 2],
+            "the older record holds the subnet"
+        );
+        assert_eq!(l.maps.nodes.len(), 2, "refused records are no tunnel peers");
+        assert!(l.metrics.is_ready());
+        for (reason, n) in [
+            ("outside_network", 3),
+            ("overlaps_node", 1),
+            ("overlaps_local_subnet", 1),
+            ("public_ip_in_pod_network", 1),
+            ("wrong_prefix_length", 0),
+        ] {
+            assert_eq!(rejected(&l, reason), n, "{reason}");
+        }
+        // The records are fixed or their rival goes: they are routed at once.
+        l.turn(
+            vec![
+                Event::Upsert(named("services", "10.244.96.0/24", [192, 168, 1, 21], 1)),
+                Event::Remove("good-2".into()),
+            ],
+            t0 + Duration::from_millis(5),
+        )
+        .unwrap();
+        assert_eq!(
+            l.maps.routes[&"10.244.2.0/24".parse().unwrap()].node_ip,
+            [192, 168, 1, 23],
+            "the rival took over"
+        );
+        assert!(
+            l.maps
+                .routes
+                .contains_key(&"10.244.96.0/24".parse().unwrap())
+        );
+        assert!(!l.maps.nodes.contains_key(&Ipv4Addr::new(192, 168, 1, 2)));
+        assert_eq!(rejected(&l, "outside_network"), 2);
+        assert_eq!(rejected(&l, "overlaps_node"), 0);
+    }
+
+    #[test]
+    fn a_full_map_stops_nothing_else_and_names_itself() {
+        let t0 = Instant::now();
+        let maps = MemoryMaps {
+            routes_max: Some(2),
+            ..Default::default()
+        };
+        let mut l = control_loop(maps, conf("vxlan", false), t0);
+        let turn = l
+            .turn(
+                vec![Event::Snapshot(vec![
+                    lease("10.244.2.0/24", [192, 168, 1, 2]),
+                    lease("10.244.3.0/24", [192, 168, 1, 3]),
+                    lease("10.244.4.0/24", [192, 168, 1, 4]),
+                ])],
+                t0,
+            )
+            .unwrap();
+        assert!(turn.failed);
+        assert_eq!(turn.writes, 5, "three node entries and two routes");
+        assert_eq!(l.maps.routes.len(), 2);
+        // The third peer's node entry went in (the node map has room), not its route.
+        assert_eq!(l.maps.nodes.len(), 3);
+        let why = l.metrics.not_ready().expect("not ready");
+        assert!(
+            why.contains("WEFT_ROUTES") && why.contains("full") && why.contains("--routes-max"),
+            "{why}"
+        );
+        assert_eq!(
+            l.metrics
+                .map_full
+                .get_or_create(&vec![("map", "routes")])
+                .get(),
+            1
+        );
+        assert_eq!(
+            l.metrics
+                .map_full
+                .get_or_create(&vec![("map", "nodes")])
+                .get(),
+            0
+        );
+        // A peer leaves: its route goes first, which makes room for the one that did not fit.
+        let retry_at = l.retry_at.unwrap();
+        let turn = l
+            .turn(vec![Event::Remove("10.244.2.0-24".into())], retry_at)
+            .unwrap();
+        assert!(!turn.failed, "{turn:?}");
+        let routes: Vec<String> = l.maps.routes.keys().map(|n| n.to_string()).collect();
+        assert_eq!(routes, vec!["10.244.3.0/24", "10.244.4.0/24"]);
+        assert_eq!(l.metrics.not_ready(), None);
+        assert_eq!(
+            l.metrics
+                .map_full
+                .get_or_create(&vec![("map", "routes")])
+                .get(),
+            0
+        );
+        // At capacity, a replacement in one turn fits: removals are applied before additions.
+        l.maps.writes.clear();
+        let turn = l
+            .turn(
+                vec![
+                    Event::Remove("10.244.3.0-24".into()),
+                    Event::Upsert(lease("10.244.5.0/24", [192, 168, 1, 5])),
+                ],
+                retry_at + Duration::from_millis(1),
+            )
+            .unwrap();
+        assert!(!turn.failed, "{:?}", l.maps.writes);
+        assert!(
+            position(
+                &l.maps.writes,
+                &MapWrite::RemoveRoute("10.244.3.0/24".parse().unwrap())
+            ) < position(
+                &l.maps.writes,
+                &MapWrite::UpsertRoute("10.244.5.0/24".parse().unwrap())
+            )
+        );
+        // A full node map: no route toward the peer whose node entry is missing.
+        l.maps.nodes_max = Some(l.maps.nodes.len());
+        l.maps.routes_max = None;
+        let turn = l
+            .turn(
+                vec![Event::Upsert(lease("10.244.6.0/24", [192, 168, 1, 6]))],
+                retry_at + Duration::from_millis(2),
+            )
+            .unwrap();
+        assert!(turn.failed);
+        assert!(
+            !l.maps
+                .routes
+                .contains_key(&"10.244.6.0/24".parse().unwrap())
+        );
+        assert!(l.metrics.not_ready().unwrap().contains("WEFT_NODES"));
+    }
+
     #[test]
     fn backend_switch_reprograms_every_peer_and_the_config() {
         let t0 = Instant::now();
@@ -538,5 +833,234 @@ mod tests {
         let new = w.poll(&current).expect("the new backend");
         assert_eq!(new.backend.kind, BackendType::Ipip);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// What the fake BGP side was told, and what its table holds (shared with the test).
+    #[derive(Default)]
+    struct FakeBgpState {
+        configs: Vec<Option<crate::bgp::BgpConfig>>,
+        clusters: Vec<(Vec<Ipv4Net>, Vec<crate::bgp::PeerNode>)>,
+        /// Prefixes in weft's table, as BIRD would install them.
+        table: BTreeSet<Ipv4Net>,
+        /// What the last poll reported.
+        seen: Arc<BTreeSet<Ipv4Net>>,
+    }
+
+    #[derive(Clone, Default)]
+    struct FakeBgp(Arc<std::sync::Mutex<FakeBgpState>>);
+
+    impl BgpControl for FakeBgp {
+        fn set_config(&mut self, config: Option<&crate::bgp::BgpConfig>) {
+            self.0.lock().unwrap().configs.push(config.cloned());
+        }
+        fn set_cluster(&mut self, local: Vec<Ipv4Net>, nodes: Vec<crate::bgp::PeerNode>) {
+            self.0.lock().unwrap().clusters.push((local, nodes));
+        }
+        fn poll(&mut self) -> crate::bgp::TableChange {
+            let mut s = self.0.lock().unwrap();
+            if *s.seen == s.table {
+                return Default::default();
+            }
+            s.seen = Arc::new(s.table.clone());
+            crate::bgp::TableChange {
+                routes: true,
+                learned: true,
+            }
+        }
+        fn learned(&self) -> Arc<BTreeSet<Ipv4Net>> {
+            self.0.lock().unwrap().seen.clone()
+        }
+        fn status(&self) -> Option<crate::bgp::BgpStatus> {
+            let s = self.0.lock().unwrap();
+            s.configs
+                .last()
+                .cloned()
+                .flatten()
+                .map(|_| crate::bgp::BgpStatus {
+                    running: true,
+                    learned_routes: s.seen.len(),
+                    ..Default::default()
+                })
+        }
+    }
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    fn bgp_conf(backend: &str) -> FlannelNetConf {
+        FlannelNetConf::parse(&format!(
+            r#"{{"Network": "10.244.0.0/16", "Backend": {backend}}}"#
+        ))
+        .unwrap()
+    }
+
+    fn modes(l: &ControlLoop<MemoryMaps>) -> Vec<(Ipv4Net, u8)> {
+        l.maps.routes.iter().map(|(k, r)| (*k, r.mode)).collect()
+    }
+
+    #[test]
+    fn bgp_gets_its_config_and_the_complete_node_list() {
+        let t0 = Instant::now();
+        let fake = FakeBgp::default();
+        let conf =
+            bgp_conf(r#"{"Type": "bgp", "RouteTable": 100, "Encapsulation": "CrossSubnet"}"#);
+        let mut l = control_loop(MemoryMaps::default(), conf, t0).bgp(Box::new(fake.clone()));
+        {
+            let s = fake.0.lock().unwrap();
+            assert_eq!(s.configs.len(), 1);
+            assert_eq!(s.configs[0].as_ref().unwrap().table, 100);
+            assert!(
+                s.clusters.is_empty(),
+                "no node list before the datastore listed"
+            );
+        }
+        // Nothing listed yet: BIRD must not start on an incomplete list.
+        l.turn(vec![Event::Connected(true)], t0).unwrap();
+        assert!(fake.0.lock().unwrap().clusters.is_empty());
+        l.turn(
+            vec![Event::Snapshot(vec![
+                lease("10.244.1.0/24", [192, 168, 1, 1]),
+                lease("10.244.2.0/24", [192, 168, 1, 2]),
+                lease("10.244.3.0/24", [192, 168, 2, 3]),
+                lease("10.244.4.0/24", [192, 168, 2, 3]),
+            ])],
+            t0,
+        )
+        .unwrap();
+        {
+            let s = fake.0.lock().unwrap();
+            let (local, nodes) = s.clusters.last().unwrap();
+            assert_eq!(local, &vec![net("10.244.1.0/24")]);
+            assert_eq!(
+                nodes,
+                &vec![
+                    crate::bgp::PeerNode {
+                        ip: Ipv4Addr::new(192, 168, 1, 2),
+                        subnets: vec![net("10.244.2.0/24")],
+                    },
+                    crate::bgp::PeerNode {
+                        ip: Ipv4Addr::new(192, 168, 2, 3),
+                        subnets: vec![net("10.244.3.0/24"), net("10.244.4.0/24")],
+                    },
+                ],
+                "this node's own record is no peer; one peer per address"
+            );
+        }
+        assert_eq!(node_config(&l.conf, &underlay()).bgp_table, 100);
+        // CrossSubnet: native along BGP on this subnet, the tunnel (ipip) across.
+        assert_eq!(
+            modes(&l),
+            vec![
+                (net("10.244.2.0/24"), RouteMode::Bgp as u8),
+                (net("10.244.3.0/24"), RouteMode::Ipip as u8),
+                (net("10.244.4.0/24"), RouteMode::Ipip as u8),
+            ]
+        );
+        // A node leaving: BGP gets the new list; an idle turn gives it nothing new.
+        let before = fake.0.lock().unwrap().clusters.len();
+        l.turn(
+            vec![Event::Remove("10.244.2.0-24".into())],
+            t0 + Duration::from_millis(5),
+        )
+        .unwrap();
+        l.turn(vec![], t0 + Duration::from_millis(6)).unwrap();
+        let s = fake.0.lock().unwrap();
+        assert_eq!(s.clusters.len(), before + 1);
+        assert_eq!(s.clusters.last().unwrap().1.len(), 1);
+        assert!(l.metrics.render().contains("weft_bgp_speaker_up 1"));
+    }
+
+    #[test]
+    fn bgp_announces_no_subnet_while_the_node_holds_none() {
+        let t0 = Instant::now();
+        let fake = FakeBgp::default();
+        let conf = bgp_conf(r#"{"Type": "bgp"}"#);
+        let mut l = control_loop(MemoryMaps::default(), conf, t0).bgp(Box::new(fake.clone()));
+        let announced = |fake: &FakeBgp| fake.0.lock().unwrap().clusters.last().unwrap().0.clone();
+        l.turn(
+            vec![Event::Snapshot(vec![lease(
+                "10.244.2.0/24",
+                [192, 168, 1, 2],
+            )])],
+            t0,
+        )
+        .unwrap();
+        assert_eq!(announced(&fake), vec![net("10.244.1.0/24")]);
+        // Another node holds this node's subnet now: announcing it would hijack its traffic.
+        l.turn(
+            vec![Event::SubnetLost(net("10.244.1.0/24"))],
+            t0 + Duration::from_millis(5),
+        )
+        .unwrap();
+        assert_eq!(announced(&fake), vec![]);
+        // A new subnet: announced.
+        l.turn(
+            vec![Event::LocalSubnet(net("10.244.7.0/24"))],
+            t0 + Duration::from_millis(10),
+        )
+        .unwrap();
+        assert_eq!(announced(&fake), vec![net("10.244.7.0/24")]);
+    }
+
+    #[test]
+    fn a_live_switch_into_bgp_waits_for_birds_routes() {
+        let t0 = Instant::now();
+        let fake = FakeBgp::default();
+        let mut l = control_loop(MemoryMaps::default(), conf("vxlan", false), t0)
+            .bgp(Box::new(fake.clone()));
+        assert_eq!(fake.0.lock().unwrap().configs, vec![None]);
+        l.turn(
+            vec![Event::Snapshot(vec![
+                lease("10.244.2.0/24", [192, 168, 1, 2]),
+                lease("10.244.3.0/24", [192, 168, 2, 3]),
+            ])],
+            t0,
+        )
+        .unwrap();
+        let vxlan = RouteMode::Vxlan as u8;
+        let bgp = RouteMode::Bgp as u8;
+        assert!(modes(&l).iter().all(|(_, m)| *m == vxlan));
+        assert!(l.metrics.render().find("weft_bgp_").is_none());
+
+        // Into bgp: BIRD is configured, but no route changes mode before BIRD installed it.
+        l.maps.writes.clear();
+        l.switch_backend(bgp_conf(r#"{"Type": "bgp"}"#)).unwrap();
+        l.turn(vec![], t0 + Duration::from_millis(1)).unwrap();
+        assert!(fake.0.lock().unwrap().configs.last().unwrap().is_some());
+        assert!(
+            modes(&l).iter().all(|(_, m)| *m == vxlan),
+            "{:?}",
+            modes(&l)
+        );
+        assert_eq!(l.maps.nodes[&Ipv4Addr::new(192, 168, 2, 3)].mode, vxlan);
+
+        // BIRD installs one route: that subnet (and its node) goes to bgp, the next hops cached
+        // from the old table are flushed; the other stays vxlan.
+        fake.0.lock().unwrap().table.insert(net("10.244.2.0/24"));
+        l.maps.writes.clear();
+        let turn = l.turn(vec![], t0 + Duration::from_millis(2)).unwrap();
+        assert!(turn.bgp_learned_changed);
+        assert!(l.maps.writes.contains(&MapWrite::FlushNextHops));
+        assert_eq!(
+            modes(&l),
+            vec![(net("10.244.2.0/24"), bgp), (net("10.244.3.0/24"), vxlan)]
+        );
+        assert_eq!(l.maps.nodes[&Ipv4Addr::new(192, 168, 1, 2)].mode, bgp);
+        fake.0.lock().unwrap().table.insert(net("10.244.3.0/24"));
+        l.turn(vec![], t0 + Duration::from_millis(3)).unwrap();
+        assert!(modes(&l).iter().all(|(_, m)| *m == bgp));
+        // Withdrawn later: the route keeps bgp (its packets are counted drops, no_bgp_route,
+        // rather than a tunnel the peer may no longer expect).
+        fake.0.lock().unwrap().table.remove(&net("10.244.3.0/24"));
+        l.turn(vec![], t0 + Duration::from_millis(4)).unwrap();
+        assert!(modes(&l).iter().all(|(_, m)| *m == bgp));
+
+        // Back to vxlan: immediate, and BIRD is told the backend is no longer bgp.
+        l.switch_backend(conf("vxlan", false)).unwrap();
+        l.turn(vec![], t0 + Duration::from_millis(5)).unwrap();
+        assert!(modes(&l).iter().all(|(_, m)| *m == vxlan));
+        assert_eq!(fake.0.lock().unwrap().configs.last(), Some(&None));
+        assert!(l.maps.config.unwrap().bgp_table == BGP_TABLE_DEFAULT);
     }
 }

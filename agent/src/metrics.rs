@@ -7,12 +7,13 @@
 //! client can take the endpoints away from the kubelet: request heads larger than
 //! [`MAX_HEAD_BYTES`] are refused (memory stays bounded whatever a client sends), a head must
 //! arrive within [`HEAD_TIMEOUT`], a connection lives at most [`CONNECTION_TIMEOUT`], and at most
-//! [`MAX_CONNECTIONS`] are served at once (more are closed at once, not queued).
+//! [`MAX_CONNECTIONS`] are served at once (a new one ends the oldest: clients holding
+//! connections cannot lock the kubelet's probes out).
 use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -28,14 +29,21 @@ use prometheus_client::{
     metrics::{
         MetricType,
         counter::{ConstCounter, Counter},
+        family::Family,
         gauge::{ConstGauge, Gauge},
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
 };
-use weft_common::{ENDPOINTS_MAX, NODES_MAX, ROUTES_MAX};
+use weft_common::map_names;
 
-use crate::datapath::Maps;
+use crate::{
+    bgp::BgpStatus,
+    datapath::{MapFull, Maps},
+};
+
+/// A metric's labels, e.g. `[("reason", "outside_network")]`.
+type Labels = Vec<(&'static str, &'static str)>;
 
 /// The port of `/healthz`, `/readyz` and `/metrics` (the `--metrics-addr` default's).
 pub const DEFAULT_PORT: u16 = 9402;
@@ -64,6 +72,19 @@ pub struct Metrics {
     pub reconcile_writes: Counter,
     pub reconcile_seconds: Histogram,
     pub reconcile_last_seconds: Gauge<f64, AtomicU64>,
+    /// Node records refused, by reason (`crate::admission`).
+    pub rejected_records: Family<Labels, Gauge>,
+    /// 1 for each map that refused entries for lack of room at the last reconcile.
+    pub map_full: Family<Labels, Gauge>,
+    /// The maps of `map_full`, for `/readyz`.
+    full_maps: std::sync::Mutex<Vec<(MapFull, usize)>>,
+    /// Local pods cut off because their subnet is another node's now.
+    pub fenced_endpoints: Counter,
+    /// Why this node holds no subnet, when it lost its own (for `/readyz`).
+    subnet_lost: std::sync::Mutex<Option<String>>,
+    /// BIRD's sessions and routes, as the control loop last saw them (`None`: the backend is
+    /// not bgp). Exported by [`BgpCollector`] on each scrape.
+    pub bgp: Arc<Mutex<Option<BgpStatus>>>,
     /// Unix time (s) of the reconcile loop's last turn (not exported: /healthz reads it).
     heartbeat: AtomicU64,
     registry: Registry,
@@ -93,6 +114,12 @@ impl Metrics {
             // 10 µs .. ~5 s.
             reconcile_seconds: Histogram::new(exponential_buckets(1e-5, 4.0, 10)),
             reconcile_last_seconds: Gauge::default(),
+            rejected_records: Family::default(),
+            map_full: Family::default(),
+            full_maps: Default::default(),
+            fenced_endpoints: Counter::default(),
+            subnet_lost: Default::default(),
+            bgp: Arc::default(),
             heartbeat: AtomicU64::new(now_secs()),
             registry: Registry::default(),
         };
@@ -149,15 +176,104 @@ impl Metrics {
             "Duration of the last reconcile",
             m.reconcile_last_seconds.clone(),
         );
+        r.register(
+            "weft_rejected_node_records",
+            "Node records refused (not routed), by reason",
+            m.rejected_records.clone(),
+        );
+        r.register(
+            "weft_map_full",
+            "1 while a map refuses entries for lack of room (see /readyz)",
+            m.map_full.clone(),
+        );
+        r.register(
+            "weft_fenced_endpoints",
+            "Local pods cut off because their subnet is another node's now (recreate them)",
+            m.fenced_endpoints.clone(),
+        );
+        for reason in crate::admission::REASONS {
+            let _ = m.rejected_records.get_or_create(&vec![("reason", reason)]);
+        }
+        for map in ["routes", "nodes"] {
+            let _ = m.map_full.get_or_create(&vec![("map", map)]);
+        }
         if let Some(pin_root) = pin_root {
             r.register_collector(Box::new(MapsCollector { pin_root }));
         }
+        r.register_collector(Box::new(BgpCollector {
+            status: m.bgp.clone(),
+        }));
         m
     }
 
     /// Registers more metrics (before the server starts serving them).
     pub fn registry_mut(&mut self) -> &mut Registry {
         &mut self.registry
+    }
+
+    /// The refused records by reason, as the reconciler counts them.
+    pub fn set_rejected_records(&self, counts: &[(&'static str, usize)]) {
+        for (reason, n) in counts {
+            self.rejected_records
+                .get_or_create(&vec![("reason", *reason)])
+                .set(*n as i64);
+        }
+    }
+
+    /// The maps that refused entries for lack of room at the last reconcile (none: all fit).
+    pub fn set_full_maps(&self, full: &[(MapFull, usize)]) {
+        for (label, map) in [("routes", map_names::ROUTES), ("nodes", map_names::NODES)] {
+            let is_full = full.iter().any(|(f, _)| f.map == map);
+            self.map_full
+                .get_or_create(&vec![("map", label)])
+                .set(i64::from(is_full));
+        }
+        if let Ok(mut maps) = self.full_maps.lock() {
+            *maps = full.to_vec();
+        }
+    }
+
+    /// This node lost its subnet to another node and holds none (`why`), or holds one again
+    /// (None).
+    pub fn set_subnet_lost(&self, why: Option<String>) {
+        if let Ok(mut lost) = self.subnet_lost.lock() {
+            *lost = why;
+        }
+    }
+
+    /// Why the node is not ready, if it is not: the datapath not yet programmed, no subnet, or
+    /// maps that refuse entries (named, with what to do).
+    pub fn not_ready(&self) -> Option<String> {
+        if let Some(why) = self.subnet_lost.lock().ok().and_then(|l| l.clone()) {
+            return Some(format!("not ready: {why}"));
+        }
+        let full = self.full_maps.lock().map(|m| m.clone()).unwrap_or_default();
+        if !full.is_empty() {
+            let maps: Vec<String> = full
+                .iter()
+                .map(|(f, refused)| {
+                    let flag = match f.map {
+                        map_names::ROUTES => "--routes-max",
+                        map_names::NODES => "--nodes-max",
+                        _ => "its size flag",
+                    };
+                    format!(
+                        "map {} is full ({} entries): {refused} entries do not fit; raise {flag} \
+                         (a pinned map keeps its size until its pin is removed)",
+                        f.map, f.capacity
+                    )
+                })
+                .collect();
+            return Some(format!("not ready: {}", maps.join("; ")));
+        }
+        (!self.is_ready()).then(|| "not ready".to_string())
+    }
+
+    /// Publishes the BGP side's status (`None`: the backend is not bgp, no BGP metrics).
+    pub fn set_bgp(&self, status: Option<BgpStatus>) {
+        if let Ok(mut s) = self.bgp.lock() {
+            *s = status;
+        }
     }
 
     pub fn beat(&self) {
@@ -215,6 +331,24 @@ impl Collector for MapsCollector {
             let g = ConstGauge::new(n as i64);
             g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
         }
+        // Capacities as the maps were created (a pinned map keeps its size).
+        let sized = [
+            ("routes", routes, map_names::ROUTES),
+            ("endpoints", endpoints, map_names::ENDPOINTS),
+            ("nodes", nodes, map_names::NODES),
+        ]
+        .map(|(label, n, name)| (label, n, maps.capacity(name).unwrap_or(0)));
+        {
+            let mut capacity = encoder.encode_descriptor(
+                "weft_map_capacity",
+                "Capacity (max_entries) per map",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (map, _, max) in sized {
+                ConstGauge::new(i64::from(max)).encode(capacity.encode_family(&[("map", map)])?)?;
+            }
+        }
         {
             let mut fill = encoder.encode_descriptor(
                 "weft_map_fill_ratio",
@@ -222,12 +356,8 @@ impl Collector for MapsCollector {
                 None,
                 MetricType::Gauge,
             )?;
-            for (map, n, max) in [
-                ("routes", routes, ROUTES_MAX),
-                ("endpoints", endpoints, ENDPOINTS_MAX),
-                ("nodes", nodes, NODES_MAX),
-            ] {
-                ConstGauge::new(n as f64 / max as f64)
+            for (map, n, max) in sized {
+                ConstGauge::new(n as f64 / f64::from(max.max(1)))
                     .encode(fill.encode_family(&[("map", map)])?)?;
             }
         }
@@ -250,6 +380,85 @@ impl Collector for MapsCollector {
         )?;
         for (stat, n) in maps.stats().unwrap_or_default() {
             ConstCounter::new(n).encode(packets.encode_family(&[("path", stat.name())])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The bgp backend's figures (from BIRD, through the control loop): the speaker's state, the
+/// sessions, learned and refused routes. Nothing while the backend is not bgp.
+#[derive(Debug)]
+struct BgpCollector {
+    status: Arc<Mutex<Option<BgpStatus>>>,
+}
+
+impl Collector for BgpCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(status) = self.status.lock().ok().and_then(|s| s.clone()) else {
+            return Ok(());
+        };
+        let established = status.sessions.iter().filter(|s| s.established()).count();
+        for (name, help, n) in [
+            (
+                "weft_bgp_speaker_up",
+                "1 while the agent's BIRD runs",
+                i64::from(status.running),
+            ),
+            (
+                "weft_bgp_sessions_established",
+                "BGP sessions in state Established",
+                established as i64,
+            ),
+            (
+                "weft_bgp_sessions_configured",
+                "BGP sessions configured (mesh peers and configured peers)",
+                status.sessions.len() as i64,
+            ),
+            (
+                "weft_bgp_learned_routes",
+                "Routes learned over BGP and installed in weft's routing table",
+                status.learned_routes as i64,
+            ),
+            (
+                "weft_bgp_refused_routes",
+                "Routes refused by the import filters (not a pod subnet of their sender's node)",
+                status.refused_routes as i64,
+            ),
+        ] {
+            let g = ConstGauge::new(n);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        for (name, help, n) in [
+            (
+                "weft_bgp_speaker_restarts",
+                "Times BIRD exited unasked and was restarted",
+                status.crashes,
+            ),
+            (
+                "weft_bgp_reloads",
+                "BIRD reconfigurations (birdc configure)",
+                status.reloads,
+            ),
+            (
+                "weft_bgp_reload_errors",
+                "Configurations BIRD refused",
+                status.reload_errors,
+            ),
+        ] {
+            let c = ConstCounter::new(n);
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        let mut sessions = encoder.encode_descriptor(
+            "weft_bgp_session_established",
+            "1 while the session to this peer is Established",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in &status.sessions {
+            let peer = s.peer.to_string();
+            ConstGauge::new(i64::from(s.established())).encode(
+                sessions.encode_family(&[("peer", peer.as_str()), ("kind", s.kind.name())])?,
+            )?;
         }
         Ok(())
     }
@@ -278,8 +487,10 @@ async fn handle(
             TEXT,
             "reconcile loop stalled\n".into(),
         ),
-        "/readyz" if metrics.is_ready() => respond(StatusCode::OK, TEXT, "ready\n".into()),
-        "/readyz" => respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n".into()),
+        "/readyz" => match metrics.not_ready() {
+            None => respond(StatusCode::OK, TEXT, "ready\n".into()),
+            Some(why) => respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("{why}\n")),
+        },
         "/metrics" => {
             // Map reads are syscalls: off the I/O threads.
             let body = tokio::task::spawn_blocking(move || metrics.render())
@@ -295,14 +506,25 @@ async fn handle(
     }
 }
 
+/// The connections being served, oldest first, each with the means to end it.
+#[derive(Default)]
+struct Connections {
+    next_id: u64,
+    open: std::collections::VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>,
+}
+
 /// Binds `addr` and serves `/healthz`, `/readyz` and `/metrics` on the current tokio runtime.
 /// Returns the bound address.
+///
+/// At most [`MAX_CONNECTIONS`] are served at once; a new one beyond that ends the oldest (not
+/// itself): clients that hold connections open (slowly sending, or idle) are the ones to go,
+/// so a kubelet probe is answered whatever they do.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("--metrics-addr: binding {addr}"))?;
     let local = listener.local_addr()?;
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let connections = Arc::new(std::sync::Mutex::new(Connections::default()));
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -310,10 +532,20 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                continue; // dropped: closed at once
+            let (end_tx, end_rx) = tokio::sync::oneshot::channel::<()>();
+            let id = {
+                let mut c = connections.lock().expect("connections lock");
+                if c.open.len() >= MAX_CONNECTIONS
+                    && let Some((_, oldest)) = c.open.pop_front()
+                {
+                    let _ = oldest.send(());
+                }
+                c.next_id += 1;
+                let id = c.next_id;
+                c.open.push_back((id, end_tx));
+                id
             };
-            let metrics = metrics.clone();
+            let (metrics, connections) = (metrics.clone(), connections.clone());
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let metrics = metrics.clone();
@@ -325,8 +557,13 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr
                     .max_buf_size(MAX_HEAD_BYTES)
                     .keep_alive(false)
                     .serve_connection(TokioIo::new(stream), service);
-                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
-                drop(slot);
+                tokio::select! {
+                    _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection) => {}
+                    _ = end_rx => {}
+                }
+                if let Ok(mut c) = connections.lock() {
+                    c.open.retain(|(i, _)| *i != id);
+                }
             });
         }
     });

@@ -269,6 +269,46 @@ pub fn ensure_masquerade(network: Ipv4Net) -> Result<Firewall> {
     Ok(Firewall::Iptables)
 }
 
+/// Cuts off the local pods whose addresses are not this node's any more: their endpoint entries
+/// and their host routes go, so the datapath no longer delivers to them or accepts their traffic
+/// and the node's stack routes their addresses like any other node's (toward the subnet's new
+/// holder). The pods' links stay (a CNI DEL removes them as usual). A pod's address is not this
+/// node's when it lies outside `keep` (the node's current subnet) or inside `lost` (a subnet
+/// another node holds now). Returns the addresses cut off.
+///
+/// Why: a node away longer than its lease TTL may find its subnet handed to another node whose
+/// pods use the same addresses. Its own old pods must stop using them (they get new addresses
+/// only when recreated).
+pub fn fence_endpoints(
+    maps: &mut weft_node::datapath::Maps,
+    nl: &netlink::BlockingNetlink,
+    keep: Option<Ipv4Net>,
+    lost: Option<Ipv4Net>,
+) -> Result<Vec<Ipv4Addr>> {
+    let foreign = |ip: &Ipv4Addr| {
+        keep.is_some_and(|k| !k.contains(ip)) || lost.is_some_and(|l| l.contains(ip))
+    };
+    let mut fenced = Vec::new();
+    for (ip, ep) in maps.endpoints()? {
+        if !foreign(&ip) {
+            continue;
+        }
+        maps.remove_endpoint(ip)?;
+        let host = Ipv4Net::new(ip, 32).expect("/32");
+        nl.block_on(nl.delete_route(host, ep.host_ifindex))
+            .with_context(|| format!("removing the host route of {ip}"))?;
+        tracing::warn!(
+            pod = %ip,
+            subnet = ?keep,
+            "a local pod's address is not this node's any more (its subnet is another node's): \
+             the pod is cut off; delete it so that it is recreated with an address of this \
+             node's subnet"
+        );
+        fenced.push(ip);
+    }
+    Ok(fenced)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,10 @@
 //! whatever a previous agent left (a restart writes nothing when nothing changed) and repairs
 //! anything changed behind the agent's back. Every step is idempotent: a failed apply is simply
 //! retried.
+//!
+//! Records are admitted first (`crate::admission`): only admitted records become routes and
+//! peers. A write that fails (a full map) does not stop the others: the apply carries on, and
+//! what failed is retried.
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
@@ -19,8 +23,9 @@ use ipnet::Ipv4Net;
 use weft_common::{NodeConfig, NodeInfo, RouteInfo, RouteMode};
 
 use crate::{
+    admission::{Records, Rules},
     config::BackendType,
-    datapath::Maps,
+    datapath::{MapFull, Maps},
     datastore::{Event, NodeLease},
     node_net::vtep_mac_for,
 };
@@ -84,8 +89,12 @@ pub struct MemoryMaps {
     pub nodes: std::collections::BTreeMap<Ipv4Addr, NodeInfo>,
     pub config: Option<NodeConfig>,
     pub writes: Vec<MapWrite>,
-    /// The next this many writes fail (a map that refuses, a full map).
+    /// The next this many writes fail (a map that refuses).
     pub fail_writes: usize,
+    /// Capacities of the route and node maps (None: unbounded): a new entry beyond them fails
+    /// with [`MapFull`], as the kernel refuses it.
+    pub routes_max: Option<usize>,
+    pub nodes_max: Option<usize>,
 }
 
 impl MemoryMaps {
@@ -93,6 +102,24 @@ impl MemoryMaps {
         if self.fail_writes > 0 {
             self.fail_writes -= 1;
             anyhow::bail!("injected failure of {w:?}");
+        }
+        let full = match &w {
+            MapWrite::UpsertRoute(net) => self
+                .routes_max
+                .filter(|max| !self.routes.contains_key(net) && self.routes.len() >= *max)
+                .map(|max| (weft_common::map_names::ROUTES, max)),
+            MapWrite::UpsertNode(ip) => self
+                .nodes_max
+                .filter(|max| !self.nodes.contains_key(ip) && self.nodes.len() >= *max)
+                .map(|max| (weft_common::map_names::NODES, max)),
+            _ => None,
+        };
+        if let Some((map, max)) = full {
+            return Err(MapFull {
+                map,
+                capacity: max as u32,
+            }
+            .into());
         }
         self.writes.push(w);
         Ok(())
@@ -147,10 +174,16 @@ pub struct ModePolicy {
     pub backend: BackendType,
     pub direct_routing: bool,
     pub underlay_subnet: Ipv4Net,
+    /// [bgp] The bgp backend's settings and the routes BIRD installed (backend bgp only).
+    pub bgp: Option<crate::bgp::RouteModes>,
 }
 
 impl ModePolicy {
     pub fn mode_for(&self, peer: Ipv4Addr) -> RouteMode {
+        // [bgp] Native along BGP's routes, or tunnelled (Encapsulation CrossSubnet / Always).
+        if let Some(bgp) = &self.bgp {
+            return bgp.config.mode_for(peer, self.underlay_subnet);
+        }
         if self.direct_routing && self.underlay_subnet.contains(&peer) {
             return RouteMode::Direct;
         }
@@ -221,16 +254,30 @@ pub fn diff(current: &DesiredState, desired: &DesiredState) -> MapDiff {
 }
 
 /// What one apply did.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct ApplyReport {
+    /// Entries written or removed.
     pub writes: usize,
     pub duration: Duration,
+    /// Writes that failed (retried later), with why; the others were applied.
+    pub failures: Vec<String>,
+    /// Maps that refused entries for lack of room, and how many entries they refused.
+    pub full_maps: Vec<(MapFull, usize)>,
+}
+
+impl ApplyReport {
+    pub fn failed(&self) -> bool {
+        !self.failures.is_empty()
+    }
 }
 
 pub struct Reconciler {
     pub policy: ModePolicy,
     pub local_subnet: Ipv4Net,
     pub local_ip: Ipv4Addr,
+    /// Every record of the datastore, and which are admitted.
+    records: Records,
+    /// The admitted records, by subnet.
     peers: HashMap<Ipv4Net, NodeLease>,
     /// Subnets announced by each node address (a node entry exists while one remains).
     by_ip: HashMap<Ipv4Addr, BTreeSet<Ipv4Net>>,
@@ -251,6 +298,11 @@ impl Reconciler {
             policy,
             local_subnet,
             local_ip,
+            records: Records::new(Rules {
+                network: None,
+                local_subnet: Some(local_subnet),
+                local_ip,
+            }),
             peers: HashMap::new(),
             by_ip: HashMap::new(),
             programmed: DesiredState::default(),
@@ -265,47 +317,99 @@ impl Reconciler {
     /// Takes a datastore event into the record set. Returns whether the desired state may
     /// have changed.
     pub fn handle(&mut self, event: Event) -> bool {
-        match event {
+        let changed = match event {
             Event::Snapshot(leases) => {
-                self.peers = leases.into_iter().map(|l| (l.subnet, l)).collect();
-                self.by_ip.clear();
-                for l in self.peers.values() {
-                    self.by_ip.entry(l.public_ip).or_default().insert(l.subnet);
-                }
                 self.synced = true;
                 self.full = true;
-                true
+                self.records.replace_all(leases);
+                self.rebuild_peers();
+                return true;
             }
-            Event::Upsert(lease) => {
-                let old = self.peers.insert(lease.subnet, lease.clone());
-                if old.as_ref() == Some(&lease) {
-                    return false;
-                }
-                if let Some(old) = old {
-                    self.forget_ip(old.public_ip, old.subnet);
-                }
-                self.by_ip
-                    .entry(lease.public_ip)
-                    .or_default()
-                    .insert(lease.subnet);
-                self.pending_subnets.insert(lease.subnet);
-                self.pending_ips.insert(lease.public_ip);
-                true
-            }
-            Event::Remove(subnet) => match self.peers.remove(&subnet) {
-                Some(old) => {
-                    self.forget_ip(old.public_ip, subnet);
-                    self.pending_subnets.insert(subnet);
-                    true
-                }
-                None => false,
-            },
+            Event::Upsert(lease) => self.records.upsert(lease),
+            Event::Remove(name) => self.records.remove(&name),
+            Event::Unreadable { name, error } => self.records.unreadable(&name, error),
             Event::LocalSubnet(subnet) => {
                 self.local_subnet = subnet;
-                self.full = true;
-                true
+                self.set_local_subnet(Some(subnet));
+                return true;
             }
-            Event::Connected(_) => false,
+            Event::SubnetLost(subnet) => {
+                if subnet != self.local_subnet {
+                    return false;
+                }
+                // The subnet's new holder becomes a peer like any other.
+                self.set_local_subnet(None);
+                return true;
+            }
+            Event::Connected(_) => return false,
+        };
+        if changed.is_empty() {
+            return false;
+        }
+        if self.full {
+            self.rebuild_peers();
+            return true;
+        }
+        for subnet in &changed {
+            self.take_admitted(*subnet);
+        }
+        true
+    }
+
+    fn set_local_subnet(&mut self, subnet: Option<Ipv4Net>) {
+        self.full = true;
+        let rules = Rules {
+            local_subnet: subnet,
+            ..self.records.rules().clone()
+        };
+        self.records.set_rules(rules);
+        self.rebuild_peers();
+    }
+
+    /// Checks records against the cluster's `Network` and `SubnetLen` from now on (the control
+    /// loop sets them from net-conf.json).
+    pub fn set_network(&mut self, network: Ipv4Net, subnet_len: u8) {
+        let rules = Rules {
+            network: Some((network, subnet_len)),
+            ..self.records.rules().clone()
+        };
+        if !self.records.set_rules(rules).is_empty() {
+            self.full = true;
+            self.rebuild_peers();
+        }
+    }
+
+    /// The refused records, with why (for metrics and the CLI).
+    pub fn records(&self) -> &Records {
+        &self.records
+    }
+
+    /// Makes `peers` the admitted record of `subnet`, if any.
+    fn take_admitted(&mut self, subnet: Ipv4Net) {
+        if let Some(old) = self.peers.remove(&subnet) {
+            self.forget_ip(old.public_ip, subnet);
+        }
+        if let Some(lease) = self.records.admitted(&subnet).cloned() {
+            self.by_ip
+                .entry(lease.public_ip)
+                .or_default()
+                .insert(lease.subnet);
+            self.pending_ips.insert(lease.public_ip);
+            self.peers.insert(subnet, lease);
+        }
+        self.pending_subnets.insert(subnet);
+    }
+
+    /// `peers` and `by_ip` from every admitted record.
+    fn rebuild_peers(&mut self) {
+        self.peers = self
+            .records
+            .admitted_all()
+            .map(|l| (l.subnet, l.clone()))
+            .collect();
+        self.by_ip.clear();
+        for l in self.peers.values() {
+            self.by_ip.entry(l.public_ip).or_default().insert(l.subnet);
         }
     }
 
@@ -325,22 +429,39 @@ impl Reconciler {
         self.full = true;
     }
 
+    /// The subnet this node holds: None while it lost its own to another node and holds none
+    /// (then it must not announce or serve it).
+    pub fn held_subnet(&self) -> Option<Ipv4Net> {
+        self.records.rules().local_subnet
+    }
+
+    /// [bgp] Every remote node record (what BGP peers with and accepts routes for).
+    pub fn remote_leases(&self) -> impl Iterator<Item = &NodeLease> {
+        self.peers.values().filter(|l| self.is_remote(l))
+    }
+
     pub fn peer_count(&self) -> usize {
         self.peers.values().filter(|l| self.is_remote(l)).count()
     }
 
     fn is_remote(&self, lease: &NodeLease) -> bool {
         // Our own record, and any stale record carrying our address, never become routes.
-        lease.subnet != self.local_subnet && lease.public_ip != self.local_ip
+        !self.records.rules().is_local(lease) && lease.public_ip != self.local_ip
     }
 
     fn route_for(&self, lease: &NodeLease) -> RouteInfo {
+        let mut mode = self.policy.mode_for(lease.public_ip);
+        // [bgp] A route switching into bgp keeps its mode until BIRD installed its route.
+        if let Some(bgp) = &self.policy.bgp {
+            let programmed = self.programmed.routes.get(&lease.subnet).map(|r| r.mode);
+            mode = crate::bgp::effective_mode(mode, lease.subnet, &bgp.learned, programmed);
+        }
         RouteInfo {
             node_ip: lease.public_ip.octets(),
             vtep_mac: lease
                 .vtep_mac
                 .unwrap_or_else(|| vtep_mac_for(lease.public_ip)),
-            mode: self.policy.mode_for(lease.public_ip) as u8,
+            mode: mode as u8,
             _pad: 0,
         }
     }
@@ -475,12 +596,18 @@ impl Reconciler {
         plan.node_upserts.sort_by_key(|(k, _)| *k);
         plan.route_upserts.sort_by_key(|(k, _)| *k);
         let mut next_hops_stale = false;
+        // Each write stands alone: one that fails (a full map) is reported and retried, the
+        // others go on.
+        let mut failures = Outcome::default();
         for net in plan.route_removes {
             match maps.remove_route(net) {
                 Ok(()) => {}
                 // Already gone: the goal is reached.
                 Err(_) if !maps.routes()?.iter().any(|(n, _)| *n == net) => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    failures.subnet(net, e);
+                    continue;
+                }
             }
             self.programmed.routes.remove(&net);
         }
@@ -488,34 +615,88 @@ impl Reconciler {
             match maps.remove_node(ip) {
                 Ok(()) => {}
                 Err(_) if !maps.nodes()?.iter().any(|(n, _)| *n == ip) => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    failures.ip(ip, e);
+                    continue;
+                }
             }
             self.programmed.nodes.remove(&ip);
             next_hops_stale = true;
         }
         for (ip, info) in plan.node_upserts {
-            maps.upsert_node(ip, &info)?;
-            self.programmed.nodes.insert(ip, info);
+            match maps.upsert_node(ip, &info) {
+                Ok(()) => {
+                    self.programmed.nodes.insert(ip, info);
+                }
+                Err(e) => failures.ip(ip, e),
+            }
         }
         for (net, info) in plan.route_upserts {
+            let node = Ipv4Addr::from(info.node_ip);
+            // No route toward a peer whose node entry could not be written: its replies
+            // would be refused (decapsulation admits known nodes only).
+            if failures.ips.contains(&node) && !self.programmed.nodes.contains_key(&node) {
+                failures.subnets.insert(net);
+                continue;
+            }
             if let Some(old) = self.programmed.routes.get(&net) {
                 next_hops_stale |= old.node_ip != info.node_ip;
             }
-            maps.upsert_route(net, &info)?;
-            self.programmed.routes.insert(net, info);
+            match maps.upsert_route(net, &info) {
+                Ok(()) => {
+                    self.programmed.routes.insert(net, info);
+                }
+                Err(e) => failures.subnet(net, e),
+            }
         }
         if next_hops_stale {
             // A node left or moved: forget cached underlay next hops (they refresh within 1 s
             // anyway; this makes it immediate).
-            maps.flush_next_hops()?;
+            if let Err(e) = maps.flush_next_hops() {
+                failures.messages.push(format!("{e:#}"));
+            }
         }
         self.full = false;
         self.pending_subnets.clear();
         self.pending_ips.clear();
+        // What failed is retried by the next apply.
+        self.pending_subnets.extend(&failures.subnets);
+        self.pending_ips.extend(&failures.ips);
         Ok(ApplyReport {
-            writes,
+            writes: writes - failures.subnets.len() - failures.ips.len(),
             duration: start.elapsed(),
+            failures: failures.messages,
+            full_maps: failures.full.into_values().collect(),
         })
+    }
+}
+
+/// The writes of one apply that failed.
+#[derive(Default)]
+struct Outcome {
+    subnets: BTreeSet<Ipv4Net>,
+    ips: BTreeSet<Ipv4Addr>,
+    messages: Vec<String>,
+    /// Full maps by name, with how many entries each refused.
+    full: std::collections::BTreeMap<&'static str, (MapFull, usize)>,
+}
+
+impl Outcome {
+    fn note(&mut self, e: anyhow::Error) {
+        if let Some(full) = e.downcast_ref::<MapFull>() {
+            self.full.entry(full.map).or_insert((full.clone(), 0)).1 += 1;
+        }
+        self.messages.push(format!("{e:#}"));
+    }
+
+    fn subnet(&mut self, net: Ipv4Net, e: anyhow::Error) {
+        self.subnets.insert(net);
+        self.note(e);
+    }
+
+    fn ip(&mut self, ip: Ipv4Addr, e: anyhow::Error) {
+        self.ips.insert(ip);
+        self.note(e);
     }
 }
 
@@ -524,11 +705,15 @@ mod tests {
     use super::*;
 
     fn lease(subnet: &str, ip: [u8; 4]) -> NodeLease {
+        let subnet: Ipv4Net = subnet.parse().unwrap();
         NodeLease {
-            subnet: subnet.parse().unwrap(),
+            subnet,
             public_ip: Ipv4Addr::from(ip),
             backend: Some(BackendType::Vxlan),
             vtep_mac: None,
+            name: crate::datastore::subnet_key(subnet),
+            seniority: 0,
+            unknown_backend: None,
         }
     }
 
@@ -538,6 +723,7 @@ mod tests {
                 backend,
                 direct_routing: direct,
                 underlay_subnet: "192.168.1.0/24".parse().unwrap(),
+                bgp: None,
             },
             "10.244.1.0/24".parse().unwrap(),
             Ipv4Addr::new(192, 168, 1, 1),
@@ -593,8 +779,8 @@ mod tests {
         assert!(diff(&before, &before).is_empty());
         // Node 3 moves to a new address, node 2 leaves, node 4 joins.
         assert!(r.handle(Event::Upsert(lease("10.244.3.0/24", [192, 168, 1, 33]))));
-        assert!(r.handle(Event::Remove("10.244.2.0/24".parse().unwrap())));
-        assert!(!r.handle(Event::Remove("10.244.2.0/24".parse().unwrap())));
+        assert!(r.handle(Event::Remove("10.244.2.0-24".into())));
+        assert!(!r.handle(Event::Remove("10.244.2.0-24".into())));
         assert!(r.handle(Event::Upsert(lease("10.244.4.0/24", [192, 168, 1, 4]))));
         assert!(!r.handle(Event::Upsert(lease("10.244.4.0/24", [192, 168, 1, 4]))));
         let plan = diff(&before, &r.desired());
@@ -624,10 +810,10 @@ mod tests {
         r.full = false;
         let events = [
             Event::Upsert(lease("10.244.3.0/24", [192, 168, 2, 33])),
-            Event::Remove("10.244.2.0/24".parse().unwrap()),
+            Event::Remove("10.244.2.0-24".into()),
             Event::Upsert(lease("10.244.4.0/24", [192, 168, 1, 4])),
             Event::Upsert(lease("10.244.5.0/24", [192, 168, 1, 4])),
-            Event::Remove("10.244.5.0/24".parse().unwrap()),
+            Event::Remove("10.244.5.0-24".into()),
         ];
         for e in events {
             r.handle(e);

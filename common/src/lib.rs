@@ -10,7 +10,11 @@ pub mod policy;
 
 /// Version of the map layout. It is part of the pin path, so a new layout never reuses maps
 /// pinned by an older agent (aya reuses a pinned map without checking its shape).
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
+/// Default routing table (kernel table id) that BIRD fills with the pod routes it learns and
+/// `bgp` routes are looked up in. A table of weft's own: the main table keeps the node's
+/// routing, and weft's table holds nothing but routes to other nodes' pod subnets.
+pub const BGP_TABLE_DEFAULT: u32 = 2500;
 /// Default root of the pins; the schema directory `v{SCHEMA_VERSION}` lives under it.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/weft";
 
@@ -119,6 +123,12 @@ pub const VXLAN_OVERHEAD: u32 = 50;
 /// Outer IPv4 header only.
 pub const IPIP_OVERHEAD: u32 = 20;
 
+/// The largest pod MTU an underlay MTU allows: minus the largest overhead of any backend
+/// (VXLAN's), so that a pod's packet fits every backend a cluster can switch to live.
+pub const fn max_pod_mtu(underlay_mtu: u32) -> u32 {
+    underlay_mtu.saturating_sub(VXLAN_OVERHEAD)
+}
+
 /// How packets reach the node owning a route.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,6 +139,9 @@ pub enum RouteMode {
     Ipip = 2,
     /// No encapsulation: routed to the owning node on the shared L2 segment (host-gw).
     Direct = 3,
+    /// No encapsulation, next hop from the kernel's FIB in weft's BGP table (filled by BIRD):
+    /// the owning node itself or a router on the way to it.
+    Bgp = 4,
 }
 
 impl RouteMode {
@@ -137,6 +150,7 @@ impl RouteMode {
             1 => Some(Self::Vxlan),
             2 => Some(Self::Ipip),
             3 => Some(Self::Direct),
+            4 => Some(Self::Bgp),
             _ => None,
         }
     }
@@ -289,6 +303,8 @@ pub struct NodeConfig {
     /// This node's VTEP MAC: inner source MAC of the VXLAN frames it sends.
     pub vtep_mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// Kernel routing table `bgp` routes are looked up in (`BPF_FIB_LOOKUP_TBID`).
+    pub bgp_table: u32,
 }
 
 /// The config entry is valid (userspace wrote it). Programs pass everything untouched before.
@@ -364,7 +380,7 @@ counter_enum! {
         /// sent it (the outer source) nor that node's own address.
         TunnelInnerSourceSpoofed => "tunnel_inner_source_spoofed",
         /// A plain (unencapsulated) frame to a local pod from a source that is neither a pod of
-        /// an on-link peer nor an on-link peer itself.
+        /// an on-link peer (or of a `bgp` peer) nor such a peer itself.
         PlainFromNonPeer => "plain_from_non_peer",
         /// A plain frame to a local pod claims a peer's (or its pods') source but does not come
         /// from that peer's MAC address.
@@ -388,6 +404,24 @@ counter_enum! {
         /// `from_host` got a packet whose source is neither the node's address nor a local
         /// pod: something from outside relayed toward the overlay without masquerade.
         HostForeignSource => "host_foreign_source",
+        /// A `bgp` route's destination has no usable route in weft's BGP table (BIRD has not
+        /// learned it, or withdrew it). Dropped, not passed to the stack: the stack routes the
+        /// cluster network back into weft (`weft_host`), so passing would loop.
+        NoBgpRoute => "no_bgp_route",
+        /// Forwarding would loop: weft's BGP table routes the destination back to this node's
+        /// own address, or a router sent this node, unencapsulated, traffic for another node's
+        /// pods routed by BGP (nodes never transit; the only way on is back out to the router).
+        RouteLoop => "route_loop",
+        /// A plain frame to a local pod from a `bgp` peer's pod (or the peer itself) that fails
+        /// the reverse-path check: weft's BGP table (the main table for a node's own address)
+        /// has no route toward its source out of the underlay, or the frame does not come from
+        /// that route's next hop (the router's or the peer's MAC).
+        BgpReversePath => "bgp_reverse_path",
+        /// `from_host` got a packet from the node or one of its pods to an address of the
+        /// cluster network that nobody holds (no node's subnet covers it, or no pod of this
+        /// node has it): answered with ICMP host unreachable, as the stack would route it
+        /// into `weft_host` again until its TTL ran out.
+        NoPodRoute => "no_pod_route",
         /// NetworkPolicy: a new flow into a pod that its ingress policies do not allow (also a
         /// flow that a policy change denied, at its next packet; see `WEFT_POLICY_DROPS` for
         /// the pod).
@@ -409,6 +443,8 @@ counter_enum! {
         IpipEncap => "ipip_encap",
         /// Routed without encapsulation to a remote node.
         DirectForward => "direct_forward",
+        /// Routed without encapsulation along the BGP table's next hop.
+        BgpForward => "bgp_forward",
         /// VXLAN decapsulated by XDP.
         XdpVxlanDecap => "xdp_vxlan_decap",
         /// IPIP decapsulated by XDP.
@@ -450,7 +486,7 @@ const _: () = {
     assert!(core::mem::size_of::<Ipv4Key>() == 4);
     assert!(core::mem::size_of::<EndpointInfo>() == 20);
     assert!(core::mem::size_of::<NodeInfo>() == 8);
-    assert!(core::mem::size_of::<NodeConfig>() == 24);
+    assert!(core::mem::size_of::<NodeConfig>() == 28);
     assert!(core::mem::size_of::<NextHop>() == 32);
     assert!(core::mem::size_of::<PathMtu>() == 16);
     assert!(core::mem::size_of::<DecapMeta>() == 8);

@@ -7,8 +7,8 @@ use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
         BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        bpf_fib_lookup, bpf_redir_neigh,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_DIRECT, BPF_FIB_LOOKUP_OUTPUT,
+        BPF_FIB_LOOKUP_TBID, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, bpf_redir_neigh,
     },
     helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
@@ -171,6 +171,32 @@ pub fn next_hop(
     src_ip: [u8; 4],
     next_ip: [u8; 4],
 ) -> Result<Hop, DropReason> {
+    fib_next_hop(ctx, cfg, src_ip, next_ip, None)
+}
+
+/// The next hop toward the pod address `dst` along weft's BGP table (`cfg.bgp_table`, filled by
+/// BIRD): the owning node, or a router on the way to it. Looked up with
+/// `BPF_FIB_LOOKUP_DIRECT | TBID` in that table only, never the main table (which routes the
+/// cluster network into `weft_host`). Cached like node next hops, per pod address: node and pod
+/// addresses never collide. A route back to this node's own address is a loop.
+#[inline(always)]
+pub fn bgp_next_hop(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    src_ip: [u8; 4],
+    dst: [u8; 4],
+) -> Result<Hop, DropReason> {
+    fib_next_hop(ctx, cfg, src_ip, dst, Some(cfg.bgp_table))
+}
+
+#[inline(always)]
+fn fib_next_hop(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    src_ip: [u8; 4],
+    next_ip: [u8; 4],
+    bgp_table: Option<u32>,
+) -> Result<Hop, DropReason> {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let key = Ipv4Key { addr: next_ip };
     if let Some(hop) = WEFT_NEXT_HOPS.get_ptr(key)
@@ -180,21 +206,37 @@ pub fn next_hop(
     }
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
+    // An egress lookup with the underlay NIC as the output device: only routes out of it
+    // match. A route in weft's BGP table through any other device (weft_host, a pod's veth)
+    // would bring the packet back into weft; the FIB does not return it (no usable route).
     fib.ifindex = cfg.underlay_ifindex;
     // Any length fits: the lookup only reports the route's MTU back in `mtu_result`.
     fib.__bindgen_anon_1.tot_len = 1;
     fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src_ip);
     fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(next_ip);
+    let mut flags = BPF_FIB_LOOKUP_OUTPUT;
+    if let Some(table) = bgp_table {
+        fib.__bindgen_anon_5.tbid = table;
+        flags |= BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_TBID;
+    }
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.skb.skb as *mut _,
             &mut fib,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
+            flags,
         )
     };
     // After the lookup, ipv4_dst holds the next hop (a gateway, or the node itself).
     let gateway = unsafe { fib.__bindgen_anon_4.ipv4_dst }.to_ne_bytes();
+    if bgp_table.is_some()
+        && (rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64)
+        && u32::from_ne_bytes(gateway) == u32::from_ne_bytes(cfg.node_ip)
+    {
+        // weft's table sends the packet to this node's own address (the kernel accepts such a
+        // gateway): it would come straight back.
+        return Err(DropReason::RouteLoop);
+    }
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         let onlink = u32::from_ne_bytes(gateway) == u32::from_ne_bytes(next_ip);
         let hop = NextHop {
@@ -218,7 +260,10 @@ pub fn next_hop(
     if rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64 {
         return Err(DropReason::ForwardingDisabled);
     }
-    Err(DropReason::NoUnderlayRoute)
+    Err(match bgp_table {
+        Some(_) => DropReason::NoBgpRoute,
+        None => DropReason::NoUnderlayRoute,
+    })
 }
 
 /// Sends the (encapsulated or routed) frame to `hop`. Returns the verdict and whether the

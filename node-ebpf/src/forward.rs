@@ -89,9 +89,14 @@ pub fn to_remote(
     let Some(mode) = RouteMode::from_u8(route.mode) else {
         return Err(DropReason::BadRouteMode);
     };
-    // The next hop is always the owning node: tunnels are addressed to it, and direct routing
-    // sends the unchanged packet to its MAC (host-gw: the node is on-link).
-    let hop = encap::next_hop(ctx, cfg, cfg.node_ip, route.node_ip)?;
+    // Tunnels are addressed to the owning node, and direct routing sends the unchanged packet
+    // to its MAC (host-gw: the node is on-link). bgp routes the unchanged packet along the
+    // route BIRD learned for the destination: to the node, or to a router in between.
+    let hop = if mode == RouteMode::Bgp {
+        encap::bgp_next_hop(ctx, cfg, ip.saddr, ip.daddr)?
+    } else {
+        encap::next_hop(ctx, cfg, cfg.node_ip, route.node_ip)?
+    };
     let path_mtu = mtu::path_mtu(&hop, route.node_ip);
     let overhead = mtu::overhead(mode);
     if path_mtu > overhead {
@@ -114,6 +119,7 @@ pub fn to_remote(
             Stat::IpipEncap
         }
         RouteMode::Direct => Stat::DirectForward,
+        RouteMode::Bgp => Stat::BgpForward,
     };
     let (verdict, neigh) = encap::send(ctx, &hop)?;
     count(stat);

@@ -8,6 +8,13 @@
 //! pass: anything else would relay a packet from outside into the overlay with a source the
 //! peers trust. Pod flows carried here are recorded as stack flows, so their replies go back
 //! through the stack that translated them.
+//!
+//! Only the cluster network is routed into `weft_host`, so a packet here whose destination
+//! neither a local pod nor another node's subnet holds (an unassigned subnet, an address of this
+//! node's subnet without a pod) would come straight back: the stack routes it into `weft_host`
+//! again, until its TTL runs out. It is answered with ICMP host unreachable instead, as a router
+//! answers for a route of type `unreachable` (`ping` says "Destination Host Unreachable",
+//! `connect` fails at once with EHOSTUNREACH), and counted as dropped.
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
@@ -17,8 +24,9 @@ use weft_common::{DropReason, Stat};
 
 use crate::{
     conntrack,
-    counters::{count, count_drop},
+    counters::count_drop,
     forward::{self, Dest},
+    icmp,
     parse::{ETH_HLEN, EthHdr, HEADERS_LEN, Ipv4Hdr, L3, parse_ipv4},
     policy, route,
 };
@@ -80,8 +88,18 @@ fn try_from_host(ctx: &TcContext) -> Result<i32, DropReason> {
             forward::to_remote(ctx, cfg, ip, route, daddr, ifindex)
         }
         Dest::Other => {
-            count(Stat::PassedToStack);
-            Ok(TC_ACT_OK)
+            count_drop(DropReason::NoPodRoute);
+            if !icmp::may_answer(ctx.data(), ctx.data_end(), ip) {
+                return Ok(TC_ACT_SHOT);
+            }
+            let (daddr, ifindex) = (ip.daddr, unsafe { (*ctx.skb.skb).ifindex });
+            // From the unreachable address itself: an address of this node would be refused
+            // as a martian source on weft_host.
+            match icmp::host_unreachable(ctx, daddr, ifindex) {
+                Ok(verdict) => Ok(verdict),
+                // Counted once already; the packet goes either way.
+                Err(_) => Ok(TC_ACT_SHOT),
+            }
         }
     }
 }

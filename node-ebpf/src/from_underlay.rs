@@ -7,6 +7,8 @@
 //!   `decap::classify`, by XDP or here);
 //! - plain frames from on-link peers (host-gw, DirectRouting) whose source is that peer or
 //!   one of its pods, coming from that peer's MAC;
+//! - plain frames from `bgp` peers (possibly behind routers) whose source is that peer or one
+//!   of its pods, coming from the next hop this node's routes give toward that source;
 //! - nothing else, unless the agent allows routed access from outside (`--accept-routed-pod-
 //!   traffic`), which hands such traffic to the stack.
 //!
@@ -22,7 +24,7 @@ use aya_ebpf::{
 };
 use weft_common::{
     CONFIG_F_ACCEPT_ROUTED, DECAP_META_MAGIC, DecapMeta, DropReason, EP_F_STACK_ONLY, NodeConfig,
-    Stat,
+    RouteMode, Stat,
 };
 
 use crate::{
@@ -66,7 +68,8 @@ fn decapsulated_by_xdp(ctx: &TcContext) -> bool {
 }
 
 /// A plain frame to a local pod: allowed only from an on-link peer (or one of its pods) and
-/// from that peer's MAC.
+/// from that peer's MAC, or from a `bgp` peer (or one of its pods) through the next hop toward
+/// it.
 #[inline(always)]
 fn plain_sender_ok(
     ctx: &TcContext,
@@ -74,11 +77,17 @@ fn plain_sender_ok(
     eth: &EthHdr,
     ip: &Ipv4Hdr,
 ) -> Result<(), DropReason> {
-    let peer = match route::route(ip.saddr) {
-        Some(r) => r.node_ip,
-        None if route::node(ip.saddr).is_some() => ip.saddr,
-        None => return Err(DropReason::PlainFromNonPeer),
+    let bgp = RouteMode::Bgp as u8;
+    let (peer, pod, mode) = match route::route(ip.saddr) {
+        Some(r) => (r.node_ip, true, r.mode),
+        None => match route::node(ip.saddr) {
+            Some(n) => (ip.saddr, false, n.mode),
+            None => return Err(DropReason::PlainFromNonPeer),
+        },
     };
+    if mode == bgp {
+        return bgp_reverse_path_ok(ctx, cfg, eth, ip.saddr, pod);
+    }
     let hop =
         encap::next_hop(ctx, cfg, cfg.node_ip, peer).map_err(|_| DropReason::PlainFromNonPeer)?;
     if !hop.onlink(peer) {
@@ -88,6 +97,36 @@ fn plain_sender_ok(
         && !mac_eq(&h.dmac, &eth.src)
     {
         return Err(DropReason::PlainPeerMacMismatch);
+    }
+    Ok(())
+}
+
+/// A plain frame from a `bgp` peer's pod (`pod`) or from the peer itself: BGP routes it
+/// through routers, so the sender need not be on-link, but the frame must come the way this
+/// node would send the reply (a reverse-path check, as the kernel's strict `rp_filter`): from
+/// the MAC of the next hop weft's BGP table gives toward the source's pod subnet, or the main
+/// table toward a node's own address. A host beside the router forging a pod's source is
+/// refused; routed access from elsewhere needs `--accept-routed-pod-traffic`.
+#[inline(always)]
+fn bgp_reverse_path_ok(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    eth: &EthHdr,
+    src: [u8; 4],
+    pod: bool,
+) -> Result<(), DropReason> {
+    let hop = if pod {
+        encap::bgp_next_hop(ctx, cfg, cfg.node_ip, src)
+    } else {
+        encap::next_hop(ctx, cfg, cfg.node_ip, src)
+    }
+    .map_err(|_| DropReason::BgpReversePath)?;
+    // An unresolved next hop has no MAC to compare yet (the neighbour subsystem resolves it
+    // with the reply); as for on-link peers, the frame is taken.
+    if let Hop::Resolved(h) = hop
+        && !mac_eq(&h.dmac, &eth.src)
+    {
+        return Err(DropReason::BgpReversePath);
     }
     Ok(())
 }
@@ -153,6 +192,12 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, DropReason> {
         return Ok(TC_ACT_OK);
     }
     let Some(dst) = route::endpoint(ip.daddr) else {
+        // Another node's pods, reached over BGP, arriving here unencapsulated: a router sent
+        // them to the wrong node. weft nodes never transit (the only way on is back out of the
+        // underlay, toward the router that sent it): the start of a loop, refused and counted.
+        if !decapsulated && route::route(ip.daddr).is_some_and(|r| r.mode == RouteMode::Bgp as u8) {
+            return Err(DropReason::RouteLoop);
+        }
         return Ok(TC_ACT_OK);
     };
     if !decapsulated && let Err(reason) = plain_sender_ok(ctx, cfg, eth, ip) {

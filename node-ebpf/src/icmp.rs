@@ -1,10 +1,13 @@
-//! ICMP fragmentation-needed (RFC 792, RFC 1191), generated in tc from the packet that did not
-//! fit: the frame is cut to the original IP header and 64 bytes of its payload (what the error
-//! quotes), 28 bytes of room are made after the Ethernet header for the new IPv4 and ICMP
-//! headers, and the frame goes back out the interface it came in on, addresses swapped.
+//! ICMP destination unreachable (RFC 792), generated in tc from the packet it is about: the frame
+//! is cut to the original IP header and 64 bytes of its payload (what the error quotes), 28
+//! bytes of room are made after the Ethernet header for the new IPv4 and ICMP headers, and the
+//! frame goes back out the interface it came in on, addresses swapped.
 //!
-//! The kernel's own tunnels answer the same way (`skb_tunnel_check_pmtu`); the stack cannot do
-//! it for weft, which forwards pod traffic without a route per peer.
+//! Two codes: fragmentation-needed (RFC 1191), for a packet too big for the tunnel (the
+//! kernel's own tunnels answer the same way, `skb_tunnel_check_pmtu`; the stack cannot do it for
+//! weft, which forwards pod traffic without a route per peer), and host unreachable, for a
+//! packet to an address of the cluster network that nobody holds (what the kernel answers for a
+//! route of type `unreachable`).
 use aya_ebpf::{
     bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
@@ -16,8 +19,8 @@ use crate::{
     checksum,
     counters::count,
     parse::{
-        ETH_HLEN, ETH_P_IPV4, EthHdr, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_HLEN, IPPROTO_ICMP,
-        IPV4_HLEN, Ipv4Hdr, ptr_at,
+        ETH_HLEN, ETH_P_IPV4, EthHdr, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_HLEN,
+        ICMP_HOST_UNREACH, IPPROTO_ICMP, IPV4_HLEN, IcmpHdr, Ipv4Hdr, ptr_at,
     },
 };
 
@@ -37,6 +40,45 @@ const TOS: u8 = 0xc0;
 pub fn frag_needed(
     ctx: &TcContext,
     source: [u8; 4],
+    mtu: u32,
+    ifindex: u32,
+) -> Result<i32, DropReason> {
+    let verdict = dest_unreachable(ctx, source, ICMP_FRAG_NEEDED, mtu, ifindex)?;
+    count(Stat::FragNeededSent);
+    Ok(verdict)
+}
+
+/// Whether an ICMP error may be sent about the packet `ip` (RFC 1122 3.2.2, RFC 1812 4.3.2.7):
+/// never about an ICMP error, nor about a fragment other than the first.
+#[inline(always)]
+pub fn may_answer(data: usize, data_end: usize, ip: &Ipv4Hdr) -> bool {
+    if u16::from_be_bytes(ip.frag_off) & 0x1fff != 0 {
+        return false;
+    }
+    if ip.protocol != IPPROTO_ICMP {
+        return true;
+    }
+    match ptr_at::<IcmpHdr>(data, data_end, ETH_HLEN + ip.header_len()) {
+        // Echo request and reply, timestamp, information and address mask queries: not errors.
+        Some(icmp) => matches!(unsafe { (*icmp).kind }, 0 | 8 | 13 | 14 | 15 | 16 | 17 | 18),
+        None => false,
+    }
+}
+
+/// Answers the frame in `ctx` with an ICMP host unreachable from `source` (the address nobody
+/// holds), sent back out of `ifindex`. The original packet is consumed.
+#[inline(always)]
+pub fn host_unreachable(ctx: &TcContext, source: [u8; 4], ifindex: u32) -> Result<i32, DropReason> {
+    dest_unreachable(ctx, source, ICMP_HOST_UNREACH, 0, ifindex)
+}
+
+/// An ICMP destination unreachable of `code` (with `mtu` as the next-hop MTU for
+/// fragmentation-needed, 0 otherwise) from `source`, sent back out of `ifindex`.
+#[inline(always)]
+fn dest_unreachable(
+    ctx: &TcContext,
+    source: [u8; 4],
+    code: u8,
     mtu: u32,
     ifindex: u32,
 ) -> Result<i32, DropReason> {
@@ -62,7 +104,7 @@ pub fn frag_needed(
     let bytes = buf.as_mut_ptr() as *mut u8;
     let icmp_hdr: [u8; 8] = [
         ICMP_DEST_UNREACH,
-        ICMP_FRAG_NEEDED,
+        code,
         0,
         0,
         0,
@@ -135,6 +177,5 @@ pub fn frag_needed(
         .map_err(|_| DropReason::StoreFailed)?;
     ctx.store(ETH_HLEN + IPV4_HLEN, &icmp, 0)
         .map_err(|_| DropReason::StoreFailed)?;
-    count(Stat::FragNeededSent);
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }

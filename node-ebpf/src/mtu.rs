@@ -27,7 +27,7 @@ pub fn overhead(mode: RouteMode) -> u32 {
     match mode {
         RouteMode::Vxlan => VXLAN_OVERHEAD,
         RouteMode::Ipip => IPIP_OVERHEAD,
-        RouteMode::Direct => 0,
+        RouteMode::Direct | RouteMode::Bgp => 0,
     }
 }
 

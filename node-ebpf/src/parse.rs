@@ -23,6 +23,8 @@ pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_ECHO_REQUEST: u8 = 8;
 pub const ICMP_FRAG_NEEDED: u8 = 4;
+/// Code of a destination unreachable: no route to the host.
+pub const ICMP_HOST_UNREACH: u8 = 1;
 /// Enough linear bytes for every header the programs read: Ethernet, IPv4 with options, and
 /// an L4 header (TCP without options, or ICMP with the start of a quoted IPv4 header).
 pub const HEADERS_LEN: usize = ETH_HLEN + 60 + 20;

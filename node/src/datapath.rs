@@ -24,8 +24,8 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use weft_common::{
-    DropReason, EndpointInfo, Ipv4Key, NextHop, NodeConfig, NodeInfo, PathMtu, RouteInfo,
-    SCHEMA_VERSION, Stat,
+    DropReason, ENDPOINTS_MAX, EndpointInfo, Ipv4Key, NODES_MAX, NextHop, NodeConfig, NodeInfo,
+    PathMtu, ROUTES_MAX, RouteInfo, SCHEMA_VERSION, Stat,
     conntrack::{CT_MAX_DEFAULT, CtEntry, CtKey},
     map_names, prog_names,
 };
@@ -65,14 +65,20 @@ pub fn ensure_bpffs() -> Result<()> {
 pub mod policy_write;
 pub use policy_write::{PolicyCapacities, PolicySnapshot};
 
-/// Sizes chosen at load time.
+/// Sizes chosen at load time. A map already pinned keeps the size it was created with (a map
+/// cannot be resized): see [`Datapath::capacity`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoadOptions {
-    /// Capacity of the conntrack map (`WEFT_CT`). A map already pinned keeps the size it was
-    /// created with: see [`Datapath::conntrack_capacity`].
+    /// Capacity of the conntrack map (`WEFT_CT`).
     pub conntrack_max: u32,
     /// Capacities of the NetworkPolicy maps (pinned maps keep theirs).
     pub policy: PolicyCapacities,
+    /// Capacity of the route map (`WEFT_ROUTES`): other nodes' subnets.
+    pub routes_max: u32,
+    /// Capacity of the node map (`WEFT_NODES`): other nodes' addresses.
+    pub nodes_max: u32,
+    /// Capacity of the endpoint map (`WEFT_ENDPOINTS`): this node's pods.
+    pub endpoints_max: u32,
 }
 
 impl Default for LoadOptions {
@@ -80,8 +86,48 @@ impl Default for LoadOptions {
         Self {
             conntrack_max: CT_MAX_DEFAULT,
             policy: PolicyCapacities::default(),
+            routes_max: ROUTES_MAX,
+            nodes_max: NODES_MAX,
+            endpoints_max: ENDPOINTS_MAX,
         }
     }
+}
+
+impl LoadOptions {
+    /// (map, requested capacity) of every map whose size is chosen at load time.
+    pub fn sizes(&self) -> [(&'static str, u32); 4] {
+        [
+            (map_names::CONNTRACK, self.conntrack_max),
+            (map_names::ROUTES, self.routes_max),
+            (map_names::NODES, self.nodes_max),
+            (map_names::ENDPOINTS, self.endpoints_max),
+        ]
+    }
+
+    fn apply(&self, loader: &mut EbpfLoader<'_>) {
+        for (name, size) in self.sizes() {
+            loader.map_max_entries(name, size);
+        }
+        self.policy.size(loader);
+    }
+}
+
+/// A write refused because the map has no room left (the kernel's E2BIG for a hash map, ENOSPC
+/// for an LPM trie).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("map {map} is full ({capacity} entries)")]
+pub struct MapFull {
+    pub map: &'static str,
+    pub capacity: u32,
+}
+
+/// Whether `e` is the kernel saying a map has no room.
+fn is_full(e: &aya::maps::MapError) -> bool {
+    matches!(
+        e,
+        aya::maps::MapError::SyscallError(SyscallError { io_error, .. })
+            if matches!(io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC))
+    )
 }
 
 pub struct Datapath {
@@ -100,8 +146,7 @@ impl Datapath {
     /// `load_unpinned` with explicit sizes.
     pub fn load_unpinned_with(options: &LoadOptions) -> Result<Self> {
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(map_names::CONNTRACK, options.conntrack_max);
-        options.policy.size(&mut loader);
+        options.apply(&mut loader);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
@@ -131,8 +176,7 @@ impl Datapath {
             .with_context(|| format!("creating the pin directory {}", maps_dir.display()))?;
         std::fs::create_dir_all(dir.join("links"))?;
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(map_names::CONNTRACK, options.conntrack_max);
-        options.policy.size(&mut loader);
+        options.apply(&mut loader);
         for name in map_names::ALL {
             loader.map_pin_path(name, maps_dir.join(name));
         }
@@ -151,15 +195,16 @@ impl Datapath {
         })
     }
 
-    /// The conntrack map's capacity as loaded: the requested size for a new map, the old size
-    /// for a map adopted from its pin (a map cannot be resized; a new size takes effect once
-    /// the pin is removed, e.g. at the next boot).
+    /// The conntrack map's capacity as loaded (see [`Datapath::capacity`]).
     pub fn conntrack_capacity(&self) -> Result<u32> {
-        let map = self.maps.map(map_names::CONNTRACK)?;
-        let Map::LruHashMap(data) = map else {
-            return Err(anyhow!("{} is not an LRU hash map", map_names::CONNTRACK));
-        };
-        Ok(data.info()?.max_entries())
+        self.capacity(map_names::CONNTRACK)
+    }
+
+    /// A map's capacity as loaded: the requested size for a new map, the old size for a map
+    /// adopted from its pin (a map cannot be resized; a new size takes effect once the pin is
+    /// removed, e.g. at the next boot).
+    pub fn capacity(&self, name: &str) -> Result<u32> {
+        self.maps.capacity(name)
     }
 
     pub fn tc_program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
@@ -343,6 +388,29 @@ impl Maps {
             .ok_or_else(|| anyhow!("map {name} missing"))
     }
 
+    /// The capacity (`max_entries`) of the map `name`.
+    pub fn capacity(&self, name: &str) -> Result<u32> {
+        let data = match self.map(name)? {
+            Map::HashMap(d) | Map::LruHashMap(d) | Map::LpmTrie(d) | Map::Array(d) => d,
+            Map::PerCpuArray(d) | Map::PerCpuHashMap(d) | Map::PerCpuLruHashMap(d) => d,
+            _ => return Err(anyhow!("{name}: unexpected map type")),
+        };
+        Ok(data.info()?.max_entries())
+    }
+
+    /// The error for a write to `name` the kernel refused: [`MapFull`] when the map has no
+    /// room, the kernel's error otherwise.
+    fn write_error(&self, name: &'static str, e: aya::maps::MapError) -> anyhow::Error {
+        if is_full(&e) {
+            return MapFull {
+                map: name,
+                capacity: self.capacity(name).unwrap_or(0),
+            }
+            .into();
+        }
+        e.into()
+    }
+
     fn map_mut(&mut self, name: &str) -> Result<&mut Map> {
         self.maps
             .get_mut(name)
@@ -364,7 +432,9 @@ impl Maps {
         let mut map: LpmTrie<&mut MapData, [u8; 4], RouteInfo> =
             self.map_mut(map_names::ROUTES)?.try_into()?;
         let key = Key::new(cidr.prefix_len() as u32, cidr.network().octets());
-        map.insert(&key, info, 0)
+        let result = map.insert(&key, info, 0);
+        result
+            .map_err(|e| self.write_error(map_names::ROUTES, e))
             .with_context(|| format!("inserting route {cidr}"))
     }
 
@@ -390,16 +460,21 @@ impl Maps {
     }
 
     /// Inserts or replaces `value` under the IPv4 key `addr` in the hash map `name`.
-    fn hash_upsert<V: aya::Pod>(&mut self, name: &str, addr: Ipv4Addr, value: &V) -> Result<()> {
+    fn hash_upsert<V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        addr: Ipv4Addr,
+        value: &V,
+    ) -> Result<()> {
         let mut map: HashMap<&mut MapData, Ipv4Key, V> = self.map_mut(name)?.try_into()?;
-        map.insert(
+        let result = map.insert(
             Ipv4Key {
                 addr: addr.octets(),
             },
             value,
             0,
-        )?;
-        Ok(())
+        );
+        result.map_err(|e| self.write_error(name, e))
     }
 
     fn hash_remove<V: aya::Pod>(&mut self, name: &str, addr: Ipv4Addr) -> Result<()> {

@@ -7,11 +7,11 @@ use std::{
     net::Ipv4Addr,
 };
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result};
 use aya::{
     EbpfLoader,
     maps::{
-        Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap, PerCpuValues, lpm_trie::Key,
+        Array, HashMap, LpmTrie, MapData, MapError, PerCpuHashMap, PerCpuValues, lpm_trie::Key,
     },
 };
 use ipnet::Ipv4Net;
@@ -113,21 +113,6 @@ pub struct PolicySnapshot {
 }
 
 impl Maps {
-    /// `max_entries` of a map as created (a pinned map keeps the size it was created with).
-    pub fn capacity(&self, name: &str) -> Result<u32> {
-        let data = match self.map(name)? {
-            Map::HashMap(d)
-            | Map::LruHashMap(d)
-            | Map::PerCpuHashMap(d)
-            | Map::PerCpuLruHashMap(d)
-            | Map::LpmTrie(d)
-            | Map::Array(d)
-            | Map::PerCpuArray(d) => d,
-            _ => return Err(anyhow!("{name}: unexpected map type")),
-        };
-        Ok(data.info()?.max_entries())
-    }
-
     fn policy_hash<K: aya::Pod, V: aya::Pod>(
         &mut self,
         name: &'static str,

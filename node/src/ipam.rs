@@ -33,6 +33,11 @@ pub enum IpamError {
         #[source]
         source: anyhow::Error,
     },
+    #[error(
+        "the IPAM store {path} is corrupt ({reason}): rebuild it from the node's links with \
+         `weft ipam rebuild` (the runtime's CNI GC rebuilds it too)"
+    )]
+    Corrupt { path: PathBuf, reason: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,8 +81,31 @@ impl Ipam {
         &self.dir
     }
 
-    /// Takes the lock (waiting up to `timeout`) and reads the state.
+    /// The store's file.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+
+    /// Takes the lock (waiting up to `timeout`) and reads the state. A store that does not
+    /// parse is [`IpamError::Corrupt`].
     pub fn lock(&self, timeout: Duration) -> Result<Locked, IpamError> {
+        let mut locked = self.lock_unread(timeout)?;
+        locked.state = read_state(&self.path()).map_err(|e| match e {
+            ReadError::Io(source) => IpamError::Store {
+                path: self.dir.clone(),
+                source,
+            },
+            ReadError::Corrupt(reason) => IpamError::Corrupt {
+                path: self.path(),
+                reason,
+            },
+        })?;
+        Ok(locked)
+    }
+
+    /// Takes the lock without reading the store (its state starts empty): for rebuilding a
+    /// store that does not parse ([`Locked::replace`]).
+    pub fn lock_unread(&self, timeout: Duration) -> Result<Locked, IpamError> {
         let store_err = |source: anyhow::Error| IpamError::Store {
             path: self.dir.clone(),
             source,
@@ -109,20 +137,24 @@ impl Ipam {
                 Err((_, e)) => return Err(store_err(anyhow::anyhow!("flock: {e}"))),
             }
         };
-        let state = read_state(&self.dir.join(STATE_FILE)).map_err(store_err)?;
         Ok(Locked {
             dir: self.dir.clone(),
             _lock: lock,
-            state,
+            state: State::default(),
         })
     }
 }
 
-fn read_state(path: &Path) -> anyhow::Result<State> {
+enum ReadError {
+    Io(anyhow::Error),
+    Corrupt(String),
+}
+
+fn read_state(path: &Path) -> Result<State, ReadError> {
     match std::fs::read(path) {
-        Ok(bytes) => Ok(serde_json::from_slice(&bytes)?),
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| ReadError::Corrupt(e.to_string())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(ReadError::Io(e.into())),
     }
 }
 
@@ -248,6 +280,30 @@ impl Locked {
         removed
     }
 
+    /// Replaces the store with `state`, keeping the old file beside it
+    /// (`allocations.json.corrupt-<unix seconds>`) for a post-mortem. Returns where the old file
+    /// went, if there was one.
+    pub fn replace(&mut self, state: State) -> Result<Option<PathBuf>, IpamError> {
+        let old = self.dir.join(STATE_FILE);
+        let kept = if old.exists() {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let backup = self.dir.join(format!("{STATE_FILE}.corrupt-{secs}"));
+            std::fs::rename(&old, &backup).map_err(|e| IpamError::Store {
+                path: self.dir.clone(),
+                source: e.into(),
+            })?;
+            Some(backup)
+        } else {
+            None
+        };
+        self.state = state;
+        self.commit()?;
+        Ok(kept)
+    }
+
     /// Persists the state atomically.
     pub fn commit(&self) -> Result<(), IpamError> {
         write_atomic(&self.dir, STATE_FILE, &self.state).map_err(|source| IpamError::Store {
@@ -321,6 +377,45 @@ mod tests {
         let removed = l.retain(|a| a.container_id == "z");
         assert_eq!(removed.len(), 4);
         drop(l);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_store_is_named_and_can_be_replaced() {
+        let dir = tmpdir();
+        let ipam = Ipam::new(&dir, "net");
+        std::fs::create_dir_all(ipam.dir()).unwrap();
+        std::fs::write(ipam.path(), b"{\"allocations\": [{\"ip\": ").unwrap();
+        let err = match ipam.lock(Duration::from_secs(1)) {
+            Err(e) => e,
+            Ok(_) => panic!("a corrupt store was read"),
+        };
+        assert!(matches!(err, IpamError::Corrupt { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains(&ipam.path().display().to_string()) && text.contains("weft ipam rebuild"),
+            "{text}"
+        );
+        let mut l = ipam.lock_unread(Duration::from_secs(1)).unwrap();
+        let state = State {
+            last: Some(Ipv4Addr::new(10, 1, 0, 9)),
+            allocations: vec![Allocation {
+                ip: Ipv4Addr::new(10, 1, 0, 9),
+                container_id: "c".into(),
+                ifname: "eth0".into(),
+            }],
+        };
+        let kept = l
+            .replace(state.clone())
+            .unwrap()
+            .expect("the old file kept");
+        drop(l);
+        assert!(
+            std::fs::read_to_string(kept)
+                .unwrap()
+                .starts_with("{\"allocations\"")
+        );
+        assert_eq!(ipam.lock(Duration::from_secs(1)).unwrap().state, state);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -29,7 +29,7 @@ use rtnetlink::{
         address::AddressAttribute,
         link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
-        route::{RouteAddress, RouteAttribute, RouteProtocol, RouteScope},
+        route::{RouteAddress, RouteAttribute, RouteProtocol, RouteScope, RouteType},
     },
 };
 
@@ -132,6 +132,8 @@ pub struct LinkInfo {
     pub mac: Option<[u8; 6]>,
     pub mtu: u32,
     pub up: bool,
+    /// The link's alias (`ip link set DEV alias ...`), if any.
+    pub alias: Option<String>,
 }
 
 impl LinkInfo {
@@ -142,12 +144,14 @@ impl LinkInfo {
             mac: None,
             mtu: 0,
             up: m.header.flags.contains(LinkFlags::Up),
+            alias: None,
         };
         for a in &m.attributes {
             match a {
                 LinkAttribute::IfName(n) => info.name = n.clone(),
                 LinkAttribute::Mtu(v) => info.mtu = *v,
                 LinkAttribute::Address(a) => info.mac = a.as_slice().try_into().ok(),
+                LinkAttribute::IfAlias(a) => info.alias = Some(a.clone()),
                 _ => {}
             }
         }
@@ -161,6 +165,14 @@ pub struct RouteInfo {
     pub dst: Ipv4Net,
     pub gateway: Option<Ipv4Addr>,
     pub oif: Option<u32>,
+}
+
+/// A unicast IPv4 route of a table other than main (weft's BGP table, which BIRD fills).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableRoute {
+    pub dst: Ipv4Net,
+    /// Every next hop (several for an ECMP route): gateway (none when on-link) and device.
+    pub next_hops: Vec<(Option<Ipv4Addr>, Option<u32>)>,
 }
 
 /// Route scopes weft uses.
@@ -243,6 +255,19 @@ impl Netlink {
         self.handle
             .link()
             .set(msg.build())
+            .execute()
+            .await
+            .map_err(Error::from_rtnetlink)
+    }
+
+    /// Sets the alias of the link `ifindex` (the kernel keeps up to 255 bytes).
+    pub async fn set_alias(&self, ifindex: u32, alias: &str) -> Result<()> {
+        let mut msg = LinkUnspec::new_with_index(ifindex).build();
+        msg.attributes
+            .push(LinkAttribute::IfAlias(alias.to_string()));
+        self.handle
+            .link()
+            .set(msg)
             .execute()
             .await
             .map_err(Error::from_rtnetlink)
@@ -384,6 +409,28 @@ impl Netlink {
             .map_err(Error::from_rtnetlink)
     }
 
+    /// Deletes the main-table route to `dst` out of `ifindex`; Ok(false) when there is none.
+    pub async fn delete_route(&self, dst: Ipv4Net, ifindex: u32) -> Result<bool> {
+        // Any protocol and scope (what `ip route del` matches).
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.network(), dst.prefix_len())
+            .output_interface(ifindex)
+            .protocol(RouteProtocol::Unspec)
+            .scope(RouteScope::NoWhere)
+            .build();
+        match self.handle.route().del(msg).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let e = Error::from_rtnetlink(e);
+                if e.is(libc::ESRCH) || e.is(libc::ENODEV) {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
     /// IPv4 routes of the main table.
     pub async fn routes(&self) -> Result<Vec<RouteInfo>> {
         let msgs: Vec<_> = self
@@ -420,6 +467,70 @@ impl Netlink {
                     dst: Ipv4Net::new(dst, m.header.destination_prefix_length).unwrap_or_default(),
                     gateway,
                     oif,
+                }
+            })
+            .collect())
+    }
+
+    /// The unicast IPv4 routes of routing table `table` (empty when the table does not exist:
+    /// the kernel creates a table with its first route). Blackhole, unreachable and other
+    /// non-forwarding routes are left out: the datapath cannot forward along them.
+    pub async fn table_routes(&self, table: u32) -> Result<Vec<TableRoute>> {
+        let msgs: Vec<_> = self
+            .handle
+            .route()
+            .get(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .table_id(table)
+                    .build(),
+            )
+            .execute()
+            .try_collect()
+            .await
+            .map_err(Error::from_rtnetlink)?;
+        Ok(msgs
+            .iter()
+            .filter(|m| {
+                // Tables above 255 are named by the attribute only.
+                let id = m
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RouteAttribute::Table(t) => Some(*t),
+                        _ => None,
+                    })
+                    .unwrap_or(u32::from(m.header.table));
+                m.header.address_family == AddressFamily::Inet
+                    && m.header.kind == RouteType::Unicast
+                    && id == table
+            })
+            .map(|m| {
+                let mut dst = Ipv4Addr::UNSPECIFIED;
+                let (mut gateway, mut oif) = (None, None);
+                let mut next_hops = Vec::new();
+                for a in &m.attributes {
+                    match a {
+                        RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = *ip,
+                        RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(*ip),
+                        RouteAttribute::Oif(i) => oif = Some(*i),
+                        RouteAttribute::MultiPath(hops) => {
+                            for h in hops {
+                                let gw = h.attributes.iter().find_map(|a| match a {
+                                    RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some(*ip),
+                                    _ => None,
+                                });
+                                next_hops.push((gw, Some(h.interface_index)));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                if next_hops.is_empty() {
+                    next_hops.push((gateway, oif));
+                }
+                TableRoute {
+                    dst: Ipv4Net::new(dst, m.header.destination_prefix_length).unwrap_or_default(),
+                    next_hops,
                 }
             })
             .collect())

@@ -21,6 +21,9 @@ pub struct SubnetEnv {
     pub subnet: Ipv4Net,
     /// MTU for pod interfaces (underlay MTU minus the largest enabled encapsulation overhead).
     pub mtu: u32,
+    /// The underlay's MTU (`WEFT_UNDERLAY_MTU`): the CNI plugin refuses an `mtu` above it minus
+    /// the largest encapsulation overhead. None in files that do not say (flannel's).
+    pub underlay_mtu: Option<u32>,
     /// Whether traffic leaving the cluster network is masqueraded.
     pub ipmasq: bool,
     /// Root of the node's BPF pins (the schema directory lives below it).
@@ -29,20 +32,25 @@ pub struct SubnetEnv {
 
 impl SubnetEnv {
     pub fn to_env_string(&self) -> String {
-        format!(
+        let mut text = format!(
             "WEFT_NETWORK={}\nWEFT_SUBNET={}\nWEFT_MTU={}\nWEFT_IPMASQ={}\nWEFT_PIN_ROOT={}\n",
             self.network,
             self.subnet,
             self.mtu,
             self.ipmasq,
             self.pin_root.display()
-        )
+        );
+        if let Some(m) = self.underlay_mtu {
+            text += &format!("WEFT_UNDERLAY_MTU={m}\n");
+        }
+        text
     }
 
     pub fn parse(text: &str) -> Result<Self> {
         let mut network = None;
         let mut subnet = None;
         let mut mtu = None;
+        let mut underlay_mtu = None;
         let mut ipmasq = false;
         let mut pin_root = PathBuf::from(weft_common::DEFAULT_PIN_ROOT);
         for (lineno, line) in text.lines().enumerate() {
@@ -68,6 +76,13 @@ impl SubnetEnv {
                             .with_context(|| format!("MTU: {value:?} is not a number"))?,
                     )
                 }
+                "UNDERLAY_MTU" => {
+                    underlay_mtu = Some(
+                        value
+                            .parse()
+                            .with_context(|| format!("UNDERLAY_MTU: {value:?} is not a number"))?,
+                    )
+                }
                 "IPMASQ" => ipmasq = value == "true",
                 "PIN_ROOT" => pin_root = PathBuf::from(value),
                 _ => {}
@@ -83,6 +98,7 @@ impl SubnetEnv {
             network,
             subnet,
             mtu,
+            underlay_mtu,
             ipmasq,
             pin_root,
         })
@@ -130,6 +146,7 @@ mod tests {
             network: "10.244.0.0/16".parse().unwrap(),
             subnet: "10.244.3.0/24".parse().unwrap(),
             mtu: 1450,
+            underlay_mtu: Some(1500),
             ipmasq: true,
             pin_root: "/sys/fs/bpf/weft-x".into(),
         };
@@ -138,6 +155,7 @@ mod tests {
         let parsed = SubnetEnv::parse(flannel).unwrap();
         assert_eq!(parsed.subnet, "10.244.3.0/24".parse().unwrap());
         assert_eq!(parsed.mtu, 1450);
+        assert_eq!(parsed.underlay_mtu, None);
         assert_eq!(parsed.gateway(), Ipv4Addr::new(10, 244, 3, 1));
     }
 

@@ -65,6 +65,7 @@ impl WeftNode {
                     flags: CONFIG_F_READY,
                     vtep_mac,
                     _pad: [0; 2],
+                    bgp_table: weft_common::BGP_TABLE_DEFAULT,
                 })
                 .expect("writing the config");
             dp.maps

@@ -72,6 +72,10 @@ pub struct ClusterOptions {
     pub direct_routing: bool,
     /// Put every other node in the second underlay subnet.
     pub two_subnets: bool,
+    /// More `Backend` keys for net-conf.json (the bgp backend's `Peers`, `Mesh`, ...).
+    pub backend_extra: serde_json::Value,
+    /// Run BIRD on the underlay router as a route reflector for the nodes (bgp backend).
+    pub route_reflector: bool,
     /// MTU of the second underlay subnet: its nodes' links, their bridge and the router's port
     /// toward it (the router answers larger DF packets with ICMP fragmentation-needed).
     pub second_subnet_mtu: Option<u32>,
@@ -90,7 +94,7 @@ pub struct ClusterOptions {
     /// Node N (from 1) is `node-N` with pod subnet 10.244.N.0/24 (the agent reuses the subnet
     /// of its subnet file, written before it starts), as the NetworkPolicy runner's layout wants.
     pub numbered_subnets: bool,
-    /// Extra agent flags.
+    /// More `weft-agent` flags for every node (e.g. `--routes-max 2`).
     pub agent_args: Vec<String>,
 }
 
@@ -101,6 +105,8 @@ impl Default for ClusterOptions {
             backend: "vxlan".into(),
             direct_routing: false,
             two_subnets: false,
+            backend_extra: serde_json::Value::Null,
+            route_reflector: false,
             second_subnet_mtu: None,
             no_xdp: false,
             bin_dir: None,
@@ -149,6 +155,10 @@ pub struct Pod {
 pub struct Cluster {
     // Field order is drop order: pods and agents go before the underlay and etcd.
     pub nodes: Vec<Node>,
+    /// BIRD on the underlay router (`ClusterOptions::route_reflector`).
+    pub router: Option<crate::bird::Bird>,
+    /// Pod subnets the router announces itself (hijack attempts), see `reconfigure_router`.
+    pub router_announces: Vec<ipnet::Ipv4Net>,
     pub flannel: Vec<FlannelNode>,
     pub etcd: Etcd,
     pub underlay: Netns,
@@ -164,6 +174,26 @@ impl Node {
 
     pub fn subnet_file(&self) -> PathBuf {
         self.dir.join("subnet.env")
+    }
+
+    /// The control socket of the BIRD the node's agent runs (bgp backend).
+    pub fn bird_socket(&self) -> PathBuf {
+        self.dir.join("bird").join("bird.ctl")
+    }
+
+    /// The node's pod subnet (from its subnet file).
+    pub fn subnet(&self) -> ipnet::Ipv4Net {
+        self.subnet_env().subnet
+    }
+
+    /// Prefixes in the node's BGP routing table (what BIRD installed for the datapath).
+    pub fn bgp_learned(&self) -> std::collections::BTreeSet<ipnet::Ipv4Net> {
+        self.ns.run(|| {
+            weft_agent::bgp::table::read(weft_common::BGP_TABLE_DEFAULT)
+                .expect("reading the BGP table")
+                .into_keys()
+                .collect()
+        })
     }
 
     pub fn subnet_env(&self) -> SubnetEnv {
@@ -243,8 +273,13 @@ impl Cluster {
         let net_conf = std::env::temp_dir()
             .join(unique_name("weft-net-conf-"))
             .with_extension("json");
+        let router = options.route_reflector.then(|| {
+            crate::bird::Bird::start(&underlay, Self::route_reflector_spec(&[], &[]).config())
+        });
         let mut cluster = Self {
             nodes: Vec::new(),
+            router,
+            router_announces: Vec::new(),
             flannel: Vec::new(),
             etcd,
             underlay,
@@ -264,16 +299,75 @@ impl Cluster {
         cluster
     }
 
-    /// Writes flannel's net-conf.json for the current options.
+    /// The route reflector on the underlay router: iBGP (AS 64512) with the nodes at
+    /// `clients`, announcing `announce` itself; it announces a 10 s graceful restart time, so
+    /// nodes forget its routes 10 s after it died.
+    pub fn route_reflector_spec(
+        clients: &[Ipv4Addr],
+        announce: &[ipnet::Ipv4Net],
+    ) -> crate::bird::RouteReflector {
+        crate::bird::RouteReflector {
+            asn: 64512,
+            subnets: UNDERLAY_SUBNETS
+                .iter()
+                .map(|s| {
+                    (
+                        Ipv4Addr::new(s[0], s[1], s[2], 1),
+                        format!("{}.{}.{}.0/24", s[0], s[1], s[2]).parse().unwrap(),
+                    )
+                })
+                .collect(),
+            clients: clients.to_vec(),
+            restart_time: 10,
+            announce: announce.to_vec(),
+        }
+    }
+
+    /// Renders the router's configuration for the current nodes (plus `extra`) and
+    /// `router_announces`, and reloads it in place.
+    pub fn reconfigure_router(&mut self, extra: Option<Ipv4Addr>) {
+        let mut clients: Vec<Ipv4Addr> = self.nodes.iter().map(|n| n.ip).collect();
+        clients.extend(extra);
+        let config = Self::route_reflector_spec(&clients, &self.router_announces).config();
+        if let Some(router) = self.router.as_mut() {
+            router.reconfigure(config);
+        }
+    }
+
+    /// `Backend.Peers` for the route reflector: each node peers with the router's address on
+    /// its own subnet (per node by `NodeSubnet`).
+    pub fn route_reflector_peers() -> serde_json::Value {
+        serde_json::Value::Array(
+            UNDERLAY_SUBNETS
+                .iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "Address": format!("{}.{}.{}.1", s[0], s[1], s[2]),
+                        "AS": 64512,
+                        "NodeSubnet": format!("{}.{}.{}.0/24", s[0], s[1], s[2]),
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// Writes flannel's net-conf.json for the current options (`backend_extra` joins the
+    /// `Backend` object).
     pub fn write_net_conf(&self) {
         let conf = self.options.net_conf.clone().unwrap_or_else(|| {
+            let mut backend = serde_json::json!({
+                "Type": self.options.backend,
+                "DirectRouting": self.options.direct_routing,
+            });
+            if let Some(extra) = self.options.backend_extra.as_object() {
+                for (k, v) in extra {
+                    backend[k] = v.clone();
+                }
+            }
             serde_json::json!({
                 "Network": CLUSTER_NETWORK,
                 "SubnetLen": 24,
-                "Backend": {
-                    "Type": self.options.backend,
-                    "DirectRouting": self.options.direct_routing,
-                }
+                "Backend": backend,
             })
         });
         std::fs::write(&self.net_conf, serde_json::to_vec_pretty(&conf).unwrap()).unwrap();
@@ -297,6 +391,8 @@ impl Cluster {
     pub fn adopt_node(&mut self, ns: Netns, ip: Ipv4Addr, name: String) -> usize {
         let dir = std::env::temp_dir().join(unique_name("weft-node-"));
         std::fs::create_dir_all(&dir).unwrap();
+        // The route reflector peers with the new node before its agent starts.
+        self.reconfigure_router(Some(ip));
         let mut node = Node {
             name,
             ns,
@@ -317,6 +413,7 @@ impl Cluster {
                 network: CLUSTER_NETWORK.parse().unwrap(),
                 subnet: format!("10.244.{n}.0/24").parse().unwrap(),
                 mtu: 1450,
+                underlay_mtu: None,
                 ipmasq: true,
                 pin_root: node.pins.path.clone(),
             }
@@ -437,6 +534,8 @@ impl Cluster {
             self.options.lease_ttl.to_string(),
             "--conntrack-max".into(),
             crate::TEST_CONNTRACK_MAX.to_string(),
+            "--bgp-dir".into(),
+            node.dir.join("bird").display().to_string(),
         ];
         if self.options.no_xdp {
             args.push("--no-xdp".into());
@@ -493,6 +592,32 @@ impl Cluster {
             env.subnet.prefix_len()
         ));
         node
+    }
+
+    /// Waits until every node's BGP table holds every other node's subnet, and nothing else.
+    pub fn wait_bgp_converged(&self, timeout: Duration) {
+        let subnets: Vec<ipnet::Ipv4Net> = self.nodes.iter().map(Node::subnet).collect();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let want: std::collections::BTreeSet<ipnet::Ipv4Net> = subnets
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, s)| *s)
+                .collect();
+            let deadline = std::time::Instant::now() + timeout;
+            while node.bgp_learned() != want {
+                if std::time::Instant::now() > deadline {
+                    panic!(
+                        "{}: BGP table {:?}, want {want:?}\n{}\n{}",
+                        node.name,
+                        node.bgp_learned(),
+                        self.datapath_state(),
+                        self.agent_logs()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
 
     /// Waits until every node has its subnet file and routes to exactly every other node.
@@ -948,6 +1073,13 @@ impl Cluster {
                 if n > 0 {
                     out += &format!("  drop {} {n}\n", reason.name());
                 }
+            }
+            let bgp_table = node.ns.ip(&format!(
+                "route show table {}",
+                weft_common::BGP_TABLE_DEFAULT
+            ));
+            for line in bgp_table.lines() {
+                out += &format!("  bgp table: {line}\n");
             }
         }
         out

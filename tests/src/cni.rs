@@ -287,6 +287,7 @@ impl CniNode {
                     flags: CONFIG_F_READY,
                     vtep_mac: [0x02, 0, 0, 0, 0x77, 1],
                     _pad: [0; 2],
+                    bgp_table: weft_common::BGP_TABLE_DEFAULT,
                 })
                 .expect("writing the config");
             // As an agent with no policy does: new pods are not isolated.
@@ -312,6 +313,8 @@ impl CniNode {
             network: "10.244.0.0/16".parse().unwrap(),
             subnet: self.subnet,
             mtu: self.mtu,
+            // As the agent writes it: the pod MTU is the underlay's minus 50.
+            underlay_mtu: Some(self.mtu + weft_common::VXLAN_OVERHEAD),
             ipmasq: true,
             pin_root: self.pins.path.clone(),
         }

@@ -1,8 +1,8 @@
 //! What a demo cluster (`cargo xtask demo`) leaves on the machine, recorded so that
 //! `cargo xtask demo --down` can remove it: the namespaces, pin directories and files it made,
-//! and the processes it started (agents, etcd) by pid and start time. One record per demo run,
-//! in a state directory (default `/run/weft-demo`, on tmpfs: gone after a reboot, as everything
-//! it lists). Teardown touches only what a record lists, checks each process is still the one
+//! and the processes it started (agents, the bgp demo's router BIRD, etcd) by pid and start
+//! time. One record per demo run, in a state directory (default `/run/weft-demo`, on tmpfs: gone
+//! after a reboot, as everything it lists). Teardown touches only what a record lists, checks each process is still the one
 //! the demo started, and accepts only names the harness makes; it is idempotent.
 use std::{
     path::{Path, PathBuf},
@@ -77,6 +77,14 @@ impl DemoRecord {
             for pod in &node.pods {
                 record.namespaces.push(pod.ns.name.clone());
             }
+        }
+        if let Some(router) = &cluster.router {
+            if let Some(pid) = router.pid()
+                && let Some(p) = process(pid, "BIRD on the underlay router".into())
+            {
+                record.processes.push(p);
+            }
+            record.files.push(router.dir.clone());
         }
         if let Some(pid) = cluster.etcd.pid()
             && let Some(p) = process(pid, "etcd".into())

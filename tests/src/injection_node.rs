@@ -100,6 +100,7 @@ pub fn node_with(options: &LoadOptions) -> Node {
             flags: CONFIG_F_READY,
             vtep_mac: VTEP_MAC,
             _pad: [0; 2],
+            bgp_table: weft_common::BGP_TABLE_DEFAULT,
         })
         .unwrap();
     for (ip, ifindex, pod_mac, host_mac) in [

@@ -2,6 +2,8 @@
 //! up after themselves (also on panic), running code inside a namespace, and packet-injection
 //! helpers around `BPF_PROG_TEST_RUN`.
 pub mod agentless;
+pub mod bird;
+pub mod capture;
 pub mod cluster;
 pub mod cni;
 pub mod demo;

@@ -160,15 +160,29 @@ pub fn frag_needed_frame(
     source: [u8; 4],
     mtu: u16,
 ) -> Vec<u8> {
+    dest_unreachable_frame(
+        frame,
+        src_mac,
+        dst_mac,
+        source,
+        DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+    )
+}
+
+/// The ICMP destination unreachable (`kind`) from `source` about the IPv4 packet of `frame`,
+/// as Linux's `icmp_send` builds it (TOS 0xc0, TTL 64, the packet's header and the first 64
+/// bytes of its payload quoted), between `src_mac` and `dst_mac`.
+pub fn dest_unreachable_frame(
+    frame: &[u8],
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    source: [u8; 4],
+    kind: DestUnreachableHeader,
+) -> Vec<u8> {
     let (orig, _) = Ipv4Header::from_slice(&frame[14..]).expect("an IPv4 frame");
     let quote_len = (orig.header_len() + 64).min(orig.total_len as usize);
     let quote = &frame[14..14 + quote_len];
-    let icmp = Icmpv4Header::with_checksum(
-        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
-            next_hop_mtu: mtu,
-        }),
-        quote,
-    );
+    let icmp = Icmpv4Header::with_checksum(Icmpv4Type::DestinationUnreachable(kind), quote);
     let mut ip = Ipv4Header::new(
         (icmp.header_len() + quote.len()) as u16,
         64,

@@ -29,13 +29,22 @@ impl NsProcess {
         env: &[(&str, String)],
         log: &Path,
     ) -> Self {
+        Self::spawn_at(&ns.path(), program, args, env, log)
+    }
+
+    /// Like `spawn`, with the namespace given by its path (`/run/netns/NAME`).
+    pub fn spawn_at(
+        ns_path: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+        log: &Path,
+    ) -> Self {
         let out = std::fs::File::create(log)
             .unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
         let err = out.try_clone().unwrap();
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", ns.path()))
-            .arg(program)
-            .args(args);
+        cmd.arg(format!("--net={ns_path}")).arg(program).args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -44,7 +53,7 @@ impl NsProcess {
             .stdout(out)
             .stderr(err)
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {} in {}: {e}", program.display(), ns.name));
+            .unwrap_or_else(|e| panic!("starting {} in {ns_path}: {e}", program.display()));
         Self {
             name: program.file_name().unwrap().to_string_lossy().into_owned(),
             child: Some(child),

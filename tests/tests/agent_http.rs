@@ -1,6 +1,7 @@
 //! The agent's HTTP server under hostile clients: a client that sends its request a byte at a
-//! time and one that sends a 1 GB request line must not stop `/healthz` from answering within a
-//! second, and the agent's memory stays flat.
+//! time, one that sends a 1 GB request line, and a hundred that hold connections open (more than
+//! the server serves at once, again and again) must not stop `/healthz` from answering within
+//! a second, and the agent's memory stays flat.
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
@@ -139,6 +140,33 @@ fn slow_and_huge_requests_do_not_block_healthz() {
                 }
             })
         };
+        // More idle connections than the server serves at once, renewed as it drops them.
+        let hold = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut held: Vec<TcpStream> = Vec::new();
+                let mut opened = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    held.retain_mut(|s| {
+                        let mut b = [0u8; 1];
+                        s.set_nonblocking(true).unwrap();
+                        // Still open while a read would block.
+                        matches!(s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                    });
+                    while held.len() < 100 {
+                        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+                        else {
+                            break;
+                        };
+                        let _ = s.write_all(b"GET /");
+                        held.push(s);
+                        opened += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                opened
+            })
+        };
         let mut answers = Vec::new();
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(5) {
@@ -150,6 +178,8 @@ fn slow_and_huge_requests_do_not_block_healthz() {
         stop.store(true, Ordering::Relaxed);
         let slow_bytes = slow.join().unwrap();
         huge.join().unwrap();
+        let held = hold.join().unwrap();
+        assert!(held > 100, "the server never dropped an idle connection: {held} opened");
         (
             answers,
             rss_before,

@@ -3,8 +3,8 @@
 //! publishing, the initial list in two pages, watch events (add, update, delete, bookmark), a
 //! watch re-opened from the last version, resource version expiry (410 Gone, as a watch event
 //! and as an HTTP status) answered by a relist, a rotated service-account token re-read from
-//! its file once the server refuses the old one, and a server whose certificate is not signed
-//! by the cluster's CA refused.
+//! its file once the server refuses the old one, a server whose certificate is not signed by
+//! the cluster's CA refused, and the node's own labels (the bgp backend's peer selection).
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, TcpListener},
@@ -31,17 +31,27 @@ use weft_tests::{
     pki::{self, Ca},
 };
 
+/// When node-a, node-b, ... were created: a day apart, in that order.
+fn created(name: &str) -> String {
+    let day = name.bytes().last().unwrap() - b'a' + 1;
+    format!("2025-01-{day:02}T00:00:00Z")
+}
+
 fn node(name: &str, cidr: &str, ip: &str, annotations: Value, rv: &str) -> Value {
     json!({
         "kind": "Node", "apiVersion": "v1",
-        "metadata": {"name": name, "resourceVersion": rv, "annotations": annotations},
+        "metadata": {"name": name, "resourceVersion": rv, "annotations": annotations,
+            "creationTimestamp": created(name), "uid": format!("uid-{name}")},
         "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
         "status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}]}
     })
 }
 
 fn node_a() -> Value {
-    node("node-a", "10.244.1.0/24", "192.168.1.1", json!({}), "90")
+    let mut n = node("node-a", "10.244.1.0/24", "192.168.1.1", json!({}), "90");
+    // Matched by the bgp backend's `Peers[].NodeSelector`.
+    n["metadata"]["labels"] = json!({"rack": "r1", "kubernetes.io/hostname": "node-a"});
+    n
 }
 fn node_b(ip_override: &str) -> Value {
     node(
@@ -100,12 +110,22 @@ fn next(rx: &mpsc::Receiver<Event>) -> Event {
         .expect("an event from the kube datastore")
 }
 
+/// The record of node-a (10.244.1.0/24), node-b (10.244.2.0/24), ...
 fn lease(cidr: &str, ip: [u8; 4], backend: Option<BackendType>, mac: Option<[u8; 6]>) -> NodeLease {
+    let subnet: ipnet::Ipv4Net = cidr.parse().unwrap();
+    let name = format!("node-{}", (b'a' + subnet.network().octets()[2] - 1) as char);
+    let seniority = created(&name)
+        .parse::<k8s_openapi::jiff::Timestamp>()
+        .unwrap()
+        .as_second();
     NodeLease {
-        subnet: cidr.parse().unwrap(),
+        subnet,
         public_ip: Ipv4Addr::from(ip),
         backend,
         vtep_mac: mac,
+        name,
+        seniority,
+        unknown_backend: None,
     }
 }
 
@@ -417,7 +437,7 @@ fn list_watch_events_and_relist_on_410() {
             flannel_mac
         ))
     );
-    assert_eq!(next(&rx), Event::Remove("10.244.3.0/24".parse().unwrap()));
+    assert_eq!(next(&rx), Event::Remove("node-c".into()));
     // The watch from the bookmark's version says 410: relist.
     assert_eq!(next(&rx), Event::Connected(true));
     let d = lease("10.244.4.0/24", [192, 168, 1, 4], None, None);
@@ -593,5 +613,232 @@ fn https_trusts_only_the_cluster_ca() {
     assert!(
         format!("{err:?}").to_lowercase().contains("certificate"),
         "{err:?}"
+    );
+}
+
+/// Node objects no node may route, as an API server returns them, through the datastore and
+/// the control loop: refused with their reasons, the rest routed; a refused node whose rival
+/// goes is routed then.
+#[test]
+fn bad_node_records_from_the_api_server_are_refused() {
+    use std::{sync::Arc, time::Instant};
+
+    use weft_agent::{
+        control_loop::{ControlLoop, mode_policy},
+        metrics::Metrics,
+        node_net::Underlay,
+        reconcile::{MemoryMaps, Reconciler},
+    };
+    let flannel = |ip: &str, backend: &str| json!({"flannel.alpha.coreos.com/public-ip": ip, "flannel.alpha.coreos.com/backend-type": backend});
+    let bad_node = |name: &str, cidr: &str, ip: &str, ann: Value| node(name, cidr, ip, ann, "99");
+    let ca = Ca::new("cluster-ca");
+    let server = ApiServer::start(
+        &ca,
+        Script {
+            lists: vec![list(
+                "100",
+                vec![
+                    node_a(),
+                    node_b("10.9.9.2"),
+                    bad_node("node-e", "0.0.0.0/0", "192.168.1.50", json!({})),
+                    bad_node("node-f", "10.96.0.0/12", "192.168.1.51", json!({})),
+                    bad_node("node-g", "169.254.169.254/32", "192.168.1.52", json!({})),
+                    // Created after node-b (its name sorts later), claiming node-b's /24.
+                    bad_node("node-h", "10.244.2.0/24", "192.168.1.53", json!({})),
+                    bad_node(
+                        "node-i",
+                        "10.244.9.0/24",
+                        "192.168.1.54",
+                        flannel("", "wireguard"),
+                    ),
+                    bad_node("node-j", "10.244.10.0/24", "10.244.77.1", json!({})),
+                    // Records that cannot be made: an address annotation that is not one, and
+                    // a node with a podCIDR but no address at all.
+                    bad_node(
+                        "node-k",
+                        "10.244.11.0/24",
+                        "192.168.1.55",
+                        json!({"weft.io/public-ip": "192.168.1"}),
+                    ),
+                    json!({
+                        "kind": "Node", "apiVersion": "v1",
+                        "metadata": {"name": "node-l", "resourceVersion": "99",
+                            "creationTimestamp": created("node-l"), "uid": "uid-node-l"},
+                        "spec": {"podCIDR": "10.244.12.0/24", "podCIDRs": ["10.244.12.0/24"]},
+                        "status": {"addresses": [{"type": "Hostname", "address": "node-l"}]}
+                    }),
+                    node_c("98"),
+                ],
+            )],
+            ..Default::default()
+        },
+    );
+    let dir = TempDir::new("weft-kube-bad-");
+    let ca_file = pki::write(&dir.path, "ca.crt", &ca.cert_pem());
+    let kubeconfig = kubeconfig(&dir.path, &server.url, &ca_file, "    token: t0ken");
+    let rt = runtime();
+    let ds = KubeDatastore::new(
+        KubeSource {
+            api: None,
+            kubeconfig: Some(kubeconfig),
+        },
+        rt.handle().clone(),
+    )
+    .unwrap();
+    let (tx, rx) = mpsc::channel();
+    Box::new(ds).run(tx).unwrap();
+    let conf = FlannelNetConf::parse(r#"{"Network": "10.244.0.0/16"}"#).unwrap();
+    let underlay = Underlay {
+        name: "eth0".into(),
+        ifindex: 2,
+        mtu: 1500,
+        node_ip: Ipv4Addr::new(192, 168, 1, 1),
+        subnet: "192.168.1.0/24".parse().unwrap(),
+    };
+    let metrics = Arc::new(Metrics::new(None));
+    let rec = Reconciler::new(
+        mode_policy(&conf, &underlay, Default::default()),
+        "10.244.1.0/24".parse().unwrap(),
+        underlay.node_ip,
+    );
+    let mut l = ControlLoop::new(
+        MemoryMaps::default(),
+        rec,
+        conf,
+        underlay,
+        metrics.clone(),
+        Duration::from_secs(30),
+        Instant::now(),
+    );
+    let rejected = |reason: &'static str| {
+        metrics
+            .rejected_records
+            .get_or_create(&vec![("reason", reason)])
+            .get()
+    };
+    let routes = |l: &ControlLoop<MemoryMaps>| -> Vec<(String, Ipv4Addr)> {
+        l.maps
+            .routes
+            .iter()
+            .map(|(n, r)| (n.to_string(), Ipv4Addr::from(r.node_ip)))
+            .collect()
+    };
+    // Turns the loop on the events as they come (the watch after the list stays open and quiet).
+    let turn_until = |l: &mut ControlLoop<MemoryMaps>,
+                      what: &str,
+                      done: &dyn Fn(&ControlLoop<MemoryMaps>) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done(l) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            let events: Vec<Event> = rx
+                .recv_timeout(Duration::from_millis(100))
+                .into_iter()
+                .collect();
+            l.turn(events, Instant::now()).unwrap();
+        }
+    };
+    // The list (the unreadable records follow its snapshot).
+    turn_until(&mut l, "the list", &|l| {
+        l.rec.synced && rejected("unreadable") == 2
+    });
+    // node-b holds its subnet; the others are refused, with their reasons.
+    assert_eq!(
+        routes(&l),
+        vec![
+            ("10.244.2.0/24".into(), Ipv4Addr::new(10, 9, 9, 2)),
+            ("10.244.3.0/24".into(), Ipv4Addr::new(192, 168, 1, 3)),
+        ]
+    );
+    assert_eq!(rejected("outside_network"), 3);
+    assert_eq!(rejected("overlaps_node"), 1);
+    assert_eq!(rejected("unknown_backend"), 1);
+    assert_eq!(rejected("public_ip_in_pod_network"), 1);
+    assert_eq!(rejected("unreadable"), 2);
+    assert_eq!(l.maps.nodes.len(), 2);
+    // The API server deletes node-b, fixes node-k's annotation and deletes node-l (the open
+    // watch ends, the next one says so).
+    let fixed_k = bad_node(
+        "node-k",
+        "10.244.11.0/24",
+        "192.168.1.55",
+        json!({"weft.io/public-ip": "192.168.1.56"}),
+    );
+    let node_l = json!({"kind": "Node", "apiVersion": "v1",
+        "metadata": {"name": "node-l", "resourceVersion": "101"}});
+    server.script.lock().unwrap().watches.push((
+        200,
+        watch_lines(&[
+            ("DELETED", node_b("10.9.9.2")),
+            ("MODIFIED", fixed_k),
+            ("DELETED", node_l),
+        ]),
+    ));
+    server.release.store(true, Ordering::Relaxed);
+    turn_until(&mut l, "node-h and node-k routed, node-l gone", &|l| {
+        routes(l).len() == 3
+            && routes(l)
+                .iter()
+                .any(|(_, ip)| *ip == Ipv4Addr::new(192, 168, 1, 53))
+            && rejected("unreadable") == 0
+    });
+    // node-b is gone: node-h, refused as the younger claim until now, holds the subnet;
+    // node-k is readable now and routed; node-l is gone and no longer counted.
+    assert_eq!(
+        routes(&l),
+        vec![
+            ("10.244.2.0/24".into(), Ipv4Addr::new(192, 168, 1, 53)),
+            ("10.244.3.0/24".into(), Ipv4Addr::new(192, 168, 1, 3)),
+            ("10.244.11.0/24".into(), Ipv4Addr::new(192, 168, 1, 56)),
+        ]
+    );
+    assert_eq!(rejected("overlaps_node"), 0);
+    assert_eq!(rejected("outside_network"), 3);
+    assert!(l.maps.nodes.keys().all(|ip| {
+        [
+            Ipv4Addr::new(192, 168, 1, 53),
+            Ipv4Addr::new(192, 168, 1, 3),
+            Ipv4Addr::new(192, 168, 1, 56),
+        ]
+        .contains(ip)
+    }));
+}
+
+/// The bgp backend matches `Peers[].NodeSelector` against the node's labels, read from its
+/// Node object when `--node-labels` is not given.
+#[test]
+fn node_labels_come_from_the_node_object() {
+    let ca = Ca::new("cluster-ca");
+    let server = ApiServer::start(
+        &ca,
+        Script {
+            lists: vec![list("1", vec![])],
+            ..Default::default()
+        },
+    );
+    let dir = TempDir::new("weft-kube-labels-");
+    let ca_file = pki::write(&dir.path, "ca.crt", &ca.cert_pem());
+    let source = KubeSource {
+        api: None,
+        kubeconfig: Some(kubeconfig(&dir.path, &server.url, &ca_file, "    token: t")),
+    };
+    let rt = runtime();
+    let labels = rt
+        .block_on(async {
+            let client = source.client().await?;
+            weft_agent::datastore::kube::node_labels(&client, "node-a").await
+        })
+        .unwrap();
+    assert_eq!(labels.get("rack").map(String::as_str), Some("r1"));
+    assert_eq!(labels.len(), 2, "{labels:?}");
+    let missing = rt.block_on(async {
+        let client = source.client().await?;
+        weft_agent::datastore::kube::node_labels(&client, "node-x").await
+    });
+    assert!(
+        format!("{:#}", missing.unwrap_err()).contains("node-x"),
+        "the error names the node"
     );
 }

@@ -28,6 +28,13 @@ fn static_topology_programs_routes() {
         json!({"nodes": [
             {"name": "a", "publicIP": "192.168.90.1", "subnet": "10.70.1.0/24"},
             {"name": "b", "publicIP": "192.168.90.2", "subnet": "10.70.2.0/24", "vtepMAC": "02:00:00:00:00:bb"},
+            // Entries no node may route: refused, the rest of the file still applies.
+            {"name": "everything", "publicIP": "192.168.90.50", "subnet": "0.0.0.0/0"},
+            {"name": "services", "publicIP": "192.168.90.51", "subnet": "10.96.0.0/12"},
+            {"name": "metadata", "publicIP": "192.168.90.52", "subnet": "169.254.169.254/32"},
+            // Later in the file than b, so younger: b keeps the subnet.
+            {"name": "copy-of-b", "publicIP": "192.168.90.53", "subnet": "10.70.2.0/24"},
+            {"name": "tunnel", "publicIP": "192.168.90.54", "subnet": "10.70.9.0/24", "backendType": "udp"},
         ]})
         .to_string(),
     )
@@ -97,9 +104,70 @@ fn static_topology_programs_routes() {
         .unwrap();
     assert_eq!(rb[0].0, "10.70.1.0/24".parse().unwrap());
     assert_eq!(rb[0].1.vtep_mac, [2, 0x57, 192, 168, 90, 1]);
+    // On b the copy claims b's own subnet; on a it is the younger of two claims.
+    for (ns, rival) in [(&a, "overlaps_node"), (&b, "overlaps_local_subnet")] {
+        let metric = |name: &str| {
+            let (_, body) = weft_tests::cluster::http_get(
+                ns,
+                ([127, 0, 0, 1], METRICS_PORT).into(),
+                "/metrics",
+            )
+            .expect("metrics");
+            body.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        };
+        wait_until(
+            "the refused entries counted",
+            Duration::from_secs(10),
+            || metric("weft_rejected_node_records{reason=\"outside_network\"}") == Some(3.0),
+        );
+        assert_eq!(
+            metric(&format!("weft_rejected_node_records{{reason=\"{rival}\"}}")),
+            Some(1.0)
+        );
+        assert_eq!(
+            metric("weft_rejected_node_records{reason=\"unknown_backend\"}"),
+            Some(1.0)
+        );
+    }
+    assert_eq!(
+        weft_agent::datapath::Maps::open_pinned(&pins[0].path)
+            .unwrap()
+            .nodes()
+            .unwrap()
+            .len(),
+        1
+    );
     let env = weft_agent::subnet_env::SubnetEnv::read(&dir.join("a.env")).unwrap();
     assert_eq!(env.subnet, "10.70.1.0/24".parse().unwrap());
     assert!(!env.ipmasq);
+    // A Backend.MTU above the underlay's (1500) minus the largest overhead is refused, naming it.
+    let big_mtu = dir.join("big-mtu.json");
+    std::fs::write(
+        &big_mtu,
+        r#"{"Network": "10.70.0.0/16", "Backend": {"Type": "host-gw", "MTU": 1500}}"#,
+    )
+    .unwrap();
+    let scratch = PinDir::new("stm");
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", a.path()))
+        .arg(binary("weft-agent"))
+        .args(["--datastore", "static", "--node-name", "a", "--static-file"])
+        .arg(&topology)
+        .arg("--net-conf")
+        .arg(&big_mtu)
+        .arg("--pin-root")
+        .arg(&scratch.path)
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("Backend.MTU") && stderr.contains("at most 1450"),
+        "{stderr}"
+    );
     // A bad topology is refused naming the field.
     std::fs::write(
         &topology,

@@ -33,6 +33,7 @@ fn cli_shows_routes_endpoints_nodes_and_status() {
             flags: CONFIG_F_READY,
             vtep_mac: [2, 0x77, 0, 0, 0, 1],
             _pad: [0; 2],
+            bgp_table: weft_common::BGP_TABLE_DEFAULT,
         })
         .unwrap();
     dp.maps

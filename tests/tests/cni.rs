@@ -329,6 +329,8 @@ fn errors_carry_the_spec_codes() {
         ("dataDir", json!("")),
         ("pinRoot", json!(["x"])),
         ("mtu", json!(10)),
+        // Above the node's underlay MTU (1500, subnet.env) minus the largest overhead (50).
+        ("mtu", json!(1451)),
         ("prevResult", json!("nope")),
     ] {
         let mut bad = conf.clone();

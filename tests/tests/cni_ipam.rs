@@ -10,7 +10,7 @@ use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 use weft_agent::cni::names::AttachmentNames;
 use weft_tests::{
     cni::{CniNode, CniOutput, result_ip},
@@ -252,4 +252,203 @@ fn no_leaks_after_a_thousand_cycles_with_killed_plugins() {
     // but must not be mistaken for the store.
     let store = node.data_dir().join("weft").join("allocations.json");
     assert!(store.exists());
+}
+
+#[test]
+fn gc_in_a_loop_while_fifty_adds_run() {
+    let node = CniNode::new("10.244.25.0/24", 1450);
+    // Garbage for GC to find meanwhile: an attachment the runtime no longer lists, and a pod
+    // link no allocation accounts for (an ADD killed after creating it).
+    let stale_pod = Netns::new("wgs");
+    let stale = node.add("gc-stale", &stale_pod, "1.1.0");
+    let orphan = AttachmentNames::of("gc-orphan", "eth0").host_ifname;
+    node.ns
+        .ip(&format!("link add {orphan} type veth peer name {orphan}p"));
+    let pods: Vec<Netns> = (0..50).map(|_| Netns::new("wgp")).collect();
+    let cids: Vec<String> = (0..50).map(|i| format!("gc-par-{i}")).collect();
+    let valid: Vec<(&str, &str)> = cids.iter().map(|c| (c.as_str(), "eth0")).collect();
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (results, gcs) = std::thread::scope(|s| {
+        let gc = s.spawn(|| {
+            let mut runs = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = node.gc(&valid);
+                assert!(out.success, "GC during the ADDs: {out:?}");
+                runs += 1;
+            }
+            runs
+        });
+        let children: Vec<_> = pods
+            .iter()
+            .zip(&cids)
+            .map(|(pod, cid)| {
+                node.call("ADD", &node.conf("1.1.0"))
+                    .attachment(cid, Some(&pod.path()))
+                    .spawn(&node.ns)
+            })
+            .collect();
+        let results: Vec<_> = children
+            .into_iter()
+            .map(|c| c.wait_with_output().expect("waiting for ADD"))
+            .collect();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (results, gc.join().expect("the GC loop"))
+    });
+    eprintln!("{gcs} GCs ran during the 50 ADDs");
+    assert!(gcs >= 3, "GC barely ran: {gcs}");
+    let mut ips = HashSet::new();
+    for (cid, out) in cids.iter().zip(&results) {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "ADD {cid} failed while GC ran: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ips.insert(result_ip(&serde_json::from_str(&stdout).unwrap()));
+    }
+    assert_eq!(ips.len(), 50);
+    // Every pod is intact: GC removed nothing it should keep...
+    let allocated: HashSet<Ipv4Addr> = node.allocations().iter().map(|a| a.0).collect();
+    assert_eq!(allocated, ips);
+    let endpoints: HashSet<Ipv4Addr> = node
+        .maps()
+        .endpoints()
+        .unwrap()
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect();
+    assert_eq!(endpoints, ips);
+    let mut want_links: Vec<String> = cids
+        .iter()
+        .map(|c| AttachmentNames::of(c, "eth0").host_ifname)
+        .collect();
+    want_links.sort();
+    assert_eq!(node.host_links(), want_links);
+    assert_eq!(node.link_pins().len(), 100, "from_pod and to_pod per pod");
+    for (pod, cid) in pods.iter().zip(&cids).step_by(7) {
+        let r = json!({"cniVersion": "1.1.0", "ips": [{"address": format!("{}/32", node.allocations().iter().find(|a| a.1 == *cid).unwrap().0)}]});
+        let out = node.check(cid, pod, &r);
+        assert!(out.success, "CHECK {cid}: {out:?}");
+    }
+    // ...and what it should collect is gone.
+    assert!(!allocated.contains(&result_ip(&stale)));
+    assert!(!node.host_links().contains(&orphan));
+}
+
+/// Writes weft-cni's conflist for `node` (as `weft-agent --install-cni` does) for the CLI.
+fn conflist(node: &CniNode) -> std::path::PathBuf {
+    let mut entry = node.conf("1.1.0");
+    entry.as_object_mut().unwrap().remove("cniVersion");
+    entry.as_object_mut().unwrap().remove("name");
+    let list = json!({"cniVersion": "1.1.0", "name": "weft", "plugins": [entry]});
+    let path = node.dir.path.join("10-weft.conflist");
+    std::fs::write(&path, list.to_string()).unwrap();
+    path
+}
+
+#[test]
+fn a_corrupt_store_keeps_del_working_fails_add_and_is_rebuilt() {
+    let node = CniNode::new("10.244.26.0/24", 1450);
+    let pods: Vec<Netns> = (0..4).map(|_| Netns::new("wcc")).collect();
+    let results: Vec<Value> = pods
+        .iter()
+        .take(3)
+        .enumerate()
+        .map(|(i, pod)| node.add(&format!("cor-{i}"), pod, "1.1.0"))
+        .collect();
+    let ips: Vec<Ipv4Addr> = results.iter().map(result_ip).collect();
+    let store = node.data_dir().join("weft").join("allocations.json");
+    let corrupt = |node: &CniNode| {
+        // Half a file, as a full disk or a broken restore would leave it.
+        let text = std::fs::read(&store).unwrap();
+        std::fs::write(&store, &text[..text.len() / 2]).unwrap();
+        let _ = node;
+    };
+    corrupt(&node);
+
+    // DEL still removes the pod's link, its endpoint and its programs.
+    let out = node.del("cor-0", Some(&pods[0]), "1.1.0");
+    assert!(out.success, "DEL with a corrupt store: {out:?}");
+    let gone = AttachmentNames::of("cor-0", "eth0").host_ifname;
+    assert!(!node.host_links().contains(&gone));
+    assert!(
+        !node
+            .maps()
+            .endpoints()
+            .unwrap()
+            .iter()
+            .any(|(a, _)| *a == ips[0]),
+        "the endpoint stayed"
+    );
+    assert!(!node.link_pins().iter().any(|p| p.ends_with(&gone)));
+
+    // ADD fails, naming the file and the way out, with weft's IPAM store code.
+    let out = node
+        .call("ADD", &node.conf("1.1.0"))
+        .attachment("cor-3", Some(&pods[3].path()))
+        .run(&node.ns);
+    assert_eq!(out.err_code(), 103, "{}", out.stdout);
+    let msg = out.err_msg();
+    assert!(
+        msg.contains(&store.display().to_string()) && msg.contains("weft ipam rebuild"),
+        "{msg}"
+    );
+    assert!(
+        !pods[3].ip("-o link show").contains("eth0"),
+        "nothing wired"
+    );
+
+    // GC rebuilds it from the links that remain: the two live pods, not the deleted one.
+    let out = node.gc(&[("cor-1", "eth0"), ("cor-2", "eth0")]);
+    assert!(out.success, "GC: {out:?}");
+    let want = |ids: &[usize]| -> Vec<(Ipv4Addr, String, String)> {
+        let mut v: Vec<_> = ids
+            .iter()
+            .map(|i| (ips[*i], format!("cor-{i}"), "eth0".to_string()))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(node.allocations(), want(&[1, 2]));
+    let kept: Vec<_> = std::fs::read_dir(store.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".corrupt-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "the corrupt file is kept for a post-mortem");
+    let r3 = node.add("cor-3", &pods[3], "1.1.0");
+    assert!(
+        !ips[1..].contains(&result_ip(&r3)),
+        "a live address handed out twice"
+    );
+    for i in [1, 2] {
+        let out = node.check(&format!("cor-{i}"), &pods[i], &results[i]);
+        assert!(out.success, "CHECK cor-{i} after the rebuild: {out:?}");
+    }
+
+    // The documented command does the same without a runtime: corrupt, rebuild, compare.
+    let before = node.allocations();
+    corrupt(&node);
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", node.ns.path()))
+        .arg(weft_tests::cluster::binary("weft"))
+        .args(["ipam", "rebuild", "--json", "--pin-root"])
+        .arg(&node.pins.path)
+        .arg("--conflist")
+        .arg(conflist(&node))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "weft ipam rebuild: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["allocations"].as_array().unwrap().len(),
+        3,
+        "{report}"
+    );
+    assert_eq!(node.allocations(), before);
 }

@@ -492,6 +492,104 @@ fn from_host_carries_the_nodes_traffic_and_what_the_stack_translated() {
 }
 
 #[test]
+fn from_host_answers_addresses_nobody_holds_with_host_unreachable() {
+    use etherparse::icmpv4::DestUnreachableHeader;
+    with_node(|node| {
+        // The stack routes the whole cluster network into weft_host: an address no route and
+        // no local pod covers would come back here until its TTL ran out. The node's own
+        // packet to an unassigned subnet, and a local pod's (through the stack) to an address
+        // of this node's subnet that no pod holds, are answered from that address.
+        let mut dropped = 0;
+        for (src_mac, src, dst) in [
+            ([0xee; 6], NODE_IP, [10, 244, 77, 5]),
+            (POD1_MAC, POD1_IP, [10, 244, 1, 99]),
+        ] {
+            let syn = tcp(src_mac, src, dst, 40000, 80, Flags::Syn);
+            let out = run(node, prog_names::FROM_HOST, &syn, 0);
+            assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back out of weft_net");
+            assert_eq!(
+                out.data,
+                dest_unreachable_frame(&syn, [0xee; 6], src_mac, dst, DestUnreachableHeader::Host),
+                "{dst:?}"
+            );
+            dropped += 1;
+            assert_eq!(
+                node.dp.maps.drop_count(DropReason::NoPodRoute).unwrap(),
+                dropped
+            );
+        }
+        // An echo request gets the same answer (ping: "Destination Host Unreachable").
+        let echo = {
+            let b = PacketBuilder::ethernet2([0xee; 6], [0xee; 6])
+                .ipv4(NODE_IP, [10, 244, 77, 5], 64)
+                .icmpv4_echo_request(7, 1);
+            let mut out = Vec::new();
+            b.write(&mut out, &[0x61; 56]).unwrap();
+            out
+        };
+        let out = run(node, prog_names::FROM_HOST, &echo, 0);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(
+            out.data,
+            dest_unreachable_frame(
+                &echo,
+                [0xee; 6],
+                [0xee; 6],
+                [10, 244, 77, 5],
+                DestUnreachableHeader::Host
+            )
+        );
+        dropped += 1;
+        // Never an ICMP error about an ICMP error, nor about a fragment other than the first:
+        // dropped, counted, nothing sent.
+        // (the node's port unreachable about a segment claiming to come from that address)
+        let error = dest_unreachable_frame(
+            &tcp(
+                [0xee; 6],
+                [10, 244, 77, 5],
+                NODE_IP,
+                80,
+                40000,
+                Flags::SynAck,
+            ),
+            [0xee; 6],
+            [0xee; 6],
+            NODE_IP,
+            DestUnreachableHeader::Port,
+        );
+        let mut fragment = tcp([0xee; 6], NODE_IP, [10, 244, 77, 5], 40000, 80, Flags::Ack);
+        fragment[20] = 0x00;
+        fragment[21] = 0x10; // offset 128 bytes
+        for frame in [error, fragment] {
+            assert_eq!(
+                run(node, prog_names::FROM_HOST, &frame, 0).verdict,
+                TC_ACT_SHOT
+            );
+            dropped += 1;
+        }
+        assert_eq!(
+            node.dp.maps.drop_count(DropReason::NoPodRoute).unwrap(),
+            dropped
+        );
+        assert_eq!(
+            stat(node, Stat::PassedToStack),
+            0,
+            "nothing went back to the stack"
+        );
+        // Routed and local destinations are unaffected.
+        let to_remote = tcp([0xee; 6], NODE_IP, REMOTE_VXLAN_IP, 40001, 80, Flags::Syn);
+        assert_eq!(
+            run(node, prog_names::FROM_HOST, &to_remote, 0).verdict,
+            TC_ACT_REDIRECT
+        );
+        assert_eq!(
+            node.dp.maps.drop_count(DropReason::NoPodRoute).unwrap(),
+            dropped
+        );
+    });
+}
+
+#[test]
 fn remote_flows_are_tracked_on_the_receiving_node() {
     with_node(|node| {
         let nic = node.underlay_mac;

@@ -521,6 +521,7 @@ fn a_full_rule_map_closes_the_endpoint_it_could_not_hold_never_opens_it() {
             rules: 8,
             ..Default::default()
         },
+        ..Default::default()
     };
     with_node_using(options, |node| {
         let p1 = node.pod1_ifindex;

@@ -297,6 +297,59 @@ fn net_conf_path(key: &str) -> Option<String> {
     path.eq_ignore_ascii_case(key).then(|| path.to_string())
 }
 
+/// The `Backend.Peers` entry fields (bgp backend): the path an error names when `field` of the
+/// first peer gets a bad value, as the reference spells it (`Backend.Peers[].AS`).
+fn peer_field_path(field: &str) -> Option<String> {
+    let mut peer = json!({"Address": "10.0.0.1"});
+    peer[field] = json!("?");
+    let conf = json!({"Network": NET_CONF_BASE, "Backend": {"Peers": [peer]}});
+    let error = parse_net_conf(&conf).err()?;
+    let (path, _) = error.split_once(':')?;
+    let name = path.strip_prefix("Backend.Peers[0].")?;
+    name.eq_ignore_ascii_case(field)
+        .then(|| format!("Backend.Peers[].{name}"))
+}
+
+/// Whether setting the documented default of `path` changes nothing: with the default backend
+/// and, unless the row is `Backend.Type` itself, with `Type: "bgp"` (whose keys only count
+/// there). Peer fields are set on a peer that has only an `Address`.
+fn default_problem(path: &str, default: &Value) -> Option<String> {
+    let bases: Vec<Value> = if path.starts_with("Backend.Peers[].") {
+        vec![
+            json!({"Network": NET_CONF_BASE, "Backend": {"Type": "bgp", "Peers": [{"Address": "10.0.0.1"}]}}),
+        ]
+    } else if path == "Backend.Type" || !path.starts_with("Backend.") {
+        vec![json!({"Network": NET_CONF_BASE})]
+    } else {
+        vec![
+            json!({"Network": NET_CONF_BASE}),
+            json!({"Network": NET_CONF_BASE, "Backend": {"Type": "bgp"}}),
+        ]
+    };
+    for base in bases {
+        let want = parse_net_conf(&base).unwrap();
+        let mut conf = base.clone();
+        match path.strip_prefix("Backend.Peers[].") {
+            Some(field) => conf["Backend"]["Peers"][0][field] = default.clone(),
+            None => set_path(&mut conf, path, default.clone()),
+        }
+        match parse_net_conf(&conf) {
+            Ok(c) if c == want => {}
+            Ok(c) => {
+                return Some(format!(
+                    "table \"net-conf.json\", row `{path}`: {default} is not the default ({c:?} differs from {want:?})"
+                ));
+            }
+            Err(e) => {
+                return Some(format!(
+                    "table \"net-conf.json\", row `{path}`: the documented default {default} is refused: {e}"
+                ));
+            }
+        }
+    }
+    None
+}
+
 #[test]
 fn configuration_reference_lists_every_net_conf_key() {
     let mut keys = serde_fields::<weft_agent::config::RawNetConf>();
@@ -325,7 +378,26 @@ fn configuration_reference_lists_every_net_conf_key() {
             )),
         }
     }
-    let base = parse_net_conf(&json!({"Network": NET_CONF_BASE})).unwrap();
+    let peer_fields = serde_fields::<weft_agent::bgp::config::RawPeer>();
+    assert!(
+        peer_fields.len() >= 5,
+        "found only {peer_fields:?} in a bgp peer"
+    );
+    for field in &peer_fields {
+        match peer_field_path(field) {
+            Some(path) => {
+                if !rows.contains_key(&path) {
+                    problems.push(format!(
+                        "table \"net-conf.json\": add a row for `{path}` (read by agent/src/bgp/config.rs)"
+                    ));
+                }
+                code_paths.insert(path);
+            }
+            None => problems.push(format!(
+                "agent/src/bgp/config.rs reads the peer field {field:?} but a bad value for it is not refused naming it"
+            )),
+        }
+    }
     for (path, row) in &rows {
         if !code_paths.contains(path) {
             problems.push(format!(
@@ -334,17 +406,7 @@ fn configuration_reference_lists_every_net_conf_key() {
             continue;
         }
         if let Some(default) = literal(&row[1]) {
-            let mut conf = json!({"Network": NET_CONF_BASE});
-            set_path(&mut conf, path, default.clone());
-            match parse_net_conf(&conf) {
-                Ok(c) if c == base => {}
-                Ok(c) => problems.push(format!(
-                    "table \"net-conf.json\", row `{path}`: {default} is not the default ({c:?} differs from {base:?})"
-                )),
-                Err(e) => problems.push(format!(
-                    "table \"net-conf.json\", row `{path}`: the documented default {default} is refused: {e}"
-                )),
-            }
+            problems.extend(default_problem(path, &default));
         }
     }
     fail_on(problems);
@@ -470,6 +532,7 @@ fn relative_links_resolve() {
         "docs/architecture.md",
         "docs/troubleshooting.md",
         "docs/migrating-from-flannel.md",
+        "docs/bgp.md",
     ] {
         assert!(
             readme.contains(&format!("]({doc})")),

@@ -1,6 +1,7 @@
 //! weft's netlink layer against the kernel, and the proof that weft's binaries spawn no `ip`:
 //! refused requests carry the kernel's extended-ack text; the CNI plugin (ADD, CHECK, GC, DEL)
-//! and the agent run with a `PATH` whose `ip` records that it ran and fails loudly.
+//! and the agent (with the bgp backend's BIRD) run with a `PATH` whose `ip` records that it ran
+//! and fails loudly; routes of weft's BGP table read back as BIRD writes them.
 use std::{net::Ipv4Addr, os::unix::fs::PermissionsExt as _, path::Path, time::Duration};
 
 use serde_json::json;
@@ -109,7 +110,9 @@ fn cni_plugin_and_agent_spawn_no_ip() {
     del.run(&node.ns).ok();
     assert!(node.subnet.contains(&ip));
 
-    // The agent: underlay detection, the weft_host pair and its route, sysctls, the datapath.
+    // The agent: underlay detection, the weft_host pair and its route, sysctls, the datapath;
+    // with the bgp backend, so that BIRD's supervision (which reads weft's routing table every
+    // second) runs too.
     let a = Netns::new("wna");
     let b = Netns::new("wnb");
     veth_pair(&a, "eth0", &b, "eth0");
@@ -126,7 +129,12 @@ fn cni_plugin_and_agent_spawn_no_ip() {
     )
     .unwrap();
     let conf = dir.path.join("net-conf.json");
-    std::fs::write(&conf, r#"{"Network": "10.71.0.0/16"}"#).unwrap();
+    std::fs::write(
+        &conf,
+        r#"{"Network": "10.71.0.0/16", "Backend": {"Type": "bgp"}}"#,
+    )
+    .unwrap();
+    let bird_dir = dir.path.join("bird");
     let pins = PinDir::new("noip");
     let args: Vec<String> = [
         "--datastore",
@@ -144,6 +152,8 @@ fn cni_plugin_and_agent_spawn_no_ip() {
         "--metrics-addr",
         &format!("127.0.0.1:{METRICS_PORT}"),
         "--no-ip-masq",
+        "--bgp-dir",
+        bird_dir.to_str().unwrap(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -166,10 +176,60 @@ fn cni_plugin_and_agent_spawn_no_ip() {
     );
     let route = a.ip("route show 10.71.0.0/16");
     assert!(route.contains("dev weft_host"), "{route}");
+    wait_until(
+        &format!("the agent's BIRD to answer\n{}", agent.log()),
+        Duration::from_secs(30),
+        || weft_agent::bgp::speaker::answers(&bird_dir.join("bird.ctl")),
+    );
+    // A few turns of the supervisor's table reads.
+    std::thread::sleep(Duration::from_secs(3));
     drop(agent);
     assert!(
         !mark.exists(),
         "weft ran ip: {}",
         std::fs::read_to_string(&mark).unwrap_or_default()
     );
+}
+
+/// weft's BGP table as the agent reads it: unicast routes of that table only (gateways, ECMP
+/// next hops, on-link routes), not unreachable or blackhole routes, not other tables'.
+#[test]
+fn bgp_table_routes_read_back() {
+    let ns = Netns::new("wnt");
+    ns.ip("link add wnta type veth peer name wntb");
+    ns.ip("link set wnta up");
+    ns.ip("link set wntb up");
+    ns.ip("addr add 192.168.94.1/24 dev wnta");
+    for route in [
+        "10.244.2.0/24 via 192.168.94.2 dev wnta table 2500 proto bird",
+        "10.244.3.0/24 table 2500 nexthop via 192.168.94.3 dev wnta nexthop via 192.168.94.4 dev wnta",
+        "10.244.4.0/24 dev wnta table 2500",
+        "unreachable 10.244.5.0/24 table 2500",
+        "blackhole 10.244.6.0/24 table 2500",
+        "10.244.7.0/24 via 192.168.94.2 dev wnta table 2501",
+        "10.244.8.0/24 via 192.168.94.2 dev wnta",
+    ] {
+        ns.ip(&format!("route add {route}"));
+    }
+    let (table, missing) = ns.run(|| {
+        (
+            weft_agent::bgp::table::read(2500).unwrap(),
+            weft_agent::bgp::table::read(2600).unwrap(),
+        )
+    });
+    let ifindex = ns.ifindex("wnta");
+    let want: Vec<(String, String)> = [
+        ("10.244.2.0/24", format!("via 192.168.94.2 dev {ifindex}")),
+        (
+            "10.244.3.0/24",
+            format!("via 192.168.94.3 dev {ifindex}, via 192.168.94.4 dev {ifindex}"),
+        ),
+        ("10.244.4.0/24", format!("on-link dev {ifindex}")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let got: Vec<(String, String)> = table.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    assert_eq!(got, want);
+    assert!(missing.is_empty(), "a table that does not exist is empty");
 }

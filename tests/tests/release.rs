@@ -9,7 +9,9 @@
 //!   install step with no capability at all, the agent with exactly the manifest's capabilities,
 //!   a read-only root filesystem and a read-only /proc/sys (as a container runtime mounts them),
 //!   the host's /proc/sys/net where the manifest mounts it; pods across nodes reach each other.
-//! - Each of the manifest's capabilities is needed: without any one of them the agent fails.
+//! - Each of the manifest's capabilities is needed: without any one of them an agent of the
+//!   bgp backend fails (NET_BIND_SERVICE is BIRD's, for BGP's port 179; an agent of another
+//!   backend runs without it).
 //! - The manifest's resource requests and limits cover what the agent measurably uses.
 use std::{
     collections::BTreeSet,
@@ -352,6 +354,16 @@ fn tarball_image_and_manifest_agree() {
         }
     }
     assert!(dockerfile.contains(&format!("org.opencontainers.image.version=\"{VERSION}\"")));
+    // The bgp backend's speaker: the agent runs `bird` and `birdc` (Debian's bird2).
+    let packages: BTreeSet<String> = instructions
+        .iter()
+        .filter(|(kw, _)| kw == "RUN")
+        .flat_map(|(_, a)| instruction_words(a))
+        .collect();
+    assert!(
+        packages.contains("bird2"),
+        "the image does not install bird2: {packages:?}"
+    );
 
     // The manifest runs that image, tagged with the workspace version, and binaries it has.
     let docs = manifest();
@@ -482,7 +494,7 @@ fn manifest_passes_kubernetes_validate_strict() {
     let agent = container(ds, "containers", "agent");
     let mut caps = added_capabilities(agent);
     caps.sort();
-    assert_eq!(caps, ["bpf", "net_admin", "perfmon"]);
+    assert_eq!(caps, ["bpf", "net_admin", "net_bind_service", "perfmon"]);
     assert!(added_capabilities(container(ds, "initContainers", "install-cni")).is_empty());
 }
 
@@ -849,8 +861,10 @@ fn unpacked_release_runs_a_cluster_as_the_daemonset_runs_it() {
     }
 }
 
-/// A node namespace with an underlay link, for one agent on its own (static datastore).
-fn lone_agent(bin: &Path, caps: &[String]) -> (bool, String) {
+/// A node namespace with an underlay link, for one agent on its own (static datastore), with
+/// `backend`. With bgp the other end of the link runs BIRD as the agent's mesh peer, and the
+/// agent counts as working once that session is Established too.
+fn lone_agent(bin: &Path, caps: &[String], backend: &str) -> (bool, String) {
     let a = Netns::new("wca");
     let b = Netns::new("wcb");
     veth_pair(&a, "eth0", &b, "eth0");
@@ -881,9 +895,18 @@ fn lone_agent(bin: &Path, caps: &[String]) -> (bool, String) {
     .unwrap();
     std::fs::write(
         dir.join("net-conf.json"),
-        r#"{"Network": "10.72.0.0/16", "Backend": {"Type": "vxlan"}}"#,
+        json!({"Network": "10.72.0.0/16", "Backend": {"Type": backend}}).to_string(),
     )
     .unwrap();
+    let peer = (backend == "bgp").then(|| {
+        weft_tests::bird::Bird::start(
+            &b,
+            "router id 192.168.92.2;\nprotocol device {}\n\
+             protocol bgp a { local 192.168.92.2 as 64512; neighbor 192.168.92.1 as 64512;\n\
+               connect delay time 1; ipv4 { import all; export none; }; }\n"
+                .into(),
+        )
+    });
     let bounding = std::iter::once("-all".to_string())
         .chain(caps.iter().map(|c| format!("+{c}")))
         .collect::<Vec<_>>()
@@ -905,6 +928,8 @@ fn lone_agent(bin: &Path, caps: &[String]) -> (bool, String) {
         pins.path.to_str().unwrap(),
         "--subnet-file",
         dir.join("a.env").to_str().unwrap(),
+        "--bgp-dir",
+        dir.join("bird").to_str().unwrap(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -914,10 +939,15 @@ fn lone_agent(bin: &Path, caps: &[String]) -> (bool, String) {
     let deadline = Instant::now() + Duration::from_secs(30);
     let ready = loop {
         let text = agent.log();
-        if text.contains(" ready") {
+        let peered = peer.as_ref().is_none_or(|p| p.established() == 1);
+        if text.contains(" ready") && peered {
             break true;
         }
-        if agent.exited() || Instant::now() > deadline {
+        // BIRD gives a session up when it cannot listen: it never comes up.
+        if agent.exited()
+            || text.contains("Cannot open listening socket")
+            || Instant::now() > deadline
+        {
             break false;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -934,11 +964,14 @@ fn each_capability_of_the_manifest_is_needed() {
     let bin = unpacked.top().join("bin");
     let docs = manifest();
     let caps = added_capabilities(container(daemonset(&docs), "containers", "agent"));
-    let (ready, log) = lone_agent(&bin, &caps);
-    assert!(ready, "the agent with {caps:?} did not get ready:\n{log}");
+    let (ready, log) = lone_agent(&bin, &caps, "bgp");
+    assert!(
+        ready,
+        "the bgp agent with {caps:?} did not get ready and peered:\n{log}"
+    );
     for left_out in &caps {
         let fewer: Vec<String> = caps.iter().filter(|c| *c != left_out).cloned().collect();
-        let (ready, log) = lone_agent(&bin, &fewer);
+        let (ready, log) = lone_agent(&bin, &fewer, "bgp");
         assert!(
             !ready,
             "the agent got ready without {left_out}: drop it from deploy/weft.yaml\n{log}"
@@ -949,11 +982,12 @@ fn each_capability_of_the_manifest_is_needed() {
         );
         // Why each is needed (deploy/weft.yaml says so): maps need CAP_BPF; tc and XDP
         // programs need CAP_NET_ADMIN to load; without CAP_PERFMON the verifier refuses the
-        // programs' pointer arithmetic.
+        // programs' pointer arithmetic; BIRD binds BGP's port 179 (CAP_NET_BIND_SERVICE).
         let step = match left_out.as_str() {
             "bpf" => "failed to create map",
             "net_admin" => "BPF_PROG_LOAD",
             "perfmon" => "pointer -= pointer prohibited",
+            "net_bind_service" => "Cannot open listening socket",
             _ => "",
         };
         assert!(
@@ -963,11 +997,22 @@ fn each_capability_of_the_manifest_is_needed() {
         eprintln!(
             "without {left_out}: {}",
             log.lines()
-                .rfind(|l| l.contains("weft-agent:"))
+                .rfind(|l| l.contains("weft-agent:") || l.contains(step))
                 .unwrap_or("")
                 .chars()
                 .take(300)
                 .collect::<String>()
         );
     }
+    // Only BIRD needs NET_BIND_SERVICE: an agent of another backend runs without it.
+    let fewer: Vec<String> = caps
+        .iter()
+        .filter(|c| *c != "net_bind_service")
+        .cloned()
+        .collect();
+    let (ready, log) = lone_agent(&bin, &fewer, "vxlan");
+    assert!(
+        ready,
+        "the vxlan agent needs no NET_BIND_SERVICE, yet did not get ready:\n{log}"
+    );
 }

@@ -28,6 +28,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "binutils",
     // A virtual environment for kubernetes-validate.
     "python3-venv",
+    // BIRD 2: the BGP speaker of the bgp backend (weft-agent supervises one per node) and the
+    // route reflector of the bgp demo and tests.
+    "bird2",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Validates deploy/weft.yaml against the Kubernetes API schemas (`--strict`: no unknown
@@ -70,6 +73,9 @@ pub fn run() -> Result<()> {
             "bootstrap: packages installed in {:.0} s",
             t.elapsed().as_secs_f64()
         );
+        if missing.contains(&"bird2") {
+            stop_distro_bird();
+        }
     }
     if !nightly_has_rust_src() {
         eprintln!("bootstrap: adding rust-src to the nightly toolchain");
@@ -152,6 +158,22 @@ pub fn run() -> Result<()> {
     }
     eprintln!("bootstrap: ready ({:.1} s)", start.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Debian's bird2 enables and starts a system-wide `bird.service` (where systemd runs): weft
+/// never uses it (every weft node runs its own BIRD with per-node sockets and files), so the
+/// instance the package just started is stopped and disabled rather than left speaking in the
+/// machine's own namespace. Only right after this bootstrap installed the package: a BIRD the
+/// machine already had is not ours to touch.
+fn stop_distro_bird() {
+    let active = Command::new("systemctl")
+        .args(["is-enabled", "--quiet", "bird.service"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if active {
+        eprintln!("bootstrap: disabling the distribution's bird.service (weft runs its own)");
+        let _ = sh("systemctl", &["disable", "--now", "bird.service"], &[]);
+    }
 }
 
 fn dpkg_installed(package: &str) -> bool {

@@ -40,7 +40,8 @@ enum Cmd {
         nodes: usize,
         #[arg(long, default_value_t = 2)]
         pods: usize,
-        /// vxlan, ipip or host-gw.
+        /// vxlan, ipip, host-gw or bgp (bgp: two underlay subnets joined by a router running
+        /// BIRD as a route reflector).
         #[arg(long, default_value = "vxlan")]
         backend: String,
     },
@@ -385,15 +386,19 @@ fn print_table(report: &serde_json::Value) {
         };
         let base_vx = &report[section]["kernel-vxlan"];
         let base_gw = &report[section]["kernel-hostgw"];
+        let base_routed = &report[section]["kernel-routed"];
         println!("\n{title}");
         println!(
             "{:<16} {:>9} {:>7} {:>11} {:>7} {:>9} {:>9}",
             "contestant", "TCP Gb/s", "ratio", "UDP64 kpps", "ratio", "RTT p50", "RTT p99"
         );
         for (name, v) in rows {
-            // Tunnels compare with the kernel's vxlan device, routing with its host-gw.
+            // Tunnels compare with the kernel's vxlan device, routing with its host-gw, and
+            // routing through a router (bgp) with the kernel's routing through the same router.
             let base = if name.contains("hostgw") {
                 base_gw
+            } else if name.contains("bgp") || name.contains("routed") {
+                base_routed
             } else {
                 base_vx
             };

@@ -3,6 +3,7 @@
 //! CNI plugin, and keeps the maps in line with the cluster's nodes. Never flushes anything on
 //! exit: a restarted agent adopts pins and links and writes only what changed.
 use std::{
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::ExitCode,
@@ -13,13 +14,14 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, ValueEnum};
 use weft_agent::{
+    bgp,
     config::FlannelNetConf,
     conntrack,
     control_loop::{ControlLoop, mode_policy, node_config},
     datapath::{Datapath, LoadOptions, Maps},
     datastore::{
         Backoff, Datastore, LocalNode,
-        etcd::{DEFAULT_PREFIX, EtcdClient, EtcdDatastore, EtcdOptions},
+        etcd::{DEFAULT_PREFIX, EtcdClient, EtcdDatastore, EtcdOptions, SubnetTaken},
         kube::{KubeDatastore, KubeSource},
         static_file::StaticFile,
     },
@@ -35,7 +37,7 @@ use weft_agent::{
     subnet_env::{self, SubnetEnv},
 };
 use weft_common::{
-    CONFIG_F_ACCEPT_ROUTED, DEFAULT_PIN_ROOT, HOST_PEER_DEV,
+    CONFIG_F_ACCEPT_ROUTED, DEFAULT_PIN_ROOT, ENDPOINTS_MAX, HOST_PEER_DEV, NODES_MAX, ROUTES_MAX,
     conntrack::CT_MAX_DEFAULT,
     policy::{
         POLICY_ADDRS_MAX, POLICY_CIDRS_MAX, POLICY_ENDPOINTS_MAX, POLICY_NS_DEFAULTS_MAX,
@@ -129,8 +131,9 @@ struct Args {
     cni_bin_dir: PathBuf,
     #[arg(long, default_value = "/etc/cni/net.d")]
     cni_conf_dir: PathBuf,
-    /// TTL of the etcd subnet lease in seconds (renewed every third of it).
-    #[arg(long, default_value_t = 60)]
+    /// TTL of the etcd subnet lease in seconds (flannel's 24 h). A node away longer loses its
+    /// subnet: it may be handed to another node once no never-used subnet is left.
+    #[arg(long, default_value_t = 86_400)]
     lease_ttl: u64,
     /// Full resync period in seconds (re-reads the maps and repairs drift).
     #[arg(long, default_value_t = 30)]
@@ -145,6 +148,16 @@ struct Args {
     /// pinned map keeps its size until its pin is removed (e.g. at the next boot).
     #[arg(long, default_value_t = CT_MAX_DEFAULT, value_parser = clap::value_parser!(u32).range(1024..))]
     conntrack_max: u32,
+    /// Capacity of the route map (other nodes' subnets). Applies when the map is created; a
+    /// pinned map keeps its size until its pin is removed.
+    #[arg(long, default_value_t = ROUTES_MAX, value_parser = clap::value_parser!(u32).range(1..))]
+    routes_max: u32,
+    /// Capacity of the node map (other nodes' addresses). As --routes-max.
+    #[arg(long, default_value_t = NODES_MAX, value_parser = clap::value_parser!(u32).range(1..))]
+    nodes_max: u32,
+    /// Capacity of the endpoint map (this node's pods). As --routes-max.
+    #[arg(long, default_value_t = ENDPOINTS_MAX, value_parser = clap::value_parser!(u32).range(1..))]
+    endpoints_max: u32,
     /// Let plain traffic from hosts that are not cluster nodes reach this node's pods through
     /// the host stack (routed access to pod addresses, as BGP setups want). Off: only nodes
     /// on the underlay may send plain (unencapsulated) packets to pods.
@@ -177,6 +190,14 @@ struct Args {
     /// /proc/sys is read-only in unprivileged containers).
     #[arg(long, default_value = "/proc/sys/net")]
     sysctl_net_dir: PathBuf,
+    /// bgp backend: directory of the node's BIRD files (configuration, control socket, pid
+    /// file).
+    #[arg(long, default_value = "/run/weft/bird")]
+    bgp_dir: PathBuf,
+    /// bgp backend: this node's labels, matched by `Backend.Peers[].NodeSelector`
+    /// (`key=value,...`; with `--datastore kube`, the Node object's labels when empty).
+    #[arg(long)]
+    node_labels: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -288,6 +309,35 @@ fn load_net_conf(args: &Args, ds: &mut dyn Datastore) -> Result<FlannelNetConf> 
     }
 }
 
+/// This node's labels, matched by `Backend.Peers[].NodeSelector`: `--node-labels`, or with the
+/// Kubernetes datastore (and selectors in use) the Node object's labels, read at start.
+fn node_labels(
+    args: &Args,
+    conf: &FlannelNetConf,
+    name: &str,
+    runtime: &tokio::runtime::Handle,
+) -> Result<BTreeMap<String, String>> {
+    let labels = bgp::config::parse_labels(args.node_labels.as_deref().unwrap_or(""))?;
+    let selectors = conf
+        .backend
+        .bgp
+        .as_ref()
+        .is_some_and(|b| b.peers.iter().any(|p| !p.node_selector.is_empty()));
+    if !labels.is_empty() || !selectors || !matches!(args.datastore, DatastoreKind::Kube) {
+        return Ok(labels);
+    }
+    let source = KubeSource {
+        api: args.kube_api.clone(),
+        kubeconfig: args.kubeconfig.clone(),
+    };
+    runtime
+        .block_on(async {
+            let client = source.client().await?;
+            weft_agent::datastore::kube::node_labels(&client, name).await
+        })
+        .context("reading this node's labels (Backend.Peers[].NodeSelector)")
+}
+
 /// The `CONFIG_F_*` flags the agent's flags ask for.
 fn config_flags(args: &Args) -> u16 {
     if args.accept_routed_pod_traffic {
@@ -340,6 +390,9 @@ fn program_datapath(
             port_blocks: args.policy_port_blocks_max,
             ns_defaults: args.policy_namespaces_max,
         },
+        routes_max: args.routes_max,
+        nodes_max: args.nodes_max,
+        endpoints_max: args.endpoints_max,
     };
     let mut dp = Datapath::load_pinned_with(&args.pin_root, &options).with_context(|| {
         format!(
@@ -347,13 +400,16 @@ fn program_datapath(
             args.pin_root.display()
         )
     })?;
-    let capacity = dp.conntrack_capacity()?;
-    if capacity != args.conntrack_max {
-        tracing::warn!(
-            pinned = capacity,
-            requested = args.conntrack_max,
-            "the pinned conntrack map keeps its size; --conntrack-max applies once its pin is removed"
-        );
+    for (map, requested) in options.sizes() {
+        let capacity = dp.capacity(map)?;
+        if capacity != requested {
+            tracing::warn!(
+                map,
+                pinned = capacity,
+                requested,
+                "a pinned map keeps its size: the requested one applies once its pin is removed (e.g. at the next boot)"
+            );
+        }
     }
     dp.pin_programs()?;
     let mut config = node_config(conf, underlay);
@@ -470,6 +526,12 @@ fn run(args: Args) -> Result<()> {
         args.iface.as_deref(),
         args.public_ip,
     ))?;
+    conf.check_mtu(underlay.mtu).with_context(|| {
+        format!(
+            "net-conf (the underlay {} has MTU {})",
+            underlay.name, underlay.mtu
+        )
+    })?;
     let pod_mtu = conf.pod_mtu(underlay.mtu);
     tracing::info!(
         iface = %underlay.name, node_ip = %underlay.node_ip, network = %conf.network,
@@ -500,11 +562,21 @@ fn run(args: Args) -> Result<()> {
         vtep_mac: node_net::vtep_mac_for(underlay.node_ip),
         previous_subnet: SubnetEnv::read(&args.subnet_file).ok().map(|e| e.subnet),
     };
+    let fence = Fence {
+        pin_root: args.pin_root.clone(),
+        subnet_file: args.subnet_file.clone(),
+        metrics: metrics.clone(),
+    };
     let mut backoff = Backoff::new(Duration::from_secs(5));
     let subnet = loop {
         match ds.acquire(&local, &conf) {
             Ok(s) => break s,
-            Err(e) => tracing::warn!("acquiring the node's subnet: {e:#}"),
+            Err(e) => {
+                tracing::warn!("acquiring the node's subnet: {e:#}");
+                if let Some(taken) = e.downcast_ref::<SubnetTaken>() {
+                    fence.lost(taken.subnet, &taken.to_string());
+                }
+            }
         }
         metrics.beat();
         std::thread::sleep(backoff.next_delay());
@@ -514,22 +586,57 @@ fn run(args: Args) -> Result<()> {
         network: conf.network,
         subnet,
         mtu: pod_mtu,
+        underlay_mtu: Some(underlay.mtu),
         ipmasq: !args.no_ip_masq,
         pin_root: args.pin_root.clone(),
     };
     subnet_env(&args, &conf, subnet).write(&args.subnet_file)?;
+    fence.holds(subnet);
     if !args.no_ip_masq {
         let fw = node_net::ensure_masquerade(conf.network)?;
         tracing::info!(?fw, "masquerading pod traffic leaving {}", conf.network);
     }
 
     start_policy(&args, &local.name, runtime.handle(), policy_metrics)?;
+
+    // BIRD for the bgp backend, driven by the control loop (idle for other backends, ready for
+    // a live switch to bgp).
+    let bgp = bgp::Controller::new(
+        bgp::Files {
+            dir: args.bgp_dir.clone(),
+        },
+        bgp::LocalNode {
+            name: local.name.clone(),
+            ip: underlay.node_ip,
+            underlay_subnet: underlay.subnet,
+            underlay_iface: underlay.name.clone(),
+            subnets: vec![subnet],
+            labels: node_labels(&args, &conf, &local.name, runtime.handle())?,
+        },
+        conf.network,
+    );
+
     let (tx, rx) = mpsc::channel();
     ds.run(tx)?;
-    let rec = Reconciler::new(mode_policy(&conf, &underlay), subnet, underlay.node_ip);
+    let rec = Reconciler::new(
+        mode_policy(&conf, &underlay, Arc::default()),
+        subnet,
+        underlay.node_ip,
+    );
     let on_local_subnet = {
-        let (args, conf) = (args.clone(), conf.clone());
-        move |subnet| subnet_env(&args, &conf, subnet).write(&args.subnet_file)
+        let (args, conf, fence) = (args.clone(), conf.clone(), fence.clone());
+        move |subnet| {
+            subnet_env(&args, &conf, subnet).write(&args.subnet_file)?;
+            fence.holds(subnet);
+            Ok(())
+        }
+    };
+    let on_subnet_lost = move |subnet: ipnet::Ipv4Net| {
+        fence.lost(
+            subnet,
+            &format!("subnet {subnet}, this node's before, is leased to another node now"),
+        );
+        Ok(())
     };
     ControlLoop::new(
         dp.maps,
@@ -541,7 +648,56 @@ fn run(args: Args) -> Result<()> {
         Instant::now(),
     )
     .config_flags(config_flags(&args))
+    .bgp(Box::new(bgp))
     .watch_net_conf(args.net_conf.clone())
     .on_local_subnet(on_local_subnet)
+    .on_subnet_lost(on_subnet_lost)
     .run(rx)
+}
+
+/// What the agent does when this node's subnet changes hands: local pods whose addresses are
+/// not this node's any more are cut off (`node_net::fence_endpoints`), and while the node holds
+/// no subnet the subnet file is gone (the CNI plugin then answers "try again later" instead of
+/// handing out another node's addresses) and `/readyz` says why.
+#[derive(Clone)]
+struct Fence {
+    pin_root: PathBuf,
+    subnet_file: PathBuf,
+    metrics: Arc<Metrics>,
+}
+
+impl Fence {
+    /// This node holds `subnet`: pods outside it are not this node's.
+    fn holds(&self, subnet: ipnet::Ipv4Net) {
+        self.metrics.set_subnet_lost(None);
+        self.fence(Some(subnet), None);
+    }
+
+    /// This node lost `subnet` to another node and holds none.
+    fn lost(&self, subnet: ipnet::Ipv4Net, why: &str) {
+        match std::fs::remove_file(&self.subnet_file) {
+            Ok(()) => tracing::warn!(
+                file = %self.subnet_file.display(),
+                "removed the subnet file: no pod can be created until this node holds a subnet"
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::error!("removing {}: {e}", self.subnet_file.display()),
+        }
+        self.metrics
+            .set_subnet_lost(Some(format!("{why}, and no other subnet is free")));
+        self.fence(None, Some(subnet));
+    }
+
+    fn fence(&self, keep: Option<ipnet::Ipv4Net>, lost: Option<ipnet::Ipv4Net>) {
+        let fenced = Maps::open_pinned(&self.pin_root).and_then(|mut maps| {
+            let nl = BlockingNetlink::open()?;
+            node_net::fence_endpoints(&mut maps, &nl, keep, lost)
+        });
+        match fenced {
+            Ok(ips) => {
+                self.metrics.fenced_endpoints.inc_by(ips.len() as u64);
+            }
+            Err(e) => tracing::error!("cutting off pods of a subnet this node lost: {e:#}"),
+        }
+    }
 }

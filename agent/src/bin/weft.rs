@@ -5,8 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use weft_agent::netpol::store;
-use weft_agent::{datapath::Maps, mac::format_mac as mac};
+use weft_agent::{bgp, datapath::Maps, mac::format_mac as mac, netpol::store};
 use weft_common::{
     CONFIG_F_READY, RouteMode,
     conntrack::{CT_F_INIT_HI, CT_F_SEEN_HI, CT_F_SEEN_LO, CtOrigin, closing},
@@ -21,13 +20,16 @@ struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// [bgp] The node's BIRD control socket: `status` shows its sessions and routes.
+    #[arg(long, global = true, default_value = "/run/weft/bird/bird.ctl")]
+    bird_socket: PathBuf,
     #[command(subcommand)]
     command: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Node configuration and map fill.
+    /// Node configuration, map fill and (bgp backend) BGP sessions and learned prefixes.
     Status,
     /// Pod CIDRs of other nodes and how they are reached.
     Routes,
@@ -53,6 +55,9 @@ enum Cmd {
         #[command(subcommand)]
         action: Option<Box<PolicyCmd>>,
     },
+    /// The CNI plugin's address store.
+    #[command(subcommand)]
+    Ipam(IpamCmd),
 }
 
 #[derive(clap::Args, Debug)]
@@ -124,12 +129,198 @@ enum PolicyCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum IpamCmd {
+    /// Rebuilds the store from the node's pod links (their aliases and host routes), e.g. after
+    /// it was found corrupt. The old file is kept beside it.
+    Rebuild {
+        /// The CNI conflist naming weft-cni's dataDir, network name and subnetFile.
+        #[arg(long, default_value = "/etc/cni/net.d/10-weft.conflist")]
+        conflist: PathBuf,
+    },
+}
+
+/// weft-cni's configuration in a conflist (its entry, with the list's name and version).
+fn cni_conf(conflist: &std::path::Path) -> Result<weft_agent::cni::spec::NetworkConfig> {
+    use anyhow::Context as _;
+    let text = std::fs::read(conflist)
+        .with_context(|| format!("--conflist: reading {}", conflist.display()))?;
+    let list: serde_json::Value = serde_json::from_slice(&text)
+        .with_context(|| format!("--conflist {}: not JSON", conflist.display()))?;
+    let mut entry = list["plugins"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["type"] == "weft-cni"))
+        .cloned()
+        .with_context(|| format!("--conflist {}: no weft-cni plugin", conflist.display()))?;
+    entry["name"] = list["name"].clone();
+    entry["cniVersion"] = list["cniVersion"].clone();
+    weft_agent::cni::spec::NetworkConfig::parse(entry)
+        .map_err(|e| anyhow::anyhow!("--conflist {}: {e}", conflist.display()))
+}
+
+/// `weft ipam rebuild`: works without the agent (the maps only add addresses a route lacks).
+fn ipam_rebuild(pin_root: &std::path::Path, conflist: &std::path::Path, json: bool) -> Result<()> {
+    let conf = cni_conf(conflist)?;
+    let ipam = weft_agent::ipam::Ipam::new(&conf.data_dir, &conf.name);
+    let maps = Maps::open_pinned(pin_root).ok();
+    let subnet = weft_agent::subnet_env::SubnetEnv::read(&conf.subnet_file)
+        .ok()
+        .map(|e| e.subnet);
+    let rebuilt = weft_agent::cni::recover::rebuild(
+        &ipam,
+        maps.as_ref(),
+        &[],
+        subnet,
+        std::time::Duration::from_secs(20),
+    )?;
+    if json {
+        let allocations: Vec<_> = rebuilt
+            .state
+            .allocations
+            .iter()
+            .map(|a| json!({"ip": a.ip.to_string(), "containerID": a.container_id, "ifname": a.ifname}))
+            .collect();
+        println!(
+            "{}",
+            json!({"store": ipam.path(), "allocations": allocations, "skipped": rebuilt.skipped,
+                "kept": rebuilt.kept})
+        );
+        return Ok(());
+    }
+    println!(
+        "rebuilt {} with {} allocations",
+        ipam.path().display(),
+        rebuilt.state.allocations.len()
+    );
+    for a in &rebuilt.state.allocations {
+        println!("  {:<16} {} {}", a.ip.to_string(), a.container_id, a.ifname);
+    }
+    for s in &rebuilt.skipped {
+        println!("  left out: {s}");
+    }
+    if let Some(kept) = &rebuilt.kept {
+        println!("the old file is kept at {}", kept.display());
+    }
+    Ok(())
+}
+
 fn mode(m: u8) -> String {
     match RouteMode::from_u8(m) {
         Some(RouteMode::Vxlan) => "vxlan".into(),
         Some(RouteMode::Ipip) => "ipip".into(),
         Some(RouteMode::Direct) => "direct".into(),
+        Some(RouteMode::Bgp) => "bgp".into(),
         None => format!("unknown({m})"),
+    }
+}
+
+/// [bgp] BGP as the node's BIRD reports it (`birdc`): sessions, learned and refused prefixes.
+struct BgpView {
+    socket: PathBuf,
+    table: u32,
+    /// `None`: BIRD does not answer on the socket.
+    sessions: Option<Vec<bgp::birdc::Session>>,
+    learned: Vec<bgp::birdc::Route>,
+    refused: Vec<bgp::birdc::Route>,
+}
+
+/// The BGP view when BIRD answers on `socket`, or when routes use bgp (then its absence is
+/// news); `None` for nodes that do not run BGP.
+fn bgp_view(socket: &std::path::Path, uses_bgp: bool, table: u32) -> Option<BgpView> {
+    use bgp::birdc;
+    let sessions = birdc::run(socket, true, "show protocols")
+        .ok()
+        .map(|t| birdc::parse_protocols(&t));
+    if sessions.is_none() && !uses_bgp {
+        return None;
+    }
+    let routes = |cmd: &str| {
+        birdc::run(socket, true, cmd)
+            .map(|t| birdc::parse_routes(&t))
+            .unwrap_or_default()
+    };
+    let learned = routes("show route")
+        .into_iter()
+        .filter(|r| birdc::session_kind(&r.from).is_some())
+        .collect();
+    Some(BgpView {
+        socket: socket.to_path_buf(),
+        table,
+        sessions,
+        learned,
+        refused: routes("show route filtered"),
+    })
+}
+
+impl BgpView {
+    fn json(&self) -> serde_json::Value {
+        let route = |r: &bgp::birdc::Route| {
+            json!({"prefix": r.prefix.to_string(), "from": r.from, "primary": r.primary,
+                "via": r.via.iter().map(|v| v.to_string()).collect::<Vec<_>>()})
+        };
+        json!({
+            "socket": self.socket,
+            "table": self.table,
+            "running": self.sessions.is_some(),
+            "sessions": self.sessions.iter().flatten().map(|s| json!({
+                "name": s.name, "peer": s.peer.to_string(), "kind": s.kind.name(),
+                "state": s.state, "info": s.info, "established": s.established(), "since": s.since,
+            })).collect::<Vec<_>>(),
+            "learned": self.learned.iter().map(route).collect::<Vec<_>>(),
+            "refused": self.refused.iter().map(route).collect::<Vec<_>>(),
+        })
+    }
+
+    fn print(&self) {
+        let Some(sessions) = &self.sessions else {
+            println!(
+                "bgp        BIRD NOT ANSWERING on {} (routes use bgp)",
+                self.socket.display()
+            );
+            return;
+        };
+        let established = sessions.iter().filter(|s| s.established()).count();
+        println!(
+            "bgp        {established}/{} sessions established, {} prefixes learned (kernel table {}), {} refused",
+            sessions.len(),
+            self.learned.iter().filter(|r| r.primary).count(),
+            self.table,
+            self.refused.len()
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        for s in sessions {
+            let since = s
+                .since
+                .map(|t| format!("for {}s", now.saturating_sub(t)))
+                .unwrap_or_default();
+            println!(
+                "  session  {:<16} {:<5} {:<6} {} {since}",
+                s.peer.to_string(),
+                s.kind.name(),
+                s.state,
+                s.info
+            );
+        }
+        for r in &self.learned {
+            let via: Vec<String> = r.via.iter().map(|v| v.to_string()).collect();
+            println!(
+                "  learned  {:<18} via {:<16} from {}{}",
+                r.prefix.to_string(),
+                via.join(","),
+                r.from,
+                if r.primary { "" } else { " (not preferred)" }
+            );
+        }
+        for r in &self.refused {
+            println!(
+                "  refused  {:<18} from {} (import filter: not a known node's pod subnet from its owner)",
+                r.prefix.to_string(),
+                r.from
+            );
+        }
     }
 }
 
@@ -216,6 +407,9 @@ fn describe(k: &store::Key) -> String {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Cmd::Ipam(IpamCmd::Rebuild { conflist }) = &cli.command {
+        return ipam_rebuild(&cli.pin_root, conflist, cli.json);
+    }
     if let Cmd::Policy {
         action: Some(action),
         ..
@@ -235,12 +429,19 @@ fn main() -> Result<()> {
             );
             let drops: u64 = maps.drops()?.iter().map(|(_, n)| n).sum();
             let node_ip = std::net::Ipv4Addr::from(cfg.node_ip);
+            // [bgp]
+            let uses_bgp = maps
+                .routes()?
+                .iter()
+                .any(|(_, r)| r.mode == RouteMode::Bgp as u8);
+            let bgp = bgp_view(&cli.bird_socket, uses_bgp, cfg.bgp_table);
             if cli.json {
                 println!(
                     "{}",
                     json!({"ready": ready, "node_ip": node_ip.to_string(), "underlay_ifindex": cfg.underlay_ifindex,
                         "vni": cfg.vni, "vxlan_port": cfg.vxlan_port, "vtep_mac": mac(&cfg.vtep_mac),
-                        "routes": routes, "endpoints": endpoints, "nodes": nodes, "drops": drops})
+                        "routes": routes, "endpoints": endpoints, "nodes": nodes, "drops": drops,
+                        "bgp": bgp.as_ref().map(BgpView::json)})
                 );
             } else {
                 println!(
@@ -267,6 +468,9 @@ fn main() -> Result<()> {
                     "pins       {}",
                     weft_agent::datapath::pin_dir(&cli.pin_root).display()
                 );
+                if let Some(bgp) = bgp {
+                    bgp.print();
+                }
             }
         }
         Cmd::Routes => {
@@ -381,6 +585,7 @@ fn main() -> Result<()> {
                 }
             }
         }
+        Cmd::Ipam(_) => unreachable!("handled before the maps are opened"),
         Cmd::Conntrack => {
             let now = weft_agent::conntrack::now_s();
             let flows = maps.conntrack()?;

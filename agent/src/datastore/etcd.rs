@@ -36,6 +36,7 @@ pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
 pub struct Kv {
     pub key: String,
     pub value: Vec<u8>,
+    pub create_revision: i64,
     pub mod_revision: i64,
     pub lease: i64,
 }
@@ -94,6 +95,8 @@ struct KeyValue {
     #[serde(default, deserialize_with = "de_b64")]
     value: Vec<u8>,
     #[serde(default, deserialize_with = "de_i64")]
+    create_revision: i64,
+    #[serde(default, deserialize_with = "de_i64")]
     mod_revision: i64,
     #[serde(default, deserialize_with = "de_i64")]
     lease: i64,
@@ -104,6 +107,7 @@ impl From<KeyValue> for Kv {
         Kv {
             key: String::from_utf8_lossy(&kv.key).into_owned(),
             value: kv.value,
+            create_revision: kv.create_revision,
             mod_revision: kv.mod_revision,
             lease: kv.lease,
         }
@@ -630,53 +634,104 @@ impl EtcdDatastore {
             public_ip: local.public_ip,
             backend: Some(local.backend),
             vtep_mac: Some(local.vtep_mac),
+            name: subnet_key(subnet),
+            seniority: 0,
+            unknown_backend: None,
         }
         .to_flannel_json(vni)
         .into_bytes()
     }
 
-    /// One allocation attempt: reuse this node's record (same PublicIP), else its previous
-    /// subnet if free, else a free subnet picked at random. `Ok(None)`: lost a race, try again.
+    fn holders_prefix(&self) -> String {
+        format!("{}/{HOLDERS_DIR}", self.prefix)
+    }
+
+    fn holder_key(&self, subnet: Ipv4Net) -> String {
+        format!("{}{}", self.holders_prefix(), subnet_key(subnet))
+    }
+
+    /// Records that this node holds `subnet` now (see [`HOLDERS_DIR`]).
+    fn note_holder(&self, local: &LocalNode, subnet: Ipv4Net) -> Result<()> {
+        let value = serde_json::to_vec(&json!({"PublicIP": local.public_ip}))?;
+        self.client.put(&self.holder_key(subnet), &value, 0)
+    }
+
+    /// One allocation attempt (`Ok(None)`: lost a race, try again), in this order:
+    /// 1. the lease that carries this node's address (an agent restarted within the TTL);
+    /// 2. its previous subnet (from the subnet file), if nobody holds it;
+    /// 3. a free subnet this node was the last to hold (the subnet file was lost);
+    /// 4. a free subnet nobody ever held, picked at random (racing nodes rarely collide);
+    /// 5. the free subnet whose last holder was seen longest ago: a subnet whose lease just
+    ///    expired is handed out last, as its node (and its pods) may well come back.
+    ///
+    /// When the previous subnet is held by another node and nothing is free, the error is
+    /// [`SubnetTaken`]: this node's pods still use addresses another node now hands out.
     fn try_allocate(
         &mut self,
         local: &LocalNode,
         conf: &FlannelNetConf,
     ) -> Result<Option<Ipv4Net>> {
         let (_, kvs) = self.client.range_prefix(&self.subnets_prefix())?;
-        let mut taken = std::collections::HashSet::new();
+        let mut taken = std::collections::HashMap::new();
         for kv in &kvs {
             let Some(subnet) = parse_subnet_key(&kv.key) else {
                 continue;
             };
-            taken.insert(subnet);
-            let Ok(lease) = NodeLease::from_flannel_json(subnet, &kv.value) else {
-                continue;
-            };
-            if lease.public_ip == local.public_ip && conf.is_leasable(subnet) {
+            let lease = NodeLease::from_flannel_json(subnet, &kv.value).ok();
+            if let Some(lease) = &lease
+                && lease.public_ip == local.public_ip
+                && conf.is_leasable(subnet)
+            {
                 let value = self.record(local, subnet, conf.backend.vni);
                 return Ok(self
                     .client
                     .put_if(&kv.key, &value, self.lease_id, Some(kv.mod_revision))?
                     .then_some(subnet));
             }
+            taken.insert(subnet, lease.map(|l| l.public_ip));
         }
-        let candidate = match local.previous_subnet {
-            Some(prev) if conf.is_leasable(prev) && !taken.contains(&prev) => prev,
-            _ => {
-                let free: Vec<Ipv4Net> = conf.subnets().filter(|s| !taken.contains(s)).collect();
-                if free.is_empty() {
-                    bail!(
-                        "no free subnet left in {} between SubnetMin {} and SubnetMax {}",
-                        conf.network,
-                        conf.subnet_min,
-                        conf.subnet_max
-                    );
-                }
-                // Random choice, so that racing nodes rarely pick the same one.
-                let r = RandomState::new().hash_one((local.public_ip, std::process::id()));
-                free[(r % free.len() as u64) as usize]
+        let (_, history) = self.client.range_prefix(&self.holders_prefix())?;
+        let holders: std::collections::HashMap<Ipv4Net, (Option<std::net::Ipv4Addr>, i64)> =
+            history
+                .iter()
+                .filter_map(|kv| {
+                    let subnet = parse_subnet_key(&kv.key)?;
+                    let ip = serde_json::from_slice::<Value>(&kv.value)
+                        .ok()
+                        .and_then(|v| v["PublicIP"].as_str()?.parse().ok());
+                    Some((subnet, (ip, kv.mod_revision)))
+                })
+                .collect();
+        let free: Vec<Ipv4Net> = conf.subnets().filter(|s| !taken.contains_key(s)).collect();
+        let choice = pick_subnet(local, &free, &holders);
+        let Some(candidate) = choice else {
+            let error = anyhow!(
+                "no free subnet left in {} between SubnetMin {} and SubnetMax {}",
+                conf.network,
+                conf.subnet_min,
+                conf.subnet_max
+            );
+            if let Some(prev) = local.previous_subnet
+                && let Some(holder) = taken.get(&prev)
+            {
+                return Err(anyhow::Error::new(SubnetTaken {
+                    subnet: prev,
+                    holder: holder.map_or_else(|| "another node".into(), |ip| ip.to_string()),
+                })
+                .context(error));
             }
+            return Err(error);
         };
+        if let Some(prev) = local.previous_subnet
+            && prev != candidate
+            && let Some(holder) = taken.get(&prev)
+        {
+            tracing::warn!(
+                previous = %prev,
+                holder = ?holder,
+                "this node's previous subnet is held by another node now"
+            );
+        }
         let value = self.record(local, candidate, conf.backend.vni);
         Ok(self
             .client
@@ -685,13 +740,25 @@ impl EtcdDatastore {
     }
 
     fn allocate(&mut self, local: &LocalNode, conf: &FlannelNetConf) -> Result<Ipv4Net> {
-        self.lease_id = self
-            .client
-            .lease_grant(self.ttl)
-            .context("granting the subnet lease")?;
+        // A lease granted by an earlier attempt that is still alive is reused: an agent that
+        // retries for a long time (no subnet free) does not pile up leases of a day each.
+        let alive = self.lease_id != 0
+            && self
+                .client
+                .lease_keepalive(self.lease_id)
+                .is_ok_and(|ttl| ttl > 0);
+        if !alive {
+            self.lease_id = self
+                .client
+                .lease_grant(self.ttl)
+                .context("granting the subnet lease")?;
+        }
         for _ in 0..50 {
             if let Some(subnet) = self.try_allocate(local, conf)? {
                 self.subnet = Some(subnet);
+                if let Err(e) = self.note_holder(local, subnet) {
+                    tracing::warn!("recording this node as the holder of {subnet}: {e:#}");
+                }
                 return Ok(subnet);
             }
         }
@@ -699,30 +766,58 @@ impl EtcdDatastore {
     }
 
     /// Keeps the lease alive; re-acquires (same subnet when free) when it was lost.
+    ///
+    /// The lease is renewed every third of its TTL and checked every minute at most (a lease
+    /// deleted by hand is noticed within a minute). When it is gone (this node was away longer
+    /// than the TTL), the same subnet is taken again if nobody else holds it; otherwise another
+    /// one ([`Event::LocalSubnet`]), and while none is free [`Event::SubnetLost`]: either way the
+    /// agent stops serving the old subnet's addresses, which are another node's now.
     fn renew_loop(mut self, events: Sender<Event>) {
-        let period = Duration::from_millis(self.ttl * 1000 / 3);
+        let renew_every = Duration::from_millis(self.ttl * 1000 / 3);
+        let period = renew_every.min(Duration::from_secs(60));
         let mut backoff = Backoff::new(Duration::from_secs(2));
         let (Some(local), Some(conf)) = (self.local.clone(), self.conf.clone()) else {
             return;
         };
+        let mut renewed = std::time::Instant::now();
+        let mut lost_reported = None;
         loop {
             let result: Result<()> = (|| {
-                let ttl = self.client.lease_keepalive(self.lease_id)?;
                 let subnet = self.subnet.expect("acquired");
+                let ttl = self.client.lease_keepalive(self.lease_id)?;
                 let ours = self
                     .client
                     .get(&self.key(subnet))?
                     .is_some_and(|kv| kv.lease == self.lease_id);
-                if ttl <= 0 || !ours {
-                    tracing::warn!(%subnet, "subnet lease lost; acquiring again");
-                    let mut again = local.clone();
-                    again.previous_subnet = Some(subnet);
-                    let new = self.allocate(&again, &conf)?;
-                    if new != subnet {
-                        let _ = events.send(Event::LocalSubnet(new));
+                if ttl > 0 && ours {
+                    if renewed.elapsed() >= renew_every {
+                        self.note_holder(&local, subnet)?;
+                        renewed = std::time::Instant::now();
+                    }
+                    return Ok(());
+                }
+                tracing::warn!(%subnet, "subnet lease lost; acquiring again");
+                let mut again = local.clone();
+                again.previous_subnet = Some(subnet);
+                match self.allocate(&again, &conf) {
+                    Ok(new) => {
+                        renewed = std::time::Instant::now();
+                        lost_reported = None;
+                        if new != subnet {
+                            let _ = events.send(Event::LocalSubnet(new));
+                        }
+                        Ok(())
+                    }
+                    Err(e) => {
+                        if let Some(taken) = e.downcast_ref::<SubnetTaken>()
+                            && lost_reported != Some(taken.subnet)
+                        {
+                            lost_reported = Some(taken.subnet);
+                            let _ = events.send(Event::SubnetLost(taken.subnet));
+                        }
+                        Err(e)
                     }
                 }
-                Ok(())
             })();
             match result {
                 Ok(()) => {
@@ -736,6 +831,24 @@ impl EtcdDatastore {
             }
         }
     }
+}
+
+/// The name of the lease at `key`: its last component as written (`10.244.1.0-24`).
+fn lease_name(key: &str) -> &str {
+    key.rsplit('/').next().unwrap_or(key)
+}
+
+/// The record a lease key holds (None: not a lease key), named by its key and as old as the
+/// key's creation.
+fn lease_of(kv: &Kv) -> Option<Result<NodeLease>> {
+    let subnet = parse_subnet_key(&kv.key)?;
+    Some(
+        NodeLease::from_flannel_json(subnet, &kv.value).map(|lease| NodeLease {
+            name: lease_name(&kv.key).to_string(),
+            seniority: kv.create_revision,
+            ..lease
+        }),
+    )
 }
 
 /// Lists and watches every lease, forever: a list (snapshot) then a watch from the next
@@ -761,37 +874,38 @@ fn watch_loop(client: EtcdClient, prefix: String, events: Sender<Event>) {
             let _ = events.send(Event::Connected(true));
             connected = Some(true);
         }
-        let leases = kvs
-            .iter()
-            .filter_map(|kv| {
-                let subnet = parse_subnet_key(&kv.key)?;
-                NodeLease::from_flannel_json(subnet, &kv.value)
-                    .map_err(|e| tracing::warn!("ignoring {}: {e:#}", kv.key))
-                    .ok()
-            })
-            .collect();
-        if events.send(Event::Snapshot(leases)).is_err() {
+        let mut leases = Vec::new();
+        let mut unreadable = Vec::new();
+        for kv in &kvs {
+            match lease_of(kv) {
+                None => {}
+                Some(Ok(lease)) => leases.push(lease),
+                Some(Err(e)) => unreadable.push(Event::Unreadable {
+                    name: lease_name(&kv.key).to_string(),
+                    error: format!("{e:#}"),
+                }),
+            }
+        }
+        if events.send(Event::Snapshot(leases)).is_err()
+            || unreadable.into_iter().any(|ev| events.send(ev).is_err())
+        {
             return;
         }
         let mut sent = false;
         let err = client.watch_prefix(&prefix, rev + 1, |ev| {
             sent = true;
             let event = match ev {
-                WatchEvent::Put(kv) => {
-                    let Some(subnet) = parse_subnet_key(&kv.key) else {
-                        return;
-                    };
-                    match NodeLease::from_flannel_json(subnet, &kv.value) {
-                        Ok(lease) => Event::Upsert(lease),
-                        Err(e) => {
-                            tracing::warn!("ignoring {}: {e:#}", kv.key);
-                            // An unreadable record is no route.
-                            Event::Remove(subnet)
-                        }
-                    }
-                }
+                WatchEvent::Put(kv) => match lease_of(&kv) {
+                    None => return,
+                    Some(Ok(lease)) => Event::Upsert(lease),
+                    // An unreadable record is no route (and counted as refused).
+                    Some(Err(e)) => Event::Unreadable {
+                        name: lease_name(&kv.key).to_string(),
+                        error: format!("{e:#}"),
+                    },
+                },
                 WatchEvent::Delete(kv) => match parse_subnet_key(&kv.key) {
-                    Some(subnet) => Event::Remove(subnet),
+                    Some(_) => Event::Remove(lease_name(&kv.key).to_string()),
                     None => return,
                 },
             };
@@ -834,6 +948,60 @@ impl Datastore for EtcdDatastore {
     }
 }
 
+/// Where weft remembers, per subnet, the last node that held it (`<prefix>/weft/holders/
+/// 10.244.1.0-24` = `{"PublicIP": ..}`, no TTL, rewritten at every renewal so that its
+/// `mod_revision` says when that node was last seen). flannel neither reads nor writes these
+/// keys. The allocator hands out subnets nobody ever held first and recently expired ones last
+/// (see `EtcdDatastore::try_allocate`).
+pub const HOLDERS_DIR: &str = "weft/holders/";
+
+/// This node's previous subnet is leased to another node now, and no other subnet is free: the
+/// node's pods still use addresses that are the other node's.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("subnet {subnet}, this node's before, is leased to {holder} now")]
+pub struct SubnetTaken {
+    pub subnet: Ipv4Net,
+    pub holder: String,
+}
+
+/// Which free subnet this node takes (see `EtcdDatastore::try_allocate`): its previous one,
+/// else one it was the last to hold, else one nobody ever held (at random), else the one whose
+/// last holder was seen longest ago. `holders`: the last holder of a subnet and the etcd
+/// revision it was last seen at.
+pub fn pick_subnet(
+    local: &LocalNode,
+    free: &[Ipv4Net],
+    holders: &std::collections::HashMap<Ipv4Net, (Option<std::net::Ipv4Addr>, i64)>,
+) -> Option<Ipv4Net> {
+    if let Some(prev) = local.previous_subnet
+        && free.contains(&prev)
+    {
+        return Some(prev);
+    }
+    let mine = free
+        .iter()
+        .filter(|s| {
+            holders
+                .get(s)
+                .is_some_and(|(ip, _)| *ip == Some(local.public_ip))
+        })
+        .max_by_key(|s| holders[s].1);
+    if let Some(s) = mine {
+        return Some(*s);
+    }
+    let never: Vec<Ipv4Net> = free
+        .iter()
+        .filter(|s| !holders.contains_key(s))
+        .copied()
+        .collect();
+    if !never.is_empty() {
+        // Random choice, so that racing nodes rarely pick the same one.
+        let r = RandomState::new().hash_one((local.public_ip, std::process::id()));
+        return Some(never[(r % never.len() as u64) as usize]);
+    }
+    free.iter().min_by_key(|s| (holders[s].1, **s)).copied()
+}
+
 /// The etcd key of `subnet`'s lease under `prefix` (flannel's layout).
 pub fn lease_key(prefix: &str, subnet: Ipv4Net) -> String {
     format!(
@@ -841,4 +1009,53 @@ pub fn lease_key(prefix: &str, subnet: Ipv4Net) -> String {
         prefix.trim_end_matches('/'),
         subnet_key(subnet)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, net::Ipv4Addr};
+
+    use super::*;
+    use crate::config::BackendType;
+
+    fn local(previous: Option<&str>) -> LocalNode {
+        LocalNode {
+            name: "a".into(),
+            public_ip: Ipv4Addr::new(192, 168, 1, 1),
+            backend: BackendType::Vxlan,
+            vtep_mac: [2, 0x57, 192, 168, 1, 1],
+            previous_subnet: previous.map(|p| p.parse().unwrap()),
+        }
+    }
+
+    fn nets(list: &[&str]) -> Vec<Ipv4Net> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn free_subnets_never_held_go_first_recently_expired_last() {
+        let free = nets(&["10.0.1.0/24", "10.0.2.0/24", "10.0.3.0/24", "10.0.4.0/24"]);
+        let other = |n: u8| Some(Ipv4Addr::new(192, 168, 1, n));
+        // .1 expired recently (revision 90), .2 long ago (10), .4 is this node's old one (50);
+        // .3 was never held.
+        let holders: HashMap<Ipv4Net, (Option<Ipv4Addr>, i64)> = [
+            ("10.0.1.0/24", (other(7), 90)),
+            ("10.0.2.0/24", (other(8), 10)),
+            ("10.0.4.0/24", (Some(Ipv4Addr::new(192, 168, 1, 1)), 50)),
+        ]
+        .into_iter()
+        .map(|(s, h)| (s.parse().unwrap(), h))
+        .collect();
+        let pick = |prev: Option<&str>, free: &[Ipv4Net]| pick_subnet(&local(prev), free, &holders);
+        // The previous subnet when free, whatever its history.
+        assert_eq!(pick(Some("10.0.1.0/24"), &free), Some(free[0]));
+        // Without one: the subnet this node held last.
+        assert_eq!(pick(None, &free), Some(free[3]));
+        // Then one nobody ever held.
+        assert_eq!(pick(None, &free[..3]), Some(free[2]));
+        // Then the one whose holder was seen longest ago; the one that just expired comes last.
+        assert_eq!(pick(None, &free[..2]), Some(free[1]));
+        assert_eq!(pick(None, &free[..1]), Some(free[0]));
+        assert_eq!(pick(Some("10.0.9.0/24"), &[]), None);
+    }
 }

@@ -17,11 +17,7 @@
 //! [`watch_kind`] is the one watch loop: Nodes use it here; Pods, Namespaces and
 //! NetworkPolicies can be watched the same way (e.g. into a `kube::runtime::reflector` store).
 use std::{
-    collections::{BTreeMap, HashMap},
-    fmt::Debug,
-    net::Ipv4Addr,
-    path::PathBuf,
-    sync::mpsc::Sender,
+    collections::BTreeMap, fmt::Debug, net::Ipv4Addr, path::PathBuf, sync::mpsc::Sender,
     time::Duration,
 };
 
@@ -37,8 +33,10 @@ use kube::{
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use super::{Backoff, Datastore, Event, LocalNode, NodeLease, format_mac, parse_mac};
-use crate::config::{BackendType, FlannelNetConf};
+use super::{
+    Backoff, Datastore, Event, LocalNode, NodeLease, format_mac, parse_backend, parse_mac,
+};
+use crate::config::FlannelNetConf;
 
 pub const WEFT_PREFIX: &str = "weft.io/";
 pub const FLANNEL_PREFIX: &str = "flannel.alpha.coreos.com/";
@@ -104,16 +102,39 @@ struct BackendData {
     vtep_mac: Option<String>,
 }
 
+/// The labels of Node `name` (the bgp backend matches them against `Peers[].NodeSelector`).
+pub async fn node_labels(client: &Client, name: &str) -> Result<BTreeMap<String, String>> {
+    let api: Api<Node> = Api::all(client.clone());
+    let node = api
+        .get(name)
+        .await
+        .with_context(|| format!("reading Node {name}"))?;
+    Ok(node.labels().clone())
+}
+
 /// The record a Node object describes, if it has a subnet and an address.
 pub fn node_lease(node: &Node) -> Option<NodeLease> {
+    node_record(node)?.ok()
+}
+
+/// The record a Node object describes: None while it has no podCIDR yet (the controller
+/// manager has not allocated one), an error naming the field when it has one but the record
+/// cannot be made (no IPv4 podCIDR, no address, an address annotation that is not one).
+pub fn node_record(node: &Node) -> Option<Result<NodeLease, String>> {
     let spec = node.spec.as_ref()?;
-    let subnet: Ipv4Net = spec
+    let cidrs: Vec<&String> = spec
         .pod_cidrs
         .iter()
         .flatten()
         .chain(spec.pod_cidr.iter())
-        .find_map(|c| c.parse::<Ipv4Net>().ok())?
-        .trunc();
+        .collect();
+    if cidrs.is_empty() {
+        return None;
+    }
+    let Some(subnet) = cidrs.iter().find_map(|c| c.parse::<Ipv4Net>().ok()) else {
+        return Some(Err(format!("spec.podCIDRs: no IPv4 CIDR among {cidrs:?}")));
+    };
+    let subnet = subnet.trunc();
     let ann = node.annotations();
     let get = |key: String| ann.get(&key).map(String::as_str);
     let annotation = |key: &str| {
@@ -128,22 +149,56 @@ pub fn node_lease(node: &Node) -> Option<NodeLease> {
             .filter(|a| a.type_ == kind)
             .find_map(|a| a.address.parse().ok())
     };
-    let public_ip = get(format!("{WEFT_PREFIX}public-ip"))
-        .or_else(|| get(format!("{FLANNEL_PREFIX}public-ip-overwrite")))
-        .or_else(|| get(format!("{FLANNEL_PREFIX}public-ip")))
-        .and_then(|s| s.parse().ok())
+    // The first address annotation set wins; one that is set but not an address is an error
+    // (falling back to the status would route to an address the operator overrode).
+    let mut annotated = None;
+    for key in [
+        format!("{WEFT_PREFIX}public-ip"),
+        format!("{FLANNEL_PREFIX}public-ip-overwrite"),
+        format!("{FLANNEL_PREFIX}public-ip"),
+    ] {
+        match get(key.clone()).map(str::trim) {
+            None | Some("") => continue,
+            Some(v) => match v.parse::<Ipv4Addr>() {
+                Ok(ip) => {
+                    annotated = Some(ip);
+                    break;
+                }
+                Err(_) => {
+                    return Some(Err(format!(
+                        "metadata.annotations[{key}]: {v:?} is not an IPv4 address"
+                    )));
+                }
+            },
+        }
+    }
+    let Some(public_ip) = annotated
         .or_else(|| from_status("InternalIP"))
-        .or_else(|| from_status("ExternalIP"))?;
-    let backend = annotation("backend-type").and_then(BackendType::parse);
+        .or_else(|| from_status("ExternalIP"))
+    else {
+        return Some(Err(format!(
+            "no address: no {WEFT_PREFIX}public-ip annotation and no IPv4 InternalIP or \
+             ExternalIP in status.addresses"
+        )));
+    };
+    let (backend, unknown_backend) = parse_backend(annotation("backend-type"));
     let vtep_mac = annotation("backend-data")
         .and_then(|d| serde_json::from_str::<BackendData>(d).ok())
         .and_then(|d| d.vtep_mac.as_deref().and_then(parse_mac));
-    Some(NodeLease {
+    Some(Ok(NodeLease {
         subnet,
         public_ip,
         backend,
         vtep_mac,
-    })
+        name: node.name_any(),
+        // Nodes without a creation time (never from an API server) count as the youngest.
+        seniority: node
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(i64::MAX, |t| t.0.as_second()),
+        unknown_backend,
+    }))
 }
 
 /// The annotations a weft node publishes (weft's and flannel's).
@@ -273,51 +328,64 @@ impl KubeDatastore {
     }
 }
 
-/// Which subnet each node had, to turn node events into record events.
+/// Turns node events into record events: a Node is a record named after it (none while it
+/// has no podCIDR or address).
 #[derive(Default)]
 struct NodeIndex {
-    subnets: HashMap<String, Ipv4Net>,
-    /// Records of a relist in progress.
-    listing: Vec<(String, NodeLease)>,
+    /// Nodes that have a record (readable or not).
+    named: std::collections::HashSet<String>,
+    /// Records of a relist in progress, and the unreadable ones (name, why).
+    listing: Vec<NodeLease>,
+    listing_unreadable: Vec<(String, String)>,
 }
 
 impl NodeIndex {
     fn apply(&mut self, node: &Node, deleted: bool, events: &Sender<Event>) -> bool {
         let name = node.name_any();
-        let lease = if deleted { None } else { node_lease(node) };
-        let old = self.subnets.remove(&name);
-        if let Some(old) = old
-            && lease.as_ref().is_none_or(|l| l.subnet != old)
-            && events.send(Event::Remove(old)).is_err()
-        {
-            return false;
+        let record = if deleted { None } else { node_record(node) };
+        match record {
+            Some(Ok(lease)) => {
+                self.named.insert(name);
+                events.send(Event::Upsert(lease)).is_ok()
+            }
+            Some(Err(error)) => {
+                self.named.insert(name.clone());
+                events.send(Event::Unreadable { name, error }).is_ok()
+            }
+            None if self.named.remove(&name) => events.send(Event::Remove(name)).is_ok(),
+            None => true,
         }
-        if let Some(lease) = lease {
-            self.subnets.insert(name, lease.subnet);
-            return events.send(Event::Upsert(lease)).is_ok();
-        }
-        true
     }
 
     fn on_event(&mut self, ev: watcher::Event<Node>, events: &Sender<Event>) -> bool {
         match ev {
             watcher::Event::Init => {
                 self.listing.clear();
+                self.listing_unreadable.clear();
                 true
             }
             watcher::Event::InitApply(node) => {
-                if let Some(l) = node_lease(&node) {
-                    self.listing.push((node.name_any(), l));
+                match node_record(&node) {
+                    Some(Ok(lease)) => self.listing.push(lease),
+                    Some(Err(error)) => self.listing_unreadable.push((node.name_any(), error)),
+                    None => {}
                 }
                 true
             }
             watcher::Event::InitDone => {
-                let listed = std::mem::take(&mut self.listing);
-                self.subnets = listed.iter().map(|(n, l)| (n.clone(), l.subnet)).collect();
-                let mut leases: Vec<NodeLease> = listed.into_iter().map(|(_, l)| l).collect();
+                let mut leases = std::mem::take(&mut self.listing);
+                let unreadable = std::mem::take(&mut self.listing_unreadable);
+                self.named = leases
+                    .iter()
+                    .map(|l| l.name.clone())
+                    .chain(unreadable.iter().map(|(n, _)| n.clone()))
+                    .collect();
                 leases.sort_by_key(|l| l.subnet);
                 events.send(Event::Connected(true)).is_ok()
                     && events.send(Event::Snapshot(leases)).is_ok()
+                    && unreadable
+                        .into_iter()
+                        .all(|(name, error)| events.send(Event::Unreadable { name, error }).is_ok())
             }
             watcher::Event::Apply(node) => self.apply(&node, false, events),
             watcher::Event::Delete(node) => self.apply(&node, true, events),
@@ -337,12 +405,11 @@ impl Datastore for KubeDatastore {
         let mut backoff = Backoff::new(Duration::from_secs(5));
         let subnet = loop {
             match self.runtime.block_on(api.get(&local.name)) {
-                Ok(node) => {
-                    if let Some(l) = node_lease(&node) {
-                        break l.subnet;
-                    }
-                    tracing::info!(node = %local.name, "waiting for the node's podCIDR");
-                }
+                Ok(node) => match node_record(&node) {
+                    Some(Ok(l)) => break l.subnet,
+                    Some(Err(e)) => tracing::warn!(node = %local.name, "this node's record: {e}"),
+                    None => tracing::info!(node = %local.name, "waiting for the node's podCIDR"),
+                },
                 Err(e) => tracing::warn!("reading node {}: {e:#}", local.name),
             }
             if std::time::Instant::now() > deadline {
@@ -359,6 +426,14 @@ impl Datastore for KubeDatastore {
                 "node {}: podCIDR {subnet} is outside Network {}",
                 local.name,
                 conf.network
+            );
+        }
+        if subnet.prefix_len() != conf.subnet_len {
+            bail!(
+                "node {}: podCIDR {subnet} is not a /{} (SubnetLen): set SubnetLen to \
+                 kube-controller-manager's --node-cidr-mask-size",
+                local.name,
+                conf.subnet_len
             );
         }
         let patch = serde_json::json!({
@@ -395,6 +470,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::config::BackendType;
 
     #[test]
     fn node_records_from_status_and_annotations() {
@@ -420,6 +496,28 @@ mod tests {
         );
         let mut no_cidr = node.clone();
         no_cidr.spec = Some(Default::default());
-        assert!(node_lease(&no_cidr).is_none());
+        assert!(
+            node_record(&no_cidr).is_none(),
+            "not allocated yet: no record, no error"
+        );
+        // A record that cannot be made names the field.
+        let mut garbage = node.clone();
+        garbage
+            .annotations_mut()
+            .insert("flannel.alpha.coreos.com/public-ip".into(), "10.0.0".into());
+        let err = node_record(&garbage).unwrap().unwrap_err();
+        assert!(
+            err.contains("flannel.alpha.coreos.com/public-ip") && err.contains("10.0.0"),
+            "{err}"
+        );
+        let mut no_addr = node.clone();
+        no_addr.status = None;
+        let err = node_record(&no_addr).unwrap().unwrap_err();
+        assert!(err.contains("status.addresses"), "{err}");
+        let mut v6 = node.clone();
+        v6.spec.as_mut().unwrap().pod_cidr = None;
+        v6.spec.as_mut().unwrap().pod_cidrs = Some(vec!["fd00::/64".into()]);
+        let err = node_record(&v6).unwrap().unwrap_err();
+        assert!(err.contains("spec.podCIDRs"), "{err}");
     }
 }

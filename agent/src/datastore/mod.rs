@@ -26,6 +26,16 @@ pub struct NodeLease {
     pub backend: Option<BackendType>,
     /// The node's VTEP MAC (flannel's `BackendData.VtepMAC`); absent for non-vxlan nodes.
     pub vtep_mac: Option<[u8; 6]>,
+    /// The record's name, unique within its datastore: the Kubernetes node or the static
+    /// file's entry; for etcd, whose leases name no node, the lease key (`10.244.1.0-24`).
+    pub name: String,
+    /// Age among records claiming the same subnet, lower is older (the older one wins, see
+    /// `crate::admission`): etcd's create revision of the key, the Node's creationTimestamp
+    /// (Unix seconds), the entry's position in the static file.
+    pub seniority: i64,
+    /// The `BackendType` the record announces when it is none this node knows (a flannel node
+    /// with `wireguard`, `udp`, ...): such a node cannot be reached, its record is refused.
+    pub unknown_backend: Option<String>,
 }
 
 /// A lease value as flanneld writes it: `{"PublicIP":..,"BackendType":..,"BackendData":{..}}`.
@@ -67,20 +77,36 @@ impl NodeLease {
         .expect("a lease serializes")
     }
 
-    /// Parses a lease value written by weft or flanneld.
+    /// Parses a lease value written by weft or flanneld (named by its key, `10.244.1.0-24`).
     pub fn from_flannel_json(subnet: Ipv4Net, value: &[u8]) -> Result<Self> {
         let lease: FlannelLease =
             crate::json::from_slice(value).map_err(|e| anyhow::anyhow!("lease {subnet}: {e}"))?;
+        let (backend, unknown_backend) = parse_backend(lease.backend_type.as_deref());
         Ok(Self {
             subnet,
             public_ip: lease.public_ip,
-            backend: lease.backend_type.as_deref().and_then(BackendType::parse),
+            backend,
             vtep_mac: lease
                 .backend_data
                 .and_then(|d| d.vtep_mac)
                 .as_deref()
                 .and_then(parse_mac),
+            name: subnet_key(subnet),
+            seniority: 0,
+            unknown_backend,
         })
+    }
+}
+
+/// A record's backend type: one this node knows, or the unknown name as announced. An absent
+/// or empty type is vxlan's peer (flannel's default) and no obstacle.
+pub fn parse_backend(announced: Option<&str>) -> (Option<BackendType>, Option<String>) {
+    match announced.map(str::trim) {
+        None | Some("") => (None, None),
+        Some(name) => match BackendType::parse(name) {
+            Some(b) => (Some(b), None),
+            None => (None, Some(name.to_string())),
+        },
     }
 }
 
@@ -91,10 +117,17 @@ pub enum Event {
     Snapshot(Vec<NodeLease>),
     /// A record created or changed.
     Upsert(NodeLease),
-    /// The record of this subnet is gone.
-    Remove(Ipv4Net),
+    /// The record of this name ([`NodeLease::name`]) is gone.
+    Remove(String),
+    /// The record of this name is there but cannot be read (it is no route, and it is counted
+    /// as refused until it is readable or gone). After a [`Event::Snapshot`], one of these
+    /// follows for every unreadable record of the list.
+    Unreadable { name: String, error: String },
     /// This node's own subnet changed (lease lost and re-acquired elsewhere).
     LocalSubnet(Ipv4Net),
+    /// This node's lease on this subnet is gone, another node holds it, and no other subnet
+    /// could be acquired yet: its addresses are the other node's now.
+    SubnetLost(Ipv4Net),
     /// Whether the datastore is currently reachable (for metrics and logs).
     Connected(bool),
 }
@@ -168,6 +201,9 @@ mod tests {
             public_ip: Ipv4Addr::new(192, 168, 1, 5),
             backend: Some(BackendType::Vxlan),
             vtep_mac: Some([2, 0x57, 1, 2, 3, 4]),
+            name: "10.244.3.0-24".into(),
+            seniority: 0,
+            unknown_backend: None,
         };
         let v = lease.to_flannel_json(1);
         assert_eq!(
@@ -184,5 +220,16 @@ mod tests {
         let err = NodeLease::from_flannel_json(lease.subnet, b"{}").unwrap_err();
         assert!(format!("{err:#}").contains("PublicIP"), "{err:#}");
         assert_eq!(parse_mac("02:57:01:02:03"), None);
+        // A backend this node does not speak is kept by name (the record is refused for it).
+        let wg = NodeLease::from_flannel_json(
+            lease.subnet,
+            br#"{"PublicIP":"192.168.1.5","BackendType":"wireguard"}"#,
+        )
+        .unwrap();
+        assert_eq!(wg.backend, None);
+        assert_eq!(wg.unknown_backend.as_deref(), Some("wireguard"));
+        let plain =
+            NodeLease::from_flannel_json(lease.subnet, br#"{"PublicIP":"192.168.1.5"}"#).unwrap();
+        assert_eq!((plain.backend, plain.unknown_backend), (None, None));
     }
 }

@@ -21,11 +21,8 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 
-use super::{Datastore, Event, LocalNode, NodeLease, parse_mac};
-use crate::{
-    config::{BackendType, FlannelNetConf},
-    node_net::vtep_mac_for,
-};
+use super::{Datastore, Event, LocalNode, NodeLease, parse_backend, parse_mac};
+use crate::{config::FlannelNetConf, node_net::vtep_mac_for};
 
 pub struct StaticFile {
     path: PathBuf,
@@ -65,19 +62,20 @@ fn parse(text: &str) -> Result<Vec<Entry>> {
             Some(m) => parse_mac(m)
                 .ok_or_else(|| anyhow!("nodes[{i}].vtepMAC: {m:?} is not a MAC address"))?,
         };
-        let backend = match &n.backend_type {
-            None => None,
-            Some(b) => Some(BackendType::parse(b).ok_or_else(|| {
-                anyhow!("nodes[{i}].backendType: {b:?} is not vxlan, ipip or host-gw")
-            })?),
-        };
+        // An unknown backend refuses the entry, not the file (one bad record never stops the
+        // others): see `crate::admission`.
+        let (backend, unknown_backend) = parse_backend(n.backend_type.as_deref());
         out.push(Entry {
-            name: n.name,
+            name: n.name.clone(),
             lease: NodeLease {
                 subnet: n.subnet.trunc(),
                 public_ip: n.public_ip,
                 backend,
                 vtep_mac: Some(vtep_mac),
+                name: n.name,
+                // The earlier entry is the older record.
+                seniority: i as i64,
+                unknown_backend,
             },
         });
     }
@@ -129,6 +127,15 @@ impl Datastore for StaticFile {
                 me.lease.subnet,
                 me.name,
                 conf.network
+            );
+        }
+        if me.lease.subnet.prefix_len() != conf.subnet_len {
+            bail!(
+                "{}: subnet {} of {} is not a /{} (SubnetLen)",
+                self.path.display(),
+                me.lease.subnet,
+                me.name,
+                conf.subnet_len
             );
         }
         Ok(me.lease.subnet)

@@ -20,6 +20,7 @@ use super::{
     Log,
     error::{CniError, CniResult, code},
     names::{AttachmentNames, HOST_IF_PREFIX, POD_GATEWAY},
+    recover,
     result::{AddResult, Interface, IpConfig, Route},
     spec::{self, Env, NetworkConfig},
 };
@@ -65,6 +66,26 @@ fn node_subnet(conf: &NetworkConfig, missing_code: u32) -> CniResult<SubnetEnv> 
             &e,
         )
     })
+}
+
+/// The pod's MTU: the config's `mtu`, else the node's. An `mtu` above the node's underlay MTU
+/// minus the largest tunnel overhead (the pod MTU rule) is refused: its large packets would
+/// not fit once encapsulated.
+fn pod_mtu(conf: &NetworkConfig, subnet: &SubnetEnv) -> CniResult<u32> {
+    let Some(mtu) = conf.mtu else {
+        return Ok(subnet.mtu);
+    };
+    if let Some(underlay) = subnet.underlay_mtu {
+        let max = weft_common::max_pod_mtu(underlay);
+        if mtu > max {
+            return Err(CniError::invalid_config(format!(
+                "field `mtu`: {mtu} is above the node's underlay MTU {underlay} minus {} (the \
+                 largest encapsulation overhead): at most {max}",
+                weft_common::VXLAN_OVERHEAD
+            )));
+        }
+    }
+    Ok(mtu)
 }
 
 fn pin_root(conf: &NetworkConfig, subnet: Option<&SubnetEnv>) -> PathBuf {
@@ -121,7 +142,9 @@ fn ipam_error(e: IpamError) -> CniError {
         ),
         IpamError::LockTimeout { .. } => CniError::new(code::TRY_AGAIN_LATER, e.to_string()),
         IpamError::Unavailable { .. } => CniError::new(code::ADDRESS_UNAVAILABLE, e.to_string()),
-        IpamError::Store { .. } => CniError::new(code::IPAM_STORE, format!("{e:#}")),
+        IpamError::Store { .. } | IpamError::Corrupt { .. } => {
+            CniError::new(code::IPAM_STORE, format!("{e:#}"))
+        }
     }
 }
 
@@ -191,7 +214,7 @@ pub fn add(env: &Env, conf: &NetworkConfig, log: &Log) -> CniResult<Value> {
     let prev = prev_result(conf)?;
     let subnet = node_subnet(conf, code::TRY_AGAIN_LATER)?;
     let pin_root = pin_root(conf, Some(&subnet));
-    let mtu = conf.mtu.unwrap_or(subnet.mtu);
+    let mtu = pod_mtu(conf, &subnet)?;
     let mut maps = ready_maps(&pin_root, code::TRY_AGAIN_LATER)?;
     let names = AttachmentNames::of(&env.container_id, &env.ifname);
     let mut undo = Undo::default();
@@ -303,52 +326,13 @@ impl Wiring<'_> {
         }
     }
 
-    /// Creates the veth, then attaches `from_pod` (ingress) and `to_pod` (egress) on a second
-    /// thread while the address is allocated and both sides are configured. A TCX attach waits
-    /// for an RCU grace period (`tcx_entry_sync`, ~10 ms each, the bulk of an ADD) holding
-    /// rtnl, so the netlink steps queue behind it but the IPAM store's file I/O overlaps. Each
+    /// Allocates the address (under the IPAM lock, committed before anything else exists: a GC
+    /// running meanwhile sees the allocation and keeps what this ADD creates), creates the veth,
+    /// then attaches `from_pod` (ingress) and `to_pod` (egress) on a second thread while both
+    /// sides are configured. A TCX attach waits for an RCU grace period (`tcx_entry_sync`,
+    /// ~10 ms each, the bulk of an ADD) holding rtnl, so the netlink steps queue behind it. Each
     /// step is recorded in `undo` once done. Returns the pod address.
     fn wire(&self, maps: &mut Maps, undo: &mut Undo, log: &Log) -> CniResult<Ipv4Addr> {
-        let host = self.names.host_ifname.clone();
-        // The node's side of the wiring goes through one connection (this thread, the node's
-        // namespace); the pod's side opens its own in the pod's namespace.
-        let nl = BlockingNetlink::open()
-            .map_err(|e| Self::setup_err("opening rtnetlink".into(), &e.into()))?;
-        self.create_veth(&nl)?;
-        undo.link = Some(host.clone());
-        let host_ifindex = nix::net::if_::if_nametoindex(host.as_str())
-            .map_err(|e| Self::setup_err(format!("ifindex of {host}"), &anyhow::Error::from(e)))?;
-        // Pins left by an earlier, interrupted ADD hold links severed with their device.
-        let _ = datapath::detach_pinned_pod(self.pin_root, &host);
-        let (pin_root, dev) = (self.pin_root.to_path_buf(), host.clone());
-        let attach = std::thread::spawn(move || datapath::attach_pinned_pod(&pin_root, &dev));
-        let configured = self.configure(&nl, host_ifindex, maps, undo, log);
-        let attached = attach
-            .join()
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("the attach thread panicked")));
-        match attached {
-            Ok(()) => undo.attached = Some((self.pin_root.to_path_buf(), host.clone())),
-            Err(e) => {
-                configured?;
-                return Err(CniError::with_cause(
-                    code::DATAPATH,
-                    format!("attaching from_pod and to_pod to {host}"),
-                    &e,
-                ));
-            }
-        }
-        configured
-    }
-
-    /// Address, routes and neighbours on both sides, and the endpoint entry.
-    fn configure(
-        &self,
-        nl: &BlockingNetlink,
-        host_ifindex: u32,
-        maps: &mut Maps,
-        undo: &mut Undo,
-        log: &Log,
-    ) -> CniResult<Ipv4Addr> {
         let env = self.env;
         let ipam = Ipam::new(&self.conf.data_dir, &self.conf.name);
         let args = env.cni_args()?;
@@ -385,10 +369,58 @@ impl Wiring<'_> {
         if isolate(maps, ip, &args)? {
             undo.policy = Some(ip);
         }
+        let host = self.names.host_ifname.clone();
+        // The node's side of the wiring goes through one connection (this thread, the node's
+        // namespace); the pod's side opens its own in the pod's namespace.
+        let nl = BlockingNetlink::open()
+            .map_err(|e| Self::setup_err("opening rtnetlink".into(), &e.into()))?;
+        self.create_veth(&nl)?;
+        undo.link = Some(host.clone());
+        let host_ifindex = nix::net::if_::if_nametoindex(host.as_str())
+            .map_err(|e| Self::setup_err(format!("ifindex of {host}"), &anyhow::Error::from(e)))?;
+        // Pins left by an earlier, interrupted ADD hold links severed with their device.
+        let _ = datapath::detach_pinned_pod(self.pin_root, &host);
+        let (pin_root, dev) = (self.pin_root.to_path_buf(), host.clone());
+        let attach = std::thread::spawn(move || datapath::attach_pinned_pod(&pin_root, &dev));
+        let configured = self.configure(&nl, host_ifindex, ip, maps, undo);
+        let attached = attach
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the attach thread panicked")));
+        match attached {
+            Ok(()) => undo.attached = Some((self.pin_root.to_path_buf(), host.clone())),
+            Err(e) => {
+                configured?;
+                return Err(CniError::with_cause(
+                    code::DATAPATH,
+                    format!("attaching from_pod and to_pod to {host}"),
+                    &e,
+                ));
+            }
+        }
+        configured.map(|()| ip)
+    }
+
+    /// The attachment's name on the host link, address, routes and neighbours on both sides,
+    /// and the endpoint entry.
+    fn configure(
+        &self,
+        nl: &BlockingNetlink,
+        host_ifindex: u32,
+        ip: Ipv4Addr,
+        maps: &mut Maps,
+        undo: &mut Undo,
+    ) -> CniResult<()> {
+        let env = self.env;
         let host = &self.names.host_ifname;
         let pod_if = &env.ifname;
         let pod_addr = Ipv4Net::new(ip, 32).expect("/32");
         let host_side = || -> anyhow::Result<()> {
+            // Which attachment the link is, so that the IPAM store can be rebuilt from the
+            // node's links (`recover`).
+            if let Some(alias) = recover::alias(&env.container_id, &env.ifname) {
+                nl.block_on(nl.set_alias(host_ifindex, &alias))
+                    .context("alias")?;
+            }
             // Router advertisements from the pod never configure the node.
             ipv6_sysctl(host, "accept_ra", "0").context("accept_ra")?;
             nl.block_on(nl.replace_route(pod_addr, None, host_ifindex, Scope::Link, false, None))
@@ -449,7 +481,7 @@ impl Wiring<'_> {
             CniError::with_cause(code::DATAPATH, format!("registering endpoint {ip}"), &e)
         })?;
         undo.endpoint = Some(ip);
-        Ok(ip)
+        Ok(())
     }
 }
 
@@ -515,7 +547,8 @@ fn endpoint_flags(conf: &NetworkConfig) -> u32 {
 }
 
 /// Removes what ADD set up for one attachment except the allocation; every step tolerates
-/// its object being gone already.
+/// its object being gone already. Without the address (the IPAM store is unreadable), the
+/// endpoint is found by the host link it points to.
 fn teardown(
     maps: Option<&mut Maps>,
     pin_root: &Path,
@@ -523,15 +556,23 @@ fn teardown(
     ip: Option<Ipv4Addr>,
     log: &Log,
 ) -> CniResult<()> {
-    if let (Some(maps), Some(ip)) = (maps, ip) {
-        let present = maps
-            .endpoints()
-            .map(|eps| eps.iter().any(|(a, _)| *a == ip))
-            .unwrap_or(true);
-        if present && let Err(e) = maps.remove_endpoint(ip) {
-            log.line(&format!("removing endpoint {ip}: {e:#}"));
+    if let Some(maps) = maps {
+        let endpoints = maps.endpoints().ok();
+        let ip = ip.or_else(|| {
+            let ifindex = nix::net::if_::if_nametoindex(host_ifname).ok()?;
+            endpoints
+                .as_ref()?
+                .iter()
+                .find(|(_, e)| e.host_ifindex == ifindex)
+                .map(|(a, _)| *a)
+        });
+        if let Some(ip) = ip {
+            let present = endpoints.is_none_or(|eps| eps.iter().any(|(a, _)| *a == ip));
+            if present && let Err(e) = maps.remove_endpoint(ip) {
+                log.line(&format!("removing endpoint {ip}: {e:#}"));
+            }
+            forget_policy(maps, ip, log);
         }
-        forget_policy(maps, ip, log);
     }
     // The device first: its removal detaches the program as part of the device's own
     // teardown, whereas detaching a live TCX link waits for an RCU grace period of its own.
@@ -557,11 +598,19 @@ pub fn del(env: &Env, conf: &NetworkConfig, log: &Log) -> CniResult<()> {
     let pin_root = pin_root(conf, subnet.as_ref());
     let names = AttachmentNames::of(&env.container_id, &env.ifname);
     let ipam = Ipam::new(&conf.data_dir, &conf.name);
-    let ip = ipam
-        .lock(LOCK_TIMEOUT)
-        .map_err(ipam_error)?
-        .find(&env.container_id, &env.ifname)
-        .map(|a| a.ip);
+    // A corrupt store does not keep the pod's link, endpoint and programs alive: they go, and
+    // the allocation with them once the store is rebuilt from the links that remain.
+    let (ip, corrupt) = match ipam.lock(LOCK_TIMEOUT) {
+        Ok(locked) => (
+            locked.find(&env.container_id, &env.ifname).map(|a| a.ip),
+            false,
+        ),
+        Err(e @ IpamError::Corrupt { .. }) => {
+            log.line(&format!("DEL without the allocation: {e}"));
+            (None, true)
+        }
+        Err(e) => return Err(ipam_error(e)),
+    };
     let mut maps = match Maps::open_pinned(&pin_root) {
         Ok(m) => Some(m),
         Err(e) => {
@@ -570,6 +619,9 @@ pub fn del(env: &Env, conf: &NetworkConfig, log: &Log) -> CniResult<()> {
         }
     };
     teardown(maps.as_mut(), &pin_root, &names.host_ifname, ip, log)?;
+    if corrupt {
+        return Ok(());
+    }
     if ip.is_some() {
         let mut locked = ipam.lock(LOCK_TIMEOUT).map_err(ipam_error)?;
         if locked.release(&env.container_id, &env.ifname).is_some() {
@@ -740,7 +792,35 @@ pub fn gc(conf: &NetworkConfig, log: &Log) -> CniResult<()> {
         .map_err(|e| log.line(&format!("GC without datapath maps: {e:#}")))
         .ok();
     let ipam = Ipam::new(&conf.data_dir, &conf.name);
-    let mut locked = ipam.lock(LOCK_TIMEOUT).map_err(ipam_error)?;
+    let locked = match ipam.lock(LOCK_TIMEOUT) {
+        Err(e @ IpamError::Corrupt { .. }) => {
+            // Rebuilt from the node's links (the valid attachments name links made before
+            // aliases), then collected as usual.
+            log.line(&format!("GC: {e}; rebuilding it from the node's links"));
+            let known: Vec<(String, String)> = valid
+                .iter()
+                .map(|v| (v.container_id.clone(), v.ifname.clone()))
+                .collect();
+            let rebuilt = recover::rebuild(
+                &ipam,
+                maps.as_ref(),
+                &known,
+                subnet.as_ref().map(|s| s.subnet),
+                LOCK_TIMEOUT,
+            )
+            .map_err(|e| CniError::with_cause(code::IPAM_STORE, "rebuilding the IPAM store", &e))?;
+            log.line(&format!(
+                "GC: rebuilt {} with {} allocations (old file kept at {:?}); left out: {:?}",
+                ipam.path().display(),
+                rebuilt.state.allocations.len(),
+                rebuilt.kept,
+                rebuilt.skipped
+            ));
+            ipam.lock(LOCK_TIMEOUT)
+        }
+        other => other,
+    };
+    let mut locked = locked.map_err(ipam_error)?;
     let stale = locked.retain(|a| {
         valid
             .iter()

@@ -20,11 +20,18 @@
 //!
 //! Error codes: the spec's 1, 3, 4, 5, 6, 7, 11, 50, and weft's own in [`error::code`].
 //! One weft network per node: GC treats every `wft*` link, `from_pod@wft*` link pin and
-//! endpoint of the node's subnet that no allocation accounts for as garbage. Like every CNI
-//! plugin, GC must not run concurrently with ADD on the same network.
+//! endpoint of the node's subnet that no allocation accounts for as garbage. GC may run while
+//! ADDs do: an ADD commits its allocation (under the IPAM lock) before it creates anything, so
+//! GC, which holds that lock while it collects, never takes an ADD in flight for garbage.
+//!
+//! The host side of each pod's veth carries the attachment in its alias (`weft-cni <container
+//! id> <ifname>`): a corrupt or lost IPAM store is rebuilt from the links ([`recover`]) by GC or
+//! `weft ipam rebuild`; meanwhile DEL still removes a pod's link, endpoint and programs, and
+//! ADD fails naming the store's file.
 pub mod commands;
 pub mod error;
 pub mod names;
+pub mod recover;
 pub mod result;
 pub mod spec;
 

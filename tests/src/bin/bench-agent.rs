@@ -39,6 +39,9 @@ fn peer(i: u32) -> NodeLease {
         public_ip: ip,
         backend: Some(BackendType::Vxlan),
         vtep_mac: Some(vtep_mac_for(ip)),
+        name: subnet_key(subnet),
+        seniority: i64::from(i),
+        unknown_backend: None,
     }
 }
 
@@ -50,10 +53,13 @@ fn reconcile_from_empty(n: u32) -> f64 {
             backend: BackendType::Vxlan,
             direct_routing: false,
             underlay_subnet: "192.168.0.0/24".parse().unwrap(),
+            bgp: None,
         },
         "10.0.1.0/24".parse().unwrap(),
         Ipv4Addr::new(192, 168, 0, 1),
     );
+    // Records are checked as the agent checks them.
+    rec.set_network("10.0.0.0/8".parse().unwrap(), 24);
     let leases: Vec<NodeLease> = (0..n).map(peer).collect();
     let start = Instant::now();
     rec.handle(Event::Snapshot(leases));

@@ -53,18 +53,29 @@ enum Testbed {
         pa: Pod,
         pb: Pod,
     },
+    /// Two nodes on two subnets with a router namespace between them.
+    Routed {
+        _nodes: Vec<Box<dyn std::any::Any>>,
+        _router: Netns,
+        pa: Pod,
+        pb: Pod,
+    },
 }
 
 impl Testbed {
     fn client_ns(&self) -> &str {
         match self {
-            Testbed::Weft { pa, .. } | Testbed::HostGw { pa, .. } => &pa.ns.name,
+            Testbed::Weft { pa, .. } | Testbed::HostGw { pa, .. } | Testbed::Routed { pa, .. } => {
+                &pa.ns.name
+            }
             Testbed::Flannel { pa_ns, .. } => pa_ns,
         }
     }
     fn server(&self) -> (&str, Ipv4Addr) {
         match self {
-            Testbed::Weft { pb, .. } | Testbed::HostGw { pb, .. } => (&pb.ns.name, pb.ip),
+            Testbed::Weft { pb, .. } | Testbed::HostGw { pb, .. } | Testbed::Routed { pb, .. } => {
+                (&pb.ns.name, pb.ip)
+            }
             Testbed::Flannel { b, .. } => (&b.pod.ns.name, b.pod.ip),
         }
     }
@@ -155,6 +166,98 @@ fn kernel_host_gw(mtu_sized: bool) -> Testbed {
     Testbed::HostGw {
         _a: na,
         _b: nb,
+        pa,
+        pb,
+    }
+}
+
+/// Node addresses on two subnets joined by a router (the bgp backend's setting).
+const ROUTED_A: Ipv4Addr = Ipv4Addr::new(192, 168, 81, 2);
+const ROUTED_B: Ipv4Addr = Ipv4Addr::new(192, 168, 82, 2);
+const ROUTER_A: Ipv4Addr = Ipv4Addr::new(192, 168, 81, 1);
+const ROUTER_B: Ipv4Addr = Ipv4Addr::new(192, 168, 82, 1);
+
+/// Node A - router - node B, each link a veth pair (MTU-sized on request). The router forwards
+/// the pod subnets to their nodes with kernel routes, as BIRD on a router installs them.
+fn routed_underlay(mtu_sized: bool) -> (Netns, Netns, Netns) {
+    let a = Netns::new("bra");
+    let r = Netns::new("brr");
+    let b = Netns::new("brb");
+    veth_pair(&a, "eth0", &r, "ra");
+    veth_pair(&r, "rb", &b, "eth0");
+    if mtu_sized {
+        for (ns, dev) in [(&a, "eth0"), (&r, "ra"), (&r, "rb"), (&b, "eth0")] {
+            mtu_wire(ns, dev);
+        }
+    }
+    a.ip(&format!("addr add {ROUTED_A}/24 dev eth0"));
+    b.ip(&format!("addr add {ROUTED_B}/24 dev eth0"));
+    r.ip(&format!("addr add {ROUTER_A}/24 dev ra"));
+    r.ip(&format!("addr add {ROUTER_B}/24 dev rb"));
+    r.sysctl("net.ipv4.ip_forward", "1");
+    a.ip(&format!("route add default via {ROUTER_A}"));
+    b.ip(&format!("route add default via {ROUTER_B}"));
+    r.ip(&format!("route add 10.244.1.0/24 via {ROUTED_A}"));
+    r.ip(&format!("route add 10.244.2.0/24 via {ROUTED_B}"));
+    (a, r, b)
+}
+
+/// weft's bgp mode through the router: `bgp` routes, next hop from weft's BGP table, where the
+/// route to the other node's pods points at the router (as BIRD installs it).
+fn weft_bgp(mtu_sized: bool, xdp: bool) -> Testbed {
+    let (na, router, nb) = routed_underlay(mtu_sized);
+    let a = WeftNode::new(na, ROUTED_A, "eth0", [2, 0x77, 0, 0, 0, 1], xdp);
+    let b = WeftNode::new(nb, ROUTED_B, "eth0", [2, 0x77, 0, 0, 0, 2], xdp);
+    let pa = a.add_pod(Ipv4Addr::new(10, 244, 1, 2), POD_MTU);
+    let pb = b.add_pod(Ipv4Addr::new(10, 244, 2, 2), POD_MTU);
+    for (node, subnet, peer, peer_mac, gw) in [
+        (&a, "10.244.2.0/24", ROUTED_B, b.vtep_mac, ROUTER_A),
+        (&b, "10.244.1.0/24", ROUTED_A, a.vtep_mac, ROUTER_B),
+    ] {
+        node.add_peer(subnet.parse().unwrap(), peer, peer_mac, RouteMode::Bgp);
+        node.ns.ip(&format!(
+            "route add {subnet} via {gw} dev eth0 table {} proto bird",
+            weft_common::BGP_TABLE_DEFAULT
+        ));
+    }
+    Testbed::Routed {
+        _nodes: vec![Box::new(a), Box::new(b)],
+        _router: router,
+        pa,
+        pb,
+    }
+}
+
+/// The kernel's own routing through the same router: pods on veths routed by their node, the
+/// other node's pod subnet via the router (what Calico's BGP mode programs), no eBPF.
+fn kernel_routed(mtu_sized: bool) -> Testbed {
+    let (na, router, nb) = routed_underlay(mtu_sized);
+    let mut pods = Vec::new();
+    for (node, subnet, peer_subnet, gw) in [(&na, 1, 2, ROUTER_A), (&nb, 2, 1, ROUTER_B)] {
+        node.sysctl("net.ipv4.ip_forward", "1");
+        let pod = Netns::new("bp");
+        node.ip(&format!(
+            "link add hv type veth peer name eth0 netns {}",
+            pod.name
+        ));
+        node.ip(&format!("addr add 10.244.{subnet}.1/24 dev hv"));
+        node.ip("link set hv up");
+        pod.ip("link set eth0 up");
+        let ip = Ipv4Addr::new(10, 244, subnet, 2);
+        pod.ip(&format!("addr add {ip}/24 dev eth0"));
+        pod.ip(&format!("route add default via 10.244.{subnet}.1"));
+        node.ip(&format!("route add 10.244.{peer_subnet}.0/24 via {gw}"));
+        pods.push(Pod {
+            ns: pod,
+            ip,
+            host_ifname: "hv".into(),
+        });
+    }
+    let pb = pods.pop().unwrap();
+    let pa = pods.pop().unwrap();
+    Testbed::Routed {
+        _nodes: vec![Box::new(na), Box::new(nb)],
+        _router: router,
         pa,
         pb,
     }
@@ -413,6 +516,11 @@ fn prog_costs(s: &Settings) -> Value {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    // `--only a,b`: just these contestants (and no per-program costs), e.g. for repeated rounds.
+    let only: Option<Vec<String>> = std::env::args()
+        .skip_while(|a| a != "--only")
+        .nth(1)
+        .map(|v| v.split(',').map(str::to_string).collect());
     let s = if quick {
         Settings {
             tcp_secs: 2,
@@ -433,7 +541,7 @@ fn main() {
     let mut report = serde_json::Map::new();
     for (key, mtu_sized) in [("datapath", true), ("datapath_veth", false)] {
         let mut section = serde_json::Map::new();
-        let contestants: [(&str, BuildTestbed); 7] = [
+        let contestants: [(&str, BuildTestbed); 10] = [
             ("weft-vxlan-tc", |m| weft_with(RouteMode::Vxlan, m, false)),
             ("weft-hostgw-tc", |m| weft_with(RouteMode::Direct, m, false)),
             ("kernel-hostgw", kernel_host_gw),
@@ -441,15 +549,23 @@ fn main() {
             ("weft-vxlan", |m| weft(RouteMode::Vxlan, m)),
             ("weft-ipip", |m| weft(RouteMode::Ipip, m)),
             ("weft-hostgw", |m| weft(RouteMode::Direct, m)),
+            ("kernel-routed", kernel_routed),
+            ("weft-bgp-tc", |m| weft_bgp(m, false)),
+            ("weft-bgp", |m| weft_bgp(m, true)),
         ];
         for (name, build) in contestants {
+            if only.as_ref().is_some_and(|o| !o.iter().any(|n| n == name)) {
+                continue;
+            }
             eprintln!("bench: {key} {name}");
             let bed = build(mtu_sized);
             section.insert(name.to_string(), measure(&bed, &s));
         }
         report.insert(key.to_string(), Value::Object(section));
     }
-    eprintln!("bench: per-program cost");
-    report.insert("prog_ns".into(), prog_costs(&s));
+    if only.is_none() {
+        eprintln!("bench: per-program cost");
+        report.insert("prog_ns".into(), prog_costs(&s));
+    }
     println!("{}", Value::Object(report));
 }

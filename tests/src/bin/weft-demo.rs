@@ -2,10 +2,16 @@
 //! real agents, pods created through the real CNI plugin), its measured connectivity matrix,
 //! the operator CLI's view of one node, then teardown (or `--keep`).
 //!
+//! `--backend bgp`: the nodes sit on two underlay subnets joined by a router namespace that runs
+//! BIRD as a route reflector; every node's agent runs BIRD and peers with the router's address
+//! on its subnet. The demo prints the sessions (the router's and every node's), the matrix, and
+//! the datapath's encapsulation counters, which must stay at zero.
+//!
 //! Everything a demo makes is recorded as soon as it exists (see `weft_tests::demo`), so that
 //! `--down` removes what a kept or interrupted demo left, and nothing else.
 use std::{io::Write as _, path::PathBuf, time::Instant};
 
+use weft_common::{DropReason, Stat};
 use weft_tests::{
     cluster::{Cluster, ClusterOptions, bin_dir},
     demo::{DEFAULT_STATE_DIR, DemoRecord},
@@ -20,7 +26,7 @@ struct Args {
     state_dir: PathBuf,
 }
 
-const USAGE: &str = "usage: weft-demo [--keep] [--nodes N] [--pods N] [--backend vxlan|ipip|host-gw] [--state-dir DIR]\n       weft-demo --down [--state-dir DIR]";
+const USAGE: &str = "usage: weft-demo [--keep] [--nodes N] [--pods N] [--backend vxlan|ipip|host-gw|bgp] [--state-dir DIR]\n       weft-demo --down [--state-dir DIR]";
 
 fn parse_args() -> Args {
     let mut args = Args {
@@ -39,7 +45,7 @@ fn parse_args() -> Args {
             "--state-dir" => args.state_dir = it.next().expect("--state-dir DIR").into(),
             "--nodes" => args.nodes = it.next().and_then(|v| v.parse().ok()).expect("--nodes N"),
             "--pods" => args.pods = it.next().and_then(|v| v.parse().ok()).expect("--pods N"),
-            "--backend" => args.backend = it.next().expect("--backend vxlan|ipip|host-gw"),
+            "--backend" => args.backend = it.next().expect("--backend vxlan|ipip|host-gw|bgp"),
             other => {
                 eprintln!("unknown argument {other:?}\n{USAGE}");
                 std::process::exit(2);
@@ -118,16 +124,36 @@ fn main() {
         "weft demo: {} nodes, {} pods per node, backend {}\n",
         args.nodes, args.pods, args.backend
     );
+    let bgp = args.backend == "bgp";
     let options = ClusterOptions {
         nodes: args.nodes,
         backend: args.backend.clone(),
+        two_subnets: bgp,
+        route_reflector: bgp,
+        backend_extra: if bgp {
+            serde_json::json!({"Mesh": false, "Peers": Cluster::route_reflector_peers()})
+        } else {
+            serde_json::Value::Null
+        },
         ..Default::default()
     };
-    let mut cluster = step(
-        &format!("underlay, etcd and {} nodes running weft-agent", args.nodes),
-        || Cluster::new(options),
-    );
+    let what = if bgp {
+        format!(
+            "two underlay subnets, a router running BIRD as route reflector, etcd and {} nodes running weft-agent (and BIRD)",
+            args.nodes
+        )
+    } else {
+        format!("underlay, etcd and {} nodes running weft-agent", args.nodes)
+    };
+    let mut cluster = step(&what, || Cluster::new(options));
     record(&cluster, &args.state_dir);
+    if bgp {
+        step(
+            "BGP: every node learns every other node's pod subnet",
+            || cluster.wait_bgp_converged(std::time::Duration::from_secs(60)),
+        );
+        print_bgp(&cluster);
+    }
     step(
         &format!(
             "{} pods through the weft-cni plugin",
@@ -197,6 +223,30 @@ fn main() {
         println!();
     }
     let ok = probes.iter().filter(|p| p.ok).count();
+    let mut encapsulated = 0;
+    if bgp {
+        println!(
+            "\ndatapath counters (no tunnel anywhere: the encapsulation counters stay at zero):\n"
+        );
+        println!(
+            "  {:<8} {:>12} {:>12} {:>12} {:>14}",
+            "node", "vxlan_encap", "ipip_encap", "bgp_forward", "no_bgp_route"
+        );
+        for node in &cluster.nodes {
+            let maps = node.maps();
+            let stat = |s| maps.stat_count(s).unwrap_or(0);
+            let (vx, ipip) = (stat(Stat::VxlanEncap), stat(Stat::IpipEncap));
+            encapsulated += vx + ipip;
+            println!(
+                "  {:<8} {:>12} {:>12} {:>12} {:>14}",
+                node.name,
+                vx,
+                ipip,
+                stat(Stat::BgpForward),
+                maps.drop_count(DropReason::NoBgpRoute).unwrap_or(0)
+            );
+        }
+    }
 
     let cli = bin_dir().join("weft");
     if cli.exists() {
@@ -207,7 +257,13 @@ fn main() {
         );
         for sub in ["status", "routes", "drops"] {
             let out = std::process::Command::new(&cli)
-                .args(["--pin-root", &node.pins.path.display().to_string(), sub])
+                .args([
+                    "--pin-root",
+                    &node.pins.path.display().to_string(),
+                    "--bird-socket",
+                    &node.bird_socket().display().to_string(),
+                    sub,
+                ])
                 .output();
             match out {
                 Ok(out) => print!(
@@ -280,7 +336,38 @@ fn main() {
     }
     step("tearing down", || drop(cluster));
     DemoRecord::forget(&args.state_dir, std::process::id());
-    if ok != probes.len() {
+    if ok != probes.len() || encapsulated > 0 {
         std::process::exit(1);
+    }
+}
+
+/// The BGP sessions: the router's (BIRD's own view) and each node's (`weft status`).
+fn print_bgp(cluster: &Cluster) {
+    if let Some(router) = &cluster.router {
+        println!(
+            "\nroute reflector on the router (birdc show protocols), {} sessions established:\n",
+            router.established()
+        );
+        for line in router.birdc("show protocols").lines() {
+            println!("    {line}");
+        }
+    }
+    let cli = bin_dir().join("weft");
+    for node in &cluster.nodes {
+        let out = std::process::Command::new(&cli)
+            .args([
+                "--pin-root",
+                &node.pins.path.display().to_string(),
+                "--bird-socket",
+                &node.bird_socket().display().to_string(),
+                "status",
+            ])
+            .output();
+        let Ok(out) = out else { continue };
+        let text = String::from_utf8_lossy(&out.stdout);
+        println!("\n{} ({}), `weft status` BGP lines:", node.name, node.ip);
+        for line in text.lines().skip_while(|l| !l.starts_with("bgp")) {
+            println!("    {line}");
+        }
     }
 }
