@@ -372,6 +372,17 @@ impl Collector for MapsCollector {
                 ConstCounter::new(n).encode(drops.encode_family(&[("reason", reason.name())])?)?;
             }
         }
+        if let Ok(config) = maps.config() {
+            let hook = weft_common::DecapHook::of_flags(config.flags);
+            let mut g = encoder.encode_descriptor(
+                "weft_decap_hook",
+                "Where tunnel packets are decapsulated (hook: xdp or tc) and why (--xdp)",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(1)
+                .encode(g.encode_family(&[("hook", hook.hook()), ("reason", hook.reason())])?)?;
+        }
         let mut packets = encoder.encode_descriptor(
             "weft_packets",
             "Packets by datapath outcome",

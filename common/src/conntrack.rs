@@ -78,8 +78,10 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 /// A flow, direction-free: the (address, port) endpoint that sorts lower comes first, so a
-/// packet and its reply (and an ICMP error quoting either) find the same entry.
-#[repr(C)]
+/// packet and its reply (and an ICMP error quoting either) find the same entry. Aligned to 4
+/// (the layout is the same, every field is byte-sized): built on the stack of the datapath,
+/// a byte-aligned key has its padding zeroed by a `memset` subprogram call per packet.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct CtKey {
@@ -90,7 +92,9 @@ pub struct CtKey {
     pub port_lo: [u8; 2],
     pub port_hi: [u8; 2],
     pub protocol: u8,
-    pub _pad: [u8; 3],
+    /// Padding, as scalars: a zeroed byte array is a `memset` call in the datapath.
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 
 impl CtKey {
@@ -119,7 +123,8 @@ impl CtKey {
                 port_lo: lo.1,
                 port_hi: hi.1,
                 protocol,
-                _pad: [0; 3],
+                _pad: 0,
+                _pad2: 0,
             },
             src_is_hi,
         )

@@ -255,7 +255,12 @@ pub struct DecapMeta {
     pub peer: [u8; 4],
 }
 
+/// `DecapMeta::magic`: decapsulated from `peer`; the inner source may be the peer itself.
 pub const DECAP_META_MAGIC: u32 = 0x5746_4443;
+/// `DecapMeta::magic`: decapsulated from `peer`, and the inner source is one of its pods (its
+/// route was checked): `from_underlay` need not look it up again. (A separate value, so a
+/// packet an older `xdp_underlay` marked is never taken for one whose source was classified.)
+pub const DECAP_META_MAGIC_POD: u32 = 0x5746_4450;
 
 /// Flow hash of a packet's addresses, protocol and ports (zero for non-first fragments and
 /// protocols without ports). Deterministic, so userspace and tests compute the same value;
@@ -313,6 +318,79 @@ pub const CONFIG_F_READY: u16 = 1 << 0;
 /// through the host stack (routed access from outside the cluster, as BGP setups want).
 /// Off by default: only peers on the underlay may send plain frames to pods.
 pub const CONFIG_F_ACCEPT_ROUTED: u16 = 1 << 1;
+
+/// Bits of `NodeConfig::flags` holding the [`DecapHook`] the agent chose (the datapath ignores
+/// them; `weft status` shows them).
+pub const CONFIG_DECAP_HOOK_SHIFT: u16 = 8;
+pub const CONFIG_DECAP_HOOK_MASK: u16 = 0x0f << CONFIG_DECAP_HOOK_SHIFT;
+
+/// Where tunnel packets from the underlay are decapsulated, and why (`--xdp`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapHook {
+    /// Not recorded (an older agent).
+    Unknown = 0,
+    /// XDP in the driver (`--xdp=auto`: the driver runs XDP natively).
+    XdpNative = 1,
+    /// XDP in the driver, as `--xdp=on` asks.
+    XdpForced = 2,
+    /// XDP in generic (skb) mode: `--xdp=on` on a driver without native XDP.
+    XdpGeneric = 3,
+    /// tc: `--xdp=off`.
+    TcOff = 4,
+    /// tc: `--xdp=auto` on a veth, where XDP copies every frame and turns TSO off on the peer.
+    TcVeth = 5,
+    /// tc: `--xdp=auto` on a driver without native XDP (generic mode would copy).
+    TcNoNativeXdp = 6,
+}
+
+impl DecapHook {
+    pub const ALL: [DecapHook; 7] = [
+        Self::Unknown,
+        Self::XdpNative,
+        Self::XdpForced,
+        Self::XdpGeneric,
+        Self::TcOff,
+        Self::TcVeth,
+        Self::TcNoNativeXdp,
+    ];
+
+    pub fn from_u8(v: u8) -> Self {
+        Self::ALL.get(v as usize).copied().unwrap_or(Self::Unknown)
+    }
+
+    /// The hook recorded in a config's flags.
+    pub fn of_flags(flags: u16) -> Self {
+        Self::from_u8(((flags & CONFIG_DECAP_HOOK_MASK) >> CONFIG_DECAP_HOOK_SHIFT) as u8)
+    }
+
+    /// The flag bits recording this hook.
+    pub fn flags(self) -> u16 {
+        (self as u16) << CONFIG_DECAP_HOOK_SHIFT
+    }
+
+    /// `xdp` or `tc` (`unknown` when not recorded).
+    pub fn hook(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::XdpNative | Self::XdpForced | Self::XdpGeneric => "xdp",
+            Self::TcOff | Self::TcVeth | Self::TcNoNativeXdp => "tc",
+        }
+    }
+
+    /// Why, in a few words (stable: a metric label).
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Unknown => "not recorded",
+            Self::XdpNative => "native XDP in the driver",
+            Self::XdpForced => "--xdp=on, native XDP in the driver",
+            Self::XdpGeneric => "--xdp=on, generic mode (the driver has no native XDP)",
+            Self::TcOff => "--xdp=off",
+            Self::TcVeth => "veth: XDP would copy every frame and turn off TSO on the peer",
+            Self::TcNoNativeXdp => "the driver has no native XDP (generic mode would copy)",
+        }
+    }
+}
 
 /// Declares a counter enum once: its values (the index into a per-CPU array), the count, the
 /// list in index order and the stable snake_case names used by the CLI and metrics all come from
@@ -536,3 +614,23 @@ aya_pod!(
     policy::PolicyPodName,
     policy::PolicyDrops,
 );
+
+#[cfg(test)]
+mod decap_hook_tests {
+    use super::*;
+
+    #[test]
+    fn every_hook_round_trips_through_the_config_flags_and_keeps_the_others() {
+        for hook in DecapHook::ALL {
+            let flags = CONFIG_F_READY | CONFIG_F_ACCEPT_ROUTED | hook.flags();
+            assert_eq!(DecapHook::of_flags(flags), hook);
+            assert_eq!(
+                flags & !CONFIG_DECAP_HOOK_MASK,
+                CONFIG_F_READY | CONFIG_F_ACCEPT_ROUTED
+            );
+            assert_eq!(DecapHook::from_u8(hook as u8), hook);
+        }
+        assert_eq!(DecapHook::of_flags(CONFIG_F_READY), DecapHook::Unknown);
+        assert_eq!(DecapHook::from_u8(0x0f), DecapHook::Unknown);
+    }
+}

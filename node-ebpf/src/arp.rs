@@ -11,7 +11,7 @@ use weft_common::{DropReason, POD_GATEWAY, Stat};
 use crate::{
     counters::count,
     forward::mac_eq,
-    parse::{ARP_REPLY, ARP_REQUEST, ArpHdr, ETH_HLEN, ETH_P_IPV4, EthHdr, ptr_at},
+    parse::{ARP_REPLY, ARP_REQUEST, ArpHdr, ETH_HLEN, ETH_P_IPV4, EthHdr, ptr_at, put},
     route,
 };
 
@@ -54,12 +54,12 @@ pub fn answer_gateway(ctx: &TcContext) -> Result<i32, DropReason> {
         return Err(DropReason::ArpNotGateway);
     }
     arp.oper = ARP_REPLY.to_be_bytes();
-    arp.tha = pod.pod_mac;
+    put(&mut arp.tha, pod.pod_mac);
     arp.tpa = arp.spa;
-    arp.sha = pod.host_mac;
+    put(&mut arp.sha, pod.host_mac);
     arp.spa = POD_GATEWAY;
-    eth.dst = pod.pod_mac;
-    eth.src = pod.host_mac;
+    put(&mut eth.dst, pod.pod_mac);
+    put(&mut eth.src, pod.host_mac);
     count(Stat::ArpReplied);
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }

@@ -17,37 +17,65 @@ pub enum Tunnel {
     Drop(DropReason),
     /// A valid tunnel packet from `peer`: `outer_len` bytes follow the outer Ethernet header up
     /// to the inner Ethernet header (VXLAN) or the inner IPv4 header (IPIP, `inner_has_eth`
-    /// false).
+    /// false). `from_pod`: the inner source is a pod of the peer (else the peer itself).
     Decap {
         outer_len: usize,
         inner_has_eth: bool,
         stat_xdp: Stat,
         peer: [u8; 4],
+        from_pod: bool,
     },
 }
 
-/// Checks the inner IPv4 header at `offset` of a tunnel packet from `peer`: valid, and from an
-/// address the peer owns (a pod of its pod CIDR, or the peer itself).
+/// Drops a tunnel packet from `peer` for `reason`, unless `peer` is not a known node at all,
+/// which comes first.
 #[inline(always)]
-fn inner_check(
+fn refuse(peer: [u8; 4], reason: DropReason) -> Tunnel {
+    if route::node(peer).is_none() {
+        return Tunnel::Drop(DropReason::UnknownTunnelSource);
+    }
+    Tunnel::Drop(reason)
+}
+
+/// Accepts a tunnel packet from `peer` whose inner header starts at `offset`: the inner IPv4
+/// header is valid, and its source is a pod of the peer's pod CIDR (`from_pod`) or the peer
+/// itself. The route of the inner source is looked up first: naming the peer, it also vouches
+/// for the peer being a known node (routes only ever point at known nodes: the agent adds a
+/// node before its routes and removes it after them), so the common case costs one lookup; the
+/// node map is read only when the route does not decide.
+#[inline(always)]
+fn accept(
     data: usize,
     data_end: usize,
     offset: usize,
     peer: [u8; 4],
-) -> Result<(), DropReason> {
+    outer_len: usize,
+    inner_has_eth: bool,
+    stat_xdp: Stat,
+) -> Tunnel {
     let Some(ip) = ptr_at::<Ipv4Hdr>(data, data_end, offset) else {
-        return Err(DropReason::MalformedTunnel);
+        return refuse(peer, DropReason::MalformedTunnel);
     };
     let ip = unsafe { &*ip };
     if ip.version() != 4 || ip.header_len() < IPV4_HLEN {
-        return Err(DropReason::MalformedTunnel);
+        return refuse(peer, DropReason::MalformedTunnel);
     }
-    if u32::from_ne_bytes(ip.saddr) == u32::from_ne_bytes(peer) {
-        return Ok(());
-    }
+    let decap = |from_pod| Tunnel::Decap {
+        outer_len,
+        inner_has_eth,
+        stat_xdp,
+        peer,
+        from_pod,
+    };
     match route::route(ip.saddr) {
-        Some(r) if u32::from_ne_bytes(r.node_ip) == u32::from_ne_bytes(peer) => Ok(()),
-        _ => Err(DropReason::TunnelInnerSourceSpoofed),
+        Some(r) if u32::from_ne_bytes(r.node_ip) == u32::from_ne_bytes(peer) => decap(true),
+        _ if u32::from_ne_bytes(ip.saddr) == u32::from_ne_bytes(peer) => {
+            if route::node(peer).is_none() {
+                return Tunnel::Drop(DropReason::UnknownTunnelSource);
+            }
+            decap(false)
+        }
+        _ => refuse(peer, DropReason::TunnelInnerSourceSpoofed),
     }
 }
 
@@ -83,40 +111,32 @@ pub fn classify(data: usize, data_end: usize, frame_len: usize, cfg: &NodeConfig
                 // Another VTEP on this node may own that VNI.
                 return Tunnel::NotOurs;
             }
-            if route::node(ip.saddr).is_none() {
-                return Tunnel::Drop(DropReason::UnknownTunnelSource);
-            }
             let inner_eth_off = l4 + UDP_HLEN + VXLAN_HLEN;
             let Some(inner_eth) = ptr_at::<EthHdr>(data, data_end, inner_eth_off) else {
-                return Tunnel::Drop(DropReason::MalformedTunnel);
+                return refuse(ip.saddr, DropReason::MalformedTunnel);
             };
             if unsafe { (*inner_eth).ethertype() } != ETH_P_IPV4 {
-                return Tunnel::Drop(DropReason::InnerNotIpv4);
+                return refuse(ip.saddr, DropReason::InnerNotIpv4);
             }
-            if let Err(reason) = inner_check(data, data_end, inner_eth_off + ETH_HLEN, ip.saddr) {
-                return Tunnel::Drop(reason);
-            }
-            Tunnel::Decap {
-                outer_len: inner_eth_off - ETH_HLEN,
-                inner_has_eth: true,
-                stat_xdp: Stat::XdpVxlanDecap,
-                peer: ip.saddr,
-            }
+            accept(
+                data,
+                data_end,
+                inner_eth_off + ETH_HLEN,
+                ip.saddr,
+                inner_eth_off - ETH_HLEN,
+                true,
+                Stat::XdpVxlanDecap,
+            )
         }
-        IPPROTO_IPIP => {
-            if route::node(ip.saddr).is_none() {
-                return Tunnel::Drop(DropReason::UnknownTunnelSource);
-            }
-            if let Err(reason) = inner_check(data, data_end, l4, ip.saddr) {
-                return Tunnel::Drop(reason);
-            }
-            Tunnel::Decap {
-                outer_len: l4 - ETH_HLEN,
-                inner_has_eth: false,
-                stat_xdp: Stat::XdpIpipDecap,
-                peer: ip.saddr,
-            }
-        }
+        IPPROTO_IPIP => accept(
+            data,
+            data_end,
+            l4,
+            ip.saddr,
+            l4 - ETH_HLEN,
+            false,
+            Stat::XdpIpipDecap,
+        ),
         _ => Tunnel::NotOurs,
     }
 }

@@ -22,7 +22,7 @@ use crate::{
     maps::WEFT_NEXT_HOPS,
     parse::{
         ETH_HLEN, ETH_P_IPV4, EthHdr, IPPROTO_IPIP, IPPROTO_UDP, IPV4_DF, IPV4_HLEN, Ipv4Hdr,
-        UDP_HLEN, UdpHdr, VXLAN_ENCAP_LEN, VXLAN_FLAG_VNI, VXLAN_HLEN, VxlanHdr, ptr_at,
+        UDP_HLEN, UdpHdr, VXLAN_ENCAP_LEN, VXLAN_FLAG_VNI, VXLAN_HLEN, VxlanHdr, ptr_at, put,
     },
 };
 
@@ -103,11 +103,11 @@ pub fn vxlan(
         udp.check = [0, 0];
         let vxlan = &mut *vxlan;
         vxlan.flags = VXLAN_FLAG_VNI;
-        vxlan.reserved1 = [0; 3];
+        put(&mut vxlan.reserved1, [0; 3]);
         vxlan.vni_reserved = (cfg.vni << 8).to_be_bytes();
         let inner_eth = &mut *inner_eth;
-        inner_eth.dst = route.vtep_mac;
-        inner_eth.src = cfg.vtep_mac;
+        put(&mut inner_eth.dst, route.vtep_mac);
+        put(&mut inner_eth.src, cfg.vtep_mac);
         inner_eth.ethertype = ETH_P_IPV4.to_be_bytes();
     }
     Ok(())
@@ -163,7 +163,8 @@ impl Hop {
 
 /// The next hop toward `next_ip` through the underlay, from the cache (reused for
 /// `NEXT_HOP_TTL_NS`) or the kernel's FIB. The FIB is asked with a packet length, so it also
-/// reports the route's MTU (a route `mtu` metric, a learned exception, or the device's).
+/// reports the route's MTU (a route `mtu` metric, a learned exception, or the device's); a
+/// smaller path MTU learned from ICMP (`WEFT_PATH_MTU`) is folded into the cached hop.
 #[inline(always)]
 pub fn next_hop(
     ctx: &TcContext,
@@ -239,9 +240,10 @@ fn fib_next_hop(
     }
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         let onlink = u32::from_ne_bytes(gateway) == u32::from_ne_bytes(next_ip);
+        let route_mtu = unsafe { fib.__bindgen_anon_1.mtu_result } as u32;
         let hop = NextHop {
             ifindex: fib.ifindex,
-            mtu: unsafe { fib.__bindgen_anon_1.mtu_result } as u32,
+            mtu: crate::mtu::with_learned(route_mtu, next_ip, now),
             smac: fib.smac,
             dmac: fib.dmac,
             flags: if onlink { NEXT_HOP_F_ONLINK } else { 0 },
@@ -275,8 +277,8 @@ pub fn send(ctx: &TcContext, hop: &Hop) -> Result<(i32, bool), DropReason> {
             let (data, data_end) = (ctx.data(), ctx.data_end());
             let eth = ptr_at::<EthHdr>(data, data_end, 0).ok_or(DropReason::StoreFailed)?;
             unsafe {
-                (*eth).dst = hop.dmac;
-                (*eth).src = hop.smac;
+                put(&mut (*eth).dst, hop.dmac);
+                put(&mut (*eth).src, hop.smac);
                 (*eth).ethertype = ETH_P_IPV4.to_be_bytes();
             }
             Ok((unsafe { bpf_redirect(hop.ifindex, 0) } as i32, false))

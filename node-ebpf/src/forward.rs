@@ -7,7 +7,7 @@ use weft_common::{DropReason, EndpointInfo, NodeConfig, RouteInfo, RouteMode, St
 use crate::{
     counters::count,
     encap, icmp, mtu,
-    parse::{ETH_HLEN, EthHdr, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, ptr_at},
+    parse::{ETH_HLEN, EthHdr, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, ptr_at, put},
     route,
 };
 
@@ -63,8 +63,8 @@ pub fn deliver_to_pod(eth: &mut EthHdr, ip: &mut Ipv4Hdr, dst: &EndpointInfo, st
         return TC_ACT_OK;
     }
     ip.decrement_ttl();
-    eth.dst = dst.pod_mac;
-    eth.src = dst.host_mac;
+    put(&mut eth.dst, dst.pod_mac);
+    put(&mut eth.src, dst.host_mac);
     count(stat);
     unsafe { bpf_redirect_peer(dst.host_ifindex, 0) as i32 }
 }

@@ -23,8 +23,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weft_common::{
-    CONFIG_F_ACCEPT_ROUTED, DECAP_META_MAGIC, DecapMeta, DropReason, EP_F_STACK_ONLY, NodeConfig,
-    RouteMode, Stat,
+    CONFIG_F_ACCEPT_ROUTED, DECAP_META_MAGIC, DECAP_META_MAGIC_POD, DecapMeta, DropReason,
+    EP_F_STACK_ONLY, NodeConfig, RouteMode, Stat,
 };
 
 use crate::{
@@ -52,9 +52,20 @@ pub fn from_underlay(ctx: TcContext) -> i32 {
     }
 }
 
-/// The peer XDP decapsulated this packet from, if it did (its metadata says so).
+/// How a packet reached this program.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    /// A plain frame from the wire.
+    Plain,
+    /// Decapsulated (by XDP or here); the inner source may be the peer itself.
+    Decapsulated,
+    /// Decapsulated, and the inner source is known to be a pod of the peer.
+    DecapsulatedFromPod,
+}
+
+/// Whether XDP decapsulated this packet, as its metadata says.
 #[inline(always)]
-fn decapsulated_by_xdp(ctx: &TcContext) -> bool {
+fn xdp_arrival(ctx: &TcContext) -> Arrival {
     let (meta, data) = unsafe {
         (
             (*ctx.skb.skb).data_meta as usize,
@@ -62,21 +73,25 @@ fn decapsulated_by_xdp(ctx: &TcContext) -> bool {
         )
     };
     if meta + core::mem::size_of::<DecapMeta>() > data {
-        return false;
+        return Arrival::Plain;
     }
-    unsafe { (*(meta as *const DecapMeta)).magic == DECAP_META_MAGIC }
+    match unsafe { (*(meta as *const DecapMeta)).magic } {
+        DECAP_META_MAGIC_POD => Arrival::DecapsulatedFromPod,
+        DECAP_META_MAGIC => Arrival::Decapsulated,
+        _ => Arrival::Plain,
+    }
 }
 
 /// A plain frame to a local pod: allowed only from an on-link peer (or one of its pods) and
 /// from that peer's MAC, or from a `bgp` peer (or one of its pods) through the next hop toward
-/// it.
+/// it. Returns whether the source is one of the peer's pods.
 #[inline(always)]
 fn plain_sender_ok(
     ctx: &TcContext,
     cfg: &NodeConfig,
     eth: &EthHdr,
     ip: &Ipv4Hdr,
-) -> Result<(), DropReason> {
+) -> Result<bool, DropReason> {
     let bgp = RouteMode::Bgp as u8;
     let (peer, pod, mode) = match route::route(ip.saddr) {
         Some(r) => (r.node_ip, true, r.mode),
@@ -86,7 +101,8 @@ fn plain_sender_ok(
         },
     };
     if mode == bgp {
-        return bgp_reverse_path_ok(ctx, cfg, eth, ip.saddr, pod);
+        bgp_reverse_path_ok(ctx, cfg, eth, ip.saddr, pod)?;
+        return Ok(pod);
     }
     let hop =
         encap::next_hop(ctx, cfg, cfg.node_ip, peer).map_err(|_| DropReason::PlainFromNonPeer)?;
@@ -98,7 +114,7 @@ fn plain_sender_ok(
     {
         return Err(DropReason::PlainPeerMacMismatch);
     }
-    Ok(())
+    Ok(pod)
 }
 
 /// A plain frame from a `bgp` peer's pod (`pod`) or from the peer itself: BGP routes it
@@ -145,14 +161,15 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, DropReason> {
         };
         let _ = ctx.pull_data(want);
     }
-    let mut decapsulated = decapsulated_by_xdp(ctx);
-    if !decapsulated {
+    let mut arrival = xdp_arrival(ctx);
+    if arrival == Arrival::Plain {
         match classify(ctx.data(), ctx.data_end(), frame_len, cfg) {
             Tunnel::NotOurs => {}
             Tunnel::Drop(reason) => return Err(reason),
             Tunnel::Decap {
                 outer_len,
                 inner_has_eth,
+                from_pod,
                 ..
             } => {
                 // Remove everything between the outer Ethernet header and the inner IPv4
@@ -176,7 +193,11 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, DropReason> {
                 )
                 .map_err(|_| DropReason::AdjustRoomFailed)?;
                 count(Stat::TcDecap);
-                decapsulated = true;
+                arrival = if from_pod {
+                    Arrival::DecapsulatedFromPod
+                } else {
+                    Arrival::Decapsulated
+                };
             }
         }
     }
@@ -188,27 +209,38 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, DropReason> {
     };
     let (eth, ip): (&mut EthHdr, &mut Ipv4Hdr) = unsafe { (&mut *frame.eth, &mut *frame.ip) };
     let l4 = ETH_HLEN + ip.header_len();
-    if !decapsulated && mtu::learn(ctx.data(), ctx.data_end(), cfg, ip, l4) {
+    if arrival == Arrival::Plain && mtu::learn(ctx.data(), ctx.data_end(), cfg, ip, l4) {
         return Ok(TC_ACT_OK);
     }
     let Some(dst) = route::endpoint(ip.daddr) else {
         // Another node's pods, reached over BGP, arriving here unencapsulated: a router sent
         // them to the wrong node. weft nodes never transit (the only way on is back out of the
         // underlay, toward the router that sent it): the start of a loop, refused and counted.
-        if !decapsulated && route::route(ip.daddr).is_some_and(|r| r.mode == RouteMode::Bgp as u8) {
+        if arrival == Arrival::Plain
+            && route::route(ip.daddr).is_some_and(|r| r.mode == RouteMode::Bgp as u8)
+        {
             return Err(DropReason::RouteLoop);
         }
         return Ok(TC_ACT_OK);
     };
-    if !decapsulated && let Err(reason) = plain_sender_ok(ctx, cfg, eth, ip) {
-        if cfg.flags & CONFIG_F_ACCEPT_ROUTED == 0 {
-            return Err(reason);
-        }
-        // Routed access from outside, allowed by the operator: the stack delivers it.
-        count(Stat::PassedToStack);
-        return Ok(TC_ACT_OK);
-    }
-    if route::route(ip.saddr).is_none() || dst.flags & EP_F_STACK_ONLY != 0 {
+    // Whether the source is a pod of another node: each path has looked its route up already,
+    // except a packet an older `xdp_underlay` decapsulated.
+    let from_pod = match arrival {
+        Arrival::DecapsulatedFromPod => true,
+        Arrival::Decapsulated => route::route(ip.saddr).is_some(),
+        Arrival::Plain => match plain_sender_ok(ctx, cfg, eth, ip) {
+            Ok(from_pod) => from_pod,
+            Err(reason) => {
+                if cfg.flags & CONFIG_F_ACCEPT_ROUTED == 0 {
+                    return Err(reason);
+                }
+                // Routed access from outside, allowed by the operator: the stack delivers it.
+                count(Stat::PassedToStack);
+                return Ok(TC_ACT_OK);
+            }
+        },
+    };
+    if !from_pod || dst.flags & EP_F_STACK_ONLY != 0 {
         // Not from a pod of another node (a node's own traffic), or into a pod whose traffic
         // must see the stack's qdiscs: the host stack delivers it, so its conntrack sees the
         // request and the pod's reply is recognised as a reply (not masqueraded as new

@@ -13,7 +13,7 @@ use weft_common::{
 use crate::{
     counters::count,
     encap::Hop,
-    maps::WEFT_PATH_MTU,
+    maps::{WEFT_NEXT_HOPS, WEFT_PATH_MTU},
     parse::{
         ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_HLEN, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP,
         IPPROTO_UDP, IPV4_HLEN, IcmpHdr, Ipv4Hdr, ptr_at,
@@ -31,22 +31,29 @@ pub fn overhead(mode: RouteMode) -> u32 {
     }
 }
 
-/// The path MTU toward `node` (0: unknown, the kernel checks the device MTU as usual).
+/// The smaller of `mtu` (0: unknown) and the path MTU learned toward `node`, if one is still
+/// valid at `now_ns`.
 #[inline(always)]
-pub fn path_mtu(hop: &Hop, node: [u8; 4]) -> u32 {
-    let mut mtu = match hop {
-        Hop::Resolved(h) => h.mtu,
-        Hop::Unresolved { .. } => 0,
-    };
+pub fn with_learned(mtu: u32, node: [u8; 4], now_ns: u64) -> u32 {
     if let Some(learned) = WEFT_PATH_MTU.get_ptr(Ipv4Key { addr: node }) {
         let learned = unsafe { &*learned };
-        if learned.expires_ns > unsafe { bpf_ktime_get_coarse_ns() }
-            && (mtu == 0 || learned.mtu < mtu)
-        {
-            mtu = learned.mtu;
+        if learned.expires_ns > now_ns && (mtu == 0 || learned.mtu < mtu) {
+            return learned.mtu;
         }
     }
     mtu
+}
+
+/// The path MTU toward `node` (0: unknown, the kernel checks the device MTU as usual). A
+/// resolved next hop carries it already: the learned path MTU is folded in when the hop is
+/// resolved (once a second per peer), and learning a new one drops the cached hop, so the
+/// per-packet path reads one map, not two.
+#[inline(always)]
+pub fn path_mtu(hop: &Hop, node: [u8; 4]) -> u32 {
+    match hop {
+        Hop::Resolved(h) => h.mtu,
+        Hop::Unresolved { .. } => with_learned(0, node, unsafe { bpf_ktime_get_coarse_ns() }),
+    }
 }
 
 /// The length of the IPv4 packets `ip` stands for on the wire: its own length, or for a GSO
@@ -130,6 +137,8 @@ pub fn learn(data: usize, data_end: usize, cfg: &NodeConfig, ip: &Ipv4Hdr, l4: u
         },
         0,
     );
+    // The cached next hop carries the old path MTU: the next packet resolves it afresh.
+    let _ = WEFT_NEXT_HOPS.remove(key);
     count(Stat::PathMtuLearned);
     true
 }

@@ -147,6 +147,20 @@ pub struct ArpHdr {
 pub const ARP_REQUEST: u16 = 1;
 pub const ARP_REPLY: u16 = 2;
 
+/// Stores `src` into `dst` byte by byte. A plain array assignment of a MAC address (or a few
+/// zero bytes) between byte-aligned structs becomes a BPF-to-BPF call to a `memmove` or
+/// `memset` subprogram, a call and a byte loop per copy on the hot paths; volatile byte stores
+/// stay inline and cannot be merged back into such a call.
+#[inline(always)]
+pub fn put<const N: usize>(dst: &mut [u8; N], src: [u8; N]) {
+    let d = dst.as_mut_ptr();
+    let mut i = 0;
+    while i < N {
+        unsafe { core::ptr::write_volatile(d.add(i), src[i]) };
+        i += 1;
+    }
+}
+
 /// A bounds-checked pointer to a `T` at `offset` bytes into the packet `[data, data_end)`.
 /// The shape (`start + offset + size > end`) is the one the verifier understands.
 #[inline(always)]

@@ -13,7 +13,7 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use weft_common::{DECAP_META_MAGIC, DecapMeta, DropReason};
+use weft_common::{DECAP_META_MAGIC, DECAP_META_MAGIC_POD, DecapMeta, DropReason};
 
 use crate::{
     counters::{count, count_drop},
@@ -28,7 +28,7 @@ pub fn xdp_underlay(ctx: XdpContext) -> u32 {
         return XDP_PASS;
     };
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    let (outer_len, inner_has_eth, stat, peer) =
+    let (outer_len, inner_has_eth, stat, peer, from_pod) =
         match classify(data, data_end, data_end - data, cfg) {
             Tunnel::NotOurs => return XDP_PASS,
             Tunnel::Drop(reason) => {
@@ -40,7 +40,8 @@ pub fn xdp_underlay(ctx: XdpContext) -> u32 {
                 inner_has_eth,
                 stat_xdp,
                 peer,
-            } => (outer_len, inner_has_eth, stat_xdp, peer),
+                from_pod,
+            } => (outer_len, inner_has_eth, stat_xdp, peer, from_pod),
         };
     // The outer Ethernet header is addressed to this NIC: the inner frame inherits it so the
     // stack accepts it as PACKET_HOST.
@@ -62,7 +63,11 @@ pub fn xdp_underlay(ctx: XdpContext) -> u32 {
     }
     unsafe {
         *(meta as *mut DecapMeta) = DecapMeta {
-            magic: DECAP_META_MAGIC,
+            magic: if from_pod {
+                DECAP_META_MAGIC_POD
+            } else {
+                DECAP_META_MAGIC
+            },
             peer,
         }
     };

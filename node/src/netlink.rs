@@ -27,9 +27,13 @@ use rtnetlink::{
     packet_route::{
         AddressFamily,
         address::AddressAttribute,
-        link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage},
+        link::{
+            InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo as LinkInfoAttribute,
+            LinkMessage, LinkXdp, XdpAttached,
+        },
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
         route::{RouteAddress, RouteAttribute, RouteProtocol, RouteScope, RouteType},
+        tc::{TcAttribute, TcFilterBpfOption, TcOption},
     },
 };
 
@@ -132,8 +136,23 @@ pub struct LinkInfo {
     pub mac: Option<[u8; 6]>,
     pub mtu: u32,
     pub up: bool,
+    /// The link's kind (`veth`, `bridge`, ...); `None` for a physical NIC.
+    pub kind: Option<String>,
+    /// How an XDP program is attached to it, if one is.
+    pub xdp: Option<XdpMode>,
     /// The link's alias (`ip link set DEV alias ...`), if any.
     pub alias: Option<String>,
+}
+
+/// How an XDP program runs on a device (`IFLA_XDP_ATTACHED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpMode {
+    /// In the driver, on its own buffers.
+    Driver,
+    /// Generic (skb) mode: after the skb is built, usually a copy.
+    Generic,
+    /// Offloaded to the NIC, or several modes at once.
+    Other,
 }
 
 impl LinkInfo {
@@ -144,6 +163,8 @@ impl LinkInfo {
             mac: None,
             mtu: 0,
             up: m.header.flags.contains(LinkFlags::Up),
+            kind: None,
+            xdp: None,
             alias: None,
         };
         for a in &m.attributes {
@@ -151,6 +172,25 @@ impl LinkInfo {
                 LinkAttribute::IfName(n) => info.name = n.clone(),
                 LinkAttribute::Mtu(v) => info.mtu = *v,
                 LinkAttribute::Address(a) => info.mac = a.as_slice().try_into().ok(),
+                LinkAttribute::LinkInfo(infos) => {
+                    for i in infos {
+                        if let LinkInfoAttribute::Kind(kind) = i {
+                            info.kind = Some(kind.to_string());
+                        }
+                    }
+                }
+                LinkAttribute::Xdp(xdp) => {
+                    for x in xdp {
+                        if let LinkXdp::Attached(mode) = x {
+                            info.xdp = match mode {
+                                XdpAttached::None => None,
+                                XdpAttached::Driver => Some(XdpMode::Driver),
+                                XdpAttached::SocketBuffer => Some(XdpMode::Generic),
+                                _ => Some(XdpMode::Other),
+                            };
+                        }
+                    }
+                }
                 LinkAttribute::IfAlias(a) => info.alias = Some(a.clone()),
                 _ => {}
             }
@@ -585,6 +625,67 @@ impl Netlink {
                 _ => None,
             })
         }))
+    }
+}
+
+/// A cls_bpf filter on a device's clsact hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BpfFilter {
+    pub priority: u16,
+    /// The program's name as given at attach time.
+    pub name: String,
+    pub prog_id: Option<u32>,
+}
+
+impl Netlink {
+    /// The cls_bpf filters on the ingress (or egress) hook of `ifindex`'s clsact qdisc.
+    pub async fn bpf_filters(&self, ifindex: u32, egress: bool) -> Result<Vec<BpfFilter>> {
+        let mut request = self.handle.traffic_filter(ifindex as i32).get();
+        request = if egress {
+            request.egress()
+        } else {
+            request.ingress()
+        };
+        let msgs: Vec<_> = match request.execute().try_collect().await {
+            Ok(m) => m,
+            // No clsact qdisc: no filters.
+            Err(e) if Error::from_rtnetlink(e.clone()).is(libc::EINVAL) => Vec::new(),
+            Err(e) => return Err(Error::from_rtnetlink(e)),
+        };
+        Ok(msgs
+            .iter()
+            .filter(|m| {
+                m.attributes
+                    .iter()
+                    .any(|a| matches!(a, TcAttribute::Kind(k) if k == "bpf"))
+            })
+            .map(|m| {
+                let options = m.attributes.iter().find_map(|a| match a {
+                    TcAttribute::Options(o) => Some(o),
+                    _ => None,
+                });
+                let bpf = || {
+                    options.into_iter().flatten().filter_map(|o| match o {
+                        TcOption::Bpf(b) => Some(b),
+                        _ => None,
+                    })
+                };
+                BpfFilter {
+                    // tcm_info: protocol in the low 16 bits, priority in the high ones.
+                    priority: (m.header.info >> 16) as u16,
+                    name: bpf()
+                        .find_map(|b| match b {
+                            TcFilterBpfOption::ProgName(n) => Some(n.clone()),
+                            _ => None,
+                        })
+                        .unwrap_or_default(),
+                    prog_id: bpf().find_map(|b| match b {
+                        TcFilterBpfOption::ProgId(id) => Some(*id),
+                        _ => None,
+                    }),
+                }
+            })
+            .collect())
     }
 }
 

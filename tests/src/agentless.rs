@@ -4,8 +4,10 @@
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use weft_agent::datapath::{Datapath, Maps};
-use weft_common::{CONFIG_F_READY, EndpointInfo, NodeConfig, NodeInfo, RouteInfo, RouteMode};
+use weft_agent::datapath::{Datapath, Maps, XdpSetting};
+use weft_common::{
+    CONFIG_F_READY, DecapHook, EndpointInfo, NodeConfig, NodeInfo, RouteInfo, RouteMode,
+};
 
 use crate::{
     netns::{Netns, format_mac},
@@ -27,12 +29,20 @@ pub struct WeftNode {
     pub ip: Ipv4Addr,
     pub vtep_mac: [u8; 6],
     pub underlay: String,
+    /// Where tunnel packets are decapsulated, as `attach_underlay` chose.
+    pub decap: DecapHook,
 }
 
 impl WeftNode {
     /// Loads the datapath (pinned under a fresh pin dir) in `ns`, configures it for the node
     /// address `ip` on `underlay` and attaches the underlay programs.
-    pub fn new(ns: Netns, ip: Ipv4Addr, underlay: &str, vtep_mac: [u8; 6], with_xdp: bool) -> Self {
+    pub fn new(
+        ns: Netns,
+        ip: Ipv4Addr,
+        underlay: &str,
+        vtep_mac: [u8; 6],
+        xdp: XdpSetting,
+    ) -> Self {
         let pins = PinDir::new("node");
         ns.sysctl("net.ipv4.ip_forward", "1");
         // Pod traffic to this node arrives on the underlay while replies leave via weft_host.
@@ -53,28 +63,32 @@ impl WeftNode {
         ns.ip(&format!("link set {} up", weft_common::HOST_PEER_DEV));
         let root = pins.path.clone();
         let dev = underlay.to_string();
-        ns.run(move || {
+        let decap = ns.run(move || {
             let mut dp = Datapath::load_pinned(&root).expect("loading the pinned datapath");
             dp.pin_programs().expect("pinning programs");
-            dp.maps
-                .set_config(&NodeConfig {
-                    node_ip: ip.octets(),
-                    underlay_ifindex,
-                    vni: weft_common::VXLAN_VNI_DEFAULT,
-                    vxlan_port: weft_common::VXLAN_PORT_DEFAULT,
-                    flags: CONFIG_F_READY,
-                    vtep_mac,
-                    _pad: [0; 2],
-                    bgp_table: weft_common::BGP_TABLE_DEFAULT,
-                })
-                .expect("writing the config");
+            let mut config = NodeConfig {
+                node_ip: ip.octets(),
+                underlay_ifindex,
+                vni: weft_common::VXLAN_VNI_DEFAULT,
+                vxlan_port: weft_common::VXLAN_PORT_DEFAULT,
+                flags: CONFIG_F_READY,
+                vtep_mac,
+                _pad: [0; 2],
+                bgp_table: weft_common::BGP_TABLE_DEFAULT,
+            };
+            dp.maps.set_config(&config).expect("writing the config");
             dp.maps
                 .put_policy_ns_default("", Some(weft_common::policy::POLICY_NS_F_SYNCED))
                 .expect("marking the policy maps synced");
-            dp.attach_underlay(&dev, with_xdp)
+            // As the agent does: the hook `xdp` picks, recorded in the config.
+            let decap = dp
+                .attach_underlay(&dev, xdp)
                 .expect("attaching underlay programs");
+            config.flags |= decap.flags();
+            dp.maps.set_config(&config).expect("writing the config");
             dp.attach_from_host(weft_common::HOST_PEER_DEV)
                 .expect("attaching from_host");
+            decap
         });
         Self {
             ns,
@@ -82,6 +96,7 @@ impl WeftNode {
             ip,
             vtep_mac,
             underlay: underlay.to_string(),
+            decap,
         }
     }
 
@@ -147,8 +162,12 @@ impl WeftNode {
         let root = self.pins.path.clone();
         let dev = host_ifname.clone();
         self.ns.run(move || {
-            weft_agent::datapath::attach_pinned_pod(&root, &dev)
-                .expect("attaching the pod programs")
+            weft_agent::datapath::attach_pinned_pod(
+                &root,
+                &dev,
+                weft_agent::datapath::PodHook::Clsact,
+            )
+            .expect("attaching the pod programs")
         });
         Pod {
             ns,

@@ -79,8 +79,9 @@ pub struct ClusterOptions {
     /// MTU of the second underlay subnet: its nodes' links, their bridge and the router's port
     /// toward it (the router answers larger DF packets with ICMP fragmentation-needed).
     pub second_subnet_mtu: Option<u32>,
-    /// Agents decapsulate in tc only (`--no-xdp`), as on NICs without XDP.
-    pub no_xdp: bool,
+    /// Agents run with the default `--xdp=auto`, which decapsulates in tc on these veth
+    /// underlays (as on NICs without native XDP); otherwise `--xdp=on`.
+    pub default_xdp: bool,
     /// Where `weft-agent` and `weft-cni` come from (default: the workspace's build,
     /// [`bin_dir`]); e.g. an unpacked release tarball.
     pub bin_dir: Option<PathBuf>,
@@ -108,7 +109,7 @@ impl Default for ClusterOptions {
             backend_extra: serde_json::Value::Null,
             route_reflector: false,
             second_subnet_mtu: None,
-            no_xdp: false,
+            default_xdp: false,
             bin_dir: None,
             agent_wrapper: None,
             net_conf: None,
@@ -537,8 +538,10 @@ impl Cluster {
             "--bgp-dir".into(),
             node.dir.join("bird").display().to_string(),
         ];
-        if self.options.no_xdp {
-            args.push("--no-xdp".into());
+        // XDP unless asked otherwise, so the clusters cover the XDP path: the default (`auto`)
+        // picks tc on these veth underlays.
+        if !self.options.default_xdp {
+            args.push("--xdp=on".into());
         }
         args.extend(self.options.agent_args.iter().cloned());
         let log = node.dir.join(format!("agent-{}.log", unique_name("")));

@@ -419,6 +419,26 @@ impl CniNode {
         names
     }
 
+    /// Whether `from_pod` (ingress) and `to_pod` (egress) hang off the host link `ifname` as
+    /// the CNI plugin attaches them (cls_bpf filters of its clsact qdisc).
+    pub fn pod_programs_attached(&self, ifname: &str) -> bool {
+        let ifindex = self.ns.ifindex(ifname);
+        self.ns.run(move || {
+            let nl = weft_agent::netlink::BlockingNetlink::open().unwrap();
+            [(false, "from_pod"), (true, "to_pod")]
+                .into_iter()
+                .all(|(egress, name)| {
+                    nl.block_on(nl.bpf_filters(ifindex, egress))
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|f| {
+                            f.priority == weft_agent::datapath::POD_FILTER_PRIORITY
+                                && f.name == name
+                        })
+                })
+        })
+    }
+
     /// Link pins of `from_pod` under the node's pin dir.
     pub fn link_pins(&self) -> Vec<String> {
         let dir = weft_agent::datapath::pin_dir(&self.pins.path).join("links");

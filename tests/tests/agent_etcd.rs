@@ -130,6 +130,14 @@ fn agents_share_etcd_join_and_leave() {
         assert_eq!(node.metric("weft_peers"), Some(2.0));
         assert_eq!(node.metric("weft_datastore_connected"), Some(1.0));
         assert_eq!(node.metric("weft_drops_total"), Some(0.0));
+        // The harness asks for `--xdp=on`: a veth runs XDP in its driver.
+        let (_, body) = node.http_get("/metrics").unwrap();
+        assert!(
+            body.contains(
+                r#"weft_decap_hook{hook="xdp",reason="--xdp=on, native XDP in the driver"} 1"#
+            ),
+            "{body}"
+        );
         assert_eq!(node.http_get("/nope").map(|r| r.0), Some(404));
     }
     // Masquerade rule and sysctls inside the node.

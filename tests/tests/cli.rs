@@ -2,7 +2,9 @@
 use std::{net::Ipv4Addr, process::Command};
 
 use weft_agent::datapath::Datapath;
-use weft_common::{CONFIG_F_READY, EndpointInfo, NodeConfig, NodeInfo, RouteInfo, RouteMode};
+use weft_common::{
+    CONFIG_F_READY, DecapHook, EndpointInfo, NodeConfig, NodeInfo, RouteInfo, RouteMode,
+};
 use weft_tests::{cluster::binary, pins::PinDir};
 
 fn weft(pins: &PinDir, args: &[&str]) -> String {
@@ -30,7 +32,7 @@ fn cli_shows_routes_endpoints_nodes_and_status() {
             underlay_ifindex: 3,
             vni: 1,
             vxlan_port: 8472,
-            flags: CONFIG_F_READY,
+            flags: CONFIG_F_READY | DecapHook::TcVeth.flags(),
             vtep_mac: [2, 0x77, 0, 0, 0, 1],
             _pad: [0; 2],
             bgp_table: weft_common::BGP_TABLE_DEFAULT,
@@ -79,6 +81,14 @@ fn cli_shows_routes_endpoints_nodes_and_status() {
         status.contains("1 routes, 1 endpoints, 1 nodes"),
         "{status}"
     );
+    assert!(
+        status.contains("decap      tc (veth: XDP would copy every frame"),
+        "{status}"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&weft(&pins, &["status", "--json"])).unwrap();
+    assert_eq!(status["decap_hook"], "tc");
+    assert!(status["ready"].as_bool().unwrap());
     let routes = weft(&pins, &["routes"]);
     assert!(
         routes.contains("10.244.7.0/24")

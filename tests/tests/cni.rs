@@ -65,45 +65,44 @@ fn assert_wired(node: &CniNode, cid: &str, pod: &Netns, ip: Ipv4Addr) {
             flags: 0
         }
     );
-    let pin = format!("from_pod@{host}");
-    assert!(node.link_pins().contains(&pin), "{:?}", node.link_pins());
-    // The program really is attached (TCX) to the host side.
+    // Both programs hang off the host side as cls_bpf filters of a clsact qdisc, running the
+    // node's pinned programs; nothing is pinned for them.
+    assert!(node.link_pins().is_empty(), "{:?}", node.link_pins());
     let root = node.pins.path.clone();
-    let dev = host.clone();
-    let attached = node.ns.run(move || {
-        let bpftool = |what: &str, pin: &std::path::Path| {
+    let ifindex = host_ifindex;
+    let (filters, prog_ids) = node.ns.run(move || {
+        let nl = weft_agent::netlink::BlockingNetlink::open().unwrap();
+        let filters =
+            [false, true].map(|egress| nl.block_on(nl.bpf_filters(ifindex, egress)).unwrap());
+        let prog_ids = ["from_pod", "to_pod"].map(|name| {
             let out = std::process::Command::new("bpftool")
-                .args([what, "show", "pinned"])
-                .arg(pin)
+                .args(["prog", "show", "pinned"])
+                .arg(
+                    weft_agent::datapath::pin_dir(&root)
+                        .join("progs")
+                        .join(name),
+                )
                 .output()
                 .expect("bpftool");
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        };
-        ["from_pod", "to_pod"].map(|name| {
-            let link = bpftool(
-                "link",
-                &weft_agent::datapath::link_pin_path(&root, name, &dev),
-            );
-            let prog = bpftool(
-                "prog",
-                &weft_agent::datapath::pin_dir(&root)
-                    .join("progs")
-                    .join(name),
-            );
-            (link, prog)
-        })
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.split(':')
+                .next()
+                .unwrap()
+                .trim()
+                .parse::<u32>()
+                .unwrap()
+        });
+        (filters, prog_ids)
     });
-    // TCX links (BPF_LINK_TYPE_TCX = 11) running the node's pinned from_pod and to_pod.
-    // (Debian's bpftool prints no attach direction for TCX links; the end-to-end tests show
-    // to_pod sees what the stack delivers.)
-    for (link, prog) in &attached {
-        let prog_id = prog.split(':').next().unwrap().trim().to_string();
+    for ((list, name), id) in filters.iter().zip(["from_pod", "to_pod"]).zip(prog_ids) {
         assert!(
-            link.contains("type 11") && link.contains(&format!("prog {prog_id} ")),
-            "bpftool link {link} / prog {prog}"
+            list.iter()
+                .any(|f| f.priority == weft_agent::datapath::POD_FILTER_PRIORITY
+                    && f.name == name
+                    && f.prog_id == Some(id)),
+            "{name} (program {id}) on {host}: {list:?}"
         );
     }
-    assert!(node.link_pins().contains(&format!("to_pod@{host}")));
     // Router advertisements from the pod are ignored by the node; the pod sends no IPv6.
     let accept_ra = node.ns.exec(
         "sysctl",
@@ -399,9 +398,16 @@ fn del_is_idempotent() {
         .run(&node.ns);
     assert!(out.success, "{out:?}");
     assert_gone(&node, "gone-ns", ip);
-    // The agent is gone (no subnet file, no pins): DEL still releases the address.
+    // The agent is gone (no subnet file, no pins): DEL still releases the address. The pod is
+    // a shaped one (`runtimeConfig.bandwidth`), whose programs are pinned TCX links.
     let pod = Netns::new("wcp");
-    let ip = result_ip(&node.add("no-agent", &pod, "1.1.0"));
+    let mut shaped = node.conf("1.1.0");
+    shaped["runtimeConfig"] = json!({"bandwidth": {"ingressRate": 8000000, "ingressBurst": 80000}});
+    let out = node
+        .call("ADD", &shaped)
+        .attachment("no-agent", Some(&pod.path()))
+        .run(&node.ns);
+    let ip = result_ip(&out.ok());
     std::fs::remove_file(node.subnet_file()).unwrap();
     assert!(node.del("no-agent", Some(&pod), "1.1.0").success);
     assert!(node.allocations().is_empty());
@@ -512,13 +518,7 @@ fn gc_keeps_exactly_the_valid_attachments() {
     assert_eq!(eps, vec![ip0]);
     let names0 = AttachmentNames::of("gc-0", "eth0");
     assert_eq!(node.host_links(), vec![names0.host_ifname.clone()]);
-    assert_eq!(
-        node.link_pins(),
-        vec![
-            format!("from_pod@{}", names0.host_ifname),
-            format!("to_pod@{}", names0.host_ifname)
-        ]
-    );
+    assert!(node.link_pins().is_empty(), "{:?}", node.link_pins());
     assert!(node.check("gc-0", &pods[0], &results[0]).success);
     // GC with an empty list releases everything.
     assert!(node.gc(&[]).success);

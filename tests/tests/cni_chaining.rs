@@ -11,6 +11,14 @@ fn conflist(node: &CniNode, version: &str) -> Value {
     let mut weft = node.conf(version);
     weft.as_object_mut().unwrap().remove("cniVersion");
     weft.as_object_mut().unwrap().remove("name");
+    // weft declares the bandwidth capability too (as its installed conflist does), so the
+    // runtime passes it the limits: the shaped pod's programs are TCX links, which coexist
+    // with the `ingress` qdisc the bandwidth plugin adds (a clsact qdisc would not).
+    weft["capabilities"] = json!({"bandwidth": true});
+    weft["runtimeConfig"] = json!({"bandwidth": {
+        "ingressRate": 8000000, "ingressBurst": 80000,
+        "egressRate": 8000000, "egressBurst": 80000
+    }});
     json!({
         "cniVersion": version,
         "name": "weft",

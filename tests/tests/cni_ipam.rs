@@ -237,12 +237,8 @@ fn no_leaks_after_a_thousand_cycles_with_killed_plugins() {
     weft_tests::process::wait_until("abandoned links to vanish", Duration::from_secs(10), || {
         node.host_links() == want_links
     });
-    let mut want_pins: Vec<String> = want_links
-        .iter()
-        .flat_map(|l| [format!("from_pod@{l}"), format!("to_pod@{l}")])
-        .collect();
-    want_pins.sort();
-    assert_eq!(node.link_pins(), want_pins);
+    // clsact filters go with their device: no pins.
+    assert!(node.link_pins().is_empty(), "{:?}", node.link_pins());
     for (cid, pod, r) in &live {
         let out = node.check(cid, pod, r);
         assert!(out.success, "CHECK {cid} after GC: {out:?}");
@@ -325,7 +321,12 @@ fn gc_in_a_loop_while_fifty_adds_run() {
         .collect();
     want_links.sort();
     assert_eq!(node.host_links(), want_links);
-    assert_eq!(node.link_pins().len(), 100, "from_pod and to_pod per pod");
+    for link in &want_links {
+        assert!(
+            node.pod_programs_attached(link),
+            "from_pod and to_pod on {link}"
+        );
+    }
     for (pod, cid) in pods.iter().zip(&cids).step_by(7) {
         let r = json!({"cniVersion": "1.1.0", "ips": [{"address": format!("{}/32", node.allocations().iter().find(|a| a.1 == *cid).unwrap().0)}]});
         let out = node.check(cid, pod, &r);

@@ -73,9 +73,15 @@ fn decapsulated(inner: &[u8]) -> Vec<u8> {
 }
 
 /// What XDP hands on after decapsulating a packet from `peer`: its metadata (which
-/// BPF_PROG_TEST_RUN returns in front of the packet), then the packet.
+/// BPF_PROG_TEST_RUN returns in front of the packet; the magic says whether the inner source
+/// is one of the peer's pods or the peer itself), then the packet.
 fn xdp_decapsulated(inner: &[u8], peer: [u8; 4]) -> Vec<u8> {
-    let mut out = weft_common::DECAP_META_MAGIC.to_ne_bytes().to_vec();
+    let magic = if inner[26..30] == peer {
+        weft_common::DECAP_META_MAGIC
+    } else {
+        weft_common::DECAP_META_MAGIC_POD
+    };
+    let mut out = magic.to_ne_bytes().to_vec();
     out.extend_from_slice(&peer);
     out.extend_from_slice(&decapsulated(inner));
     out

@@ -94,10 +94,10 @@ fn setup() -> Setup {
     setup_with(false)
 }
 
-fn setup_with(no_xdp: bool) -> Setup {
+fn setup_with(default_xdp: bool) -> Setup {
     let mut cluster = Cluster::new(ClusterOptions {
         nodes: 2,
-        no_xdp,
+        default_xdp,
         ..Default::default()
     });
     let client = cluster.add_pod(0);
@@ -347,11 +347,24 @@ fn services_through_kube_proxy_rules() {
 }
 
 /// A Service flow (UDP request/response through a ClusterIP to a backend on the other node)
-/// across SIGKILLs and restarts of both nodes' agents: nothing lost. The agents decapsulate in
-/// tc (no XDP), so this also covers the stack taking replies tc decapsulated.
+/// across SIGKILLs and restarts of both nodes' agents: nothing lost. The agents run with the
+/// default `--xdp=auto`, which decapsulates in tc on a veth underlay, so this also covers the
+/// stack taking replies tc decapsulated.
 #[test]
 fn service_flows_survive_agent_restarts() {
     let mut s = setup_with(true);
+    for node in &s.cluster.nodes {
+        let (_, body) = node.http_get("/metrics").expect("/metrics");
+        let hook = body
+            .lines()
+            .find(|l| l.starts_with("weft_decap_hook{"))
+            .unwrap_or_default();
+        assert!(
+            hook.contains(r#"hook="tc""#) && hook.contains("veth") && hook.ends_with(" 1"),
+            "{}: {hook:?}",
+            node.name
+        );
+    }
     const FLOW_REMOTE: [u8; 4] = [10, 96, 0, 20];
     const FLOW_LOCAL: [u8; 4] = [10, 96, 0, 21];
     let (n0, n1) = (

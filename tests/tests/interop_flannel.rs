@@ -27,7 +27,13 @@ fn weft_and_flannel_vxlan_nodes_interoperate() {
     let weft_ip = Ipv4Addr::new(192, 168, 60, 1);
     let flannel_ip = Ipv4Addr::new(192, 168, 60, 2);
 
-    let weft = WeftNode::new(ns_weft, weft_ip, "eth0", [0x02, 0x77, 0, 0, 0, 1], true);
+    let weft = WeftNode::new(
+        ns_weft,
+        weft_ip,
+        "eth0",
+        [0x02, 0x77, 0, 0, 0, 1],
+        weft_agent::datapath::XdpSetting::On,
+    );
     let weft_pod = weft.add_pod(Ipv4Addr::new(10, 244, 1, 2), POD_MTU);
     let flannel = FlannelNode::new(
         ns_flannel,

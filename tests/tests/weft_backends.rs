@@ -4,7 +4,8 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use ipnet::Ipv4Net;
-use weft_common::{RouteMode, Stat};
+use weft_agent::datapath::XdpSetting;
+use weft_common::{DecapHook, RouteMode, Stat};
 use weft_tests::{
     agentless::{Pod, WeftNode, mtu_wire},
     flow::{FlowLoss, SequencedFlow, tcp_transfer, udp_echo_sizes},
@@ -21,6 +22,14 @@ struct Cluster {
     b1: Pod,
 }
 
+fn xdp(with_xdp: bool) -> XdpSetting {
+    if with_xdp {
+        XdpSetting::On
+    } else {
+        XdpSetting::Off
+    }
+}
+
 fn cluster(with_xdp: bool) -> Cluster {
     let ns_a = Netns::new("na");
     let ns_b = Netns::new("nb");
@@ -34,14 +43,14 @@ fn cluster(with_xdp: bool) -> Cluster {
         Ipv4Addr::new(192, 168, 70, 1),
         "eth0",
         [2, 0x77, 0, 0, 0, 1],
-        with_xdp,
+        xdp(with_xdp),
     );
     let b = WeftNode::new(
         ns_b,
         Ipv4Addr::new(192, 168, 70, 2),
         "eth0",
         [2, 0x77, 0, 0, 0, 2],
-        with_xdp,
+        xdp(with_xdp),
     );
     let network: Ipv4Net = "10.244.0.0/16".parse().unwrap();
     a.route_cluster_network(network);
@@ -216,7 +225,7 @@ fn restart_datapath(node: &WeftNode) -> usize {
     node.ns.run(move || {
         let mut dp = weft_agent::datapath::Datapath::load_pinned(&root).expect("reloading");
         dp.pin_programs().expect("pinning programs");
-        dp.attach_underlay(&dev, true)
+        dp.attach_underlay(&dev, weft_agent::datapath::XdpSetting::On)
             .expect("re-attaching the underlay");
         dp.attach_from_host(weft_common::HOST_PEER_DEV)
             .expect("re-attaching from_host");
@@ -253,4 +262,46 @@ fn datapath_reload_during_a_flow_loses_nothing() {
     assert_eq!(c.a.maps().endpoints().unwrap().len(), 2);
     assert_eq!(c.a.maps().routes().unwrap().len(), 1);
     ping(&c.b1.ns, c.a2.ip);
+}
+
+/// `--xdp=auto` (the default) on a veth underlay decapsulates in tc, and says why; `on` attaches
+/// XDP in the veth's driver; switching back to `auto` removes it again. The hook is recorded in
+/// the config map, where `weft status` and the metrics read it.
+#[test]
+fn auto_decapsulates_in_tc_on_a_veth_underlay() {
+    let ns_a = Netns::new("na");
+    let ns_b = Netns::new("nb");
+    veth_pair(&ns_a, "eth0", &ns_b, "eth0");
+    ns_a.ip("addr add 192.168.71.1/24 dev eth0");
+    let a = WeftNode::new(
+        ns_a,
+        Ipv4Addr::new(192, 168, 71, 1),
+        "eth0",
+        [2, 0x77, 0, 0, 0, 1],
+        XdpSetting::Auto,
+    );
+    assert_eq!(a.decap, DecapHook::TcVeth);
+    assert_eq!(a.decap.hook(), "tc");
+    assert_eq!(
+        DecapHook::of_flags(a.maps().config().unwrap().flags),
+        DecapHook::TcVeth
+    );
+    assert!(!a.ns.ip("-d link show dev eth0").contains("xdp"));
+    let switch = |setting: XdpSetting| {
+        let root = a.pins.path.clone();
+        a.ns.run(move || {
+            let mut dp = weft_agent::datapath::Datapath::load_pinned(&root).unwrap();
+            dp.attach_underlay("eth0", setting).unwrap()
+        })
+    };
+    assert_eq!(switch(XdpSetting::On), DecapHook::XdpForced);
+    let link = a.ns.ip("-d link show dev eth0");
+    assert!(
+        link.contains("xdp") && !link.contains("xdpgeneric"),
+        "{link}"
+    );
+    assert_eq!(switch(XdpSetting::Auto), DecapHook::TcVeth);
+    assert!(!a.ns.ip("-d link show dev eth0").contains("xdp"));
+    assert_eq!(switch(XdpSetting::Off), DecapHook::TcOff);
+    drop(ns_b);
 }

@@ -384,46 +384,66 @@ fn print_table(report: &serde_json::Value) {
         let Some(rows) = report[section].as_object() else {
             continue;
         };
-        let base_vx = &report[section]["kernel-vxlan"];
-        let base_gw = &report[section]["kernel-hostgw"];
-        let base_routed = &report[section]["kernel-routed"];
         println!("\n{title}");
         println!(
-            "{:<16} {:>9} {:>7} {:>11} {:>7} {:>9} {:>9}",
-            "contestant", "TCP Gb/s", "ratio", "UDP64 kpps", "ratio", "RTT p50", "RTT p99"
+            "{:<16} {:>15} {:>7} {:>15} {:>7} {:>8} {:>8} {:>12} {:>12}",
+            "contestant",
+            "TCP Gb/s",
+            "ratio",
+            "UDP64 kpps",
+            "ratio",
+            "RTT p50",
+            "RTT p99",
+            "CPU% TCP 2G",
+            "CPU% UDP 30k"
         );
+        // Medians over the rounds with [min-max]; ratios are the medians of the per-round ratios
+        // to the kernel's contestant (`baseline`).
         for (name, v) in rows {
-            // Tunnels compare with the kernel's vxlan device, routing with its host-gw, and
-            // routing through a router (bgp) with the kernel's routing through the same router.
-            let base = if name.contains("hostgw") {
-                base_gw
-            } else if name.contains("bgp") || name.contains("routed") {
-                base_routed
-            } else {
-                base_vx
+            let fig = |k: &str, digits: usize| match v[k].as_f64() {
+                Some(m) => format!(
+                    "{m:.digits$} [{:.digits$}-{:.digits$}]",
+                    v[format!("{k}_min")].as_f64().unwrap_or(m),
+                    v[format!("{k}_max")].as_f64().unwrap_or(m)
+                ),
+                None => "-".into(),
             };
-            let ratio = |k: &str| match (v[k].as_f64(), base[k].as_f64()) {
-                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
-                _ => "-".into(),
+            let ratio = |k: &str| match v[format!("{k}_ratio")].as_f64() {
+                Some(r) => format!("{r:.2}x"),
+                None => "-".into(),
+            };
+            let cpu = |k: &str| match v[k].as_f64() {
+                Some(c) => match v[format!("{k}_ratio")].as_f64() {
+                    Some(r) => format!("{c:.1} {r:.2}x"),
+                    None => format!("{c:.1}"),
+                },
+                None => "-".into(),
             };
             println!(
-                "{:<16} {:>9.2} {:>7} {:>11.1} {:>7} {:>7.0}us {:>7.0}us",
+                "{:<16} {:>15} {:>7} {:>15} {:>7} {:>6.0}us {:>6.0}us {:>12} {:>12}",
                 name,
-                v["tcp_gbps"].as_f64().unwrap_or(f64::NAN),
+                fig("tcp_gbps", 2),
                 ratio("tcp_gbps"),
-                v["udp64_kpps"].as_f64().unwrap_or(f64::NAN),
+                fig("udp64_kpps", 0),
                 ratio("udp64_kpps"),
                 v["rtt_p50_us"].as_f64().unwrap_or(f64::NAN),
                 v["rtt_p99_us"].as_f64().unwrap_or(f64::NAN),
+                cpu("tcp_cpu_pct_at_2g"),
+                cpu("udp64_cpu_pct_at_30k"),
             );
         }
     }
     if let Some(progs) = report["prog_ns"].as_object() {
         println!(
-            "\nper-program cost (BPF_PROG_TEST_RUN, ns per packet, harness baseline included)"
+            "\nper-program cost (BPF_PROG_TEST_RUN, median ns per packet: gross, and net of the ARP baseline {})",
+            report["prog_ns_baseline"]
         );
         for (name, ns) in progs {
-            println!("  {name:<32} {:>7.1}", ns.as_f64().unwrap_or(f64::NAN));
+            println!(
+                "  {name:<32} {:>7.1} {:>7.1}",
+                ns.as_f64().unwrap_or(f64::NAN),
+                report["prog_ns_net"][name].as_f64().unwrap_or(f64::NAN)
+            );
         }
     }
     if let Some(n) = report["netpol"].as_object() {
@@ -465,6 +485,12 @@ fn print_table(report: &serde_json::Value) {
             n["agent"]["policies"],
             n["agent"]["rss_mib"],
             n["agent"]["rss_peak_mib"]
+        );
+    }
+    if let Some(hooks) = report["decap_hooks"].as_object() {
+        println!(
+            "\ndecapsulation hooks: {}",
+            serde_json::Value::Object(hooks.clone())
         );
     }
     for key in ["cni", "agent", "policy"] {

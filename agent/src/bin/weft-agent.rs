@@ -12,13 +12,16 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use clap::{Parser, ValueEnum};
+use clap::{
+    Parser, ValueEnum,
+    builder::{PossibleValuesParser, TypedValueParser},
+};
 use weft_agent::{
     bgp,
     config::FlannelNetConf,
     conntrack,
     control_loop::{ControlLoop, mode_policy, node_config},
-    datapath::{Datapath, LoadOptions, Maps},
+    datapath::{Datapath, LoadOptions, Maps, XdpSetting},
     datastore::{
         Backoff, Datastore, LocalNode,
         etcd::{DEFAULT_PREFIX, EtcdClient, EtcdDatastore, EtcdOptions, SubnetTaken},
@@ -37,7 +40,8 @@ use weft_agent::{
     subnet_env::{self, SubnetEnv},
 };
 use weft_common::{
-    CONFIG_F_ACCEPT_ROUTED, DEFAULT_PIN_ROOT, ENDPOINTS_MAX, HOST_PEER_DEV, NODES_MAX, ROUTES_MAX,
+    CONFIG_DECAP_HOOK_MASK, CONFIG_F_ACCEPT_ROUTED, DEFAULT_PIN_ROOT, DecapHook, ENDPOINTS_MAX,
+    HOST_PEER_DEV, NODES_MAX, ROUTES_MAX,
     conntrack::CT_MAX_DEFAULT,
     policy::{
         POLICY_ADDRS_MAX, POLICY_CIDRS_MAX, POLICY_ENDPOINTS_MAX, POLICY_NS_DEFAULTS_MAX,
@@ -141,8 +145,13 @@ struct Args {
     /// Do not masquerade pod traffic leaving the cluster network.
     #[arg(long)]
     no_ip_masq: bool,
-    /// Attach the underlay decapsulation in tc only (no XDP).
-    #[arg(long)]
+    /// Where tunnel packets are decapsulated: `auto` uses XDP where the underlay's driver runs
+    /// it natively (not on a veth, not in generic mode) and tc elsewhere; `on` always XDP
+    /// (generic mode if need be); `off` tc only.
+    #[arg(long, default_value = "auto", value_parser = PossibleValuesParser::new(["auto", "on", "off"]).map(|s| s.parse::<XdpSetting>().expect("a listed value")))]
+    xdp: XdpSetting,
+    /// The same as `--xdp=off` (the flag of earlier versions).
+    #[arg(long, conflicts_with = "xdp")]
     no_xdp: bool,
     /// Capacity of the datapath's conntrack map (flows). Applies when the map is created; a
     /// pinned map keeps its size until its pin is removed (e.g. at the next boot).
@@ -248,6 +257,10 @@ fn install_cni(args: &Args, conf_subnet_file: &Path) -> Result<()> {
             "subnetFile": conf_subnet_file,
             "dataDir": "/var/lib/cni/weft",
             "pinRoot": args.pin_root,
+            // A `bandwidth` plugin appended to this list shapes a pod only if weft knows
+            // (the pod then takes the stack, where the plugin's qdiscs are, and gets TCX
+            // links, which coexist with the plugin's ingress qdisc).
+            "capabilities": {"bandwidth": true},
         }]
     });
     let path = args.cni_conf_dir.join("10-weft.conflist");
@@ -371,7 +384,7 @@ fn spawn_conntrack_gc(pin_root: PathBuf, metrics: Arc<Metrics>) -> Result<()> {
     Ok(())
 }
 
-/// Loads or adopts the datapath and attaches it. On a restart every step swaps in place: the
+/// Loads or adopts the datapath and attaches it; returns it and the decapsulation hook chosen. On a restart every step swaps in place: the
 /// maps are the pinned ones, the links are atomically switched to the new programs.
 fn program_datapath(
     args: &Args,
@@ -379,7 +392,7 @@ fn program_datapath(
     underlay: &Underlay,
     pod_mtu: u32,
     nl: &BlockingNetlink,
-) -> Result<Datapath> {
+) -> Result<(Datapath, DecapHook)> {
     let options = LoadOptions {
         conntrack_max: args.conntrack_max,
         policy: weft_agent::datapath::PolicyCapacities {
@@ -414,8 +427,26 @@ fn program_datapath(
     dp.pin_programs()?;
     let mut config = node_config(conf, underlay);
     config.flags |= config_flags(args);
+    // The programs read the config once attached, so it is written first; with the pinned
+    // config's hook bits, so a restart that keeps the hook writes the same config twice (a
+    // restart changes nothing the datapath reads, not even for a moment).
+    if let Ok(pinned) = dp.maps.config() {
+        config.flags |= pinned.flags & CONFIG_DECAP_HOOK_MASK;
+    }
     dp.maps.set_config(&config)?;
-    dp.attach_underlay(&underlay.name, !args.no_xdp)?;
+    let xdp = if args.no_xdp {
+        XdpSetting::Off
+    } else {
+        args.xdp
+    };
+    let hook = dp.attach_underlay(&underlay.name, xdp)?;
+    tracing::info!(
+        hook = hook.hook(),
+        reason = hook.reason(),
+        "tunnel decapsulation"
+    );
+    config.flags = (config.flags & !CONFIG_DECAP_HOOK_MASK) | hook.flags();
+    dp.maps.set_config(&config)?;
     nl.block_on(node_net::ensure_host_link(
         nl,
         conf.network,
@@ -425,7 +456,7 @@ fn program_datapath(
     dp.attach_from_host(HOST_PEER_DEV)?;
     let pods = dp.reattach_pods()?;
     tracing::info!(pods, "datapath programmed");
-    Ok(dp)
+    Ok((dp, hook))
 }
 
 /// NetworkPolicy: the world's source for the datastore in use, and the controller writing the
@@ -539,7 +570,7 @@ fn run(args: Args) -> Result<()> {
         "starting"
     );
     node_net::set_sysctls(&underlay)?;
-    let dp = program_datapath(&args, &conf, &underlay, pod_mtu, &nl)?;
+    let (dp, hook) = program_datapath(&args, &conf, &underlay, pod_mtu, &nl)?;
 
     let mut metrics = Metrics::new(Some(args.pin_root.clone()));
     let policy_metrics = Arc::new(PolicyMetrics::new());
@@ -647,7 +678,8 @@ fn run(args: Args) -> Result<()> {
         Duration::from_secs(args.resync_interval),
         Instant::now(),
     )
-    .config_flags(config_flags(&args))
+    // The hook's bits too, so a live backend switch keeps them for `weft status`.
+    .config_flags(config_flags(&args) | hook.flags())
     .bgp(Box::new(bgp))
     .watch_net_conf(args.net_conf.clone())
     .on_local_subnet(on_local_subnet)

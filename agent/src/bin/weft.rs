@@ -429,6 +429,7 @@ fn main() -> Result<()> {
             );
             let drops: u64 = maps.drops()?.iter().map(|(_, n)| n).sum();
             let node_ip = std::net::Ipv4Addr::from(cfg.node_ip);
+            let decap = weft_common::DecapHook::of_flags(cfg.flags);
             // [bgp]
             let uses_bgp = maps
                 .routes()?
@@ -440,6 +441,7 @@ fn main() -> Result<()> {
                     "{}",
                     json!({"ready": ready, "node_ip": node_ip.to_string(), "underlay_ifindex": cfg.underlay_ifindex,
                         "vni": cfg.vni, "vxlan_port": cfg.vxlan_port, "vtep_mac": mac(&cfg.vtep_mac),
+                        "decap_hook": decap.hook(), "decap_reason": decap.reason(),
                         "routes": routes, "endpoints": endpoints, "nodes": nodes, "drops": drops,
                         "bgp": bgp.as_ref().map(BgpView::json)})
                 );
@@ -462,6 +464,7 @@ fn main() -> Result<()> {
                     cfg.vxlan_port,
                     mac(&cfg.vtep_mac)
                 );
+                println!("decap      {} ({})", decap.hook(), decap.reason());
                 println!("maps       {routes} routes, {endpoints} endpoints, {nodes} nodes");
                 println!("drops      {drops}");
                 println!(
