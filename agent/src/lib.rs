@@ -8,6 +8,7 @@ pub mod control_loop;
 pub mod datastore;
 pub mod metrics;
 pub mod monitor;
+pub mod netpol;
 pub mod node_net;
 pub mod policy;
 pub mod reconcile;

@@ -206,6 +206,11 @@ impl Metrics {
         m
     }
 
+    /// Registers more metrics (before the server starts serving them).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     /// The refused records by reason, as the reconciler counts them.
     pub fn set_rejected_records(&self, counts: &[(&'static str, usize)]) {
         for (reason, n) in counts {

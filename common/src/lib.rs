@@ -36,6 +36,21 @@ pub mod map_names {
     pub const POLICY_RULES: &str = "WEFT_POLICY_RULES";
     pub const POLICY_PORT_BLOCKS: &str = "WEFT_POLICY_PORT_BLOCKS";
     pub const POLICY_NS_DEFAULTS: &str = "WEFT_POLICY_NS_DEFAULTS";
+    pub const POLICY_CONFIG: &str = "WEFT_POLICY_CONFIG";
+    pub const POLICY_PODS: &str = "WEFT_POLICY_PODS";
+    pub const POLICY_DROPS: &str = "WEFT_POLICY_DROPS";
+    /// The policy maps (`crate::policy`).
+    pub const POLICY: [&str; 9] = [
+        POLICY_ENDPOINTS,
+        POLICY_ADDRS,
+        POLICY_CIDRS,
+        POLICY_RULES,
+        POLICY_PORT_BLOCKS,
+        POLICY_NS_DEFAULTS,
+        POLICY_CONFIG,
+        POLICY_PODS,
+        POLICY_DROPS,
+    ];
     /// Per-endpoint packets and bytes, in and out.
     pub const FLOWS: &str = "WEFT_FLOWS";
     /// `weft monitor`: flags, budget and owner of the attached monitor (`crate::monitor`).
@@ -46,8 +61,8 @@ pub mod map_names {
     pub const MONITOR_RATE: &str = "WEFT_MONITOR_RATE";
     /// `weft monitor`: the event ring buffer.
     pub const EVENTS: &str = "WEFT_EVENTS";
-    /// The maps the datapath declares today (the policy maps join when its programs use them).
-    pub const ALL: [&str; 14] = [
+    /// Every map the datapath declares.
+    pub const ALL: [&str; 23] = [
         CONFIG,
         ROUTES,
         ENDPOINTS,
@@ -62,13 +77,37 @@ pub mod map_names {
         MONITOR_RATE,
         EVENTS,
         FLOWS,
+        POLICY_ENDPOINTS,
+        POLICY_ADDRS,
+        POLICY_CIDRS,
+        POLICY_RULES,
+        POLICY_PORT_BLOCKS,
+        POLICY_NS_DEFAULTS,
+        POLICY_CONFIG,
+        POLICY_PODS,
+        POLICY_DROPS,
     ];
     /// The maps the programs only read (userspace writes them): `weft trace` shares these with
     /// the live datapath and gives its instance private copies of every other map (counters,
     /// conntrack, caches, the monitor's), so a trace changes no state. A new map is private to
     /// the trace unless listed here: a read-only map left out shows as a wrong trace, never as
     /// a trace that writes to the node.
-    pub const SHARED_WITH_TRACE: [&str; 4] = [CONFIG, ROUTES, ENDPOINTS, NODES];
+    /// The policy maps are shared (the trace judges against the live policy) except
+    /// `POLICY_DROPS`, the per-endpoint denial counters the programs write.
+    pub const SHARED_WITH_TRACE: [&str; 12] = [
+        CONFIG,
+        ROUTES,
+        ENDPOINTS,
+        NODES,
+        POLICY_ENDPOINTS,
+        POLICY_ADDRS,
+        POLICY_CIDRS,
+        POLICY_RULES,
+        POLICY_PORT_BLOCKS,
+        POLICY_NS_DEFAULTS,
+        POLICY_CONFIG,
+        POLICY_PODS,
+    ];
 }
 
 /// Program names (the Rust function names in `node-ebpf`).
@@ -536,6 +575,13 @@ counter_enum! {
         /// node has it): answered with ICMP host unreachable, as the stack would route it
         /// into `weft_host` again until its TTL ran out.
         NoPodRoute => "no_pod_route",
+        /// NetworkPolicy: a new flow into a pod that its ingress policies do not allow (also a
+        /// flow that a policy change denied, at its next packet; see `WEFT_POLICY_DROPS` for
+        /// the pod).
+        PolicyDeniedIngress => "policy_denied_ingress",
+        /// NetworkPolicy: a new flow out of a pod that its egress policies do not allow (also a
+        /// flow that a policy change denied, at its next packet).
+        PolicyDeniedEgress => "policy_denied_egress",
     }
 }
 
@@ -567,8 +613,9 @@ counter_enum! {
         /// A flow's first packet took the fast path (pod to pod, no translation): a fast
         /// conntrack entry was created.
         ConntrackFastNew => "conntrack_fast_new",
-        /// The host stack carried a flow into a pod or toward the overlay: a stack conntrack
-        /// entry was created (its packets keep going through the stack).
+        /// The host stack carried a flow into a pod or toward the overlay, or a pod started one
+        /// toward something that is not a pod (the node, outside): a stack conntrack entry was
+        /// created (its packets keep going through the stack).
         ConntrackStackNew => "conntrack_stack_new",
         /// A packet between pods handed to the host stack because its flow is the stack's
         /// (translated, or not known from its start).
@@ -643,6 +690,9 @@ aya_pod!(
     policy::PolicyPortBlock,
     policy::PolicyNamespaceKey,
     policy::PolicyNamespaceDefault,
+    policy::PolicyConfig,
+    policy::PolicyPodName,
+    policy::PolicyDrops,
 );
 
 #[cfg(test)]

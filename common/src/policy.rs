@@ -15,6 +15,24 @@
 //! - `WEFT_POLICY_RULES` hash [`PolicyRuleKey`] → [`PolicyPorts`]
 //! - `WEFT_POLICY_PORT_BLOCKS` hash [`PolicyPortBlockKey`] → [`PolicyPortBlock`]
 //! - `WEFT_POLICY_NS_DEFAULTS` hash [`PolicyNamespaceKey`] → [`PolicyNamespaceDefault`]
+//! - `WEFT_POLICY_CONFIG` array of one [`PolicyConfig`]: the revision of the maps' contents
+//!   (established flows are checked again once after it changes), the Service network
+//! - `WEFT_POLICY_PODS` hash [`crate::Ipv4Key`] (local pod address) → [`PolicyPodName`]: the
+//!   namespace and name the CNI plugin got from the runtime (`K8S_POD_NAMESPACE`,
+//!   `K8S_POD_NAME`)
+//! - `WEFT_POLICY_DROPS` LRU per-CPU hash [`crate::Ipv4Key`] (local pod address) →
+//!   [`PolicyDrops`]: policy denials per endpoint
+//!
+//! # Connection tracking
+//!
+//! A flow is judged when it starts on a node (its first packet there, or the first packet
+//! without a live `WEFT_CT` entry): egress at its source if the source is a local pod, ingress
+//! at its destination if the destination is a local pod. The entry created for an allowed flow
+//! records the policy revision it was judged at (`CtEntry::policy_rev`) and [`POLICY_CT_ALLOWED`]
+//! in `CtEntry::policy`; every later packet of the flow, both ways (replies included), passes on
+//! that entry while the revision is current. After a policy change (a new revision) the flow's
+//! next packet judges its original direction again, once: a flow the change denies is cut
+//! ([`POLICY_CT_DENIED`], both ways), as Cilium does.
 
 /// Class of addresses that match no policy peer: an address absent from both address maps
 /// (outside every ipBlock, and not a known pod) has this class.
@@ -64,6 +82,24 @@ pub const POLICY_CIDRS_MAX: u32 = 16_384;
 pub const POLICY_RULES_MAX: u32 = 262_144;
 pub const POLICY_PORT_BLOCKS_MAX: u32 = 65_536;
 pub const POLICY_NS_DEFAULTS_MAX: u32 = 16_384;
+/// Local pods with a name (`WEFT_POLICY_PODS`) and with drop counters (`WEFT_POLICY_DROPS`).
+pub const POLICY_PODS_MAX: u32 = 16_384;
+
+/// `CtEntry::policy`: the flow was allowed at `CtEntry::policy_rev`.
+pub const POLICY_CT_ALLOWED: u8 = 1;
+/// `CtEntry::policy`: a pod's flow to a Service address: its egress is judged where the host
+/// stack delivers it after translating the address (`to_pod`, `from_host`), by its backend.
+pub const POLICY_CT_DEFERRED: u8 = 2;
+/// `CtEntry::policy`: denied at `CtEntry::policy_rev` (a policy change cut the flow).
+pub const POLICY_CT_DENIED: u8 = 3;
+
+/// [`PolicyConfig::flags`]: the agent wrote the config (`revision` is meaningful).
+pub const POLICY_CFG_F_READY: u32 = 1 << 0;
+/// [`PolicyConfig::flags`]: `service_net`/`service_mask` hold the Service network.
+pub const POLICY_CFG_F_SERVICE_NET: u32 = 1 << 1;
+
+/// Longest pod name (a DNS-1123 subdomain) plus room.
+pub const POLICY_POD_NAME_LEN: usize = 256;
 
 /// The policy state of a local endpoint (pod), keyed by its address.
 #[repr(C)]
@@ -76,6 +112,15 @@ pub struct PolicyEndpoint {
     pub egress_ruleset: u32,
     /// `POLICY_F_*`.
     pub flags: u32,
+}
+
+impl PolicyEndpoint {
+    /// Not isolated either way (no policy selects the pod).
+    pub const OPEN: Self = Self {
+        ingress_ruleset: POLICY_RULESET_DENY,
+        egress_ruleset: POLICY_RULESET_DENY,
+        flags: 0,
+    };
 }
 
 /// An address's peer class: which policy peers it matches (and, for egress named ports, which
@@ -163,6 +208,45 @@ pub struct PolicyNamespaceDefault {
     pub flags: u32,
 }
 
+/// The policy state of the node as a whole (index 0 of `WEFT_POLICY_CONFIG`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct PolicyConfig {
+    /// Bumped by the agent after every change of the policy maps: a conntrack entry judged at
+    /// an older revision is judged again at its flow's next packet.
+    pub revision: u32,
+    /// `POLICY_CFG_F_*`.
+    pub flags: u32,
+    /// The Service network (`--service-cluster-ip-range`): a pod's flow to it is judged after
+    /// the host stack translated it (by its backend), not at `from_pod`.
+    pub service_net: [u8; 4],
+    pub service_mask: [u8; 4],
+    /// The datastore revision (etcd) whose state the maps hold: how a caller knows that a
+    /// policy it wrote is enforced on this node.
+    pub datastore_revision: u64,
+}
+
+/// A local pod's namespace and name, NUL-padded, as the runtime gave them to the CNI plugin.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct PolicyPodName {
+    pub namespace: [u8; POLICY_NS_NAME_LEN],
+    pub name: [u8; POLICY_POD_NAME_LEN],
+}
+
+/// Packets a policy denied, per local endpoint (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct PolicyDrops {
+    /// Into the endpoint (its ingress policies).
+    pub ingress: u64,
+    /// Out of the endpoint (its egress policies).
+    pub egress: u64,
+}
+
 impl PolicyPorts {
     pub const EMPTY: Self = Self {
         ranges: [PortRange { first: 0, last: 0 }; POLICY_INLINE_RANGES],
@@ -224,7 +308,81 @@ impl PolicyNamespaceKey {
     }
 }
 
+/// Copies `text` into a NUL-padded array (longer text is cut: such names are invalid anyway).
+fn fill<const N: usize>(text: &str) -> [u8; N] {
+    let mut out = [0u8; N];
+    let bytes = text.as_bytes();
+    let n = if bytes.len() < N { bytes.len() } else { N };
+    let mut i = 0;
+    while i < n {
+        out[i] = bytes[i];
+        i += 1;
+    }
+    out
+}
+
+/// The text of a NUL-padded array.
+fn text(bytes: &[u8]) -> &str {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    core::str::from_utf8(&bytes[..end]).unwrap_or("")
+}
+
+impl PolicyPodName {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: fill(namespace),
+            name: fill(name),
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        text(&self.namespace)
+    }
+
+    pub fn name(&self) -> &str {
+        text(&self.name)
+    }
+}
+
+/// The policy state the CNI plugin writes for a new endpoint, before it has a route: isolated
+/// in the directions that policies of its namespace isolate (`ns_flags`, from
+/// `WEFT_POLICY_NS_DEFAULTS[namespace]`), both ways while the agent has never synced (no
+/// [`POLICY_NS_F_SYNCED`] in `marker_flags`, the entry of the empty name), allowing nothing
+/// until the agent compiles the pod.
+pub fn new_endpoint_state(marker_flags: Option<u32>, ns_flags: Option<u32>) -> PolicyEndpoint {
+    let synced = marker_flags.is_some_and(|f| f & POLICY_NS_F_SYNCED != 0);
+    let isolation = if synced {
+        ns_flags.unwrap_or_default() & (POLICY_F_INGRESS_ISOLATED | POLICY_F_EGRESS_ISOLATED)
+    } else {
+        POLICY_F_INGRESS_ISOLATED | POLICY_F_EGRESS_ISOLATED
+    };
+    PolicyEndpoint {
+        ingress_ruleset: POLICY_RULESET_DENY,
+        egress_ruleset: POLICY_RULESET_DENY,
+        flags: isolation | POLICY_F_PENDING,
+    }
+}
+
+impl PolicyNamespaceKey {
+    pub fn name(&self) -> &str {
+        text(&self.name)
+    }
+}
+
+impl PolicyConfig {
+    /// Whether `addr` is in the Service network.
+    #[inline(always)]
+    pub fn is_service(&self, addr: [u8; 4]) -> bool {
+        self.flags & POLICY_CFG_F_SERVICE_NET != 0
+            && u32::from_ne_bytes(addr) & u32::from_ne_bytes(self.service_mask)
+                == u32::from_ne_bytes(self.service_net)
+    }
+}
+
 const _: () = {
+    assert!(core::mem::size_of::<PolicyConfig>() == 24);
+    assert!(core::mem::size_of::<PolicyPodName>() == 320);
+    assert!(core::mem::size_of::<PolicyDrops>() == 16);
     assert!(core::mem::size_of::<PolicyEndpoint>() == 12);
     assert!(core::mem::size_of::<PolicyClass>() == 4);
     assert!(core::mem::size_of::<PolicyRuleKey>() == 12);

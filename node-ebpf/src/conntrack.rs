@@ -5,9 +5,14 @@
 //! that creates a fast entry. A packet of a stack flow, or one that continues a flow weft never
 //! saw (a TCP segment without an entry), goes to the host stack, whose conntrack undoes any
 //! translation. `to_pod` and `from_host` record what the stack carries as stack flows.
+//!
+//! NetworkPolicy rides on the entries: a flow without a live entry is judged
+//! (`policy::admit`) before one is created, the entry records the verdict's revision, and a
+//! packet on a live entry passes unless a policy change since then denies its flow
+//! (`policy::established`).
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use weft_common::{
-    Stat,
+    DropReason, Stat,
     conntrack::{CtEntry, CtKey, CtOrigin, alive, closing, new_entry, refreshed, tcp_opens},
 };
 
@@ -18,6 +23,7 @@ use crate::{
         ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_HLEN, IPPROTO_ICMP,
         IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IcmpHdr, Ipv4Hdr, ptr_at,
     },
+    policy::{self, Check},
 };
 
 /// The fragment offset bits of an IPv4 header's flags/offset field.
@@ -186,17 +192,36 @@ pub enum Path {
     Stack,
 }
 
-/// The path of a packet weft could carry between pods, updating (or creating) its entry.
+/// The destination port of a packet of flow `key` sent by its high endpoint or not.
 #[inline(always)]
-pub fn path(track: &Track) -> Path {
+fn dport(key: &CtKey, from_hi: bool) -> [u8; 2] {
+    if from_hi { key.port_lo } else { key.port_hi }
+}
+
+/// The path of a packet weft could carry between pods, updating (or creating) its entry;
+/// `Err` when NetworkPolicy denies it (counted).
+#[inline(always)]
+pub fn path(track: &Track, check: &Check) -> Result<Path, DropReason> {
     let now = now_s();
     match track {
-        Track::Untracked => Path::Stack,
+        Track::Untracked => {
+            policy::untracked(check).map_err(|d| d.count())?;
+            Ok(Path::Stack)
+        }
         // An error about a fast flow goes its way: the stack never saw the flow, so its
         // conntrack cannot relate the error (kube-proxy drops what it finds INVALID).
         Track::Related { key } => match live_entry(key, now) {
-            Some(e) if unsafe { (*e).origin } == CtOrigin::Fast as u8 => Path::Fast,
-            _ => Path::Stack,
+            Some(e) if policy::allows_related(e) => {
+                if unsafe { (*e).origin } == CtOrigin::Fast as u8 {
+                    Ok(Path::Fast)
+                } else {
+                    Ok(Path::Stack)
+                }
+            }
+            _ => {
+                policy::unrelated(check).map_err(|d| d.count())?;
+                Ok(Path::Stack)
+            }
         },
         Track::Flow {
             key,
@@ -205,64 +230,114 @@ pub fn path(track: &Track) -> Path {
             opens,
             fragment,
         } => {
-            if *fragment {
-                return Path::Stack;
-            }
-            if let Some(e) = live_entry(key, now) {
+            let mut live = live_entry(key, now);
+            if let Some(e) = live {
                 let origin = unsafe { (*e).origin };
                 // A new connection on the tuple of a finished fast one starts afresh.
                 let reopened = *opens
                     && origin == CtOrigin::Fast as u8
                     && closing(key.protocol, unsafe { (*e).flags });
-                if !reopened {
+                if reopened {
+                    live = None;
+                } else {
+                    policy::established(e, key).map_err(|d| d.count())?;
+                    if *fragment {
+                        return Ok(Path::Stack);
+                    }
                     touch(e, key.protocol, *tcp_flags, *from_hi, now);
                     if origin == CtOrigin::Fast as u8 {
-                        return Path::Fast;
+                        return Ok(Path::Fast);
                     }
                     count(Stat::StackFlowToStack);
-                    return Path::Stack;
+                    return Ok(Path::Stack);
                 }
+            }
+            if live.is_none() {
+                let port = policy::policy_port(key.protocol, dport(key, *from_hi));
+                policy::admit(
+                    check_src(key, *from_hi),
+                    check_dst(key, *from_hi),
+                    key.protocol,
+                    port,
+                    *check,
+                )
+                .map_err(|d| d.count())?;
+            }
+            if *fragment {
+                return Ok(Path::Stack);
             }
             if !*opens {
                 // The middle of a flow weft never saw begin: the stack may hold its NAT state.
                 count(Stat::StackFlowToStack);
-                return Path::Stack;
+                return Ok(Path::Stack);
             }
-            let entry = new_entry(CtOrigin::Fast, key.protocol, *tcp_flags, *from_hi, now);
+            let mut entry = new_entry(CtOrigin::Fast, key.protocol, *tcp_flags, *from_hi, now);
+            policy::stamp(&mut entry, *check);
             // A full map only evicts its least recently used entry (LRU).
             let _ = WEFT_CT.insert(key, entry, 0);
             count(Stat::ConntrackFastNew);
-            Path::Fast
+            Ok(Path::Fast)
         }
     }
 }
 
-/// Records that the host stack carried this packet: its flow becomes (or stays) a stack flow,
-/// so weft hands the flow's packets to the stack in both directions.
+/// The sender of a packet of flow `key`.
 #[inline(always)]
-pub fn record_stack(track: &Track) {
-    let Track::Flow {
-        key,
-        from_hi,
-        tcp_flags,
-        ..
-    } = track
-    else {
-        return;
-    };
+fn check_src(key: &CtKey, from_hi: bool) -> [u8; 4] {
+    if from_hi { key.addr_hi } else { key.addr_lo }
+}
+
+/// The receiver of a packet of flow `key`.
+#[inline(always)]
+fn check_dst(key: &CtKey, from_hi: bool) -> [u8; 4] {
+    if from_hi { key.addr_lo } else { key.addr_hi }
+}
+
+/// Records that the host stack carries (or carried) this packet: its flow becomes (or stays) a
+/// stack flow, so weft hands the flow's packets to the stack in both directions. `Err` when
+/// NetworkPolicy denies it (counted).
+#[inline(always)]
+pub fn record_stack(track: &Track, check: &Check) -> Result<(), DropReason> {
     let now = now_s();
+    let (key, from_hi, tcp_flags) = match track {
+        Track::Flow {
+            key,
+            from_hi,
+            tcp_flags,
+            ..
+        } => (key, from_hi, tcp_flags),
+        Track::Untracked => return policy::untracked(check).map_err(|d| d.count()),
+        Track::Related { key } => {
+            return match live_entry(key, now) {
+                Some(e) if policy::allows_related(e) => Ok(()),
+                _ => policy::unrelated(check).map_err(|d| d.count()),
+            };
+        }
+    };
     if let Some(e) = live_entry(key, now) {
+        policy::established(e, key).map_err(|d| d.count())?;
         if unsafe { (*e).origin } == CtOrigin::Stack as u8 {
             touch(e, key.protocol, *tcp_flags, *from_hi, now);
-            return;
+            return Ok(());
         }
         // A fast flow the stack now carries (a fragmented datagram, a hop the stack took):
         // from now on it is the stack's.
         unsafe { (*e).origin = CtOrigin::Stack as u8 };
         touch(e, key.protocol, *tcp_flags, *from_hi, now);
-        return;
+        return Ok(());
     }
-    let entry = new_entry(CtOrigin::Stack, key.protocol, *tcp_flags, *from_hi, now);
+    let port = policy::policy_port(key.protocol, dport(key, *from_hi));
+    policy::admit(
+        check_src(key, *from_hi),
+        check_dst(key, *from_hi),
+        key.protocol,
+        port,
+        *check,
+    )
+    .map_err(|d| d.count())?;
+    let mut entry = new_entry(CtOrigin::Stack, key.protocol, *tcp_flags, *from_hi, now);
+    policy::stamp(&mut entry, *check);
     let _ = WEFT_CT.insert(key, entry, 0);
     count(Stat::ConntrackStackNew);
+    Ok(())
 }

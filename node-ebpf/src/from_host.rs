@@ -28,7 +28,7 @@ use crate::{
     forward::{self, Dest},
     icmp, monitor,
     parse::{ETH_HLEN, EthHdr, HEADERS_LEN, Ipv4Hdr, L3, parse_ipv4},
-    route,
+    policy, route,
 };
 
 #[classifier]
@@ -69,12 +69,20 @@ fn try_from_host(ctx: &TcContext) -> Result<i32, DropReason> {
         return Err(DropReason::HostForeignSource);
     };
     match forward::dest(ip.daddr) {
-        Dest::Local(ep) => Ok(forward::deliver_to_pod(eth, ip, ep, Stat::LocalDelivered)),
+        Dest::Local(ep) => {
+            // Into a pod past `to_pod`: its ingress is judged here.
+            let track =
+                conntrack::track(ctx.data(), ctx.data_end(), ip, ETH_HLEN + ip.header_len());
+            conntrack::record_stack(&track, &policy::Check::of(ip))?;
+            Ok(forward::deliver_to_pod(eth, ip, ep, Stat::LocalDelivered))
+        }
         Dest::Remote(route) => {
             if from_pod {
+                // A pod's flow the stack carried (a Service translated toward a remote
+                // backend): its egress is judged here, by the backend.
                 let track =
                     conntrack::track(ctx.data(), ctx.data_end(), ip, ETH_HLEN + ip.header_len());
-                conntrack::record_stack(&track);
+                conntrack::record_stack(&track, &policy::Check::of(ip))?;
             }
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
             // A too-big packet is answered as if by the destination: an address of this node

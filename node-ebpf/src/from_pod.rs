@@ -5,7 +5,8 @@
 //! sources, tunnel packets to a node). IPv4 to another pod takes the fast path when conntrack
 //! says its flow is weft's (straight into the local pod, or encapsulated toward its node);
 //! the rest (Services, the node, the outside world, flows the stack translated) goes to the
-//! host stack.
+//! host stack. NetworkPolicy: the egress of every new flow is judged here (a Service address's
+//! after the stack translated it), a local destination's ingress too.
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::classifier,
@@ -24,7 +25,7 @@ use crate::{
         ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, EthHdr,
         HEADERS_LEN, IPPROTO_IPIP, IPPROTO_UDP, Ipv4Hdr, L3, parse_ipv4, ptr_at,
     },
-    route,
+    policy, route,
 };
 
 #[classifier]
@@ -118,12 +119,19 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         count(Stat::PassedToStack);
         return Ok(to_stack);
     }
+    if matches!(dst, Dest::Other) {
+        // Nothing after the stack sees this flow with its pod source (masqueraded, or a
+        // Service's translation toward a backend, which `to_pod`/`from_host` judge): its egress
+        // is judged here, and its entry lets replies in.
+        let track = conntrack::track(ctx.data(), ctx.data_end(), ip, ETH_HLEN + ip.header_len());
+        conntrack::record_stack(&track, &policy::Check::to_stack(ip))?;
+    }
     if matches!(dst, Dest::Other) || to_stack != TC_ACT_OK {
         count(Stat::PassedToStack);
         return Ok(to_stack);
     }
     let track = conntrack::track(ctx.data(), ctx.data_end(), ip, ETH_HLEN + ip.header_len());
-    if conntrack::path(&track) == Path::Stack {
+    if conntrack::path(&track, &policy::Check::of(ip))? == Path::Stack {
         return Ok(TC_ACT_OK);
     }
     match dst {

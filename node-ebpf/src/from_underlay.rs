@@ -36,7 +36,7 @@ use crate::{
     forward::{self, mac_eq},
     monitor, mtu,
     parse::{ETH_HLEN, EthHdr, Ipv4Hdr, L3, parse_ipv4},
-    route,
+    policy, route,
 };
 
 /// Enough linear bytes for an outer header with options, UDP, VXLAN and the inner headers.
@@ -256,7 +256,7 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, DropReason> {
         return Ok(TC_ACT_OK);
     }
     let track = conntrack::track(ctx.data(), ctx.data_end(), ip, l4);
-    if conntrack::path(&track) == Path::Stack {
+    if conntrack::path(&track, &policy::Check::of(ip))? == Path::Stack {
         return Ok(TC_ACT_OK);
     }
     Ok(forward::deliver_to_pod(

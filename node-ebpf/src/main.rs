@@ -1,6 +1,6 @@
 //! weft's kernel-side datapath. One module per attach point (`from_pod`, `to_pod`,
 //! `from_host`, `xdp_underlay`, `from_underlay`), one per concern (parsing, checksums,
-//! encapsulation, decapsulation, routing, conntrack, path MTU, ICMP, ARP, counters), as
+//! encapsulation, decapsulation, routing, conntrack, NetworkPolicy, path MTU, ICMP, ARP, counters), as
 //! Cilium's `bpf/` tree is laid out.
 #![no_std]
 #![no_main]
@@ -18,6 +18,7 @@ mod maps;
 mod monitor;
 mod mtu;
 mod parse;
+mod policy;
 mod route;
 
 mod from_host;

@@ -63,12 +63,18 @@ pub fn ensure_bpffs() -> Result<()> {
     .context("mounting bpffs at /sys/fs/bpf")
 }
 
+#[path = "datapath_policy.rs"]
+pub mod policy_write;
+pub use policy_write::{PolicyCapacities, PolicySnapshot};
+
 /// Sizes chosen at load time. A map already pinned keeps the size it was created with (a map
 /// cannot be resized): see [`Datapath::capacity`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoadOptions {
     /// Capacity of the conntrack map (`WEFT_CT`).
     pub conntrack_max: u32,
+    /// Capacities of the NetworkPolicy maps (pinned maps keep theirs).
+    pub policy: PolicyCapacities,
     /// Capacity of the route map (`WEFT_ROUTES`): other nodes' subnets.
     pub routes_max: u32,
     /// Capacity of the node map (`WEFT_NODES`): other nodes' addresses.
@@ -81,6 +87,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             conntrack_max: CT_MAX_DEFAULT,
+            policy: PolicyCapacities::default(),
             routes_max: ROUTES_MAX,
             nodes_max: NODES_MAX,
             endpoints_max: ENDPOINTS_MAX,
@@ -103,6 +110,7 @@ impl LoadOptions {
         for (name, size) in self.sizes() {
             loader.map_max_entries(name, size);
         }
+        self.policy.size(loader);
     }
 }
 
@@ -198,8 +206,9 @@ impl Datapath {
     }
 
     /// A second instance of the programs for `weft trace`: the maps the programs only read
-    /// (`map_names::SHARED_WITH_TRACE`: config, routes, endpoints, nodes) are the live ones
-    /// pinned under `pin_root`; every other map (counters, conntrack, caches, the monitor's)
+    /// (`map_names::SHARED_WITH_TRACE`: config, routes, endpoints, nodes, the NetworkPolicy
+    /// maps) are the live ones pinned under `pin_root`; every other map (counters, policy
+    /// denial counters, conntrack, caches, the monitor's)
     /// is private to this instance, so running it changes nothing on the node.
     /// The caller copies into the private maps whatever live state a decision depends on (the
     /// flow's conntrack entry, learned path MTUs).
@@ -210,6 +219,7 @@ impl Datapath {
         loader.map_max_entries(map_names::CONNTRACK, 1024);
         loader.map_max_entries(map_names::NEXT_HOPS, 1024);
         loader.map_max_entries(map_names::PATH_MTU, 1024);
+        loader.map_max_entries(map_names::POLICY_DROPS, 1024);
         for name in map_names::SHARED_WITH_TRACE {
             let pin = maps_dir.join(name);
             if !pin.exists() {
@@ -581,7 +591,7 @@ impl Maps {
     pub fn capacity(&self, name: &str) -> Result<u32> {
         let data = match self.map(name)? {
             Map::HashMap(d) | Map::LruHashMap(d) | Map::LpmTrie(d) | Map::Array(d) => d,
-            Map::PerCpuArray(d) => d,
+            Map::PerCpuArray(d) | Map::PerCpuHashMap(d) | Map::PerCpuLruHashMap(d) => d,
             _ => return Err(anyhow!("{name}: unexpected map type")),
         };
         Ok(data.info()?.max_entries())

@@ -25,6 +25,8 @@ pub enum IpamError {
     Exhausted { subnet: Ipv4Net, allocated: usize },
     #[error("the IPAM store {path} is locked by another plugin for more than {waited:?}")]
     LockTimeout { path: PathBuf, waited: Duration },
+    #[error("the requested address {ip} cannot be allocated: {why}")]
+    Unavailable { ip: Ipv4Addr, why: String },
     #[error("IPAM store {path}: {source}")]
     Store {
         path: PathBuf,
@@ -236,6 +238,49 @@ impl Locked {
             }
             _ => false,
         }
+    }
+
+    /// Allocates the requested address `ip` to (container id, ifname) (the runtime asked for it:
+    /// `CNI_ARGS` `IP=`, `runtimeConfig.ips`). Returns whether it is new; refused when the
+    /// address is outside `subnet`, reserved, or held by another attachment.
+    pub fn allocate_requested(
+        &mut self,
+        subnet: Ipv4Net,
+        reserved: &[Ipv4Addr],
+        ip: Ipv4Addr,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<(Ipv4Addr, bool), IpamError> {
+        let first = u32::from(subnet.network()).saturating_add(1);
+        let last = u32::from(subnet.broadcast()).saturating_sub(1);
+        if !(first..=last).contains(&u32::from(ip)) || reserved.contains(&ip) {
+            return Err(IpamError::Unavailable {
+                ip,
+                why: format!("not a pod address of {subnet}"),
+            });
+        }
+        match self.state.allocations.iter().find(|a| a.ip == ip) {
+            Some(a) if a.container_id == container_id && a.ifname == ifname => {
+                return Ok((ip, false));
+            }
+            Some(a) => {
+                return Err(IpamError::Unavailable {
+                    ip,
+                    why: format!("held by container {} ({})", a.container_id, a.ifname),
+                });
+            }
+            None => {}
+        }
+        self.state
+            .allocations
+            .retain(|a| !(a.container_id == container_id && a.ifname == ifname));
+        self.state.allocations.push(Allocation {
+            ip,
+            container_id: container_id.to_string(),
+            ifname: ifname.to_string(),
+            pod: None,
+        });
+        Ok((ip, true))
     }
 
     /// Removes the allocation of (container id, ifname), returning it.

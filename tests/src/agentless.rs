@@ -77,6 +77,9 @@ impl WeftNode {
                 bgp_table: weft_common::BGP_TABLE_DEFAULT,
             };
             dp.maps.set_config(&config).expect("writing the config");
+            dp.maps
+                .put_policy_ns_default("", Some(weft_common::policy::POLICY_NS_F_SYNCED))
+                .expect("marking the policy maps synced");
             // As the agent does: the hook `xdp` picks, recorded in the config.
             let decap = dp
                 .attach_underlay(&dev, xdp)
@@ -152,6 +155,10 @@ impl WeftNode {
                 },
             )
             .expect("registering the endpoint");
+        // As an agent with no policy does: the pod is not isolated.
+        self.maps()
+            .put_policy_endpoint(ip, Some(&weft_common::policy::PolicyEndpoint::OPEN))
+            .expect("writing the pod's policy state");
         let root = self.pins.path.clone();
         let dev = host_ifname.clone();
         self.ns.run(move || {

@@ -92,6 +92,9 @@ pub struct ClusterOptions {
     pub lease_ttl: u64,
     /// Whether `Cluster::new` waits until every node routes to every other node.
     pub wait_converged: bool,
+    /// Node N (from 1) is `node-N` with pod subnet 10.244.N.0/24 (the agent reuses the subnet
+    /// of its subnet file, written before it starts), as the NetworkPolicy runner's layout wants.
+    pub numbered_subnets: bool,
     /// More `weft-agent` flags for every node (e.g. `--routes-max 2`).
     pub agent_args: Vec<String>,
 }
@@ -112,6 +115,7 @@ impl Default for ClusterOptions {
             net_conf: None,
             lease_ttl: 20,
             wait_converged: true,
+            numbered_subnets: false,
             agent_args: Vec::new(),
         }
     }
@@ -375,7 +379,12 @@ impl Cluster {
         let index = self.next_node;
         self.next_node += 1;
         let (ns, ip) = self.node_namespace(index);
-        self.adopt_node(ns, ip, format!("node-{index}"))
+        let name = if self.options.numbered_subnets {
+            format!("node-{}", index + 1)
+        } else {
+            format!("node-{index}")
+        };
+        self.adopt_node(ns, ip, name)
     }
 
     /// Starts a weft agent in an existing node namespace whose underlay address is `ip` (a node
@@ -395,6 +404,23 @@ impl Cluster {
             pods: Vec::new(),
             bin_dir: self.options.bin_dir.clone().unwrap_or_else(bin_dir),
         };
+        if self.options.numbered_subnets
+            && let Some(n) = node
+                .name
+                .strip_prefix("node-")
+                .and_then(|n| n.parse::<u8>().ok())
+        {
+            SubnetEnv {
+                network: CLUSTER_NETWORK.parse().unwrap(),
+                subnet: format!("10.244.{n}.0/24").parse().unwrap(),
+                mtu: 1450,
+                underlay_mtu: None,
+                ipmasq: true,
+                pin_root: node.pins.path.clone(),
+            }
+            .write(&node.subnet_file())
+            .expect("writing the node's subnet file");
+        }
         let agent = self.start_agent(&node);
         node.agent = Some(agent);
         self.nodes.push(node);
@@ -635,6 +661,44 @@ impl Cluster {
         );
     }
 
+    /// Creates pod `namespace/name` on node `index` through the CNI plugin (ADD) as a runtime
+    /// does for Kubernetes (`K8S_POD_NAMESPACE`, `K8S_POD_NAME` in `CNI_ARGS`), asking for
+    /// address `ip` when given. Returns its index in the node's pods and its address.
+    pub fn add_named_pod(
+        &mut self,
+        index: usize,
+        namespace: &str,
+        name: &str,
+        ip: Option<Ipv4Addr>,
+    ) -> (usize, Ipv4Addr) {
+        let ns = Netns::new("wp");
+        let container_id = unique_name("ctr");
+        let node = &self.nodes[index];
+        let mut args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}");
+        if let Some(ip) = ip {
+            args += &format!(";IP={ip}");
+        }
+        let result = cni_with_args(
+            node,
+            "ADD",
+            &container_id,
+            &ns.path(),
+            &node.cni_conf(),
+            &args,
+        );
+        let ip = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in the ADD result: {result}"));
+        self.nodes[index].pods.push(Pod {
+            ns,
+            container_id,
+            ip,
+        });
+        (self.nodes[index].pods.len() - 1, ip)
+    }
+
     /// Creates a pod on node `index` through the CNI plugin (ADD), like a runtime.
     pub fn add_pod(&mut self, index: usize) -> Ipv4Addr {
         let ns = Netns::new("wp");
@@ -783,6 +847,18 @@ pub fn cni(
     netns: &str,
     conf: &serde_json::Value,
 ) -> serde_json::Value {
+    cni_with_args(node, command, container_id, netns, conf, "")
+}
+
+/// [`cni`] with `CNI_ARGS` (e.g. `K8S_POD_NAMESPACE=x;K8S_POD_NAME=a;IP=10.244.1.2`).
+pub fn cni_with_args(
+    node: &Node,
+    command: &str,
+    container_id: &str,
+    netns: &str,
+    conf: &serde_json::Value,
+    args: &str,
+) -> serde_json::Value {
     let plugin = node.bin_dir.join("weft-cni");
     assert!(plugin.exists(), "{} is missing", plugin.display());
     let mut child = Command::new("nsenter")
@@ -792,6 +868,7 @@ pub fn cni(
         .env("CNI_CONTAINERID", container_id)
         .env("CNI_NETNS", netns)
         .env("CNI_IFNAME", "eth0")
+        .env("CNI_ARGS", args)
         .env("CNI_PATH", &node.bin_dir)
         // As the kubelet's runtimes pass them: the pod is named after its namespace.
         .env(

@@ -290,6 +290,10 @@ impl CniNode {
                     bgp_table: weft_common::BGP_TABLE_DEFAULT,
                 })
                 .expect("writing the config");
+            // As an agent with no policy does: new pods are not isolated.
+            dp.maps
+                .put_policy_ns_default("", Some(weft_common::policy::POLICY_NS_F_SYNCED))
+                .expect("marking the policy maps synced");
         });
         let dir = TempDir::new("weft-cni-node-");
         let subnet: Ipv4Net = subnet.parse().expect("subnet");

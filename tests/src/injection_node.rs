@@ -5,7 +5,10 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use weft_agent::datapath::{Datapath, LoadOptions};
-use weft_common::{CONFIG_F_READY, EndpointInfo, NodeConfig, NodeInfo, RouteInfo, RouteMode};
+use weft_common::{
+    CONFIG_F_READY, EndpointInfo, NodeConfig, NodeInfo, RouteInfo, RouteMode,
+    policy::{POLICY_NS_F_SYNCED, PolicyEndpoint},
+};
 
 use crate::netns::{Netns, parse_mac};
 
@@ -64,30 +67,24 @@ pub fn namespace() -> Netns {
 
 /// Loads and configures the datapath; must run inside the namespace (`Netns::run`).
 pub fn node() -> Node {
-    node_pinned_or_not(None)
+    node_with(&test_options())
+}
+
+fn test_options() -> LoadOptions {
+    LoadOptions {
+        conntrack_max: crate::TEST_CONNTRACK_MAX,
+        ..Default::default()
+    }
+}
+
+/// [`node`] with explicit map sizes.
+pub fn node_with(options: &LoadOptions) -> Node {
+    configure(Datapath::load_unpinned_with(options).expect("loading the datapath"))
 }
 
 /// `node` with the maps pinned under `pin_root` (for tools that open pins, as `weft`).
 pub fn node_pinned(pin_root: &std::path::Path) -> Node {
-    node_pinned_or_not(Some(pin_root))
-}
-
-fn node_pinned_or_not(pin_root: Option<&std::path::Path>) -> Node {
-    let dp = match pin_root {
-        None => Datapath::load_unpinned_with(&LoadOptions {
-            conntrack_max: crate::TEST_CONNTRACK_MAX,
-            ..Default::default()
-        }),
-        Some(root) => Datapath::load_pinned_with(
-            root,
-            &LoadOptions {
-                conntrack_max: crate::TEST_CONNTRACK_MAX,
-                ..Default::default()
-            },
-        ),
-    }
-    .expect("loading the datapath");
-    configure(dp)
+    configure(Datapath::load_pinned_with(pin_root, &test_options()).expect("loading the datapath"))
 }
 
 /// Configures a loaded datapath as the fixture's node (inside the namespace).
@@ -135,6 +132,15 @@ pub fn configure(mut dp: Datapath) -> Node {
             )
             .unwrap();
     }
+    // As an agent with no policy does: the pods are not isolated.
+    for ip in [POD1_IP, POD2_IP] {
+        dp.maps
+            .put_policy_endpoint(Ipv4Addr::from(ip), Some(&PolicyEndpoint::OPEN))
+            .unwrap();
+    }
+    dp.maps
+        .put_policy_ns_default("", Some(POLICY_NS_F_SYNCED))
+        .unwrap();
     for (cidr, node_ip, mode) in [
         ("10.244.2.0/24", PEER_IP, RouteMode::Vxlan),
         ("10.244.3.0/24", PEER_IP, RouteMode::Ipip),
@@ -179,9 +185,23 @@ pub fn configure(mut dp: Datapath) -> Node {
 
 /// Runs `test` with a configured node inside a fresh namespace.
 pub fn with_node<T: Send + 'static>(test: impl FnOnce(&mut Node) -> T + Send + 'static) -> T {
+    with_node_using(
+        LoadOptions {
+            conntrack_max: crate::TEST_CONNTRACK_MAX,
+            ..Default::default()
+        },
+        test,
+    )
+}
+
+/// [`with_node`] with explicit map sizes.
+pub fn with_node_using<T: Send + 'static>(
+    options: LoadOptions,
+    test: impl FnOnce(&mut Node) -> T + Send + 'static,
+) -> T {
     let ns = namespace();
     let result = ns.run(move || {
-        let mut node = node();
+        let mut node = node_with(&options);
         test(&mut node)
     });
     drop(ns);

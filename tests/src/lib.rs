@@ -13,6 +13,7 @@ pub mod inject;
 pub mod injection_node;
 pub mod kube_proxy;
 pub mod netns;
+pub mod netpol;
 pub mod packets;
 pub mod pins;
 pub mod pki;

@@ -82,6 +82,40 @@ fn bpftool_map_dumps_print_field_names() {
             "config dump lacks {field}: {config}"
         );
     }
+    // NetworkPolicy: every map is a BTF map, and dumps name the fields.
+    dp.maps
+        .put_policy_endpoint(
+            Ipv4Addr::new(10, 244, 1, 5),
+            Some(&weft_common::policy::PolicyEndpoint::OPEN),
+        )
+        .unwrap();
+    for name in map_names::POLICY {
+        let path = maps.join(name);
+        let show = run(
+            "bpftool",
+            &["-j", "map", "show", "pinned", path.to_str().unwrap()],
+        );
+        let show: serde_json::Value = serde_json::from_str(&show).unwrap();
+        assert!(
+            show["btf_id"].as_u64().is_some_and(|id| id > 0),
+            "{name} has no BTF: {show}"
+        );
+    }
+    let policy = run(
+        "bpftool",
+        &[
+            "map",
+            "dump",
+            "pinned",
+            maps.join(map_names::POLICY_ENDPOINTS).to_str().unwrap(),
+        ],
+    );
+    for field in ["ingress_ruleset", "egress_ruleset", "flags"] {
+        assert!(
+            policy.contains(field),
+            "policy endpoint dump lacks {field}: {policy}"
+        );
+    }
 }
 
 #[test]

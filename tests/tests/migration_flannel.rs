@@ -214,15 +214,19 @@ impl Migration {
                     panic!("wait_ready before switch_to_weft");
                 };
                 self.cluster.wait_converged(index);
-                // Routes to the flannel nodes too, not only to weft nodes.
+                // Routes to the flannel nodes too, not only to weft nodes (polled: with no other
+                // weft node, convergence is the subnet file alone, which the agent writes before
+                // its first reconcile programs the routes).
                 let node = &self.cluster.nodes[index];
-                let routes = node.maps().routes().unwrap();
                 for f in &self.cluster.flannel {
-                    assert!(
-                        routes.iter().any(|(net, _)| *net == f.subnet),
-                        "{} has no route to flannel's {}",
-                        node.name,
-                        f.subnet
+                    weft_tests::process::wait_until(
+                        &format!("{} to route flannel's {}", node.name, f.subnet),
+                        std::time::Duration::from_secs(30),
+                        || {
+                            node.maps()
+                                .routes()
+                                .is_ok_and(|r| r.iter().any(|(net, _)| *net == f.subnet))
+                        },
                     );
                 }
                 self.cluster.wait_ready(index);

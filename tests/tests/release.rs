@@ -432,7 +432,8 @@ fn manifest_passes_kubernetes_validate_strict() {
         "kubernetes-validate --strict accepted an unknown field"
     );
 
-    // Least privilege: RBAC on nodes only, with the verbs the agent uses.
+    // Least privilege: the verbs the agent uses, on nodes, and (NetworkPolicy) read-only on
+    // pods, namespaces and networkpolicies.
     let docs = manifest();
     let role = docs
         .iter()
@@ -440,21 +441,39 @@ fn manifest_passes_kubernetes_validate_strict() {
         .expect("a ClusterRole");
     let mut grants = BTreeSet::new();
     for rule in role["rules"].as_array().unwrap() {
-        assert_eq!(rule["apiGroups"], json!([""]), "{rule}");
+        let group = rule["apiGroups"].as_array().unwrap();
+        assert_eq!(group.len(), 1, "{rule}");
+        let group = group[0].as_str().unwrap();
         for resource in rule["resources"].as_array().unwrap() {
             for verb in rule["verbs"].as_array().unwrap() {
-                grants.insert(format!(
-                    "{} {}",
-                    resource.as_str().unwrap(),
-                    verb.as_str().unwrap()
-                ));
+                let resource = resource.as_str().unwrap();
+                let resource = if group.is_empty() {
+                    resource.to_string()
+                } else {
+                    format!("{resource}.{group}")
+                };
+                grants.insert(format!("{resource} {}", verb.as_str().unwrap()));
             }
         }
     }
-    let want: BTreeSet<String> = ["nodes get", "nodes list", "nodes watch", "nodes patch"]
-        .into_iter()
-        .map(String::from)
-        .collect();
+    let want: BTreeSet<String> = [
+        "nodes get",
+        "nodes list",
+        "nodes watch",
+        "nodes patch",
+        "pods get",
+        "pods list",
+        "pods watch",
+        "namespaces get",
+        "namespaces list",
+        "namespaces watch",
+        "networkpolicies.networking.k8s.io get",
+        "networkpolicies.networking.k8s.io list",
+        "networkpolicies.networking.k8s.io watch",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
     assert_eq!(grants, want);
     // No privileged container; the agent's capabilities are the measured set.
     let ds = daemonset(&docs);

@@ -51,10 +51,23 @@ enum Cmd {
         /// Shorter runs.
         #[arg(long)]
         quick: bool,
+        /// Only these parts (repeatable): datapath, cni, agent, policy, netpol.
+        #[arg(long, value_parser = ["datapath", "cni", "agent", "policy", "netpol"])]
+        only: Vec<String>,
     },
     /// The release tarball: stripped release binaries, the CNI conflist, the manifest, the
     /// Dockerfile and the docs, in target/dist/.
     Dist,
+    /// NetworkPolicy truth tables: runs case files (tests/netpol/*.json format) against a
+    /// 3-node weft cluster in network namespaces; a line per case, a JSON report, non-zero exit
+    /// on any wrong probe.
+    Netpol {
+        /// Where the report goes.
+        #[arg(long, default_value = "target/netpol/report.json")]
+        report: String,
+        #[arg(required = true)]
+        files: Vec<String>,
+    },
     /// Only install the prerequisites.
     Bootstrap,
     /// Only the formatting and lint checks that `test` runs first.
@@ -127,7 +140,19 @@ fn main() -> Result<()> {
             }
             run_bin("debug", "weft-demo", &args)
         }
-        Cmd::Bench { quick } => {
+        Cmd::Netpol { report, files } => {
+            require_root("the runner creates network namespaces and loads BPF programs")?;
+            bootstrap::run()?;
+            cargo(&["build", "--workspace", "--exclude", "node-ebpf", "--bins"])?;
+            // Relative paths are the caller's: cargo runs xtask from the invocation directory.
+            let cwd = std::env::current_dir()?;
+            let abs = |p: &str| cwd.join(p).display().to_string();
+            let mut args = vec!["--report".to_string(), abs(&report)];
+            args.extend(files.iter().map(|f| abs(f)));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_bin("debug", "weft-netpol", &args)
+        }
+        Cmd::Bench { quick, only } => {
             require_root("benchmarks create network namespaces and load BPF programs")?;
             bootstrap::run()?;
             cargo(&["build", "--workspace", "--exclude", "node-ebpf", "--bins"])?;
@@ -143,7 +168,7 @@ fn main() -> Result<()> {
                 "weft-tests",
                 "--bins",
             ])?;
-            bench(quick)
+            bench(quick, &only)
         }
     }
 }
@@ -307,23 +332,41 @@ fn bench_json(name: &str, args: &[&str]) -> Result<serde_json::Value> {
     serde_json::from_slice(&out.stdout).with_context(|| format!("{name} printed no JSON object"))
 }
 
-fn bench(quick: bool) -> Result<()> {
+fn bench(quick: bool, only: &[String]) -> Result<()> {
     let q: &[&str] = if quick { &["--quick"] } else { &[] };
+    let part = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let mut report = serde_json::Map::new();
-    let datapath = bench_json("bench-datapath", q)?;
-    if let serde_json::Value::Object(map) = datapath {
-        report.extend(map);
+    if part("datapath") {
+        let datapath = bench_json("bench-datapath", q)?;
+        if let serde_json::Value::Object(map) = datapath {
+            report.extend(map);
+        }
     }
     // The CNI figures are over 200 pods either way (the minimum).
-    report.insert("cni".into(), bench_json("bench-cni", &["--pods", "200"])?);
-    report.insert("agent".into(), bench_json("bench-agent", &[])?);
-    report.insert("policy".into(), bench_json("bench-policy", &[])?);
+    if part("cni") {
+        report.insert("cni".into(), bench_json("bench-cni", &["--pods", "200"])?);
+    }
+    if part("agent") {
+        report.insert("agent".into(), bench_json("bench-agent", &[])?);
+    }
+    if part("policy") {
+        report.insert("policy".into(), bench_json("bench-policy", &[])?);
+    }
+    if part("netpol") {
+        report.insert("netpol".into(), bench_json("bench-netpol", q)?);
+    }
     let report = serde_json::Value::Object(report);
     let dir = workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
+    // A partial run does not overwrite the full report.
+    let file = if only.is_empty() {
+        "report.json".to_string()
+    } else {
+        format!("report-{}.json", only.join("-"))
+    };
+    std::fs::write(dir.join(&file), serde_json::to_vec_pretty(&report)?)?;
     print_table(&report);
-    println!("\nreport: {}", dir.join("report.json").display());
+    println!("\nreport: {}", dir.join(&file).display());
     Ok(())
 }
 
@@ -424,6 +467,47 @@ fn print_table(report: &serde_json::Value) {
                 );
             }
         }
+    }
+    if let Some(n) = report["netpol"].as_object() {
+        println!(
+            "\nNetworkPolicy (goals: verdict flat within 10%, +25 ns forwarding, change p99 < 500 ms, RSS < 150 MiB, identity p99 < 1 s)"
+        );
+        let v = &n["verdict_prog_ns"];
+        println!(
+            "  new-flow verdict, ns: 1 rule {}, 100 rules {}, 10,000 rules {} (spread {}%; no policy {})",
+            v["rules_1"],
+            v["rules_100"],
+            v["rules_10000"],
+            v["spread_pct"],
+            v["new_flow_no_policy"]
+        );
+        let f = &n["forwarding_prog_ns"];
+        println!(
+            "  established flow, ns: with policy {}, without {} (+{})",
+            f["established_with_policy"], f["established_no_policy"], f["overhead_ns"]
+        );
+        for (k, what) in [
+            (
+                "change_enforced_ms",
+                "policy change -> enforced on 3 nodes, ms",
+            ),
+            (
+                "identity_propagation_ms",
+                "new pod's identity on the other nodes, ms",
+            ),
+        ] {
+            println!(
+                "  {what}: p50 {} p99 {} max {}",
+                n[k]["p50"], n[k]["p99"], n[k]["max"]
+            );
+        }
+        println!(
+            "  agent at {} pods and {} policies: RSS {} MiB (peak {} MiB)",
+            n["agent"]["pods"],
+            n["agent"]["policies"],
+            n["agent"]["rss_mib"],
+            n["agent"]["rss_peak_mib"]
+        );
     }
     if let Some(hooks) = report["decap_hooks"].as_object() {
         println!(

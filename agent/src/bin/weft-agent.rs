@@ -24,19 +24,29 @@ use weft_agent::{
     datapath::{Datapath, LoadOptions, Maps, XdpSetting},
     datastore::{
         Backoff, Datastore, LocalNode,
-        etcd::{DEFAULT_PREFIX, EtcdDatastore, EtcdOptions, SubnetTaken},
+        etcd::{DEFAULT_PREFIX, EtcdClient, EtcdDatastore, EtcdOptions, SubnetTaken},
         kube::{KubeDatastore, KubeSource},
         static_file::StaticFile,
     },
     metrics::{self, Metrics},
     netlink::BlockingNetlink,
+    netpol::{
+        PolicyMetrics,
+        controller::{Controller, PolicyEvent},
+        etcd_source, kube_source,
+    },
     node_net::{self, Underlay},
     reconcile::Reconciler,
     subnet_env::{self, SubnetEnv},
 };
 use weft_common::{
     CONFIG_DECAP_HOOK_MASK, CONFIG_F_ACCEPT_ROUTED, DEFAULT_PIN_ROOT, DecapHook, ENDPOINTS_MAX,
-    HOST_PEER_DEV, NODES_MAX, ROUTES_MAX, conntrack::CT_MAX_DEFAULT,
+    HOST_PEER_DEV, NODES_MAX, ROUTES_MAX,
+    conntrack::CT_MAX_DEFAULT,
+    policy::{
+        POLICY_ADDRS_MAX, POLICY_CIDRS_MAX, POLICY_ENDPOINTS_MAX, POLICY_NS_DEFAULTS_MAX,
+        POLICY_PORT_BLOCKS_MAX, POLICY_RULES_MAX,
+    },
 };
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -162,6 +172,29 @@ struct Args {
     /// on the underlay may send plain (unencapsulated) packets to pods.
     #[arg(long)]
     accept_routed_pod_traffic: bool,
+    /// The cluster's Service network (kube-apiserver's `--service-cluster-ip-range`): a pod's
+    /// connection to a Service address is judged by NetworkPolicy after kube-proxy translated
+    /// it, against its backend. Without it, egress policies judge the Service address itself.
+    #[arg(long)]
+    service_cluster_ip_range: Option<ipnet::Ipv4Net>,
+    /// Capacity of the NetworkPolicy endpoint map (local pods). Applies when the map is created.
+    #[arg(long, default_value_t = POLICY_ENDPOINTS_MAX, value_parser = clap::value_parser!(u32).range(16..))]
+    policy_endpoints_max: u32,
+    /// Capacity of the NetworkPolicy address map (every pod address of the cluster).
+    #[arg(long, default_value_t = POLICY_ADDRS_MAX, value_parser = clap::value_parser!(u32).range(16..))]
+    policy_addrs_max: u32,
+    /// Capacity of the NetworkPolicy ipBlock map (cidr and except boundaries).
+    #[arg(long, default_value_t = POLICY_CIDRS_MAX, value_parser = clap::value_parser!(u32).range(16..))]
+    policy_cidrs_max: u32,
+    /// Capacity of the NetworkPolicy rule map.
+    #[arg(long, default_value_t = POLICY_RULES_MAX, value_parser = clap::value_parser!(u32).range(16..))]
+    policy_rules_max: u32,
+    /// Capacity of the NetworkPolicy port bitmap map (port sets of more than 6 ranges).
+    #[arg(long, default_value_t = POLICY_PORT_BLOCKS_MAX, value_parser = clap::value_parser!(u32).range(16..))]
+    policy_port_blocks_max: u32,
+    /// Capacity of the NetworkPolicy namespace map (isolation of new pods per namespace).
+    #[arg(long, default_value_t = POLICY_NS_DEFAULTS_MAX, value_parser = clap::value_parser!(u32).range(16..))]
+    policy_namespaces_max: u32,
     /// Directory of the `net.*` sysctls (a container mounts the host's /proc/sys/net elsewhere:
     /// /proc/sys is read-only in unprivileged containers).
     #[arg(long, default_value = "/proc/sys/net")]
@@ -362,6 +395,14 @@ fn program_datapath(
 ) -> Result<(Datapath, DecapHook)> {
     let options = LoadOptions {
         conntrack_max: args.conntrack_max,
+        policy: weft_agent::datapath::PolicyCapacities {
+            endpoints: args.policy_endpoints_max,
+            addrs: args.policy_addrs_max,
+            cidrs: args.policy_cidrs_max,
+            rules: args.policy_rules_max,
+            port_blocks: args.policy_port_blocks_max,
+            ns_defaults: args.policy_namespaces_max,
+        },
         routes_max: args.routes_max,
         nodes_max: args.nodes_max,
         endpoints_max: args.endpoints_max,
@@ -418,6 +459,81 @@ fn program_datapath(
     Ok((dp, hook))
 }
 
+/// NetworkPolicy: the world's source for the datastore in use, and the controller writing the
+/// policy maps, each on its own thread (the control loop is untouched by policy changes).
+fn start_policy(
+    args: &Args,
+    node: &str,
+    runtime: &tokio::runtime::Handle,
+    metrics: Arc<PolicyMetrics>,
+) -> Result<()> {
+    let (tx, rx) = mpsc::channel();
+    match args.datastore {
+        DatastoreKind::Etcd => {
+            let client = EtcdClient::with_options(&args.etcd_endpoints, &etcd_options(args))?;
+            let (c, prefix) = (client.clone(), args.etcd_prefix.clone());
+            std::thread::Builder::new()
+                .name("policy-etcd".into())
+                .spawn(move || etcd_source::watch_loop(c, prefix, tx))?;
+            let (prefix, node, pins, ttl) = (
+                args.etcd_prefix.clone(),
+                node.to_string(),
+                args.pin_root.clone(),
+                args.lease_ttl,
+            );
+            std::thread::Builder::new()
+                .name("policy-pods".into())
+                .spawn(move || {
+                    etcd_source::publish_loop(
+                        client,
+                        prefix,
+                        node,
+                        pins,
+                        ttl,
+                        Duration::from_millis(100),
+                    )
+                })?;
+        }
+        DatastoreKind::Kube => {
+            let source = KubeSource {
+                api: args.kube_api.clone(),
+                kubeconfig: args.kubeconfig.clone(),
+            };
+            let client = runtime.block_on(source.client())?;
+            kube_source::spawn(runtime, source, client, tx);
+        }
+        DatastoreKind::Static => {
+            // No policy source: no pod is isolated.
+            let _ = tx.send(PolicyEvent::Synced);
+            std::mem::forget(tx);
+        }
+    }
+    let controller = Controller::new(
+        node,
+        Maps::open_pinned(&args.pin_root)?,
+        metrics,
+        args.service_cluster_ip_range,
+    )?;
+    std::thread::Builder::new()
+        .name("policy".into())
+        .spawn(move || {
+            if let Err(e) = controller.run(rx) {
+                tracing::error!("the policy controller stopped: {e:#}");
+            }
+        })?;
+    Ok(())
+}
+
+fn etcd_options(args: &Args) -> EtcdOptions {
+    EtcdOptions {
+        ca_file: args.etcd_cafile.clone(),
+        cert_file: args.etcd_certfile.clone(),
+        key_file: args.etcd_keyfile.clone(),
+        username: args.etcd_username.clone(),
+        password: args.etcd_password.clone(),
+    }
+}
+
 fn run(args: Args) -> Result<()> {
     if args.install_cni {
         install_cni(&args, &args.subnet_file)?;
@@ -456,7 +572,10 @@ fn run(args: Args) -> Result<()> {
     node_net::set_sysctls(&underlay)?;
     let (dp, hook) = program_datapath(&args, &conf, &underlay, pod_mtu, &nl)?;
 
-    let metrics = Arc::new(Metrics::new(Some(args.pin_root.clone())));
+    let mut metrics = Metrics::new(Some(args.pin_root.clone()));
+    let policy_metrics = Arc::new(PolicyMetrics::new());
+    policy_metrics.register(metrics.registry_mut(), args.pin_root.clone());
+    let metrics = Arc::new(metrics);
     let metrics_addr = args
         .metrics_addr
         .unwrap_or_else(|| SocketAddr::from((underlay.node_ip, metrics::DEFAULT_PORT)));
@@ -508,6 +627,8 @@ fn run(args: Args) -> Result<()> {
         let fw = node_net::ensure_masquerade(conf.network)?;
         tracing::info!(?fw, "masquerading pod traffic leaving {}", conf.network);
     }
+
+    start_policy(&args, &local.name, runtime.handle(), policy_metrics)?;
 
     // BIRD for the bgp backend, driven by the control loop (idle for other backends, ready for
     // a live switch to bgp).

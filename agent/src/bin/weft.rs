@@ -2,10 +2,10 @@
 //! needed): status, routes, endpoints, nodes, next hops, drops and path counters.
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use weft_agent::{bgp, datapath::Maps, mac::format_mac as mac};
+use weft_agent::{bgp, datapath::Maps, mac::format_mac as mac, netpol::store};
 use weft_common::{
     CONFIG_F_READY, RouteMode,
     conntrack::{CT_F_INIT_HI, CT_F_SEEN_HI, CT_F_SEEN_LO, CtOrigin, closing},
@@ -52,6 +52,16 @@ enum Cmd {
     /// (BPF_PROG_TEST_RUN) and print each step: lookups, verdict, the bytes that leave. Changes
     /// no state: the programs run as a private instance sharing only the maps they read.
     Trace(TraceArgs),
+    /// NetworkPolicy: the effective rules of an endpoint (by pod name or address) as the
+    /// datapath enforces them, every endpoint without one; `apply`/`delete` write objects to
+    /// etcd.
+    #[command(args_conflicts_with_subcommands = true)]
+    Policy {
+        /// A local pod: `namespace/name` or its address.
+        endpoint: Option<String>,
+        #[command(subcommand)]
+        action: Option<Box<PolicyCmd>>,
+    },
     /// The CNI plugin's address store.
     #[command(subcommand)]
     Ipam(IpamCmd),
@@ -120,6 +130,75 @@ struct MonitorArgs {
     /// The CNI plugin's IPAM directory (`dataDir`), where pods' names are recorded.
     #[arg(long, default_value = weft_agent::cni::spec::DEFAULT_DATA_DIR, value_name = "DIR")]
     cni_data_dir: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct EtcdArgs {
+    /// etcd client URLs, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    etcd_endpoints: Vec<String>,
+    /// The agents' `--etcd-prefix`.
+    #[arg(long, default_value = weft_agent::datastore::etcd::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    #[arg(long)]
+    etcd_cafile: Option<PathBuf>,
+    #[arg(long, requires = "etcd_keyfile")]
+    etcd_certfile: Option<PathBuf>,
+    #[arg(long, requires = "etcd_certfile")]
+    etcd_keyfile: Option<PathBuf>,
+    #[arg(long, requires = "etcd_password")]
+    etcd_username: Option<String>,
+    #[arg(
+        long,
+        requires = "etcd_username",
+        env = "WEFT_ETCD_PASSWORD",
+        hide_env_values = true
+    )]
+    etcd_password: Option<String>,
+}
+
+impl EtcdArgs {
+    fn client(&self) -> Result<weft_agent::datastore::etcd::EtcdClient> {
+        weft_agent::datastore::etcd::EtcdClient::with_options(
+            &self.etcd_endpoints,
+            &weft_agent::datastore::etcd::EtcdOptions {
+                ca_file: self.etcd_cafile.clone(),
+                cert_file: self.etcd_certfile.clone(),
+                key_file: self.etcd_keyfile.clone(),
+                username: self.etcd_username.clone(),
+                password: self.etcd_password.clone(),
+            },
+        )
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// Validate (with the API server's messages) and write NetworkPolicy, Namespace and Pod
+    /// objects (YAML or JSON, several documents) to etcd, where every agent reads them.
+    Apply {
+        /// The file (`-` for standard input).
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Namespace of objects that name none.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Delete the objects a file names, or one object (`networkpolicy NAMESPACE/NAME`,
+    /// `namespace NAME`, `pod NAMESPACE/NAME`).
+    Delete {
+        #[arg(short = 'f', long = "filename")]
+        file: Option<PathBuf>,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// Kind and name, without -f.
+        #[arg(num_args = 0..=2)]
+        object: Vec<String>,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -428,6 +507,87 @@ impl BgpView {
     }
 }
 
+fn read_objects(file: &std::path::Path) -> Result<Vec<store::Object>> {
+    let text = if file == std::path::Path::new("-") {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    store::parse_documents(&text).with_context(|| format!("{}", file.display()))
+}
+
+fn policy_action(action: PolicyCmd) -> Result<()> {
+    match action {
+        PolicyCmd::Apply {
+            file,
+            namespace,
+            etcd,
+        } => {
+            let objects = read_objects(&file)?;
+            let keys = store::validate(&objects, &namespace)?;
+            let rev = store::apply(&etcd.client()?, &etcd.etcd_prefix, &objects, &namespace)?;
+            for k in keys {
+                println!("{} configured", describe(&k));
+            }
+            println!("etcd revision {rev}");
+        }
+        PolicyCmd::Delete {
+            file,
+            namespace,
+            object,
+            etcd,
+        } => {
+            let keys = match (file, object.as_slice()) {
+                (Some(f), []) => {
+                    let objects = read_objects(&f)?;
+                    objects
+                        .iter()
+                        .map(|o| o.key(&namespace).map_err(anyhow::Error::msg))
+                        .collect::<Result<Vec<_>>>()?
+                }
+                (None, [kind, name]) => {
+                    let (ns, n) = name
+                        .split_once('/')
+                        .map(|(a, b)| (a.to_string(), b.to_string()))
+                        .unwrap_or((namespace.clone(), name.clone()));
+                    vec![match kind.to_ascii_lowercase().as_str() {
+                        "networkpolicy" | "networkpolicies" | "netpol" => {
+                            store::Key::NetworkPolicy {
+                                namespace: ns,
+                                name: n,
+                            }
+                        }
+                        "namespace" | "namespaces" | "ns" => store::Key::Namespace(name.clone()),
+                        "pod" | "pods" => store::Key::Pod {
+                            namespace: ns,
+                            name: n,
+                        },
+                        other => bail!("unknown kind {other:?} (networkpolicy, namespace, pod)"),
+                    }]
+                }
+                _ => bail!("weft policy delete: give -f FILE or KIND NAME"),
+            };
+            let rev = store::delete(&etcd.client()?, &etcd.etcd_prefix, &keys)?;
+            for k in keys {
+                println!("{} deleted", describe(&k));
+            }
+            println!("etcd revision {rev}");
+        }
+    }
+    Ok(())
+}
+
+fn describe(k: &store::Key) -> String {
+    match k {
+        store::Key::NetworkPolicy { namespace, name } => {
+            format!("networkpolicy {namespace}/{name}")
+        }
+        store::Key::Namespace(n) => format!("namespace {n}"),
+        store::Key::Pod { namespace, name } => format!("pod {namespace}/{name}"),
+        store::Key::PodAddress(ip) => format!("pod address {ip}"),
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Cmd::Trace(args) = &cli.command {
@@ -453,6 +613,13 @@ fn main() -> Result<()> {
     }
     if let Cmd::Ipam(IpamCmd::Rebuild { conflist }) = &cli.command {
         return ipam_rebuild(&cli.pin_root, conflist, cli.json);
+    }
+    if let Cmd::Policy {
+        action: Some(action),
+        ..
+    } = cli.command
+    {
+        return policy_action(*action);
     }
     let maps = Maps::open_pinned(&cli.pin_root)?;
     match cli.command {
@@ -695,6 +862,14 @@ fn main() -> Result<()> {
                 for (p, f, t, o, s, x) in rows {
                     println!("{p:<5} {f:<22} {t:<22} {o:<6} {s:<8} {x:>7}s");
                 }
+            }
+        }
+        Cmd::Policy { endpoint, .. } => {
+            let out = weft_agent::netpol::show::effective(&maps, endpoint.as_deref())?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                print!("{}", weft_agent::netpol::show::render(&out));
             }
         }
     }

@@ -45,7 +45,8 @@ pub struct Kv {
 #[derive(Clone, Debug)]
 pub enum WatchEvent {
     Put(Kv),
-    Delete(String),
+    /// The deleted key (its `mod_revision` is the deletion's).
+    Delete(Kv),
 }
 
 /// How to reach etcd: flannel's `--etcd-cafile`, `--etcd-certfile`, `--etcd-keyfile`,
@@ -160,6 +161,8 @@ struct WatchedEvent {
 #[derive(Debug, Default, Deserialize)]
 struct WatchResult {
     #[serde(default)]
+    header: ResponseHeader,
+    #[serde(default)]
     events: Vec<WatchedEvent>,
     #[serde(default)]
     canceled: bool,
@@ -171,6 +174,9 @@ struct WatchResult {
 struct WatchMessage {
     #[serde(default)]
     result: WatchResult,
+    /// The gateway nests the header in `result`; kept for either shape.
+    #[serde(default)]
+    header: Option<ResponseHeader>,
     #[serde(default)]
     error: Option<Value>,
 }
@@ -473,6 +479,21 @@ impl EtcdClient {
         start_revision: i64,
         mut on_event: impl FnMut(WatchEvent),
     ) -> anyhow::Error {
+        self.watch_prefix_revisions(prefix, start_revision, |events, _| {
+            for ev in events {
+                on_event(ev);
+            }
+        })
+    }
+
+    /// [`Self::watch_prefix`], a message at a time: its events and the store revision they
+    /// bring the watcher to (every change up to it was delivered).
+    pub fn watch_prefix_revisions(
+        &self,
+        prefix: &str,
+        start_revision: i64,
+        mut on_batch: impl FnMut(Vec<WatchEvent>, i64),
+    ) -> anyhow::Error {
         let body = json!({"create_request": {
             "key": B64.encode(prefix),
             "range_end": B64.encode(prefix_end(prefix)),
@@ -521,13 +542,21 @@ impl EtcdClient {
                 if msg.result.canceled || msg.result.compact_revision != 0 {
                     return anyhow!("etcd watch canceled: {line}");
                 }
+                let mut revision = msg.header.map_or(msg.result.header.revision, |h| {
+                    h.revision.max(msg.result.header.revision)
+                });
+                let mut batch = Vec::with_capacity(msg.result.events.len());
                 for ev in msg.result.events {
                     let kv = Kv::from(ev.kv);
+                    revision = revision.max(kv.mod_revision);
                     if ev.kind.as_deref() == Some("DELETE") {
-                        on_event(WatchEvent::Delete(kv.key));
+                        batch.push(WatchEvent::Delete(kv));
                     } else {
-                        on_event(WatchEvent::Put(kv));
+                        batch.push(WatchEvent::Put(kv));
                     }
+                }
+                if !batch.is_empty() {
+                    on_batch(batch, revision);
                 }
             }
             return anyhow!("etcd watch stream ended");
@@ -875,8 +904,8 @@ fn watch_loop(client: EtcdClient, prefix: String, events: Sender<Event>) {
                         error: format!("{e:#}"),
                     },
                 },
-                WatchEvent::Delete(key) => match parse_subnet_key(&key) {
-                    Some(_) => Event::Remove(lease_name(&key).to_string()),
+                WatchEvent::Delete(kv) => match parse_subnet_key(&kv.key) {
+                    Some(_) => Event::Remove(lease_name(&kv.key).to_string()),
                     None => return,
                 },
             };

@@ -705,6 +705,18 @@ impl Compiler {
         (self.classes.len(), self.rulesets.len(), self.rules.len())
     }
 
+    /// Local endpoints closed in a direction because their rules did not fit (until a
+    /// [`Self::retry_plan`] applies cleanly).
+    pub fn failed_endpoints(&self) -> usize {
+        self.endpoints
+            .values()
+            .filter(|ep| {
+                let st = close_failed(self.endpoint_state(ep), &self.failed_rulesets);
+                st.flags & (POLICY_F_INGRESS_FAILED | POLICY_F_EGRESS_FAILED) != 0
+            })
+            .count()
+    }
+
     // ---- events -------------------------------------------------------------------------
 
     /// A pod was added or changed (labels, address, node, named ports).

@@ -260,18 +260,9 @@ impl EmulatedMaps {
 
 /// The policy state the CNI plugin writes for a new endpoint, given a lookup of the namespace
 /// defaults map (the all-zero key is the agent's synced marker).
+/// (`weft_common::policy::new_endpoint_state`, which the plugin calls).
 pub fn new_endpoint_state(lookup: impl Fn(&str) -> Option<u32>, namespace: &str) -> PolicyEndpoint {
-    let synced = lookup("").is_some_and(|f| f & POLICY_NS_F_SYNCED != 0);
-    let isolation = if synced {
-        lookup(namespace).unwrap_or(0) & (POLICY_F_INGRESS_ISOLATED | POLICY_F_EGRESS_ISOLATED)
-    } else {
-        POLICY_F_INGRESS_ISOLATED | POLICY_F_EGRESS_ISOLATED
-    };
-    PolicyEndpoint {
-        ingress_ruleset: POLICY_RULESET_DENY,
-        egress_ruleset: POLICY_RULESET_DENY,
-        flags: isolation | POLICY_F_PENDING,
-    }
+    weft_common::policy::new_endpoint_state(lookup(""), lookup(namespace))
 }
 
 /// Every node of a cluster, each with its own compiler and emulated maps: the whole datapath's

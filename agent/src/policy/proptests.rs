@@ -672,6 +672,11 @@ fn full_rule_map_fails_closed_and_names_the_endpoint() {
         report.failed_endpoints,
         [(dst, Direction::Ingress, "WEFT_POLICY_RULES")]
     );
+    assert_eq!(c.failed_endpoints(), 1);
+    // A later change about something else applies cleanly: the endpoint stays closed.
+    let other = c.upsert_namespace("elsewhere", Default::default());
+    assert!(c.apply(&other, &mut maps).is_clean());
+    assert_eq!(c.failed_endpoints(), 1);
     // Closed: even the sources whose entries fit are denied now.
     for i in 1..50u32 {
         let src = Ipv4Addr::from(u32::from(dst) + i);
@@ -681,6 +686,7 @@ fn full_rule_map_fails_closed_and_names_the_endpoint() {
     maps.caps = Capacities::default();
     let retry = c.retry_plan();
     assert!(c.apply(&retry, &mut maps).is_clean());
+    assert_eq!(c.failed_endpoints(), 0);
     for i in 1..50u32 {
         let src = Ipv4Addr::from(u32::from(dst) + i);
         assert!(maps.ingress(dst, src, 6, 1000 + i as u16), "source {src}");

@@ -11,7 +11,10 @@ use anyhow::Context as _;
 use ipnet::Ipv4Net;
 use serde::Serialize;
 use serde_json::Value;
-use weft_common::{CONFIG_F_READY, EP_F_STACK_ONLY, EndpointInfo};
+use weft_common::{
+    CONFIG_F_READY, EP_F_STACK_ONLY, EndpointInfo,
+    policy::{PolicyPodName, new_endpoint_state},
+};
 
 use super::{
     Log,
@@ -138,6 +141,7 @@ fn ipam_error(e: IpamError) -> CniError {
             format!("{e}: delete unused pods or give the node a larger subnet"),
         ),
         IpamError::LockTimeout { .. } => CniError::new(code::TRY_AGAIN_LATER, e.to_string()),
+        IpamError::Unavailable { .. } => CniError::new(code::ADDRESS_UNAVAILABLE, e.to_string()),
         IpamError::Store { .. } | IpamError::Corrupt { .. } => {
             CniError::new(code::IPAM_STORE, format!("{e:#}"))
         }
@@ -158,10 +162,15 @@ struct Undo {
     link: Option<String>,
     endpoint: Option<Ipv4Addr>,
     attached: Option<(PathBuf, String)>,
+    /// The policy state and name written for this address.
+    policy: Option<Ipv4Addr>,
 }
 
 impl Undo {
     fn run(self, maps: &mut Maps, log: &Log) {
+        if let Some(ip) = self.policy {
+            forget_policy(maps, ip, log);
+        }
         if let Some((root, dev)) = self.attached
             && let Err(e) = datapath::detach_pinned_pod(&root, &dev)
         {
@@ -327,17 +336,27 @@ impl Wiring<'_> {
     fn wire(&self, maps: &mut Maps, undo: &mut Undo, log: &Log) -> CniResult<Ipv4Addr> {
         let env = self.env;
         let ipam = Ipam::new(&self.conf.data_dir, &self.conf.name);
+        let args = env.cni_args()?;
         let (ip, new) = {
             let mut locked = ipam.lock(LOCK_TIMEOUT).map_err(ipam_error)?;
-            let got = locked
-                .allocate(
+            let reserved = [self.subnet.gateway()];
+            let got = match args.ip.or(self.conf.requested_ip) {
+                Some(want) => locked.allocate_requested(
                     self.subnet.subnet,
-                    &[self.subnet.gateway()],
+                    &reserved,
+                    want,
                     &env.container_id,
                     &env.ifname,
-                )
-                .map_err(ipam_error)?;
-            let named = locked.set_pod(&env.container_id, &env.ifname, pod_name(&env.args));
+                ),
+                None => locked.allocate(
+                    self.subnet.subnet,
+                    &reserved,
+                    &env.container_id,
+                    &env.ifname,
+                ),
+            }
+            .map_err(ipam_error)?;
+            let named = locked.set_pod(&env.container_id, &env.ifname, args.pod());
             if got.1 || named {
                 locked.commit().map_err(ipam_error)?;
             }
@@ -346,6 +365,11 @@ impl Wiring<'_> {
         log.line(&format!("address {ip} (new: {new})"));
         if new {
             undo.release = Some((ipam, env.container_id.clone(), env.ifname.clone()));
+        }
+        // Isolation before the pod has a route or an endpoint: nothing reaches it or leaves it
+        // before its policy state is in place.
+        if isolate(maps, ip, &args)? {
+            undo.policy = Some(ip);
         }
         let host = self.names.host_ifname.clone();
         // The node's side of the wiring goes through one connection (this thread, the node's
@@ -464,6 +488,50 @@ impl Wiring<'_> {
     }
 }
 
+/// NetworkPolicy for a new pod, before it has a route: its namespace and name (from the
+/// runtime's `K8S_POD_NAMESPACE` and `K8S_POD_NAME`) and the isolation its namespace's
+/// policies give a new pod (both ways before the agent's first sync), allowing nothing until
+/// the agent compiles it: allows may lag, isolation may not. A repeated ADD of the same pod
+/// keeps the state the agent wrote. Returns whether it wrote a new state.
+fn isolate(maps: &mut Maps, ip: Ipv4Addr, args: &super::spec::CniArgs) -> CniResult<bool> {
+    let datapath_err =
+        |what: &str, e: anyhow::Error| CniError::with_cause(code::DATAPATH, what.to_string(), &e);
+    let namespace = args.pod_namespace.as_deref().unwrap_or("");
+    let name = PolicyPodName::new(namespace, args.pod_name.as_deref().unwrap_or(""));
+    let known = maps
+        .policy_pod_name(ip)
+        .map_err(|e| datapath_err("reading the pod name map", e))?;
+    let state = maps
+        .policy_endpoint(ip)
+        .map_err(|e| datapath_err("reading the policy endpoint map", e))?;
+    if known == Some(name) && state.is_some() {
+        return Ok(false);
+    }
+    let lookup = |ns: &str| maps.policy_ns_default(ns);
+    let marker = lookup("").map_err(|e| datapath_err("reading the namespace defaults", e))?;
+    let ns_flags =
+        lookup(namespace).map_err(|e| datapath_err("reading the namespace defaults", e))?;
+    let state = new_endpoint_state(marker, ns_flags);
+    maps.put_policy_pod_name(ip, Some(&name))
+        .map_err(|e| datapath_err(&format!("recording the name of {ip}"), e.into()))?;
+    maps.put_policy_endpoint(ip, Some(&state))
+        .map_err(|e| datapath_err(&format!("writing the policy state of {ip}"), e.into()))?;
+    Ok(true)
+}
+
+/// Removes a pod's policy state, name and drop counters (every step tolerates absence).
+fn forget_policy(maps: &mut Maps, ip: Ipv4Addr, log: &Log) {
+    if let Err(e) = maps.put_policy_endpoint(ip, None) {
+        log.line(&format!("removing the policy state of {ip}: {e:#}"));
+    }
+    if let Err(e) = maps.put_policy_pod_name(ip, None) {
+        log.line(&format!("removing the name of {ip}: {e:#}"));
+    }
+    if let Err(e) = maps.remove_policy_drops(ip) {
+        log.line(&format!("removing the policy counters of {ip}: {e:#}"));
+    }
+}
+
 /// Sets `net.ipv6.conf.<dev>.<key>` in the calling thread's network namespace; nothing to do
 /// on a kernel without IPv6.
 fn ipv6_sysctl(dev: &str, key: &str, value: &str) -> anyhow::Result<()> {
@@ -477,23 +545,6 @@ fn ipv6_sysctl(dev: &str, key: &str, value: &str) -> anyhow::Result<()> {
 /// The endpoint's `EP_F_*` flags: a pod the runtime asks to shape (`runtimeConfig.bandwidth`,
 /// for the `bandwidth` plugin chained after weft) takes the host stack both ways, where the
 /// plugin's qdiscs are.
-/// `namespace/name` of the pod from `CNI_ARGS` (`K8S_POD_NAMESPACE=..;K8S_POD_NAME=..`), as
-/// the kubelet's runtimes pass them.
-fn pod_name(args: &str) -> Option<String> {
-    let get = |key: &str| {
-        args.split(';')
-            .filter_map(|kv| kv.split_once('='))
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| v)
-            .filter(|v| !v.is_empty())
-    };
-    Some(format!(
-        "{}/{}",
-        get("K8S_POD_NAMESPACE")?,
-        get("K8S_POD_NAME")?
-    ))
-}
-
 fn endpoint_flags(conf: &NetworkConfig) -> u32 {
     if conf.bandwidth { EP_F_STACK_ONLY } else { 0 }
 }
@@ -534,6 +585,7 @@ fn teardown(
             if present && let Err(e) = maps.remove_endpoint(ip) {
                 log.line(&format!("removing endpoint {ip}: {e:#}"));
             }
+            forget_policy(maps, ip, log);
         }
     }
     // The device first: its removal detaches the program as part of the device's own
@@ -847,6 +899,13 @@ pub fn gc(conf: &NetworkConfig, log: &Log) -> CniResult<()> {
                 let _ = maps.remove_endpoint(ip);
             }
         }
+        for (ip, _) in maps.policy_pod_names().unwrap_or_default() {
+            let ours = subnet.as_ref().is_some_and(|s| s.subnet.contains(&ip));
+            if ours && !live_ips.contains(&ip) {
+                log.line(&format!("GC: removing the orphan policy state of {ip}"));
+                forget_policy(maps, ip, log);
+            }
+        }
     }
     let links = BlockingNetlink::open()
         .and_then(|nl| nl.block_on(nl.links()))
@@ -890,21 +949,4 @@ pub fn status(conf: &NetworkConfig) -> CniResult<()> {
             )
         })?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::pod_name;
-
-    #[test]
-    fn pod_name_comes_from_the_runtime_args() {
-        assert_eq!(
-            pod_name("IgnoreUnknown=1;K8S_POD_NAMESPACE=prod;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=abc")
-                .as_deref(),
-            Some("prod/web-0")
-        );
-        assert_eq!(pod_name(""), None);
-        assert_eq!(pod_name("K8S_POD_NAME=web-0"), None, "no namespace");
-        assert_eq!(pod_name("K8S_POD_NAMESPACE=prod;K8S_POD_NAME="), None);
-    }
 }

@@ -25,6 +25,9 @@ pub mod code {
     pub const IPAM_STORE: u32 = 103;
     /// weft: CHECK found the pod's network differs from what ADD set up.
     pub const CHECK_MISMATCH: u32 = 104;
+    /// The address the runtime asked for (`CNI_ARGS` `IP=`, `runtimeConfig.ips`) is outside the
+    /// node's subnet or held by another attachment.
+    pub const ADDRESS_UNAVAILABLE: u32 = 105;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -106,6 +106,55 @@ impl Env {
     }
 }
 
+/// What weft reads from `CNI_ARGS` (`K=V` pairs separated by `;`, as the reference plugins
+/// parse it; unknown keys are ignored, as `IgnoreUnknown` asks).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CniArgs {
+    /// `K8S_POD_NAMESPACE`: the pod's namespace (its NetworkPolicy isolation at ADD).
+    pub pod_namespace: Option<String>,
+    /// `K8S_POD_NAME`.
+    pub pod_name: Option<String>,
+    /// `IP`: the address asked for (host-local's `IP=`).
+    pub ip: Option<std::net::Ipv4Addr>,
+}
+
+impl CniArgs {
+    /// `namespace/name` of the pod (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`, as the kubelet's
+    /// runtimes pass them), when the runtime gave both: `weft monitor` names endpoints with it.
+    pub fn pod(&self) -> Option<String> {
+        Some(format!(
+            "{}/{}",
+            self.pod_namespace.as_deref()?,
+            self.pod_name.as_deref()?
+        ))
+    }
+}
+
+impl Env {
+    /// The parsed `CNI_ARGS`; a malformed `IP` is refused (code 7, naming it).
+    pub fn cni_args(&self) -> CniResult<CniArgs> {
+        let mut out = CniArgs::default();
+        for pair in self.args.split(';').filter(|p| !p.is_empty()) {
+            let Some((k, v)) = pair.split_once('=') else {
+                return Err(CniError::invalid_env(format!(
+                    "CNI_ARGS: {pair:?} is not KEY=VALUE"
+                )));
+            };
+            match k {
+                "K8S_POD_NAMESPACE" if !v.is_empty() => out.pod_namespace = Some(v.to_string()),
+                "K8S_POD_NAME" if !v.is_empty() => out.pod_name = Some(v.to_string()),
+                "IP" => {
+                    out.ip = Some(v.parse().map_err(|_| {
+                        CniError::invalid_env(format!("CNI_ARGS: IP={v:?} is not an IPv4 address"))
+                    })?)
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// The spec's container id rule: alphanumeric first, then alphanumerics, `_`, `.`, `-`.
 fn validate_container_id(id: &str) -> CniResult<()> {
     let mut chars = id.chars();
@@ -159,6 +208,8 @@ pub struct NetworkConfig {
     /// `bandwidth` capability): the `bandwidth` plugin chained after weft shapes the pod, so its
     /// traffic must pass the qdiscs that plugin installs.
     pub bandwidth: bool,
+    /// The address the runtime asks for (`runtimeConfig.ips`, the `ips` capability).
+    pub requested_ip: Option<std::net::Ipv4Addr>,
 }
 
 /// The configuration on stdin as written (fields weft does not use are ignored). Public only so
@@ -185,6 +236,8 @@ pub struct RawConfig {
 #[derive(Debug, Deserialize)]
 struct RuntimeConfig {
     bandwidth: Option<BandwidthLimits>,
+    /// The `ips` capability (as the reference plugins read it): the addresses asked for.
+    ips: Option<Vec<String>>,
 }
 
 /// `runtimeConfig.bandwidth`, as the `bandwidth` plugin reads it (bits per second; 0: none).
@@ -307,6 +360,26 @@ impl NetworkConfig {
             .as_ref()
             .and_then(|r| r.bandwidth.as_ref())
             .is_some_and(|b| b.ingress_rate.unwrap_or(0) > 0 || b.egress_rate.unwrap_or(0) > 0);
+        let mut requested_ip = None;
+        for ip in raw
+            .runtime_config
+            .as_ref()
+            .and_then(|r| r.ips.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            let addr = ip.split('/').next().unwrap_or("");
+            match addr.parse::<std::net::Ipv4Addr>() {
+                Ok(a) => requested_ip = requested_ip.or(Some(a)),
+                // IPv6 entries are for another plugin of a dual-stack chain.
+                Err(_) if addr.parse::<std::net::Ipv6Addr>().is_ok() => {}
+                Err(_) => {
+                    return Err(CniError::invalid_config(format!(
+                        "field `runtimeConfig.ips`: {ip:?} is not an IP address"
+                    )));
+                }
+            }
+        }
         Ok(Self {
             cni_version,
             name,
@@ -319,6 +392,7 @@ impl NetworkConfig {
             prev_result: raw.prev_result.map(Value::Object),
             valid_attachments: raw.valid_attachments,
             bandwidth,
+            requested_ip,
         })
     }
 }
@@ -431,5 +505,28 @@ mod tests {
                 .msg
                 .contains("CNI_CONTAINERID")
         );
+    }
+
+    #[test]
+    fn pod_name_comes_from_the_runtime_args() {
+        let args = |a: &str| {
+            Env {
+                command: Command::Add,
+                container_id: "c".into(),
+                netns: None,
+                ifname: "eth0".into(),
+                args: a.into(),
+            }
+            .cni_args()
+            .unwrap()
+        };
+        let a = args(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=prod;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=abc",
+        );
+        assert_eq!(a.pod().as_deref(), Some("prod/web-0"));
+        assert_eq!(a.pod_namespace.as_deref(), Some("prod"));
+        assert_eq!(args("").pod(), None);
+        assert_eq!(args("K8S_POD_NAME=web-0").pod(), None, "no namespace");
+        assert_eq!(args("K8S_POD_NAMESPACE=prod;K8S_POD_NAME=").pod(), None);
     }
 }
