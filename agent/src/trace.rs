@@ -405,6 +405,100 @@ fn run(
     Ok((step, out.verdict, data))
 }
 
+/// The NetworkPolicy lookups the programs make for a new flow `src → dst`, read from the live
+/// policy maps with the compiler's emulation of the datapath's probes, and the verdict they
+/// give. `local` says which addresses are pods of this node (the only ones judged here); a
+/// local pod without policy state is denied both ways, as the programs do. `egress`: whether
+/// the source's egress is judged at this hook (at `from_pod` a Service address is judged by
+/// its backend, after the host stack's translation).
+fn policy_lookups(
+    live: &Maps,
+    (src, dst, proto, port): (Ipv4Addr, Ipv4Addr, u8, u16),
+    local: impl Fn(Ipv4Addr) -> bool,
+    egress: bool,
+) -> Result<Vec<String>> {
+    use weft_common::policy::{
+        POLICY_CLASS_HOST, POLICY_CLASS_NONE, POLICY_DIR_EGRESS, POLICY_DIR_INGRESS,
+        POLICY_F_EGRESS_ISOLATED, POLICY_F_INGRESS_ISOLATED,
+    };
+    let snap = crate::netpol::maps::snapshot(live, crate::netpol::maps::capacities(live)?)?;
+    let revision = live.policy_config()?.revision;
+    let class_name = |c: u32| match c {
+        POLICY_CLASS_NONE => "none (no policy peer selects it)".to_string(),
+        POLICY_CLASS_HOST => "host (always allowed)".to_string(),
+        c => format!("{c}"),
+    };
+    let port_text = if port == 0 {
+        String::new()
+    } else {
+        format!(" port {port}")
+    };
+    let mut out = Vec::new();
+    let mut denied = None;
+    let judged = [
+        (src, dst, POLICY_DIR_EGRESS, "egress", egress),
+        (dst, src, POLICY_DIR_INGRESS, "ingress", true),
+    ];
+    for (endpoint, remote, dir, name, judge) in judged {
+        if !local(endpoint) || endpoint == remote {
+            continue;
+        }
+        if !judge {
+            out.push(format!(
+                "policy {name} of {endpoint}: {remote} is a Service address: judged by its                  backend after the host stack's translation"
+            ));
+            continue;
+        }
+        let (flag, allowed) = if dir == POLICY_DIR_INGRESS {
+            (
+                POLICY_F_INGRESS_ISOLATED,
+                snap.ingress(endpoint, remote, proto, port),
+            )
+        } else {
+            (
+                POLICY_F_EGRESS_ISOLATED,
+                snap.egress(endpoint, remote, proto, port),
+            )
+        };
+        let line = match snap.endpoints.get(&endpoint) {
+            None => format!(
+                "policy_endpoints[{endpoint}]: none: a pod without policy state is isolated                  both ways: {name} denied"
+            ),
+            Some(st) if st.flags & flag == 0 => {
+                format!("policy_endpoints[{endpoint}]: {name} not isolated: allowed")
+            }
+            Some(st) => {
+                let ruleset = if dir == POLICY_DIR_INGRESS {
+                    st.ingress_ruleset
+                } else {
+                    st.egress_ruleset
+                };
+                format!(
+                    "policy_endpoints[{endpoint}]: {name} isolated (rule set {ruleset}); class of                      {remote}: {}; rules for {}{port_text}: {}",
+                    class_name(snap.class_of(remote)),
+                    crate::monitor::protocol_name(proto),
+                    if allowed { "allowed" } else { "denied" }
+                )
+            }
+        };
+        out.push(line);
+        if !allowed && denied.is_none() {
+            denied = Some(format!("{name} of {endpoint}"));
+        }
+    }
+    if out.is_empty() {
+        return Ok(out);
+    }
+    out.push(match denied {
+        None => format!("policy verdict (revision {revision}): a new flow is allowed"),
+        Some(by) => format!(
+            "policy verdict (revision {revision}): a new flow is denied by the {by}              (drop reason policy_denied_{})",
+            by.split(' ').next().unwrap_or_default()
+        ),
+    });
+    Ok(out)
+}
+
 fn new_step(hook: Hook, node: Option<Ipv4Addr>, interface: String) -> Step {
     Step {
         hook: hook.name(),
@@ -573,6 +667,16 @@ pub fn trace(pin_root: &Path, req: &Request) -> Result<Report> {
     for (k, e) in &live_ct {
         step.lookups.push(format!("conntrack: {}", ct_line(k, e)));
     }
+    let service = live
+        .policy_config()
+        .is_ok_and(|c| c.is_service(dst.octets()));
+    let egress_here = !(endpoint(dst).is_none() && route_of(dst).is_none() && service);
+    step.lookups.extend(policy_lookups(
+        &live,
+        (src, dst, req.proto.number(), dport.unwrap_or(0)),
+        |ip| endpoint(ip).is_some(),
+        egress_here,
+    )?);
     let (mut step, verdict, out) = run(
         &mut dp,
         Hook::FromPod,
@@ -682,6 +786,13 @@ fn underlay_steps(
             ),
             None => format!("endpoints[{dst}]: none on node {node_ip}"),
         });
+    let local_pods = live.endpoints()?;
+    tc.lookups.extend(policy_lookups(
+        &live,
+        (src, dst, proto.number(), report.dport.unwrap_or(0)),
+        |ip| local_pods.iter().any(|(a, _)| *a == ip),
+        true,
+    )?);
     let (mut tc, tv, _) = run(&mut dp, Hook::FromUnderlay, frame, 0, cfg.vxlan_port, tc)?;
     let delivered = tc.counters.contains_key(Stat::UnderlayDelivered.name());
     tc.action = if tc.drop_reason.is_some() {
