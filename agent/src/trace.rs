@@ -445,7 +445,8 @@ fn policy_lookups(
         }
         if !judge {
             out.push(format!(
-                "policy {name} of {endpoint}: {remote} is a Service address: judged by its                  backend after the host stack's translation"
+                "policy {name} of {endpoint}: {remote} is a Service address: judged by its \
+                 backend after the host stack's translation"
             ));
             continue;
         }
@@ -462,7 +463,8 @@ fn policy_lookups(
         };
         let line = match snap.endpoints.get(&endpoint) {
             None => format!(
-                "policy_endpoints[{endpoint}]: none: a pod without policy state is isolated                  both ways: {name} denied"
+                "policy_endpoints[{endpoint}]: none: a pod without policy state is isolated \
+                 both ways: {name} denied"
             ),
             Some(st) if st.flags & flag == 0 => {
                 format!("policy_endpoints[{endpoint}]: {name} not isolated: allowed")
@@ -474,7 +476,8 @@ fn policy_lookups(
                     st.egress_ruleset
                 };
                 format!(
-                    "policy_endpoints[{endpoint}]: {name} isolated (rule set {ruleset}); class of                      {remote}: {}; rules for {}{port_text}: {}",
+                    "policy_endpoints[{endpoint}]: {name} isolated (rule set {ruleset}); class of \
+                     {remote}: {}; rules for {}{port_text}: {}",
                     class_name(snap.class_of(remote)),
                     crate::monitor::protocol_name(proto),
                     if allowed { "allowed" } else { "denied" }
@@ -492,7 +495,8 @@ fn policy_lookups(
     out.push(match denied {
         None => format!("policy verdict (revision {revision}): a new flow is allowed"),
         Some(by) => format!(
-            "policy verdict (revision {revision}): a new flow is denied by the {by}              (drop reason policy_denied_{})",
+            "policy verdict (revision {revision}): a new flow is denied by the {by} \
+             (drop reason policy_denied_{})",
             by.split(' ').next().unwrap_or_default()
         ),
     });

@@ -3,6 +3,7 @@
 //! after the monitor is SIGKILLed; the in-kernel budget caps a flood.
 use std::{
     io::{BufRead as _, BufReader},
+    net::Ipv4Addr,
     path::Path,
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -12,7 +13,11 @@ use std::{
 use aya::maps::{Map, MapData, RingBuf};
 use serde_json::Value;
 use weft_agent::datapath::pin_dir;
-use weft_common::{map_names, prog_names};
+use weft_common::{
+    map_names,
+    policy::{POLICY_F_INGRESS_ISOLATED, PolicyEndpoint},
+    prog_names,
+};
 use weft_tests::{
     cluster::binary, injection_node::*, netns::unique_name, packets::*, pins::PinDir,
     testrun::run_tc, testrun::run_xdp,
@@ -288,6 +293,37 @@ fn monitor_reports_drops_filters_stops_without_listener_and_keeps_its_budget() {
         assert_eq!(ev["hook"], "from_pod");
         assert_eq!(ev["dst_pod"], "default/pod-two");
         mon.stop();
+
+        // A NetworkPolicy denial is a drop event with its reason: pod-two isolated for
+        // ingress with no rule; a new flow into it from pod-one.
+        let mon = Monitor::start(&node, pins, ipam, &["--reason", "policy_denied_ingress"]);
+        let isolated = PolicyEndpoint {
+            flags: POLICY_F_INGRESS_ISOLATED,
+            ..PolicyEndpoint::OPEN
+        };
+        node.dp
+            .maps
+            .put_policy_endpoint(Ipv4Addr::from(POD2_IP), Some(&isolated))
+            .unwrap();
+        let denied = tcp_frame(POD1_MAC, [0xee; 6], POD1_IP, POD2_IP, 1001, 2001, b"");
+        assert_eq!(
+            from_pod(&mut node, &denied, 1),
+            2,
+            "denied by pod-two's ingress"
+        );
+        let ev = mon.next().expect("the policy denial's drop event");
+        assert_eq!(ev["type"], "drop");
+        assert_eq!(ev["hook"], "from_pod");
+        assert_eq!(ev["reason"], "policy_denied_ingress");
+        assert_eq!(ev["src_pod"], "default/pod-one");
+        assert_eq!(ev["dst_pod"], "default/pod-two");
+        assert_eq!(ev["dport"], 2001);
+        mon.assert_quiet();
+        mon.stop();
+        node.dp
+            .maps
+            .put_policy_endpoint(Ipv4Addr::from(POD2_IP), Some(&PolicyEndpoint::OPEN))
+            .unwrap();
 
         // SIGKILL: the kernel closes the monitor's socket, empties the sockmap slot, and the
         // datapath stops emitting (and clears the flags) at its next event.

@@ -5,7 +5,10 @@ use std::{net::Ipv4Addr, path::Path, process::Command};
 
 use serde_json::Value;
 use weft_agent::datapath::{Datapath, LoadOptions, Maps};
-use weft_common::{CONFIG_F_READY, EndpointInfo, NodeConfig, NodeInfo, RouteInfo, RouteMode};
+use weft_common::{
+    CONFIG_F_READY, EndpointInfo, NodeConfig, NodeInfo, RouteInfo, RouteMode,
+    policy::{POLICY_F_INGRESS_ISOLATED, PolicyEndpoint},
+};
 use weft_tests::{cluster::binary, injection_node::*, netns::unique_name, pins::PinDir};
 
 fn trace(pins: &Path, ipam: &Path, args: &[&str]) -> Value {
@@ -74,6 +77,10 @@ fn peer_node(root: &Path, pod_ifindex: u32) -> Datapath {
                 flags: 0,
             },
         )
+        .unwrap();
+    // As an agent with no policy does: its pod is not isolated.
+    dp.maps
+        .put_policy_endpoint(Ipv4Addr::from(REMOTE_VXLAN_IP), Some(&PolicyEndpoint::OPEN))
         .unwrap();
     dp.maps
         .upsert_route(
@@ -153,6 +160,11 @@ fn trace_explains_local_encapsulated_and_spoofed_packets_without_changing_state(
         assert!(lookups.contains("source check passes"), "{lookups}");
         assert!(lookups.contains("local pod default/pod-two"), "{lookups}");
         assert!(lookups.contains("a new flow"), "{lookups}");
+        assert!(
+            lookups.contains("policy_endpoints[10.244.1.3]: ingress not isolated: allowed")
+                && lookups.contains("policy verdict (revision 0): a new flow is allowed"),
+            "{lookups}"
+        );
         assert!(
             s["state"]
                 .to_string()
@@ -238,6 +250,12 @@ fn trace_explains_local_encapsulated_and_spoofed_packets_without_changing_state(
         assert_eq!(t["hook"], "from_underlay");
         assert_eq!(t["verdict"], "TC_ACT_REDIRECT");
         assert_eq!(counter(t, "underlay_delivered"), 1, "{t}");
+        assert!(
+            t["lookups"].to_string().contains(
+                "policy_endpoints[10.244.2.7]: ingress not isolated: allowed"
+            ),
+            "the peer's policy, judged on the peer: {t}"
+        );
         assert!(
             t["action"]
                 .as_str()
@@ -338,6 +356,41 @@ fn trace_explains_local_encapsulated_and_spoofed_packets_without_changing_state(
 
         // Nothing changed on either node: counters, conntrack, caches, config.
         assert_eq!((state(&node.dp.maps), state(&peer.maps)), before);
+
+        // NetworkPolicy: pod-two isolated for ingress with a rule set allowing nothing; the
+        // trace judges against the live policy maps and the program drops the SYN.
+        let mut node = node;
+        let isolated = PolicyEndpoint {
+            flags: POLICY_F_INGRESS_ISOLATED,
+            ..PolicyEndpoint::OPEN
+        };
+        node.dp
+            .maps
+            .put_policy_endpoint(Ipv4Addr::from(POD2_IP), Some(&isolated))
+            .unwrap();
+        let before = state(&node.dp.maps);
+        let r = trace(
+            &root,
+            &ipam_dir,
+            &["--from", "pod-one", "--to", "pod-two", "--port", "8080"],
+        );
+        let s = &r["steps"][0];
+        assert_eq!(s["verdict"], "TC_ACT_SHOT", "{s}");
+        assert_eq!(s["drop_reason"], "policy_denied_ingress", "{s}");
+        let lookups = s["lookups"].to_string();
+        for want in [
+            "policy_endpoints[10.244.1.2]: egress not isolated: allowed",
+            "policy_endpoints[10.244.1.3]: ingress isolated (rule set",
+            "rules for tcp port 8080: denied",
+            "a new flow is denied by the ingress of 10.244.1.3 (drop reason policy_denied_ingress)",
+        ] {
+            assert!(lookups.contains(want), "{want:?} missing from {lookups}");
+        }
+        assert_eq!(
+            state(&node.dp.maps),
+            before,
+            "the denial was counted in the trace's instance only"
+        );
         drop(peer);
     });
     drop(ns);
