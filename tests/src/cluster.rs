@@ -847,7 +847,15 @@ pub fn cni(
     netns: &str,
     conf: &serde_json::Value,
 ) -> serde_json::Value {
-    cni_with_args(node, command, container_id, netns, conf, "")
+    // As the kubelet's runtimes pass them: the pod is named after its network namespace.
+    let args = format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={container_id}",
+        Path::new(netns)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    cni_with_args(node, command, container_id, netns, conf, &args)
 }
 
 /// [`cni`] with `CNI_ARGS` (e.g. `K8S_POD_NAMESPACE=x;K8S_POD_NAME=a;IP=10.244.1.2`).
@@ -870,17 +878,6 @@ pub fn cni_with_args(
         .env("CNI_IFNAME", "eth0")
         .env("CNI_ARGS", args)
         .env("CNI_PATH", &node.bin_dir)
-        // As the kubelet's runtimes pass them: the pod is named after its namespace.
-        .env(
-            "CNI_ARGS",
-            format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={container_id}",
-                Path::new(netns)
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            ),
-        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
