@@ -8,7 +8,7 @@
 use std::{
     io::Write,
     net::{Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -847,15 +847,7 @@ pub fn cni(
     netns: &str,
     conf: &serde_json::Value,
 ) -> serde_json::Value {
-    // As the kubelet's runtimes pass them: the pod is named after its network namespace.
-    let args = format!(
-        "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={container_id}",
-        Path::new(netns)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    );
-    cni_with_args(node, command, container_id, netns, conf, &args)
+    cni_with_args(node, command, container_id, netns, conf, "")
 }
 
 /// [`cni`] with `CNI_ARGS` (e.g. `K8S_POD_NAMESPACE=x;K8S_POD_NAME=a;IP=10.244.1.2`).

@@ -122,10 +122,11 @@ fn assert_endpoint_counters_and_dashboard_metrics(cluster: &Cluster) {
 
 /// `weft monitor` on a node of a real cluster reports a pod sending from an address that is not
 /// its own, naming the pod as the runtime named it (CNI_ARGS).
-fn monitor_names_a_spoofing_pod(cluster: &Cluster) {
+fn monitor_names_a_spoofing_pod(cluster: &mut Cluster) {
     use std::io::Read as _;
+    let (index, _) = cluster.add_named_pod(0, "default", "spoofer", None);
     let node = &cluster.nodes[0];
-    let pod = &node.pods[0];
+    let pod = &node.pods[index];
     let target = cluster.nodes[1].pods[0].ip;
     let mut monitor = std::process::Command::new("nsenter")
         .arg(format!("--net={}", node.ns.path()))
@@ -178,10 +179,10 @@ fn monitor_names_a_spoofing_pod(cluster: &Cluster) {
         });
     monitor.wait().unwrap();
     let ev: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    let pod_name = format!("default/{}", pod.ns.name);
+    let pod_name = "default/spoofer";
     assert_eq!(ev["reason"], "spoofed_ip", "{ev}");
     assert_eq!(ev["hook"], "from_pod");
-    assert_eq!(ev["endpoint"], pod_name.as_str(), "{ev}");
+    assert_eq!(ev["endpoint"], pod_name, "{ev}");
     assert_eq!(ev["src"], spoofed.to_string());
     assert_eq!(ev["dst"], target.to_string());
     assert_eq!(ev["protocol"], "icmp");
@@ -191,7 +192,7 @@ fn monitor_names_a_spoofing_pod(cluster: &Cluster) {
 
 #[test]
 fn vxlan_cluster_full_connectivity() {
-    let cluster = cluster_with_pods(ClusterOptions::default(), 2);
+    let mut cluster = cluster_with_pods(ClusterOptions::default(), 2);
     let probes = cluster.assert_full_matrix();
     // TCP and UDP too, for every pair the ICMP matrix covers (but pod -> node).
     assert_eq!(cluster.assert_tcp_udp_matrix(), 6 * 5 + 3 * 6);
@@ -209,7 +210,7 @@ fn vxlan_cluster_full_connectivity() {
         );
     }
     // Last: it makes a drop.
-    monitor_names_a_spoofing_pod(&cluster);
+    monitor_names_a_spoofing_pod(&mut cluster);
 }
 
 #[test]
