@@ -61,6 +61,11 @@ pub mod map_names {
     pub const MONITOR_RATE: &str = "WEFT_MONITOR_RATE";
     /// `weft monitor`: the event ring buffer.
     pub const EVENTS: &str = "WEFT_EVENTS";
+    /// The tunnel key `from_vxlan` takes when the packet carries none: written only by test
+    /// and trace instances (BPF_PROG_TEST_RUN cannot attach tunnel metadata to a packet).
+    /// Never pinned, so never shared: the live instance's stays empty, and there a packet
+    /// without the kernel's metadata is dropped.
+    pub const TRACE_TUNNEL: &str = "WEFT_TRACE_TUNNEL";
     /// Every map the datapath declares.
     pub const ALL: [&str; 23] = [
         CONFIG,
@@ -122,8 +127,11 @@ pub mod prog_names {
     pub const FROM_HOST: &str = "from_host";
     /// tc egress on the host side of a pod's veth: what the host stack delivers into a pod.
     pub const TO_POD: &str = "to_pod";
+    /// tc ingress on `weft_vxlan` (`VXLAN_DEV`): VXLAN the kernel's vxlan socket aggregated
+    /// (GRO) and decapsulated, delivered to pods.
+    pub const FROM_VXLAN: &str = "from_vxlan";
     /// Every tc program, in the order the agent loads them.
-    pub const TC: [&str; 4] = [FROM_POD, FROM_UNDERLAY, FROM_HOST, TO_POD];
+    pub const TC: [&str; 5] = [FROM_POD, FROM_UNDERLAY, FROM_HOST, TO_POD, FROM_VXLAN];
 }
 
 /// The veth pair through which the node's own traffic to pods on other nodes enters the
@@ -131,6 +139,12 @@ pub mod prog_names {
 /// ingress of `HOST_PEER_DEV`).
 pub const HOST_DEV: &str = "weft_host";
 pub const HOST_PEER_DEV: &str = "weft_net";
+
+/// The node's metadata-mode (`external`, collect_md) VXLAN device, as Cilium's `cilium_vxlan`:
+/// with the tc hook its UDP socket gives VXLAN the underlay's GRO (the kernel aggregates
+/// tunnel packets of one flow before decapsulating them), and `from_vxlan` on its ingress
+/// delivers the inner packets. Nothing is ever routed through it.
+pub const VXLAN_DEV: &str = "weft_vxlan";
 
 /// Every pod's gateway (Calico's link-local address): a permanent neighbour entry in the pod maps
 /// it to the host side of the pod's veth; the datapath answers ARP for it.
@@ -330,6 +344,21 @@ pub struct DecapMeta {
     pub peer: [u8; 4],
 }
 
+/// The tunnel key `from_vxlan` works with: the node a packet came from (the outer source) and
+/// its VNI, from the kernel's tunnel metadata. Also the value of `WEFT_TRACE_TUNNEL`, the key
+/// a test or trace instance supplies instead (`valid` != 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct TunnelKey {
+    /// Outer source address (network order).
+    pub peer: [u8; 4],
+    /// VNI (host order).
+    pub vni: u32,
+    /// Non-zero: set.
+    pub valid: u32,
+}
+
 /// `DecapMeta::magic`: decapsulated from `peer`; the inner source may be the peer itself.
 pub const DECAP_META_MAGIC: u32 = 0x5746_4443;
 /// `DecapMeta::magic`: decapsulated from `peer`, and the inner source is one of its pods (its
@@ -393,6 +422,11 @@ pub const CONFIG_F_READY: u16 = 1 << 0;
 /// through the host stack (routed access from outside the cluster, as BGP setups want).
 /// Off by default: only peers on the underlay may send plain frames to pods.
 pub const CONFIG_F_ACCEPT_ROUTED: u16 = 1 << 1;
+/// VXLAN addressed to this node goes to the kernel's vxlan socket (`VXLAN_DEV`, which
+/// decapsulates it after GRO, and `from_vxlan` delivers): `from_underlay` checks it and passes
+/// it on instead of decapsulating it itself. Set by the agent only while the device is up on
+/// the configured port with `from_vxlan` attached.
+pub const CONFIG_F_VXLAN_DEV: u16 = 1 << 2;
 
 /// Bits of `NodeConfig::flags` holding the [`DecapHook`] the agent chose (the datapath ignores
 /// them; `weft status` shows them).
@@ -464,6 +498,19 @@ impl DecapHook {
             Self::TcVeth => "veth: XDP would copy every frame and turn off TSO on the peer",
             Self::TcNoNativeXdp => "the driver has no native XDP (generic mode would copy)",
         }
+    }
+}
+
+/// Where VXLAN from other nodes is decapsulated, from a config's flags (`weft status`, the
+/// `vxlan` label of `weft_decap_hook`): `xdp` (the XDP hook), `weft_vxlan` (the tc hook through
+/// the kernel's vxlan socket on `VXLAN_DEV`: GRO before decapsulation), `tc` (the tc hook
+/// decapsulating on the underlay: the device could not be set up), `unknown` (not recorded).
+pub fn vxlan_decap(flags: u16) -> &'static str {
+    match DecapHook::of_flags(flags).hook() {
+        "xdp" => "xdp",
+        "tc" if flags & CONFIG_F_VXLAN_DEV != 0 => VXLAN_DEV,
+        "tc" => "tc",
+        _ => "unknown",
     }
 }
 
@@ -582,6 +629,12 @@ counter_enum! {
         /// NetworkPolicy: a new flow out of a pod that its egress policies do not allow (also a
         /// flow that a policy change denied, at its next packet).
         PolicyDeniedEgress => "policy_denied_egress",
+        /// A VXLAN packet decapsulated by the kernel's vxlan socket (`weft_vxlan`) carries
+        /// another VNI than the configured one.
+        VxlanVniMismatch => "vxlan_vni_mismatch",
+        /// A packet on `weft_vxlan`'s ingress without the tunnel metadata the kernel's vxlan
+        /// socket attaches (it did not come from the socket).
+        TunnelMetadataMissing => "tunnel_metadata_missing",
     }
 }
 
@@ -630,6 +683,9 @@ counter_enum! {
         /// An ICMP fragmentation-needed about one of this node's tunnel packets lowered the path
         /// MTU toward a peer.
         PathMtuLearned => "path_mtu_learned",
+        /// VXLAN aggregated (GRO) and decapsulated by the kernel's vxlan socket, taken by
+        /// `from_vxlan` on `weft_vxlan` (one count per aggregated packet).
+        VxlanDeviceDecap => "vxlan_device_decap",
     }
 }
 
@@ -643,6 +699,7 @@ const _: () = {
     assert!(core::mem::size_of::<NextHop>() == 32);
     assert!(core::mem::size_of::<PathMtu>() == 16);
     assert!(core::mem::size_of::<DecapMeta>() == 8);
+    assert!(core::mem::size_of::<TunnelKey>() == 12);
     assert!(core::mem::size_of::<FlowSlot>() == 40);
     assert!(core::mem::size_of::<conntrack::CtKey>() == 16);
     assert!(core::mem::size_of::<conntrack::CtEntry>() == 16);
@@ -675,6 +732,7 @@ aya_pod!(
     NextHop,
     PathMtu,
     DecapMeta,
+    TunnelKey,
     FlowSlot,
     conntrack::CtKey,
     conntrack::CtEntry,
@@ -712,5 +770,19 @@ mod decap_hook_tests {
         }
         assert_eq!(DecapHook::of_flags(CONFIG_F_READY), DecapHook::Unknown);
         assert_eq!(DecapHook::from_u8(0x0f), DecapHook::Unknown);
+    }
+
+    #[test]
+    fn vxlan_decap_names_where_vxlan_goes() {
+        let tc = DecapHook::TcVeth.flags();
+        assert_eq!(vxlan_decap(tc | CONFIG_F_VXLAN_DEV), VXLAN_DEV);
+        assert_eq!(vxlan_decap(tc), "tc");
+        // XDP decapsulates before the socket could, whatever the flag says.
+        assert_eq!(vxlan_decap(DecapHook::XdpNative.flags()), "xdp");
+        assert_eq!(
+            vxlan_decap(DecapHook::XdpGeneric.flags() | CONFIG_F_VXLAN_DEV),
+            "xdp"
+        );
+        assert_eq!(vxlan_decap(CONFIG_F_VXLAN_DEV), "unknown");
     }
 }

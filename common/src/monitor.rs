@@ -115,15 +115,17 @@ pub enum Hook {
     FromHost = 3,
     FromUnderlay = 4,
     XdpUnderlay = 5,
+    FromVxlan = 6,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 5] = [
+    pub const ALL: [Hook; 6] = [
         Hook::FromPod,
         Hook::ToPod,
         Hook::FromHost,
         Hook::FromUnderlay,
         Hook::XdpUnderlay,
+        Hook::FromVxlan,
     ];
 
     pub fn from_u8(v: u8) -> Option<Self> {
@@ -138,6 +140,7 @@ impl Hook {
             Hook::FromHost => crate::prog_names::FROM_HOST,
             Hook::FromUnderlay => crate::prog_names::FROM_UNDERLAY,
             Hook::XdpUnderlay => crate::prog_names::XDP_UNDERLAY,
+            Hook::FromVxlan => crate::prog_names::FROM_VXLAN,
         }
     }
 }

@@ -27,22 +27,44 @@ pub enum Tunnel {
     },
 }
 
-/// Drops a tunnel packet from `peer` for `reason`, unless `peer` is not a known node at all,
-/// which comes first.
+/// The reason to drop a tunnel packet from `peer` for `reason`, unless `peer` is not a known
+/// node at all, which comes first.
+#[inline(always)]
+pub fn refused(peer: [u8; 4], reason: DropReason) -> DropReason {
+    if route::node(peer).is_none() {
+        return DropReason::UnknownTunnelSource;
+    }
+    reason
+}
+
 #[inline(always)]
 fn refuse(peer: [u8; 4], reason: DropReason) -> Tunnel {
-    if route::node(peer).is_none() {
-        return Tunnel::Drop(DropReason::UnknownTunnelSource);
+    Tunnel::Drop(refused(peer, reason))
+}
+
+/// Whether a tunnel packet from `peer` may carry the inner source `saddr`: a pod of the peer's
+/// pod CIDR (`Ok(true)`) or the peer itself (`Ok(false)`). The route of the inner source is
+/// looked up first: naming the peer, it also vouches for the peer being a known node (routes
+/// only ever point at known nodes: the agent adds a node before its routes and removes it
+/// after them), so the common case costs one lookup; the node map is read only when the route
+/// does not decide. Shared by the decapsulating programs and `from_vxlan`, which takes the
+/// peer from the kernel's tunnel metadata.
+#[inline(always)]
+pub fn inner_source(peer: [u8; 4], saddr: [u8; 4]) -> Result<bool, DropReason> {
+    match route::route(saddr) {
+        Some(r) if u32::from_ne_bytes(r.node_ip) == u32::from_ne_bytes(peer) => Ok(true),
+        _ if u32::from_ne_bytes(saddr) == u32::from_ne_bytes(peer) => {
+            if route::node(peer).is_none() {
+                return Err(DropReason::UnknownTunnelSource);
+            }
+            Ok(false)
+        }
+        _ => Err(refused(peer, DropReason::TunnelInnerSourceSpoofed)),
     }
-    Tunnel::Drop(reason)
 }
 
 /// Accepts a tunnel packet from `peer` whose inner header starts at `offset`: the inner IPv4
-/// header is valid, and its source is a pod of the peer's pod CIDR (`from_pod`) or the peer
-/// itself. The route of the inner source is looked up first: naming the peer, it also vouches
-/// for the peer being a known node (routes only ever point at known nodes: the agent adds a
-/// node before its routes and removes it after them), so the common case costs one lookup; the
-/// node map is read only when the route does not decide.
+/// header is valid, and its source passes [`inner_source`].
 #[inline(always)]
 fn accept(
     data: usize,
@@ -60,22 +82,15 @@ fn accept(
     if ip.version() != 4 || ip.header_len() < IPV4_HLEN {
         return refuse(peer, DropReason::MalformedTunnel);
     }
-    let decap = |from_pod| Tunnel::Decap {
-        outer_len,
-        inner_has_eth,
-        stat_xdp,
-        peer,
-        from_pod,
-    };
-    match route::route(ip.saddr) {
-        Some(r) if u32::from_ne_bytes(r.node_ip) == u32::from_ne_bytes(peer) => decap(true),
-        _ if u32::from_ne_bytes(ip.saddr) == u32::from_ne_bytes(peer) => {
-            if route::node(peer).is_none() {
-                return Tunnel::Drop(DropReason::UnknownTunnelSource);
-            }
-            decap(false)
-        }
-        _ => refuse(peer, DropReason::TunnelInnerSourceSpoofed),
+    match inner_source(peer, ip.saddr) {
+        Ok(from_pod) => Tunnel::Decap {
+            outer_len,
+            inner_has_eth,
+            stat_xdp,
+            peer,
+            from_pod,
+        },
+        Err(reason) => Tunnel::Drop(reason),
     }
 }
 

@@ -2,13 +2,16 @@
 //! the destination (encapsulated or routed), answering packets too big for the path with ICMP
 //! fragmentation-needed. Shared by `from_pod`, `from_host` and `from_underlay`.
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_redirect_peer, programs::TcContext};
-use weft_common::{DropReason, EndpointInfo, NodeConfig, RouteInfo, RouteMode, Stat};
+use weft_common::{
+    DropReason, EP_F_STACK_ONLY, EndpointInfo, NodeConfig, RouteInfo, RouteMode, Stat,
+};
 
 use crate::{
+    conntrack::{self, Path},
     counters::count,
     encap, flows, icmp, mtu,
     parse::{ETH_HLEN, EthHdr, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, ptr_at, put},
-    route,
+    policy, route,
 };
 
 /// Where a packet's destination lives.
@@ -68,6 +71,32 @@ pub fn deliver_to_pod(eth: &mut EthHdr, ip: &mut Ipv4Hdr, dst: &EndpointInfo, st
     count(stat);
     flows::received(ip.daddr, ip.tot_len());
     unsafe { bpf_redirect_peer(dst.host_ifindex, 0) as i32 }
+}
+
+/// A packet from another node (decapsulated, or plain from a peer) to the local pod `dst`;
+/// `from_pod`: its source is one of the sending node's pods. A pod-to-pod packet takes the
+/// fast path into the pod when conntrack says its flow is weft's. Anything else goes to the
+/// host stack: a node's own traffic (so the stack's conntrack sees the request and the pod's
+/// reply is recognised as a reply, not masqueraded as new pod-to-node traffic, and the node's
+/// own firewall applies), a pod whose traffic must see the stack's qdiscs, a flow the stack
+/// translated.
+#[inline(always)]
+pub fn from_remote(
+    ctx: &TcContext,
+    eth: &mut EthHdr,
+    ip: &mut Ipv4Hdr,
+    dst: &EndpointInfo,
+    from_pod: bool,
+) -> Result<i32, DropReason> {
+    if !from_pod || dst.flags & EP_F_STACK_ONLY != 0 {
+        count(Stat::PassedToStack);
+        return Ok(TC_ACT_OK);
+    }
+    let track = conntrack::track(ctx.data(), ctx.data_end(), ip, ETH_HLEN + ip.header_len());
+    if conntrack::path(&track, &policy::Check::of(ip))? == Path::Stack {
+        return Ok(TC_ACT_OK);
+    }
+    Ok(deliver_to_pod(eth, ip, dst, Stat::UnderlayDelivered))
 }
 
 /// Forwards the packet toward the node owning its destination (`route`). A packet that would

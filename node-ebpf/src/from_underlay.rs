@@ -1,6 +1,8 @@
 //! tc ingress on the underlay NIC: delivers packets from other nodes' pods to local pods
 //! straight into the pod's namespace (`bpf_redirect_peer`), after decapsulating tunnel packets
-//! XDP did not handle (XDP not attached, or not supported by the NIC).
+//! XDP did not handle (XDP not attached, or not supported by the NIC). With `weft_vxlan`
+//! (`CONFIG_F_VXLAN_DEV`), VXLAN is checked here and left to the kernel's vxlan socket, which
+//! decapsulates it after the underlay's GRO aggregated it; `from_vxlan` delivers it.
 //!
 //! What may reach a pod from the underlay:
 //! - tunnel packets from known nodes whose inner source the sending node owns (checked in
@@ -24,19 +26,18 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weft_common::{
-    CONFIG_F_ACCEPT_ROUTED, DECAP_META_MAGIC, DECAP_META_MAGIC_POD, DecapMeta, DropReason,
-    EP_F_STACK_ONLY, NodeConfig, RouteMode, Stat, monitor::Hook,
+    CONFIG_F_ACCEPT_ROUTED, CONFIG_F_VXLAN_DEV, DECAP_META_MAGIC, DECAP_META_MAGIC_POD, DecapMeta,
+    DropReason, NodeConfig, RouteMode, Stat, monitor::Hook,
 };
 
 use crate::{
-    conntrack::{self, Path},
     counters::{count, count_drop},
     decap::{Tunnel, classify},
     encap::{self, Hop},
     forward::{self, mac_eq},
     monitor, mtu,
     parse::{ETH_HLEN, EthHdr, Ipv4Hdr, L3, parse_ipv4},
-    policy, route,
+    route,
 };
 
 /// Enough linear bytes for an outer header with options, UDP, VXLAN and the inner headers.
@@ -179,6 +180,14 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, DropReason> {
                 from_pod,
                 ..
             } => {
+                if inner_has_eth && cfg.flags & CONFIG_F_VXLAN_DEV != 0 {
+                    // Checked, and the kernel's vxlan socket takes it from here (`weft_vxlan`):
+                    // the underlay's GRO has aggregated the flow's packets (this may be one
+                    // such packet), the socket decapsulates them, and `from_vxlan` delivers.
+                    // Every VXLAN packet of this node goes that way, so a flow never takes
+                    // two paths.
+                    return Ok(TC_ACT_OK);
+                }
                 // Remove everything between the outer Ethernet header and the inner IPv4
                 // header; the outer Ethernet header (addressed to this NIC, type IPv4) stays.
                 // The packet may then go to the stack (a flow it translated, a node's traffic):
@@ -247,22 +256,5 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, DropReason> {
             }
         },
     };
-    if !from_pod || dst.flags & EP_F_STACK_ONLY != 0 {
-        // Not from a pod of another node (a node's own traffic), or into a pod whose traffic
-        // must see the stack's qdiscs: the host stack delivers it, so its conntrack sees the
-        // request and the pod's reply is recognised as a reply (not masqueraded as new
-        // pod-to-node traffic), and the node's own firewall applies.
-        count(Stat::PassedToStack);
-        return Ok(TC_ACT_OK);
-    }
-    let track = conntrack::track(ctx.data(), ctx.data_end(), ip, l4);
-    if conntrack::path(&track, &policy::Check::of(ip))? == Path::Stack {
-        return Ok(TC_ACT_OK);
-    }
-    Ok(forward::deliver_to_pod(
-        eth,
-        ip,
-        dst,
-        Stat::UnderlayDelivered,
-    ))
+    forward::from_remote(ctx, eth, ip, dst, from_pod)
 }

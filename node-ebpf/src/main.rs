@@ -1,7 +1,7 @@
 //! weft's kernel-side datapath. One module per attach point (`from_pod`, `to_pod`,
-//! `from_host`, `xdp_underlay`, `from_underlay`), one per concern (parsing, checksums,
-//! encapsulation, decapsulation, routing, conntrack, NetworkPolicy, path MTU, ICMP, ARP, counters), as
-//! Cilium's `bpf/` tree is laid out.
+//! `from_host`, `xdp_underlay`, `from_underlay`, `from_vxlan`), one per concern (parsing,
+//! checksums, encapsulation, decapsulation, routing, conntrack, NetworkPolicy, path MTU, ICMP,
+//! ARP, counters), as Cilium's `bpf/` tree is laid out.
 #![no_std]
 #![no_main]
 
@@ -24,6 +24,7 @@ mod route;
 mod from_host;
 mod from_pod;
 mod from_underlay;
+mod from_vxlan;
 mod to_pod;
 mod xdp_underlay;
 
