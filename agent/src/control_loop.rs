@@ -21,7 +21,7 @@ use std::{
 
 use anyhow::{Result, bail};
 use ipnet::Ipv4Net;
-use weft_common::{BGP_TABLE_DEFAULT, CONFIG_F_READY, NodeConfig};
+use weft_common::{BGP_TABLE_DEFAULT, CONFIG_F_READY, CONFIG_F_VXLAN_DEV, NodeConfig};
 
 use crate::{
     bgp::{BgpControl, RouteModes},
@@ -136,6 +136,19 @@ pub struct Turn {
     pub bgp_learned_changed: bool,
 }
 
+/// `weft_vxlan`, kept by the loop while the tc hook decapsulates: VXLAN goes through it (the
+/// kernel's vxlan socket, for GRO) only while it is up on the configured port with
+/// `from_vxlan` attached, and the loop checks that every second (someone may delete it; a
+/// node migrated from flannel frees the port once `flannel.1` is deleted).
+pub trait VxlanDeviceControl: Send {
+    /// Makes the device fit for `port` (creating or re-creating it); whether VXLAN can go
+    /// through it now.
+    fn ensure(&mut self, port: u16) -> bool;
+}
+
+/// How often the loop checks `weft_vxlan`.
+const VXLAN_DEVICE_CHECK: Duration = Duration::from_secs(1);
+
 pub struct ControlLoop<M: PeerMaps> {
     pub maps: M,
     pub rec: Reconciler,
@@ -156,6 +169,8 @@ pub struct ControlLoop<M: PeerMaps> {
     config_flags: u16,
     /// The BGP side (BIRD), driven for the bgp backend; idle otherwise.
     bgp: Option<Box<dyn BgpControl>>,
+    /// `weft_vxlan` (tc hook only), whether VXLAN goes through it now, and when to check next.
+    vxlan_device: Option<(Box<dyn VxlanDeviceControl>, bool, Instant)>,
 }
 
 impl<M: PeerMaps> ControlLoop<M> {
@@ -187,7 +202,56 @@ impl<M: PeerMaps> ControlLoop<M> {
             backoff: Backoff::new(Duration::from_secs(10)),
             config_flags: 0,
             bgp: None,
+            vxlan_device: None,
         }
+    }
+
+    /// Keeps `device` (`weft_vxlan`) for the tc hook; `up`: VXLAN goes through it now (the
+    /// node config the agent wrote says so).
+    pub fn vxlan_device(mut self, device: Box<dyn VxlanDeviceControl>, up: bool) -> Self {
+        self.vxlan_device = Some((device, up, Instant::now() + VXLAN_DEVICE_CHECK));
+        self
+    }
+
+    /// The node config under `conf`, with the agent's flags and the VXLAN device's.
+    fn config(&self, conf: &FlannelNetConf) -> NodeConfig {
+        let mut config = node_config(conf, &self.underlay);
+        config.flags |= self.config_flags;
+        if self.vxlan_device.as_ref().is_some_and(|(_, up, _)| *up) {
+            config.flags |= CONFIG_F_VXLAN_DEV;
+        }
+        config
+    }
+
+    /// Checks `weft_vxlan` when due; a change of whether VXLAN can go through it is written
+    /// to the node config at once.
+    fn keep_vxlan_device(&mut self, now: Instant) -> Result<()> {
+        let port = self.conf.backend.port;
+        let Some((device, up, next)) = self.vxlan_device.as_mut() else {
+            return Ok(());
+        };
+        if now < *next {
+            return Ok(());
+        }
+        *next = now + VXLAN_DEVICE_CHECK;
+        let ok = device.ensure(port);
+        if ok == *up {
+            return Ok(());
+        }
+        *up = ok;
+        if ok {
+            tracing::info!(
+                "VXLAN goes through {} again (UDP-tunnel GRO)",
+                weft_common::VXLAN_DEV
+            );
+        } else {
+            tracing::warn!(
+                "{} is unusable: VXLAN is decapsulated in tc on the underlay (no GRO)",
+                weft_common::VXLAN_DEV
+            );
+        }
+        let config = self.config(&self.conf);
+        self.maps.set_config(&config)
     }
 
     /// Drives `bgp` (BIRD) for the bgp backend: it gets the backend's settings now and on every
@@ -298,6 +362,7 @@ impl<M: PeerMaps> ControlLoop<M> {
             self.switch_backend(new)?;
             turn.backend_switched = true;
         }
+        self.keep_vxlan_device(now)?;
         self.drive_bgp(&mut turn);
         self.metrics.beat();
         // Refused records change no map: counted whatever the turn does next.
@@ -362,8 +427,18 @@ impl<M: PeerMaps> ControlLoop<M> {
 
     /// A live backend switch: the node config, then every route in its new mode.
     pub fn switch_backend(&mut self, new: FlannelNetConf) -> Result<()> {
-        let mut config = node_config(&new, &self.underlay);
-        config.flags |= self.config_flags;
+        let port_changed = new.backend.port != self.conf.backend.port;
+        if port_changed && let Some((_, up, _)) = self.vxlan_device.as_mut() {
+            // The device listens on the old port: tc decapsulates VXLAN on the new one until
+            // the device moved there.
+            *up = false;
+            let config = self.config(&new);
+            self.maps.set_config(&config)?;
+            if let Some((device, up, _)) = self.vxlan_device.as_mut() {
+                *up = device.ensure(new.backend.port);
+            }
+        }
+        let config = self.config(&new);
         self.maps.set_config(&config)?;
         // Starts, reconfigures or retires BIRD.
         if let Some(bgp) = self.bgp.as_mut() {
@@ -462,6 +537,72 @@ mod tests {
             .iter()
             .position(|x| x == w)
             .unwrap_or_else(|| panic!("{w:?} not written: {writes:?}"))
+    }
+
+    /// A fake `weft_vxlan`: usable while `works` says so, on the port last asked for; each
+    /// call recorded with whether the config said VXLAN went through it at that moment.
+    #[derive(Clone, Default)]
+    struct FakeDevice {
+        works: Arc<std::sync::Mutex<bool>>,
+        calls: Arc<std::sync::Mutex<Vec<u16>>>,
+    }
+
+    impl VxlanDeviceControl for FakeDevice {
+        fn ensure(&mut self, port: u16) -> bool {
+            self.calls.lock().unwrap().push(port);
+            *self.works.lock().unwrap()
+        }
+    }
+
+    fn vxlan_dev_flag(l: &ControlLoop<MemoryMaps>) -> bool {
+        l.maps.config.unwrap().flags & CONFIG_F_VXLAN_DEV != 0
+    }
+
+    /// The loop checks `weft_vxlan` every second and writes whether VXLAN goes through it; a
+    /// new VXLAN port moves the device, with tc decapsulating the new port meanwhile.
+    #[test]
+    fn vxlan_device_is_kept_and_follows_the_port() {
+        let t0 = Instant::now();
+        let dev = FakeDevice::default();
+        *dev.works.lock().unwrap() = true;
+        let mut l = control_loop(MemoryMaps::default(), conf("vxlan", false), t0)
+            .vxlan_device(Box::new(dev.clone()), true);
+        l.turn(vec![Event::Snapshot(vec![])], t0).unwrap();
+        assert!(
+            dev.calls.lock().unwrap().is_empty(),
+            "checked a second later"
+        );
+        // The device breaks (deleted, its port taken): the next check clears the flag.
+        *dev.works.lock().unwrap() = false;
+        l.turn(vec![], t0 + Duration::from_millis(1100)).unwrap();
+        assert_eq!(*dev.calls.lock().unwrap(), vec![8472]);
+        assert!(!vxlan_dev_flag(&l));
+        // Back: the flag again, and the config keeps the agent's other flags.
+        *dev.works.lock().unwrap() = true;
+        l.turn(vec![], t0 + Duration::from_millis(1500)).unwrap();
+        assert_eq!(dev.calls.lock().unwrap().len(), 1, "not before a second");
+        l.turn(vec![], t0 + Duration::from_millis(2200)).unwrap();
+        assert!(vxlan_dev_flag(&l));
+        assert_ne!(l.maps.config.unwrap().flags & CONFIG_F_READY, 0);
+        // A new port: the flag off while the device moves, on once it is there.
+        let writes = l.maps.writes.len();
+        let mut new = conf("vxlan", false);
+        new.backend.port = 4789;
+        l.switch_backend(new).unwrap();
+        assert_eq!(*dev.calls.lock().unwrap(), vec![8472, 8472, 4789]);
+        let configs = l.maps.writes[writes..]
+            .iter()
+            .filter(|w| **w == MapWrite::Config)
+            .count();
+        assert_eq!(configs, 2, "without the flag, then with it");
+        assert!(vxlan_dev_flag(&l));
+        assert_eq!(l.maps.config.unwrap().vxlan_port, 4789);
+        // Another backend on the same port leaves the device alone.
+        let mut host_gw = conf("host-gw", false);
+        host_gw.backend.port = 4789;
+        l.switch_backend(host_gw).unwrap();
+        assert_eq!(dev.calls.lock().unwrap().len(), 3);
+        assert!(vxlan_dev_flag(&l));
     }
 
     #[test]

@@ -406,12 +406,15 @@ impl Collector for MapsCollector {
             let hook = weft_common::DecapHook::of_flags(config.flags);
             let mut g = encoder.encode_descriptor(
                 "weft_decap_hook",
-                "Where tunnel packets are decapsulated (hook: xdp or tc) and why (--xdp)",
+                "Where tunnel packets are decapsulated (hook: xdp or tc) and why (--xdp); vxlan: where VXLAN is (xdp, weft_vxlan: the kernel's vxlan socket with GRO, tc: on the underlay)",
                 None,
                 MetricType::Gauge,
             )?;
-            ConstGauge::new(1)
-                .encode(g.encode_family(&[("hook", hook.hook()), ("reason", hook.reason())])?)?;
+            ConstGauge::new(1).encode(g.encode_family(&[
+                ("hook", hook.hook()),
+                ("reason", hook.reason()),
+                ("vxlan", weft_common::vxlan_decap(config.flags)),
+            ])?)?;
         }
         let mut packets = encoder.encode_descriptor(
             "weft_packets",

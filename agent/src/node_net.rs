@@ -17,8 +17,8 @@ use std::{net::Ipv4Addr, process::Command};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use ipnet::Ipv4Net;
-use weft_common::{HOST_DEV, HOST_PEER_DEV};
-use weft_node::netlink::{self, Netlink, Scope};
+use weft_common::{HOST_DEV, HOST_PEER_DEV, VXLAN_DEV};
+use weft_node::netlink::{self, BlockingNetlink, LinkInfo, Netlink, Scope};
 
 /// This node's VTEP MAC: stable, derived from its address, locally administered and unicast
 /// (`02:57` = 'W', then the IPv4 address). A restarted agent, a peer reading the lease and the
@@ -210,6 +210,108 @@ pub async fn ensure_host_link(
         .await
         .with_context(|| format!("routing {network} through {HOST_DEV}"))?;
     Ok(())
+}
+
+/// What `weft_vxlan` must be: a metadata-mode VXLAN device on the configured port, with the
+/// node's VTEP MAC (inner frames from peers are addressed to it, so what goes to the stack is
+/// the host's), the pod MTU (nothing is ever sent through it) and the node's address as /32,
+/// as `weft_host` has it: the kernel's reverse-path filter, loose mode included, refuses every
+/// packet arriving on a device without an IPv4 address unless the route back to its source
+/// goes out of that device (measured: `IPReversePathFilter` counted each of a peer node's
+/// pings to a local pod).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VxlanDevice {
+    pub port: u16,
+    pub mtu: u32,
+    pub mac: [u8; 6],
+    pub address: Ipv4Addr,
+}
+
+impl VxlanDevice {
+    /// Whether the link `link` is this device as it must be.
+    pub fn fits(&self, link: &LinkInfo) -> bool {
+        link.vxlan
+            .is_some_and(|v| v.external && v.port == self.port)
+            && link.mac == Some(self.mac)
+    }
+
+    /// Whether `weft_vxlan` exists, up, as it must be, with `from_vxlan` attached: VXLAN can go
+    /// through it right now.
+    pub fn ready(&self, nl: &BlockingNetlink) -> bool {
+        let attached = || {
+            aya::programs::SchedClassifier::query_tcx(
+                VXLAN_DEV,
+                aya::programs::TcAttachType::Ingress,
+            )
+            .is_ok_and(|(_, progs)| {
+                progs
+                    .iter()
+                    .any(|p| p.name_as_str() == Some(weft_common::prog_names::FROM_VXLAN))
+            })
+        };
+        nl.block_on(nl.link(VXLAN_DEV))
+            .ok()
+            .flatten()
+            .is_some_and(|l| self.fits(&l) && l.up)
+            && attached()
+    }
+
+    /// Makes `weft_vxlan` what it must be (creating it, or re-creating it when its port or MAC
+    /// differ), up, with loose reverse-path filtering (decapsulated packets the stack takes
+    /// come from other nodes' pods, routed back through `weft_host`) and no IPv6, and
+    /// `from_vxlan` (pinned under `pin_root`) on its ingress. Fails when the kernel has no
+    /// VXLAN or another VXLAN device holds the port (e.g. flannel's `flannel.1` on a node being
+    /// migrated).
+    pub fn ensure(&self, nl: &BlockingNetlink, pin_root: &std::path::Path) -> Result<()> {
+        let link = nl.block_on(nl.link(VXLAN_DEV))?;
+        let link = match link {
+            Some(l) if self.fits(&l) => l,
+            other => {
+                if other.is_some() {
+                    weft_node::datapath::detach_pinned_vxlan(pin_root, VXLAN_DEV)?;
+                    nl.block_on(nl.delete_link(VXLAN_DEV))
+                        .with_context(|| format!("deleting the outdated {VXLAN_DEV}"))?;
+                }
+                nl.block_on(nl.create_vxlan_external(VXLAN_DEV, self.port, self.mtu, &self.mac))
+                    .map_err(|e| {
+                        let hint = if e.is(libc::EADDRINUSE) {
+                            " (another VXLAN device listens on that port)"
+                        } else {
+                            ""
+                        };
+                        anyhow!(
+                            "creating {VXLAN_DEV} (VXLAN, external, port {}): {e}{hint}",
+                            self.port
+                        )
+                    })?;
+                nl.block_on(nl.link(VXLAN_DEV))?
+                    .ok_or_else(|| anyhow!("{VXLAN_DEV} vanished after its creation"))?
+            }
+        };
+        if !link.up || link.mtu != self.mtu {
+            nl.block_on(nl.set_link(link.ifindex, Some(self.mtu), None))
+                .with_context(|| format!("setting {VXLAN_DEV} up"))?;
+        }
+        let address = Ipv4Net::new(self.address, 32).expect("/32");
+        if !nl.block_on(nl.addresses(link.ifindex))?.contains(&address) {
+            nl.block_on(nl.replace_address(link.ifindex, address))
+                .with_context(|| format!("adding {address} to {VXLAN_DEV}"))?;
+        }
+        write_sysctl(&format!("net.ipv4.conf.{VXLAN_DEV}.rp_filter"), "2")?;
+        // Without IPv6 nothing tries to send through it (link-local addresses, solicitations);
+        // a host without IPv6 has no such setting.
+        let _ = write_sysctl(&format!("net.ipv6.conf.{VXLAN_DEV}.disable_ipv6"), "1");
+        weft_node::datapath::attach_pinned_vxlan(pin_root, VXLAN_DEV)
+            .with_context(|| format!("attaching from_vxlan to {VXLAN_DEV}"))
+    }
+
+    /// Removes `weft_vxlan` and its program's link pin (the hook is XDP now).
+    pub fn remove(nl: &BlockingNetlink, pin_root: &std::path::Path) -> Result<()> {
+        weft_node::datapath::detach_pinned_vxlan(pin_root, VXLAN_DEV)?;
+        nl.block_on(nl.delete_link(VXLAN_DEV))
+            .with_context(|| format!("deleting {VXLAN_DEV}"))?;
+        Ok(())
+    }
 }
 
 /// Which firewall tool installed the masquerade rule.

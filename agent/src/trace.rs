@@ -3,7 +3,9 @@
 //! The packet is built here (a TCP SYN, a UDP datagram or an ICMP echo request) and run with
 //! `BPF_PROG_TEST_RUN` through weft's real programs: `from_pod` on the sending pod's veth, then,
 //! when the destination node's pins are reachable (`--peer-pin-root`, e.g. the simulated nodes of
-//! one machine), `xdp_underlay` and `from_underlay` there on the bytes that left.
+//! one machine), `xdp_underlay` and `from_underlay` there on the bytes that left, and, where
+//! VXLAN goes through `weft_vxlan`, `from_vxlan` on the inner frame (the kernel's vxlan socket
+//! is modelled: the inner frame cut out, the tunnel key supplied).
 //!
 //! **No state changes.** The programs run as a second instance of the object
 //! (`Datapath::load_for_trace`): the maps they only read (config, routes, endpoints, nodes,
@@ -25,7 +27,8 @@ use anyhow::{Context as _, Result, bail};
 use etherparse::PacketBuilder;
 use serde::Serialize;
 use weft_common::{
-    DECAP_META_MAGIC, DECAP_META_MAGIC_POD, DecapMeta, EndpointInfo, RouteMode, Stat,
+    CONFIG_F_VXLAN_DEV, DECAP_META_MAGIC, DECAP_META_MAGIC_POD, DecapMeta, EndpointInfo, RouteMode,
+    Stat, TunnelKey, VXLAN_DEV,
     conntrack::{CtEntry, CtKey, CtOrigin},
     monitor::Hook,
 };
@@ -781,32 +784,88 @@ fn underlay_steps(
     }
     // The tc program on the bytes as they arrived: its decapsulation applies the same checks
     // as XDP's, then delivers.
-    let mut tc = new_step(Hook::FromUnderlay, Some(node_ip), "underlay".into());
-    tc.lookups
-        .push(match live.endpoints()?.iter().find(|(a, _)| *a == dst) {
-            Some((_, e)) => format!(
-                "endpoints[{dst}]: local pod on ifindex {} of node {node_ip}",
-                e.host_ifindex
-            ),
-            None => format!("endpoints[{dst}]: none on node {node_ip}"),
-        });
+    let mut delivery_lookups = vec![match live.endpoints()?.iter().find(|(a, _)| *a == dst) {
+        Some((_, e)) => format!(
+            "endpoints[{dst}]: local pod on ifindex {} of node {node_ip}",
+            e.host_ifindex
+        ),
+        None => format!("endpoints[{dst}]: none on node {node_ip}"),
+    }];
     let local_pods = live.endpoints()?;
-    tc.lookups.extend(policy_lookups(
+    delivery_lookups.extend(policy_lookups(
         &live,
         (src, dst, proto.number(), report.dport.unwrap_or(0)),
         |ip| local_pods.iter().any(|(a, _)| *a == ip),
         true,
     )?);
+    let to_device =
+        cfg.flags & CONFIG_F_VXLAN_DEV != 0 && p.tunnel.as_ref().is_some_and(|t| t.kind == "vxlan");
+    let mut tc = new_step(Hook::FromUnderlay, Some(node_ip), "underlay".into());
+    if !to_device {
+        tc.lookups.extend(delivery_lookups.iter().cloned());
+    }
     let (mut tc, tv, _) = run(&mut dp, Hook::FromUnderlay, frame, 0, cfg.vxlan_port, tc)?;
-    let delivered = tc.counters.contains_key(Stat::UnderlayDelivered.name());
-    tc.action = if tc.drop_reason.is_some() {
+    if to_device && tc.drop_reason.is_none() && tv == 0 {
+        tc.action = format!(
+            "checked, to {VXLAN_DEV}: the kernel's vxlan socket decapsulates it (after the underlay's GRO)"
+        );
+        report.steps.push(tc);
+        return vxlan_device_step(report, &mut dp, node_ip, frame, delivery_lookups);
+    }
+    tc.action = delivery_action(&tc, tv, dst, node_ip);
+    report.steps.push(tc);
+    Ok(())
+}
+
+/// Where a delivering step (`from_underlay`, `from_vxlan`) sent the packet.
+fn delivery_action(step: &Step, verdict: i32, dst: Ipv4Addr, node_ip: Ipv4Addr) -> String {
+    let delivered = step.counters.contains_key(Stat::UnderlayDelivered.name());
+    if step.drop_reason.is_some() {
         "dropped".into()
-    } else if tv == 7 && delivered {
+    } else if verdict == 7 && delivered {
         format!("into pod {dst}'s namespace on node {node_ip} (bpf_redirect_peer)")
     } else {
         format!("to node {node_ip}'s host stack")
+    }
+}
+
+/// `from_vxlan` on `weft_vxlan`, on what the kernel's vxlan socket makes of the VXLAN packet
+/// `frame`: the inner frame, with the tunnel key (sending node, VNI) as metadata. The socket's
+/// part is modelled here (the inner frame cut out, the key supplied to the trace instance);
+/// the program is the real one.
+fn vxlan_device_step(
+    report: &mut Report,
+    dp: &mut Datapath,
+    node_ip: Ipv4Addr,
+    frame: &[u8],
+    lookups: Vec<String>,
+) -> Result<()> {
+    let ihl = usize::from(frame.get(14).copied().unwrap_or(0x45) & 0x0f) * 4;
+    let vxlan = 14 + ihl + 8;
+    let (Some(header), Some(inner)) = (frame.get(vxlan..vxlan + 8), frame.get(vxlan + 8..)) else {
+        bail!("the VXLAN packet is truncated");
     };
-    report.steps.push(tc);
+    let vni = u32::from_be_bytes([0, header[4], header[5], header[6]]);
+    let peer = [
+        frame[14 + 12],
+        frame[14 + 13],
+        frame[14 + 14],
+        frame[14 + 15],
+    ];
+    dp.set_trace_tunnel(Some(TunnelKey {
+        peer,
+        vni,
+        valid: 1,
+    }))?;
+    let mut step = new_step(Hook::FromVxlan, Some(node_ip), VXLAN_DEV.into());
+    step.lookups.push(format!(
+        "tunnel key (the socket's metadata, modelled): from node {}, VNI {vni}",
+        Ipv4Addr::from(peer)
+    ));
+    step.lookups.extend(lookups);
+    let (mut step, verdict, _) = run(dp, Hook::FromVxlan, inner, 0, 0, step)?;
+    step.action = delivery_action(&step, verdict, report.dst, node_ip);
+    report.steps.push(step);
     Ok(())
 }
 

@@ -264,6 +264,24 @@ impl Datapath {
             .with_context(|| format!("{name} is not a tc program"))
     }
 
+    /// Supplies the tunnel key `from_vxlan` takes for packets without the kernel's tunnel
+    /// metadata (`map_names::TRACE_TUNNEL`): for test and trace instances, whose
+    /// BPF_PROG_TEST_RUN cannot attach metadata to a packet. `None` clears it. The map is never
+    /// pinned: this writes only this instance's.
+    pub fn set_trace_tunnel(&mut self, key: Option<weft_common::TunnelKey>) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::TRACE_TUNNEL)
+            .ok_or_else(|| anyhow!("map {} missing", map_names::TRACE_TUNNEL))?;
+        let mut map: Array<&mut MapData, weft_common::TunnelKey> = map.try_into()?;
+        let key = key.unwrap_or(weft_common::TunnelKey {
+            peer: [0; 4],
+            vni: 0,
+            valid: 0,
+        });
+        map.set(0, key, 0).context("writing the trace tunnel key")
+    }
+
     pub fn xdp_program(&mut self) -> Result<&mut Xdp> {
         let prog = self
             .ebpf
@@ -1046,6 +1064,44 @@ pub fn attach_pinned_pod(pin_root: &Path, ifname: &str, hook: PodHook) -> Result
         attach_pod_program(&mut prog, name, ifname, direction, hook, Some(&pin))?;
     }
     Ok(())
+}
+
+/// Attaches the node's pinned `from_vxlan` (pinned by the agent) to the ingress of the VXLAN
+/// device `ifname` (current netns) as a pinned TCX link: an attachment already there switches
+/// to the pinned program atomically. A link pin whose attachment is gone (the device was
+/// deleted and made again: the old link is defunct, and switching its program would attach
+/// nothing) is replaced by a new attachment.
+pub fn attach_pinned_vxlan(pin_root: &Path, ifname: &str) -> Result<()> {
+    let name = prog_names::FROM_VXLAN;
+    let pin = link_pin_path(pin_root, name, ifname);
+    let attached = SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
+        .map(|(_, progs)| progs.iter().any(|p| p.name_as_str() == Some(name)))
+        .unwrap_or(false);
+    if !attached {
+        match std::fs::remove_file(&pin) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
+        }
+    }
+    let prog_path = pin_dir(pin_root).join("progs").join(name);
+    let mut prog = SchedClassifier::from_pin(&prog_path).with_context(|| {
+        format!(
+            "opening the pinned program {} (is the agent running?)",
+            prog_path.display()
+        )
+    })?;
+    attach_tc_link(&mut prog, name, ifname, TcAttachType::Ingress, Some(&pin))
+}
+
+/// Removes the pinned link of `from_vxlan` on `ifname` (the device is going away).
+pub fn detach_pinned_vxlan(pin_root: &Path, ifname: &str) -> Result<()> {
+    let pin = link_pin_path(pin_root, prog_names::FROM_VXLAN, ifname);
+    match std::fs::remove_file(&pin) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", pin.display())),
+    }
 }
 
 /// Detaches TCX-attached `from_pod` and `to_pod` from a pod's veth by removing their pinned

@@ -22,13 +22,13 @@ use std::{
 use futures_util::TryStreamExt as _;
 use ipnet::Ipv4Net;
 use rtnetlink::{
-    Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+    Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
     packet_core::ErrorMessage,
     packet_route::{
         AddressFamily,
         address::AddressAttribute,
         link::{
-            InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo as LinkInfoAttribute,
+            InfoData, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo as LinkInfoAttribute,
             LinkMessage, LinkXdp, XdpAttached,
         },
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
@@ -142,6 +142,18 @@ pub struct LinkInfo {
     pub xdp: Option<XdpMode>,
     /// The link's alias (`ip link set DEV alias ...`), if any.
     pub alias: Option<String>,
+    /// For a VXLAN link: its UDP port and whether it is in metadata mode.
+    pub vxlan: Option<VxlanLink>,
+}
+
+/// What weft needs to know of a VXLAN link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VxlanLink {
+    /// UDP destination port (`dstport`), the port its socket listens on.
+    pub port: u16,
+    /// Metadata mode (`external`, collect_md): one device for every VNI and peer, the tunnel
+    /// key in each packet's metadata.
+    pub external: bool,
 }
 
 /// How an XDP program runs on a device (`IFLA_XDP_ATTACHED`).
@@ -166,6 +178,7 @@ impl LinkInfo {
             kind: None,
             xdp: None,
             alias: None,
+            vxlan: None,
         };
         for a in &m.attributes {
             match a {
@@ -174,8 +187,23 @@ impl LinkInfo {
                 LinkAttribute::Address(a) => info.mac = a.as_slice().try_into().ok(),
                 LinkAttribute::LinkInfo(infos) => {
                     for i in infos {
-                        if let LinkInfoAttribute::Kind(kind) = i {
-                            info.kind = Some(kind.to_string());
+                        match i {
+                            LinkInfoAttribute::Kind(kind) => info.kind = Some(kind.to_string()),
+                            LinkInfoAttribute::Data(InfoData::Vxlan(data)) => {
+                                let mut vxlan = VxlanLink {
+                                    port: 0,
+                                    external: false,
+                                };
+                                for d in data {
+                                    match d {
+                                        InfoVxlan::Port(p) => vxlan.port = *p,
+                                        InfoVxlan::CollectMetadata(m) => vxlan.external = *m,
+                                        _ => {}
+                                    }
+                                }
+                                info.vxlan = Some(vxlan);
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -275,6 +303,33 @@ impl Netlink {
             msg = msg.address(mac.to_vec());
         }
         let msg = msg.build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(Error::from_rtnetlink)
+    }
+
+    /// Creates a metadata-mode (`external`) VXLAN link `name` listening on UDP `port`, with
+    /// `mtu` and `mac`, up: `ip link add NAME address MAC mtu MTU type vxlan external dstport
+    /// PORT nolearning`. Its socket decapsulates VXLAN of every VNI from every peer and leaves
+    /// the tunnel key in the packet's metadata.
+    pub async fn create_vxlan_external(
+        &self,
+        name: &str,
+        port: u16,
+        mtu: u32,
+        mac: &[u8; 6],
+    ) -> Result<()> {
+        let msg = LinkMessageBuilder::<LinkVxlan>::new(name)
+            .collect_metadata(true)
+            .port(port)
+            .learning(false)
+            .mtu(mtu)
+            .address(mac.to_vec())
+            .up()
+            .build();
         self.handle
             .link()
             .add(msg)

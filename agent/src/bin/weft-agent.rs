@@ -40,8 +40,8 @@ use weft_agent::{
     subnet_env::{self, SubnetEnv},
 };
 use weft_common::{
-    CONFIG_DECAP_HOOK_MASK, CONFIG_F_ACCEPT_ROUTED, DEFAULT_PIN_ROOT, DecapHook, ENDPOINTS_MAX,
-    HOST_PEER_DEV, NODES_MAX, ROUTES_MAX,
+    CONFIG_DECAP_HOOK_MASK, CONFIG_F_ACCEPT_ROUTED, CONFIG_F_VXLAN_DEV, DEFAULT_PIN_ROOT,
+    DecapHook, ENDPOINTS_MAX, HOST_PEER_DEV, NODES_MAX, ROUTES_MAX,
     conntrack::CT_MAX_DEFAULT,
     policy::{
         POLICY_ADDRS_MAX, POLICY_CIDRS_MAX, POLICY_ENDPOINTS_MAX, POLICY_NS_DEFAULTS_MAX,
@@ -384,15 +384,71 @@ fn spawn_conntrack_gc(pin_root: PathBuf, metrics: Arc<Metrics>) -> Result<()> {
     Ok(())
 }
 
-/// Loads or adopts the datapath and attaches it; returns it and the decapsulation hook chosen. On a restart every step swaps in place: the
-/// maps are the pinned ones, the links are atomically switched to the new programs.
+/// `weft_vxlan` as the control loop keeps it (`node_net::VxlanDevice`), warning once per
+/// distinct failure.
+struct AgentVxlanDevice {
+    device: node_net::VxlanDevice,
+    pin_root: PathBuf,
+    nl: BlockingNetlink,
+    last_error: Option<String>,
+}
+
+impl AgentVxlanDevice {
+    fn new(device: node_net::VxlanDevice, pin_root: PathBuf) -> Result<Self> {
+        Ok(Self {
+            device,
+            pin_root,
+            nl: BlockingNetlink::open()?,
+            last_error: None,
+        })
+    }
+
+    /// Sets the device up (or, unless `refresh`, checks it is), logging why it cannot be.
+    /// `refresh` attaches this agent's `from_vxlan` even to a device that has one (a restart
+    /// switches the program in place).
+    fn ensure_logged(&mut self, refresh: bool) -> bool {
+        if !refresh && self.device.ready(&self.nl) {
+            self.last_error = None;
+            return true;
+        }
+        match self.device.ensure(&self.nl, &self.pin_root) {
+            Ok(()) => {
+                self.last_error = None;
+                true
+            }
+            Err(e) => {
+                let e = format!("{e:#}");
+                if self.last_error.as_ref() != Some(&e) {
+                    tracing::warn!(
+                        "VXLAN is decapsulated in tc on the underlay, without GRO (slower TCP), until {} can be set up: {e}",
+                        weft_common::VXLAN_DEV
+                    );
+                }
+                self.last_error = Some(e);
+                false
+            }
+        }
+    }
+}
+
+impl weft_agent::control_loop::VxlanDeviceControl for AgentVxlanDevice {
+    fn ensure(&mut self, port: u16) -> bool {
+        self.device.port = port;
+        self.ensure_logged(false)
+    }
+}
+
+/// Loads or adopts the datapath and attaches it; returns it, the decapsulation hook chosen and,
+/// with the tc hook, `weft_vxlan` and whether VXLAN goes through it. On a restart every step
+/// swaps in place: the maps are the pinned ones, the links are atomically switched to the new
+/// programs, the device is adopted.
 fn program_datapath(
     args: &Args,
     conf: &FlannelNetConf,
     underlay: &Underlay,
     pod_mtu: u32,
     nl: &BlockingNetlink,
-) -> Result<(Datapath, DecapHook)> {
+) -> Result<(Datapath, DecapHook, Option<(AgentVxlanDevice, bool)>)> {
     let options = LoadOptions {
         conntrack_max: args.conntrack_max,
         policy: weft_agent::datapath::PolicyCapacities {
@@ -429,9 +485,19 @@ fn program_datapath(
     config.flags |= config_flags(args);
     // The programs read the config once attached, so it is written first; with the pinned
     // config's hook bits, so a restart that keeps the hook writes the same config twice (a
-    // restart changes nothing the datapath reads, not even for a moment).
+    // restart changes nothing the datapath reads, not even for a moment). VXLAN keeps going
+    // through `weft_vxlan` if the device is still there as it must be.
+    let vxlan = node_net::VxlanDevice {
+        port: conf.backend.port,
+        mtu: pod_mtu,
+        mac: node_net::vtep_mac_for(underlay.node_ip),
+        address: underlay.node_ip,
+    };
     if let Ok(pinned) = dp.maps.config() {
         config.flags |= pinned.flags & CONFIG_DECAP_HOOK_MASK;
+        if pinned.flags & CONFIG_F_VXLAN_DEV != 0 && vxlan.ready(nl) {
+            config.flags |= CONFIG_F_VXLAN_DEV;
+        }
     }
     dp.maps.set_config(&config)?;
     let xdp = if args.no_xdp {
@@ -446,7 +512,33 @@ fn program_datapath(
         "tunnel decapsulation"
     );
     config.flags = (config.flags & !CONFIG_DECAP_HOOK_MASK) | hook.flags();
+    // The tc hook sends VXLAN through `weft_vxlan` (the kernel's vxlan socket aggregates it
+    // before decapsulating: GRO); XDP decapsulates before GRO and needs no device.
+    let device = if hook.hook() == "tc" {
+        let mut device = AgentVxlanDevice::new(vxlan, args.pin_root.clone())?;
+        let up = device.ensure_logged(true);
+        if up {
+            config.flags |= CONFIG_F_VXLAN_DEV;
+        } else {
+            config.flags &= !CONFIG_F_VXLAN_DEV;
+        }
+        tracing::info!(
+            device = weft_common::VXLAN_DEV,
+            up,
+            "VXLAN decapsulation through the kernel's vxlan socket"
+        );
+        Some((device, up))
+    } else {
+        None
+    };
+    if device.is_none() {
+        config.flags &= !CONFIG_F_VXLAN_DEV;
+    }
     dp.maps.set_config(&config)?;
+    if device.is_none() && nl.block_on(nl.link(weft_common::VXLAN_DEV))?.is_some() {
+        // XDP decapsulates now, and the config no longer sends VXLAN to the device.
+        node_net::VxlanDevice::remove(nl, &args.pin_root)?;
+    }
     nl.block_on(node_net::ensure_host_link(
         nl,
         conf.network,
@@ -456,7 +548,7 @@ fn program_datapath(
     dp.attach_from_host(HOST_PEER_DEV)?;
     let pods = dp.reattach_pods()?;
     tracing::info!(pods, "datapath programmed");
-    Ok((dp, hook))
+    Ok((dp, hook, device))
 }
 
 /// NetworkPolicy: the world's source for the datastore in use, and the controller writing the
@@ -570,7 +662,7 @@ fn run(args: Args) -> Result<()> {
         "starting"
     );
     node_net::set_sysctls(&underlay)?;
-    let (dp, hook) = program_datapath(&args, &conf, &underlay, pod_mtu, &nl)?;
+    let (dp, hook, vxlan_device) = program_datapath(&args, &conf, &underlay, pod_mtu, &nl)?;
 
     let mut metrics = Metrics::new(Some(args.pin_root.clone()));
     let policy_metrics = Arc::new(PolicyMetrics::new());
@@ -669,7 +761,7 @@ fn run(args: Args) -> Result<()> {
         );
         Ok(())
     };
-    ControlLoop::new(
+    let mut control = ControlLoop::new(
         dp.maps,
         rec,
         conf,
@@ -683,8 +775,11 @@ fn run(args: Args) -> Result<()> {
     .bgp(Box::new(bgp))
     .watch_net_conf(args.net_conf.clone())
     .on_local_subnet(on_local_subnet)
-    .on_subnet_lost(on_subnet_lost)
-    .run(rx)
+    .on_subnet_lost(on_subnet_lost);
+    if let Some((device, up)) = vxlan_device {
+        control = control.vxlan_device(Box::new(device), up);
+    }
+    control.run(rx)
 }
 
 /// What the agent does when this node's subnet changes hands: local pods whose addresses are

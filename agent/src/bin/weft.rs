@@ -648,6 +648,7 @@ fn main() -> Result<()> {
                     json!({"ready": ready, "node_ip": node_ip.to_string(), "underlay_ifindex": cfg.underlay_ifindex,
                         "vni": cfg.vni, "vxlan_port": cfg.vxlan_port, "vtep_mac": mac(&cfg.vtep_mac),
                         "decap_hook": decap.hook(), "decap_reason": decap.reason(),
+                        "vxlan_decap": weft_common::vxlan_decap(cfg.flags),
                         "routes": routes, "endpoints": endpoints, "nodes": nodes, "drops": drops,
                         "bgp": bgp.as_ref().map(BgpView::json)})
                 );
@@ -671,6 +672,17 @@ fn main() -> Result<()> {
                     mac(&cfg.vtep_mac)
                 );
                 println!("decap      {} ({})", decap.hook(), decap.reason());
+                println!(
+                    "           VXLAN: {}",
+                    match weft_common::vxlan_decap(cfg.flags) {
+                        "xdp" => "in XDP, before GRO",
+                        "tc" =>
+                            "in tc on the underlay, without GRO (weft_vxlan could not be set up: see the agent's log)",
+                        "unknown" => "not recorded",
+                        _ =>
+                            "by the kernel's vxlan socket after GRO (weft_vxlan), delivered by from_vxlan",
+                    }
+                );
                 println!("maps       {routes} routes, {endpoints} endpoints, {nodes} nodes");
                 println!("drops      {drops}");
                 println!(
