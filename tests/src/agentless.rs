@@ -6,7 +6,8 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use weft_agent::datapath::{Datapath, Maps, XdpSetting};
 use weft_common::{
-    CONFIG_F_READY, DecapHook, EndpointInfo, NodeConfig, NodeInfo, RouteInfo, RouteMode,
+    CONFIG_F_READY, CONFIG_F_VXLAN_DEV, DecapHook, EndpointInfo, NodeConfig, NodeInfo, RouteInfo,
+    RouteMode,
 };
 
 use crate::{
@@ -31,17 +32,33 @@ pub struct WeftNode {
     pub underlay: String,
     /// Where tunnel packets are decapsulated, as `attach_underlay` chose.
     pub decap: DecapHook,
+    /// Whether VXLAN goes through `weft_vxlan` (the tc hook, as the agent sets it up).
+    pub vxlan_device: bool,
 }
 
 impl WeftNode {
     /// Loads the datapath (pinned under a fresh pin dir) in `ns`, configures it for the node
-    /// address `ip` on `underlay` and attaches the underlay programs.
+    /// address `ip` on `underlay` and attaches the underlay programs; with the tc hook, VXLAN
+    /// goes through `weft_vxlan`, as the agent sets it up.
     pub fn new(
         ns: Netns,
         ip: Ipv4Addr,
         underlay: &str,
         vtep_mac: [u8; 6],
         xdp: XdpSetting,
+    ) -> Self {
+        Self::with_vxlan_device(ns, ip, underlay, vtep_mac, xdp, true)
+    }
+
+    /// `new`, choosing whether the tc hook sends VXLAN through `weft_vxlan` (`false`:
+    /// `from_underlay` decapsulates VXLAN itself, the fallback where the device cannot be made).
+    pub fn with_vxlan_device(
+        ns: Netns,
+        ip: Ipv4Addr,
+        underlay: &str,
+        vtep_mac: [u8; 6],
+        xdp: XdpSetting,
+        vxlan_device: bool,
     ) -> Self {
         let pins = PinDir::new("node");
         ns.sysctl("net.ipv4.ip_forward", "1");
@@ -85,11 +102,25 @@ impl WeftNode {
                 .attach_underlay(&dev, xdp)
                 .expect("attaching underlay programs");
             config.flags |= decap.flags();
+            let device = vxlan_device && decap.hook() == "tc";
+            if device {
+                let nl = weft_agent::netlink::BlockingNetlink::open().expect("netlink");
+                weft_agent::node_net::VxlanDevice {
+                    port: config.vxlan_port,
+                    mtu: 1450,
+                    mac: vtep_mac,
+                    address: ip,
+                }
+                .ensure(&nl, &root)
+                .expect("setting up weft_vxlan");
+                config.flags |= CONFIG_F_VXLAN_DEV;
+            }
             dp.maps.set_config(&config).expect("writing the config");
             dp.attach_from_host(weft_common::HOST_PEER_DEV)
                 .expect("attaching from_host");
-            decap
+            (decap, device)
         });
+        let (decap, vxlan_device) = decap;
         Self {
             ns,
             pins,
@@ -97,6 +128,7 @@ impl WeftNode {
             vtep_mac,
             underlay: underlay.to_string(),
             decap,
+            vxlan_device,
         }
     }
 

@@ -23,6 +23,8 @@ pub struct Counts {
     pub vxlan: u64,
     /// IPv4 with both addresses in the cluster network, not in a tunnel.
     pub plain_pod: u64,
+    /// The largest frame seen (a packet aggregated by GRO is larger than the MTU).
+    pub max_len: usize,
 }
 
 pub struct Capture {
@@ -33,6 +35,7 @@ pub struct Capture {
 const ETH_P_ALL: u16 = 0x0003;
 
 fn classify(frame: &[u8], network: Ipv4Net, counts: &mut Counts) {
+    counts.max_len = counts.max_len.max(frame.len());
     if frame.len() < 34 || frame[12..14] != [0x08, 0x00] {
         return;
     }
@@ -90,7 +93,8 @@ impl Capture {
             }
             ready_tx.send(()).unwrap();
             let mut counts = Counts::default();
-            let mut buf = vec![0u8; 65536];
+            // Room for the largest GRO packet (64 KiB of payload plus headers).
+            let mut buf = vec![0u8; 70000];
             while !stop_rx.load(Ordering::Relaxed) {
                 let n =
                     unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };

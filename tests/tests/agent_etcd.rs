@@ -134,7 +134,7 @@ fn agents_share_etcd_join_and_leave() {
         let (_, body) = node.http_get("/metrics").unwrap();
         assert!(
             body.contains(
-                r#"weft_decap_hook{hook="xdp",reason="--xdp=on, native XDP in the driver"} 1"#
+                r#"weft_decap_hook{hook="xdp",reason="--xdp=on, native XDP in the driver",vxlan="xdp"} 1"#
             ),
             "{body}"
         );

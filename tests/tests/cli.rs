@@ -3,7 +3,8 @@ use std::{net::Ipv4Addr, process::Command};
 
 use weft_agent::datapath::Datapath;
 use weft_common::{
-    CONFIG_F_READY, DecapHook, EndpointInfo, NodeConfig, NodeInfo, RouteInfo, RouteMode,
+    CONFIG_F_READY, CONFIG_F_VXLAN_DEV, DecapHook, EndpointInfo, NodeConfig, NodeInfo, RouteInfo,
+    RouteMode,
 };
 use weft_tests::{cluster::binary, pins::PinDir};
 
@@ -32,7 +33,7 @@ fn cli_shows_routes_endpoints_nodes_and_status() {
             underlay_ifindex: 3,
             vni: 1,
             vxlan_port: 8472,
-            flags: CONFIG_F_READY | DecapHook::TcVeth.flags(),
+            flags: CONFIG_F_READY | DecapHook::TcVeth.flags() | CONFIG_F_VXLAN_DEV,
             vtep_mac: [2, 0x77, 0, 0, 0, 1],
             _pad: [0; 2],
             bgp_table: weft_common::BGP_TABLE_DEFAULT,
@@ -85,9 +86,14 @@ fn cli_shows_routes_endpoints_nodes_and_status() {
         status.contains("decap      tc (veth: XDP would copy every frame"),
         "{status}"
     );
+    assert!(
+        status.contains("VXLAN: by the kernel's vxlan socket after GRO (weft_vxlan)"),
+        "{status}"
+    );
     let status: serde_json::Value =
         serde_json::from_str(&weft(&pins, &["status", "--json"])).unwrap();
     assert_eq!(status["decap_hook"], "tc");
+    assert_eq!(status["vxlan_decap"], "weft_vxlan");
     assert!(status["ready"].as_bool().unwrap());
     let routes = weft(&pins, &["routes"]);
     assert!(

@@ -1,7 +1,8 @@
-//! Packet injection into the underlay programs: `xdp_underlay` (decapsulation before GRO) and
-//! `from_underlay` (tc decapsulation fallback and delivery into pods).
+//! Packet injection into the underlay programs: `xdp_underlay` (decapsulation before GRO),
+//! `from_underlay` (tc decapsulation fallback and delivery into pods) and `from_vxlan` (what
+//! the kernel's vxlan socket on `weft_vxlan` decapsulated).
 use etherparse::{IpNumber, Ipv4Header, Ipv4Options, UdpHeader};
-use weft_common::{DropReason, Stat, prog_names};
+use weft_common::{CONFIG_F_VXLAN_DEV, DropReason, Stat, TunnelKey, prog_names};
 use weft_tests::{
     injection_node::*,
     packets::*,
@@ -504,5 +505,158 @@ fn plain_frames_reach_pods_only_from_onlink_peers() {
         assert_eq!(out.data, outsider);
         assert_eq!(drops(node, DropReason::PlainFromNonPeer), 4);
         assert_eq!(stat(node, Stat::UnderlayDelivered), 2);
+    });
+}
+
+/// `from_vxlan` on `frame` (the inner frame the kernel's vxlan socket decapsulated), with the
+/// tunnel key `key` (sending node, VNI) supplied as the socket's metadata would be.
+fn from_vxlan(node: &mut Node, frame: &[u8], key: Option<([u8; 4], u32)>) -> TestRunOutput {
+    node.dp
+        .set_trace_tunnel(key.map(|(peer, vni)| TunnelKey {
+            peer,
+            vni,
+            valid: 1,
+        }))
+        .unwrap();
+    let prog = node.dp.tc_program(prog_names::FROM_VXLAN).unwrap();
+    run_tc(prog, frame, 0, 1)
+}
+
+fn total_drops(node: &Node) -> u64 {
+    node.dp.maps.drops().unwrap().iter().map(|(_, n)| n).sum()
+}
+
+/// What the kernel's vxlan socket decapsulated on `weft_vxlan`: a pod of the sending node to a
+/// local pod goes into the pod; the sending node itself, or anything for the node, goes to the
+/// stack untouched.
+#[test]
+fn from_vxlan_delivers_what_the_socket_decapsulated() {
+    with_node(|node| {
+        let inner = inner_to_pod1(b"through weft_vxlan");
+        let out = from_vxlan(node, &inner, Some((PEER_IP, VNI)));
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        let mut expected = POD1_MAC.to_vec();
+        expected.extend_from_slice(&node.pod1_host_mac);
+        expected.extend_from_slice(&[0x08, 0x00]);
+        expected.extend_from_slice(&forwarded_ip(&inner));
+        assert_eq!(out.data, expected);
+        assert_eq!(stat(node, Stat::VxlanDeviceDecap), 1);
+        assert_eq!(stat(node, Stat::UnderlayDelivered), 1);
+        // The sending node itself to a pod (a probe): the stack's (its conntrack, firewall).
+        let probe = tcp_frame(
+            PEER_VTEP_MAC,
+            VTEP_MAC,
+            PEER_IP,
+            POD1_IP,
+            10250,
+            40000,
+            b"p",
+        );
+        let out = from_vxlan(node, &probe, Some((PEER_IP, VNI)));
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert_eq!(out.data, probe);
+        assert_eq!(stat(node, Stat::PassedToStack), 1);
+        // A pod of the sending node to this node: the stack's.
+        let to_node = udp_frame(
+            PEER_VTEP_MAC,
+            VTEP_MAC,
+            REMOTE_VXLAN_IP,
+            NODE_IP,
+            5000,
+            53,
+            b"q",
+        );
+        let out = from_vxlan(node, &to_node, Some((PEER_IP, VNI)));
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert_eq!(out.data, to_node);
+        assert_eq!(stat(node, Stat::VxlanDeviceDecap), 3);
+        assert_eq!(stat(node, Stat::UnderlayDelivered), 1);
+        assert_eq!(total_drops(node), 0);
+    });
+}
+
+/// Everything the socket decapsulates is checked here, whichever interface it came in on:
+/// the sending node, the VNI, the inner frame and its source, each drop with its reason.
+#[test]
+fn from_vxlan_checks_what_the_socket_decapsulated() {
+    with_node(|node| {
+        let inner_from =
+            |src: [u8; 4]| tcp_frame(PEER_VTEP_MAC, VTEP_MAC, src, POD1_IP, 80, 40000, b"inner");
+        let good = inner_from(REMOTE_VXLAN_IP);
+        // No tunnel metadata: not from the socket.
+        let out = from_vxlan(node, &good, None);
+        assert_eq!(out.verdict, TC_ACT_SHOT);
+        assert_eq!(drops(node, DropReason::TunnelMetadataMissing), 1);
+        // From a node nobody knows, whatever else is wrong.
+        for vni in [VNI, VNI + 1] {
+            let out = from_vxlan(node, &good, Some((UNKNOWN_NODE_IP, vni)));
+            assert_eq!(out.verdict, TC_ACT_SHOT);
+        }
+        assert_eq!(drops(node, DropReason::UnknownTunnelSource), 2);
+        // Another VNI.
+        let out = from_vxlan(node, &good, Some((PEER_IP, VNI + 1)));
+        assert_eq!(out.verdict, TC_ACT_SHOT);
+        assert_eq!(drops(node, DropReason::VxlanVniMismatch), 1);
+        // Inner sources the sending node does not own: 8.8.8.8, a pod of another node, a pod
+        // address nobody has.
+        for src in [[8, 8, 8, 8], REMOTE_NO_NEIGH_IP, [10, 244, 99, 1]] {
+            let out = from_vxlan(node, &inner_from(src), Some((PEER_IP, VNI)));
+            assert_eq!(out.verdict, TC_ACT_SHOT, "inner source {src:?}");
+        }
+        assert_eq!(drops(node, DropReason::TunnelInnerSourceSpoofed), 3);
+        // The sending node's pods in every mode it has, and the node itself, are its own.
+        for src in [REMOTE_VXLAN_IP, REMOTE_IPIP_IP, REMOTE_DIRECT_IP, PEER_IP] {
+            let out = from_vxlan(node, &inner_from(src), Some((PEER_IP, VNI)));
+            assert_ne!(out.verdict, TC_ACT_SHOT, "inner source {src:?}");
+        }
+        // Not IPv4 inside.
+        let arp = raw_frame(PEER_VTEP_MAC, VTEP_MAC, 0x0806, &[0; 28]);
+        let out = from_vxlan(node, &arp, Some((PEER_IP, VNI)));
+        assert_eq!(out.verdict, TC_ACT_SHOT);
+        assert_eq!(drops(node, DropReason::InnerNotIpv4), 1);
+        // A malformed or truncated inner IPv4 header (test runs start at the full header).
+        let mut bad_version = good.clone();
+        bad_version[14] = 0x65;
+        assert_eq!(
+            from_vxlan(node, &bad_version, Some((PEER_IP, VNI))).verdict,
+            TC_ACT_SHOT
+        );
+        for len in 34..good.len() {
+            let out = from_vxlan(node, &good[..len], Some((PEER_IP, VNI)));
+            assert_eq!(out.verdict, TC_ACT_SHOT, "truncated to {len}");
+        }
+        assert_eq!(
+            drops(node, DropReason::MalformedTunnel),
+            1 + (good.len() - 34) as u64
+        );
+        assert_eq!(stat(node, Stat::UnderlayDelivered), 3, "the three pods");
+    });
+}
+
+/// With `weft_vxlan` (`CONFIG_F_VXLAN_DEV`), `from_underlay` checks VXLAN and leaves it to the
+/// kernel's vxlan socket untouched (its GRO has aggregated it); what fails the checks is
+/// dropped here already; IPIP is still decapsulated here.
+#[test]
+fn from_underlay_leaves_vxlan_to_weft_vxlan() {
+    with_node(|node| {
+        let mut cfg = node.dp.maps.config().unwrap();
+        cfg.flags |= CONFIG_F_VXLAN_DEV;
+        node.dp.maps.set_config(&cfg).unwrap();
+        let inner = inner_to_pod1(b"to the socket");
+        let vx = vxlan_from(PEER_IP, VXLAN_PORT, VNI, &inner);
+        let out = tc(node, &vx);
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert_eq!(out.data, vx);
+        assert_eq!(stat(node, Stat::TcDecap), 0);
+        let spoofed = tcp_frame(PEER_VTEP_MAC, VTEP_MAC, [8, 8, 8, 8], POD1_IP, 80, 1, b"");
+        let out = tc(node, &vxlan_from(PEER_IP, VXLAN_PORT, VNI, &spoofed));
+        assert_eq!(out.verdict, TC_ACT_SHOT);
+        assert_eq!(drops(node, DropReason::TunnelInnerSourceSpoofed), 1);
+        let out = tc(
+            node,
+            &ipip_frame(PEER_MAC, NIC_MAC, PEER_IP, NODE_IP, &inner),
+        );
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(stat(node, Stat::TcDecap), 1);
     });
 }

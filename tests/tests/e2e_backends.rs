@@ -11,11 +11,23 @@ use weft_tests::{
 };
 
 fn cluster(backend: &str, direct_routing: bool, two_subnets: bool) -> Cluster {
+    cluster_with(backend, direct_routing, two_subnets, false)
+}
+
+/// `cluster`; `default_xdp`: the agents' default hook (tc on these veth underlays, VXLAN
+/// through `weft_vxlan`) instead of `--xdp=on`.
+fn cluster_with(
+    backend: &str,
+    direct_routing: bool,
+    two_subnets: bool,
+    default_xdp: bool,
+) -> Cluster {
     let mut cluster = Cluster::new(ClusterOptions {
         nodes: 3,
         backend: backend.into(),
         direct_routing,
         two_subnets,
+        default_xdp,
         ..Default::default()
     });
     for node in 0..cluster.nodes.len() {
@@ -98,10 +110,11 @@ fn direct_routing_over_ipip_takes_both_paths() {
 }
 
 /// Changing `Backend.Type` (and DirectRouting) in net-conf.json while a flow runs: every node
-/// re-programs its routes, no pod is touched, pod addresses stay, and the loss is counted.
+/// re-programs its routes, no pod is touched, pod addresses stay, and the loss is counted. The
+/// agents' default hook: VXLAN through `weft_vxlan`, IPIP decapsulated by tc, host-gw plain.
 #[test]
 fn live_backend_switch_through_the_config() {
-    let mut c = cluster("vxlan", false, false);
+    let mut c = cluster_with("vxlan", false, false, true);
     let endpoints_before: Vec<_> = (0..c.nodes.len())
         .map(|i| c.nodes[i].maps().endpoints().unwrap())
         .collect();

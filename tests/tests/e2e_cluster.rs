@@ -278,9 +278,12 @@ fn churn_nodes_and_pods_converge() {
 
 #[test]
 fn agent_sigkill_and_restart_loses_no_packets() {
+    // The agent's default hook: on these veth underlays, tc with VXLAN through `weft_vxlan`,
+    // which a restarted agent adopts.
     let mut cluster = cluster_with_pods(
         ClusterOptions {
             nodes: 2,
+            default_xdp: true,
             ..Default::default()
         },
         1,
@@ -309,6 +312,32 @@ fn agent_sigkill_and_restart_loses_no_packets() {
         f.missing,
         b.missing
     );
+    // The device gone (deleted by hand): the agent makes it again within a second or so, and
+    // VXLAN goes through it again.
+    let node = &cluster.nodes[1];
+    let vxlan_decap = || weft_common::vxlan_decap(node.maps().config().unwrap().flags);
+    assert_eq!(vxlan_decap(), weft_common::VXLAN_DEV);
+    let before = node.ns.ifindex(weft_common::VXLAN_DEV);
+    node.ns
+        .ip(&format!("link delete {}", weft_common::VXLAN_DEV));
+    wait_until(
+        "the agent to make weft_vxlan again",
+        Duration::from_secs(10),
+        || {
+            node.ns
+                .exec_ok("ip", &["link", "show", weft_common::VXLAN_DEV])
+                && vxlan_decap() == weft_common::VXLAN_DEV
+        },
+    );
+    assert_ne!(node.ns.ifindex(weft_common::VXLAN_DEV), before);
+    let through_device = || {
+        node.maps()
+            .stat_count(weft_common::Stat::VxlanDeviceDecap)
+            .unwrap()
+    };
+    let count = through_device();
+    cluster.assert_full_matrix();
+    assert!(through_device() > count, "VXLAN through the new weft_vxlan");
 }
 
 #[test]

@@ -348,8 +348,9 @@ fn services_through_kube_proxy_rules() {
 
 /// A Service flow (UDP request/response through a ClusterIP to a backend on the other node)
 /// across SIGKILLs and restarts of both nodes' agents: nothing lost. The agents run with the
-/// default `--xdp=auto`, which decapsulates in tc on a veth underlay, so this also covers the
-/// stack taking replies tc decapsulated.
+/// default `--xdp=auto`, which decapsulates in tc on a veth underlay (VXLAN through
+/// `weft_vxlan`), so this also covers the stack taking replies the kernel's vxlan socket
+/// decapsulated, and the device adopted across restarts.
 #[test]
 fn service_flows_survive_agent_restarts() {
     let mut s = setup_with(true);
@@ -360,7 +361,10 @@ fn service_flows_survive_agent_restarts() {
             .find(|l| l.starts_with("weft_decap_hook{"))
             .unwrap_or_default();
         assert!(
-            hook.contains(r#"hook="tc""#) && hook.contains("veth") && hook.ends_with(" 1"),
+            hook.contains(r#"hook="tc""#)
+                && hook.contains("veth")
+                && hook.contains(r#"vxlan="weft_vxlan""#)
+                && hook.ends_with(" 1"),
             "{}: {hook:?}",
             node.name
         );

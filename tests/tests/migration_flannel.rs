@@ -214,6 +214,17 @@ impl Migration {
                     panic!("wait_ready before switch_to_weft");
                 };
                 self.cluster.wait_converged(index);
+                // flannel.1 is gone: VXLAN goes through weft's own device now.
+                let node = &self.cluster.nodes[index];
+                weft_tests::process::wait_until(
+                    &format!("{} to set up {}", node.name, weft_common::VXLAN_DEV),
+                    std::time::Duration::from_secs(10),
+                    || {
+                        node.maps().config().is_ok_and(|c| {
+                            weft_common::vxlan_decap(c.flags) == weft_common::VXLAN_DEV
+                        })
+                    },
+                );
                 // Routes to the flannel nodes too, not only to weft nodes (polled: with no other
                 // weft node, convergence is the subnet file alone, which the agent writes before
                 // its first reconcile programs the routes).
@@ -279,8 +290,11 @@ fn flannel_cluster_migrates_node_by_node_as_documented() {
     );
 
     // A flannel cluster: three vxlan nodes with a pod each, leases in etcd.
+    // The agents run with their default hook, as the DaemonSet does: on these veth underlays
+    // tc, with VXLAN through `weft_vxlan` once flannel's `flannel.1` no longer holds the port.
     let mut cluster = Cluster::new(ClusterOptions {
         nodes: 0,
+        default_xdp: true,
         ..Default::default()
     });
     let subnets = ["10.244.11.0/24", "10.244.12.0/24", "10.244.13.0/24"];

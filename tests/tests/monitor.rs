@@ -14,7 +14,7 @@ use aya::maps::{Map, MapData, RingBuf};
 use serde_json::Value;
 use weft_agent::datapath::pin_dir;
 use weft_common::{
-    map_names,
+    TunnelKey, map_names,
     policy::{POLICY_F_INGRESS_ISOLATED, PolicyEndpoint},
     prog_names,
 };
@@ -227,6 +227,30 @@ fn monitor_reports_drops_filters_stops_without_listener_and_keeps_its_budget() {
         let ev = mon.next().expect("the tc drop event");
         assert_eq!(ev["hook"], "from_underlay");
         assert_eq!(ev["reason"], "unknown_tunnel_source");
+        // What the kernel's vxlan socket decapsulated (`weft_vxlan`), refused by from_vxlan.
+        node.dp
+            .set_trace_tunnel(Some(TunnelKey {
+                peer: PEER_IP,
+                vni: VNI,
+                valid: 1,
+            }))
+            .unwrap();
+        let spoofed = tcp_frame(
+            PEER_VTEP_MAC,
+            VTEP_MAC,
+            [8, 8, 8, 8],
+            POD1_IP,
+            5555,
+            443,
+            b"",
+        );
+        let vx_prog = node.dp.tc_program(prog_names::FROM_VXLAN).unwrap();
+        assert_eq!(run_tc(vx_prog, &spoofed, 0, 1).verdict, 2);
+        let ev = mon.next().expect("the from_vxlan drop event");
+        assert_eq!(ev["hook"], "from_vxlan");
+        assert_eq!(ev["reason"], "tunnel_inner_source_spoofed");
+        assert_eq!(ev["src"], "8.8.8.8");
+        assert_eq!(ev["dst_pod"], "default/pod-one");
         mon.assert_quiet();
 
         // One monitor at a time, and the second one says who holds the node.

@@ -6,7 +6,7 @@ use std::{net::Ipv4Addr, path::Path, process::Command};
 use serde_json::Value;
 use weft_agent::datapath::{Datapath, LoadOptions, Maps};
 use weft_common::{
-    CONFIG_F_READY, EndpointInfo, NodeConfig, NodeInfo, RouteInfo, RouteMode,
+    CONFIG_F_READY, CONFIG_F_VXLAN_DEV, EndpointInfo, NodeConfig, NodeInfo, RouteInfo, RouteMode,
     policy::{POLICY_F_INGRESS_ISOLATED, PolicyEndpoint},
 };
 use weft_tests::{cluster::binary, injection_node::*, netns::unique_name, pins::PinDir};
@@ -310,6 +310,38 @@ fn trace_explains_local_encapsulated_and_spoofed_packets_without_changing_state(
         assert_eq!(steps[1]["hook"], "from_underlay");
         assert_eq!(counter(&steps[1], "underlay_delivered"), 1, "{r}");
         assert!(steps[1]["leaves"]["summary"].as_str().unwrap().contains("tcp 10.244.1.2:42424 -> 10.244.2.7:80 (ttl 62)"), "{r}");
+
+        // The peer with `weft_vxlan`: its from_underlay checks the VXLAN packet and leaves it
+        // to the kernel's vxlan socket; from_vxlan (the socket's part modelled) delivers.
+        let mut peer_maps = Maps::open_pinned(&peer_root).unwrap();
+        let peer_cfg = peer_maps.config().unwrap();
+        peer_maps
+            .set_config(&NodeConfig {
+                flags: peer_cfg.flags | CONFIG_F_VXLAN_DEV,
+                ..peer_cfg
+            })
+            .unwrap();
+        let r = trace(
+            &root,
+            &ipam_dir,
+            &["--from", "pod-one", "--to", "10.244.2.7", "--peer-pin-root", peer_arg],
+        );
+        let steps = r["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), 4, "{r}");
+        let t = &steps[2];
+        assert_eq!(t["hook"], "from_underlay");
+        assert_eq!(t["verdict"], "TC_ACT_OK", "{t}");
+        assert!(t["action"].as_str().unwrap().contains("to weft_vxlan"), "{t}");
+        assert_eq!(counter(t, "tc_decap"), 0, "{t}");
+        let v = &steps[3];
+        assert_eq!((v["hook"].as_str(), v["interface"].as_str()), (Some("from_vxlan"), Some("weft_vxlan")));
+        assert_eq!(v["verdict"], "TC_ACT_REDIRECT", "{v}");
+        assert_eq!(counter(v, "vxlan_device_decap"), 1, "{v}");
+        assert_eq!(counter(v, "underlay_delivered"), 1, "{v}");
+        assert!(v["lookups"].to_string().contains("from node 192.168.50.1, VNI 1"), "{v}");
+        assert!(v["action"].as_str().unwrap().contains("into pod 10.244.2.7"), "{v}");
+        assert!(v["leaves"]["summary"].as_str().unwrap().contains("tcp 10.244.1.2:42424 -> 10.244.2.7:80 (ttl 62)"), "{v}");
+        peer_maps.set_config(&peer_cfg).unwrap();
 
         // With only the capabilities the manifest gives the agent container (the CLI runs
         // there): loading the instance and BPF_PROG_TEST_RUN need nothing more.

@@ -1,15 +1,19 @@
 //! Two weft nodes, every backend: pod to pod on one node and across nodes, node to remote pod
-//! and pod to remote node, ICMP and TCP, with and without XDP; and a live switch of the backend
-//! while a flow runs, with the loss counted.
+//! and pod to remote node, ICMP and TCP, with XDP, with tc through `weft_vxlan` and with tc
+//! alone; and a live switch of the backend while a flow runs, with the loss counted.
 use std::{net::Ipv4Addr, time::Duration};
 
 use ipnet::Ipv4Net;
 use weft_agent::datapath::XdpSetting;
-use weft_common::{DecapHook, RouteMode, Stat};
+use weft_common::{CONFIG_F_VXLAN_DEV, DecapHook, DropReason, RouteMode, Stat, VXLAN_DEV};
 use weft_tests::{
     agentless::{Pod, WeftNode, mtu_wire},
+    capture::Capture,
     flow::{FlowLoss, SequencedFlow, tcp_transfer, udp_echo_sizes},
+    inject::{UdpCounter, frame_send},
     netns::{Netns, veth_pair},
+    packets::{Outer, udp_frame, vxlan_frame},
+    process::wait_until,
 };
 
 const POD_MTU: u32 = 1450;
@@ -22,15 +26,24 @@ struct Cluster {
     b1: Pod,
 }
 
-fn xdp(with_xdp: bool) -> XdpSetting {
-    if with_xdp {
+/// Where the nodes decapsulate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hook {
+    /// XDP (`--xdp=on`).
+    Xdp,
+    /// tc, VXLAN through `weft_vxlan` (the agent's way on a veth underlay).
+    TcDevice,
+    /// tc alone, VXLAN decapsulated by `from_underlay` (where `weft_vxlan` cannot be made).
+    TcDirect,
+}
+
+fn cluster(hook: Hook) -> Cluster {
+    let xdp = if hook == Hook::Xdp {
         XdpSetting::On
     } else {
         XdpSetting::Off
-    }
-}
-
-fn cluster(with_xdp: bool) -> Cluster {
+    };
+    let device = hook == Hook::TcDevice;
     let ns_a = Netns::new("na");
     let ns_b = Netns::new("nb");
     veth_pair(&ns_a, "eth0", &ns_b, "eth0");
@@ -38,20 +51,23 @@ fn cluster(with_xdp: bool) -> Cluster {
     mtu_wire(&ns_b, "eth0");
     ns_a.ip("addr add 192.168.70.1/24 dev eth0");
     ns_b.ip("addr add 192.168.70.2/24 dev eth0");
-    let a = WeftNode::new(
+    let a = WeftNode::with_vxlan_device(
         ns_a,
         Ipv4Addr::new(192, 168, 70, 1),
         "eth0",
         [2, 0x77, 0, 0, 0, 1],
-        xdp(with_xdp),
+        xdp,
+        device,
     );
-    let b = WeftNode::new(
+    let b = WeftNode::with_vxlan_device(
         ns_b,
         Ipv4Addr::new(192, 168, 70, 2),
         "eth0",
         [2, 0x77, 0, 0, 0, 2],
-        xdp(with_xdp),
+        xdp,
+        device,
     );
+    assert_eq!(a.vxlan_device, device);
     let network: Ipv4Net = "10.244.0.0/16".parse().unwrap();
     a.route_cluster_network(network);
     b.route_cluster_network(network);
@@ -135,7 +151,7 @@ fn stat(node: &WeftNode, s: Stat) -> u64 {
 
 #[test]
 fn vxlan_backend_full_connectivity() {
-    let c = cluster(true);
+    let c = cluster(Hook::Xdp);
     set_mode(&c, RouteMode::Vxlan);
     connectivity(&c, 6001);
     assert!(stat(&c.a, Stat::VxlanEncap) > 0 && stat(&c.b, Stat::XdpVxlanDecap) > 0);
@@ -144,7 +160,7 @@ fn vxlan_backend_full_connectivity() {
 
 #[test]
 fn ipip_backend_full_connectivity() {
-    let c = cluster(true);
+    let c = cluster(Hook::Xdp);
     set_mode(&c, RouteMode::Ipip);
     connectivity(&c, 6101);
     assert!(stat(&c.a, Stat::IpipEncap) > 0 && stat(&c.b, Stat::XdpIpipDecap) > 0);
@@ -153,7 +169,7 @@ fn ipip_backend_full_connectivity() {
 
 #[test]
 fn direct_backend_full_connectivity() {
-    let c = cluster(true);
+    let c = cluster(Hook::Xdp);
     set_mode(&c, RouteMode::Direct);
     connectivity(&c, 6201);
     assert!(stat(&c.a, Stat::DirectForward) > 0 && stat(&c.b, Stat::UnderlayDelivered) > 0);
@@ -163,25 +179,140 @@ fn direct_backend_full_connectivity() {
     );
 }
 
+/// The largest frame pod `to` receives during a bulk TCP transfer into it from `from`.
+fn largest_received(from: &Netns, to: &Pod, port: u16) -> usize {
+    let cap = Capture::start(&to.ns, "10.244.0.0/16".parse().unwrap());
+    tcp_transfer(&to.ns, to.ip, port, from, 16 << 20, Duration::from_secs(30));
+    cap.stop().max_len
+}
+
 #[test]
 fn tunnels_work_without_xdp_through_tc_decapsulation() {
-    let c = cluster(false);
+    let c = cluster(Hook::TcDirect);
     set_mode(&c, RouteMode::Vxlan);
     connectivity(&c, 6301);
+    // Nothing aggregates VXLAN without a socket on its port: the pod gets one MTU-sized
+    // segment at a time.
+    let largest = largest_received(&c.a1.ns, &c.b1, 6320);
+    assert!(largest <= (POD_MTU + 14) as usize, "{largest} bytes");
     set_mode(&c, RouteMode::Ipip);
     connectivity(&c, 6311);
     assert!(stat(&c.b, Stat::TcDecap) > 0);
     assert_eq!(
-        stat(&c.b, Stat::XdpVxlanDecap) + stat(&c.b, Stat::XdpIpipDecap),
+        stat(&c.b, Stat::XdpVxlanDecap)
+            + stat(&c.b, Stat::XdpIpipDecap)
+            + stat(&c.b, Stat::VxlanDeviceDecap),
         0
     );
+}
+
+/// The tc hook as the agent sets it up on a veth underlay: VXLAN through `weft_vxlan`, whose
+/// socket gets the underlay's GRO, so a pod receives aggregated TCP segments (larger than its
+/// MTU) on an underlay that carries MTU-sized frames; IPIP still decapsulated by tc.
+#[test]
+fn vxlan_through_weft_vxlan_is_aggregated_and_delivered() {
+    let c = cluster(Hook::TcDevice);
+    for node in [&c.a, &c.b] {
+        let cfg = node.maps().config().unwrap();
+        assert_ne!(cfg.flags & CONFIG_F_VXLAN_DEV, 0);
+        assert_eq!(weft_common::vxlan_decap(cfg.flags), VXLAN_DEV);
+        let link = node.ns.ip(&format!("-d link show dev {VXLAN_DEV}"));
+        assert!(
+            link.contains("external") && link.contains("dstport 8472"),
+            "{link}"
+        );
+    }
+    set_mode(&c, RouteMode::Vxlan);
+    connectivity(&c, 6401);
+    assert!(stat(&c.b, Stat::VxlanDeviceDecap) > 0 && stat(&c.a, Stat::VxlanDeviceDecap) > 0);
+    assert_eq!(stat(&c.b, Stat::TcDecap), 0, "no VXLAN decapsulated in tc");
+    let decap = stat(&c.b, Stat::VxlanDeviceDecap);
+    let delivered = stat(&c.b, Stat::UnderlayDelivered);
+    let largest = largest_received(&c.a1.ns, &c.b1, 6420);
+    assert!(
+        largest > (POD_MTU + 14) as usize,
+        "the pod got segments of at most {largest} bytes: no GRO"
+    );
+    // 16 MiB in 1398-byte segments is 12,000 segments; aggregated, far fewer packets.
+    let decap = stat(&c.b, Stat::VxlanDeviceDecap) - decap;
+    let delivered = stat(&c.b, Stat::UnderlayDelivered) - delivered;
+    eprintln!("16 MiB into a pod through {VXLAN_DEV}: {decap} packets, largest {largest} bytes");
+    assert!(delivered >= decap / 2, "{delivered} of {decap} delivered");
+    assert!(decap < 6000, "{decap} packets for 12,000 segments");
+    set_mode(&c, RouteMode::Ipip);
+    connectivity(&c, 6411);
+    assert!(stat(&c.b, Stat::TcDecap) > 0);
+}
+
+/// The kernel's vxlan socket takes VXLAN from any interface, not only the underlay (where
+/// `from_underlay` checks it first): `from_vxlan` applies the checks to whatever the socket
+/// decapsulated. A host on another link of node B sends VXLAN claiming to come from node A.
+#[test]
+fn weft_vxlan_checks_vxlan_from_any_interface() {
+    let c = cluster(Hook::TcDevice);
+    set_mode(&c, RouteMode::Vxlan);
+    let side = Netns::new("nx");
+    veth_pair(&side, "eth0", &c.b.ns, "side0");
+    side.ip("addr add 192.168.74.1/24 dev eth0");
+    c.b.ns.ip("addr add 192.168.74.2/24 dev side0");
+    let (side_mac, b_mac) = (side.mac("eth0"), c.b.ns.mac("side0"));
+    let vxlan = |inner_src: Ipv4Addr, vni: u32| {
+        let inner = udp_frame(
+            c.a.vtep_mac,
+            c.b.vtep_mac,
+            inner_src.octets(),
+            c.b1.ip.octets(),
+            5555,
+            7707,
+            b"from the side",
+        );
+        vxlan_frame(
+            &Outer {
+                src_mac: side_mac,
+                dst_mac: b_mac,
+                src: c.a.ip.octets(),
+                dst: c.b.ip.octets(),
+            },
+            50000,
+            8472,
+            vni,
+            &inner,
+        )
+    };
+    let received = UdpCounter::start(&c.b1.ns, c.b1.ip, 7707);
+    // A pod of node A: delivered through the device.
+    frame_send(&side, "eth0", vxlan(c.a1.ip, 1));
+    wait_until(
+        "the datagram through weft_vxlan",
+        Duration::from_secs(5),
+        || received.count() == 1,
+    );
+    // Not node A's, and another VNI: dropped by from_vxlan, each with its reason.
+    frame_send(&side, "eth0", vxlan(Ipv4Addr::new(8, 8, 8, 8), 1));
+    frame_send(&side, "eth0", vxlan(c.a1.ip, 2));
+    let maps = c.b.maps();
+    wait_until("both drops counted", Duration::from_secs(5), || {
+        maps.drop_count(DropReason::TunnelInnerSourceSpoofed)
+            .unwrap()
+            == 1
+            && maps.drop_count(DropReason::VxlanVniMismatch).unwrap() == 1
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(received.count(), 1, "nothing else reached the pod");
+    assert_eq!(c.b.drops_total(), 2, "{:?}", maps.drops().unwrap());
 }
 
 /// Switches the backend every 150 ms while a sequenced UDP flow runs between pods on the two
 /// nodes; counts what did not arrive.
 #[test]
 fn live_backend_switch_loses_nothing() {
-    let c = cluster(true);
+    for hook in [Hook::Xdp, Hook::TcDevice] {
+        live_backend_switch(hook);
+    }
+}
+
+fn live_backend_switch(hook: Hook) {
+    let c = cluster(hook);
     set_mode(&c, RouteMode::Vxlan);
     ping(&c.a1.ns, c.b1.ip);
     let flow = SequencedFlow::start(&c.a1.ns, &c.b1.ns, c.b1.ip, 7000);
@@ -204,7 +335,7 @@ fn live_backend_switch_loses_nothing() {
         missing,
     } = flow.stop();
     eprintln!(
-        "live backend switch: {} switches, {sent} packets sent, {lost} lost",
+        "live backend switch ({hook:?}): {} switches, {sent} packets sent, {lost} lost",
         modes.len()
     );
     assert!(sent > 1000, "the flow ran ({sent} packets)");
@@ -218,36 +349,64 @@ fn live_backend_switch_loses_nothing() {
 }
 
 /// What a restarted agent does to the datapath: load the object again (adopting the pinned
-/// maps) and switch every pinned link to the new programs.
-fn restart_datapath(node: &WeftNode) -> usize {
+/// maps) and switch every pinned link to the new programs, `weft_vxlan`'s too.
+fn restart_datapath(node: &WeftNode, hook: Hook) -> usize {
     let root = node.pins.path.clone();
     let dev = node.underlay.clone();
+    let (mac, address) = (node.vtep_mac, node.ip);
     node.ns.run(move || {
         let mut dp = weft_agent::datapath::Datapath::load_pinned(&root).expect("reloading");
         dp.pin_programs().expect("pinning programs");
-        dp.attach_underlay(&dev, weft_agent::datapath::XdpSetting::On)
+        let setting = if hook == Hook::Xdp {
+            XdpSetting::On
+        } else {
+            XdpSetting::Off
+        };
+        dp.attach_underlay(&dev, setting)
             .expect("re-attaching the underlay");
+        if hook == Hook::TcDevice {
+            let nl = weft_agent::netlink::BlockingNetlink::open().unwrap();
+            weft_agent::node_net::VxlanDevice {
+                port: 8472,
+                mtu: POD_MTU,
+                mac,
+                address,
+            }
+            .ensure(&nl, &root)
+            .expect("adopting weft_vxlan");
+        }
         dp.attach_from_host(weft_common::HOST_PEER_DEV)
             .expect("re-attaching from_host");
         dp.reattach_pods().expect("re-attaching pods")
     })
 }
 
-/// Reloading the datapath while a flow runs: links are switched atomically, maps adopted.
+/// Reloading the datapath while a flow runs: links are switched atomically, maps adopted, the
+/// VXLAN device kept.
 #[test]
 fn datapath_reload_during_a_flow_loses_nothing() {
-    let c = cluster(true);
+    for hook in [Hook::Xdp, Hook::TcDevice] {
+        datapath_reload(hook);
+    }
+}
+
+fn datapath_reload(hook: Hook) {
+    let c = cluster(hook);
     set_mode(&c, RouteMode::Vxlan);
     ping(&c.a1.ns, c.b1.ip);
     let flow = SequencedFlow::start(&c.a1.ns, &c.b1.ns, c.b1.ip, 7001);
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(150));
         assert_eq!(
-            restart_datapath(&c.a),
+            restart_datapath(&c.a, hook),
             2,
             "both pod links of node A switched"
         );
-        assert_eq!(restart_datapath(&c.b), 1, "the pod link of node B switched");
+        assert_eq!(
+            restart_datapath(&c.b, hook),
+            1,
+            "the pod link of node B switched"
+        );
     }
     std::thread::sleep(Duration::from_millis(150));
     let FlowLoss {
@@ -255,7 +414,9 @@ fn datapath_reload_during_a_flow_loses_nothing() {
         lost,
         missing,
     } = flow.stop();
-    eprintln!("datapath reloads during a flow: 6 reloads, {sent} packets sent, {lost} lost");
+    eprintln!(
+        "datapath reloads during a flow ({hook:?}): 6 reloads, {sent} packets sent, {lost} lost"
+    );
     assert!(sent > 1000);
     assert_eq!(lost, 0, "packets lost during reloads: {missing:?}");
     // The maps survived: routes and endpoints still there, traffic still flows.

@@ -58,6 +58,8 @@ enum Testbed {
         pb: Pod,
         /// The hook the nodes decapsulate in.
         decap: DecapHook,
+        /// Whether VXLAN goes through `weft_vxlan`.
+        vxlan_device: bool,
     },
     Flannel {
         _a: FlannelNode,
@@ -112,20 +114,29 @@ fn underlay(mtu_sized: bool) -> (Netns, Netns) {
 }
 
 fn weft(mode: RouteMode, mtu_sized: bool, xdp: XdpSetting) -> Testbed {
+    weft_with(mode, mtu_sized, xdp, true)
+}
+
+/// `weft`, choosing whether the tc hook sends VXLAN through `weft_vxlan` (the agent's way) or
+/// decapsulates it in `from_underlay` (the fallback, `-tcdirect`).
+fn weft_with(mode: RouteMode, mtu_sized: bool, xdp: XdpSetting, vxlan_device: bool) -> Testbed {
     let (na, nb) = underlay(mtu_sized);
-    let a = WeftNode::new(na, NODE_A, "eth0", [2, 0x77, 0, 0, 0, 1], xdp);
-    let b = WeftNode::new(nb, NODE_B, "eth0", [2, 0x77, 0, 0, 0, 2], xdp);
+    let a =
+        WeftNode::with_vxlan_device(na, NODE_A, "eth0", [2, 0x77, 0, 0, 0, 1], xdp, vxlan_device);
+    let b =
+        WeftNode::with_vxlan_device(nb, NODE_B, "eth0", [2, 0x77, 0, 0, 0, 2], xdp, vxlan_device);
     let pa = a.add_pod(Ipv4Addr::new(10, 244, 1, 2), POD_MTU);
     let pb = b.add_pod(Ipv4Addr::new(10, 244, 2, 2), POD_MTU);
     a.add_peer("10.244.2.0/24".parse().unwrap(), NODE_B, b.vtep_mac, mode);
     b.add_peer("10.244.1.0/24".parse().unwrap(), NODE_A, a.vtep_mac, mode);
-    let decap = a.decap;
+    let (decap, vxlan_device) = (a.decap, a.vxlan_device);
     Testbed::Weft {
         _a: a,
         _b: b,
         pa,
         pb,
         decap,
+        vxlan_device,
     }
 }
 
@@ -907,6 +918,11 @@ fn main() {
         ("weft-vxlan-tc", |m| {
             weft(RouteMode::Vxlan, m, XdpSetting::Off)
         }),
+        // The tc hook without `weft_vxlan` (where it cannot be made): VXLAN decapsulated by
+        // `from_underlay`, no GRO.
+        ("weft-vxlan-tcdirect", |m| {
+            weft_with(RouteMode::Vxlan, m, XdpSetting::Off, false)
+        }),
         ("weft-ipip-tc", |m| {
             weft(RouteMode::Ipip, m, XdpSetting::Off)
         }),
@@ -943,10 +959,16 @@ fn main() {
             for (name, build) in &contestants {
                 eprintln!("bench: round {}/{rounds} {key} {name}", round + 1);
                 let bed = build(*mtu_sized);
-                if let Testbed::Weft { decap, .. } = &bed {
+                if let Testbed::Weft {
+                    decap,
+                    vxlan_device,
+                    ..
+                } = &bed
+                {
                     hooks.insert(
                         name.to_string(),
-                        json!({"hook": decap.hook(), "reason": decap.reason()}),
+                        json!({"hook": decap.hook(), "reason": decap.reason(),
+                            "vxlan_device": vxlan_device}),
                     );
                 }
                 this_round.insert(name.to_string(), measure(&bed, &s));
