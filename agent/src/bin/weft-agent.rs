@@ -438,17 +438,25 @@ impl weft_agent::control_loop::VxlanDeviceControl for AgentVxlanDevice {
     }
 }
 
-/// Loads or adopts the datapath and attaches it; returns it, the decapsulation hook chosen and,
-/// with the tc hook, `weft_vxlan` and whether VXLAN goes through it. On a restart every step
-/// swaps in place: the maps are the pinned ones, the links are atomically switched to the new
-/// programs, the device is adopted.
+/// The datapath as `program_datapath` left it.
+struct Programmed {
+    dp: Datapath,
+    /// The decapsulation hook chosen.
+    hook: DecapHook,
+    /// With the tc hook: `weft_vxlan`, and whether VXLAN goes through it.
+    vxlan_device: Option<(AgentVxlanDevice, bool)>,
+}
+
+/// Loads or adopts the datapath and attaches it. On a restart every step swaps in place: the
+/// maps are the pinned ones, the links are atomically switched to the new programs, the device
+/// is adopted.
 fn program_datapath(
     args: &Args,
     conf: &FlannelNetConf,
     underlay: &Underlay,
     pod_mtu: u32,
     nl: &BlockingNetlink,
-) -> Result<(Datapath, DecapHook, Option<(AgentVxlanDevice, bool)>)> {
+) -> Result<Programmed> {
     let options = LoadOptions {
         conntrack_max: args.conntrack_max,
         policy: weft_agent::datapath::PolicyCapacities {
@@ -548,7 +556,11 @@ fn program_datapath(
     dp.attach_from_host(HOST_PEER_DEV)?;
     let pods = dp.reattach_pods()?;
     tracing::info!(pods, "datapath programmed");
-    Ok((dp, hook, device))
+    Ok(Programmed {
+        dp,
+        hook,
+        vxlan_device: device,
+    })
 }
 
 /// NetworkPolicy: the world's source for the datastore in use, and the controller writing the
@@ -662,7 +674,11 @@ fn run(args: Args) -> Result<()> {
         "starting"
     );
     node_net::set_sysctls(&underlay)?;
-    let (dp, hook, vxlan_device) = program_datapath(&args, &conf, &underlay, pod_mtu, &nl)?;
+    let Programmed {
+        dp,
+        hook,
+        vxlan_device,
+    } = program_datapath(&args, &conf, &underlay, pod_mtu, &nl)?;
 
     let mut metrics = Metrics::new(Some(args.pin_root.clone()));
     let policy_metrics = Arc::new(PolicyMetrics::new());
