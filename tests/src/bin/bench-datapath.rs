@@ -43,6 +43,8 @@ struct Settings {
     cpu_secs: u32,
     pings: u32,
     prog_calls: u64,
+    /// TCP throughput alone (`--tcp-only`, for profiling one contestant's TCP stream).
+    tcp_only: bool,
 }
 
 /// The fixed rates CPU is measured at.
@@ -476,6 +478,9 @@ fn measure(bed: &Testbed, s: &Settings) -> BTreeMap<&'static str, f64> {
     )
     .output();
     let tcp = tcp_gbps(bed, s);
+    if s.tcp_only {
+        return BTreeMap::from([("tcp_gbps", round(tcp, 3))]);
+    }
     let udp = udp64_kpps(bed, s);
     let (p50, p99) = rtt_us(bed, s);
     let tcp_rate = TCP_CPU_RATE_BPS.to_string();
@@ -568,7 +573,11 @@ fn section(rounds: &[BTreeMap<String, BTreeMap<&'static str, f64>>]) -> Value {
         }
         // No ratio when the baseline did not run (`--only` without it).
         if let Some(base) = baseline_of(&name).filter(|b| rounds[0].contains_key(*b)) {
-            for key in RATIO_KEYS {
+            // (`--tcp-only` measures one key.)
+            for key in RATIO_KEYS
+                .into_iter()
+                .filter(|k| rounds[0][&name].contains_key(k))
+            {
                 let ratios: Vec<f64> = rounds
                     .iter()
                     .map(|r| r[&name][key] / r[base][key])
@@ -870,6 +879,7 @@ fn main() {
             cpu_secs: 3,
             pings: 200,
             prog_calls: 20_000,
+            tcp_only: false,
         }
     } else {
         Settings {
@@ -879,8 +889,20 @@ fn main() {
             cpu_secs: 5,
             pings: 1000,
             prog_calls: 100_000,
+            tcp_only: false,
         }
     };
+    // `--tcp-only [--tcp-secs N]`: each contestant's TCP stream alone, N seconds long (for
+    // `perf record` while it runs).
+    let mut s = s;
+    s.tcp_only = std::env::args().any(|a| a == "--tcp-only");
+    if let Some(secs) = std::env::args()
+        .skip_while(|a| a != "--tcp-secs")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+    {
+        s.tcp_secs = secs;
+    }
     let rounds = std::env::args()
         .skip_while(|a| a != "--rounds")
         .nth(1)
