@@ -45,6 +45,8 @@ struct Settings {
     prog_calls: u64,
     /// TCP throughput alone (`--tcp-only`, for profiling one contestant's TCP stream).
     tcp_only: bool,
+    /// 64-byte UDP alone (`--udp-only`).
+    udp_only: bool,
 }
 
 /// The fixed rates CPU is measured at.
@@ -477,6 +479,9 @@ fn measure(bed: &Testbed, s: &Settings) -> BTreeMap<&'static str, f64> {
         &["ping", "-c", "2", "-i", "0.2", "-W", "1", &ip.to_string()],
     )
     .output();
+    if s.udp_only {
+        return BTreeMap::from([("udp64_kpps", round(udp64_kpps(bed, s), 1))]);
+    }
     let tcp = tcp_gbps(bed, s);
     if s.tcp_only {
         return BTreeMap::from([("tcp_gbps", round(tcp, 3))]);
@@ -880,6 +885,7 @@ fn main() {
             pings: 200,
             prog_calls: 20_000,
             tcp_only: false,
+            udp_only: false,
         }
     } else {
         Settings {
@@ -890,19 +896,22 @@ fn main() {
             pings: 1000,
             prog_calls: 100_000,
             tcp_only: false,
+            udp_only: false,
         }
     };
-    // `--tcp-only [--tcp-secs N]`: each contestant's TCP stream alone, N seconds long (for
-    // `perf record` while it runs).
+    // `--tcp-only [--tcp-secs N]` and `--udp-only [--udp-secs N]`: each contestant's TCP
+    // stream (64-byte UDP) alone, N seconds long (for `perf record` while it runs).
     let mut s = s;
     s.tcp_only = std::env::args().any(|a| a == "--tcp-only");
-    if let Some(secs) = std::env::args()
-        .skip_while(|a| a != "--tcp-secs")
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-    {
-        s.tcp_secs = secs;
-    }
+    s.udp_only = std::env::args().any(|a| a == "--udp-only");
+    let secs = |flag: &str| {
+        std::env::args()
+            .skip_while(|a| a != flag)
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+    };
+    s.tcp_secs = secs("--tcp-secs").unwrap_or(s.tcp_secs);
+    s.udp_secs = secs("--udp-secs").unwrap_or(s.udp_secs);
     let rounds = std::env::args()
         .skip_while(|a| a != "--rounds")
         .nth(1)
