@@ -146,6 +146,7 @@ fn libbpf_loads_the_object_too() {
             "from_host",
             "from_pod",
             "from_underlay",
+            "from_vxlan",
             "to_pod",
             "xdp_underlay"
         ],
