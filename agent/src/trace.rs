@@ -3,9 +3,9 @@
 //! The packet is built here (a TCP SYN, a UDP datagram or an ICMP echo request) and run with
 //! `BPF_PROG_TEST_RUN` through weft's real programs: `from_pod` on the sending pod's veth, then,
 //! when the destination node's pins are reachable (`--peer-pin-root`, e.g. the simulated nodes of
-//! one machine), `xdp_underlay` and `from_underlay` there on the bytes that left, and, where
-//! VXLAN goes through `weft_vxlan`, `from_vxlan` on the inner frame (the kernel's vxlan socket
-//! is modelled: the inner frame cut out, the tunnel key supplied).
+//! one machine), `xdp_underlay` and `from_underlay` there on the bytes that left, and, for TCP in
+//! VXLAN where it goes through `weft_vxlan`, `from_vxlan` on the inner frame (the kernel's vxlan
+//! socket is modelled: the inner frame cut out, the tunnel key supplied).
 //!
 //! **No state changes.** The programs run as a second instance of the object
 //! (`Datapath::load_for_trace`): the maps they only read (config, routes, endpoints, nodes,
@@ -798,8 +798,11 @@ fn underlay_steps(
         |ip| local_pods.iter().any(|(a, _)| *a == ip),
         true,
     )?);
-    let to_device =
-        cfg.flags & CONFIG_F_VXLAN_DEV != 0 && p.tunnel.as_ref().is_some_and(|t| t.kind == "vxlan");
+    // As `from_underlay` decides: TCP in VXLAN goes to `weft_vxlan` (a traced packet is never
+    // GSO).
+    let to_device = cfg.flags & CONFIG_F_VXLAN_DEV != 0
+        && proto == Proto::Tcp
+        && p.tunnel.as_ref().is_some_and(|t| t.kind == "vxlan");
     let mut tc = new_step(Hook::FromUnderlay, Some(node_ip), "underlay".into());
     if !to_device {
         tc.lookups.extend(delivery_lookups.iter().cloned());

@@ -422,10 +422,10 @@ pub const CONFIG_F_READY: u16 = 1 << 0;
 /// through the host stack (routed access from outside the cluster, as BGP setups want).
 /// Off by default: only peers on the underlay may send plain frames to pods.
 pub const CONFIG_F_ACCEPT_ROUTED: u16 = 1 << 1;
-/// VXLAN addressed to this node goes to the kernel's vxlan socket (`VXLAN_DEV`, which
-/// decapsulates it after GRO, and `from_vxlan` delivers): `from_underlay` checks it and passes
-/// it on instead of decapsulating it itself. Set by the agent only while the device is up on
-/// the configured port with `from_vxlan` attached.
+/// VXLAN addressed to this node carrying TCP (or arriving GSO) goes to the kernel's vxlan
+/// socket (`VXLAN_DEV`, which decapsulates it after GRO, and `from_vxlan` delivers):
+/// `from_underlay` checks it and passes it on instead of decapsulating it itself. Set by the
+/// agent only while the device is up on the configured port with `from_vxlan` attached.
 pub const CONFIG_F_VXLAN_DEV: u16 = 1 << 2;
 
 /// Bits of `NodeConfig::flags` holding the [`DecapHook`] the agent chose (the datapath ignores
@@ -502,8 +502,9 @@ impl DecapHook {
 }
 
 /// Where VXLAN from other nodes is decapsulated, from a config's flags (`weft status`, the
-/// `vxlan` label of `weft_decap_hook`): `xdp` (the XDP hook), `weft_vxlan` (the tc hook through
-/// the kernel's vxlan socket on `VXLAN_DEV`: GRO before decapsulation), `tc` (the tc hook
+/// `vxlan` label of `weft_decap_hook`): `xdp` (the XDP hook), `weft_vxlan` (the tc hook, TCP
+/// through the kernel's vxlan socket on `VXLAN_DEV`: GRO before decapsulation; other protocols
+/// decapsulated by `from_underlay`, cheaper per packet), `tc` (the tc hook
 /// decapsulating on the underlay: the device could not be set up), `unknown` (not recorded).
 pub fn vxlan_decap(flags: u16) -> &'static str {
     match DecapHook::of_flags(flags).hook() {

@@ -18,12 +18,14 @@ pub enum Tunnel {
     /// A valid tunnel packet from `peer`: `outer_len` bytes follow the outer Ethernet header up
     /// to the inner Ethernet header (VXLAN) or the inner IPv4 header (IPIP, `inner_has_eth`
     /// false). `from_pod`: the inner source is a pod of the peer (else the peer itself).
+    /// `inner_proto`: the inner IPv4 header's protocol.
     Decap {
         outer_len: usize,
         inner_has_eth: bool,
         stat_xdp: Stat,
         peer: [u8; 4],
         from_pod: bool,
+        inner_proto: u8,
     },
 }
 
@@ -89,6 +91,7 @@ fn accept(
             stat_xdp,
             peer,
             from_pod,
+            inner_proto: ip.protocol,
         },
         Err(reason) => Tunnel::Drop(reason),
     }

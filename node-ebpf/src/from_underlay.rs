@@ -1,8 +1,9 @@
 //! tc ingress on the underlay NIC: delivers packets from other nodes' pods to local pods
 //! straight into the pod's namespace (`bpf_redirect_peer`), after decapsulating tunnel packets
 //! XDP did not handle (XDP not attached, or not supported by the NIC). With `weft_vxlan`
-//! (`CONFIG_F_VXLAN_DEV`), VXLAN is checked here and left to the kernel's vxlan socket, which
-//! decapsulates it after the underlay's GRO aggregated it; `from_vxlan` delivers it.
+//! (`CONFIG_F_VXLAN_DEV`), VXLAN carrying TCP (and any GSO packet) is checked here and left to
+//! the kernel's vxlan socket, which decapsulates it after the underlay's GRO aggregated it;
+//! `from_vxlan` delivers it.
 //!
 //! What may reach a pod from the underlay:
 //! - tunnel packets from known nodes whose inner source the sending node owns (checked in
@@ -36,7 +37,7 @@ use crate::{
     encap::{self, Hop},
     forward::{self, mac_eq},
     monitor, mtu,
-    parse::{ETH_HLEN, EthHdr, Ipv4Hdr, L3, parse_ipv4},
+    parse::{ETH_HLEN, EthHdr, IPPROTO_TCP, Ipv4Hdr, L3, parse_ipv4},
     route,
 };
 
@@ -178,14 +179,21 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, DropReason> {
                 outer_len,
                 inner_has_eth,
                 from_pod,
+                inner_proto,
                 ..
             } => {
-                if inner_has_eth && cfg.flags & CONFIG_F_VXLAN_DEV != 0 {
+                if inner_has_eth
+                    && cfg.flags & CONFIG_F_VXLAN_DEV != 0
+                    && (inner_proto == IPPROTO_TCP || unsafe { (*ctx.skb.skb).gso_size } != 0)
+                {
                     // Checked, and the kernel's vxlan socket takes it from here (`weft_vxlan`):
-                    // the underlay's GRO has aggregated the flow's packets (this may be one
-                    // such packet), the socket decapsulates them, and `from_vxlan` delivers.
-                    // Every VXLAN packet of this node goes that way, so a flow never takes
-                    // two paths.
+                    // the underlay's GRO has aggregated the flow's TCP segments (this may be
+                    // one such packet), the socket decapsulates them, and `from_vxlan`
+                    // delivers. Every TCP packet goes that way, so a TCP flow never takes two
+                    // paths. Other protocols gain nothing from it (GRO aggregates no inner
+                    // UDP or ICMP without a socket for it here) and cost less decapsulated
+                    // here, unless a packet arrives GSO (an underlay that passes GSO
+                    // packets): only the socket sheds its tunnel GSO state.
                     return Ok(TC_ACT_OK);
                 }
                 // Remove everything between the outer Ethernet header and the inner IPv4

@@ -1,5 +1,6 @@
 //! tc ingress on `weft_vxlan`, the node's metadata-mode (collect_md) VXLAN device: what the
-//! kernel's vxlan socket decapsulated, delivered to local pods.
+//! kernel's vxlan socket decapsulated, delivered to local pods. `from_underlay` sends it VXLAN
+//! carrying TCP (and any GSO packet); it decapsulates the rest itself, cheaper per packet.
 //!
 //! Why a kernel device at all: without a UDP socket on the VXLAN port, nothing aggregates
 //! VXLAN on the way in, and tc decapsulation hands a pod one MTU-sized segment at a time. The

@@ -42,6 +42,7 @@ pub fn xdp_underlay(ctx: XdpContext) -> u32 {
                 stat_xdp,
                 peer,
                 from_pod,
+                ..
             } => (outer_len, inner_has_eth, stat_xdp, peer, from_pod),
         };
     // The outer Ethernet header is addressed to this NIC: the inner frame inherits it so the

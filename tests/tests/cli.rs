@@ -87,7 +87,7 @@ fn cli_shows_routes_endpoints_nodes_and_status() {
         "{status}"
     );
     assert!(
-        status.contains("VXLAN: by the kernel's vxlan socket after GRO (weft_vxlan)"),
+        status.contains("VXLAN: TCP by the kernel's vxlan socket after GRO (weft_vxlan)"),
         "{status}"
     );
     let status: serde_json::Value =

@@ -6,7 +6,7 @@ use weft_common::{CONFIG_F_VXLAN_DEV, DropReason, Stat, TunnelKey, prog_names};
 use weft_tests::{
     injection_node::*,
     packets::*,
-    testrun::{TestRunOutput, run_tc, run_xdp},
+    testrun::{TestRunOutput, run_tc, run_tc_gso, run_xdp},
 };
 
 const XDP_DROP: i32 = 1;
@@ -633,9 +633,10 @@ fn from_vxlan_checks_what_the_socket_decapsulated() {
     });
 }
 
-/// With `weft_vxlan` (`CONFIG_F_VXLAN_DEV`), `from_underlay` checks VXLAN and leaves it to the
-/// kernel's vxlan socket untouched (its GRO has aggregated it); what fails the checks is
-/// dropped here already; IPIP is still decapsulated here.
+/// With `weft_vxlan` (`CONFIG_F_VXLAN_DEV`), `from_underlay` checks VXLAN carrying TCP and
+/// leaves it to the kernel's vxlan socket untouched (its GRO has aggregated it), as any GSO
+/// packet; what fails the checks is dropped here already; other protocols and IPIP are still
+/// decapsulated here.
 #[test]
 fn from_underlay_leaves_vxlan_to_weft_vxlan() {
     with_node(|node| {
@@ -658,5 +659,26 @@ fn from_underlay_leaves_vxlan_to_weft_vxlan() {
         );
         assert_eq!(out.verdict, TC_ACT_REDIRECT);
         assert_eq!(stat(node, Stat::TcDecap), 1);
+        // UDP: decapsulated and delivered here; arriving GSO (segments of 1000 bytes): to the
+        // socket, which alone sheds the tunnel GSO state.
+        let udp = udp_frame(
+            PEER_VTEP_MAC,
+            VTEP_MAC,
+            REMOTE_VXLAN_IP,
+            POD1_IP,
+            4000,
+            53,
+            &[7; 2100],
+        );
+        let vx = vxlan_from(PEER_IP, VXLAN_PORT, VNI, &udp);
+        let out = tc(node, &vx);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(&out.data[14..], &forwarded_ip(&udp)[..]);
+        assert_eq!(stat(node, Stat::TcDecap), 2);
+        let prog = node.dp.tc_program(prog_names::FROM_UNDERLAY).unwrap();
+        let out = run_tc_gso(prog, &vx, 0, 1000, 1);
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert_eq!(out.data, vx);
+        assert_eq!(stat(node, Stat::TcDecap), 2);
     });
 }

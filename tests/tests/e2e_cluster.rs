@@ -278,8 +278,9 @@ fn churn_nodes_and_pods_converge() {
 
 #[test]
 fn agent_sigkill_and_restart_loses_no_packets() {
-    // The agent's default hook: on these veth underlays, tc with VXLAN through `weft_vxlan`,
-    // which a restarted agent adopts.
+    // The agent's default hook: on these veth underlays, tc with TCP in VXLAN through
+    // `weft_vxlan`, which a restarted agent adopts (the sequenced UDP flows are decapsulated by
+    // from_underlay; a TCP transfer after each restart crosses the device).
     let mut cluster = cluster_with_pods(
         ClusterOptions {
             nodes: 2,
@@ -296,6 +297,29 @@ fn agent_sigkill_and_restart_loses_no_packets() {
         cluster.restart_agent(round % 2);
         // The restarted agent becomes ready again (adopting its pins).
         cluster.wait_ready(round % 2);
+        let (from, to) = (
+            &cluster.nodes[1 - round % 2].pods[0],
+            &cluster.nodes[round % 2].pods[0],
+        );
+        let through_device = || {
+            cluster.nodes[round % 2]
+                .maps()
+                .stat_count(weft_common::Stat::VxlanDeviceDecap)
+                .unwrap()
+        };
+        let count = through_device();
+        tcp_transfer(
+            &to.ns,
+            to.ip,
+            7210 + round as u16,
+            &from.ns,
+            1 << 20,
+            Duration::from_secs(30),
+        );
+        assert!(
+            through_device() > count,
+            "TCP through the adopted weft_vxlan"
+        );
     }
     std::thread::sleep(Duration::from_millis(300));
     let f = forward.stop();
@@ -330,14 +354,17 @@ fn agent_sigkill_and_restart_loses_no_packets() {
         },
     );
     assert_ne!(node.ns.ifindex(weft_common::VXLAN_DEV), before);
+    cluster.assert_full_matrix();
+    // TCP into node 1's pod goes through the new device.
     let through_device = || {
         node.maps()
             .stat_count(weft_common::Stat::VxlanDeviceDecap)
             .unwrap()
     };
     let count = through_device();
-    cluster.assert_full_matrix();
-    assert!(through_device() > count, "VXLAN through the new weft_vxlan");
+    let (a, b) = (&cluster.nodes[0].pods[0], &node.pods[0]);
+    tcp_transfer(&b.ns, b.ip, 7202, &a.ns, 4 << 20, Duration::from_secs(30));
+    assert!(through_device() > count, "TCP through the new weft_vxlan");
 }
 
 #[test]

@@ -311,8 +311,9 @@ fn trace_explains_local_encapsulated_and_spoofed_packets_without_changing_state(
         assert_eq!(counter(&steps[1], "underlay_delivered"), 1, "{r}");
         assert!(steps[1]["leaves"]["summary"].as_str().unwrap().contains("tcp 10.244.1.2:42424 -> 10.244.2.7:80 (ttl 62)"), "{r}");
 
-        // The peer with `weft_vxlan`: its from_underlay checks the VXLAN packet and leaves it
-        // to the kernel's vxlan socket; from_vxlan (the socket's part modelled) delivers.
+        // The peer with `weft_vxlan`: its from_underlay checks the VXLAN packet carrying TCP and
+        // leaves it to the kernel's vxlan socket; from_vxlan (the socket's part modelled)
+        // delivers.
         let mut peer_maps = Maps::open_pinned(&peer_root).unwrap();
         let peer_cfg = peer_maps.config().unwrap();
         peer_maps
@@ -341,6 +342,16 @@ fn trace_explains_local_encapsulated_and_spoofed_packets_without_changing_state(
         assert!(v["lookups"].to_string().contains("from node 192.168.50.1, VNI 1"), "{v}");
         assert!(v["action"].as_str().unwrap().contains("into pod 10.244.2.7"), "{v}");
         assert!(v["leaves"]["summary"].as_str().unwrap().contains("tcp 10.244.1.2:42424 -> 10.244.2.7:80 (ttl 62)"), "{v}");
+        // UDP in VXLAN: decapsulated by from_underlay itself, no fourth step.
+        let r = trace(
+            &root,
+            &ipam_dir,
+            &["--from", "pod-one", "--to", "10.244.2.7", "--proto", "udp", "--peer-pin-root", peer_arg],
+        );
+        let steps = r["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), 3, "{r}");
+        assert_eq!(steps[2]["verdict"], "TC_ACT_REDIRECT", "{r}");
+        assert_eq!(counter(&steps[2], "tc_decap"), 1, "{r}");
         peer_maps.set_config(&peer_cfg).unwrap();
 
         // With only the capabilities the manifest gives the agent container (the CLI runs

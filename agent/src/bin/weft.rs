@@ -680,7 +680,7 @@ fn main() -> Result<()> {
                             "in tc on the underlay, without GRO (weft_vxlan could not be set up: see the agent's log)",
                         "unknown" => "not recorded",
                         _ =>
-                            "by the kernel's vxlan socket after GRO (weft_vxlan), delivered by from_vxlan",
+                            "TCP by the kernel's vxlan socket after GRO (weft_vxlan), delivered by from_vxlan; other protocols in tc on the underlay",
                     }
                 );
                 println!("maps       {routes} routes, {endpoints} endpoints, {nodes} nodes");
