@@ -1,30 +1,40 @@
-//! `weft monitor`: datapath events through a BPF ring buffer.
+//! `weft monitor`: datapath events through BPF ring buffers.
 //!
-//! The datapath emits an event (a drop, or with `--trace` a sampled forwarding decision) only
-//! while a monitor is attached:
+//! Up to [`MONITOR_SLOTS`] monitors listen at once, each in its own slot with its own ring
+//! buffer and its own options (drops only or forwarding too, sampling, budget), so one
+//! monitor's settings never change what another receives. The datapath emits an event (a
+//! drop, or a sampled forwarding decision) into each slot whose monitor asked for it, and
+//! nowhere while no monitor is attached:
 //!
-//! - `WEFT_MONITOR` (array, one [`MonitorConfig`]) holds the flags the programs test first, an
-//!   inlined array lookup, so a node without a monitor pays one load and a branch per event
-//!   point and emits nothing;
-//! - `WEFT_MONITOR_SOCK` (a sockmap with one slot) holds a socket of the attached monitor. The
-//!   kernel removes a socket from a sockmap when it is closed, and a process's sockets are
-//!   closed when it dies however it dies (SIGKILL included). Before emitting, the datapath
-//!   checks that the slot still holds a socket; an empty slot means the monitor is gone, and
-//!   the datapath clears the flags itself. Claiming the slot (`BPF_NOEXIST`) also makes the
-//!   attachment exclusive: one monitor per node, a second one is told who holds it;
-//! - `WEFT_MONITOR_RATE` (per-CPU [`MonitorRate`]) is a token bucket: at most
-//!   `rate_per_sec` events per second per CPU (bursts up to `burst`), checked before the
-//!   sockmap and the ring buffer, so a flood of drops costs at most the budget. Events refused
-//!   by the budget or by a full ring are counted, and the monitor reports them;
-//! - `WEFT_EVENTS` (ring buffer) carries [`MonitorEvent`]s: the hook, the reason or verdict,
-//!   the interface and the first [`CAPTURE_LEN`] bytes of the packet, from which userspace
-//!   reads the 5-tuple (inner and outer for tunnel packets) and resolves names.
+//! - `WEFT_MONITORS` (array, one [`MonitorConfig`] per slot) holds the flags the programs test
+//!   first, one inlined array load per slot, so a node without a monitor pays
+//!   [`MONITOR_SLOTS`] loads and branches per event point and emits nothing;
+//! - `WEFT_MONITOR_SOCKS` (a sockmap, one entry per slot) holds a socket of each attached
+//!   monitor. The kernel removes a socket from a sockmap when it is closed, and a process's
+//!   sockets are closed when it dies however it dies (SIGKILL included): the slot is free at
+//!   once. Before emitting into a slot, the datapath checks that it still holds a socket; an
+//!   empty slot means its monitor is gone, and the datapath clears that slot's flags itself.
+//!   A monitor claims a slot with `BPF_NOEXIST`, so two monitors never share one; when every
+//!   slot is taken, a new monitor is told so, with the pids of the holders;
+//! - `WEFT_MONITOR_RATES` (per-CPU, one [`MonitorRate`] per slot) is each slot's token bucket:
+//!   at most `rate_per_sec` events per second per CPU (bursts up to `burst`) for that slot's
+//!   monitor, checked before the sockmap and the ring buffer, so a flood of drops costs at most
+//!   the budget of each attached monitor. The budget is per slot: N monitors cost at most the
+//!   sum of their budgets, and a monitor with a small budget never starves another. Events
+//!   refused by the budget or by a full ring are counted per slot, and each monitor reports
+//!   its own;
+//! - `WEFT_EVENTS_<slot>` (ring buffers) carry [`MonitorEvent`]s: the hook, the reason or
+//!   verdict, the interface and the first [`CAPTURE_LEN`] bytes of the packet, from which
+//!   userspace reads the 5-tuple (inner and outer for tunnel packets) and resolves names.
+
+/// How many monitors can listen at once (listener slots).
+pub const MONITOR_SLOTS: u32 = 4;
 
 /// Bytes of the packet copied into an event: Ethernet, outer IPv4 with options, UDP, VXLAN,
 /// inner Ethernet, inner IPv4 and the inner ports fit.
 pub const CAPTURE_LEN: usize = 128;
 
-/// Size of the event ring buffer (a power of two, in bytes): about 3,000 events.
+/// Size of each slot's event ring buffer (a power of two, in bytes): about 3,000 events.
 pub const EVENTS_RING_BYTES: u32 = 512 * 1024;
 
 /// `MonitorConfig::flags`: emit drop events.
@@ -35,7 +45,8 @@ pub const MONITOR_F_TRACE: u32 = 1 << 1;
 /// Default budget: events per second per CPU.
 pub const MONITOR_RATE_DEFAULT: u32 = 1000;
 
-/// What an attached monitor asked for (index 0 of `WEFT_MONITOR`). All zero: nobody listens.
+/// What the monitor of a slot asked for (`WEFT_MONITORS[slot]`). All zero: nobody listens
+/// there.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -48,12 +59,13 @@ pub struct MonitorConfig {
     pub burst: u32,
     /// Forwarding events: one in this many (0 or 1: every one), before the budget.
     pub sample_every: u32,
-    /// Process id of the attached monitor (for the message a second monitor gets).
+    /// Process id of the slot's monitor (for the message a monitor gets when every slot is
+    /// taken).
     pub owner_pid: u32,
     pub _pad: u32,
 }
 
-/// Per-CPU token bucket and loss counters (index 0 of `WEFT_MONITOR_RATE`).
+/// A slot's per-CPU token bucket and loss counters (`WEFT_MONITOR_RATES[slot]`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]

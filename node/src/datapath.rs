@@ -25,10 +25,10 @@ use aya::{
 use ipnet::Ipv4Net;
 use weft_common::{
     DecapHook, DropReason, ENDPOINTS_MAX, EndpointInfo, FlowSlot, Ipv4Key, NODES_MAX, NextHop,
-    NodeConfig, NodeInfo, PathMtu, ROUTES_MAX, RouteInfo, SCHEMA_VERSION, Stat,
+    NodeConfig, NodeInfo, NodeName, PathMtu, ROUTES_MAX, RouteInfo, SCHEMA_VERSION, Stat,
     conntrack::{CT_MAX_DEFAULT, CtEntry, CtKey},
     flow_slot, map_names,
-    monitor::{MonitorConfig, MonitorRate},
+    monitor::{MONITOR_SLOTS, MonitorConfig, MonitorRate},
     prog_names,
 };
 
@@ -110,6 +110,8 @@ impl LoadOptions {
         for (name, size) in self.sizes() {
             loader.map_max_entries(name, size);
         }
+        // Every peer's name, and this node's.
+        loader.map_max_entries(map_names::NODE_NAMES, self.nodes_max.saturating_add(1));
         self.policy.size(loader);
     }
 }
@@ -185,6 +187,7 @@ impl Datapath {
         std::fs::create_dir_all(&maps_dir)
             .with_context(|| format!("creating the pin directory {}", maps_dir.display()))?;
         std::fs::create_dir_all(dir.join("links"))?;
+        remove_retired_pins(&maps_dir);
         let mut loader = EbpfLoader::new();
         options.apply(&mut loader);
         for name in map_names::ALL {
@@ -486,6 +489,17 @@ impl std::str::FromStr for XdpSetting {
     }
 }
 
+/// Removes the pins of maps an earlier datapath declared and this one does not
+/// (`map_names::RETIRED`): nothing reads them any more, and programs still using them keep
+/// their own references until they are replaced.
+fn remove_retired_pins(maps_dir: &Path) {
+    for name in map_names::RETIRED {
+        // Absent on a node that never ran the older datapath; a pin that cannot be removed
+        // costs only its memory.
+        let _ = std::fs::remove_file(maps_dir.join(name));
+    }
+}
+
 /// Typed access to every map of the datapath, either taken from a loaded object or opened from
 /// the pins of a running node (the CNI plugin and the CLI open pins: no program load, no
 /// verifier run).
@@ -538,46 +552,83 @@ impl Maps {
             .ok_or_else(|| anyhow!("map {name} missing"))
     }
 
-    /// What the attached monitor asked for (all zero: none attached).
-    pub fn monitor_config(&self) -> Result<MonitorConfig> {
-        let map: Array<&MapData, MonitorConfig> = self.map(map_names::MONITOR)?.try_into()?;
-        map.get(&0, 0).context("reading the monitor config")
+    /// What the monitor of `slot` asked for (all zero: nobody listens there).
+    pub fn monitor_config(&self, slot: u32) -> Result<MonitorConfig> {
+        let map: Array<&MapData, MonitorConfig> = self.map(map_names::MONITORS)?.try_into()?;
+        map.get(&slot, 0)
+            .with_context(|| format!("reading the config of monitor slot {slot}"))
     }
 
-    pub fn set_monitor_config(&mut self, cfg: &MonitorConfig) -> Result<()> {
+    /// Every slot's config, by slot.
+    pub fn monitor_configs(&self) -> Result<Vec<MonitorConfig>> {
+        (0..MONITOR_SLOTS)
+            .map(|slot| self.monitor_config(slot))
+            .collect()
+    }
+
+    pub fn set_monitor_config(&mut self, slot: u32, cfg: &MonitorConfig) -> Result<()> {
         let mut map: Array<&mut MapData, MonitorConfig> =
-            self.map_mut(map_names::MONITOR)?.try_into()?;
-        map.set(0, cfg, 0).context("writing the monitor config")
+            self.map_mut(map_names::MONITORS)?.try_into()?;
+        map.set(slot, cfg, 0)
+            .with_context(|| format!("writing the config of monitor slot {slot}"))
     }
 
-    /// Puts `socket` in the monitor's sockmap slot unless another monitor holds it
-    /// (`BPF_NOEXIST`): `Ok(false)` when taken. The kernel empties the slot when the socket
-    /// is closed.
-    pub fn claim_monitor_slot(&mut self, socket: &impl std::os::fd::AsRawFd) -> Result<bool> {
+    /// Puts `socket` in the first free monitor slot of the sockmap (`BPF_NOEXIST`: a slot
+    /// another monitor holds is never taken over) and returns the slot; `Ok(None)` when every
+    /// slot is taken. The kernel empties the slot when the socket is closed.
+    pub fn claim_monitor_slot(
+        &mut self,
+        socket: &impl std::os::fd::AsRawFd,
+    ) -> Result<Option<u32>> {
         let mut map: aya::maps::SockMap<&mut MapData> =
-            self.map_mut(map_names::MONITOR_SOCK)?.try_into()?;
+            self.map_mut(map_names::MONITOR_SOCKS)?.try_into()?;
         // BPF_NOEXIST from the kernel's bpf.h.
         const BPF_NOEXIST: u64 = 1;
-        match map.set(0, socket, BPF_NOEXIST) {
-            Ok(()) => Ok(true),
-            Err(aya::maps::MapError::SyscallError(SyscallError { io_error, .. }))
-                if io_error.raw_os_error() == Some(libc::EEXIST) =>
-            {
-                Ok(false)
+        for slot in 0..MONITOR_SLOTS {
+            match map.set(slot, socket, BPF_NOEXIST) {
+                Ok(()) => return Ok(Some(slot)),
+                Err(aya::maps::MapError::SyscallError(SyscallError { io_error, .. }))
+                    if io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => {
+                    return Err(e).context("claiming a monitor slot (WEFT_MONITOR_SOCKS)");
+                }
             }
-            Err(e) => Err(e).context("claiming the monitor slot (WEFT_MONITOR_SOCK)"),
         }
+        Ok(None)
     }
 
-    /// The monitor's token buckets and loss counters, one per CPU.
-    pub fn monitor_rates(&self) -> Result<Vec<MonitorRate>> {
+    /// The token buckets and loss counters of `slot`, one per CPU.
+    pub fn monitor_rates(&self, slot: u32) -> Result<Vec<MonitorRate>> {
         let map: PerCpuArray<&MapData, MonitorRate> =
-            self.map(map_names::MONITOR_RATE)?.try_into()?;
+            self.map(map_names::MONITOR_RATES)?.try_into()?;
         Ok(map
-            .get(&0, 0)
-            .context("reading the monitor counters")?
+            .get(&slot, 0)
+            .with_context(|| format!("reading the counters of monitor slot {slot}"))?
             .iter()
             .copied()
+            .collect())
+    }
+
+    /// Records a node's name (`WEFT_NODE_NAMES`).
+    pub fn upsert_node_name(&mut self, addr: Ipv4Addr, name: &str) -> Result<()> {
+        self.hash_upsert(map_names::NODE_NAMES, addr, &NodeName::new(name))
+            .with_context(|| format!("recording the name of node {addr}"))
+    }
+
+    pub fn remove_node_name(&mut self, addr: Ipv4Addr) -> Result<()> {
+        self.hash_remove::<NodeName>(map_names::NODE_NAMES, addr)
+            .with_context(|| format!("removing the name of node {addr}"))
+    }
+
+    /// Node names by address (this node's and its peers', as the agent's datastore names
+    /// them; nodes whose record carries no name are absent).
+    pub fn node_names(&self) -> Result<Vec<(Ipv4Addr, String)>> {
+        Ok(self
+            .hash_entries::<NodeName>(map_names::NODE_NAMES)
+            .context("iterating node names")?
+            .into_iter()
+            .map(|(ip, n)| (ip, n.as_str().to_string()))
+            .filter(|(_, n)| !n.is_empty())
             .collect())
     }
 
