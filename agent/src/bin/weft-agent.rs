@@ -653,7 +653,8 @@ fn run(args: Args) -> Result<()> {
         mode_policy(&conf, &underlay, Arc::default()),
         subnet,
         underlay.node_ip,
-    );
+    )
+    .with_local_name(&local.name);
     let on_local_subnet = {
         let (args, conf, fence) = (args.clone(), conf.clone(), fence.clone());
         move |subnet| {

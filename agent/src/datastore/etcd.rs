@@ -635,6 +635,7 @@ impl EtcdDatastore {
             backend: Some(local.backend),
             vtep_mac: Some(local.vtep_mac),
             name: subnet_key(subnet),
+            node_name: Some(local.name.clone()),
             seniority: 0,
             unknown_backend: None,
         }
