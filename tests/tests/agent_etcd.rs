@@ -109,6 +109,12 @@ fn agents_share_etcd_join_and_leave() {
     for kv in &leases {
         let v: serde_json::Value = serde_json::from_slice(&kv.value).unwrap();
         let ip: Ipv4Addr = v["PublicIP"].as_str().unwrap().parse().unwrap();
+        let owner = c.nodes.iter().find(|n| n.ip == ip).unwrap();
+        assert_eq!(
+            v["NodeName"],
+            owner.name.as_str(),
+            "a weft lease names its node"
+        );
         assert_eq!(v["BackendType"], "vxlan");
         assert_eq!(v["BackendData"]["VNI"], 1);
         assert_eq!(
@@ -116,6 +122,19 @@ fn agents_share_etcd_join_and_leave() {
             weft_agent::datastore::format_mac(&vtep_mac_for(ip))
         );
         assert_ne!(kv.lease, 0, "{} has no TTL lease", kv.key);
+    }
+    // Every node records every node's name, its own included (`weft monitor`, `weft nodes`).
+    let names_on = |n: &Node| -> BTreeMap<Ipv4Addr, String> {
+        n.maps().node_names().unwrap().into_iter().collect()
+    };
+    for node in &c.nodes {
+        let want: BTreeMap<Ipv4Addr, String> =
+            c.nodes.iter().map(|n| (n.ip, n.name.clone())).collect();
+        wait_until(
+            &format!("{} to record the node names", node.name),
+            Duration::from_secs(10),
+            || names_on(node) == want,
+        );
     }
 
     // Health, readiness and metrics.
@@ -183,6 +202,13 @@ fn agents_share_etcd_join_and_leave() {
         wait_until("fake peer", Duration::from_secs(10), || {
             route_on(n).is_some_and(|r| r.node_ip == [192, 168, 100, 200])
         });
+        // A lease as flanneld writes it names no node: the peer goes by its address.
+        let names = names_on(n);
+        assert!(
+            !names.contains_key(&Ipv4Addr::new(192, 168, 100, 200)),
+            "{names:?}"
+        );
+        assert_eq!(names.len(), c.nodes.len(), "{names:?}");
     }
     put("192.168.100.201", "aa:00:00:00:00:02", "ipip");
     for n in &c.nodes {

@@ -770,17 +770,28 @@ fn prog_costs(s: &Settings) -> Value {
 }
 
 /// `weft monitor`'s cost per packet: a forwarded packet (VXLAN encapsulation) and a dropped one
-/// (a spoofed source), with no monitor attached and with one attached that reports every
-/// drop and every forwarding decision (no sampling, no budget limit). Interleaved rounds,
-/// interquartile means of single runs; `*_monitor_off_b` repeats the off case in each round:
-/// its difference from `*_monitor_off` is the noise of the measurement.
+/// (a spoofed source), with no monitor attached, with one attached that reports every drop
+/// and every forwarding decision (no sampling, no budget limit), and with two such monitors
+/// (each event is written into both slots' rings). Interleaved rounds, interquartile means of
+/// single runs; `*_monitor_off_b` repeats the off case in each round: its difference from
+/// `*_monitor_off` is the noise of the measurement.
 fn monitor_costs(node: &mut Node, calls: u64) -> BTreeMap<String, f64> {
     use weft_common::monitor::{MONITOR_F_DROPS, MONITOR_F_TRACE, MonitorConfig};
-    let socket = std::os::unix::net::UnixDatagram::unbound().unwrap();
-    assert!(node.dp.maps.claim_monitor_slot(&socket).unwrap());
-    let mut ring =
-        aya::maps::RingBuf::try_from(node.dp.maps.take(weft_common::map_names::EVENTS).unwrap())
-            .unwrap();
+    let sockets = [
+        std::os::unix::net::UnixDatagram::unbound().unwrap(),
+        std::os::unix::net::UnixDatagram::unbound().unwrap(),
+    ];
+    let slots: Vec<u32> = sockets
+        .iter()
+        .map(|s| node.dp.maps.claim_monitor_slot(s).unwrap().unwrap())
+        .collect();
+    let mut rings: Vec<aya::maps::RingBuf<aya::maps::MapData>> = slots
+        .iter()
+        .map(|slot| {
+            let name = weft_common::map_names::EVENTS[*slot as usize];
+            aya::maps::RingBuf::try_from(node.dp.maps.take(name).unwrap()).unwrap()
+        })
+        .collect();
     let on = MonitorConfig {
         flags: MONITOR_F_DROPS | MONITOR_F_TRACE,
         rate_per_sec: u32::MAX,
@@ -789,6 +800,7 @@ fn monitor_costs(node: &mut Node, calls: u64) -> BTreeMap<String, f64> {
         owner_pid: std::process::id(),
         _pad: 0,
     };
+    let off = MonitorConfig::default();
     let idx = node.pod1_ifindex;
     let fwd = tcp_frame(
         POD1_MAC,
@@ -808,7 +820,7 @@ fn monitor_costs(node: &mut Node, calls: u64) -> BTreeMap<String, f64> {
         80,
         &[0u8; 64],
     );
-    // Rounds small enough that the ring (about 3,000 events) never fills: drained after each.
+    // Rounds small enough that a ring (about 3,000 events) never fills: drained after each.
     let per_round = 1000u64;
     let rounds = (calls / per_round).clamp(5, 51) as usize;
     let cases = [
@@ -818,31 +830,35 @@ fn monitor_costs(node: &mut Node, calls: u64) -> BTreeMap<String, f64> {
     let mut samples: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for _ in 0..rounds {
         for (name, frame) in cases {
-            for (suffix, cfg) in [
-                ("monitor_off", MonitorConfig::default()),
-                ("monitor_on", on),
-                ("monitor_off_b", MonitorConfig::default()),
+            for (suffix, cfgs) in [
+                ("monitor_off", [off, off]),
+                ("monitor_on", [on, off]),
+                ("monitor_on_2", [on, on]),
+                ("monitor_off_b", [off, off]),
             ] {
-                node.dp.maps.set_monitor_config(&cfg).unwrap();
+                for (slot, cfg) in slots.iter().zip(cfgs) {
+                    node.dp.maps.set_monitor_config(*slot, &cfg).unwrap();
+                }
                 let p = node.dp.tc_program(prog_names::FROM_POD).unwrap();
                 let runs = (0..per_round).map(|_| run_tc(p, frame, idx, 1).duration_ns);
                 samples
                     .entry(format!("{name}_{suffix}"))
                     .or_default()
                     .extend(runs);
-                let mut events = 0;
-                while ring.next().is_some() {
-                    events += 1;
+                for (ring, cfg) in rings.iter_mut().zip(cfgs) {
+                    let mut events = 0;
+                    while ring.next().is_some() {
+                        events += 1;
+                    }
+                    let want = if cfg.flags != 0 { per_round } else { 0 };
+                    assert_eq!(events, want, "{name}_{suffix}: events emitted");
                 }
-                let want = if cfg.flags != 0 { per_round } else { 0 };
-                assert_eq!(events, want, "{name}_{suffix}: events emitted");
             }
         }
     }
-    node.dp
-        .maps
-        .set_monitor_config(&MonitorConfig::default())
-        .unwrap();
+    for slot in &slots {
+        node.dp.maps.set_monitor_config(*slot, &off).unwrap();
+    }
     samples
         .into_iter()
         .map(|(k, mut v)| (k, round(interquartile_mean(&mut v), 1)))
