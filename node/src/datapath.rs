@@ -223,6 +223,17 @@ impl Datapath {
         loader.map_max_entries(map_names::NEXT_HOPS, 1024);
         loader.map_max_entries(map_names::PATH_MTU, 1024);
         loader.map_max_entries(map_names::POLICY_DROPS, 1024);
+        // No monitor listens to the trace instance (its slots' flags stay zero): one page per
+        // ring (a ring buffer's size is a multiple of the page size) instead of 512 KiB each.
+        // SAFETY: sysconf reads a constant of the system.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if let Ok(page) = u32::try_from(page)
+            && page.is_power_of_two()
+        {
+            for ring in map_names::EVENTS {
+                loader.map_max_entries(ring, page);
+            }
+        }
         for name in map_names::SHARED_WITH_TRACE {
             let pin = maps_dir.join(name);
             if !pin.exists() {
