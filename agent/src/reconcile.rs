@@ -108,10 +108,11 @@ pub struct MemoryMaps {
     pub writes: Vec<MapWrite>,
     /// The next this many writes fail (a map that refuses).
     pub fail_writes: usize,
-    /// Capacities of the route and node maps (None: unbounded): a new entry beyond them fails
-    /// with [`MapFull`], as the kernel refuses it.
+    /// Capacities of the route, node and node name maps (None: unbounded): a new entry beyond
+    /// them fails with [`MapFull`], as the kernel refuses it.
     pub routes_max: Option<usize>,
     pub nodes_max: Option<usize>,
+    pub names_max: Option<usize>,
 }
 
 impl MemoryMaps {
@@ -129,6 +130,10 @@ impl MemoryMaps {
                 .nodes_max
                 .filter(|max| !self.nodes.contains_key(ip) && self.nodes.len() >= *max)
                 .map(|max| (weft_common::map_names::NODES, max)),
+            MapWrite::UpsertName(ip) => self
+                .names_max
+                .filter(|max| !self.names.contains_key(ip) && self.names.len() >= *max)
+                .map(|max| (weft_common::map_names::NODE_NAMES, max)),
             _ => None,
         };
         if let Some((map, max)) = full {
@@ -730,7 +735,8 @@ impl Reconciler {
                 Err(e) => failures.subnet(net, e),
             }
         }
-        // Names last: for people only, nothing waits on them.
+        // Names last: for people only, nothing waits on them, and a name that cannot be
+        // written is retried but never makes the node unready (`Outcome::name`).
         plan.name_removes.sort();
         plan.name_upserts.sort();
         for ip in plan.name_removes {
@@ -738,7 +744,7 @@ impl Reconciler {
                 Ok(()) => {}
                 Err(_) if !maps.node_names()?.iter().any(|(n, _)| *n == ip) => {}
                 Err(e) => {
-                    failures.ip(ip, e);
+                    failures.name(ip, e);
                     continue;
                 }
             }
@@ -749,7 +755,7 @@ impl Reconciler {
                 Ok(()) => {
                     self.programmed.names.insert(ip, name);
                 }
-                Err(e) => failures.ip(ip, e),
+                Err(e) => failures.name(ip, e),
             }
         }
         if next_hops_stale {
@@ -800,6 +806,13 @@ impl Outcome {
     fn ip(&mut self, ip: Ipv4Addr, e: anyhow::Error) {
         self.ips.insert(ip);
         self.note(e);
+    }
+
+    /// A node name not written: retried, reported, but no full map (the names map is for
+    /// people; it never makes the node unready).
+    fn name(&mut self, ip: Ipv4Addr, e: anyhow::Error) {
+        self.ips.insert(ip);
+        self.messages.push(format!("{e:#}"));
     }
 }
 
@@ -1046,5 +1059,27 @@ mod tests {
         assert_eq!(maps.names[&Ipv4Addr::new(192, 168, 1, 3)], "node-c");
         assert!(!again.apply(&mut maps).unwrap().failed());
         assert_eq!(maps.names[&Ipv4Addr::new(192, 168, 1, 3)], "node-c3");
+
+        // A full name map: routes and nodes go on, the name is retried, and no map is reported
+        // full (a missing name never makes the node unready).
+        let mut small = MemoryMaps {
+            names_max: Some(1),
+            ..MemoryMaps::default()
+        };
+        let mut r = rec(BackendType::Vxlan, false).with_local_name("node-a");
+        r.handle(Event::Snapshot(vec![named(
+            "10.244.2.0/24",
+            [192, 168, 1, 2],
+            Some("node-b"),
+        )]));
+        let report = r.apply(&mut small).unwrap();
+        assert!(report.failed());
+        assert!(report.full_maps.is_empty(), "{:?}", report.full_maps);
+        assert_eq!(small.routes.len(), 1);
+        assert_eq!(small.nodes.len(), 1);
+        assert_eq!(small.names.len(), 1);
+        small.names_max = None;
+        assert!(!r.apply(&mut small).unwrap().failed(), "retried");
+        assert_eq!(small.names.len(), 2);
     }
 }

@@ -110,8 +110,10 @@ impl LoadOptions {
         for (name, size) in self.sizes() {
             loader.map_max_entries(name, size);
         }
-        // Every peer's name, and this node's.
-        loader.map_max_entries(map_names::NODE_NAMES, self.nodes_max.saturating_add(1));
+        // As many names as peers (a hash map's buckets are a power of two: one more entry for
+        // this node's own name would double them; at full capacity one name is missing and
+        // that node shows by its address).
+        loader.map_max_entries(map_names::NODE_NAMES, self.nodes_max);
         self.policy.size(loader);
     }
 }
