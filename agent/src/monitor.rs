@@ -94,7 +94,7 @@ impl Attached {
         // A monitor killed in this slot left its flags (the datapath clears them only at its
         // next event) and maybe events: nothing reaches the ring with the flags off, then the
         // leftovers are read away.
-        maps.set_monitor_config(slot, &MonitorConfig::default())?;
+        maps.set_monitor_flags(slot, 0)?;
         let ring = RingBuf::try_from(maps.take(map_names::EVENTS[slot as usize])?)
             .context("opening the slot's event ring buffer")?;
         let mut attached = Self {
@@ -109,13 +109,16 @@ impl Attached {
         attached.maps.set_monitor_config(
             slot,
             &MonitorConfig {
-                flags: MONITOR_F_DROPS | if opts.trace { MONITOR_F_TRACE } else { 0 },
                 rate_per_sec: opts.rate_per_sec,
                 burst: opts.burst.max(1),
                 sample_every: opts.sample_every.max(1),
                 owner_pid: std::process::id(),
-                _pad: 0,
             },
+        )?;
+        // Last: the programs read the config only for a slot whose flags are set.
+        attached.maps.set_monitor_flags(
+            slot,
+            MONITOR_F_DROPS | if opts.trace { MONITOR_F_TRACE } else { 0 },
         )?;
         Ok(attached)
     }
@@ -185,9 +188,7 @@ impl Drop for Attached {
         if let Ok(cfg) = self.maps.monitor_config(self.slot)
             && cfg.owner_pid == std::process::id()
         {
-            let _ = self
-                .maps
-                .set_monitor_config(self.slot, &MonitorConfig::default());
+            let _ = self.maps.set_monitor_flags(self.slot, 0);
         }
     }
 }

@@ -53,7 +53,9 @@ pub mod map_names {
     ];
     /// Per-endpoint packets and bytes, in and out.
     pub const FLOWS: &str = "WEFT_FLOWS";
-    /// `weft monitor`: per listener slot, its flags, budget and owner (`crate::monitor`).
+    /// `weft monitor`: which events each listener slot asked for, one word (`crate::monitor`).
+    pub const MONITOR_FLAGS: &str = "WEFT_MONITOR_FLAGS";
+    /// `weft monitor`: per listener slot, its budget, sampling and owner.
     pub const MONITORS: &str = "WEFT_MONITORS";
     /// `weft monitor`: per slot, a socket of its monitor (the kernel empties a slot when its
     /// monitor dies).
@@ -71,7 +73,7 @@ pub mod map_names {
     /// read by `weft monitor` and `weft nodes`. No program reads it.
     pub const NODE_NAMES: &str = "WEFT_NODE_NAMES";
     /// Every map the datapath declares.
-    pub const ALL: [&str; 27] = [
+    pub const ALL: [&str; 28] = [
         CONFIG,
         ROUTES,
         ENDPOINTS,
@@ -81,6 +83,7 @@ pub mod map_names {
         NEXT_HOPS,
         CONNTRACK,
         PATH_MTU,
+        MONITOR_FLAGS,
         MONITORS,
         MONITOR_SOCKS,
         MONITOR_RATES,
@@ -740,6 +743,7 @@ aya_pod!(
     conntrack::CtKey,
     conntrack::CtEntry,
     monitor::MonitorConfig,
+    monitor::MonitorFlags,
     monitor::MonitorRate,
     monitor::MonitorEvent,
     policy::PolicyEndpoint,

@@ -6,9 +6,14 @@
 //! drop, or a sampled forwarding decision) into each slot whose monitor asked for it, and
 //! nowhere while no monitor is attached:
 //!
-//! - `WEFT_MONITORS` (array, one [`MonitorConfig`] per slot) holds the flags the programs test
-//!   first, one inlined array load per slot, so a node without a monitor pays
-//!   [`MONITOR_SLOTS`] loads and branches per event point and emits nothing;
+//! - `WEFT_MONITOR_FLAGS` (array of one [`MonitorFlags`]: a byte of `MONITOR_F_*` bits per
+//!   slot, in one 32-bit word) is what the programs test first: one inlined array load and a
+//!   branch per event point, as with a single monitor, so a node without a monitor pays that
+//!   and emits nothing. The map is `BPF_F_MMAPABLE`: each monitor maps it and stores its own
+//!   byte, so monitors attaching and leaving at once never overwrite each other's flags (an
+//!   element update would rewrite the whole word);
+//! - `WEFT_MONITORS` (array, one [`MonitorConfig`] per slot) holds each slot's budget, sampling
+//!   and owner, read only for a slot whose flags are set;
 //! - `WEFT_MONITOR_SOCKS` (a sockmap, one entry per slot) holds a socket of each attached
 //!   monitor. The kernel removes a socket from a sockmap when it is closed, and a process's
 //!   sockets are closed when it dies however it dies (SIGKILL included): the slot is free at
@@ -37,7 +42,7 @@ pub const CAPTURE_LEN: usize = 128;
 /// Size of each slot's event ring buffer (a power of two, in bytes): about 3,000 events.
 pub const EVENTS_RING_BYTES: u32 = 512 * 1024;
 
-/// `MonitorConfig::flags`: emit drop events.
+/// A slot's `MonitorFlags` byte: emit drop events.
 pub const MONITOR_F_DROPS: u32 = 1 << 0;
 /// Emit sampled forwarding events.
 pub const MONITOR_F_TRACE: u32 = 1 << 1;
@@ -45,14 +50,31 @@ pub const MONITOR_F_TRACE: u32 = 1 << 1;
 /// Default budget: events per second per CPU.
 pub const MONITOR_RATE_DEFAULT: u32 = 1000;
 
-/// What the monitor of a slot asked for (`WEFT_MONITORS[slot]`). All zero: nobody listens
-/// there.
+/// Which events each slot's monitor asked for (`WEFT_MONITOR_FLAGS[0]`): `MONITOR_F_*` bits,
+/// one byte per slot. All zero: nobody listens.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct MonitorFlags {
+    pub slots: [u8; MONITOR_SLOTS as usize],
+}
+
+/// `MONITOR_F_DROPS` in every slot's byte of the flags word.
+pub const MONITOR_ANY_DROPS: u32 = MONITOR_F_DROPS * 0x0101_0101;
+/// `MONITOR_F_TRACE` in every slot's byte of the flags word.
+pub const MONITOR_ANY_TRACE: u32 = MONITOR_F_TRACE * 0x0101_0101;
+
+/// The flags of `slot` in the flags word (read as one native-endian u32).
+#[inline(always)]
+pub const fn slot_flags(word: u32, slot: u32) -> u32 {
+    word.to_ne_bytes()[slot as usize] as u32
+}
+
+/// How the monitor of a slot wants its events (`WEFT_MONITORS[slot]`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct MonitorConfig {
-    /// `MONITOR_F_*` bits.
-    pub flags: u32,
     /// Token bucket refill: events per second per CPU.
     pub rate_per_sec: u32,
     /// Token bucket size: the largest burst per CPU.
@@ -62,7 +84,6 @@ pub struct MonitorConfig {
     /// Process id of the slot's monitor (for the message a monitor gets when every slot is
     /// taken).
     pub owner_pid: u32,
-    pub _pad: u32,
 }
 
 /// A slot's per-CPU token bucket and loss counters (`WEFT_MONITOR_RATES[slot]`).
@@ -180,7 +201,8 @@ pub struct MonitorEvent {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<MonitorConfig>() == 24);
+    assert!(core::mem::size_of::<MonitorConfig>() == 16);
+    assert!(core::mem::size_of::<MonitorFlags>() == MONITOR_SLOTS as usize);
     assert!(core::mem::size_of::<MonitorRate>() == 40);
     assert!(core::mem::size_of::<MonitorEvent>() == 32 + CAPTURE_LEN);
 };
@@ -188,6 +210,23 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slots_byte_is_its_flags_in_the_word() {
+        let mut f = MonitorFlags::default();
+        f.slots[2] = (MONITOR_F_DROPS | MONITOR_F_TRACE) as u8;
+        f.slots[3] = MONITOR_F_DROPS as u8;
+        let word = u32::from_ne_bytes(f.slots);
+        assert_eq!(slot_flags(word, 0), 0);
+        assert_eq!(slot_flags(word, 2), MONITOR_F_DROPS | MONITOR_F_TRACE);
+        assert_eq!(slot_flags(word, 3), MONITOR_F_DROPS);
+        assert_ne!(word & MONITOR_ANY_DROPS, 0);
+        assert_ne!(word & MONITOR_ANY_TRACE, 0);
+        f.slots[2] = 0;
+        let word = u32::from_ne_bytes(f.slots);
+        assert_eq!(word & MONITOR_ANY_TRACE, 0);
+        assert_eq!(0u32 & (MONITOR_ANY_DROPS | MONITOR_ANY_TRACE), 0);
+    }
 
     #[test]
     fn bucket_caps_a_burst_and_refills_at_the_rate() {

@@ -9,7 +9,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     btf_maps::{Array, HashMap, PerCpuArray, RingBuf, SockMap},
     helpers::{
         bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_map_lookup_elem,
@@ -21,12 +21,18 @@ use aya_ebpf::{
 use weft_common::{
     Ipv4Key, NODES_MAX, NodeName,
     monitor::{
-        CAPTURE_LEN, EVENT_DROP, EVENT_FORWARD, EVENTS_RING_BYTES, Hook, MONITOR_F_DROPS,
-        MONITOR_F_TRACE, MONITOR_SLOTS, MonitorConfig, MonitorEvent, MonitorRate, take_token,
+        CAPTURE_LEN, EVENT_DROP, EVENT_FORWARD, EVENTS_RING_BYTES, Hook, MONITOR_ANY_DROPS,
+        MONITOR_ANY_TRACE, MONITOR_F_DROPS, MONITOR_F_TRACE, MONITOR_SLOTS, MonitorConfig,
+        MonitorEvent, MonitorFlags, MonitorRate, slot_flags, take_token,
     },
 };
 
-/// Per slot: flags, budget and owner of its monitor (all zero: nobody listens there).
+/// Which events each slot's monitor asked for, a byte per slot in one word (all zero: nobody
+/// listens). Mappable: each monitor stores its own byte from userspace.
+#[btf_map]
+pub static WEFT_MONITOR_FLAGS: Array<MonitorFlags, 1, { BPF_F_MMAPABLE as usize }> = Array::new();
+
+/// Per slot: budget, sampling and owner of its monitor.
 #[btf_map]
 pub static WEFT_MONITORS: Array<MonitorConfig, { MONITOR_SLOTS as usize }> = Array::new();
 
@@ -159,8 +165,24 @@ fn ring<const SLOT: u32>() -> &'static RingBuf<(), { EVENTS_RING_BYTES as usize 
     }
 }
 
+/// The flags word (index 0 of `WEFT_MONITOR_FLAGS`) and a pointer to it.
 #[inline(always)]
-fn emit<const SLOT: u32, P: Packet>(p: &P, cfg: &MonitorConfig, kind: u8, hook: Hook, code: u32) {
+fn flags() -> Option<(*mut MonitorFlags, u32)> {
+    let f = WEFT_MONITOR_FLAGS.get_ptr_mut(0)?;
+    // One 32-bit load (the value is 4-byte aligned): every slot's byte at once.
+    let word = unsafe { core::ptr::read_volatile(f.cast::<u32>()) };
+    Some((f, word))
+}
+
+#[inline(always)]
+fn emit<const SLOT: u32, P: Packet>(
+    p: &P,
+    flags: *mut MonitorFlags,
+    cfg: &MonitorConfig,
+    kind: u8,
+    hook: Hook,
+    code: u32,
+) {
     let Some(rate) = WEFT_MONITOR_RATES.get_ptr_mut(SLOT) else {
         return;
     };
@@ -173,9 +195,8 @@ fn emit<const SLOT: u32, P: Packet>(p: &P, cfg: &MonitorConfig, kind: u8, hook: 
     }
     if !listener_alive::<SLOT>() {
         // The slot's monitor is gone (killed before it could clear its flags): stop for good.
-        if let Some(c) = WEFT_MONITORS.get_ptr_mut(SLOT) {
-            unsafe { (*c).flags = 0 };
-        }
+        // A byte store: the other slots' bytes, which their monitors store, are untouched.
+        unsafe { core::ptr::write_volatile((*flags).slots.as_mut_ptr().add(SLOT as usize), 0) };
         return;
     }
     let Some(mut entry) = ring::<SLOT>().reserve_untyped::<MonitorEvent>(0) else {
@@ -199,46 +220,71 @@ fn emit<const SLOT: u32, P: Packet>(p: &P, cfg: &MonitorConfig, kind: u8, hook: 
 }
 
 #[inline(always)]
-fn dropped_in<const SLOT: u32, P: Packet>(p: &P, hook: Hook, reason: u32) {
+fn dropped_in<const SLOT: u32, P: Packet>(
+    p: &P,
+    flags: *mut MonitorFlags,
+    word: u32,
+    hook: Hook,
+    reason: u32,
+) {
+    if slot_flags(word, SLOT) & MONITOR_F_DROPS == 0 {
+        return;
+    }
     let Some(cfg) = WEFT_MONITORS.get(SLOT) else {
         return;
     };
-    if cfg.flags & MONITOR_F_DROPS == 0 {
-        return;
-    }
-    emit::<SLOT, P>(p, cfg, EVENT_DROP, hook, reason);
+    emit::<SLOT, P>(p, flags, cfg, EVENT_DROP, hook, reason);
 }
 
 #[inline(always)]
-fn forwarded_in<const SLOT: u32, P: Packet>(p: &P, hook: Hook, verdict: u32) {
+fn forwarded_in<const SLOT: u32, P: Packet>(
+    p: &P,
+    flags: *mut MonitorFlags,
+    word: u32,
+    hook: Hook,
+    verdict: u32,
+) {
+    if slot_flags(word, SLOT) & MONITOR_F_TRACE == 0 {
+        return;
+    }
     let Some(cfg) = WEFT_MONITORS.get(SLOT) else {
         return;
     };
-    if cfg.flags & MONITOR_F_TRACE == 0 {
-        return;
-    }
     // Each monitor samples on its own.
     if cfg.sample_every > 1 && unsafe { bpf_get_prandom_u32() } % cfg.sample_every != 0 {
         return;
     }
-    emit::<SLOT, P>(p, cfg, EVENT_FORWARD, hook, verdict);
+    emit::<SLOT, P>(p, flags, cfg, EVENT_FORWARD, hook, verdict);
 }
 
 /// A drop (called where drops are counted): into every slot whose monitor reports drops.
 #[inline(always)]
 pub fn dropped<P: Packet>(p: &P, hook: Hook, reason: u32) {
-    dropped_in::<0, P>(p, hook, reason);
-    dropped_in::<1, P>(p, hook, reason);
-    dropped_in::<2, P>(p, hook, reason);
-    dropped_in::<3, P>(p, hook, reason);
+    let Some((f, word)) = flags() else {
+        return;
+    };
+    // Nobody listens for drops: the one test a node without a monitor pays.
+    if word & MONITOR_ANY_DROPS == 0 {
+        return;
+    }
+    dropped_in::<0, P>(p, f, word, hook, reason);
+    dropped_in::<1, P>(p, f, word, hook, reason);
+    dropped_in::<2, P>(p, f, word, hook, reason);
+    dropped_in::<3, P>(p, f, word, hook, reason);
 }
 
 /// A program's verdict on a packet it did not drop: into every slot whose monitor asked for
 /// forwarding events (`--trace`), each sampled as that monitor asked.
 #[inline(always)]
 pub fn forwarded<P: Packet>(p: &P, hook: Hook, verdict: u32) {
-    forwarded_in::<0, P>(p, hook, verdict);
-    forwarded_in::<1, P>(p, hook, verdict);
-    forwarded_in::<2, P>(p, hook, verdict);
-    forwarded_in::<3, P>(p, hook, verdict);
+    let Some((f, word)) = flags() else {
+        return;
+    };
+    if word & MONITOR_ANY_TRACE == 0 {
+        return;
+    }
+    forwarded_in::<0, P>(p, f, word, hook, verdict);
+    forwarded_in::<1, P>(p, f, word, hook, verdict);
+    forwarded_in::<2, P>(p, f, word, hook, verdict);
+    forwarded_in::<3, P>(p, f, word, hook, verdict);
 }

@@ -8,6 +8,7 @@ use std::{
     io,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    sync::atomic::{AtomicU8, Ordering},
 };
 
 use anyhow::{Context as _, Result, anyhow};
@@ -502,6 +503,54 @@ impl std::str::FromStr for XdpSetting {
     }
 }
 
+/// `WEFT_MONITOR_FLAGS` mapped into this process (the map is `BPF_F_MMAPABLE`): its value,
+/// one byte per monitor slot, at the start of the mapping.
+struct MappedFlags {
+    ptr: std::ptr::NonNull<libc::c_void>,
+    len: usize,
+}
+
+impl MappedFlags {
+    fn new(map: &MapData) -> Result<Self> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        // SAFETY: sysconf reads a constant of the system.
+        let len = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .context("the page size")?;
+        // SAFETY: a shared mapping of the map's first page (its one value), owned by `Self`
+        // and unmapped on drop; the map fd stays open for the call.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error())
+                .context("mapping the monitor flags (WEFT_MONITOR_FLAGS)");
+        }
+        let ptr = std::ptr::NonNull::new(ptr).context("mmap returned null")?;
+        Ok(Self { ptr, len })
+    }
+
+    fn slot(&self, slot: usize) -> &AtomicU8 {
+        assert!(slot < MONITOR_SLOTS as usize, "monitor slot {slot}");
+        // SAFETY: the mapping holds at least the value's MONITOR_SLOTS bytes for as long as
+        // `self` lives; the programs access them concurrently, hence the atomic.
+        unsafe { AtomicU8::from_ptr(self.ptr.as_ptr().cast::<u8>().add(slot)) }
+    }
+}
+
+impl Drop for MappedFlags {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, not used past this point.
+        unsafe { libc::munmap(self.ptr.as_ptr(), self.len) };
+    }
+}
+
 /// Removes the pins of maps an earlier datapath declared and this one does not
 /// (`map_names::RETIRED`): nothing reads them any more, and programs still using them keep
 /// their own references until they are replaced.
@@ -565,7 +614,26 @@ impl Maps {
             .ok_or_else(|| anyhow!("map {name} missing"))
     }
 
-    /// What the monitor of `slot` asked for (all zero: nobody listens there).
+    /// Which events each slot's monitor asked for (`MONITOR_F_*` bits, by slot; all zero:
+    /// nobody listens).
+    pub fn monitor_flags(&self) -> Result<[u8; MONITOR_SLOTS as usize]> {
+        let map = MappedFlags::new(self.map_data(map_names::MONITOR_FLAGS)?)?;
+        Ok(std::array::from_fn(|slot| {
+            map.slot(slot).load(Ordering::SeqCst)
+        }))
+    }
+
+    /// Sets the flags of `slot` alone: a byte store into the mapped map, so monitors changing
+    /// their own slots at once never overwrite each other's (an element update would write the
+    /// whole word).
+    pub fn set_monitor_flags(&self, slot: u32, flags: u32) -> Result<()> {
+        let map = MappedFlags::new(self.map_data(map_names::MONITOR_FLAGS)?)?;
+        let byte = u8::try_from(flags).context("monitor flags fit a byte")?;
+        map.slot(slot as usize).store(byte, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Budget, sampling and owner of the monitor of `slot`.
     pub fn monitor_config(&self, slot: u32) -> Result<MonitorConfig> {
         let map: Array<&MapData, MonitorConfig> = self.map(map_names::MONITORS)?.try_into()?;
         map.get(&slot, 0)
@@ -649,6 +717,13 @@ impl Maps {
         self.maps
             .get(name)
             .ok_or_else(|| anyhow!("map {name} missing"))
+    }
+
+    fn map_data(&self, name: &str) -> Result<&MapData> {
+        match self.map(name)? {
+            Map::Array(d) => Ok(d),
+            _ => Err(anyhow!("{name}: unexpected map type")),
+        }
     }
 
     /// The capacity (`max_entries`) of the map `name`.

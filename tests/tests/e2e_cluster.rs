@@ -200,11 +200,7 @@ fn monitor_names_a_spoofing_pod(cluster: &mut Cluster) {
     assert_eq!(ev["dst_node_ip"], cluster.nodes[1].ip.to_string());
     assert_eq!(ev["node"], node.name, "{ev}");
     assert!(
-        node.maps()
-            .monitor_configs()
-            .unwrap()
-            .iter()
-            .all(|c| c.flags == 0),
+        node.maps().monitor_flags().unwrap().iter().all(|f| *f == 0),
         "detached"
     );
 }

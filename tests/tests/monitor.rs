@@ -99,7 +99,7 @@ impl Monitor {
 
     /// The flags of its slot.
     fn flags(&self, node: &Node) -> u32 {
-        node.dp.maps.monitor_config(self.slot).unwrap().flags
+        node.dp.maps.monitor_flags().unwrap()[self.slot as usize] as u32
     }
 
     /// The next event record within `wait` (`lost` reports are kept aside).
@@ -213,12 +213,7 @@ fn unread_events(pins: &Path) -> usize {
 
 /// No slot asks for events.
 fn all_off(node: &Node) -> bool {
-    node.dp
-        .maps
-        .monitor_configs()
-        .unwrap()
-        .iter()
-        .all(|c| c.flags == 0)
+    node.dp.maps.monitor_flags().unwrap() == [0; MONITOR_SLOTS as usize]
 }
 
 /// Events emitted into a slot and refused by its budget, summed over CPUs.
@@ -453,12 +448,12 @@ fn several_monitors_listen_at_once_each_with_its_own_options_until_the_slots_run
             &["--reason", "spoofed_ip", "--budget", "5", "--burst", "5"],
         );
         assert_ne!(a.slot, b.slot);
-        let ca = node.dp.maps.monitor_config(a.slot).unwrap();
         let cb = node.dp.maps.monitor_config(b.slot).unwrap();
-        assert_eq!(ca.flags, MONITOR_F_DROPS | MONITOR_F_TRACE);
+        assert_eq!(a.flags(&node), MONITOR_F_DROPS | MONITOR_F_TRACE);
+        assert_eq!(b.flags(&node), MONITOR_F_DROPS);
         assert_eq!(
-            (cb.flags, cb.rate_per_sec, cb.burst),
-            (MONITOR_F_DROPS, 5, 5)
+            (cb.rate_per_sec, cb.burst, cb.owner_pid),
+            (5, 5, b.child.id())
         );
 
         // A forwarded packet reaches A only; a drop reaches both.

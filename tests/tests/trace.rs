@@ -40,6 +40,7 @@ fn state(maps: &Maps) -> String {
         maps.conntrack().unwrap(),
         maps.next_hops().unwrap(),
         maps.path_mtus().unwrap(),
+        maps.monitor_flags().unwrap(),
         maps.monitor_configs().unwrap(),
     )
 }

@@ -672,11 +672,12 @@ fn main() -> Result<()> {
             let monitors: Vec<(u32, u32)> = maps
                 .monitor_configs()?
                 .iter()
+                .zip(maps.monitor_flags()?)
                 .enumerate()
-                .filter(|(_, c)| {
-                    c.flags != 0 && std::path::Path::new(&format!("/proc/{}", c.owner_pid)).exists()
+                .filter(|(_, (c, flags))| {
+                    *flags != 0 && std::path::Path::new(&format!("/proc/{}", c.owner_pid)).exists()
                 })
-                .map(|(slot, c)| (slot as u32, c.owner_pid))
+                .map(|(slot, (c, _))| (slot as u32, c.owner_pid))
                 .collect();
             if cli.json {
                 println!(

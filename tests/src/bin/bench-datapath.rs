@@ -792,15 +792,16 @@ fn monitor_costs(node: &mut Node, calls: u64) -> BTreeMap<String, f64> {
             aya::maps::RingBuf::try_from(node.dp.maps.take(name).unwrap()).unwrap()
         })
         .collect();
-    let on = MonitorConfig {
-        flags: MONITOR_F_DROPS | MONITOR_F_TRACE,
+    let unlimited = MonitorConfig {
         rate_per_sec: u32::MAX,
         burst: u32::MAX,
         sample_every: 1,
         owner_pid: std::process::id(),
-        _pad: 0,
     };
-    let off = MonitorConfig::default();
+    for slot in &slots {
+        node.dp.maps.set_monitor_config(*slot, &unlimited).unwrap();
+    }
+    let (on, off) = (MONITOR_F_DROPS | MONITOR_F_TRACE, 0);
     let idx = node.pod1_ifindex;
     let fwd = tcp_frame(
         POD1_MAC,
@@ -836,8 +837,8 @@ fn monitor_costs(node: &mut Node, calls: u64) -> BTreeMap<String, f64> {
                 ("monitor_on_2", [on, on]),
                 ("monitor_off_b", [off, off]),
             ] {
-                for (slot, cfg) in slots.iter().zip(cfgs) {
-                    node.dp.maps.set_monitor_config(*slot, &cfg).unwrap();
+                for (slot, flags) in slots.iter().zip(cfgs) {
+                    node.dp.maps.set_monitor_flags(*slot, flags).unwrap();
                 }
                 let p = node.dp.tc_program(prog_names::FROM_POD).unwrap();
                 let runs = (0..per_round).map(|_| run_tc(p, frame, idx, 1).duration_ns);
@@ -845,19 +846,19 @@ fn monitor_costs(node: &mut Node, calls: u64) -> BTreeMap<String, f64> {
                     .entry(format!("{name}_{suffix}"))
                     .or_default()
                     .extend(runs);
-                for (ring, cfg) in rings.iter_mut().zip(cfgs) {
+                for (ring, flags) in rings.iter_mut().zip(cfgs) {
                     let mut events = 0;
                     while ring.next().is_some() {
                         events += 1;
                     }
-                    let want = if cfg.flags != 0 { per_round } else { 0 };
+                    let want = if flags != 0 { per_round } else { 0 };
                     assert_eq!(events, want, "{name}_{suffix}: events emitted");
                 }
             }
         }
     }
     for slot in &slots {
-        node.dp.maps.set_monitor_config(*slot, &off).unwrap();
+        node.dp.maps.set_monitor_flags(*slot, off).unwrap();
     }
     samples
         .into_iter()
