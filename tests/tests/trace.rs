@@ -33,7 +33,7 @@ fn trace(pins: &Path, ipam: &Path, args: &[&str]) -> Value {
 /// Everything the datapath writes, and the config.
 fn state(maps: &Maps) -> String {
     format!(
-        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
         maps.config().unwrap(),
         maps.drops().unwrap(),
         maps.stats().unwrap(),
