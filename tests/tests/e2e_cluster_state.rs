@@ -246,8 +246,11 @@ fn node_away_past_its_lease_ttl_while_subnets_are_scarce() {
         lease_ttl: 3,
         ..Default::default()
     });
-    let pod_a = c.add_pod(0);
-    let pod_b = c.add_pod(1);
+    // Named pods, as Kubernetes creates them: every agent publishes its pods' names under its
+    // own etcd lease (NetworkPolicy's address records), so a node that comes back with a new
+    // subnet must not claim the address of its old pod, now another node's.
+    let (_, pod_a) = c.add_named_pod(0, "default", "a-old", None);
+    let (_, pod_b) = c.add_named_pod(1, "default", "b", None);
     let (a_ip, subnet_a) = (c.nodes[0].ip, subnet_of(&c, 0));
 
     // Node A's agent dies and stays away: its lease expires. Its pod and datapath stay.
@@ -271,7 +274,8 @@ fn node_away_past_its_lease_ttl_while_subnets_are_scarce() {
     let n_d = c.add_node();
     c.wait_ready(n_d);
     assert_eq!(subnet_of(&c, n_d), subnet_a, "the last free subnet");
-    let pod_d = c.add_pod(n_d);
+    let (_, pod_d) = c.add_named_pod(n_d, "default", "d", None);
+    let d_name = c.nodes[n_d].name.clone();
     assert_eq!(pod_d, pod_a, "D's first pod has the address of A's");
     assert_eq!(lease_holder(&c, subnet_a), Some(c.nodes[n_d].ip));
 
@@ -322,9 +326,28 @@ fn node_away_past_its_lease_ttl_while_subnets_are_scarce() {
     );
     assert_eq!(subnet_of(&c, 0), subnet_c);
     assert_eq!(lease_holder(&c, subnet_c), Some(a_ip));
-    let new_pod = c.add_pod(0);
+    let (_, new_pod) = c.add_named_pod(0, "default", "a-new", None);
     assert!(subnet_c.contains(&new_pod));
     let new = c.nodes[0].pods.last().unwrap();
     assert!(weft_tests::cluster::ping_rtt_in(&new.ns.name, pod_b).is_some());
     assert!(weft_tests::cluster::ping_rtt_in(&new.ns.name, pod_d).is_some());
+    // The pods' address records (NetworkPolicy's identities): A publishes its new pod, and
+    // never again its old pod, whose address is D's pod's.
+    let a_name = c.nodes[0].name.clone();
+    wait_until("A to publish its new pod", Duration::from_secs(10), || {
+        address_record(&c, new_pod) == Some((a_name.clone(), "a-new".into()))
+    });
+    assert_eq!(address_record(&c, pod_d), Some((d_name, "d".into())));
+}
+
+/// The node and pod name of the address record of `ip` in etcd.
+fn address_record(c: &Cluster, ip: Ipv4Addr) -> Option<(String, String)> {
+    let key = format!("{FLANNEL_PREFIX}/k8s/podips/{ip}");
+    let (_, value) = c
+        .etcd
+        .get_prefix(&key)
+        .into_iter()
+        .find(|(k, _)| *k == key)?;
+    let v: serde_json::Value = serde_json::from_str(&value).ok()?;
+    Some((v["node"].as_str()?.into(), v["name"].as_str()?.into()))
 }

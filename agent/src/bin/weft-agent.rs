@@ -23,7 +23,7 @@ use weft_agent::{
     control_loop::{ControlLoop, mode_policy, node_config},
     datapath::{Datapath, LoadOptions, Maps, XdpSetting},
     datastore::{
-        Backoff, Datastore, LocalNode,
+        Backoff, Datastore, HeldSubnet, LocalNode,
         etcd::{DEFAULT_PREFIX, EtcdClient, EtcdDatastore, EtcdOptions, SubnetTaken},
         kube::{KubeDatastore, KubeSource},
         static_file::StaticFile,
@@ -463,7 +463,8 @@ fn program_datapath(
 /// policy maps, each on its own thread (the control loop is untouched by policy changes).
 fn start_policy(
     args: &Args,
-    node: &str,
+    local: &LocalNode,
+    held: HeldSubnet,
     runtime: &tokio::runtime::Handle,
     metrics: Arc<PolicyMetrics>,
 ) -> Result<()> {
@@ -475,23 +476,18 @@ fn start_policy(
             std::thread::Builder::new()
                 .name("policy-etcd".into())
                 .spawn(move || etcd_source::watch_loop(c, prefix, tx))?;
-            let (prefix, node, pins, ttl) = (
-                args.etcd_prefix.clone(),
-                node.to_string(),
-                args.pin_root.clone(),
+            let publisher = etcd_source::PodPublisher::new(
+                client,
+                &args.etcd_prefix,
+                &local.name,
+                local.public_ip,
                 args.lease_ttl,
             );
+            let pins = args.pin_root.clone();
             std::thread::Builder::new()
                 .name("policy-pods".into())
                 .spawn(move || {
-                    etcd_source::publish_loop(
-                        client,
-                        prefix,
-                        node,
-                        pins,
-                        ttl,
-                        Duration::from_millis(100),
-                    )
+                    etcd_source::publish_loop(publisher, pins, held, Duration::from_millis(100))
                 })?;
         }
         DatastoreKind::Kube => {
@@ -509,7 +505,7 @@ fn start_policy(
         }
     }
     let controller = Controller::new(
-        node,
+        &local.name,
         Maps::open_pinned(&args.pin_root)?,
         metrics,
         args.service_cluster_ip_range,
@@ -597,6 +593,7 @@ fn run(args: Args) -> Result<()> {
         pin_root: args.pin_root.clone(),
         subnet_file: args.subnet_file.clone(),
         metrics: metrics.clone(),
+        held: HeldSubnet::default(),
     };
     let mut backoff = Backoff::new(Duration::from_secs(5));
     let subnet = loop {
@@ -628,7 +625,13 @@ fn run(args: Args) -> Result<()> {
         tracing::info!(?fw, "masquerading pod traffic leaving {}", conf.network);
     }
 
-    start_policy(&args, &local.name, runtime.handle(), policy_metrics)?;
+    start_policy(
+        &args,
+        &local,
+        fence.held.clone(),
+        runtime.handle(),
+        policy_metrics,
+    )?;
 
     // BIRD for the bgp backend, driven by the control loop (idle for other backends, ready for
     // a live switch to bgp).
@@ -690,23 +693,27 @@ fn run(args: Args) -> Result<()> {
 /// What the agent does when this node's subnet changes hands: local pods whose addresses are
 /// not this node's any more are cut off (`node_net::fence_endpoints`), and while the node holds
 /// no subnet the subnet file is gone (the CNI plugin then answers "try again later" instead of
-/// handing out another node's addresses) and `/readyz` says why.
+/// handing out another node's addresses) and `/readyz` says why. `held` tells the etcd
+/// publisher of pod addresses which addresses are this node's.
 #[derive(Clone)]
 struct Fence {
     pin_root: PathBuf,
     subnet_file: PathBuf,
     metrics: Arc<Metrics>,
+    held: HeldSubnet,
 }
 
 impl Fence {
     /// This node holds `subnet`: pods outside it are not this node's.
     fn holds(&self, subnet: ipnet::Ipv4Net) {
+        self.held.set(Some(subnet));
         self.metrics.set_subnet_lost(None);
         self.fence(Some(subnet), None);
     }
 
     /// This node lost `subnet` to another node and holds none.
     fn lost(&self, subnet: ipnet::Ipv4Net, why: &str) {
+        self.held.set(None);
         match std::fs::remove_file(&self.subnet_file) {
             Ok(()) => tracing::warn!(
                 file = %self.subnet_file.display(),
