@@ -24,7 +24,7 @@ use weft_agent::{
     datapath::{Datapath, LoadOptions, Maps, XdpSetting},
     datastore::{
         Backoff, Datastore, HeldSubnet, LocalNode,
-        etcd::{DEFAULT_PREFIX, EtcdClient, EtcdDatastore, EtcdOptions, SubnetTaken},
+        etcd::{EtcdArgs, EtcdDatastore, SubnetTaken},
         kube::{KubeDatastore, KubeSource},
         static_file::StaticFile,
     },
@@ -65,32 +65,8 @@ struct Args {
     /// Where node records live.
     #[arg(long, value_enum, default_value = "etcd")]
     datastore: DatastoreKind,
-    /// etcd client URLs, comma-separated (http:// or https://).
-    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
-    etcd_endpoints: Vec<String>,
-    /// CA bundle for etcd's server certificate (https:// endpoints).
-    #[arg(long)]
-    etcd_cafile: Option<PathBuf>,
-    /// Client certificate for etcd (client-certificate authentication).
-    #[arg(long, requires = "etcd_keyfile")]
-    etcd_certfile: Option<PathBuf>,
-    /// Key of --etcd-certfile.
-    #[arg(long, requires = "etcd_certfile")]
-    etcd_keyfile: Option<PathBuf>,
-    /// etcd user (etcd's own authentication).
-    #[arg(long, requires = "etcd_password")]
-    etcd_username: Option<String>,
-    /// Password of --etcd-username.
-    #[arg(
-        long,
-        requires = "etcd_username",
-        env = "WEFT_ETCD_PASSWORD",
-        hide_env_values = true
-    )]
-    etcd_password: Option<String>,
-    /// etcd key prefix (flannel's layout).
-    #[arg(long, default_value = DEFAULT_PREFIX)]
-    etcd_prefix: String,
+    #[command(flatten)]
+    etcd: EtcdArgs,
     /// flannel's net-conf.json; with etcd and without this flag, read from `<prefix>/config`.
     #[arg(long)]
     net_conf: Option<PathBuf>,
@@ -274,15 +250,9 @@ fn install_cni(args: &Args, conf_subnet_file: &Path) -> Result<()> {
 fn open_datastore(args: &Args, runtime: &tokio::runtime::Handle) -> Result<Box<dyn Datastore>> {
     Ok(match args.datastore {
         DatastoreKind::Etcd => Box::new(EtcdDatastore::with_options(
-            &args.etcd_endpoints,
-            &EtcdOptions {
-                ca_file: args.etcd_cafile.clone(),
-                cert_file: args.etcd_certfile.clone(),
-                key_file: args.etcd_keyfile.clone(),
-                username: args.etcd_username.clone(),
-                password: args.etcd_password.clone(),
-            },
-            &args.etcd_prefix,
+            &args.etcd.etcd_endpoints,
+            &args.etcd.options(),
+            &args.etcd.etcd_prefix,
             args.lease_ttl,
         )?),
         DatastoreKind::Kube => Box::new(KubeDatastore::new(
@@ -471,14 +441,14 @@ fn start_policy(
     let (tx, rx) = mpsc::channel();
     match args.datastore {
         DatastoreKind::Etcd => {
-            let client = EtcdClient::with_options(&args.etcd_endpoints, &etcd_options(args))?;
-            let (c, prefix) = (client.clone(), args.etcd_prefix.clone());
+            let client = args.etcd.client()?;
+            let (c, prefix) = (client.clone(), args.etcd.etcd_prefix.clone());
             std::thread::Builder::new()
                 .name("policy-etcd".into())
                 .spawn(move || etcd_source::watch_loop(c, prefix, tx))?;
             let publisher = etcd_source::PodPublisher::new(
                 client,
-                &args.etcd_prefix,
+                &args.etcd.etcd_prefix,
                 &local.name,
                 local.public_ip,
                 args.lease_ttl,
@@ -518,16 +488,6 @@ fn start_policy(
             }
         })?;
     Ok(())
-}
-
-fn etcd_options(args: &Args) -> EtcdOptions {
-    EtcdOptions {
-        ca_file: args.etcd_cafile.clone(),
-        cert_file: args.etcd_certfile.clone(),
-        key_file: args.etcd_keyfile.clone(),
-        username: args.etcd_username.clone(),
-        password: args.etcd_password.clone(),
-    }
 }
 
 fn run(args: Args) -> Result<()> {

@@ -62,6 +62,54 @@ pub struct EtcdOptions {
     pub password: Option<String>,
 }
 
+/// The etcd flags of `weft-agent` and `weft policy`: flannel's names, one declaration for both
+/// (`#[command(flatten)]`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct EtcdArgs {
+    /// etcd client URLs, comma-separated (http:// or https://).
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    pub etcd_endpoints: Vec<String>,
+    /// CA bundle for etcd's server certificate (https:// endpoints).
+    #[arg(long)]
+    pub etcd_cafile: Option<PathBuf>,
+    /// Client certificate for etcd (client-certificate authentication).
+    #[arg(long, requires = "etcd_keyfile")]
+    pub etcd_certfile: Option<PathBuf>,
+    /// Key of --etcd-certfile.
+    #[arg(long, requires = "etcd_certfile")]
+    pub etcd_keyfile: Option<PathBuf>,
+    /// etcd user (etcd's own authentication).
+    #[arg(long, requires = "etcd_password")]
+    pub etcd_username: Option<String>,
+    /// Password of --etcd-username.
+    #[arg(
+        long,
+        requires = "etcd_username",
+        env = "WEFT_ETCD_PASSWORD",
+        hide_env_values = true
+    )]
+    pub etcd_password: Option<String>,
+    /// etcd key prefix (flannel's layout).
+    #[arg(long, default_value = DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+}
+
+impl EtcdArgs {
+    pub fn options(&self) -> EtcdOptions {
+        EtcdOptions {
+            ca_file: self.etcd_cafile.clone(),
+            cert_file: self.etcd_certfile.clone(),
+            key_file: self.etcd_keyfile.clone(),
+            username: self.etcd_username.clone(),
+            password: self.etcd_password.clone(),
+        }
+    }
+
+    pub fn client(&self) -> Result<EtcdClient> {
+        EtcdClient::with_options(&self.etcd_endpoints, &self.options())
+    }
+}
+
 // --- the gateway's JSON, as serde types (int64 fields come as strings) -------------------
 
 fn de_i64<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
