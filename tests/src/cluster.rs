@@ -661,6 +661,31 @@ impl Cluster {
         );
     }
 
+    /// Creates a pod on node `index`: a new network namespace, the CNI ADD that `add` runs
+    /// (given the node, the container id and the namespace's path; it returns the result), the
+    /// pod recorded on the node. Returns its index in the node's pods and its address.
+    fn add_pod_with(
+        &mut self,
+        index: usize,
+        add: impl FnOnce(&Node, &str, &str) -> serde_json::Value,
+    ) -> (usize, Ipv4Addr) {
+        let ns = Netns::new("wp");
+        let container_id = unique_name("ctr");
+        let result = add(&self.nodes[index], &container_id, &ns.path());
+        let ip = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in the ADD result: {result}"));
+        let pods = &mut self.nodes[index].pods;
+        pods.push(Pod {
+            ns,
+            container_id,
+            ip,
+        });
+        (pods.len() - 1, ip)
+    }
+
     /// Creates pod `namespace/name` on node `index` through the CNI plugin (ADD) as a runtime
     /// does for Kubernetes (`K8S_POD_NAMESPACE`, `K8S_POD_NAME` in `CNI_ARGS`), asking for
     /// address `ip` when given. Returns its index in the node's pods and its address.
@@ -671,51 +696,21 @@ impl Cluster {
         name: &str,
         ip: Option<Ipv4Addr>,
     ) -> (usize, Ipv4Addr) {
-        let ns = Netns::new("wp");
-        let container_id = unique_name("ctr");
-        let node = &self.nodes[index];
         let mut args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}");
         if let Some(ip) = ip {
             args += &format!(";IP={ip}");
         }
-        let result = cni_with_args(
-            node,
-            "ADD",
-            &container_id,
-            &ns.path(),
-            &node.cni_conf(),
-            &args,
-        );
-        let ip = result["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in the ADD result: {result}"));
-        self.nodes[index].pods.push(Pod {
-            ns,
-            container_id,
-            ip,
-        });
-        (self.nodes[index].pods.len() - 1, ip)
+        self.add_pod_with(index, |node, container_id, netns| {
+            cni_with_args(node, "ADD", container_id, netns, &node.cni_conf(), &args)
+        })
     }
 
     /// Creates a pod on node `index` through the CNI plugin (ADD), like a runtime.
     pub fn add_pod(&mut self, index: usize) -> Ipv4Addr {
-        let ns = Netns::new("wp");
-        let container_id = unique_name("ctr");
-        let node = &self.nodes[index];
-        let result = cni(node, "ADD", &container_id, &ns.path(), &node.cni_conf());
-        let ip = result["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in the ADD result: {result}"));
-        self.nodes[index].pods.push(Pod {
-            ns,
-            container_id,
-            ip,
-        });
-        ip
+        self.add_pod_with(index, |node, container_id, netns| {
+            cni(node, "ADD", container_id, netns, &node.cni_conf())
+        })
+        .1
     }
 
     /// Creates a pod on node `index` through a conflist, as a runtime runs one: weft (its
@@ -727,33 +722,22 @@ impl Cluster {
         weft_extra: serde_json::Value,
         chained: Vec<serde_json::Value>,
     ) -> Ipv4Addr {
-        let ns = Netns::new("wp");
-        let container_id = unique_name("ctr");
-        let node = &self.nodes[index];
-        let mut weft = node.cni_conf();
-        weft.as_object_mut().unwrap().remove("cniVersion");
-        weft.as_object_mut().unwrap().remove("name");
-        if let serde_json::Value::Object(extra) = weft_extra {
-            weft.as_object_mut().unwrap().extend(extra);
-        }
-        let mut plugins = vec![weft];
-        plugins.extend(chained);
-        // Debian's reference plugins speak up to 1.0.0.
-        let list = serde_json::json!({"cniVersion": "1.0.0", "name": "weft", "plugins": plugins});
-        let result =
-            crate::cni::run_conflist(&node.ns, "ADD", &list, &container_id, &ns.path(), None)
-                .unwrap_or_else(|out| panic!("conflist ADD on {} failed: {out:?}", node.name));
-        let ip = result["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in the ADD result: {result}"));
-        self.nodes[index].pods.push(Pod {
-            ns,
-            container_id,
-            ip,
-        });
-        ip
+        self.add_pod_with(index, |node, container_id, netns| {
+            let mut weft = node.cni_conf();
+            weft.as_object_mut().unwrap().remove("cniVersion");
+            weft.as_object_mut().unwrap().remove("name");
+            if let serde_json::Value::Object(extra) = weft_extra {
+                weft.as_object_mut().unwrap().extend(extra);
+            }
+            let mut plugins = vec![weft];
+            plugins.extend(chained);
+            // Debian's reference plugins speak up to 1.0.0.
+            let list =
+                serde_json::json!({"cniVersion": "1.0.0", "name": "weft", "plugins": plugins});
+            crate::cni::run_conflist(&node.ns, "ADD", &list, container_id, netns, None)
+                .unwrap_or_else(|out| panic!("conflist ADD on {} failed: {out:?}", node.name))
+        })
+        .1
     }
 
     /// Deletes pod `pod` of node `index` through the CNI plugin (DEL).
