@@ -7,10 +7,12 @@
 //! client can take the endpoints away from the kubelet: request heads larger than
 //! [`MAX_HEAD_BYTES`] are refused (memory stays bounded whatever a client sends), a head must
 //! arrive within [`HEAD_TIMEOUT`], a connection lives at most [`CONNECTION_TIMEOUT`], and at most
-//! [`MAX_CONNECTIONS`] are served at once (a new one ends the oldest: clients holding
-//! connections cannot lock the kubelet's probes out).
+//! [`MAX_CONNECTIONS`] are served at once (a new one ends the oldest connection of the client
+//! address holding the most: clients holding connections cannot lock the kubelet's probes
+//! out, nor can one client churning connections push other clients' requests out).
 use std::{
-    net::SocketAddr,
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -547,19 +549,44 @@ async fn handle(
     }
 }
 
-/// The connections being served, oldest first, each with the means to end it.
+/// The connections being served, oldest first, each with its client's address and the means
+/// to end it.
 #[derive(Default)]
 struct Connections {
     next_id: u64,
-    open: std::collections::VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>,
+    open: std::collections::VecDeque<(u64, IpAddr, tokio::sync::oneshot::Sender<()>)>,
+}
+
+impl Connections {
+    /// Makes room for a connection from `client`: at [`MAX_CONNECTIONS`], ends the oldest
+    /// connection of the address that holds the most (ties: the address whose oldest is
+    /// oldest). A client opening connections in a loop thus only ends its own, never a probe
+    /// from another address that has not been read yet.
+    fn make_room(&mut self) {
+        if self.open.len() < MAX_CONNECTIONS {
+            return;
+        }
+        let mut held: HashMap<IpAddr, usize> = HashMap::new();
+        for (_, ip, _) in &self.open {
+            *held.entry(*ip).or_default() += 1;
+        }
+        let most = held.values().copied().max().unwrap_or(0);
+        // `open` is oldest first, so the first of the busiest address is its oldest.
+        if let Some(i) = self.open.iter().position(|(_, ip, _)| held[ip] == most)
+            && let Some((_, _, end)) = self.open.remove(i)
+        {
+            let _ = end.send(());
+        }
+    }
 }
 
 /// Binds `addr` and serves `/healthz`, `/readyz` and `/metrics` on the current tokio runtime.
 /// Returns the bound address.
 ///
-/// At most [`MAX_CONNECTIONS`] are served at once; a new one beyond that ends the oldest (not
-/// itself): clients that hold connections open (slowly sending, or idle) are the ones to go,
-/// so a kubelet probe is answered whatever they do.
+/// At most [`MAX_CONNECTIONS`] are served at once; a new one beyond that ends the oldest
+/// connection of the address holding the most (not itself): clients that hold connections
+/// open (slowly sending, or idle) are the ones to go, so a kubelet probe is answered whatever
+/// they do.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -568,7 +595,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr
     let connections = Arc::new(std::sync::Mutex::new(Connections::default()));
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok((stream, client)) = listener.accept().await else {
                 // Out of file descriptors and the like: pause instead of spinning.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
@@ -576,14 +603,10 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr
             let (end_tx, end_rx) = tokio::sync::oneshot::channel::<()>();
             let id = {
                 let mut c = connections.lock().expect("connections lock");
-                if c.open.len() >= MAX_CONNECTIONS
-                    && let Some((_, oldest)) = c.open.pop_front()
-                {
-                    let _ = oldest.send(());
-                }
+                c.make_room();
                 c.next_id += 1;
                 let id = c.next_id;
-                c.open.push_back((id, end_tx));
+                c.open.push_back((id, client.ip(), end_tx));
                 id
             };
             let (metrics, connections) = (metrics.clone(), connections.clone());
@@ -603,10 +626,70 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr
                     _ = end_rx => {}
                 }
                 if let Ok(mut c) = connections.lock() {
-                    c.open.retain(|(i, _)| *i != id);
+                    c.open.retain(|(i, _, _)| *i != id);
                 }
             });
+            // A backlog of connections is accepted one at a time with the served ones' tasks
+            // run in between, so a request that has arrived is answered before a burst of
+            // newer connections can make room by ending its connection.
+            tokio::task::yield_now().await;
         }
     });
     Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connections(clients: &[[u8; 4]]) -> (Connections, Vec<tokio::sync::oneshot::Receiver<()>>) {
+        let mut c = Connections::default();
+        let mut ends = Vec::new();
+        for ip in clients {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            c.next_id += 1;
+            c.open.push_back((c.next_id, IpAddr::from(*ip), tx));
+            ends.push(rx);
+        }
+        (c, ends)
+    }
+
+    fn ended(ends: &mut [tokio::sync::oneshot::Receiver<()>]) -> Vec<usize> {
+        ends.iter_mut()
+            .enumerate()
+            .filter_map(|(i, rx)| rx.try_recv().is_ok().then_some(i))
+            .collect()
+    }
+
+    #[test]
+    fn room_is_made_from_the_busiest_client_not_the_oldest_connection() {
+        // The probe (10.0.0.1) is the oldest; a churning client holds the rest.
+        let mut clients = vec![[10, 0, 0, 1]];
+        clients.extend(std::iter::repeat_n([10, 0, 0, 2], MAX_CONNECTIONS - 1));
+        let (mut c, mut ends) = connections(&clients);
+        c.make_room();
+        assert_eq!(
+            ended(&mut ends),
+            vec![1],
+            "the churning client's oldest goes"
+        );
+        assert_eq!(c.open.len(), MAX_CONNECTIONS - 1);
+        assert_eq!(c.open.front().map(|e| e.0), Some(1), "the probe stays");
+    }
+
+    #[test]
+    fn room_is_made_only_at_the_limit_and_ties_end_the_oldest() {
+        let (mut c, mut ends) = connections(&[[10, 0, 0, 1], [10, 0, 0, 2]]);
+        c.make_room();
+        assert!(ended(&mut ends).is_empty());
+        let half = MAX_CONNECTIONS / 2;
+        let mut clients = Vec::new();
+        for _ in 0..half {
+            clients.push([10, 0, 0, 3]);
+            clients.push([10, 0, 0, 4]);
+        }
+        let (mut c, mut ends) = connections(&clients);
+        c.make_room();
+        assert_eq!(ended(&mut ends), vec![0]);
+    }
 }

@@ -1,7 +1,8 @@
 //! The agent's HTTP server under hostile clients: a client that sends its request a byte at a
 //! time, one that sends a 1 GB request line, and a hundred that hold connections open (more than
-//! the server serves at once, again and again) must not stop `/healthz` from answering within
-//! a second, and the agent's memory stays flat.
+//! the server serves at once, again and again), all from another host on the underlay, must not
+//! stop `/healthz` probes from the node itself (where the kubelet probes from) from answering
+//! within a second, and the agent's memory stays flat.
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
@@ -52,6 +53,8 @@ fn slow_and_huge_requests_do_not_block_healthz() {
     let b = Netns::new("whb");
     veth_pair(&a, "eth0", &b, "eth0");
     a.ip("addr add 192.168.92.1/24 dev eth0");
+    // The hostile clients' host.
+    b.ip("addr add 192.168.92.2/24 dev eth0");
     let dir = TempDir::new("weft-http-");
     let topology = dir.path.join("nodes.json");
     std::fs::write(
@@ -93,6 +96,7 @@ fn slow_and_huge_requests_do_not_block_healthz() {
     // The default address: the node's own, on the documented port.
     let addr = SocketAddr::from(([192, 168, 92, 1], METRICS_PORT));
     let ns_path = a.path();
+    let hostile_ns = b.path();
     let results = std::thread::spawn(move || {
         enter(&ns_path);
         wait_until("the agent's /healthz", Duration::from_secs(30), || {
@@ -105,8 +109,9 @@ fn slow_and_huge_requests_do_not_block_healthz() {
         let stop = Arc::new(AtomicBool::new(false));
         let huge_sent = Arc::new(AtomicU64::new(0));
         let slow = {
-            let stop = stop.clone();
+            let (stop, hostile_ns) = (stop.clone(), hostile_ns.clone());
             std::thread::spawn(move || {
+                enter(&hostile_ns);
                 // One byte every 100 ms for as long as the server listens.
                 let mut s = TcpStream::connect(addr).unwrap();
                 let mut sent = 0;
@@ -122,7 +127,9 @@ fn slow_and_huge_requests_do_not_block_healthz() {
         };
         let huge = {
             let (stop, huge_sent) = (stop.clone(), huge_sent.clone());
+            let hostile_ns = hostile_ns.clone();
             std::thread::spawn(move || {
+                enter(&hostile_ns);
                 let mut s = TcpStream::connect(addr).unwrap();
                 s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
                 let chunk = vec![b'a'; 64 << 10];
@@ -142,8 +149,9 @@ fn slow_and_huge_requests_do_not_block_healthz() {
         };
         // More idle connections than the server serves at once, renewed as it drops them.
         let hold = {
-            let stop = stop.clone();
+            let (stop, hostile_ns) = (stop.clone(), hostile_ns.clone());
             std::thread::spawn(move || {
+                enter(&hostile_ns);
                 let mut held: Vec<TcpStream> = Vec::new();
                 let mut opened = 0;
                 while !stop.load(Ordering::Relaxed) {
