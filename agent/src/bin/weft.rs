@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use weft_agent::{bgp, datapath::Maps, mac::format_mac as mac, netpol::store};
+use weft_agent::{
+    bgp, datapath::Maps, datastore::etcd::EtcdArgs, mac::format_mac as mac, netpol::store,
+};
 use weft_common::{
     CONFIG_F_READY, RouteMode,
     conntrack::{CT_F_INIT_HI, CT_F_SEEN_HI, CT_F_SEEN_LO, CtOrigin, closing},
@@ -133,46 +135,6 @@ struct MonitorArgs {
     /// The CNI plugin's IPAM directory (`dataDir`), where pods' names are recorded.
     #[arg(long, default_value = weft_agent::cni::spec::DEFAULT_DATA_DIR, value_name = "DIR")]
     cni_data_dir: PathBuf,
-}
-
-#[derive(clap::Args, Debug)]
-struct EtcdArgs {
-    /// etcd client URLs, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
-    etcd_endpoints: Vec<String>,
-    /// The agents' `--etcd-prefix`.
-    #[arg(long, default_value = weft_agent::datastore::etcd::DEFAULT_PREFIX)]
-    etcd_prefix: String,
-    #[arg(long)]
-    etcd_cafile: Option<PathBuf>,
-    #[arg(long, requires = "etcd_keyfile")]
-    etcd_certfile: Option<PathBuf>,
-    #[arg(long, requires = "etcd_certfile")]
-    etcd_keyfile: Option<PathBuf>,
-    #[arg(long, requires = "etcd_password")]
-    etcd_username: Option<String>,
-    #[arg(
-        long,
-        requires = "etcd_username",
-        env = "WEFT_ETCD_PASSWORD",
-        hide_env_values = true
-    )]
-    etcd_password: Option<String>,
-}
-
-impl EtcdArgs {
-    fn client(&self) -> Result<weft_agent::datastore::etcd::EtcdClient> {
-        weft_agent::datastore::etcd::EtcdClient::with_options(
-            &self.etcd_endpoints,
-            &weft_agent::datastore::etcd::EtcdOptions {
-                ca_file: self.etcd_cafile.clone(),
-                cert_file: self.etcd_certfile.clone(),
-                key_file: self.etcd_keyfile.clone(),
-                username: self.etcd_username.clone(),
-                password: self.etcd_password.clone(),
-            },
-        )
-    }
 }
 
 #[derive(Subcommand, Debug)]

@@ -156,6 +156,22 @@ pub enum Event {
     Connected(bool),
 }
 
+/// The pod subnet this node holds now (`None` while it holds none), shared between the code
+/// that acquires or loses it and the code that must act only on this node's own addresses
+/// (the etcd publisher of pod address records).
+#[derive(Clone, Debug, Default)]
+pub struct HeldSubnet(std::sync::Arc<std::sync::Mutex<Option<Ipv4Net>>>);
+
+impl HeldSubnet {
+    pub fn set(&self, subnet: Option<Ipv4Net>) {
+        *self.0.lock().expect("held subnet lock") = subnet;
+    }
+
+    pub fn get(&self) -> Option<Ipv4Net> {
+        *self.0.lock().expect("held subnet lock")
+    }
+}
+
 /// What this node announces.
 #[derive(Clone, Debug)]
 pub struct LocalNode {

@@ -151,12 +151,14 @@ fn flannel(mtu_sized: bool) -> Testbed {
     Testbed::Flannel { _a: a, b, pa_ns }
 }
 
-/// The limit: plain kernel routing between nodes on one L2 segment, no encapsulation, pods on
-/// veths routed by the node (as host-gw does; 1500 MTU since nothing is added).
-fn kernel_host_gw(mtu_sized: bool) -> Testbed {
-    let (na, nb) = underlay(mtu_sized);
+/// A pod on each node (`10.244.1.2` on `nodes[0]`, `10.244.2.2` on `nodes[1]`) on a veth its
+/// node routes with kernel routes, no eBPF: the other pod subnet via `next_hops[i]` (the peer
+/// node on one L2 segment, or a router).
+fn kernel_pods(nodes: [&Netns; 2], next_hops: [Ipv4Addr; 2]) -> (Pod, Pod) {
     let mut pods = Vec::new();
-    for (node, subnet, peer, peer_subnet) in [(&na, 1, NODE_B, 2), (&nb, 2, NODE_A, 1)] {
+    for ((node, next_hop), (subnet, peer_subnet)) in
+        nodes.into_iter().zip(next_hops).zip([(1, 2), (2, 1)])
+    {
         node.sysctl("net.ipv4.ip_forward", "1");
         let pod = Netns::new("bp");
         node.ip(&format!(
@@ -169,7 +171,9 @@ fn kernel_host_gw(mtu_sized: bool) -> Testbed {
         let ip = Ipv4Addr::new(10, 244, subnet, 2);
         pod.ip(&format!("addr add {ip}/24 dev eth0"));
         pod.ip(&format!("route add default via 10.244.{subnet}.1"));
-        node.ip(&format!("route add 10.244.{peer_subnet}.0/24 via {peer}"));
+        node.ip(&format!(
+            "route add 10.244.{peer_subnet}.0/24 via {next_hop}"
+        ));
         pods.push(Pod {
             ns: pod,
             ip,
@@ -178,6 +182,14 @@ fn kernel_host_gw(mtu_sized: bool) -> Testbed {
     }
     let pb = pods.pop().unwrap();
     let pa = pods.pop().unwrap();
+    (pa, pb)
+}
+
+/// The limit: plain kernel routing between nodes on one L2 segment, no encapsulation, pods on
+/// veths routed by the node (as host-gw does; 1500 MTU since nothing is added).
+fn kernel_host_gw(mtu_sized: bool) -> Testbed {
+    let (na, nb) = underlay(mtu_sized);
+    let (pa, pb) = kernel_pods([&na, &nb], [NODE_B, NODE_A]);
     Testbed::HostGw {
         _a: na,
         _b: nb,
@@ -247,29 +259,7 @@ fn weft_bgp(mtu_sized: bool, xdp: XdpSetting) -> Testbed {
 /// other node's pod subnet via the router (what Calico's BGP mode programs), no eBPF.
 fn kernel_routed(mtu_sized: bool) -> Testbed {
     let (na, router, nb) = routed_underlay(mtu_sized);
-    let mut pods = Vec::new();
-    for (node, subnet, peer_subnet, gw) in [(&na, 1, 2, ROUTER_A), (&nb, 2, 1, ROUTER_B)] {
-        node.sysctl("net.ipv4.ip_forward", "1");
-        let pod = Netns::new("bp");
-        node.ip(&format!(
-            "link add hv type veth peer name eth0 netns {}",
-            pod.name
-        ));
-        node.ip(&format!("addr add 10.244.{subnet}.1/24 dev hv"));
-        node.ip("link set hv up");
-        pod.ip("link set eth0 up");
-        let ip = Ipv4Addr::new(10, 244, subnet, 2);
-        pod.ip(&format!("addr add {ip}/24 dev eth0"));
-        pod.ip(&format!("route add default via 10.244.{subnet}.1"));
-        node.ip(&format!("route add 10.244.{peer_subnet}.0/24 via {gw}"));
-        pods.push(Pod {
-            ns: pod,
-            ip,
-            host_ifname: "hv".into(),
-        });
-    }
-    let pb = pods.pop().unwrap();
-    let pa = pods.pop().unwrap();
+    let (pa, pb) = kernel_pods([&na, &nb], [ROUTER_A, ROUTER_B]);
     Testbed::Routed {
         _nodes: vec![Box::new(na), Box::new(nb)],
         _router: router,
