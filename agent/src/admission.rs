@@ -446,6 +446,7 @@ mod tests {
             backend: Some(BackendType::Vxlan),
             vtep_mac: None,
             name: name.into(),
+            node_name: None,
             seniority,
             unknown_backend: None,
         }

@@ -505,6 +505,7 @@ mod tests {
             backend: Some(BackendType::Vxlan),
             vtep_mac: None,
             name: crate::datastore::subnet_key(subnet),
+            node_name: None,
             seniority: 0,
             unknown_backend: None,
         }

@@ -1,7 +1,8 @@
 //! `weft monitor`: attaches to a node's datapath event ring buffer (the protocol is described
 //! in `weft_common::monitor`), turns each event into a [`Record`] (the 5-tuple parsed from the
-//! captured bytes, inner and outer for tunnel packets; endpoints and nodes named from the
-//! node's maps and IPAM store) and filters them.
+//! captured bytes, inner and outer for tunnel packets; endpoints named from the node's maps
+//! and IPAM store, nodes by the names the agent records from its datastore, by address when a
+//! node has none) and filters them.
 //!
 //! Parsing, naming and filtering are pure functions over plain data, unit-tested without a
 //! kernel; [`Attached`] is the part that talks to the maps.
@@ -21,8 +22,8 @@ use serde::Serialize;
 use weft_common::{
     DropReason, map_names,
     monitor::{
-        EVENT_DROP, EVENT_FORWARD, Hook, MONITOR_F_DROPS, MONITOR_F_TRACE, MonitorConfig,
-        MonitorEvent,
+        EVENT_DROP, EVENT_FORWARD, Hook, MONITOR_F_DROPS, MONITOR_F_TRACE, MONITOR_SLOTS,
+        MonitorConfig, MonitorEvent,
     },
 };
 
@@ -50,11 +51,26 @@ pub struct Losses {
     pub ring_full: u64,
 }
 
-/// A monitor attached to the datapath. Dropping it detaches (flags cleared, socket closed);
-/// if the process dies instead, the kernel closes the socket and the datapath stops by
-/// itself.
+/// Every listener slot is taken: the message names the limit and the holders.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "all {slots} monitor slots of this node's datapath are taken (weft monitor pids {}): at most \
+     {slots} monitors listen at once; stop one of them",
+    holders.iter().map(|p| if *p == 0 { "?".to_string() } else { p.to_string() }).collect::<Vec<_>>().join(", ")
+)]
+pub struct SlotsTaken {
+    pub slots: u32,
+    /// The pid of each slot's monitor (0: not known yet, one that is attaching).
+    pub holders: Vec<u32>,
+}
+
+/// A monitor attached to one listener slot of the datapath. Dropping it detaches (its slot's
+/// flags cleared, its socket closed, which frees the slot); if the process dies instead, the
+/// kernel closes the socket, the slot is free at once and the datapath stops emitting into it
+/// by itself.
 pub struct Attached {
     maps: Maps,
+    slot: u32,
     ring: RingBuf<MapData>,
     _socket: UnixDatagram,
     baseline: Losses,
@@ -62,45 +78,65 @@ pub struct Attached {
 
 impl Attached {
     pub fn attach(mut maps: Maps, opts: &Options) -> Result<Self> {
-        let ring = RingBuf::try_from(maps.take(map_names::EVENTS)?)
-            .context("opening the event ring buffer")?;
         let socket = UnixDatagram::unbound().context("creating the monitor's socket")?;
-        if !maps.claim_monitor_slot(&socket)? {
-            let owner = maps.monitor_config()?.owner_pid;
-            bail!(
-                "another weft monitor (pid {owner}) is attached to this node's datapath; \
-                 it serves one monitor at a time"
-            );
-        }
+        let Some(slot) = maps.claim_monitor_slot(&socket)? else {
+            let holders = maps
+                .monitor_configs()?
+                .iter()
+                .map(|c| c.owner_pid)
+                .collect();
+            return Err(SlotsTaken {
+                slots: MONITOR_SLOTS,
+                holders,
+            }
+            .into());
+        };
+        // A monitor killed in this slot left its flags (the datapath clears them only at its
+        // next event) and maybe events: nothing reaches the ring with the flags off, then the
+        // leftovers are read away.
+        maps.set_monitor_flags(slot, 0)?;
+        let ring = RingBuf::try_from(maps.take(map_names::EVENTS[slot as usize])?)
+            .context("opening the slot's event ring buffer")?;
         let mut attached = Self {
             maps,
+            slot,
             ring,
             _socket: socket,
             baseline: Losses::default(),
         };
-        // Events left unread by a monitor that was killed.
         while attached.ring.next().is_some() {}
         attached.baseline = attached.total_losses()?;
-        attached.maps.set_monitor_config(&MonitorConfig {
-            flags: MONITOR_F_DROPS | if opts.trace { MONITOR_F_TRACE } else { 0 },
-            rate_per_sec: opts.rate_per_sec,
-            burst: opts.burst.max(1),
-            sample_every: opts.sample_every.max(1),
-            owner_pid: std::process::id(),
-            _pad: 0,
-        })?;
+        attached.maps.set_monitor_config(
+            slot,
+            &MonitorConfig {
+                rate_per_sec: opts.rate_per_sec,
+                burst: opts.burst.max(1),
+                sample_every: opts.sample_every.max(1),
+                owner_pid: std::process::id(),
+            },
+        )?;
+        // Last: the programs read the config only for a slot whose flags are set.
+        attached.maps.set_monitor_flags(
+            slot,
+            MONITOR_F_DROPS | if opts.trace { MONITOR_F_TRACE } else { 0 },
+        )?;
         Ok(attached)
     }
 
+    /// The listener slot this monitor holds.
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
     fn total_losses(&self) -> Result<Losses> {
-        let rates = self.maps.monitor_rates()?;
+        let rates = self.maps.monitor_rates(self.slot)?;
         Ok(Losses {
             over_budget: rates.iter().map(|r| r.over_budget).sum(),
             ring_full: rates.iter().map(|r| r.ring_full).sum(),
         })
     }
 
-    /// Losses since attaching.
+    /// This monitor's losses since attaching.
     pub fn losses(&self) -> Result<Losses> {
         let now = self.total_losses()?;
         Ok(Losses {
@@ -149,10 +185,10 @@ impl Attached {
 
 impl Drop for Attached {
     fn drop(&mut self) {
-        if let Ok(cfg) = self.maps.monitor_config()
+        if let Ok(cfg) = self.maps.monitor_config(self.slot)
             && cfg.owner_pid == std::process::id()
         {
-            let _ = self.maps.set_monitor_config(&MonitorConfig::default());
+            let _ = self.maps.set_monitor_flags(self.slot, 0);
         }
     }
 }
@@ -179,6 +215,11 @@ pub struct Tunnel {
     pub kind: &'static str,
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
+    /// The names of the nodes at either end, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub src_node: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst_node: Option<String>,
 }
 
 /// What the captured bytes say.
@@ -276,6 +317,8 @@ pub fn parse(data: &[u8], vxlan_port: u16) -> Parsed {
                 kind,
                 src: outer.src,
                 dst: outer.dst,
+                src_node: None,
+                dst_node: None,
             }),
             ethertype: None,
         },
@@ -286,7 +329,8 @@ pub fn parse(data: &[u8], vxlan_port: u16) -> Parsed {
     }
 }
 
-/// Names for addresses and interfaces, read from the node's maps and IPAM store.
+/// Names for addresses and interfaces, read from the node's maps (node names included: the
+/// agent records them from its datastore) and IPAM store.
 #[derive(Clone, Debug, Default)]
 pub struct Names {
     /// This node's address.
@@ -299,6 +343,9 @@ pub struct Names {
     pub routes: Vec<(Ipv4Net, Ipv4Addr)>,
     /// Known nodes.
     pub nodes: Vec<Ipv4Addr>,
+    /// Node names by address (this node's and its peers'; a node whose record names none,
+    /// e.g. a flannel lease, is absent and shown by its address).
+    pub node_names: HashMap<Ipv4Addr, String>,
     /// Interface names by index.
     pub interfaces: HashMap<u32, String>,
 }
@@ -327,6 +374,7 @@ impl Names {
             .map(|(net, r)| (net, Ipv4Addr::from(r.node_ip)))
             .collect();
         names.nodes = maps.nodes()?.into_iter().map(|(ip, _)| ip).collect();
+        names.node_names = maps.node_names()?.into_iter().collect();
         if let Ok(dirs) = std::fs::read_dir(cni_data_dir) {
             for dir in dirs.flatten() {
                 let Ok(text) = std::fs::read_to_string(dir.path().join("allocations.json")) else {
@@ -378,6 +426,24 @@ impl Names {
             .map(|(_, node)| *node)
     }
 
+    /// The name of the node at `node_ip`, or its address when it has none.
+    pub fn node_name(&self, node_ip: Ipv4Addr) -> String {
+        self.node_names
+            .get(&node_ip)
+            .cloned()
+            .unwrap_or_else(|| node_ip.to_string())
+    }
+
+    /// The name of the node at `node_ip`, only when it has one.
+    fn known_node_name(&self, node_ip: Ipv4Addr) -> Option<String> {
+        self.node_names.get(&node_ip).cloned()
+    }
+
+    /// Whether `name` is a node name or an address (for checking `--node` values).
+    pub fn knows_node(&self, name: &str) -> bool {
+        name.parse::<Ipv4Addr>().is_ok() || self.node_names.values().any(|n| n == name)
+    }
+
     /// The pod whose veth an interface is.
     fn endpoint_of(&self, ifindex: u32) -> Option<Ipv4Addr> {
         self.endpoints
@@ -420,16 +486,25 @@ pub struct Record {
     /// The local pod whose veth the program ran on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// The node the event happened on (its name, or its address when it has none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub flow: Option<Flow>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub src_pod: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dst_pod: Option<String>,
+    /// The node the source address belongs to: its name, or its address when it has none.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub src_node: Option<Ipv4Addr>,
+    pub src_node: Option<String>,
+    /// That node's address.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub dst_node: Option<Ipv4Addr>,
+    pub src_node_ip: Option<Ipv4Addr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst_node: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst_node_ip: Option<Ipv4Addr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<Tunnel>,
     /// Not IPv4: the ethertype.
@@ -491,7 +566,7 @@ pub fn record(
         _ => ("unknown", None, None),
     };
     let flow = parsed.flow;
-    let (src_pod, dst_pod, src_node, dst_node) = match &flow {
+    let (src_pod, dst_pod, src_node_ip, dst_node_ip) = match &flow {
         Some(f) => (
             names.pod(f.src),
             names.pod(f.dst),
@@ -500,6 +575,11 @@ pub fn record(
         ),
         None => (None, None, None, None),
     };
+    let tunnel = parsed.tunnel.map(|t| Tunnel {
+        src_node: names.known_node_name(t.src),
+        dst_node: names.known_node_name(t.dst),
+        ..t
+    });
     Record {
         time,
         kind,
@@ -509,12 +589,15 @@ pub fn record(
         interface: names.interface(ev.ifindex),
         ifindex: ev.ifindex,
         endpoint: names.endpoint_of(ev.ifindex).and_then(|ip| names.pod(ip)),
+        node: names.node_ip.map(|ip| names.node_name(ip)),
         flow,
         src_pod,
         dst_pod,
-        src_node,
-        dst_node,
-        tunnel: parsed.tunnel,
+        src_node: src_node_ip.map(|ip| names.node_name(ip)),
+        src_node_ip,
+        dst_node: dst_node_ip.map(|ip| names.node_name(ip)),
+        dst_node_ip,
+        tunnel,
         ethertype: parsed.ethertype.map(|t| format!("{t:#06x}")),
         len: ev.pkt_len,
         cpu: ev.cpu,
@@ -537,8 +620,8 @@ pub fn parse_protocol(s: &str) -> Result<String> {
 pub struct Filter {
     /// A pod (`namespace/name`, `name` or address): source, destination or the endpoint.
     pub pods: Vec<String>,
-    /// A node address: the source's or the destination's node, or a tunnel end.
-    pub nodes: Vec<Ipv4Addr>,
+    /// A node, by name or address: the source's or the destination's node, or a tunnel end.
+    pub nodes: Vec<String>,
     /// Drop reasons (with a reason, forwarding events never match).
     pub reasons: Vec<String>,
     pub protocol: Option<String>,
@@ -577,12 +660,16 @@ impl Filter {
         if !self.pods.is_empty() && !self.pods.iter().any(pod_match) {
             return false;
         }
-        let node_match = |n: &Ipv4Addr| {
-            r.src_node == Some(*n)
-                || r.dst_node == Some(*n)
-                || r.tunnel
-                    .as_ref()
-                    .is_some_and(|t| t.src == *n || t.dst == *n)
+        let node_match = |n: &String| {
+            let named = |name: &Option<String>| name.as_ref() == Some(n);
+            let at = |ip: Option<Ipv4Addr>| ip.is_some_and(|ip| ip.to_string() == *n);
+            named(&r.src_node)
+                || named(&r.dst_node)
+                || at(r.src_node_ip)
+                || at(r.dst_node_ip)
+                || r.tunnel.as_ref().is_some_and(|t| {
+                    at(Some(t.src)) || at(Some(t.dst)) || named(&t.src_node) || named(&t.dst_node)
+                })
         };
         if !self.nodes.is_empty() && !self.nodes.iter().any(node_match) {
             return false;
@@ -620,14 +707,19 @@ pub fn format_text(r: &Record) -> String {
         .as_ref()
         .map(|e| format!(" [{e}]"))
         .unwrap_or_default();
-    let end = |ip: Ipv4Addr, port: Option<u16>, pod: &Option<String>| {
+    // `addr:port (pod on node)`: the pod when it has a name, the node always when known.
+    let end = |ip: Ipv4Addr, port: Option<u16>, pod: &Option<String>, node: &Option<String>| {
         let addr = match port {
             Some(p) => format!("{ip}:{p}"),
             None => ip.to_string(),
         };
-        match pod {
-            Some(p) if *p != ip.to_string() => format!("{addr} ({p})"),
-            _ => addr,
+        let pod = pod.as_ref().filter(|p| **p != ip.to_string());
+        let node = node.as_ref().filter(|n| **n != ip.to_string());
+        match (pod, node) {
+            (Some(p), Some(n)) => format!("{addr} ({p} on {n})"),
+            (Some(p), None) => format!("{addr} ({p})"),
+            (None, Some(n)) => format!("{addr} (on {n})"),
+            (None, None) => addr,
         }
     };
     let flow = match &r.flow {
@@ -639,8 +731,8 @@ pub fn format_text(r: &Record) -> String {
             format!(
                 "{} {} -> {}{icmp}",
                 f.protocol,
-                end(f.src, f.sport, &r.src_pod),
-                end(f.dst, f.dport, &r.dst_pod)
+                end(f.src, f.sport, &r.src_pod, &r.src_node),
+                end(f.dst, f.dport, &r.dst_pod, &r.dst_node)
             )
         }
         None => match &r.ethertype {
@@ -648,10 +740,21 @@ pub fn format_text(r: &Record) -> String {
             None => "unparsed".into(),
         },
     };
+    let tunnel_end = |ip: Ipv4Addr, node: &Option<String>| match node {
+        Some(n) => format!("{ip} ({n})"),
+        None => ip.to_string(),
+    };
     let tunnel = r
         .tunnel
         .as_ref()
-        .map(|t| format!("{} {} -> {} | ", t.kind, t.src, t.dst))
+        .map(|t| {
+            format!(
+                "{} {} -> {} | ",
+                t.kind,
+                tunnel_end(t.src, &t.src_node),
+                tunnel_end(t.dst, &t.dst_node)
+            )
+        })
         .unwrap_or_default();
     format!(
         "{} {what:<32} {:<14} {}{endpoint}  {tunnel}{flow}  {} bytes",
@@ -750,6 +853,16 @@ mod tests {
             "10.0.2.0/24".parse().unwrap(),
             Ipv4Addr::new(192, 168, 1, 2),
         ));
+        // A peer whose record names no node (a flannel lease).
+        n.routes.push((
+            "10.0.3.0/24".parse().unwrap(),
+            Ipv4Addr::new(192, 168, 1, 3),
+        ));
+        n.nodes = vec![Ipv4Addr::new(192, 168, 1, 2), Ipv4Addr::new(192, 168, 1, 3)];
+        n.node_names
+            .insert(Ipv4Addr::new(192, 168, 1, 1), "node-a".into());
+        n.node_names
+            .insert(Ipv4Addr::new(192, 168, 1, 2), "node-b".into());
         n
     }
 
@@ -789,16 +902,22 @@ mod tests {
         assert_eq!(r.endpoint.as_deref(), Some("default/client"));
         assert_eq!(r.src_pod.as_deref(), Some("default/client"));
         assert_eq!(r.dst_pod, None);
-        assert_eq!(r.src_node, Some(Ipv4Addr::new(192, 168, 1, 1)));
-        assert_eq!(r.dst_node, Some(Ipv4Addr::new(192, 168, 1, 2)));
+        assert_eq!(r.node.as_deref(), Some("node-a"));
+        assert_eq!(r.src_node.as_deref(), Some("node-a"));
+        assert_eq!(r.src_node_ip, Some(Ipv4Addr::new(192, 168, 1, 1)));
+        assert_eq!(r.dst_node.as_deref(), Some("node-b"));
+        assert_eq!(r.dst_node_ip, Some(Ipv4Addr::new(192, 168, 1, 2)));
         assert_eq!(r.time, "1970-01-01T00:00:01.000Z");
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["dport"], 80);
         assert_eq!(json["type"], "drop");
+        assert_eq!(json["dst_node"], "node-b");
+        assert_eq!(json["dst_node_ip"], "192.168.1.2");
+        let text = format_text(&r);
+        assert!(text.contains("DROP spoofed_mac"), "{text}");
         assert!(
-            format_text(&r).contains("DROP spoofed_mac"),
-            "{}",
-            format_text(&r)
+            text.contains("10.0.1.2:40000 (default/client on node-a) -> 10.0.2.3:80 (on node-b)"),
+            "{text}"
         );
 
         let all = Filter::default();
@@ -820,14 +939,25 @@ mod tests {
             pods: vec!["server".into()],
             ..Filter::default()
         }));
-        assert!(f(Filter {
-            nodes: vec![Ipv4Addr::new(192, 168, 1, 2)],
-            ..Filter::default()
-        }));
-        assert!(!f(Filter {
-            nodes: vec![Ipv4Addr::new(192, 168, 1, 9)],
-            ..Filter::default()
-        }));
+        // --node: by name or by address.
+        for node in ["node-b", "192.168.1.2", "node-a"] {
+            assert!(
+                f(Filter {
+                    nodes: vec![node.into()],
+                    ..Filter::default()
+                }),
+                "{node}"
+            );
+        }
+        for node in ["node-c", "192.168.1.9", "192.168.1.3"] {
+            assert!(
+                !f(Filter {
+                    nodes: vec![node.into()],
+                    ..Filter::default()
+                }),
+                "{node}"
+            );
+        }
         assert!(f(Filter {
             reasons: vec!["spoofed_mac".into()],
             ..Filter::default()
@@ -880,5 +1010,71 @@ mod tests {
         assert_eq!(parse_protocol("TCP").unwrap(), "tcp");
         assert_eq!(parse_protocol("17").unwrap(), "udp");
         assert!(parse_protocol("tcpx").is_err());
+    }
+
+    #[test]
+    fn nodes_without_a_name_show_their_address_and_tunnel_ends_are_named() {
+        let mut n = names();
+        // From the unnamed peer 192.168.1.3 to this node (node-a), a pod of its to ours.
+        let inner = tcp_frame([10, 0, 3, 5], [10, 0, 1, 2], 5555, 443);
+        let mut frame = vxlan(&inner, 8472);
+        // vxlan() sends from 192.168.1.2: make it 192.168.1.3 (the checksum is not checked).
+        frame[14 + 15] = 3;
+        let r = record(
+            &event(EVENT_DROP, Hook::XdpUnderlay, 1, &frame),
+            &mut n,
+            8472,
+            0,
+        );
+        let t = r.tunnel.clone().unwrap();
+        assert_eq!(t.src, Ipv4Addr::new(192, 168, 1, 3));
+        assert_eq!(t.src_node, None, "no name recorded for it");
+        assert_eq!(t.dst_node.as_deref(), Some("node-a"));
+        assert_eq!(r.src_node.as_deref(), Some("192.168.1.3"), "its address");
+        assert_eq!(r.src_node_ip, Some(Ipv4Addr::new(192, 168, 1, 3)));
+        assert_eq!(r.dst_node.as_deref(), Some("node-a"));
+        assert_eq!(r.dst_pod.as_deref(), Some("default/client"));
+        let text = format_text(&r);
+        assert!(
+            text.contains(
+                "vxlan 192.168.1.3 -> 192.168.1.1 (node-a) | tcp 10.0.3.5:5555 (on 192.168.1.3) -> \
+                 10.0.1.2:443 (default/client on node-a)"
+            ),
+            "{text}"
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["tunnel"]["dst_node"], "node-a");
+        assert!(json["tunnel"].get("src_node").is_none(), "{json}");
+        for node in ["192.168.1.3", "node-a", "192.168.1.1"] {
+            assert!(
+                Filter {
+                    nodes: vec![node.into()],
+                    ..Filter::default()
+                }
+                .matches(&r),
+                "{node}"
+            );
+        }
+        assert!(
+            !Filter {
+                nodes: vec!["node-b".into()],
+                ..Filter::default()
+            }
+            .matches(&r)
+        );
+        assert!(n.knows_node("node-b") && n.knows_node("10.1.2.3"));
+        assert!(!n.knows_node("node-c"));
+        // Without any name (an agent that records none), every node is its address.
+        let mut bare = names();
+        bare.node_names.clear();
+        let r = record(
+            &event(EVENT_DROP, Hook::XdpUnderlay, 1, &frame),
+            &mut bare,
+            8472,
+            0,
+        );
+        assert_eq!(r.node.as_deref(), Some("192.168.1.1"));
+        assert_eq!(r.dst_node.as_deref(), Some("192.168.1.1"));
+        assert_eq!(r.tunnel.unwrap().dst_node, None);
     }
 }

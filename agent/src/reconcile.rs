@@ -1,7 +1,8 @@
 //! From the cluster's node records to the datapath's maps.
 //!
 //! The desired state (one route per remote subnet, one node entry per remote node address, in
-//! the mode this node's backend gives each peer) is computed in memory from the current
+//! the mode this node's backend gives each peer, and the name of every node that has one, this
+//! node's included, for `weft monitor`) is computed in memory from the current
 //! records and diffed against what the maps hold; only differences are written. The reconciler
 //! remembers what it wrote (`programmed`), so an event costs a diff in memory plus the changed
 //! entries; a full resync (at start and periodically) re-reads the maps first, which adopts
@@ -42,6 +43,10 @@ pub trait PeerMaps {
     /// Forgets cached underlay next hops (a peer left or moved).
     fn flush_next_hops(&mut self) -> Result<()>;
     fn set_config(&mut self, cfg: &NodeConfig) -> Result<()>;
+    /// Node names by address (`WEFT_NODE_NAMES`: for people, no program reads them).
+    fn node_names(&self) -> Result<Vec<(Ipv4Addr, String)>>;
+    fn upsert_node_name(&mut self, addr: Ipv4Addr, name: &str) -> Result<()>;
+    fn remove_node_name(&mut self, addr: Ipv4Addr) -> Result<()>;
 }
 
 impl PeerMaps for Maps {
@@ -69,6 +74,15 @@ impl PeerMaps for Maps {
     fn set_config(&mut self, cfg: &NodeConfig) -> Result<()> {
         Maps::set_config(self, cfg)
     }
+    fn node_names(&self) -> Result<Vec<(Ipv4Addr, String)>> {
+        Maps::node_names(self)
+    }
+    fn upsert_node_name(&mut self, addr: Ipv4Addr, name: &str) -> Result<()> {
+        Maps::upsert_node_name(self, addr, name)
+    }
+    fn remove_node_name(&mut self, addr: Ipv4Addr) -> Result<()> {
+        Maps::remove_node_name(self, addr)
+    }
 }
 
 /// One write to the peer maps, as [`MemoryMaps`] records it.
@@ -80,6 +94,8 @@ pub enum MapWrite {
     RemoveNode(Ipv4Addr),
     FlushNextHops,
     Config,
+    UpsertName(Ipv4Addr),
+    RemoveName(Ipv4Addr),
 }
 
 /// Peer maps in memory, with a log of writes and injectable failures.
@@ -87,14 +103,16 @@ pub enum MapWrite {
 pub struct MemoryMaps {
     pub routes: std::collections::BTreeMap<Ipv4Net, RouteInfo>,
     pub nodes: std::collections::BTreeMap<Ipv4Addr, NodeInfo>,
+    pub names: std::collections::BTreeMap<Ipv4Addr, String>,
     pub config: Option<NodeConfig>,
     pub writes: Vec<MapWrite>,
     /// The next this many writes fail (a map that refuses).
     pub fail_writes: usize,
-    /// Capacities of the route and node maps (None: unbounded): a new entry beyond them fails
-    /// with [`MapFull`], as the kernel refuses it.
+    /// Capacities of the route, node and node name maps (None: unbounded): a new entry beyond
+    /// them fails with [`MapFull`], as the kernel refuses it.
     pub routes_max: Option<usize>,
     pub nodes_max: Option<usize>,
+    pub names_max: Option<usize>,
 }
 
 impl MemoryMaps {
@@ -112,6 +130,10 @@ impl MemoryMaps {
                 .nodes_max
                 .filter(|max| !self.nodes.contains_key(ip) && self.nodes.len() >= *max)
                 .map(|max| (weft_common::map_names::NODES, max)),
+            MapWrite::UpsertName(ip) => self
+                .names_max
+                .filter(|max| !self.names.contains_key(ip) && self.names.len() >= *max)
+                .map(|max| (weft_common::map_names::NODE_NAMES, max)),
             _ => None,
         };
         if let Some((map, max)) = full {
@@ -165,6 +187,21 @@ impl PeerMaps for MemoryMaps {
         self.config = Some(*cfg);
         Ok(())
     }
+    fn node_names(&self) -> Result<Vec<(Ipv4Addr, String)>> {
+        Ok(self.names.iter().map(|(k, v)| (*k, v.clone())).collect())
+    }
+    fn upsert_node_name(&mut self, addr: Ipv4Addr, name: &str) -> Result<()> {
+        self.write(MapWrite::UpsertName(addr))?;
+        self.names.insert(addr, name.to_string());
+        Ok(())
+    }
+    fn remove_node_name(&mut self, addr: Ipv4Addr) -> Result<()> {
+        self.write(MapWrite::RemoveName(addr))?;
+        self.names
+            .remove(&addr)
+            .map(|_| ())
+            .ok_or_else(|| anyhow::anyhow!("no name for {addr}"))
+    }
 }
 
 /// How this node reaches a peer: its backend, or direct for peers on its own underlay subnet
@@ -201,6 +238,8 @@ impl ModePolicy {
 pub struct DesiredState {
     pub routes: HashMap<Ipv4Net, RouteInfo>,
     pub nodes: HashMap<Ipv4Addr, NodeInfo>,
+    /// Node names by address: every peer whose record names its node, and this node.
+    pub names: HashMap<Ipv4Addr, String>,
 }
 
 /// The map writes that turn `current` into `desired`.
@@ -210,14 +249,13 @@ pub struct MapDiff {
     pub route_removes: Vec<Ipv4Net>,
     pub node_upserts: Vec<(Ipv4Addr, NodeInfo)>,
     pub node_removes: Vec<Ipv4Addr>,
+    pub name_upserts: Vec<(Ipv4Addr, String)>,
+    pub name_removes: Vec<Ipv4Addr>,
 }
 
 impl MapDiff {
     pub fn is_empty(&self) -> bool {
-        self.route_upserts.is_empty()
-            && self.route_removes.is_empty()
-            && self.node_upserts.is_empty()
-            && self.node_removes.is_empty()
+        self.len() == 0
     }
 
     pub fn len(&self) -> usize {
@@ -225,6 +263,8 @@ impl MapDiff {
             + self.route_removes.len()
             + self.node_upserts.len()
             + self.node_removes.len()
+            + self.name_upserts.len()
+            + self.name_removes.len()
     }
 }
 
@@ -248,6 +288,16 @@ pub fn diff(current: &DesiredState, desired: &DesiredState) -> MapDiff {
     for k in current.nodes.keys() {
         if !desired.nodes.contains_key(k) {
             plan.node_removes.push(*k);
+        }
+    }
+    for (k, v) in &desired.names {
+        if current.names.get(k) != Some(v) {
+            plan.name_upserts.push((*k, v.clone()));
+        }
+    }
+    for k in current.names.keys() {
+        if !desired.names.contains_key(k) {
+            plan.name_removes.push(*k);
         }
     }
     plan
@@ -275,6 +325,8 @@ pub struct Reconciler {
     pub policy: ModePolicy,
     pub local_subnet: Ipv4Net,
     pub local_ip: Ipv4Addr,
+    /// This node's name (recorded with its peers' for `weft monitor`).
+    local_name: Option<String>,
     /// Every record of the datastore, and which are admitted.
     records: Records,
     /// The admitted records, by subnet.
@@ -298,6 +350,7 @@ impl Reconciler {
             policy,
             local_subnet,
             local_ip,
+            local_name: None,
             records: Records::new(Rules {
                 network: None,
                 local_subnet: Some(local_subnet),
@@ -312,6 +365,13 @@ impl Reconciler {
             offlink_reported: Default::default(),
             synced: false,
         }
+    }
+
+    /// Records this node's name with its peers' (`WEFT_NODE_NAMES`).
+    pub fn with_local_name(mut self, name: &str) -> Self {
+        self.local_name = Some(name.to_string()).filter(|n| !n.is_empty());
+        self.full = true;
+        self
     }
 
     /// Takes a datastore event into the record set. Returns whether the desired state may
@@ -487,8 +547,28 @@ impl Reconciler {
         })
     }
 
+    /// The name recorded for a node address: this node's, or the name a peer's record gives
+    /// (peers only: a refused record names nothing).
+    fn desired_name(&self, ip: &Ipv4Addr) -> Option<String> {
+        if *ip == self.local_ip {
+            return self.local_name.clone();
+        }
+        self.by_ip
+            .get(ip)?
+            .iter()
+            .filter_map(|s| self.peers.get(s))
+            .filter(|l| self.is_remote(l))
+            .find_map(|l| l.node_name.clone())
+    }
+
     pub fn desired(&self) -> DesiredState {
         DesiredState {
+            names: self
+                .by_ip
+                .keys()
+                .chain([&self.local_ip])
+                .filter_map(|ip| Some((*ip, self.desired_name(ip)?)))
+                .collect(),
             routes: self
                 .peers
                 .keys()
@@ -521,6 +601,11 @@ impl Reconciler {
                 (Some(_), None) => plan.node_removes.push(*ip),
                 _ => {}
             }
+            match (self.programmed.names.get(ip), self.desired_name(ip)) {
+                (cur, Some(want)) if cur != Some(&want) => plan.name_upserts.push((*ip, want)),
+                (Some(_), None) => plan.name_removes.push(*ip),
+                _ => {}
+            }
         }
         plan
     }
@@ -547,6 +632,7 @@ impl Reconciler {
         self.programmed = DesiredState {
             routes: maps.routes()?.into_iter().collect(),
             nodes: maps.nodes()?.into_iter().collect(),
+            names: maps.node_names()?.into_iter().collect(),
         };
         self.full = true;
         self.apply(maps)
@@ -649,6 +735,29 @@ impl Reconciler {
                 Err(e) => failures.subnet(net, e),
             }
         }
+        // Names last: for people only, nothing waits on them, and a name that cannot be
+        // written is retried but never makes the node unready (`Outcome::name`).
+        plan.name_removes.sort();
+        plan.name_upserts.sort();
+        for ip in plan.name_removes {
+            match maps.remove_node_name(ip) {
+                Ok(()) => {}
+                Err(_) if !maps.node_names()?.iter().any(|(n, _)| *n == ip) => {}
+                Err(e) => {
+                    failures.name(ip, e);
+                    continue;
+                }
+            }
+            self.programmed.names.remove(&ip);
+        }
+        for (ip, name) in plan.name_upserts {
+            match maps.upsert_node_name(ip, &name) {
+                Ok(()) => {
+                    self.programmed.names.insert(ip, name);
+                }
+                Err(e) => failures.name(ip, e),
+            }
+        }
         if next_hops_stale {
             // A node left or moved: forget cached underlay next hops (they refresh within 1 s
             // anyway; this makes it immediate).
@@ -698,6 +807,13 @@ impl Outcome {
         self.ips.insert(ip);
         self.note(e);
     }
+
+    /// A node name not written: retried, reported, but no full map (the names map is for
+    /// people; it never makes the node unready).
+    fn name(&mut self, ip: Ipv4Addr, e: anyhow::Error) {
+        self.ips.insert(ip);
+        self.messages.push(format!("{e:#}"));
+    }
 }
 
 #[cfg(test)]
@@ -712,6 +828,7 @@ mod tests {
             backend: Some(BackendType::Vxlan),
             vtep_mac: None,
             name: crate::datastore::subnet_key(subnet),
+            node_name: None,
             seniority: 0,
             unknown_backend: None,
         }
@@ -832,5 +949,137 @@ mod tests {
             vec![Ipv4Addr::new(192, 168, 1, 2), Ipv4Addr::new(192, 168, 1, 3)]
         );
         assert_eq!(full.route_upserts.len(), 2);
+    }
+
+    fn named(subnet: &str, ip: [u8; 4], node: Option<&str>) -> NodeLease {
+        NodeLease {
+            node_name: node.map(str::to_string),
+            ..lease(subnet, ip)
+        }
+    }
+
+    #[test]
+    fn node_names_follow_the_records_incrementally_and_survive_a_restart() {
+        let mut r = rec(BackendType::Vxlan, false).with_local_name("node-a");
+        r.handle(Event::Snapshot(vec![
+            named("10.244.2.0/24", [192, 168, 1, 2], Some("node-b")),
+            // flanneld's lease: no name.
+            named("10.244.3.0/24", [192, 168, 1, 3], None),
+            // A record refused (it overlaps this node's subnet): it names nothing.
+            named("10.244.1.128/25", [192, 168, 1, 9], Some("rogue")),
+        ]));
+        let mut maps = MemoryMaps::default();
+        r.apply(&mut maps).unwrap();
+        let want = |pairs: &[([u8; 4], &str)]| -> std::collections::BTreeMap<Ipv4Addr, String> {
+            pairs
+                .iter()
+                .map(|(ip, n)| (Ipv4Addr::from(*ip), n.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            maps.names,
+            want(&[([192, 168, 1, 1], "node-a"), ([192, 168, 1, 2], "node-b")])
+        );
+        // Names are written after the routes and nodes they describe.
+        let first_name = maps
+            .writes
+            .iter()
+            .position(|w| matches!(w, MapWrite::UpsertName(_)))
+            .unwrap();
+        assert!(
+            maps.writes[first_name..]
+                .iter()
+                .all(|w| matches!(w, MapWrite::UpsertName(_))),
+            "{:?}",
+            maps.writes
+        );
+
+        // Events: node-b renamed, node 3 gains a name, a new named node, node-b's address moves.
+        let events = [
+            Event::Upsert(named("10.244.2.0/24", [192, 168, 1, 2], Some("node-b2"))),
+            Event::Upsert(named("10.244.3.0/24", [192, 168, 1, 3], Some("node-c"))),
+            Event::Upsert(named("10.244.4.0/24", [192, 168, 1, 4], Some("node-d"))),
+            Event::Upsert(named("10.244.2.0/24", [192, 168, 1, 22], Some("node-b2"))),
+        ];
+        for e in events {
+            r.handle(e);
+        }
+        let mut partial = r.partial_plan();
+        let mut full = diff(&r.programmed, &r.desired());
+        for p in [&mut partial, &mut full] {
+            p.route_upserts.sort_by_key(|(k, _)| *k);
+            p.route_removes.sort();
+            p.node_upserts.sort_by_key(|(k, _)| *k);
+            p.node_removes.sort();
+            p.name_upserts.sort();
+            p.name_removes.sort();
+        }
+        assert_eq!(partial, full);
+        assert_eq!(full.name_removes, vec![Ipv4Addr::new(192, 168, 1, 2)]);
+        r.apply(&mut maps).unwrap();
+        let expected = want(&[
+            ([192, 168, 1, 1], "node-a"),
+            ([192, 168, 1, 3], "node-c"),
+            ([192, 168, 1, 4], "node-d"),
+            ([192, 168, 1, 22], "node-b2"),
+        ]);
+        assert_eq!(maps.names, expected);
+
+        // A node gone: its name goes too.
+        r.handle(Event::Remove("10.244.4.0-24".into()));
+        r.apply(&mut maps).unwrap();
+        assert!(!maps.names.contains_key(&Ipv4Addr::new(192, 168, 1, 4)));
+
+        // A restarted agent adopts the names and writes nothing; a name changed behind its back
+        // is repaired by the resync.
+        let mut again = rec(BackendType::Vxlan, false).with_local_name("node-a");
+        again.handle(Event::Snapshot(vec![
+            named("10.244.2.0/24", [192, 168, 1, 22], Some("node-b2")),
+            named("10.244.3.0/24", [192, 168, 1, 3], Some("node-c")),
+        ]));
+        maps.writes.clear();
+        let report = again.resync(&mut maps).unwrap();
+        assert_eq!(report.writes, 0, "{:?}", maps.writes);
+        maps.names
+            .insert(Ipv4Addr::new(192, 168, 1, 3), "wrong".into());
+        again.resync(&mut maps).unwrap();
+        assert_eq!(
+            maps.names[&Ipv4Addr::new(192, 168, 1, 3)],
+            "node-c",
+            "repaired"
+        );
+        // A failed name write is retried by the next apply.
+        again.handle(Event::Upsert(named(
+            "10.244.3.0/24",
+            [192, 168, 1, 3],
+            Some("node-c3"),
+        )));
+        maps.fail_writes = 1;
+        assert!(again.apply(&mut maps).unwrap().failed());
+        assert_eq!(maps.names[&Ipv4Addr::new(192, 168, 1, 3)], "node-c");
+        assert!(!again.apply(&mut maps).unwrap().failed());
+        assert_eq!(maps.names[&Ipv4Addr::new(192, 168, 1, 3)], "node-c3");
+
+        // A full name map: routes and nodes go on, the name is retried, and no map is reported
+        // full (a missing name never makes the node unready).
+        let mut small = MemoryMaps {
+            names_max: Some(1),
+            ..MemoryMaps::default()
+        };
+        let mut r = rec(BackendType::Vxlan, false).with_local_name("node-a");
+        r.handle(Event::Snapshot(vec![named(
+            "10.244.2.0/24",
+            [192, 168, 1, 2],
+            Some("node-b"),
+        )]));
+        let report = r.apply(&mut small).unwrap();
+        assert!(report.failed());
+        assert!(report.full_maps.is_empty(), "{:?}", report.full_maps);
+        assert_eq!(small.routes.len(), 1);
+        assert_eq!(small.nodes.len(), 1);
+        assert_eq!(small.names.len(), 1);
+        small.names_max = None;
+        assert!(!r.apply(&mut small).unwrap().failed(), "retried");
+        assert_eq!(small.names.len(), 2);
     }
 }

@@ -53,21 +53,32 @@ pub mod map_names {
     ];
     /// Per-endpoint packets and bytes, in and out.
     pub const FLOWS: &str = "WEFT_FLOWS";
-    /// `weft monitor`: flags, budget and owner of the attached monitor (`crate::monitor`).
-    pub const MONITOR: &str = "WEFT_MONITOR";
-    /// `weft monitor`: a socket of the attached monitor (the kernel empties it when it dies).
-    pub const MONITOR_SOCK: &str = "WEFT_MONITOR_SOCK";
-    /// `weft monitor`: per-CPU token buckets and loss counters.
-    pub const MONITOR_RATE: &str = "WEFT_MONITOR_RATE";
-    /// `weft monitor`: the event ring buffer.
-    pub const EVENTS: &str = "WEFT_EVENTS";
+    /// `weft monitor`: which events each listener slot asked for, one word (`crate::monitor`).
+    pub const MONITOR_FLAGS: &str = "WEFT_MONITOR_FLAGS";
+    /// `weft monitor`: per listener slot, its budget, sampling and owner.
+    pub const MONITORS: &str = "WEFT_MONITORS";
+    /// `weft monitor`: per slot, a socket of its monitor (the kernel empties a slot when its
+    /// monitor dies).
+    pub const MONITOR_SOCKS: &str = "WEFT_MONITOR_SOCKS";
+    /// `weft monitor`: per slot, per-CPU token buckets and loss counters.
+    pub const MONITOR_RATES: &str = "WEFT_MONITOR_RATES";
+    /// `weft monitor`: the event ring buffer of each slot.
+    pub const EVENTS: [&str; crate::monitor::MONITOR_SLOTS as usize] = [
+        "WEFT_EVENTS_0",
+        "WEFT_EVENTS_1",
+        "WEFT_EVENTS_2",
+        "WEFT_EVENTS_3",
+    ];
+    /// Node address -> node name (`crate::NodeName`), written by the agent from its datastore,
+    /// read by `weft monitor` and `weft nodes`. No program reads it.
+    pub const NODE_NAMES: &str = "WEFT_NODE_NAMES";
     /// The tunnel key `from_vxlan` takes when the packet carries none: written only by test
     /// and trace instances (BPF_PROG_TEST_RUN cannot attach tunnel metadata to a packet).
     /// Never pinned, so never shared: the live instance's stays empty, and there a packet
     /// without the kernel's metadata is dropped.
     pub const TRACE_TUNNEL: &str = "WEFT_TRACE_TUNNEL";
     /// Every map the datapath declares.
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 28] = [
         CONFIG,
         ROUTES,
         ENDPOINTS,
@@ -77,10 +88,15 @@ pub mod map_names {
         NEXT_HOPS,
         CONNTRACK,
         PATH_MTU,
-        MONITOR,
-        MONITOR_SOCK,
-        MONITOR_RATE,
-        EVENTS,
+        MONITOR_FLAGS,
+        MONITORS,
+        MONITOR_SOCKS,
+        MONITOR_RATES,
+        EVENTS[0],
+        EVENTS[1],
+        EVENTS[2],
+        EVENTS[3],
+        NODE_NAMES,
         FLOWS,
         POLICY_ENDPOINTS,
         POLICY_ADDRS,
@@ -91,6 +107,15 @@ pub mod map_names {
         POLICY_CONFIG,
         POLICY_PODS,
         POLICY_DROPS,
+    ];
+    /// Maps earlier versions of the datapath pinned under the same schema directory and this
+    /// one no longer declares (their shape changed, so they were renamed): the agent removes
+    /// their pins at start. `weft monitor` served one monitor through these.
+    pub const RETIRED: [&str; 4] = [
+        "WEFT_MONITOR",
+        "WEFT_MONITOR_SOCK",
+        "WEFT_MONITOR_RATE",
+        "WEFT_EVENTS",
     ];
     /// The maps the programs only read (userspace writes them): `weft trace` shares these with
     /// the live datapath and gives its instance private copies of every other map (counters,
@@ -296,6 +321,43 @@ pub struct NodeInfo {
     /// A [`RouteMode`] as u8 (the peer's default mode).
     pub mode: u8,
     pub _pad: u8,
+}
+
+/// Longest node name kept (bytes): a Kubernetes node name is a DNS subdomain, at most 253.
+pub const NODE_NAME_LEN: usize = 256;
+
+/// A node's name (value of `WEFT_NODE_NAMES`, keyed by the node's [`Ipv4Key`]), NUL-padded:
+/// the Kubernetes Node's name, the static file entry's `name`, or the `NodeName` a weft node
+/// puts in its etcd lease. For userspace only (`weft monitor`, `weft nodes`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct NodeName {
+    pub name: [u8; NODE_NAME_LEN],
+}
+
+impl NodeName {
+    /// The entry for `name`, cut to at most `NODE_NAME_LEN - 1` bytes at a character
+    /// boundary (so the text stays valid UTF-8 and NUL-terminated).
+    pub fn new(name: &str) -> Self {
+        let mut end = name.len().min(NODE_NAME_LEN - 1);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut out = [0u8; NODE_NAME_LEN];
+        out[..end].copy_from_slice(&name.as_bytes()[..end]);
+        Self { name: out }
+    }
+
+    /// The name as text (up to the first NUL; empty if not UTF-8).
+    pub fn as_str(&self) -> &str {
+        let end = self
+            .name
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(self.name.len());
+        core::str::from_utf8(&self.name[..end]).unwrap_or("")
+    }
 }
 
 /// The node is on-link: the FIB's next hop toward it is the node itself, no router.
@@ -696,6 +758,7 @@ const _: () = {
     assert!(core::mem::size_of::<Ipv4Key>() == 4);
     assert!(core::mem::size_of::<EndpointInfo>() == 20);
     assert!(core::mem::size_of::<NodeInfo>() == 8);
+    assert!(core::mem::size_of::<NodeName>() == NODE_NAME_LEN);
     assert!(core::mem::size_of::<NodeConfig>() == 28);
     assert!(core::mem::size_of::<NextHop>() == 32);
     assert!(core::mem::size_of::<PathMtu>() == 16);
@@ -729,6 +792,7 @@ aya_pod!(
     Ipv4Key,
     EndpointInfo,
     NodeInfo,
+    NodeName,
     NodeConfig,
     NextHop,
     PathMtu,
@@ -738,6 +802,7 @@ aya_pod!(
     conntrack::CtKey,
     conntrack::CtEntry,
     monitor::MonitorConfig,
+    monitor::MonitorFlags,
     monitor::MonitorRate,
     monitor::MonitorEvent,
     policy::PolicyEndpoint,
@@ -785,5 +850,24 @@ mod decap_hook_tests {
             "xdp"
         );
         assert_eq!(vxlan_decap(CONFIG_F_VXLAN_DEV), "unknown");
+    }
+}
+
+#[cfg(test)]
+mod node_name_tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_long_ones_are_cut_at_a_character() {
+        assert_eq!(NodeName::new("node-1").as_str(), "node-1");
+        assert_eq!(NodeName::new("").as_str(), "");
+        // 253 bytes (Kubernetes' longest) fit whole.
+        let longest = "a".repeat(253);
+        assert_eq!(NodeName::new(&longest).as_str(), longest);
+        // Longer: cut to 255 bytes, never inside a character, NUL-terminated.
+        let long = "é".repeat(200);
+        let cut = NodeName::new(&long);
+        assert_eq!(cut.as_str(), "é".repeat(127));
+        assert_eq!(cut.name[NODE_NAME_LEN - 1], 0);
     }
 }

@@ -1,33 +1,48 @@
-//! `weft monitor`: datapath events through a BPF ring buffer.
+//! `weft monitor`: datapath events through BPF ring buffers.
 //!
-//! The datapath emits an event (a drop, or with `--trace` a sampled forwarding decision) only
-//! while a monitor is attached:
+//! Up to [`MONITOR_SLOTS`] monitors listen at once, each in its own slot with its own ring
+//! buffer and its own options (drops only or forwarding too, sampling, budget), so one
+//! monitor's settings never change what another receives. The datapath emits an event (a
+//! drop, or a sampled forwarding decision) into each slot whose monitor asked for it, and
+//! nowhere while no monitor is attached:
 //!
-//! - `WEFT_MONITOR` (array, one [`MonitorConfig`]) holds the flags the programs test first, an
-//!   inlined array lookup, so a node without a monitor pays one load and a branch per event
-//!   point and emits nothing;
-//! - `WEFT_MONITOR_SOCK` (a sockmap with one slot) holds a socket of the attached monitor. The
-//!   kernel removes a socket from a sockmap when it is closed, and a process's sockets are
-//!   closed when it dies however it dies (SIGKILL included). Before emitting, the datapath
-//!   checks that the slot still holds a socket; an empty slot means the monitor is gone, and
-//!   the datapath clears the flags itself. Claiming the slot (`BPF_NOEXIST`) also makes the
-//!   attachment exclusive: one monitor per node, a second one is told who holds it;
-//! - `WEFT_MONITOR_RATE` (per-CPU [`MonitorRate`]) is a token bucket: at most
-//!   `rate_per_sec` events per second per CPU (bursts up to `burst`), checked before the
-//!   sockmap and the ring buffer, so a flood of drops costs at most the budget. Events refused
-//!   by the budget or by a full ring are counted, and the monitor reports them;
-//! - `WEFT_EVENTS` (ring buffer) carries [`MonitorEvent`]s: the hook, the reason or verdict,
-//!   the interface and the first [`CAPTURE_LEN`] bytes of the packet, from which userspace
-//!   reads the 5-tuple (inner and outer for tunnel packets) and resolves names.
+//! - `WEFT_MONITOR_FLAGS` (array of one [`MonitorFlags`]: a byte of `MONITOR_F_*` bits per
+//!   slot, in one 32-bit word) is what the programs test first: one inlined array load and a
+//!   branch per event point, as with a single monitor, so a node without a monitor pays that
+//!   and emits nothing. The map is `BPF_F_MMAPABLE`: each monitor maps it and stores its own
+//!   byte, so monitors attaching and leaving at once never overwrite each other's flags (an
+//!   element update would rewrite the whole word);
+//! - `WEFT_MONITORS` (array, one [`MonitorConfig`] per slot) holds each slot's budget, sampling
+//!   and owner, read only for a slot whose flags are set;
+//! - `WEFT_MONITOR_SOCKS` (a sockmap, one entry per slot) holds a socket of each attached
+//!   monitor. The kernel removes a socket from a sockmap when it is closed, and a process's
+//!   sockets are closed when it dies however it dies (SIGKILL included): the slot is free at
+//!   once. Before emitting into a slot, the datapath checks that it still holds a socket; an
+//!   empty slot means its monitor is gone, and the datapath clears that slot's flags itself.
+//!   A monitor claims a slot with `BPF_NOEXIST`, so two monitors never share one; when every
+//!   slot is taken, a new monitor is told so, with the pids of the holders;
+//! - `WEFT_MONITOR_RATES` (per-CPU, one [`MonitorRate`] per slot) is each slot's token bucket:
+//!   at most `rate_per_sec` events per second per CPU (bursts up to `burst`) for that slot's
+//!   monitor, checked before the sockmap and the ring buffer, so a flood of drops costs at most
+//!   the budget of each attached monitor. The budget is per slot: N monitors cost at most the
+//!   sum of their budgets, and a monitor with a small budget never starves another. Events
+//!   refused by the budget or by a full ring are counted per slot, and each monitor reports
+//!   its own;
+//! - `WEFT_EVENTS_<slot>` (ring buffers) carry [`MonitorEvent`]s: the hook, the reason or
+//!   verdict, the interface and the first [`CAPTURE_LEN`] bytes of the packet, from which
+//!   userspace reads the 5-tuple (inner and outer for tunnel packets) and resolves names.
+
+/// How many monitors can listen at once (listener slots).
+pub const MONITOR_SLOTS: u32 = 4;
 
 /// Bytes of the packet copied into an event: Ethernet, outer IPv4 with options, UDP, VXLAN,
 /// inner Ethernet, inner IPv4 and the inner ports fit.
 pub const CAPTURE_LEN: usize = 128;
 
-/// Size of the event ring buffer (a power of two, in bytes): about 3,000 events.
+/// Size of each slot's event ring buffer (a power of two, in bytes): about 3,000 events.
 pub const EVENTS_RING_BYTES: u32 = 512 * 1024;
 
-/// `MonitorConfig::flags`: emit drop events.
+/// A slot's `MonitorFlags` byte: emit drop events.
 pub const MONITOR_F_DROPS: u32 = 1 << 0;
 /// Emit sampled forwarding events.
 pub const MONITOR_F_TRACE: u32 = 1 << 1;
@@ -35,25 +50,43 @@ pub const MONITOR_F_TRACE: u32 = 1 << 1;
 /// Default budget: events per second per CPU.
 pub const MONITOR_RATE_DEFAULT: u32 = 1000;
 
-/// What an attached monitor asked for (index 0 of `WEFT_MONITOR`). All zero: nobody listens.
+/// Which events each slot's monitor asked for (`WEFT_MONITOR_FLAGS[0]`): `MONITOR_F_*` bits,
+/// one byte per slot. All zero: nobody listens.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct MonitorFlags {
+    pub slots: [u8; MONITOR_SLOTS as usize],
+}
+
+/// `MONITOR_F_DROPS` in every slot's byte of the flags word.
+pub const MONITOR_ANY_DROPS: u32 = MONITOR_F_DROPS * 0x0101_0101;
+/// `MONITOR_F_TRACE` in every slot's byte of the flags word.
+pub const MONITOR_ANY_TRACE: u32 = MONITOR_F_TRACE * 0x0101_0101;
+
+/// The flags of `slot` in the flags word (read as one native-endian u32).
+#[inline(always)]
+pub const fn slot_flags(word: u32, slot: u32) -> u32 {
+    word.to_ne_bytes()[slot as usize] as u32
+}
+
+/// How the monitor of a slot wants its events (`WEFT_MONITORS[slot]`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct MonitorConfig {
-    /// `MONITOR_F_*` bits.
-    pub flags: u32,
     /// Token bucket refill: events per second per CPU.
     pub rate_per_sec: u32,
     /// Token bucket size: the largest burst per CPU.
     pub burst: u32,
     /// Forwarding events: one in this many (0 or 1: every one), before the budget.
     pub sample_every: u32,
-    /// Process id of the attached monitor (for the message a second monitor gets).
+    /// Process id of the slot's monitor (for the message a monitor gets when every slot is
+    /// taken).
     pub owner_pid: u32,
-    pub _pad: u32,
 }
 
-/// Per-CPU token bucket and loss counters (index 0 of `WEFT_MONITOR_RATE`).
+/// A slot's per-CPU token bucket and loss counters (`WEFT_MONITOR_RATES[slot]`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -171,7 +204,8 @@ pub struct MonitorEvent {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<MonitorConfig>() == 24);
+    assert!(core::mem::size_of::<MonitorConfig>() == 16);
+    assert!(core::mem::size_of::<MonitorFlags>() == MONITOR_SLOTS as usize);
     assert!(core::mem::size_of::<MonitorRate>() == 40);
     assert!(core::mem::size_of::<MonitorEvent>() == 32 + CAPTURE_LEN);
 };
@@ -179,6 +213,22 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slots_byte_is_its_flags_in_the_word() {
+        let mut f = MonitorFlags::default();
+        f.slots[2] = (MONITOR_F_DROPS | MONITOR_F_TRACE) as u8;
+        f.slots[3] = MONITOR_F_DROPS as u8;
+        let word = u32::from_ne_bytes(f.slots);
+        assert_eq!(slot_flags(word, 0), 0);
+        assert_eq!(slot_flags(word, 2), MONITOR_F_DROPS | MONITOR_F_TRACE);
+        assert_eq!(slot_flags(word, 3), MONITOR_F_DROPS);
+        assert_ne!(word & MONITOR_ANY_DROPS, 0);
+        assert_ne!(word & MONITOR_ANY_TRACE, 0);
+        f.slots[2] = 0;
+        let word = u32::from_ne_bytes(f.slots);
+        assert_eq!(word & MONITOR_ANY_TRACE, 0);
+    }
 
     #[test]
     fn bucket_caps_a_burst_and_refills_at_the_rate() {

@@ -8,6 +8,7 @@ use std::{
     io,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    sync::atomic::{AtomicU8, Ordering},
 };
 
 use anyhow::{Context as _, Result, anyhow};
@@ -25,10 +26,10 @@ use aya::{
 use ipnet::Ipv4Net;
 use weft_common::{
     DecapHook, DropReason, ENDPOINTS_MAX, EndpointInfo, FlowSlot, Ipv4Key, NODES_MAX, NextHop,
-    NodeConfig, NodeInfo, PathMtu, ROUTES_MAX, RouteInfo, SCHEMA_VERSION, Stat,
+    NodeConfig, NodeInfo, NodeName, PathMtu, ROUTES_MAX, RouteInfo, SCHEMA_VERSION, Stat,
     conntrack::{CT_MAX_DEFAULT, CtEntry, CtKey},
     flow_slot, map_names,
-    monitor::{MonitorConfig, MonitorRate},
+    monitor::{MONITOR_SLOTS, MonitorConfig, MonitorRate},
     prog_names,
 };
 
@@ -110,6 +111,10 @@ impl LoadOptions {
         for (name, size) in self.sizes() {
             loader.map_max_entries(name, size);
         }
+        // As many names as peers (a hash map's buckets are a power of two: one more entry for
+        // this node's own name would double them; at full capacity one name is missing and
+        // that node shows by its address).
+        loader.map_max_entries(map_names::NODE_NAMES, self.nodes_max);
         self.policy.size(loader);
     }
 }
@@ -185,6 +190,7 @@ impl Datapath {
         std::fs::create_dir_all(&maps_dir)
             .with_context(|| format!("creating the pin directory {}", maps_dir.display()))?;
         std::fs::create_dir_all(dir.join("links"))?;
+        remove_retired_pins(&maps_dir);
         let mut loader = EbpfLoader::new();
         options.apply(&mut loader);
         for name in map_names::ALL {
@@ -220,6 +226,17 @@ impl Datapath {
         loader.map_max_entries(map_names::NEXT_HOPS, 1024);
         loader.map_max_entries(map_names::PATH_MTU, 1024);
         loader.map_max_entries(map_names::POLICY_DROPS, 1024);
+        // No monitor listens to the trace instance (its slots' flags stay zero): one page per
+        // ring (a ring buffer's size is a multiple of the page size) instead of 512 KiB each.
+        // SAFETY: sysconf reads a constant of the system.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if let Ok(page) = u32::try_from(page)
+            && page.is_power_of_two()
+        {
+            for ring in map_names::EVENTS {
+                loader.map_max_entries(ring, page);
+            }
+        }
         for name in map_names::SHARED_WITH_TRACE {
             let pin = maps_dir.join(name);
             if !pin.exists() {
@@ -504,6 +521,65 @@ impl std::str::FromStr for XdpSetting {
     }
 }
 
+/// `WEFT_MONITOR_FLAGS` mapped into this process (the map is `BPF_F_MMAPABLE`): its value,
+/// one byte per monitor slot, at the start of the mapping.
+struct MappedFlags {
+    ptr: std::ptr::NonNull<libc::c_void>,
+    len: usize,
+}
+
+impl MappedFlags {
+    fn new(map: &MapData) -> Result<Self> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        // SAFETY: sysconf reads a constant of the system.
+        let len = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .context("the page size")?;
+        // SAFETY: a shared mapping of the map's first page (its one value), owned by `Self`
+        // and unmapped on drop; the map fd stays open for the call.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error())
+                .context("mapping the monitor flags (WEFT_MONITOR_FLAGS)");
+        }
+        let ptr = std::ptr::NonNull::new(ptr).context("mmap returned null")?;
+        Ok(Self { ptr, len })
+    }
+
+    fn slot(&self, slot: usize) -> &AtomicU8 {
+        assert!(slot < MONITOR_SLOTS as usize, "monitor slot {slot}");
+        // SAFETY: the mapping holds at least the value's MONITOR_SLOTS bytes for as long as
+        // `self` lives; the programs access them concurrently, hence the atomic.
+        unsafe { AtomicU8::from_ptr(self.ptr.as_ptr().cast::<u8>().add(slot)) }
+    }
+}
+
+impl Drop for MappedFlags {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, not used past this point.
+        unsafe { libc::munmap(self.ptr.as_ptr(), self.len) };
+    }
+}
+
+/// Removes the pins of maps an earlier datapath declared and this one does not
+/// (`map_names::RETIRED`): nothing reads them any more, and programs still using them keep
+/// their own references until they are replaced.
+fn remove_retired_pins(maps_dir: &Path) {
+    for name in map_names::RETIRED {
+        // Absent on a node that never ran the older datapath; a pin that cannot be removed
+        // costs only its memory.
+        let _ = std::fs::remove_file(maps_dir.join(name));
+    }
+}
+
 /// Typed access to every map of the datapath, either taken from a loaded object or opened from
 /// the pins of a running node (the CNI plugin and the CLI open pins: no program load, no
 /// verifier run).
@@ -556,46 +632,102 @@ impl Maps {
             .ok_or_else(|| anyhow!("map {name} missing"))
     }
 
-    /// What the attached monitor asked for (all zero: none attached).
-    pub fn monitor_config(&self) -> Result<MonitorConfig> {
-        let map: Array<&MapData, MonitorConfig> = self.map(map_names::MONITOR)?.try_into()?;
-        map.get(&0, 0).context("reading the monitor config")
+    /// Which events each slot's monitor asked for (`MONITOR_F_*` bits, by slot; all zero:
+    /// nobody listens).
+    pub fn monitor_flags(&self) -> Result<[u8; MONITOR_SLOTS as usize]> {
+        let map = MappedFlags::new(self.map_data(map_names::MONITOR_FLAGS)?)?;
+        Ok(std::array::from_fn(|slot| {
+            map.slot(slot).load(Ordering::SeqCst)
+        }))
     }
 
-    pub fn set_monitor_config(&mut self, cfg: &MonitorConfig) -> Result<()> {
+    /// Sets the flags of `slot` alone: a byte store into the mapped map, so monitors changing
+    /// their own slots at once never overwrite each other's (an element update would write the
+    /// whole word).
+    pub fn set_monitor_flags(&self, slot: u32, flags: u32) -> Result<()> {
+        let map = MappedFlags::new(self.map_data(map_names::MONITOR_FLAGS)?)?;
+        let byte = u8::try_from(flags).context("monitor flags fit a byte")?;
+        map.slot(slot as usize).store(byte, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Budget, sampling and owner of the monitor of `slot`.
+    pub fn monitor_config(&self, slot: u32) -> Result<MonitorConfig> {
+        let map: Array<&MapData, MonitorConfig> = self.map(map_names::MONITORS)?.try_into()?;
+        map.get(&slot, 0)
+            .with_context(|| format!("reading the config of monitor slot {slot}"))
+    }
+
+    /// Every slot's config, by slot.
+    pub fn monitor_configs(&self) -> Result<Vec<MonitorConfig>> {
+        (0..MONITOR_SLOTS)
+            .map(|slot| self.monitor_config(slot))
+            .collect()
+    }
+
+    pub fn set_monitor_config(&mut self, slot: u32, cfg: &MonitorConfig) -> Result<()> {
         let mut map: Array<&mut MapData, MonitorConfig> =
-            self.map_mut(map_names::MONITOR)?.try_into()?;
-        map.set(0, cfg, 0).context("writing the monitor config")
+            self.map_mut(map_names::MONITORS)?.try_into()?;
+        map.set(slot, cfg, 0)
+            .with_context(|| format!("writing the config of monitor slot {slot}"))
     }
 
-    /// Puts `socket` in the monitor's sockmap slot unless another monitor holds it
-    /// (`BPF_NOEXIST`): `Ok(false)` when taken. The kernel empties the slot when the socket
-    /// is closed.
-    pub fn claim_monitor_slot(&mut self, socket: &impl std::os::fd::AsRawFd) -> Result<bool> {
+    /// Puts `socket` in the first free monitor slot of the sockmap (`BPF_NOEXIST`: a slot
+    /// another monitor holds is never taken over) and returns the slot; `Ok(None)` when every
+    /// slot is taken. The kernel empties the slot when the socket is closed.
+    pub fn claim_monitor_slot(
+        &mut self,
+        socket: &impl std::os::fd::AsRawFd,
+    ) -> Result<Option<u32>> {
         let mut map: aya::maps::SockMap<&mut MapData> =
-            self.map_mut(map_names::MONITOR_SOCK)?.try_into()?;
+            self.map_mut(map_names::MONITOR_SOCKS)?.try_into()?;
         // BPF_NOEXIST from the kernel's bpf.h.
         const BPF_NOEXIST: u64 = 1;
-        match map.set(0, socket, BPF_NOEXIST) {
-            Ok(()) => Ok(true),
-            Err(aya::maps::MapError::SyscallError(SyscallError { io_error, .. }))
-                if io_error.raw_os_error() == Some(libc::EEXIST) =>
-            {
-                Ok(false)
+        for slot in 0..MONITOR_SLOTS {
+            match map.set(slot, socket, BPF_NOEXIST) {
+                Ok(()) => return Ok(Some(slot)),
+                Err(aya::maps::MapError::SyscallError(SyscallError { io_error, .. }))
+                    if io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => {
+                    return Err(e).context("claiming a monitor slot (WEFT_MONITOR_SOCKS)");
+                }
             }
-            Err(e) => Err(e).context("claiming the monitor slot (WEFT_MONITOR_SOCK)"),
         }
+        Ok(None)
     }
 
-    /// The monitor's token buckets and loss counters, one per CPU.
-    pub fn monitor_rates(&self) -> Result<Vec<MonitorRate>> {
+    /// The token buckets and loss counters of `slot`, one per CPU.
+    pub fn monitor_rates(&self, slot: u32) -> Result<Vec<MonitorRate>> {
         let map: PerCpuArray<&MapData, MonitorRate> =
-            self.map(map_names::MONITOR_RATE)?.try_into()?;
+            self.map(map_names::MONITOR_RATES)?.try_into()?;
         Ok(map
-            .get(&0, 0)
-            .context("reading the monitor counters")?
+            .get(&slot, 0)
+            .with_context(|| format!("reading the counters of monitor slot {slot}"))?
             .iter()
             .copied()
+            .collect())
+    }
+
+    /// Records a node's name (`WEFT_NODE_NAMES`).
+    pub fn upsert_node_name(&mut self, addr: Ipv4Addr, name: &str) -> Result<()> {
+        self.hash_upsert(map_names::NODE_NAMES, addr, &NodeName::new(name))
+            .with_context(|| format!("recording the name of node {addr}"))
+    }
+
+    pub fn remove_node_name(&mut self, addr: Ipv4Addr) -> Result<()> {
+        self.hash_remove::<NodeName>(map_names::NODE_NAMES, addr)
+            .with_context(|| format!("removing the name of node {addr}"))
+    }
+
+    /// Node names by address (this node's and its peers', as the agent's datastore names
+    /// them; nodes whose record carries no name are absent).
+    pub fn node_names(&self) -> Result<Vec<(Ipv4Addr, String)>> {
+        Ok(self
+            .hash_entries::<NodeName>(map_names::NODE_NAMES)
+            .context("iterating node names")?
+            .into_iter()
+            .map(|(ip, n)| (ip, n.as_str().to_string()))
+            .filter(|(_, n)| !n.is_empty())
             .collect())
     }
 
@@ -603,6 +735,13 @@ impl Maps {
         self.maps
             .get(name)
             .ok_or_else(|| anyhow!("map {name} missing"))
+    }
+
+    fn map_data(&self, name: &str) -> Result<&MapData> {
+        match self.map(name)? {
+            Map::Array(d) => Ok(d),
+            _ => Err(anyhow!("{name}: unexpected map type")),
+        }
     }
 
     /// The capacity (`max_entries`) of the map `name`.

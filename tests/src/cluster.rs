@@ -20,7 +20,7 @@ use crate::{
     etcd::Etcd,
     netns::{Netns, unique_name},
     pins::PinDir,
-    process::{NsProcess, wait_until},
+    process::{NsProcess, wait_until_else},
 };
 
 /// The cluster network every test cluster uses.
@@ -34,6 +34,11 @@ const ETCD_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
 const ETCD_PORT: u16 = 2379;
 /// flannel's default etcd prefix; weft's etcd datastore uses the same layout.
 pub const FLANNEL_PREFIX: &str = "/coreos.com/network";
+/// How long an agent gets to come up (subnet, routes, readiness). Its start is CPU-bound: it
+/// loads and verifies the datapath's programs, about 1.5 s of CPU per agent; on this 2-core
+/// machine at load 15 to 20 with five agents starting at once, `starting` to `datapath
+/// programmed` took 30 s. An agent that exits fails a wait at once, whatever this says.
+pub const AGENT_START: Duration = Duration::from_secs(90);
 /// Where every agent serves `/healthz`, `/readyz` and `/metrics` (on its node's address).
 pub const METRICS_PORT: u16 = weft_agent::metrics::DEFAULT_PORT;
 
@@ -230,6 +235,30 @@ impl Node {
     /// The current agent's log.
     pub fn log(&self) -> String {
         self.agent.as_ref().map(|a| a.log()).unwrap_or_default()
+    }
+
+    /// Waits up to [`AGENT_START`] until `check` holds, while the node's agent runs: an agent
+    /// that exits fails the wait at once. `context` (state, logs) closes the failure message.
+    pub fn wait_agent(
+        &self,
+        what: &str,
+        mut check: impl FnMut() -> bool,
+        context: impl Fn() -> String,
+    ) {
+        wait_until_else(
+            what,
+            AGENT_START,
+            || {
+                assert!(
+                    self.agent.as_ref().is_some_and(NsProcess::alive),
+                    "{}'s agent exited while waiting for {what}\n{}",
+                    self.name,
+                    context()
+                );
+                check()
+            },
+            &context,
+        );
     }
 
     pub fn cni_conf(&self) -> serde_json::Value {
@@ -627,14 +656,11 @@ impl Cluster {
     pub fn wait_all_converged(&self, timeout: Duration) {
         let others = self.nodes.len().saturating_sub(1);
         for node in &self.nodes {
-            wait_until(
-                &format!(
-                    "{} to route to {others} peers\n{}",
-                    node.name,
-                    self.agent_logs()
-                ),
+            wait_until_else(
+                &format!("{} to route to {others} peers", node.name),
                 timeout,
                 || node.subnet_file().exists() && node.route_count() == others,
+                || format!("{}\n{}", self.datapath_state(), self.agent_logs()),
             );
         }
     }
@@ -648,9 +674,8 @@ impl Cluster {
     pub fn wait_converged(&self, index: usize) {
         let node = &self.nodes[index];
         let others = self.nodes.len() - 1;
-        wait_until(
+        node.wait_agent(
             &format!("{} to converge", node.name),
-            Duration::from_secs(30),
             || {
                 node.subnet_file().exists()
                     && Maps::open_pinned(&node.pins.path)
@@ -658,7 +683,40 @@ impl Cluster {
                         .map(|r| r.len() >= others)
                         .unwrap_or(false)
             },
+            || {
+                format!(
+                    "subnet file: {}\n{}\n{}",
+                    node.subnet_file().exists(),
+                    self.datapath_state(),
+                    self.agent_logs()
+                )
+            },
         );
+    }
+
+    /// Creates a pod on node `index`: a new network namespace, the CNI ADD that `add` runs
+    /// (given the node, the container id and the namespace's path; it returns the result), the
+    /// pod recorded on the node. Returns its index in the node's pods and its address.
+    fn add_pod_with(
+        &mut self,
+        index: usize,
+        add: impl FnOnce(&Node, &str, &str) -> serde_json::Value,
+    ) -> (usize, Ipv4Addr) {
+        let ns = Netns::new("wp");
+        let container_id = unique_name("ctr");
+        let result = add(&self.nodes[index], &container_id, &ns.path());
+        let ip = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in the ADD result: {result}"));
+        let pods = &mut self.nodes[index].pods;
+        pods.push(Pod {
+            ns,
+            container_id,
+            ip,
+        });
+        (pods.len() - 1, ip)
     }
 
     /// Creates pod `namespace/name` on node `index` through the CNI plugin (ADD) as a runtime
@@ -671,51 +729,21 @@ impl Cluster {
         name: &str,
         ip: Option<Ipv4Addr>,
     ) -> (usize, Ipv4Addr) {
-        let ns = Netns::new("wp");
-        let container_id = unique_name("ctr");
-        let node = &self.nodes[index];
         let mut args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}");
         if let Some(ip) = ip {
             args += &format!(";IP={ip}");
         }
-        let result = cni_with_args(
-            node,
-            "ADD",
-            &container_id,
-            &ns.path(),
-            &node.cni_conf(),
-            &args,
-        );
-        let ip = result["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in the ADD result: {result}"));
-        self.nodes[index].pods.push(Pod {
-            ns,
-            container_id,
-            ip,
-        });
-        (self.nodes[index].pods.len() - 1, ip)
+        self.add_pod_with(index, |node, container_id, netns| {
+            cni_with_args(node, "ADD", container_id, netns, &node.cni_conf(), &args)
+        })
     }
 
     /// Creates a pod on node `index` through the CNI plugin (ADD), like a runtime.
     pub fn add_pod(&mut self, index: usize) -> Ipv4Addr {
-        let ns = Netns::new("wp");
-        let container_id = unique_name("ctr");
-        let node = &self.nodes[index];
-        let result = cni(node, "ADD", &container_id, &ns.path(), &node.cni_conf());
-        let ip = result["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in the ADD result: {result}"));
-        self.nodes[index].pods.push(Pod {
-            ns,
-            container_id,
-            ip,
-        });
-        ip
+        self.add_pod_with(index, |node, container_id, netns| {
+            cni(node, "ADD", container_id, netns, &node.cni_conf())
+        })
+        .1
     }
 
     /// Creates a pod on node `index` through a conflist, as a runtime runs one: weft (its
@@ -727,33 +755,22 @@ impl Cluster {
         weft_extra: serde_json::Value,
         chained: Vec<serde_json::Value>,
     ) -> Ipv4Addr {
-        let ns = Netns::new("wp");
-        let container_id = unique_name("ctr");
-        let node = &self.nodes[index];
-        let mut weft = node.cni_conf();
-        weft.as_object_mut().unwrap().remove("cniVersion");
-        weft.as_object_mut().unwrap().remove("name");
-        if let serde_json::Value::Object(extra) = weft_extra {
-            weft.as_object_mut().unwrap().extend(extra);
-        }
-        let mut plugins = vec![weft];
-        plugins.extend(chained);
-        // Debian's reference plugins speak up to 1.0.0.
-        let list = serde_json::json!({"cniVersion": "1.0.0", "name": "weft", "plugins": plugins});
-        let result =
-            crate::cni::run_conflist(&node.ns, "ADD", &list, &container_id, &ns.path(), None)
-                .unwrap_or_else(|out| panic!("conflist ADD on {} failed: {out:?}", node.name));
-        let ip = result["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in the ADD result: {result}"));
-        self.nodes[index].pods.push(Pod {
-            ns,
-            container_id,
-            ip,
-        });
-        ip
+        self.add_pod_with(index, |node, container_id, netns| {
+            let mut weft = node.cni_conf();
+            weft.as_object_mut().unwrap().remove("cniVersion");
+            weft.as_object_mut().unwrap().remove("name");
+            if let serde_json::Value::Object(extra) = weft_extra {
+                weft.as_object_mut().unwrap().extend(extra);
+            }
+            let mut plugins = vec![weft];
+            plugins.extend(chained);
+            // Debian's reference plugins speak up to 1.0.0.
+            let list =
+                serde_json::json!({"cniVersion": "1.0.0", "name": "weft", "plugins": plugins});
+            crate::cni::run_conflist(&node.ns, "ADD", &list, container_id, netns, None)
+                .unwrap_or_else(|out| panic!("conflist ADD on {} failed: {out:?}", node.name))
+        })
+        .1
     }
 
     /// Deletes pod `pod` of node `index` through the CNI plugin (DEL).
@@ -1077,10 +1094,14 @@ impl Cluster {
                     out += &format!("  drop {} {n}\n", reason.name());
                 }
             }
-            let bgp_table = node.ns.ip(&format!(
-                "route show table {}",
-                weft_common::BGP_TABLE_DEFAULT
-            ));
+            // Without the bgp backend the table does not exist (`ip` fails): a failure message
+            // must not turn into another panic.
+            let table = weft_common::BGP_TABLE_DEFAULT.to_string();
+            let bgp_table = Command::new("ip")
+                .args(["-n", &node.ns.name, "route", "show", "table", &table])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
             for line in bgp_table.lines() {
                 out += &format!("  bgp table: {line}\n");
             }
@@ -1126,10 +1147,10 @@ impl Cluster {
     /// Waits until node `index`'s agent answers 200 on /readyz.
     pub fn wait_ready(&self, index: usize) {
         let node = &self.nodes[index];
-        wait_until(
-            &format!("{} agent /readyz\n{}", node.name, node.log()),
-            Duration::from_secs(30),
+        node.wait_agent(
+            &format!("{} agent /readyz", node.name),
             || matches!(node.http_get("/readyz"), Some((200, _))),
+            || node.log(),
         );
     }
 }

@@ -89,6 +89,26 @@ impl NsProcess {
         }
     }
 
+    /// Whether the process still runs (without reaping it: an exited child is a zombie until
+    /// reaped).
+    pub fn alive(&self) -> bool {
+        let Some(child) = self.child.as_ref() else {
+            return false;
+        };
+        std::fs::read_to_string(format!("/proc/{}/stat", child.id()))
+            .ok()
+            .and_then(|stat| {
+                let state = stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .to_string();
+                Some(state != "Z" && state != "X")
+            })
+            .unwrap_or(false)
+    }
+
     /// Whether the process has exited (reaping it if so).
     pub fn exited(&mut self) -> bool {
         match self.child.as_mut() {
@@ -109,14 +129,28 @@ impl Drop for NsProcess {
 }
 
 /// Polls `check` every 50 ms until it returns true or `timeout` passes; panics with `what`.
-pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, timeout: Duration, check: impl FnMut() -> bool) {
+    wait_until_else(what, timeout, check, String::new);
+}
+
+/// [`wait_until`], the panic message closing with `context()` (state and logs gathered only
+/// when the wait failed).
+pub fn wait_until_else(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> bool,
+    context: impl FnOnce() -> String,
+) {
     let deadline = Instant::now() + timeout;
     loop {
         if check() {
             return;
         }
         if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                context()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -109,6 +109,12 @@ fn agents_share_etcd_join_and_leave() {
     for kv in &leases {
         let v: serde_json::Value = serde_json::from_slice(&kv.value).unwrap();
         let ip: Ipv4Addr = v["PublicIP"].as_str().unwrap().parse().unwrap();
+        let owner = c.nodes.iter().find(|n| n.ip == ip).unwrap();
+        assert_eq!(
+            v["NodeName"],
+            owner.name.as_str(),
+            "a weft lease names its node"
+        );
         assert_eq!(v["BackendType"], "vxlan");
         assert_eq!(v["BackendData"]["VNI"], 1);
         assert_eq!(
@@ -116,6 +122,19 @@ fn agents_share_etcd_join_and_leave() {
             weft_agent::datastore::format_mac(&vtep_mac_for(ip))
         );
         assert_ne!(kv.lease, 0, "{} has no TTL lease", kv.key);
+    }
+    // Every node records every node's name, its own included (`weft monitor`, `weft nodes`).
+    let names_on = |n: &Node| -> BTreeMap<Ipv4Addr, String> {
+        n.maps().node_names().unwrap().into_iter().collect()
+    };
+    for node in &c.nodes {
+        let want: BTreeMap<Ipv4Addr, String> =
+            c.nodes.iter().map(|n| (n.ip, n.name.clone())).collect();
+        wait_until(
+            &format!("{} to record the node names", node.name),
+            Duration::from_secs(10),
+            || names_on(node) == want,
+        );
     }
 
     // Health, readiness and metrics.
@@ -183,6 +202,13 @@ fn agents_share_etcd_join_and_leave() {
         wait_until("fake peer", Duration::from_secs(10), || {
             route_on(n).is_some_and(|r| r.node_ip == [192, 168, 100, 200])
         });
+        // A lease as flanneld writes it names no node: the peer goes by its address.
+        let names = names_on(n);
+        assert!(
+            !names.contains_key(&Ipv4Addr::new(192, 168, 100, 200)),
+            "{names:?}"
+        );
+        assert_eq!(names.len(), c.nodes.len(), "{names:?}");
     }
     put("192.168.100.201", "aa:00:00:00:00:02", "ipip");
     for n in &c.nodes {
@@ -573,4 +599,110 @@ fn backends_and_live_backend_switch() {
         assert_eq!(n.subnet_env().mtu, 1450);
         assert!(n.agent.as_ref().unwrap().pid() > 0);
     }
+}
+
+/// The publisher of NetworkPolicy's pod address records (`<prefix>/k8s/podips/<address>`)
+/// against a real etcd: only the node whose subnet holds an address writes its record, and a
+/// node deletes only the records it wrote. The case: node A was away past its lease TTL, its
+/// subnet went to node D, and D's first pod has the address of A's old pod.
+#[test]
+fn pod_address_records_are_written_and_deleted_only_by_their_subnets_holder() {
+    use weft_agent::{
+        datastore::etcd::{EtcdClient, lease_key},
+        netpol::{etcd_source::PodPublisher, store::PodAddress},
+    };
+    use weft_common::policy::PolicyPodName;
+    use weft_tests::{etcd::Etcd, netns::Netns};
+
+    let ns = Netns::new("pub");
+    let etcd = Etcd::start(&ns, Ipv4Addr::new(127, 0, 0, 1), 23790);
+    let endpoint = etcd.endpoint();
+    ns.run(move || {
+        let client = EtcdClient::new(&[endpoint]).unwrap();
+        let (a_ip, d_ip) = (
+            Ipv4Addr::new(192, 168, 100, 10),
+            Ipv4Addr::new(192, 168, 100, 11),
+        );
+        let old: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let new: Ipv4Net = "10.244.3.0/24".parse().unwrap();
+        let hold = |subnet: Ipv4Net, ip: Ipv4Addr| {
+            let value = json!({"PublicIP": ip, "BackendType": "vxlan"}).to_string();
+            client
+                .put(&lease_key(PREFIX, subnet), value.as_bytes(), 0)
+                .unwrap();
+        };
+        let key = |ip: Ipv4Addr| format!("{PREFIX}/k8s/podips/{ip}");
+        let record = |ip: Ipv4Addr| {
+            client.get(&key(ip)).unwrap().map(|kv| {
+                let a: PodAddress = serde_json::from_slice(&kv.value).unwrap();
+                (a.node, a.name, kv.lease)
+            })
+        };
+        let names = |pods: &[(Ipv4Addr, &str)]| -> Vec<(Ipv4Addr, PolicyPodName)> {
+            pods.iter()
+                .map(|(ip, n)| (*ip, PolicyPodName::new("default", n)))
+                .collect()
+        };
+        let (x, y) = (Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 1, 3));
+        let (z, w) = (Ipv4Addr::new(10, 244, 3, 2), Ipv4Addr::new(10, 244, 3, 3));
+        let a_pods = names(&[(x, "a-old"), (y, "a-other")]);
+
+        // A holds the old subnet: its pods are published under its lease.
+        hold(old, a_ip);
+        let mut a = PodPublisher::new(client.clone(), PREFIX, "a", a_ip, 60);
+        a.sync(&a_pods, Some(old)).unwrap();
+        let a_lease = a.written()[&x].lease;
+        assert_eq!(record(x), Some(("a".into(), "a-old".into(), a_lease)));
+        assert_eq!(record(y).map(|r| r.0), Some("a".into()));
+
+        // The subnet goes to D, whose first pod gets A's old pod's address: D's record.
+        hold(old, d_ip);
+        let mut d = PodPublisher::new(client.clone(), PREFIX, "d", d_ip, 60);
+        d.sync(&names(&[(x, "d")]), Some(old)).unwrap();
+        assert_eq!(
+            record(x).map(|r| (r.0, r.1)),
+            Some(("d".into(), "d".into()))
+        );
+
+        // A's agent restarts before it notices (it still believes the subnet is its own): its
+        // publisher must not take the address back, nor anything of D's subnet.
+        let mut restarted = PodPublisher::new(client.clone(), PREFIX, "a", a_ip, 60);
+        restarted.sync(&a_pods, Some(old)).unwrap();
+        assert_eq!(
+            record(x).map(|r| r.0),
+            Some("d".into()),
+            "A overwrote D's pod"
+        );
+
+        // A learns it holds another subnet: its own old record goes, D's stays, its new pods
+        // are published.
+        hold(new, a_ip);
+        let mut a_new_pods = a_pods.clone();
+        a_new_pods.extend(names(&[(z, "a-new"), (w, "a-gone")]));
+        a.sync(&a_new_pods, Some(new)).unwrap();
+        assert_eq!(
+            record(x).map(|r| r.0),
+            Some("d".into()),
+            "A deleted D's pod"
+        );
+        assert_eq!(record(y), None, "A left the record of its old pod");
+        assert_eq!(record(z), Some(("a".into(), "a-new".into(), a_lease)));
+        assert_eq!(record(w).map(|r| r.0), Some("a".into()));
+
+        // A restarted agent starts from what etcd holds of it: a pod deleted meanwhile loses
+        // its record, the others move to the new lease.
+        let mut again = PodPublisher::new(client.clone(), PREFIX, "a", a_ip, 60);
+        again.sync(&names(&[(z, "a-new")]), Some(new)).unwrap();
+        let lease = again.written()[&z].lease;
+        assert_ne!(lease, a_lease);
+        assert_eq!(record(z), Some(("a".into(), "a-new".into(), lease)));
+        assert_eq!(record(w), None);
+        assert_eq!(record(x).map(|r| r.0), Some("d".into()));
+
+        // Holding no subnet: nothing of A's is left.
+        again.sync(&names(&[(z, "a-new")]), None).unwrap();
+        assert_eq!(record(z), None);
+        assert_eq!(record(x).map(|r| r.0), Some("d".into()));
+    });
+    drop(etcd);
 }

@@ -123,6 +123,7 @@ fn lease(cidr: &str, ip: [u8; 4], backend: Option<BackendType>, mac: Option<[u8;
         public_ip: Ipv4Addr::from(ip),
         backend,
         vtep_mac: mac,
+        node_name: Some(name.clone()),
         name,
         seniority,
         unknown_backend: None,

@@ -104,6 +104,37 @@ fn static_topology_programs_routes() {
         .unwrap();
     assert_eq!(rb[0].0, "10.70.1.0/24".parse().unwrap());
     assert_eq!(rb[0].1.vtep_mac, [2, 0x57, 192, 168, 90, 1]);
+    // Node names from the file, for `weft monitor` and `weft nodes`: the peer and the node
+    // itself; refused entries name nothing.
+    wait_until(
+        "a to record the node names",
+        Duration::from_secs(10),
+        || {
+            weft_agent::datapath::Maps::open_pinned(&pins[0].path)
+                .and_then(|m| m.node_names())
+                .is_ok_and(|n| {
+                    n == vec![
+                        (Ipv4Addr::new(192, 168, 90, 1), "a".to_string()),
+                        (Ipv4Addr::new(192, 168, 90, 2), "b".to_string()),
+                    ]
+                })
+        },
+    );
+    let weft = |args: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(binary("weft"))
+            .arg("--pin-root")
+            .arg(&pins[0].path)
+            .arg("--json")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let nodes = weft(&["nodes"]);
+    assert_eq!(nodes[0]["ip"], "192.168.90.2");
+    assert_eq!(nodes[0]["name"], "b", "{nodes}");
+    assert_eq!(weft(&["status"])["node_name"], "a");
     // On b the copy claims b's own subnet; on a it is the younger of two claims.
     for (ns, rival) in [(&a, "overlaps_node"), (&b, "overlaps_local_subnet")] {
         let metric = |name: &str| {

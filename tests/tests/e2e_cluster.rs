@@ -121,7 +121,8 @@ fn assert_endpoint_counters_and_dashboard_metrics(cluster: &Cluster) {
 }
 
 /// `weft monitor` on a node of a real cluster reports a pod sending from an address that is not
-/// its own, naming the pod as the runtime named it (CNI_ARGS).
+/// its own, naming the pod as the runtime named it (CNI_ARGS) and the nodes as the agents named
+/// themselves (their etcd leases); `--node` takes the peer's name.
 fn monitor_names_a_spoofing_pod(cluster: &mut Cluster) {
     use std::io::Read as _;
     let (index, _) = cluster.add_named_pod(0, "default", "spoofer", None);
@@ -138,6 +139,8 @@ fn monitor_names_a_spoofing_pod(cluster: &mut Cluster) {
             "monitor",
             "--reason",
             "spoofed_ip",
+            "--node",
+            &cluster.nodes[1].name,
             "--count",
             "1",
             "--cni-data-dir",
@@ -147,7 +150,11 @@ fn monitor_names_a_spoofing_pod(cluster: &mut Cluster) {
         .spawn()
         .unwrap();
     wait_until("weft monitor to attach", Duration::from_secs(10), || {
-        node.maps().monitor_config().unwrap().owner_pid == monitor.id()
+        node.maps()
+            .monitor_configs()
+            .unwrap()
+            .iter()
+            .any(|c| c.owner_pid == monitor.id())
     });
     // A second address inside the pod: the pod sends from it.
     let spoofed = std::net::Ipv4Addr::from(u32::from(pod.ip) + 100);
@@ -186,8 +193,16 @@ fn monitor_names_a_spoofing_pod(cluster: &mut Cluster) {
     assert_eq!(ev["src"], spoofed.to_string());
     assert_eq!(ev["dst"], target.to_string());
     assert_eq!(ev["protocol"], "icmp");
-    assert_eq!(ev["dst_node"], cluster.nodes[1].ip.to_string());
-    assert_eq!(node.maps().monitor_config().unwrap().flags, 0, "detached");
+    assert_eq!(
+        ev["dst_node"], cluster.nodes[1].name,
+        "the peer by its name: {ev}"
+    );
+    assert_eq!(ev["dst_node_ip"], cluster.nodes[1].ip.to_string());
+    assert_eq!(ev["node"], node.name, "{ev}");
+    assert!(
+        node.maps().monitor_flags().unwrap().iter().all(|f| *f == 0),
+        "detached"
+    );
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! `weft monitor` against a pinned injection node: drops arrive with their reason, hook,
 //! 5-tuple and pod name; filters select; the datapath emits nothing without a listener, also
-//! after the monitor is SIGKILLed; the in-kernel budget caps a flood.
+//! after the monitor is SIGKILLed; the in-kernel budget caps a flood. Several monitors listen at
+//! once, each with its own options and budget, up to the slot limit; killing one frees its slot
+//! and leaves the others working.
 use std::{
     io::{BufRead as _, BufReader},
     net::Ipv4Addr,
@@ -15,6 +17,7 @@ use serde_json::Value;
 use weft_agent::datapath::pin_dir;
 use weft_common::{
     TunnelKey, map_names,
+    monitor::{MONITOR_F_DROPS, MONITOR_F_TRACE, MONITOR_SLOTS},
     policy::{POLICY_F_INGRESS_ISOLATED, PolicyEndpoint},
     prog_names,
 };
@@ -28,12 +31,39 @@ const UNKNOWN_NODE_IP: [u8; 4] = [192, 168, 50, 77];
 struct Monitor {
     child: Child,
     lines: mpsc::Receiver<String>,
+    /// The listener slot it holds.
+    slot: u32,
+    /// The last `lost` report it printed (its own losses since it attached).
+    lost: std::cell::RefCell<Option<Value>>,
 }
 
 impl Monitor {
     /// Starts `weft monitor --json` (in the calling thread's network namespace) and waits until
     /// it is attached.
     fn start(node: &Node, pins: &Path, ipam: &Path, extra: &[&str]) -> Self {
+        let (mut child, lines) = Self::spawn(pins, ipam, extra);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let slot = loop {
+            let configs = node.dp.maps.monitor_configs().unwrap();
+            if let Some(slot) = configs.iter().position(|c| c.owner_pid == child.id()) {
+                break slot as u32;
+            }
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "weft monitor exited before attaching"
+            );
+            assert!(Instant::now() < deadline, "weft monitor did not attach");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Self {
+            child,
+            lines,
+            slot,
+            lost: Default::default(),
+        }
+    }
+
+    fn spawn(pins: &Path, ipam: &Path, extra: &[&str]) -> (Child, mpsc::Receiver<String>) {
         // With only the capabilities the manifest gives the agent container (the CLI runs
         // there).
         let mut child = Command::new("setpriv")
@@ -64,21 +94,17 @@ impl Monitor {
                 }
             }
         });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while node.dp.maps.monitor_config().unwrap().owner_pid != child.id() {
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "weft monitor exited before attaching"
-            );
-            assert!(Instant::now() < deadline, "weft monitor did not attach");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self { child, lines }
+        (child, lines)
     }
 
-    /// The next event record (`lost` reports skipped).
-    fn next(&self) -> Option<Value> {
-        let deadline = Instant::now() + Duration::from_secs(3);
+    /// The flags of its slot.
+    fn flags(&self, node: &Node) -> u32 {
+        node.dp.maps.monitor_flags().unwrap()[self.slot as usize] as u32
+    }
+
+    /// The next event record within `wait` (`lost` reports are kept aside).
+    fn next_within(&self, wait: Duration) -> Option<Value> {
+        let deadline = Instant::now() + wait;
         loop {
             let left = deadline.checked_duration_since(Instant::now())?;
             let line = self.lines.recv_timeout(left).ok()?;
@@ -86,14 +112,29 @@ impl Monitor {
             if v["type"] != "lost" {
                 return Some(v);
             }
+            *self.lost.borrow_mut() = Some(v);
         }
     }
 
-    /// Nothing more arrives within a short wait.
+    /// The next event record.
+    fn next(&self) -> Option<Value> {
+        self.next_within(Duration::from_secs(3))
+    }
+
+    /// Nothing but loss reports arrives within a short wait.
     fn assert_quiet(&self) {
-        if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(500)) {
-            panic!("unexpected event: {line}");
+        if let Some(v) = self.next_within(Duration::from_millis(500)) {
+            panic!("unexpected event: {v}");
         }
+    }
+
+    /// Waits for its loss report (printed every 2 s when it changed).
+    fn lost(&self) -> Option<Value> {
+        if self.lost.borrow().is_none() {
+            self.assert_quiet();
+            let _ = self.next_within(Duration::from_secs(3));
+        }
+        self.lost.borrow().clone()
     }
 
     fn stop(mut self) {
@@ -156,21 +197,36 @@ fn from_pod(node: &mut Node, frame: &[u8], repeat: u32) -> i32 {
     run_tc(prog, frame, ifindex, repeat).verdict
 }
 
-/// Events the ring buffer holds that nobody read.
+/// Events the ring buffers of every slot hold that nobody read.
 fn unread_events(pins: &Path) -> usize {
-    let path = pin_dir(pins).join("maps").join(map_names::EVENTS);
-    let map = Map::from_map_data(MapData::from_pin(&path).unwrap()).unwrap();
-    let mut ring = RingBuf::try_from(map).unwrap();
     let mut n = 0;
-    while ring.next().is_some() {
-        n += 1;
+    for name in map_names::EVENTS {
+        let path = pin_dir(pins).join("maps").join(name);
+        let map = Map::from_map_data(MapData::from_pin(&path).unwrap()).unwrap();
+        let mut ring = RingBuf::try_from(map).unwrap();
+        while ring.next().is_some() {
+            n += 1;
+        }
     }
     n
 }
 
-#[test]
-fn monitor_reports_drops_filters_stops_without_listener_and_keeps_its_budget() {
-    let pins = PinDir::new("monitor");
+/// No slot asks for events.
+fn all_off(node: &Node) -> bool {
+    node.dp.maps.monitor_flags().unwrap() == [0; MONITOR_SLOTS as usize]
+}
+
+/// Events emitted into a slot and refused by its budget, summed over CPUs.
+fn rates(node: &Node, slot: u32) -> (u64, u64) {
+    let r = node.dp.maps.monitor_rates(slot).unwrap();
+    (
+        r.iter().map(|r| r.emitted).sum(),
+        r.iter().map(|r| r.over_budget).sum(),
+    )
+}
+
+/// An IPAM store naming the fixture's two pods.
+fn ipam_store() -> std::path::PathBuf {
     let ipam = std::env::temp_dir().join(unique_name("weft-monitor-ipam-"));
     std::fs::create_dir_all(ipam.join("weft")).unwrap();
     std::fs::write(
@@ -181,6 +237,13 @@ fn monitor_reports_drops_filters_stops_without_listener_and_keeps_its_budget() {
         .to_string(),
     )
     .unwrap();
+    ipam
+}
+
+#[test]
+fn monitor_reports_drops_filters_stops_without_listener_and_keeps_its_budget() {
+    let pins = PinDir::new("monitor");
+    let ipam = ipam_store();
     let pin_root = pins.path.clone();
     let ipam_dir = ipam.clone();
     let ns = namespace();
@@ -190,7 +253,7 @@ fn monitor_reports_drops_filters_stops_without_listener_and_keeps_its_budget() {
         let mut node = node_pinned(pins);
 
         // Nobody listens: the flags are off and a drop emits nothing.
-        assert_eq!(node.dp.maps.monitor_config().unwrap().flags, 0);
+        assert!(all_off(&node));
         assert_eq!(from_pod(&mut node, &spoofed_from_pod1(), 1), 2);
         assert_eq!(unread_events(pins), 0, "no listener, no event");
 
@@ -253,23 +316,9 @@ fn monitor_reports_drops_filters_stops_without_listener_and_keeps_its_budget() {
         assert_eq!(ev["dst_pod"], "default/pod-one");
         mon.assert_quiet();
 
-        // One monitor at a time, and the second one says who holds the node.
-        let out = Command::new(binary("weft"))
-            .arg("--pin-root")
-            .arg(pins)
-            .args(["monitor", "--count", "1"])
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            err.contains(&format!("another weft monitor (pid {})", mon.child.id())),
-            "{err}"
-        );
-
         // A clean exit clears the flags at once.
         mon.stop();
-        assert_eq!(node.dp.maps.monitor_config().unwrap().flags, 0);
+        assert!(all_off(&node));
         assert_eq!(from_pod(&mut node, &spoofed_from_pod1(), 1), 2);
         assert_eq!(unread_events(pins), 0);
 
@@ -355,14 +404,14 @@ fn monitor_reports_drops_filters_stops_without_listener_and_keeps_its_budget() {
         mon.child.kill().unwrap();
         mon.child.wait().unwrap();
         assert_ne!(
-            node.dp.maps.monitor_config().unwrap().flags,
+            mon.flags(&node),
             0,
             "a killed monitor could not clear its flags itself"
         );
         assert_eq!(from_pod(&mut node, &spoofed_from_pod1(), 1), 2);
         assert_eq!(unread_events(pins), 0, "nothing emitted after SIGKILL");
         assert_eq!(
-            node.dp.maps.monitor_config().unwrap().flags,
+            mon.flags(&node),
             0,
             "the datapath cleared the flags of the dead monitor"
         );
@@ -371,18 +420,11 @@ fn monitor_reports_drops_filters_stops_without_listener_and_keeps_its_budget() {
         // The budget: a flood of 5000 drops on one CPU yields at most the burst plus what the
         // rate refills while it runs; the rest is counted as over budget.
         let mon = Monitor::start(&node, pins, ipam, &["--budget", "20", "--burst", "10"]);
-        let rates = |node: &Node| -> (u64, u64) {
-            let r = node.dp.maps.monitor_rates().unwrap();
-            (
-                r.iter().map(|r| r.emitted).sum(),
-                r.iter().map(|r| r.over_budget).sum(),
-            )
-        };
-        let (emitted0, over0) = rates(&node);
+        let (emitted0, over0) = rates(&node, mon.slot);
         let started = Instant::now();
         assert_eq!(from_pod(&mut node, &spoofed_from_pod1(), 5000), 2);
         let elapsed = started.elapsed().as_secs_f64();
-        let (emitted1, over1) = rates(&node);
+        let (emitted1, over1) = rates(&node, mon.slot);
         let emitted = emitted1 - emitted0;
         let allowed = 10 + (20.0 * elapsed).ceil() as u64;
         assert!(
@@ -403,6 +445,141 @@ fn monitor_reports_drops_filters_stops_without_listener_and_keeps_its_budget() {
         }
         assert_eq!(received, emitted, "the monitor printed every emitted event");
         mon.stop();
+    });
+    drop(ns);
+    let _ = std::fs::remove_dir_all(&ipam);
+}
+
+#[test]
+fn several_monitors_listen_at_once_each_with_its_own_options_until_the_slots_run_out() {
+    let pins = PinDir::new("monitors");
+    let ipam = ipam_store();
+    let pin_root = pins.path.clone();
+    let ipam_dir = ipam.clone();
+    let ns = namespace();
+    ns.run(move || {
+        let pins = pin_root.as_path();
+        let ipam = ipam_dir.as_path();
+        let mut node = node_pinned(pins);
+        let local = tcp_frame(POD1_MAC, [0xee; 6], POD1_IP, POD2_IP, 1000, 2000, b"");
+
+        // A: drops and forwarding. B: spoofed-address drops only, on a budget of its own.
+        let a = Monitor::start(&node, pins, ipam, &["--trace"]);
+        let b = Monitor::start(
+            &node,
+            pins,
+            ipam,
+            &["--reason", "spoofed_ip", "--budget", "5", "--burst", "5"],
+        );
+        assert_ne!(a.slot, b.slot);
+        let cb = node.dp.maps.monitor_config(b.slot).unwrap();
+        assert_eq!(a.flags(&node), MONITOR_F_DROPS | MONITOR_F_TRACE);
+        assert_eq!(b.flags(&node), MONITOR_F_DROPS);
+        assert_eq!(
+            (cb.rate_per_sec, cb.burst, cb.owner_pid),
+            (5, 5, b.child.id())
+        );
+
+        // A forwarded packet reaches A only; a drop reaches both.
+        assert_eq!(from_pod(&mut node, &local, 1), 7, "delivered locally");
+        let ev = a.next().expect("A's forwarding event");
+        assert_eq!(
+            (ev["type"].as_str(), ev["action"].as_str()),
+            (Some("forward"), Some("redirect"))
+        );
+        b.assert_quiet();
+        assert_eq!(from_pod(&mut node, &spoofed_from_pod1(), 1), 2);
+        for m in [&a, &b] {
+            let ev = m.next().expect("the spoof's drop event");
+            assert_eq!(ev["reason"], "spoofed_ip");
+            assert_eq!(ev["src_pod"], "default/pod-two");
+        }
+        a.assert_quiet();
+        b.assert_quiet();
+
+        // Budgets are per slot: a flood of 200 drops fills B's small budget (its burst of 5,
+        // plus what 5/s refills while it runs) and not A's (1000 per CPU by default).
+        let (a0, a_over0) = rates(&node, a.slot);
+        let (b0, b_over0) = rates(&node, b.slot);
+        let started = Instant::now();
+        assert_eq!(from_pod(&mut node, &spoofed_from_pod1(), 200), 2);
+        let elapsed = started.elapsed().as_secs_f64();
+        let (a1, a_over1) = rates(&node, a.slot);
+        let (b1, b_over1) = rates(&node, b.slot);
+        assert_eq!(
+            (a1 - a0, a_over1 - a_over0),
+            (200, 0),
+            "A's budget holds 200"
+        );
+        let b_sent = b1 - b0;
+        assert!(
+            (4..=5 + (5.0 * elapsed).ceil() as u64).contains(&b_sent),
+            "B emitted {b_sent} of a 200-drop flood (budget 5/s, burst 5, {elapsed:.3} s)"
+        );
+        assert_eq!(b_sent + (b_over1 - b_over0), 200);
+        for (m, n) in [(&a, 200), (&b, b_sent)] {
+            for i in 0..n {
+                m.next()
+                    .unwrap_or_else(|| panic!("event {i} of {n} missing on slot {}", m.slot));
+            }
+        }
+        // Each monitor reports its own losses: B those over its budget, A none.
+        let lost = b.lost().expect("B reports its losses");
+        assert_eq!(lost["over_budget"], 200 - b_sent, "{lost}");
+        assert_eq!(lost["ring_full"], 0);
+        a.assert_quiet();
+        assert!(a.lost.borrow().is_none(), "A lost nothing");
+
+        // Two more take the last slots; a fifth monitor is refused with the limit and the
+        // holders named.
+        let c = Monitor::start(&node, pins, ipam, &[]);
+        let d = Monitor::start(&node, pins, ipam, &[]);
+        let out = Command::new(binary("weft"))
+            .arg("--pin-root")
+            .arg(pins)
+            .args(["monitor", "--count", "1"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("all {MONITOR_SLOTS} monitor slots"))
+                && err.contains(&format!("at most {MONITOR_SLOTS} monitors")),
+            "{err}"
+        );
+        for m in [&a, &b, &c, &d] {
+            assert!(err.contains(&m.child.id().to_string()), "{err}");
+        }
+
+        // SIGKILL A: the kernel frees its slot at once; B keeps working.
+        let mut a = a;
+        let a_slot = a.slot;
+        a.child.kill().unwrap();
+        a.child.wait().unwrap();
+        drop(a);
+        assert_eq!(from_pod(&mut node, &spoofed_from_pod1(), 1), 2);
+        assert_eq!(
+            b.next().expect("B after A was killed")["reason"],
+            "spoofed_ip"
+        );
+        // A new monitor gets A's slot, with its own options: A's --trace is gone (forwarding
+        // reaches nobody).
+        let e = Monitor::start(&node, pins, ipam, &[]);
+        assert_eq!(e.slot, a_slot, "the killed monitor's slot is free");
+        assert_eq!(e.flags(&node), MONITOR_F_DROPS);
+        assert_eq!(from_pod(&mut node, &local, 1), 7);
+        e.assert_quiet();
+        b.assert_quiet();
+        assert_eq!(from_pod(&mut node, &spoofed_from_pod1(), 1), 2);
+        for m in [&b, &c, &d, &e] {
+            assert_eq!(m.next().expect("the drop")["reason"], "spoofed_ip");
+        }
+        for m in [b, c, d, e] {
+            m.stop();
+        }
+        assert!(all_off(&node));
+        assert_eq!(from_pod(&mut node, &spoofed_from_pod1(), 1), 2);
+        assert_eq!(unread_events(pins), 0);
     });
     drop(ns);
     let _ = std::fs::remove_dir_all(&ipam);

@@ -987,7 +987,7 @@ fn each_capability_of_the_manifest_is_needed() {
         // (CAP_NET_BIND_SERVICE).
         let step = match left_out.as_str() {
             "bpf" => "failed to create map",
-            "net_admin" => "failed to create map `WEFT_MONITOR_SOCK`",
+            "net_admin" => "failed to create map `WEFT_MONITOR_SOCKS`",
             // The first refusal depends on the program's code: `pointer -= pointer prohibited`,
             // `pointer arithmetic with it prohibited for !root`, ...
             "perfmon" => "prohibited",

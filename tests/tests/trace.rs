@@ -33,14 +33,15 @@ fn trace(pins: &Path, ipam: &Path, args: &[&str]) -> Value {
 /// Everything the datapath writes, and the config.
 fn state(maps: &Maps) -> String {
     format!(
-        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
         maps.config().unwrap(),
         maps.drops().unwrap(),
         maps.stats().unwrap(),
         maps.conntrack().unwrap(),
         maps.next_hops().unwrap(),
         maps.path_mtus().unwrap(),
-        maps.monitor_config().unwrap(),
+        maps.monitor_flags().unwrap(),
+        maps.monitor_configs().unwrap(),
     )
 }
 

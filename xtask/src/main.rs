@@ -460,8 +460,12 @@ fn print_table(report: &serde_json::Value) {
                 get(format!("{case}_monitor_off_b")),
                 get(format!("{case}_monitor_on")),
             ) {
+                // Two monitors: each event written into both slots' rings.
+                let two = get(format!("{case}_monitor_on_2"))
+                    .map(|two| format!("  two monitors {two:>7.1} (+{:.1})", two - off))
+                    .unwrap_or_default();
                 println!(
-                    "  {label:<20} off {off:>7.1} (again {off_b:.1}: noise {:.1})  on {on:>7.1} (+{:.1} per event)",
+                    "  {label:<20} off {off:>7.1} (again {off_b:.1}: noise {:.1})  on {on:>7.1} (+{:.1} per event){two}",
                     (off - off_b).abs(),
                     on - off
                 );

@@ -23,8 +23,8 @@ use weft_agent::{
     control_loop::{ControlLoop, mode_policy, node_config},
     datapath::{Datapath, LoadOptions, Maps, XdpSetting},
     datastore::{
-        Backoff, Datastore, LocalNode,
-        etcd::{DEFAULT_PREFIX, EtcdClient, EtcdDatastore, EtcdOptions, SubnetTaken},
+        Backoff, Datastore, HeldSubnet, LocalNode,
+        etcd::{EtcdArgs, EtcdDatastore, SubnetTaken},
         kube::{KubeDatastore, KubeSource},
         static_file::StaticFile,
     },
@@ -65,32 +65,8 @@ struct Args {
     /// Where node records live.
     #[arg(long, value_enum, default_value = "etcd")]
     datastore: DatastoreKind,
-    /// etcd client URLs, comma-separated (http:// or https://).
-    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
-    etcd_endpoints: Vec<String>,
-    /// CA bundle for etcd's server certificate (https:// endpoints).
-    #[arg(long)]
-    etcd_cafile: Option<PathBuf>,
-    /// Client certificate for etcd (client-certificate authentication).
-    #[arg(long, requires = "etcd_keyfile")]
-    etcd_certfile: Option<PathBuf>,
-    /// Key of --etcd-certfile.
-    #[arg(long, requires = "etcd_certfile")]
-    etcd_keyfile: Option<PathBuf>,
-    /// etcd user (etcd's own authentication).
-    #[arg(long, requires = "etcd_password")]
-    etcd_username: Option<String>,
-    /// Password of --etcd-username.
-    #[arg(
-        long,
-        requires = "etcd_username",
-        env = "WEFT_ETCD_PASSWORD",
-        hide_env_values = true
-    )]
-    etcd_password: Option<String>,
-    /// etcd key prefix (flannel's layout).
-    #[arg(long, default_value = DEFAULT_PREFIX)]
-    etcd_prefix: String,
+    #[command(flatten)]
+    etcd: EtcdArgs,
     /// flannel's net-conf.json; with etcd and without this flag, read from `<prefix>/config`.
     #[arg(long)]
     net_conf: Option<PathBuf>,
@@ -274,15 +250,9 @@ fn install_cni(args: &Args, conf_subnet_file: &Path) -> Result<()> {
 fn open_datastore(args: &Args, runtime: &tokio::runtime::Handle) -> Result<Box<dyn Datastore>> {
     Ok(match args.datastore {
         DatastoreKind::Etcd => Box::new(EtcdDatastore::with_options(
-            &args.etcd_endpoints,
-            &EtcdOptions {
-                ca_file: args.etcd_cafile.clone(),
-                cert_file: args.etcd_certfile.clone(),
-                key_file: args.etcd_keyfile.clone(),
-                username: args.etcd_username.clone(),
-                password: args.etcd_password.clone(),
-            },
-            &args.etcd_prefix,
+            &args.etcd.etcd_endpoints,
+            &args.etcd.options(),
+            &args.etcd.etcd_prefix,
             args.lease_ttl,
         )?),
         DatastoreKind::Kube => Box::new(KubeDatastore::new(
@@ -567,35 +537,31 @@ fn program_datapath(
 /// policy maps, each on its own thread (the control loop is untouched by policy changes).
 fn start_policy(
     args: &Args,
-    node: &str,
+    local: &LocalNode,
+    held: HeldSubnet,
     runtime: &tokio::runtime::Handle,
     metrics: Arc<PolicyMetrics>,
 ) -> Result<()> {
     let (tx, rx) = mpsc::channel();
     match args.datastore {
         DatastoreKind::Etcd => {
-            let client = EtcdClient::with_options(&args.etcd_endpoints, &etcd_options(args))?;
-            let (c, prefix) = (client.clone(), args.etcd_prefix.clone());
+            let client = args.etcd.client()?;
+            let (c, prefix) = (client.clone(), args.etcd.etcd_prefix.clone());
             std::thread::Builder::new()
                 .name("policy-etcd".into())
                 .spawn(move || etcd_source::watch_loop(c, prefix, tx))?;
-            let (prefix, node, pins, ttl) = (
-                args.etcd_prefix.clone(),
-                node.to_string(),
-                args.pin_root.clone(),
+            let publisher = etcd_source::PodPublisher::new(
+                client,
+                &args.etcd.etcd_prefix,
+                &local.name,
+                local.public_ip,
                 args.lease_ttl,
             );
+            let pins = args.pin_root.clone();
             std::thread::Builder::new()
                 .name("policy-pods".into())
                 .spawn(move || {
-                    etcd_source::publish_loop(
-                        client,
-                        prefix,
-                        node,
-                        pins,
-                        ttl,
-                        Duration::from_millis(100),
-                    )
+                    etcd_source::publish_loop(publisher, pins, held, Duration::from_millis(100))
                 })?;
         }
         DatastoreKind::Kube => {
@@ -613,7 +579,7 @@ fn start_policy(
         }
     }
     let controller = Controller::new(
-        node,
+        &local.name,
         Maps::open_pinned(&args.pin_root)?,
         metrics,
         args.service_cluster_ip_range,
@@ -626,16 +592,6 @@ fn start_policy(
             }
         })?;
     Ok(())
-}
-
-fn etcd_options(args: &Args) -> EtcdOptions {
-    EtcdOptions {
-        ca_file: args.etcd_cafile.clone(),
-        cert_file: args.etcd_certfile.clone(),
-        key_file: args.etcd_keyfile.clone(),
-        username: args.etcd_username.clone(),
-        password: args.etcd_password.clone(),
-    }
 }
 
 fn run(args: Args) -> Result<()> {
@@ -705,6 +661,7 @@ fn run(args: Args) -> Result<()> {
         pin_root: args.pin_root.clone(),
         subnet_file: args.subnet_file.clone(),
         metrics: metrics.clone(),
+        held: HeldSubnet::default(),
     };
     let mut backoff = Backoff::new(Duration::from_secs(5));
     let subnet = loop {
@@ -736,7 +693,13 @@ fn run(args: Args) -> Result<()> {
         tracing::info!(?fw, "masquerading pod traffic leaving {}", conf.network);
     }
 
-    start_policy(&args, &local.name, runtime.handle(), policy_metrics)?;
+    start_policy(
+        &args,
+        &local,
+        fence.held.clone(),
+        runtime.handle(),
+        policy_metrics,
+    )?;
 
     // BIRD for the bgp backend, driven by the control loop (idle for other backends, ready for
     // a live switch to bgp).
@@ -761,7 +724,8 @@ fn run(args: Args) -> Result<()> {
         mode_policy(&conf, &underlay, Arc::default()),
         subnet,
         underlay.node_ip,
-    );
+    )
+    .with_local_name(&local.name);
     let on_local_subnet = {
         let (args, conf, fence) = (args.clone(), conf.clone(), fence.clone());
         move |subnet| {
@@ -801,23 +765,27 @@ fn run(args: Args) -> Result<()> {
 /// What the agent does when this node's subnet changes hands: local pods whose addresses are
 /// not this node's any more are cut off (`node_net::fence_endpoints`), and while the node holds
 /// no subnet the subnet file is gone (the CNI plugin then answers "try again later" instead of
-/// handing out another node's addresses) and `/readyz` says why.
+/// handing out another node's addresses) and `/readyz` says why. `held` tells the etcd
+/// publisher of pod addresses which addresses are this node's.
 #[derive(Clone)]
 struct Fence {
     pin_root: PathBuf,
     subnet_file: PathBuf,
     metrics: Arc<Metrics>,
+    held: HeldSubnet,
 }
 
 impl Fence {
     /// This node holds `subnet`: pods outside it are not this node's.
     fn holds(&self, subnet: ipnet::Ipv4Net) {
+        self.held.set(Some(subnet));
         self.metrics.set_subnet_lost(None);
         self.fence(Some(subnet), None);
     }
 
     /// This node lost `subnet` to another node and holds none.
     fn lost(&self, subnet: ipnet::Ipv4Net, why: &str) {
+        self.held.set(None);
         match std::fs::remove_file(&self.subnet_file) {
             Ok(()) => tracing::warn!(
                 file = %self.subnet_file.display(),

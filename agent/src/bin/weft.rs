@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use weft_agent::{bgp, datapath::Maps, mac::format_mac as mac, netpol::store};
+use weft_agent::{
+    bgp, datapath::Maps, datastore::etcd::EtcdArgs, mac::format_mac as mac, netpol::store,
+};
 use weft_common::{
     CONFIG_F_READY, RouteMode,
     conntrack::{CT_F_INIT_HI, CT_F_SEEN_HI, CT_F_SEEN_LO, CtOrigin, closing},
@@ -45,8 +47,9 @@ enum Cmd {
     Stats,
     /// Tracked flows: which ones take the fast path and which the host stack.
     Conntrack,
-    /// Stream datapath events: drops (reason, hook, 5-tuple, pod and node), and with --trace
-    /// sampled forwarding decisions. One monitor per node at a time; Ctrl-C detaches.
+    /// Stream datapath events: drops (reason, hook, 5-tuple, pod and node names), and with
+    /// --trace sampled forwarding decisions. Up to 4 monitors per node at once, each with its
+    /// own options; Ctrl-C detaches.
     Monitor(MonitorArgs),
     /// Run weft's real programs on a synthetic packet against this node's live maps
     /// (BPF_PROG_TEST_RUN) and print each step: lookups, verdict, the bytes that leave. Changes
@@ -102,19 +105,21 @@ struct MonitorArgs {
     /// With --trace: report one forwarding decision in N.
     #[arg(long, default_value_t = 1, value_name = "N")]
     sample: u32,
-    /// In-kernel budget: events per second per CPU; what exceeds it is counted, not sent.
+    /// In-kernel budget of this monitor: events per second per CPU (each monitor has its own);
+    /// what exceeds it is counted, not sent.
     #[arg(long, default_value_t = weft_common::monitor::MONITOR_RATE_DEFAULT, value_name = "N")]
     budget: u32,
-    /// Largest burst of events per CPU, at most twice the budget (default: the budget).
+    /// Largest burst of this monitor's events per CPU, at most twice the budget (default: the
+    /// budget).
     #[arg(long, value_name = "N")]
     burst: Option<u32>,
     /// Only events about this pod (`namespace/name`, `name` or address); repeatable.
     #[arg(long, value_name = "POD")]
     pod: Vec<String>,
-    /// Only events involving this node (its address: source's or destination's node, or a
-    /// tunnel end); repeatable.
-    #[arg(long, value_name = "IP")]
-    node: Vec<std::net::Ipv4Addr>,
+    /// Only events involving this node (its name or address: the source's or the
+    /// destination's node, or a tunnel end); repeatable.
+    #[arg(long, value_name = "NODE")]
+    node: Vec<String>,
     /// Only drops with this reason (as `weft drops` names them); repeatable.
     #[arg(long, value_name = "REASON")]
     reason: Vec<String>,
@@ -130,46 +135,6 @@ struct MonitorArgs {
     /// The CNI plugin's IPAM directory (`dataDir`), where pods' names are recorded.
     #[arg(long, default_value = weft_agent::cni::spec::DEFAULT_DATA_DIR, value_name = "DIR")]
     cni_data_dir: PathBuf,
-}
-
-#[derive(clap::Args, Debug)]
-struct EtcdArgs {
-    /// etcd client URLs, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
-    etcd_endpoints: Vec<String>,
-    /// The agents' `--etcd-prefix`.
-    #[arg(long, default_value = weft_agent::datastore::etcd::DEFAULT_PREFIX)]
-    etcd_prefix: String,
-    #[arg(long)]
-    etcd_cafile: Option<PathBuf>,
-    #[arg(long, requires = "etcd_keyfile")]
-    etcd_certfile: Option<PathBuf>,
-    #[arg(long, requires = "etcd_certfile")]
-    etcd_keyfile: Option<PathBuf>,
-    #[arg(long, requires = "etcd_password")]
-    etcd_username: Option<String>,
-    #[arg(
-        long,
-        requires = "etcd_username",
-        env = "WEFT_ETCD_PASSWORD",
-        hide_env_values = true
-    )]
-    etcd_password: Option<String>,
-}
-
-impl EtcdArgs {
-    fn client(&self) -> Result<weft_agent::datastore::etcd::EtcdClient> {
-        weft_agent::datastore::etcd::EtcdClient::with_options(
-            &self.etcd_endpoints,
-            &weft_agent::datastore::etcd::EtcdOptions {
-                ca_file: self.etcd_cafile.clone(),
-                cert_file: self.etcd_certfile.clone(),
-                key_file: self.etcd_keyfile.clone(),
-                username: self.etcd_username.clone(),
-                password: self.etcd_password.clone(),
-            },
-        )
-    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -317,6 +282,21 @@ fn monitor(maps: Maps, args: MonitorArgs, json: bool) -> Result<()> {
     }
     let vxlan_port = maps.config()?.vxlan_port;
     let mut names = Names::load(&maps, &args.cni_data_dir)?;
+    for node in &filter.nodes {
+        if !names.knows_node(node) {
+            let mut known: Vec<&str> = names.node_names.values().map(String::as_str).collect();
+            known.sort();
+            eprintln!(
+                "weft monitor: --node {node}: no node of that name is known here yet (known: {}); \
+                 it matches once the agent records it",
+                if known.is_empty() {
+                    "none, nodes show as addresses".to_string()
+                } else {
+                    known.join(", ")
+                }
+            );
+        }
+    }
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGPIPE] {
         // SAFETY: the handler only stores to an atomic.
         unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
@@ -344,9 +324,11 @@ fn monitor(maps: Maps, args: MonitorArgs, json: bool) -> Result<()> {
     };
     if !json {
         eprintln!(
-            "weft monitor: listening for drops{} (budget {}/s per CPU); Ctrl-C to stop",
+            "weft monitor: listening for drops{} (budget {}/s per CPU, slot {} of {}); Ctrl-C to stop",
             if args.trace { " and forwarding" } else { "" },
-            args.budget
+            args.budget,
+            mon.slot(),
+            weft_common::monitor::MONITOR_SLOTS
         );
     }
     let mut out = std::io::stdout().lock();
@@ -642,14 +624,32 @@ fn main() -> Result<()> {
                 .iter()
                 .any(|(_, r)| r.mode == RouteMode::Bgp as u8);
             let bgp = bgp_view(&cli.bird_socket, uses_bgp, cfg.bgp_table);
+            let node_name = maps
+                .node_names()?
+                .into_iter()
+                .find(|(ip, _)| *ip == node_ip)
+                .map(|(_, n)| n);
+            // Slots whose monitor asked for events and is still running (a killed monitor's
+            // flags stay until the datapath's next event clears them).
+            let monitors: Vec<(u32, u32)> = maps
+                .monitor_configs()?
+                .iter()
+                .zip(maps.monitor_flags()?)
+                .enumerate()
+                .filter(|(_, (c, flags))| {
+                    *flags != 0 && std::path::Path::new(&format!("/proc/{}", c.owner_pid)).exists()
+                })
+                .map(|(slot, (c, _))| (slot as u32, c.owner_pid))
+                .collect();
             if cli.json {
                 println!(
                     "{}",
-                    json!({"ready": ready, "node_ip": node_ip.to_string(), "underlay_ifindex": cfg.underlay_ifindex,
+                    json!({"ready": ready, "node_ip": node_ip.to_string(), "node_name": node_name, "underlay_ifindex": cfg.underlay_ifindex,
                         "vni": cfg.vni, "vxlan_port": cfg.vxlan_port, "vtep_mac": mac(&cfg.vtep_mac),
                         "decap_hook": decap.hook(), "decap_reason": decap.reason(),
                         "vxlan_decap": weft_common::vxlan_decap(cfg.flags),
                         "routes": routes, "endpoints": endpoints, "nodes": nodes, "drops": drops,
+                        "monitors": monitors.iter().map(|(slot, pid)| json!({"slot": slot, "pid": pid})).collect::<Vec<_>>(),
                         "bgp": bgp.as_ref().map(BgpView::json)})
                 );
             } else {
@@ -662,7 +662,8 @@ fn main() -> Result<()> {
                     }
                 );
                 println!(
-                    "node ip    {node_ip}  (underlay ifindex {})",
+                    "node       {}{node_ip}  (underlay ifindex {})",
+                    node_name.map(|n| format!("{n}, ")).unwrap_or_default(),
                     cfg.underlay_ifindex
                 );
                 println!(
@@ -685,6 +686,23 @@ fn main() -> Result<()> {
                 );
                 println!("maps       {routes} routes, {endpoints} endpoints, {nodes} nodes");
                 println!("drops      {drops}");
+                println!(
+                    "monitors   {} of {} slots in use{}",
+                    monitors.len(),
+                    weft_common::monitor::MONITOR_SLOTS,
+                    if monitors.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            " (pids {})",
+                            monitors
+                                .iter()
+                                .map(|(_, pid)| pid.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    }
+                );
                 println!(
                     "pins       {}",
                     weft_agent::datapath::pin_dir(&cli.pin_root).display()
@@ -741,17 +759,20 @@ fn main() -> Result<()> {
         }
         Cmd::Nodes => {
             let nodes = maps.nodes()?;
+            let names: std::collections::HashMap<_, _> = maps.node_names()?.into_iter().collect();
+            let name = |ip| names.get(ip).cloned();
             if cli.json {
-                let v: Vec<_> = nodes.iter().map(|(ip, n)| json!({"ip": ip.to_string(), "mode": mode(n.mode), "vtep_mac": mac(&n.vtep_mac)})).collect();
+                let v: Vec<_> = nodes.iter().map(|(ip, n)| json!({"ip": ip.to_string(), "name": name(ip), "mode": mode(n.mode), "vtep_mac": mac(&n.vtep_mac)})).collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
-                println!("{:<16} {:<8} VTEP MAC", "NODE", "MODE");
-                for (ip, n) in nodes {
+                println!("{:<16} {:<8} {:<18} NAME", "NODE", "MODE", "VTEP MAC");
+                for (ip, n) in &nodes {
                     println!(
-                        "{:<16} {:<8} {}",
+                        "{:<16} {:<8} {:<18} {}",
                         ip.to_string(),
                         mode(n.mode),
-                        mac(&n.vtep_mac)
+                        mac(&n.vtep_mac),
+                        name(ip).unwrap_or_else(|| "-".into())
                     );
                 }
             }

@@ -62,6 +62,54 @@ pub struct EtcdOptions {
     pub password: Option<String>,
 }
 
+/// The etcd flags of `weft-agent` and `weft policy`: flannel's names, one declaration for both
+/// (`#[command(flatten)]`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct EtcdArgs {
+    /// etcd client URLs, comma-separated (http:// or https://).
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    pub etcd_endpoints: Vec<String>,
+    /// CA bundle for etcd's server certificate (https:// endpoints).
+    #[arg(long)]
+    pub etcd_cafile: Option<PathBuf>,
+    /// Client certificate for etcd (client-certificate authentication).
+    #[arg(long, requires = "etcd_keyfile")]
+    pub etcd_certfile: Option<PathBuf>,
+    /// Key of --etcd-certfile.
+    #[arg(long, requires = "etcd_certfile")]
+    pub etcd_keyfile: Option<PathBuf>,
+    /// etcd user (etcd's own authentication).
+    #[arg(long, requires = "etcd_password")]
+    pub etcd_username: Option<String>,
+    /// Password of --etcd-username.
+    #[arg(
+        long,
+        requires = "etcd_username",
+        env = "WEFT_ETCD_PASSWORD",
+        hide_env_values = true
+    )]
+    pub etcd_password: Option<String>,
+    /// etcd key prefix (flannel's layout).
+    #[arg(long, default_value = DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+}
+
+impl EtcdArgs {
+    pub fn options(&self) -> EtcdOptions {
+        EtcdOptions {
+            ca_file: self.etcd_cafile.clone(),
+            cert_file: self.etcd_certfile.clone(),
+            key_file: self.etcd_keyfile.clone(),
+            username: self.etcd_username.clone(),
+            password: self.etcd_password.clone(),
+        }
+    }
+
+    pub fn client(&self) -> Result<EtcdClient> {
+        EtcdClient::with_options(&self.etcd_endpoints, &self.options())
+    }
+}
+
 // --- the gateway's JSON, as serde types (int64 fields come as strings) -------------------
 
 fn de_i64<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
@@ -410,12 +458,28 @@ impl EtcdClient {
     /// Writes every pair in one transaction (etcd allows 128 operations per transaction by
     /// default).
     pub fn put_all(&self, kvs: &[(String, Vec<u8>)]) -> Result<()> {
-        let ops: Vec<Value> = kvs
+        let ops: Vec<TxnOp> = kvs
             .iter()
-            .map(|(k, v)| json!({"request_put": {"key": B64.encode(k), "value": B64.encode(v)}}))
+            .map(|(key, value)| TxnOp::Put {
+                key,
+                value,
+                lease: 0,
+            })
             .collect();
-        self.call::<Value>("/v3/kv/txn", json!({"success": ops}))?;
+        self.txn(&[], &ops)?;
         Ok(())
+    }
+
+    /// One transaction: `success` runs when every condition in `compare` holds. Returns whether
+    /// they held (and so whether the operations ran).
+    pub fn txn(&self, compare: &[Compare], success: &[TxnOp]) -> Result<bool> {
+        let compare: Vec<Value> = compare.iter().map(|c| c.to_json()).collect();
+        let success: Vec<Value> = success.iter().map(|o| o.to_json()).collect();
+        let out: TxnResponse = self.call(
+            "/v3/kv/txn",
+            json!({"compare": compare, "success": success}),
+        )?;
+        Ok(out.succeeded)
     }
 
     pub fn delete(&self, key: &str) -> Result<()> {
@@ -433,21 +497,10 @@ impl EtcdClient {
         mod_revision: Option<i64>,
     ) -> Result<bool> {
         let compare = match mod_revision {
-            None => {
-                json!({"key": B64.encode(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"})
-            }
-            Some(r) => {
-                json!({"key": B64.encode(key), "target": "MOD", "result": "EQUAL", "mod_revision": r.to_string()})
-            }
+            None => Compare::Absent(key),
+            Some(r) => Compare::ModRevision(key, r),
         };
-        let out: TxnResponse = self.call(
-            "/v3/kv/txn",
-            json!({
-                "compare": [compare],
-                "success": [{"request_put": {"key": B64.encode(key), "value": B64.encode(value), "lease": lease.to_string()}}],
-            }),
-        )?;
-        Ok(out.succeeded)
+        self.txn(&[compare], &[TxnOp::Put { key, value, lease }])
     }
 
     pub fn lease_grant(&self, ttl: u64) -> Result<i64> {
@@ -565,6 +618,59 @@ impl EtcdClient {
     }
 }
 
+/// A condition of a transaction ([`EtcdClient::txn`]).
+#[derive(Clone, Copy, Debug)]
+pub enum Compare<'a> {
+    /// The key does not exist.
+    Absent(&'a str),
+    /// The key exists and was last modified at this revision.
+    ModRevision(&'a str, i64),
+    /// The key exists and holds exactly this value (etcd fails a value comparison on a missing
+    /// key).
+    Value(&'a str, &'a [u8]),
+}
+
+impl Compare<'_> {
+    fn to_json(self) -> Value {
+        match self {
+            Self::Absent(key) => {
+                json!({"key": B64.encode(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"})
+            }
+            Self::ModRevision(key, r) => {
+                json!({"key": B64.encode(key), "target": "MOD", "result": "EQUAL", "mod_revision": r.to_string()})
+            }
+            Self::Value(key, v) => {
+                json!({"key": B64.encode(key), "target": "VALUE", "result": "EQUAL", "value": B64.encode(v)})
+            }
+        }
+    }
+}
+
+/// An operation of a transaction ([`EtcdClient::txn`]).
+#[derive(Clone, Copy, Debug)]
+pub enum TxnOp<'a> {
+    /// Writes `key` attached to `lease` (0: none).
+    Put {
+        key: &'a str,
+        value: &'a [u8],
+        lease: i64,
+    },
+    Delete(&'a str),
+}
+
+impl TxnOp<'_> {
+    fn to_json(self) -> Value {
+        match self {
+            Self::Put { key, value, lease } => json!({"request_put": {
+                "key": B64.encode(key),
+                "value": B64.encode(value),
+                "lease": lease.to_string(),
+            }}),
+            Self::Delete(key) => json!({"request_delete_range": {"key": B64.encode(key)}}),
+        }
+    }
+}
+
 /// etcd answered with an HTTP error.
 #[derive(Debug, thiserror::Error)]
 #[error("etcd {path}: HTTP {code}: {message}")]
@@ -635,6 +741,7 @@ impl EtcdDatastore {
             backend: Some(local.backend),
             vtep_mac: Some(local.vtep_mac),
             name: subnet_key(subnet),
+            node_name: Some(local.name.clone()),
             seniority: 0,
             unknown_backend: None,
         }
@@ -1030,6 +1137,36 @@ mod tests {
 
     fn nets(list: &[&str]) -> Vec<Ipv4Net> {
         list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn transaction_conditions_and_operations_in_the_gateway_json() {
+        let b64 = |s: &str| B64.encode(s);
+        assert_eq!(
+            Compare::Value("/k", b"v").to_json(),
+            json!({"key": b64("/k"), "target": "VALUE", "result": "EQUAL", "value": b64("v")})
+        );
+        assert_eq!(
+            Compare::ModRevision("/k", 42).to_json(),
+            json!({"key": b64("/k"), "target": "MOD", "result": "EQUAL", "mod_revision": "42"})
+        );
+        assert_eq!(
+            Compare::Absent("/k").to_json(),
+            json!({"key": b64("/k"), "target": "CREATE", "result": "EQUAL", "create_revision": "0"})
+        );
+        assert_eq!(
+            TxnOp::Delete("/k").to_json(),
+            json!({"request_delete_range": {"key": b64("/k")}})
+        );
+        assert_eq!(
+            TxnOp::Put {
+                key: "/k",
+                value: b"v",
+                lease: 7
+            }
+            .to_json(),
+            json!({"request_put": {"key": b64("/k"), "value": b64("v"), "lease": "7"}})
+        );
     }
 
     #[test]

@@ -191,6 +191,7 @@ pub fn node_record(node: &Node) -> Option<Result<NodeLease, String>> {
         backend,
         vtep_mac,
         name: node.name_any(),
+        node_name: Some(node.name_any()),
         // Nodes without a creation time (never from an API server) count as the youngest.
         seniority: node
             .metadata

@@ -29,6 +29,10 @@ pub struct NodeLease {
     /// The record's name, unique within its datastore: the Kubernetes node or the static
     /// file's entry; for etcd, whose leases name no node, the lease key (`10.244.1.0-24`).
     pub name: String,
+    /// The node's own name, for people (`weft monitor`, `weft nodes`): the Kubernetes Node's
+    /// name, the static entry's `name`, the `NodeName` a weft node adds to its etcd lease;
+    /// None for a lease that carries none (flanneld's).
+    pub node_name: Option<String>,
     /// Age among records claiming the same subnet, lower is older (the older one wins, see
     /// `crate::admission`): etcd's create revision of the key, the Node's creationTimestamp
     /// (Unix seconds), the entry's position in the static file.
@@ -38,11 +42,21 @@ pub struct NodeLease {
     pub unknown_backend: Option<String>,
 }
 
-/// A lease value as flanneld writes it: `{"PublicIP":..,"BackendType":..,"BackendData":{..}}`.
+/// A lease value as flanneld writes it: `{"PublicIP":..,"BackendType":..,"BackendData":{..}}`,
+/// plus weft's `NodeName`. flanneld decodes leases with Go's `encoding/json`, which ignores
+/// keys its `LeaseAttrs` does not have, so flannel nodes read weft's leases unchanged; and a
+/// lease without `NodeName` (flanneld's) is read as a node without a name.
 #[derive(Debug, Serialize, Deserialize)]
 struct FlannelLease {
     #[serde(rename = "PublicIP")]
     public_ip: Ipv4Addr,
+    #[serde(
+        rename = "NodeName",
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "text_or_none"
+    )]
+    node_name: Option<String>,
     #[serde(rename = "BackendType", default)]
     backend_type: Option<String>,
     #[serde(
@@ -51,6 +65,14 @@ struct FlannelLease {
         skip_serializing_if = "Option::is_none"
     )]
     backend_data: Option<FlannelBackendData>,
+}
+
+/// A text value, or None for anything else: a name is for people, so a lease whose name is
+/// malformed is still a good lease (its node is shown by its address).
+fn text_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(serde_json::Value::deserialize(d)?
+        .as_str()
+        .map(str::to_string))
 }
 
 /// `BackendData` of a lease (vxlan: the VNI and the node's VTEP MAC).
@@ -68,6 +90,7 @@ impl NodeLease {
         let backend = self.backend.unwrap_or(BackendType::Vxlan);
         serde_json::to_string(&FlannelLease {
             public_ip: self.public_ip,
+            node_name: self.node_name.clone(),
             backend_type: Some(backend.name().into()),
             backend_data: self.vtep_mac.map(|mac| FlannelBackendData {
                 vni: Some(vni),
@@ -92,6 +115,7 @@ impl NodeLease {
                 .as_deref()
                 .and_then(parse_mac),
             name: subnet_key(subnet),
+            node_name: lease.node_name.filter(|n| !n.is_empty()),
             seniority: 0,
             unknown_backend,
         })
@@ -130,6 +154,22 @@ pub enum Event {
     SubnetLost(Ipv4Net),
     /// Whether the datastore is currently reachable (for metrics and logs).
     Connected(bool),
+}
+
+/// The pod subnet this node holds now (`None` while it holds none), shared between the code
+/// that acquires or loses it and the code that must act only on this node's own addresses
+/// (the etcd publisher of pod address records).
+#[derive(Clone, Debug, Default)]
+pub struct HeldSubnet(std::sync::Arc<std::sync::Mutex<Option<Ipv4Net>>>);
+
+impl HeldSubnet {
+    pub fn set(&self, subnet: Option<Ipv4Net>) {
+        *self.0.lock().expect("held subnet lock") = subnet;
+    }
+
+    pub fn get(&self) -> Option<Ipv4Net> {
+        *self.0.lock().expect("held subnet lock")
+    }
 }
 
 /// What this node announces.
@@ -202,6 +242,7 @@ mod tests {
             backend: Some(BackendType::Vxlan),
             vtep_mac: Some([2, 0x57, 1, 2, 3, 4]),
             name: "10.244.3.0-24".into(),
+            node_name: None,
             seniority: 0,
             unknown_backend: None,
         };
@@ -231,5 +272,35 @@ mod tests {
         let plain =
             NodeLease::from_flannel_json(lease.subnet, br#"{"PublicIP":"192.168.1.5"}"#).unwrap();
         assert_eq!((plain.backend, plain.unknown_backend), (None, None));
+        assert_eq!(plain.node_name, None, "flanneld's leases name no node");
+    }
+
+    #[test]
+    fn weft_leases_carry_the_node_name_in_a_key_flannel_ignores() {
+        let lease = NodeLease {
+            subnet: "10.244.3.0/24".parse().unwrap(),
+            public_ip: Ipv4Addr::new(192, 168, 1, 5),
+            backend: Some(BackendType::Vxlan),
+            vtep_mac: Some([2, 0x57, 1, 2, 3, 4]),
+            name: "10.244.3.0-24".into(),
+            node_name: Some("worker-7".into()),
+            seniority: 0,
+            unknown_backend: None,
+        };
+        let v: serde_json::Value = serde_json::from_str(&lease.to_flannel_json(1)).unwrap();
+        // flannel's keys unchanged, one more key: Go's decoder skips keys its struct lacks.
+        assert_eq!(
+            v,
+            serde_json::json!({"PublicIP":"192.168.1.5","NodeName":"worker-7","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:57:01:02:03:04"}})
+        );
+        let back = NodeLease::from_flannel_json(lease.subnet, v.to_string().as_bytes()).unwrap();
+        assert_eq!(back, lease);
+        // A malformed or empty name leaves a good lease without a name.
+        for bad in [r#"42"#, r#"{"x":1}"#, r#""""#, "null"] {
+            let text = format!(r#"{{"PublicIP":"192.168.1.5","NodeName":{bad}}}"#);
+            let l = NodeLease::from_flannel_json(lease.subnet, text.as_bytes()).unwrap();
+            assert_eq!(l.node_name, None, "{bad}");
+            assert_eq!(l.public_ip, lease.public_ip);
+        }
     }
 }

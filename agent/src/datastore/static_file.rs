@@ -72,6 +72,7 @@ fn parse(text: &str) -> Result<Vec<Entry>> {
                 public_ip: n.public_ip,
                 backend,
                 vtep_mac: Some(vtep_mac),
+                node_name: Some(n.name.clone()),
                 name: n.name,
                 // The earlier entry is the older record.
                 seniority: i as i64,
@@ -180,6 +181,11 @@ mod tests {
                 .unwrap();
         assert_eq!(e[0].lease.vtep_mac, Some([0x02, 0x57, 192, 168, 1, 10]));
         assert_eq!(e[0].lease.subnet, "10.244.1.0/24".parse().unwrap());
+        assert_eq!(
+            e[0].lease.node_name.as_deref(),
+            Some("a"),
+            "the entry names its node"
+        );
         let err = |t: &str| format!("{:#}", parse(t).unwrap_err());
         assert!(
             err(r#"{"nodes":[{"name":"a","publicIP":"x","subnet":"10.244.1.0/24"}]}"#)

@@ -40,6 +40,7 @@ fn peer(i: u32) -> NodeLease {
         backend: Some(BackendType::Vxlan),
         vtep_mac: Some(vtep_mac_for(ip)),
         name: subnet_key(subnet),
+        node_name: None,
         seniority: i64::from(i),
         unknown_backend: None,
     }

@@ -166,12 +166,14 @@ fn flannel(mtu_sized: bool) -> Testbed {
     Testbed::Flannel { _a: a, b, pa_ns }
 }
 
-/// The limit: plain kernel routing between nodes on one L2 segment, no encapsulation, pods on
-/// veths routed by the node (as host-gw does; 1500 MTU since nothing is added).
-fn kernel_host_gw(mtu_sized: bool) -> Testbed {
-    let (na, nb) = underlay(mtu_sized);
+/// A pod on each node (`10.244.1.2` on `nodes[0]`, `10.244.2.2` on `nodes[1]`) on a veth its
+/// node routes with kernel routes, no eBPF: the other pod subnet via `next_hops[i]` (the peer
+/// node on one L2 segment, or a router).
+fn kernel_pods(nodes: [&Netns; 2], next_hops: [Ipv4Addr; 2]) -> (Pod, Pod) {
     let mut pods = Vec::new();
-    for (node, subnet, peer, peer_subnet) in [(&na, 1, NODE_B, 2), (&nb, 2, NODE_A, 1)] {
+    for ((node, next_hop), (subnet, peer_subnet)) in
+        nodes.into_iter().zip(next_hops).zip([(1, 2), (2, 1)])
+    {
         node.sysctl("net.ipv4.ip_forward", "1");
         let pod = Netns::new("bp");
         node.ip(&format!(
@@ -184,7 +186,9 @@ fn kernel_host_gw(mtu_sized: bool) -> Testbed {
         let ip = Ipv4Addr::new(10, 244, subnet, 2);
         pod.ip(&format!("addr add {ip}/24 dev eth0"));
         pod.ip(&format!("route add default via 10.244.{subnet}.1"));
-        node.ip(&format!("route add 10.244.{peer_subnet}.0/24 via {peer}"));
+        node.ip(&format!(
+            "route add 10.244.{peer_subnet}.0/24 via {next_hop}"
+        ));
         pods.push(Pod {
             ns: pod,
             ip,
@@ -193,6 +197,14 @@ fn kernel_host_gw(mtu_sized: bool) -> Testbed {
     }
     let pb = pods.pop().unwrap();
     let pa = pods.pop().unwrap();
+    (pa, pb)
+}
+
+/// The limit: plain kernel routing between nodes on one L2 segment, no encapsulation, pods on
+/// veths routed by the node (as host-gw does; 1500 MTU since nothing is added).
+fn kernel_host_gw(mtu_sized: bool) -> Testbed {
+    let (na, nb) = underlay(mtu_sized);
+    let (pa, pb) = kernel_pods([&na, &nb], [NODE_B, NODE_A]);
     Testbed::HostGw {
         _a: na,
         _b: nb,
@@ -262,29 +274,7 @@ fn weft_bgp(mtu_sized: bool, xdp: XdpSetting) -> Testbed {
 /// other node's pod subnet via the router (what Calico's BGP mode programs), no eBPF.
 fn kernel_routed(mtu_sized: bool) -> Testbed {
     let (na, router, nb) = routed_underlay(mtu_sized);
-    let mut pods = Vec::new();
-    for (node, subnet, peer_subnet, gw) in [(&na, 1, 2, ROUTER_A), (&nb, 2, 1, ROUTER_B)] {
-        node.sysctl("net.ipv4.ip_forward", "1");
-        let pod = Netns::new("bp");
-        node.ip(&format!(
-            "link add hv type veth peer name eth0 netns {}",
-            pod.name
-        ));
-        node.ip(&format!("addr add 10.244.{subnet}.1/24 dev hv"));
-        node.ip("link set hv up");
-        pod.ip("link set eth0 up");
-        let ip = Ipv4Addr::new(10, 244, subnet, 2);
-        pod.ip(&format!("addr add {ip}/24 dev eth0"));
-        pod.ip(&format!("route add default via 10.244.{subnet}.1"));
-        node.ip(&format!("route add 10.244.{peer_subnet}.0/24 via {gw}"));
-        pods.push(Pod {
-            ns: pod,
-            ip,
-            host_ifname: "hv".into(),
-        });
-    }
-    let pb = pods.pop().unwrap();
-    let pa = pods.pop().unwrap();
+    let (pa, pb) = kernel_pods([&na, &nb], [ROUTER_A, ROUTER_B]);
     Testbed::Routed {
         _nodes: vec![Box::new(na), Box::new(nb)],
         _router: router,
@@ -795,25 +785,38 @@ fn prog_costs(s: &Settings) -> Value {
 }
 
 /// `weft monitor`'s cost per packet: a forwarded packet (VXLAN encapsulation) and a dropped one
-/// (a spoofed source), with no monitor attached and with one attached that reports every
-/// drop and every forwarding decision (no sampling, no budget limit). Interleaved rounds,
-/// interquartile means of single runs; `*_monitor_off_b` repeats the off case in each round:
-/// its difference from `*_monitor_off` is the noise of the measurement.
+/// (a spoofed source), with no monitor attached, with one attached that reports every drop
+/// and every forwarding decision (no sampling, no budget limit), and with two such monitors
+/// (each event is written into both slots' rings). Interleaved rounds, interquartile means of
+/// single runs; `*_monitor_off_b` repeats the off case in each round: its difference from
+/// `*_monitor_off` is the noise of the measurement.
 fn monitor_costs(node: &mut Node, calls: u64) -> BTreeMap<String, f64> {
     use weft_common::monitor::{MONITOR_F_DROPS, MONITOR_F_TRACE, MonitorConfig};
-    let socket = std::os::unix::net::UnixDatagram::unbound().unwrap();
-    assert!(node.dp.maps.claim_monitor_slot(&socket).unwrap());
-    let mut ring =
-        aya::maps::RingBuf::try_from(node.dp.maps.take(weft_common::map_names::EVENTS).unwrap())
-            .unwrap();
-    let on = MonitorConfig {
-        flags: MONITOR_F_DROPS | MONITOR_F_TRACE,
+    let sockets = [
+        std::os::unix::net::UnixDatagram::unbound().unwrap(),
+        std::os::unix::net::UnixDatagram::unbound().unwrap(),
+    ];
+    let slots: Vec<u32> = sockets
+        .iter()
+        .map(|s| node.dp.maps.claim_monitor_slot(s).unwrap().unwrap())
+        .collect();
+    let mut rings: Vec<aya::maps::RingBuf<aya::maps::MapData>> = slots
+        .iter()
+        .map(|slot| {
+            let name = weft_common::map_names::EVENTS[*slot as usize];
+            aya::maps::RingBuf::try_from(node.dp.maps.take(name).unwrap()).unwrap()
+        })
+        .collect();
+    let unlimited = MonitorConfig {
         rate_per_sec: u32::MAX,
         burst: u32::MAX,
         sample_every: 1,
         owner_pid: std::process::id(),
-        _pad: 0,
     };
+    for slot in &slots {
+        node.dp.maps.set_monitor_config(*slot, &unlimited).unwrap();
+    }
+    let (on, off) = (MONITOR_F_DROPS | MONITOR_F_TRACE, 0);
     let idx = node.pod1_ifindex;
     let fwd = tcp_frame(
         POD1_MAC,
@@ -833,7 +836,7 @@ fn monitor_costs(node: &mut Node, calls: u64) -> BTreeMap<String, f64> {
         80,
         &[0u8; 64],
     );
-    // Rounds small enough that the ring (about 3,000 events) never fills: drained after each.
+    // Rounds small enough that a ring (about 3,000 events) never fills: drained after each.
     let per_round = 1000u64;
     let rounds = (calls / per_round).clamp(5, 51) as usize;
     let cases = [
@@ -843,31 +846,35 @@ fn monitor_costs(node: &mut Node, calls: u64) -> BTreeMap<String, f64> {
     let mut samples: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for _ in 0..rounds {
         for (name, frame) in cases {
-            for (suffix, cfg) in [
-                ("monitor_off", MonitorConfig::default()),
-                ("monitor_on", on),
-                ("monitor_off_b", MonitorConfig::default()),
+            for (suffix, cfgs) in [
+                ("monitor_off", [off, off]),
+                ("monitor_on", [on, off]),
+                ("monitor_on_2", [on, on]),
+                ("monitor_off_b", [off, off]),
             ] {
-                node.dp.maps.set_monitor_config(&cfg).unwrap();
+                for (slot, flags) in slots.iter().zip(cfgs) {
+                    node.dp.maps.set_monitor_flags(*slot, flags).unwrap();
+                }
                 let p = node.dp.tc_program(prog_names::FROM_POD).unwrap();
                 let runs = (0..per_round).map(|_| run_tc(p, frame, idx, 1).duration_ns);
                 samples
                     .entry(format!("{name}_{suffix}"))
                     .or_default()
                     .extend(runs);
-                let mut events = 0;
-                while ring.next().is_some() {
-                    events += 1;
+                for (ring, flags) in rings.iter_mut().zip(cfgs) {
+                    let mut events = 0;
+                    while ring.next().is_some() {
+                        events += 1;
+                    }
+                    let want = if flags != 0 { per_round } else { 0 };
+                    assert_eq!(events, want, "{name}_{suffix}: events emitted");
                 }
-                let want = if cfg.flags != 0 { per_round } else { 0 };
-                assert_eq!(events, want, "{name}_{suffix}: events emitted");
             }
         }
     }
-    node.dp
-        .maps
-        .set_monitor_config(&MonitorConfig::default())
-        .unwrap();
+    for slot in &slots {
+        node.dp.maps.set_monitor_flags(*slot, off).unwrap();
+    }
     samples
         .into_iter()
         .map(|(k, mut v)| (k, round(interquartile_mean(&mut v), 1)))
