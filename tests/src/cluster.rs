@@ -626,6 +626,29 @@ impl Cluster {
         node
     }
 
+    /// Pod subnets (/24s of the cluster network, from the top down) that no node and no
+    /// flannel node of this cluster holds: for the leases and announcements a test makes up.
+    /// Agents lease a subnet at random from the whole network (as flanneld does), so a fixed
+    /// made-up subnet is a node's own now and then (three nodes: one run in 85). Call it once
+    /// the nodes hold their leases.
+    pub fn unheld_subnets(&self) -> Vec<ipnet::Ipv4Net> {
+        let mut held: std::collections::BTreeSet<ipnet::Ipv4Net> =
+            self.nodes.iter().map(Node::subnet).collect();
+        held.extend(self.flannel.iter().map(|f| f.subnet));
+        let network = self
+            .nodes
+            .first()
+            .map(|n| n.subnet_env().network)
+            .unwrap_or_else(|| CLUSTER_NETWORK.parse().unwrap());
+        let mut free: Vec<ipnet::Ipv4Net> = network
+            .subnets(24)
+            .expect("the cluster network is /24 or wider")
+            .filter(|s| !held.contains(s))
+            .collect();
+        free.reverse();
+        free
+    }
+
     /// Waits until every node's BGP table holds every other node's subnet, and nothing else.
     pub fn wait_bgp_converged(&self, timeout: Duration) {
         let subnets: Vec<ipnet::Ipv4Net> = self.nodes.iter().map(Node::subnet).collect();

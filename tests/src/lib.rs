@@ -18,6 +18,7 @@ pub mod packets;
 pub mod pins;
 pub mod pki;
 pub mod process;
+pub mod route_watch;
 pub mod testrun;
 pub mod whoami;
 

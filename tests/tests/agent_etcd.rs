@@ -179,7 +179,8 @@ fn agents_share_etcd_join_and_leave() {
 
     // A peer record changes address, MAC and backend, then goes: no stale entry anywhere.
     let endpoint = c.etcd.endpoint();
-    let key = format!("{PREFIX}/subnets/10.244.200.0-24");
+    let fake = c.unheld_subnets()[0];
+    let key = format!("{PREFIX}/subnets/{}-{}", fake.network(), fake.prefix_len());
     let put = |ip: &str, mac: &str, backend: &str| {
         let (endpoint, key) = (endpoint.clone(), key.clone());
         let value = json!({"PublicIP": ip, "BackendType": backend, "BackendData": {"VNI": 1, "VtepMAC": mac}}).to_string();
@@ -188,7 +189,6 @@ fn agents_share_etcd_join_and_leave() {
             client.put(&key, value.as_bytes(), 0).unwrap();
         })
     };
-    let fake: Ipv4Net = "10.244.200.0/24".parse().unwrap();
     let route_on = |n: &Node| {
         n.maps()
             .routes()

@@ -3,7 +3,7 @@
 //! unencapsulated (counters and a capture on the router), hijacks refused, convergence measured,
 //! restarts of the agent, of BIRD and of the router, live switches to and from bgp.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
@@ -18,6 +18,7 @@ use weft_tests::{
     inject::{UdpCounter, frame_send, udp_send},
     packets::udp_frame,
     process::wait_until,
+    route_watch::RouteWatch,
 };
 
 const PORT: u16 = 9999;
@@ -52,6 +53,12 @@ fn subnet(node: &Node) -> Ipv4Net {
 
 fn learned(node: &Node) -> BTreeSet<Ipv4Net> {
     node.bgp_learned()
+}
+
+/// A node's BGP table: prefix -> next hops.
+fn bgp_routes(node: &Node) -> BTreeMap<Ipv4Net, String> {
+    node.ns
+        .run(|| weft_agent::bgp::table::read(BGP_TABLE_DEFAULT).expect("reading the BGP table"))
 }
 
 fn wait_learned(c: &Cluster, timeout: Duration) {
@@ -122,7 +129,8 @@ fn weft_status(node: &Node, json: bool) -> String {
 /// Nodes on two subnets behind a route reflector: every pair answers, nothing is encapsulated
 /// (the datapath's counters and a capture on the router say so), sessions and learned prefixes
 /// show in `weft status` and the metrics; routes the router announces for pod subnets it does
-/// not own (more specific than a node's, or nobody's) are refused.
+/// not own (more specific than a node's, a node's own, or nobody's) are refused, and never
+/// reach a node's BGP table, not even for a moment.
 #[test]
 fn route_reflector_across_two_subnets() {
     let mut c = cluster(3, true, rr_extra(), true);
@@ -183,21 +191,50 @@ fn route_reflector_across_two_subnets() {
     assert_eq!(v["bgp"]["sessions"][0]["established"], json!(true), "{v}");
     assert_eq!(v["bgp"]["learned"].as_array().unwrap().len(), 2, "{v}");
 
-    // The router announces a more specific prefix inside node 1's subnet (it would win every
-    // longest-prefix match), a pod subnet no node owns and a foreign prefix: all refused.
-    let hijack: Ipv4Net = Ipv4Net::new(subnet(&c.nodes[1]).network(), 25).unwrap();
-    let unowned: Ipv4Net = "10.244.200.0/24".parse().unwrap();
+    // The router announces, as its own: a more specific prefix inside node 1's subnet (it
+    // would win every longest-prefix match), node 2's own subnet (the exact prefix: node 2's
+    // route must stay as it is), a pod subnet no node holds and a foreign prefix. All refused,
+    // and none of them touches a node's BGP table at any moment: every change of the table is
+    // recorded while the router announces (a route installed and withdrawn between two reads
+    // of the table would be a window for steered traffic).
+    let hijack = Ipv4Net::new(subnet(&c.nodes[1]).network(), 25).unwrap();
+    let exact = subnet(&c.nodes[2]);
+    let unowned = c.unheld_subnets()[0];
     let foreign: Ipv4Net = "10.99.0.0/16".parse().unwrap();
-    c.router_announces = vec![hijack, unowned, foreign];
+    let announced = [hijack, exact, unowned, foreign];
+    let before: Vec<_> = c.nodes.iter().map(bgp_routes).collect();
+    let watches: Vec<RouteWatch> = c
+        .nodes
+        .iter()
+        .map(|n| RouteWatch::start(&n.ns, BGP_TABLE_DEFAULT))
+        .collect();
+    c.router_announces = announced.to_vec();
     c.reconfigure_router(None);
     for node in &c.nodes {
-        wait_metric(node, "weft_bgp_refused_routes", 3.0);
-        let table = learned(node);
-        assert!(!table.contains(&hijack) && !table.contains(&unowned) && !table.contains(&foreign));
-        assert_eq!(table.len(), 2, "{table:?}");
+        // Node 2 refuses its own subnet from the router, the others refuse the router's path
+        // for it and keep node 2's.
+        wait_metric(node, "weft_bgp_refused_routes", 4.0);
     }
     let status = weft_status(&c.nodes[0], false);
     assert!(status.contains(&format!("refused  {hijack}")), "{status}");
+    for ((node, watch), before) in c.nodes.iter().zip(&watches).zip(&before) {
+        let events = watch.events_for(&announced);
+        assert!(
+            events.is_empty(),
+            "{}: announced {announced:?}, refused, yet its BGP table changed: {events:#?}",
+            node.name
+        );
+        assert_eq!(&bgp_routes(node), before, "{}", node.name);
+    }
+    drop(watches);
+    // The router itself forwards node 2's subnet into its own blackhole (its static route wins
+    // over the BGP one in its table): the nodes cannot help that. Once it stops, every pair
+    // answers again.
+    c.router_announces.retain(|n| *n != exact);
+    c.reconfigure_router(None);
+    for node in &c.nodes {
+        wait_metric(node, "weft_bgp_refused_routes", 3.0);
+    }
     c.assert_full_matrix();
 
     // The reverse-path check: node 1's pods reach node 0's through the router, so node 0 takes
@@ -425,7 +462,7 @@ fn full_mesh_on_one_subnet_hijacks_and_restarts() {
 
     // A rogue node: a record of its own (so it is in the mesh) and a BIRD announcing more.
     let rogue_ip = Ipv4Addr::new(192, 168, 100, 50);
-    let rogue_subnet: Ipv4Net = "10.244.250.0/24".parse().unwrap();
+    let rogue_subnet = c.unheld_subnets()[0];
     let rogue = weft_tests::netns::Netns::new("wrg");
     let port = weft_tests::netns::unique_name("rg");
     c.underlay.ip(&format!(
@@ -453,8 +490,10 @@ fn full_mesh_on_one_subnet_hijacks_and_restarts() {
     let _rogue_bird = weft_tests::bird::Bird::start(&rogue, conf);
     c.etcd.put(
         &format!(
-            "{}/subnets/10.244.250.0-24",
-            weft_tests::cluster::FLANNEL_PREFIX
+            "{}/subnets/{}-{}",
+            weft_tests::cluster::FLANNEL_PREFIX,
+            rogue_subnet.network(),
+            rogue_subnet.prefix_len()
         ),
         &json!({"PublicIP": rogue_ip.to_string(), "BackendType": "bgp"}).to_string(),
     );

@@ -389,7 +389,7 @@ fn flannel_node_and_weft_nodes_share_a_cluster() {
         ..Default::default()
     };
     let mut cluster = cluster_with_pods(cluster_opts, 1);
-    let subnet: ipnet::Ipv4Net = "10.244.200.0/24".parse().unwrap();
+    let subnet = cluster.unheld_subnets()[0];
     let f = cluster.add_flannel_node(subnet);
     // The weft agents pick the flannel node's lease up from etcd, as flannel nodes would.
     for node in &cluster.nodes {

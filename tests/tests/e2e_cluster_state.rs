@@ -61,6 +61,11 @@ fn bad_records_in_etcd_and_a_full_route_map_leave_the_rest_converging() {
     let subnet0 = c.nodes[0].subnet_env().subnet;
     let half0 = format!("{}-25", subnet0.network());
     let unaligned0 = format!("{}-24", Ipv4Addr::from(u32::from(subnet0.network()) + 128));
+    // Subnets of the network no node holds, for the made-up records (and, in the last, an
+    // address nobody holds): as etcd lease keys.
+    let free = c.unheld_subnets();
+    let [in_net, unknown, unreadable] =
+        [free[0], free[1], free[2]].map(|s| format!("{}-{}", s.network(), s.prefix_len()));
     // Records no node may route, with the reason every node must give.
     let bad = [
         ("0.0.0.0-0", "192.168.100.200", "vxlan", "outside_network"),
@@ -89,13 +94,13 @@ fn bad_records_in_etcd_and_a_full_route_map_leave_the_rest_converging() {
             "unaligned_subnet",
         ),
         (
-            "10.244.250.0-24",
+            in_net.as_str(),
             "10.244.1.5",
             "vxlan",
             "public_ip_in_pod_network",
         ),
         (
-            "10.244.251.0-24",
+            unknown.as_str(),
             "192.168.100.205",
             "wireguard",
             "unknown_backend",
@@ -105,7 +110,7 @@ fn bad_records_in_etcd_and_a_full_route_map_leave_the_rest_converging() {
         put_lease(&c, key, ip, backend);
     }
     // And one that is not even a lease.
-    c.etcd.put(&lease_key("10.244.252.0-24"), "{not json");
+    c.etcd.put(&lease_key(&unreadable), "{not json");
     let expect = |node: &Node| {
         for reason in [
             "outside_network",
@@ -150,7 +155,7 @@ fn bad_records_in_etcd_and_a_full_route_map_leave_the_rest_converging() {
     // or no answer). No wall-clock bound on the `ip netns exec ping` process: ping reports the
     // answer at once ("time 0ms"), but spawning it took up to 2.4 s with the test at nice 19
     // and CPU-bound processes at nice 0 on both cores.
-    let unassigned = Ipv4Addr::new(10, 244, 200, 9);
+    let unassigned = Ipv4Addr::from(u32::from(free[3].network()) + 9);
     let out = ping_from(&c.nodes[0], &unassigned.to_string());
     assert!(
         out.contains(&format!(
@@ -175,7 +180,7 @@ fn bad_records_in_etcd_and_a_full_route_map_leave_the_rest_converging() {
 
     // A refused record that becomes valid is routed: then the route map is full. The other
     // routes stay, /readyz names the map, the fill shows.
-    put_lease(&c, "10.244.250.0-24", "192.168.100.206", "vxlan");
+    put_lease(&c, &in_net, "192.168.100.206", "vxlan");
     for node in &c.nodes {
         wait_until(
             &format!(
@@ -203,8 +208,8 @@ fn bad_records_in_etcd_and_a_full_route_map_leave_the_rest_converging() {
     }
     c.assert_full_matrix();
     // The record goes: room again, ready again. The unreadable one goes too: not counted.
-    c.etcd.delete(&lease_key("10.244.250.0-24"));
-    c.etcd.delete(&lease_key("10.244.252.0-24"));
+    c.etcd.delete(&lease_key(&in_net));
+    c.etcd.delete(&lease_key(&unreadable));
     for node in &c.nodes {
         wait_until(
             &format!("{} ready again", node.name),
