@@ -9,12 +9,13 @@
 //! rounds (`_min`/`_max` beside it), and each ratio to the kernel's contestant is the median of
 //! the per-round ratios (same round, same load). CPU is measured at a fixed rate (a TCP stream
 //! paced at 2 Gbit/s, 64-byte UDP at 30,000 packets/s): busy time of all cores from
-//! `/proc/stat`, which does not depend on how the work lands on the cores.
+//! `/proc/stat` (wall time minus idle time), which does not depend on how the work lands on the
+//! cores.
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
     process::{Child, Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde_json::{Value, json};
@@ -333,8 +334,13 @@ fn tcp_gbps(bed: &Testbed, s: &Settings) -> f64 {
         / 1e9
 }
 
-/// Busy and total jiffies of all CPUs (`/proc/stat`'s first line).
-fn cpu_jiffies() -> (u64, u64) {
+/// Idle time of all CPUs, in seconds, from `/proc/stat`'s first line (idle + iowait). With a
+/// tickless kernel these two are measured exactly (the kernel's idle-period accounting), while
+/// user, system and softirq are sampled at each tick: a paced stream whose bursts start and end
+/// between two ticks (iperf3's pacing timer) is charged nothing, so summing the busy fields
+/// read 1-36% for the same 2 Gbit/s stream on this machine. Busy time is therefore taken as
+/// wall time minus idle time (`busy_pct`).
+fn idle_secs() -> f64 {
     let stat = std::fs::read_to_string("/proc/stat").expect("reading /proc/stat");
     let fields: Vec<u64> = stat
         .lines()
@@ -344,10 +350,22 @@ fn cpu_jiffies() -> (u64, u64) {
         .skip(1)
         .filter_map(|f| f.parse().ok())
         .collect();
-    // user nice system idle iowait irq softirq steal (guest time is inside user).
-    let total: u64 = fields.iter().take(8).sum();
     let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
-    (total - idle, total)
+    // SAFETY: sysconf only reads a constant.
+    let ticks_per_sec = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        n if n > 0 => n as f64,
+        _ => 100.0,
+    };
+    idle as f64 / ticks_per_sec
+}
+
+/// Percent of all cores busy over `f`: wall time times cores, minus what the cores spent idle.
+fn busy_pct(f: impl FnOnce()) -> f64 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let (idle0, t0) = (idle_secs(), Instant::now());
+    f();
+    let (idle1, wall) = (idle_secs(), t0.elapsed().as_secs_f64());
+    (100.0 * (1.0 - (idle1 - idle0) / (wall * cores))).clamp(0.0, 100.0)
 }
 
 /// CPU time (user + system) of the waited-for children (the iperf3 client and server), in
@@ -381,19 +399,13 @@ fn cpu_pct_during(bed: &Testbed, s: &Settings, extra: &[&str], udp: bool) -> Cpu
     let mut args = extra.to_vec();
     args.extend_from_slice(&["-t", &secs]);
     let window = Duration::from_secs_f64(f64::from(s.cpu_secs) - 1.0);
-    let (b0, t0) = cpu_jiffies();
-    std::thread::sleep(Duration::from_secs(1));
-    let (b1, t1) = cpu_jiffies();
-    let background_pct = 100.0 * (b1 - b0) as f64 / (t1 - t0).max(1) as f64;
+    let background_pct = busy_pct(|| std::thread::sleep(Duration::from_secs(1)));
     let children0 = children_cpu_secs();
     let (tx, rx) = std::sync::mpsc::channel();
     let sampler = std::thread::spawn(move || {
         // iperf3's server starts 300 ms before the client; skip the ramp-up.
         std::thread::sleep(Duration::from_millis(800));
-        let (b0, t0) = cpu_jiffies();
-        std::thread::sleep(window);
-        let (b1, t1) = cpu_jiffies();
-        let _ = tx.send(100.0 * (b1 - b0) as f64 / (t1 - t0).max(1) as f64);
+        let _ = tx.send(busy_pct(|| std::thread::sleep(window)));
     });
     let v = iperf3(bed, &args);
     let _ = sampler.join();
