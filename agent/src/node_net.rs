@@ -238,22 +238,11 @@ impl VxlanDevice {
     /// Whether `weft_vxlan` exists, up, as it must be, with `from_vxlan` attached: VXLAN can go
     /// through it right now.
     pub fn ready(&self, nl: &BlockingNetlink) -> bool {
-        let attached = || {
-            aya::programs::SchedClassifier::query_tcx(
-                VXLAN_DEV,
-                aya::programs::TcAttachType::Ingress,
-            )
-            .is_ok_and(|(_, progs)| {
-                progs
-                    .iter()
-                    .any(|p| p.name_as_str() == Some(weft_common::prog_names::FROM_VXLAN))
-            })
-        };
         nl.block_on(nl.link(VXLAN_DEV))
             .ok()
             .flatten()
             .is_some_and(|l| self.fits(&l) && l.up)
-            && attached()
+            && weft_node::datapath::vxlan_program_attached(VXLAN_DEV)
     }
 
     /// Makes `weft_vxlan` what it must be (creating it, or re-creating it when its port or MAC

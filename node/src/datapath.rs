@@ -1192,13 +1192,7 @@ fn attach_tc_filter(
 /// plugin does on ADD. No object load, no verifier run.
 pub fn attach_pinned_pod(pin_root: &Path, ifname: &str, hook: PodHook) -> Result<()> {
     for (name, direction) in POD_PROGRAMS {
-        let prog_path = pin_dir(pin_root).join("progs").join(name);
-        let mut prog = SchedClassifier::from_pin(&prog_path).with_context(|| {
-            format!(
-                "opening the pinned program {} (is the agent running?)",
-                prog_path.display()
-            )
-        })?;
+        let mut prog = open_pinned_tc(pin_root, name)?;
         let pin = link_pin_path(pin_root, name, ifname);
         attach_pod_program(&mut prog, name, ifname, direction, hook, Some(&pin))?;
     }
@@ -1213,24 +1207,35 @@ pub fn attach_pinned_pod(pin_root: &Path, ifname: &str, hook: PodHook) -> Result
 pub fn attach_pinned_vxlan(pin_root: &Path, ifname: &str) -> Result<()> {
     let name = prog_names::FROM_VXLAN;
     let pin = link_pin_path(pin_root, name, ifname);
-    let attached = SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
-        .map(|(_, progs)| progs.iter().any(|p| p.name_as_str() == Some(name)))
-        .unwrap_or(false);
-    if !attached {
+    if !vxlan_program_attached(ifname) {
         match std::fs::remove_file(&pin) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
         }
     }
+    let mut prog = open_pinned_tc(pin_root, name)?;
+    attach_tc_link(&mut prog, name, ifname, TcAttachType::Ingress, Some(&pin))
+}
+
+/// Whether `from_vxlan` is attached to the ingress of `ifname` (current netns).
+pub fn vxlan_program_attached(ifname: &str) -> bool {
+    SchedClassifier::query_tcx(ifname, TcAttachType::Ingress).is_ok_and(|(_, progs)| {
+        progs
+            .iter()
+            .any(|p| p.name_as_str() == Some(prog_names::FROM_VXLAN))
+    })
+}
+
+/// Opens the tc program `name` the agent pinned under `pin_root`.
+fn open_pinned_tc(pin_root: &Path, name: &str) -> Result<SchedClassifier> {
     let prog_path = pin_dir(pin_root).join("progs").join(name);
-    let mut prog = SchedClassifier::from_pin(&prog_path).with_context(|| {
+    SchedClassifier::from_pin(&prog_path).with_context(|| {
         format!(
             "opening the pinned program {} (is the agent running?)",
             prog_path.display()
         )
-    })?;
-    attach_tc_link(&mut prog, name, ifname, TcAttachType::Ingress, Some(&pin))
+    })
 }
 
 /// Removes the pinned link of `from_vxlan` on `ifname` (the device is going away).

@@ -303,6 +303,11 @@ impl Netlink {
             msg = msg.address(mac.to_vec());
         }
         let msg = msg.build();
+        self.add_link(msg).await
+    }
+
+    /// Adds the link `msg` describes.
+    async fn add_link(&self, msg: LinkMessage) -> Result<()> {
         self.handle
             .link()
             .add(msg)
@@ -330,12 +335,7 @@ impl Netlink {
             .address(mac.to_vec())
             .up()
             .build();
-        self.handle
-            .link()
-            .add(msg)
-            .execute()
-            .await
-            .map_err(Error::from_rtnetlink)
+        self.add_link(msg).await
     }
 
     /// Sets the link `ifindex` up, optionally changing its MTU and turning ARP off.
