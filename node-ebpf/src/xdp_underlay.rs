@@ -52,16 +52,27 @@ pub fn xdp_underlay(ctx: XdpContext) -> u32 {
     };
     let mut eth = unsafe { *outer_eth };
     eth.ethertype = 0x0800u16.to_be_bytes();
-    // The metadata first: without it tc could not tell this packet from a plain frame, so a
-    // driver that keeps none leaves decapsulation to tc. (`bpf_xdp_adjust_head` below moves
-    // the metadata along with the packet start.)
+    // VXLAN: strip up to the inner Ethernet header; IPIP: keep room for an Ethernet header.
+    let strip = if inner_has_eth {
+        ETH_HLEN + outer_len
+    } else {
+        outer_len
+    };
+    // The packet start moves first, then the metadata goes in front of it: the other order
+    // makes `bpf_xdp_adjust_head` move the metadata along (a memmove on every packet).
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, strip as i32) } != 0 {
+        count_drop(&ctx, Hook::XdpUnderlay, DropReason::AdjustRoomFailed);
+        return XDP_DROP;
+    }
+    // Without the metadata tc could not tell this packet from a plain frame, so a driver that
+    // keeps none gets the frame back untouched (nothing was written yet) and tc decapsulates.
     let meta_len = core::mem::size_of::<DecapMeta>() as i32;
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -meta_len) } != 0 {
-        return XDP_PASS;
+        return restore(&ctx, strip);
     }
     let (meta, data) = unsafe { ((*ctx.ctx).data_meta as usize, (*ctx.ctx).data as usize) };
     if meta + meta_len as usize > data {
-        return XDP_PASS;
+        return restore(&ctx, strip);
     }
     unsafe {
         *(meta as *mut DecapMeta) = DecapMeta {
@@ -73,16 +84,6 @@ pub fn xdp_underlay(ctx: XdpContext) -> u32 {
             peer,
         }
     };
-    // VXLAN: strip up to the inner Ethernet header; IPIP: keep room for an Ethernet header.
-    let strip = if inner_has_eth {
-        ETH_HLEN + outer_len
-    } else {
-        outer_len
-    };
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, strip as i32) } != 0 {
-        count_drop(&ctx, Hook::XdpUnderlay, DropReason::AdjustRoomFailed);
-        return XDP_DROP;
-    }
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let Some(new_eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
         count_drop(&ctx, Hook::XdpUnderlay, DropReason::StoreFailed);
@@ -91,5 +92,16 @@ pub fn xdp_underlay(ctx: XdpContext) -> u32 {
     unsafe { *new_eth = eth };
     count(stat);
     monitor::forwarded(&ctx, Hook::XdpUnderlay, XDP_PASS);
+    XDP_PASS
+}
+
+/// Puts back the `strip` bytes of outer headers (still in place: nothing was written) and
+/// passes the frame as it arrived.
+#[inline(always)]
+fn restore(ctx: &XdpContext, strip: usize) -> u32 {
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(strip as i32)) } != 0 {
+        count_drop(ctx, Hook::XdpUnderlay, DropReason::AdjustRoomFailed);
+        return XDP_DROP;
+    }
     XDP_PASS
 }

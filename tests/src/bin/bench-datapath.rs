@@ -635,6 +635,11 @@ fn interquartile_mean(samples: &mut [u64]) -> f64 {
     middle.iter().sum::<u64>() as f64 / middle.len() as f64
 }
 
+/// `--prog-case NAME`: the one `prog_costs` case to run (profiling one path).
+fn only_case() -> Option<String> {
+    std::env::args().skip_while(|a| a != "--prog-case").nth(1)
+}
+
 /// Per-program cost through BPF_PROG_TEST_RUN. Every run is one syscall with `repeat` 1, so
 /// the kernel copies the frame afresh each time (a repeated run would see the frame the
 /// previous run rewrote, and measure another path). The cases are interleaved in short
@@ -740,7 +745,7 @@ fn prog_costs(s: &Settings) -> Value {
         ];
         // `--prog-case NAME` (profiling one path): that case alone (net figures are then
         // against a zero baseline).
-        if let Some(only) = std::env::args().skip_while(|a| a != "--prog-case").nth(1) {
+        if let Some(only) = only_case() {
             cases.retain(|c| c.name == only);
         }
         // The stack flow's request first, so its reply finds the entry from the first run on.
@@ -785,7 +790,12 @@ fn prog_costs(s: &Settings) -> Value {
             .into_iter()
             .map(|(name, ns)| (name, round(ns, 1)))
             .collect();
-        let monitor = monitor_costs(node, calls);
+        // `--prog-case` profiles one path: the monitor's cases would only dilute it.
+        let monitor = if only_case().is_some() {
+            BTreeMap::new()
+        } else {
+            monitor_costs(node, calls)
+        };
         json!({
             "prog_ns": gross,
             "prog_ns_monitor": monitor,
@@ -931,6 +941,8 @@ fn main() {
     };
     s.tcp_secs = secs("--tcp-secs").unwrap_or(s.tcp_secs);
     s.udp_secs = secs("--udp-secs").unwrap_or(s.udp_secs);
+    // `--prog-calls N`: runs per program case (a longer profile of one case).
+    s.prog_calls = secs("--prog-calls").map(u64::from).unwrap_or(s.prog_calls);
     let rounds = std::env::args()
         .skip_while(|a| a != "--rounds")
         .nth(1)
