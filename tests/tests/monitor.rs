@@ -13,6 +13,10 @@ use std::{
 };
 
 use aya::maps::{Map, MapData, RingBuf};
+use nix::{
+    sched::{CpuSet, sched_getaffinity, sched_setaffinity},
+    unistd::Pid,
+};
 use serde_json::Value;
 use weft_agent::datapath::pin_dir;
 use weft_common::{
@@ -418,12 +422,25 @@ fn monitor_reports_drops_filters_stops_without_listener_and_keeps_its_budget() {
         drop(mon);
 
         // The budget: a flood of 5000 drops on one CPU yields at most the burst plus what the
-        // rate refills while it runs; the rest is counted as over budget.
+        // rate refills while it runs; the rest is counted as over budget. The bucket is per
+        // CPU, and a repeated test run may move to another CPU between runs when the machine
+        // is busy (each CPU's burst then counts): the flood is pinned to one CPU.
         let mon = Monitor::start(&node, pins, ipam, &["--budget", "20", "--burst", "10"]);
         let (emitted0, over0) = rates(&node, mon.slot);
+        let cpus = sched_getaffinity(Pid::from_raw(0)).unwrap();
+        let mut one = CpuSet::new();
+        one.set(
+            (0..CpuSet::count())
+                .find(|&c| cpus.is_set(c).unwrap_or(false))
+                .unwrap(),
+        )
+        .unwrap();
+        sched_setaffinity(Pid::from_raw(0), &one).unwrap();
         let started = Instant::now();
-        assert_eq!(from_pod(&mut node, &spoofed_from_pod1(), 5000), 2);
+        let verdict = from_pod(&mut node, &spoofed_from_pod1(), 5000);
         let elapsed = started.elapsed().as_secs_f64();
+        sched_setaffinity(Pid::from_raw(0), &cpus).unwrap();
+        assert_eq!(verdict, 2);
         let (emitted1, over1) = rates(&node, mon.slot);
         let emitted = emitted1 - emitted0;
         let allowed = 10 + (20.0 * elapsed).ceil() as u64;
