@@ -13,7 +13,9 @@ use ipnet::Ipv4Net;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 pub use weft_common::max_pod_mtu;
-use weft_common::{RouteMode, VXLAN_OVERHEAD, VXLAN_PORT_DEFAULT, VXLAN_VNI_DEFAULT};
+use weft_common::{
+    IPIP_OVERHEAD, RouteMode, VXLAN_OVERHEAD, VXLAN_PORT_DEFAULT, VXLAN_VNI_DEFAULT,
+};
 
 /// How this node reaches its peers by default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,19 +153,41 @@ impl FlannelNetConf {
     /// whatever the backend. The largest overhead of every backend a cluster can switch to
     /// (vxlan 50, ipip 20, host-gw 0) is taken so that a live backend switch never needs new
     /// pod MTUs: pods are never rebuilt, at the price of 30 bytes per packet under ipip and 50
-    /// under host-gw.
+    /// under host-gw. `Backend.MTU` may give that up for the configured backend's own bound
+    /// (`check_mtu`), as flannel's host-gw and Calico without encapsulation do.
     pub fn pod_mtu(&self, underlay_mtu: u32) -> u32 {
         self.backend.mtu.unwrap_or(max_pod_mtu(underlay_mtu))
     }
 
-    /// Refuses a `Backend.MTU` above the underlay MTU minus the largest overhead of any backend
-    /// (the pod MTU rule: every backend the cluster can switch to must carry a pod's packet).
+    /// Bytes the configured backend adds to a pod's packet toward some peer: its tunnel's
+    /// overhead (VXLAN 50, with or without DirectRouting; IPIP 20), none for host-gw, and for
+    /// bgp its tunnel's when `Encapsulation` is CrossSubnet or Always.
+    pub fn encap_overhead(&self) -> u32 {
+        let tunnel = |mode: RouteMode| match mode {
+            RouteMode::Vxlan => VXLAN_OVERHEAD,
+            RouteMode::Ipip => IPIP_OVERHEAD,
+            RouteMode::Direct | RouteMode::Bgp => 0,
+        };
+        match (&self.backend.kind, &self.backend.bgp) {
+            (BackendType::Bgp, Some(bgp)) => match bgp.encapsulation {
+                crate::bgp::config::Encapsulation::None => 0,
+                _ => tunnel(bgp.tunnel),
+            },
+            (kind, _) => tunnel(kind.route_mode()),
+        }
+    }
+
+    /// Refuses a `Backend.MTU` above the underlay MTU minus the configured backend's overhead
+    /// (its packets would not fit once encapsulated). A pod MTU above the default gives up live
+    /// switches to a backend that adds more (`NetConfWatch` refuses them).
     pub fn check_mtu(&self, underlay_mtu: u32) -> Result<()> {
-        let max = max_pod_mtu(underlay_mtu);
+        let overhead = self.encap_overhead();
+        let max = underlay_mtu.saturating_sub(overhead);
         match self.backend.mtu {
             Some(mtu) if mtu > max => bail!(
-                "Backend.MTU: {mtu} is above the underlay MTU {underlay_mtu} minus {VXLAN_OVERHEAD} \
-                 (the largest encapsulation overhead, VXLAN's): at most {max}"
+                "Backend.MTU: {mtu} is above the underlay MTU {underlay_mtu} minus {overhead} \
+                 (the encapsulation overhead of backend {}): at most {max}",
+                self.backend.kind.name()
             ),
             _ => Ok(()),
         }
@@ -479,11 +503,41 @@ mod tests {
             ))
             .unwrap()
         };
+        let conf_of = |backend: &str, mtu: u32| {
+            FlannelNetConf::parse(&format!(
+                r#"{{"Network": "10.0.0.0/16", "Backend": {{{backend}, "MTU": {mtu}}}}}"#
+            ))
+            .unwrap()
+        };
         assert!(conf(1450).check_mtu(1500).is_ok());
         assert!(conf(1400).check_mtu(1500).is_ok());
-        for (mtu, underlay) in [(1451, 1500), (1500, 1500), (8950, 1500), (1450, 1400)] {
+        // host-gw adds nothing: up to the underlay MTU, as flannel's host-gw gives pods.
+        assert!(conf(1500).check_mtu(1500).is_ok());
+        for (mtu, underlay) in [(1501, 1500), (8950, 1500), (1450, 1400)] {
             let e = format!("{:#}", conf(mtu).check_mtu(underlay).unwrap_err());
             assert!(e.contains("Backend.MTU") && e.contains("at most"), "{e}");
+        }
+        // Each backend's own overhead bounds it.
+        for (backend, max) in [
+            (r#""Type": "vxlan""#, 1450),
+            (r#""Type": "vxlan", "DirectRouting": true"#, 1450),
+            (r#""Type": "ipip""#, 1480),
+            (r#""Type": "bgp""#, 1500),
+            (r#""Type": "bgp", "Encapsulation": "CrossSubnet""#, 1480),
+            (
+                r#""Type": "bgp", "Encapsulation": "Always", "Tunnel": "vxlan""#,
+                1450,
+            ),
+        ] {
+            assert!(
+                conf_of(backend, max).check_mtu(1500).is_ok(),
+                "{backend} {max}"
+            );
+            let e = format!(
+                "{:#}",
+                conf_of(backend, max + 1).check_mtu(1500).unwrap_err()
+            );
+            assert!(e.contains(&format!("at most {max}")), "{backend}: {e}");
         }
         // Without Backend.MTU the pod MTU is derived, always within the bound.
         let derived = FlannelNetConf::parse(r#"{"Network": "10.0.0.0/16"}"#).unwrap();

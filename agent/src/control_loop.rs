@@ -71,16 +71,30 @@ pub fn mode_policy(
 }
 
 /// Watches `--net-conf` for changes a node can apply live: the backend (type, DirectRouting,
-/// VNI, port). Pods are untouched: their MTU already leaves room for the largest overhead.
+/// VNI, port). Pods are untouched: their MTU leaves room for the largest overhead, unless
+/// `Backend.MTU` took more for a backend that adds less, and then a backend whose packets
+/// would not fit is refused.
 pub struct NetConfWatch {
     path: Option<PathBuf>,
     mtime: Option<SystemTime>,
+    /// The pods' MTU and the underlay's, when known.
+    mtus: Option<(u32, u32)>,
 }
 
 impl NetConfWatch {
     pub fn new(path: Option<PathBuf>) -> Self {
         let mtime = path.as_deref().and_then(Self::mtime);
-        Self { path, mtime }
+        Self {
+            path,
+            mtime,
+            mtus: None,
+        }
+    }
+
+    /// Refuses backends that add more than `underlay_mtu - pod_mtu` bytes.
+    pub fn with_mtus(mut self, pod_mtu: u32, underlay_mtu: u32) -> Self {
+        self.mtus = Some((pod_mtu, underlay_mtu));
+        self
     }
 
     fn mtime(path: &Path) -> Option<SystemTime> {
@@ -116,10 +130,25 @@ impl NetConfWatch {
         if new.backend == current.backend {
             return None;
         }
-        Some(FlannelNetConf {
+        let new = FlannelNetConf {
             backend: new.backend,
             ..current.clone()
-        })
+        };
+        if let Some((pod_mtu, underlay_mtu)) = self.mtus
+            && pod_mtu + new.encap_overhead() > underlay_mtu
+        {
+            tracing::warn!(
+                "ignoring the changed {}: backend {} adds {} bytes, and pods with MTU {pod_mtu} \
+                 (Backend.MTU) on an underlay of MTU {underlay_mtu} leave room for {}: lower \
+                 Backend.MTU (pods get it when recreated) before switching",
+                path.display(),
+                new.backend.kind.name(),
+                new.encap_overhead(),
+                underlay_mtu.saturating_sub(pod_mtu)
+            );
+            return None;
+        }
+        Some(new)
     }
 }
 
@@ -300,9 +329,15 @@ impl<M: PeerMaps> ControlLoop<M> {
         self
     }
 
-    /// Applies changes of the net-conf file `path` (its backend) live.
-    pub fn watch_net_conf(mut self, path: Option<PathBuf>) -> Self {
-        self.watch = NetConfWatch::new(path);
+    /// Applies changes of the net-conf file `path` (its backend) live, those whose overhead
+    /// fits the pods' MTU on the underlay's.
+    pub fn watch_net_conf(
+        mut self,
+        path: Option<PathBuf>,
+        pod_mtu: u32,
+        underlay_mtu: u32,
+    ) -> Self {
+        self.watch = NetConfWatch::new(path).with_mtus(pod_mtu, underlay_mtu);
         self
     }
 
@@ -974,6 +1009,36 @@ mod tests {
         .unwrap();
         let new = w.poll(&current).expect("the new backend");
         assert_eq!(new.backend.kind, BackendType::Ipip);
+        // Pods at the underlay's full MTU (host-gw with Backend.MTU): a tunnel would not fit,
+        // so the switch is refused; host-gw pods at the default MTU may switch to anything.
+        let mut full = NetConfWatch::new(Some(path.clone())).with_mtus(1500, 1500);
+        full.mtime = None;
+        assert_eq!(
+            full.poll(&current),
+            None,
+            "ipip does not fit 1500-byte pods"
+        );
+        let mut fits = NetConfWatch::new(Some(path.clone())).with_mtus(1480, 1500);
+        fits.mtime = None;
+        assert!(fits.poll(&current).is_some(), "ipip fits 1480-byte pods");
+        std::fs::write(
+            &path,
+            r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#,
+        )
+        .unwrap();
+        let host_gw = FlannelNetConf::parse(
+            r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#,
+        )
+        .unwrap();
+        let mut default = NetConfWatch::new(Some(path.clone())).with_mtus(1450, 1500);
+        default.mtime = None;
+        assert!(default.poll(&host_gw).is_some(), "vxlan fits default pods");
+        fits.mtime = None;
+        assert_eq!(
+            fits.poll(&host_gw),
+            None,
+            "vxlan does not fit 1480-byte pods"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

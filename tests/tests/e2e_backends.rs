@@ -160,6 +160,75 @@ fn live_backend_switch_through_the_config() {
     c.assert_full_matrix();
 }
 
+/// host-gw adds nothing: `Backend.MTU` may give pods the whole underlay MTU (1500 here), as
+/// flannel's host-gw does. Full-size packets cross nodes unfragmented, and a live switch to a
+/// tunnel that would not fit them is refused: the routes stay direct and the agents say why.
+#[test]
+fn host_gw_pods_take_the_full_underlay_mtu_and_tunnels_that_do_not_fit_are_refused() {
+    let mut c = Cluster::new(ClusterOptions {
+        nodes: 2,
+        backend: "host-gw".into(),
+        backend_extra: serde_json::json!({"MTU": 1500}),
+        ..Default::default()
+    });
+    for node in 0..c.nodes.len() {
+        c.add_pod(node);
+    }
+    let full_size_ping = |c: &Cluster| {
+        let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
+        // 1472 bytes of ICMP payload: a 1500-byte IPv4 packet, DF set.
+        a.ns.exec_ok(
+            "ping",
+            &[
+                "-M",
+                "do",
+                "-s",
+                "1472",
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                &b.ip.to_string(),
+            ],
+        )
+    };
+    for node in &c.nodes {
+        let mtu = node.pods[0].ns.exec("cat", &["/sys/class/net/eth0/mtu"]);
+        assert_eq!(mtu.trim(), "1500", "{}'s pod", node.name);
+    }
+    assert!(
+        full_size_ping(&c),
+        "1500-byte packets between pods on two nodes"
+    );
+    c.assert_full_matrix();
+
+    c.options.backend = "vxlan".into();
+    c.write_net_conf();
+    wait_until(
+        "every agent to refuse vxlan",
+        Duration::from_secs(20),
+        || {
+            c.nodes.iter().all(|n| {
+                n.log().contains("ignoring the changed") && n.log().contains("Backend.MTU")
+            })
+        },
+    );
+    for i in 0..c.nodes.len() {
+        let m = modes(&c, i);
+        assert!(
+            !m.is_empty() && m.iter().all(|(_, mode)| *mode == RouteMode::Direct),
+            "{}: {m:?}",
+            c.nodes[i].name
+        );
+    }
+    assert!(
+        full_size_ping(&c),
+        "still 1500-byte packets after the refused switch"
+    );
+}
+
 /// host-gw cannot reach peers off the node's subnet; the agent says which (flannel breaks
 /// silently there).
 #[test]

@@ -741,6 +741,7 @@ fn run(args: Args) -> Result<()> {
         );
         Ok(())
     };
+    let underlay_mtu = underlay.mtu;
     let mut control = ControlLoop::new(
         dp.maps,
         rec,
@@ -753,7 +754,7 @@ fn run(args: Args) -> Result<()> {
     // The hook's bits too, so a live backend switch keeps them for `weft status`.
     .config_flags(config_flags(&args) | hook.flags())
     .bgp(Box::new(bgp))
-    .watch_net_conf(args.net_conf.clone())
+    .watch_net_conf(args.net_conf.clone(), pod_mtu, underlay_mtu)
     .on_local_subnet(on_local_subnet)
     .on_subnet_lost(on_subnet_lost);
     if let Some((device, up)) = vxlan_device {

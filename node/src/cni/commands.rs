@@ -69,19 +69,21 @@ fn node_subnet(conf: &NetworkConfig, missing_code: u32) -> CniResult<SubnetEnv> 
 }
 
 /// The pod's MTU: the config's `mtu`, else the node's. An `mtu` above the node's underlay MTU
-/// minus the largest tunnel overhead (the pod MTU rule) is refused: its large packets would
-/// not fit once encapsulated.
+/// minus the largest tunnel overhead (the pod MTU rule) is refused, its large packets would not
+/// fit once encapsulated, unless the node's own MTU is as large (`Backend.MTU` of a backend
+/// that adds less, which the agent checked against it).
 fn pod_mtu(conf: &NetworkConfig, subnet: &SubnetEnv) -> CniResult<u32> {
     let Some(mtu) = conf.mtu else {
         return Ok(subnet.mtu);
     };
     if let Some(underlay) = subnet.underlay_mtu {
-        let max = weft_common::max_pod_mtu(underlay);
+        let max = weft_common::max_pod_mtu(underlay).max(subnet.mtu.min(underlay));
         if mtu > max {
             return Err(CniError::invalid_config(format!(
                 "field `mtu`: {mtu} is above the node's underlay MTU {underlay} minus {} (the \
-                 largest encapsulation overhead): at most {max}",
-                weft_common::VXLAN_OVERHEAD
+                 largest encapsulation overhead) and the node's pod MTU {}: at most {max}",
+                weft_common::VXLAN_OVERHEAD,
+                subnet.mtu
             )));
         }
     }
@@ -949,4 +951,45 @@ pub fn status(conf: &NetworkConfig) -> CniResult<()> {
             )
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn conf(mtu: u32) -> NetworkConfig {
+        NetworkConfig::parse(json!({
+            "cniVersion": "1.1.0", "name": "weft", "type": "weft-cni", "mtu": mtu,
+        }))
+        .unwrap()
+    }
+
+    fn node(mtu: u32, underlay_mtu: u32) -> SubnetEnv {
+        SubnetEnv {
+            network: "10.244.0.0/16".parse().unwrap(),
+            subnet: "10.244.1.0/24".parse().unwrap(),
+            mtu,
+            underlay_mtu: Some(underlay_mtu),
+            ipmasq: true,
+            pin_root: PathBuf::from("/sys/fs/bpf/weft"),
+        }
+    }
+
+    #[test]
+    fn mtu_is_bounded_by_the_pod_mtu_rule_or_the_nodes_own() {
+        // The default node: room for the largest overhead.
+        assert_eq!(pod_mtu(&conf(1450), &node(1450, 1500)).unwrap(), 1450);
+        let e = pod_mtu(&conf(1451), &node(1450, 1500)).unwrap_err();
+        assert!(
+            e.msg.contains("field `mtu`") && e.msg.contains("at most 1450"),
+            "{}",
+            e.msg
+        );
+        // A host-gw node whose Backend.MTU takes the whole underlay MTU: as large, not larger.
+        assert_eq!(pod_mtu(&conf(1500), &node(1500, 1500)).unwrap(), 1500);
+        let e = pod_mtu(&conf(1501), &node(1500, 1500)).unwrap_err();
+        assert!(e.msg.contains("at most 1500"), "{}", e.msg);
+    }
 }
