@@ -173,32 +173,37 @@ fn static_topology_programs_routes() {
     let env = weft_agent::subnet_env::SubnetEnv::read(&dir.join("a.env")).unwrap();
     assert_eq!(env.subnet, "10.70.1.0/24".parse().unwrap());
     assert!(!env.ipmasq);
-    // A Backend.MTU above the underlay's (1500) minus the largest overhead is refused, naming it.
+    // A Backend.MTU above the underlay's (1500) minus the configured backend's overhead is
+    // refused, naming it: vxlan adds 50, host-gw nothing.
     let big_mtu = dir.join("big-mtu.json");
-    std::fs::write(
-        &big_mtu,
-        r#"{"Network": "10.70.0.0/16", "Backend": {"Type": "host-gw", "MTU": 1500}}"#,
-    )
-    .unwrap();
-    let scratch = PinDir::new("stm");
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", a.path()))
-        .arg(binary("weft-agent"))
-        .args(["--datastore", "static", "--node-name", "a", "--static-file"])
-        .arg(&topology)
-        .arg("--net-conf")
-        .arg(&big_mtu)
-        .arg("--pin-root")
-        .arg(&scratch.path)
-        .args(["--metrics-addr", "127.0.0.1:0"])
-        .output()
+    for (backend, mtu, max) in [("vxlan", 1451, 1450), ("host-gw", 1501, 1500)] {
+        std::fs::write(
+            &big_mtu,
+            format!(
+                r#"{{"Network": "10.70.0.0/16", "Backend": {{"Type": "{backend}", "MTU": {mtu}}}}}"#
+            ),
+        )
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        stderr.contains("Backend.MTU") && stderr.contains("at most 1450"),
-        "{stderr}"
-    );
+        let scratch = PinDir::new("stm");
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", a.path()))
+            .arg(binary("weft-agent"))
+            .args(["--datastore", "static", "--node-name", "a", "--static-file"])
+            .arg(&topology)
+            .arg("--net-conf")
+            .arg(&big_mtu)
+            .arg("--pin-root")
+            .arg(&scratch.path)
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{backend} {mtu}");
+        assert!(
+            stderr.contains("Backend.MTU") && stderr.contains(&format!("at most {max}")),
+            "{backend} {mtu}: {stderr}"
+        );
+    }
     // A bad topology is refused naming the field.
     std::fs::write(
         &topology,
