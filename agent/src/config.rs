@@ -13,9 +13,7 @@ use ipnet::Ipv4Net;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 pub use weft_common::max_pod_mtu;
-use weft_common::{
-    IPIP_OVERHEAD, RouteMode, VXLAN_OVERHEAD, VXLAN_PORT_DEFAULT, VXLAN_VNI_DEFAULT,
-};
+use weft_common::{RouteMode, VXLAN_PORT_DEFAULT, VXLAN_VNI_DEFAULT};
 
 /// How this node reaches its peers by default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,17 +161,12 @@ impl FlannelNetConf {
     /// overhead (VXLAN 50, with or without DirectRouting; IPIP 20), none for host-gw, and for
     /// bgp its tunnel's when `Encapsulation` is CrossSubnet or Always.
     pub fn encap_overhead(&self) -> u32 {
-        let tunnel = |mode: RouteMode| match mode {
-            RouteMode::Vxlan => VXLAN_OVERHEAD,
-            RouteMode::Ipip => IPIP_OVERHEAD,
-            RouteMode::Direct | RouteMode::Bgp => 0,
-        };
         match (&self.backend.kind, &self.backend.bgp) {
             (BackendType::Bgp, Some(bgp)) => match bgp.encapsulation {
                 crate::bgp::config::Encapsulation::None => 0,
-                _ => tunnel(bgp.tunnel),
+                _ => bgp.tunnel.overhead(),
             },
-            (kind, _) => tunnel(kind.route_mode()),
+            (kind, _) => kind.route_mode().overhead(),
         }
     }
 

@@ -134,8 +134,9 @@ impl NetConfWatch {
             backend: new.backend,
             ..current.clone()
         };
+        let overhead = new.encap_overhead();
         if let Some((pod_mtu, underlay_mtu)) = self.mtus
-            && pod_mtu + new.encap_overhead() > underlay_mtu
+            && pod_mtu + overhead > underlay_mtu
         {
             tracing::warn!(
                 "ignoring the changed {}: backend {} adds {} bytes, and pods with MTU {pod_mtu} \
@@ -143,7 +144,7 @@ impl NetConfWatch {
                  Backend.MTU (pods get it when recreated) before switching",
                 path.display(),
                 new.backend.kind.name(),
-                new.encap_overhead(),
+                overhead,
                 underlay_mtu.saturating_sub(pod_mtu)
             );
             return None;

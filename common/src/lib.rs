@@ -221,6 +221,16 @@ pub enum RouteMode {
 }
 
 impl RouteMode {
+    /// Bytes this mode adds to a packet.
+    #[inline(always)]
+    pub const fn overhead(self) -> u32 {
+        match self {
+            Self::Vxlan => VXLAN_OVERHEAD,
+            Self::Ipip => IPIP_OVERHEAD,
+            Self::Direct | Self::Bgp => 0,
+        }
+    }
+
     pub fn from_u8(v: u8) -> Option<Self> {
         match v {
             1 => Some(Self::Vxlan),

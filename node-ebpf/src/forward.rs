@@ -128,7 +128,7 @@ pub fn to_remote(
         encap::next_hop(ctx, cfg, cfg.node_ip, route.node_ip)?
     };
     let path_mtu = mtu::path_mtu(&hop, route.node_ip);
-    let overhead = mtu::overhead(mode);
+    let overhead = mode.overhead();
     if path_mtu > overhead {
         let len = mtu::segment_len(ctx, ip, ETH_HLEN + ip.header_len()) + overhead;
         if len > path_mtu {

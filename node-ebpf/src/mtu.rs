@@ -5,10 +5,7 @@
 //! fragmentation-needed about its own tunnel packets (`learn`). The kernel learns nothing from
 //! those: no socket sent the tunnel packets, so it has no one to tell.
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
-use weft_common::{
-    IPIP_OVERHEAD, Ipv4Key, NodeConfig, PATH_MTU_MIN, PATH_MTU_TTL_NS, PathMtu, RouteMode, Stat,
-    VXLAN_OVERHEAD,
-};
+use weft_common::{Ipv4Key, NodeConfig, PATH_MTU_MIN, PATH_MTU_TTL_NS, PathMtu, Stat};
 
 use crate::{
     counters::count,
@@ -20,16 +17,6 @@ use crate::{
     },
     route,
 };
-
-/// Bytes a route's mode adds to a packet.
-#[inline(always)]
-pub fn overhead(mode: RouteMode) -> u32 {
-    match mode {
-        RouteMode::Vxlan => VXLAN_OVERHEAD,
-        RouteMode::Ipip => IPIP_OVERHEAD,
-        RouteMode::Direct | RouteMode::Bgp => 0,
-    }
-}
 
 /// The smaller of `mtu` (0: unknown) and the path MTU learned toward `node`, if one is still
 /// valid at `now_ns`.
