@@ -147,14 +147,24 @@ impl FlannelNetConf {
             && u32::from(subnet.network()) <= u32::from(self.subnet_max)
     }
 
-    /// The pod MTU: `Backend.MTU` when given, else the underlay MTU minus the VXLAN overhead
-    /// whatever the backend. The largest overhead of every backend a cluster can switch to
-    /// (vxlan 50, ipip 20, host-gw 0) is taken so that a live backend switch never needs new
-    /// pod MTUs: pods are never rebuilt, at the price of 30 bytes per packet under ipip and 50
-    /// under host-gw. `Backend.MTU` may give that up for the configured backend's own bound
-    /// (`check_mtu`), as flannel's host-gw and Calico without encapsulation do.
+    /// The MTU of pods' interfaces: `Backend.MTU` when given, else the underlay's. By default
+    /// the backend's encapsulation overhead is taken off the pods' default route instead
+    /// ([`Self::path_mtu`], as Cilium's route MTU), so that a live backend switch changes a
+    /// route metric in each running pod and never needs pods rebuilt, and host-gw pods send
+    /// full-size packets as flannel's host-gw gives them. `Backend.MTU` fixes both at one value
+    /// for the configured backend's own bound (`check_mtu`).
     pub fn pod_mtu(&self, underlay_mtu: u32) -> u32 {
-        self.backend.mtu.unwrap_or(max_pod_mtu(underlay_mtu))
+        self.backend.mtu.unwrap_or(underlay_mtu)
+    }
+
+    /// What a pod's packet may be long to cross the cluster with the configured backend:
+    /// `Backend.MTU` when given, else the underlay MTU minus the backend's encapsulation
+    /// overhead. Pods get it as the MTU of their default route when it is below their
+    /// interface's.
+    pub fn path_mtu(&self, underlay_mtu: u32) -> u32 {
+        self.backend
+            .mtu
+            .unwrap_or(underlay_mtu.saturating_sub(self.encap_overhead()))
     }
 
     /// Bytes the configured backend adds to a pod's packet toward some peer: its tunnel's
@@ -393,7 +403,9 @@ mod tests {
         assert_eq!(c.backend.port, 8472);
         assert!(!c.backend.direct_routing);
         assert_eq!(c.subnets().count(), 255);
-        assert_eq!(c.pod_mtu(1500), 1450);
+        // The interface takes the underlay's MTU, the default route the path's.
+        assert_eq!(c.pod_mtu(1500), 1500);
+        assert_eq!(c.path_mtu(1500), 1450);
     }
 
     #[test]
@@ -531,10 +543,29 @@ mod tests {
                 conf_of(backend, max + 1).check_mtu(1500).unwrap_err()
             );
             assert!(e.contains(&format!("at most {max}")), "{backend}: {e}");
+            // Without Backend.MTU the interface gets the underlay's MTU and the path is the
+            // backend's own bound; with it, both are Backend.MTU.
+            let derived = FlannelNetConf::parse(&format!(
+                r#"{{"Network": "10.0.0.0/16", "Backend": {{{backend}}}}}"#
+            ))
+            .unwrap();
+            assert!(derived.check_mtu(1500).is_ok());
+            assert_eq!(
+                (derived.pod_mtu(1500), derived.path_mtu(1500)),
+                (1500, max),
+                "{backend}"
+            );
+            let fixed = conf_of(backend, max - 10);
+            assert_eq!(
+                (fixed.pod_mtu(1500), fixed.path_mtu(1500)),
+                (max - 10, max - 10)
+            );
         }
-        // Without Backend.MTU the pod MTU is derived, always within the bound.
+        assert_eq!(conf(1400).path_mtu(9000), 1400);
         let derived = FlannelNetConf::parse(r#"{"Network": "10.0.0.0/16"}"#).unwrap();
-        assert!(derived.check_mtu(1500).is_ok());
-        assert_eq!(derived.pod_mtu(9000), max_pod_mtu(9000));
+        assert_eq!(
+            (derived.pod_mtu(9000), derived.path_mtu(9000)),
+            (9000, 8950)
+        );
     }
 }

@@ -71,9 +71,9 @@ pub fn mode_policy(
 }
 
 /// Watches `--net-conf` for changes a node can apply live: the backend (type, DirectRouting,
-/// VNI, port). Pods are untouched: their MTU leaves room for the largest overhead, unless
-/// `Backend.MTU` took more for a backend that adds less, and then a backend whose packets
-/// would not fit is refused.
+/// VNI, port). Pods are not rebuilt: the loop changes their default route's MTU
+/// ([`PathMtuControl`]), unless `Backend.MTU` fixed their MTU, and then a backend whose
+/// packets would not fit is refused.
 pub struct NetConfWatch {
     path: Option<PathBuf>,
     mtime: Option<SystemTime>,
@@ -176,6 +176,19 @@ pub trait VxlanDeviceControl: Send {
     fn ensure(&mut self, port: u16) -> bool;
 }
 
+/// The path MTU of this node's pods (`FlannelNetConf::path_mtu`), kept by the loop: it goes
+/// into the subnet file (new pods' default route), the node's host link and the default route
+/// of every running pod. A live switch that adds overhead lowers it before the datapath
+/// encapsulates more; one that removes overhead raises it once the routes are in their new
+/// mode (before, larger packets would still be encapsulated, and the pods would learn the old
+/// path MTU back from the datapath's fragmentation-needed). Every resync sets it again,
+/// catching a pod whose ADD read the subnet file before a switch.
+pub trait PathMtuControl: Send {
+    /// Makes everything say `path_mtu`. What fails for one pod is logged and never stops the
+    /// others.
+    fn apply(&mut self, path_mtu: u32) -> Result<()>;
+}
+
 /// How often the loop checks `weft_vxlan`.
 const VXLAN_DEVICE_CHECK: Duration = Duration::from_secs(1);
 
@@ -201,6 +214,10 @@ pub struct ControlLoop<M: PeerMaps> {
     bgp: Option<Box<dyn BgpControl>>,
     /// `weft_vxlan` (tc hook only), whether VXLAN goes through it now, and when to check next.
     vxlan_device: Option<(Box<dyn VxlanDeviceControl>, bool, Instant)>,
+    /// The pods' path MTU, kept when given.
+    path_mtu: Option<Box<dyn PathMtuControl>>,
+    /// A switch raised the path MTU: applied once the routes are written in their new mode.
+    raise_path_mtu: bool,
 }
 
 impl<M: PeerMaps> ControlLoop<M> {
@@ -233,6 +250,25 @@ impl<M: PeerMaps> ControlLoop<M> {
             config_flags: 0,
             bgp: None,
             vxlan_device: None,
+            path_mtu: None,
+            raise_path_mtu: false,
+        }
+    }
+
+    /// Keeps the pods' path MTU with `control` (the node's MTU for its pods is already set
+    /// when the loop starts).
+    pub fn path_mtu(mut self, control: Box<dyn PathMtuControl>) -> Self {
+        self.path_mtu = Some(control);
+        self
+    }
+
+    /// Sets the pods' path MTU for `conf`; a failure is logged (the next resync tries again).
+    fn apply_path_mtu(&mut self, conf: &FlannelNetConf) {
+        let mtu = conf.path_mtu(self.underlay.mtu);
+        if let Some(control) = self.path_mtu.as_mut()
+            && let Err(e) = control.apply(mtu)
+        {
+            tracing::warn!("setting the pods' path MTU {mtu}: {e:#}");
         }
     }
 
@@ -330,15 +366,15 @@ impl<M: PeerMaps> ControlLoop<M> {
         self
     }
 
-    /// Applies changes of the net-conf file `path` (its backend) live, those whose overhead
-    /// fits the pods' MTU on the underlay's.
-    pub fn watch_net_conf(
-        mut self,
-        path: Option<PathBuf>,
-        pod_mtu: u32,
-        underlay_mtu: u32,
-    ) -> Self {
-        self.watch = NetConfWatch::new(path).with_mtus(pod_mtu, underlay_mtu);
+    /// Applies changes of the net-conf file `path` (its backend) live. With `fixed_mtu` (the
+    /// operator's `Backend.MTU`, the pods' interfaces and routes) only those whose overhead fits
+    /// it on the underlay's MTU; without, every one (the path MTU follows the backend).
+    pub fn watch_net_conf(mut self, path: Option<PathBuf>, fixed_mtu: Option<u32>) -> Self {
+        let mut watch = NetConfWatch::new(path);
+        if let Some(mtu) = fixed_mtu {
+            watch = watch.with_mtus(mtu, self.underlay.mtu);
+        }
+        self.watch = watch;
         self
     }
 
@@ -446,6 +482,12 @@ impl<M: PeerMaps> ControlLoop<M> {
                 self.dirty = false;
                 self.retry_at = None;
                 self.backoff.reset();
+                // Every route is in the configured mode now.
+                if resync || self.raise_path_mtu {
+                    self.raise_path_mtu = false;
+                    let conf = self.conf.clone();
+                    self.apply_path_mtu(&conf);
+                }
                 if self.metrics.ready.set(1) == 0 {
                     tracing::info!("ready");
                 }
@@ -461,8 +503,18 @@ impl<M: PeerMaps> ControlLoop<M> {
         Ok(turn)
     }
 
-    /// A live backend switch: the node config, then every route in its new mode.
+    /// A live backend switch: the node config, then every route in its new mode (at the next
+    /// turn). Pods' path MTU goes down now, before the datapath adds more overhead, and up once
+    /// the routes are written: no pod sends a packet the encapsulation of the moment cannot
+    /// carry.
     pub fn switch_backend(&mut self, new: FlannelNetConf) -> Result<()> {
+        let underlay_mtu = self.underlay.mtu;
+        let (old_mtu, new_mtu) = (self.conf.path_mtu(underlay_mtu), new.path_mtu(underlay_mtu));
+        if new_mtu < old_mtu {
+            self.apply_path_mtu(&new);
+        }
+        // A raise pending from an earlier switch is replaced by this one's.
+        self.raise_path_mtu = new_mtu > old_mtu;
         let port_changed = new.backend.port != self.conf.backend.port;
         if port_changed && let Some((_, up, _)) = self.vxlan_device.as_mut() {
             // The device listens on the old port: tc decapsulates VXLAN on the new one until
@@ -1011,7 +1063,8 @@ mod tests {
         let new = w.poll(&current).expect("the new backend");
         assert_eq!(new.backend.kind, BackendType::Ipip);
         // Pods at the underlay's full MTU (host-gw with Backend.MTU): a tunnel would not fit,
-        // so the switch is refused; host-gw pods at the default MTU may switch to anything.
+        // so the switch is refused; without Backend.MTU (no fixed MTU) anything is taken, the
+        // pods' path MTU follows.
         let mut full = NetConfWatch::new(Some(path.clone())).with_mtus(1500, 1500);
         full.mtime = None;
         assert_eq!(
@@ -1031,9 +1084,9 @@ mod tests {
             r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#,
         )
         .unwrap();
-        let mut default = NetConfWatch::new(Some(path.clone())).with_mtus(1450, 1500);
+        let mut default = NetConfWatch::new(Some(path.clone()));
         default.mtime = None;
-        assert!(default.poll(&host_gw).is_some(), "vxlan fits default pods");
+        assert!(default.poll(&host_gw).is_some(), "vxlan under default pods");
         fits.mtime = None;
         assert_eq!(
             fits.poll(&host_gw),
@@ -1041,6 +1094,65 @@ mod tests {
             "vxlan does not fit 1480-byte pods"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The path MTUs the loop set, in order.
+    #[derive(Clone, Default)]
+    struct FakePathMtu(Arc<std::sync::Mutex<Vec<u32>>>);
+
+    impl PathMtuControl for FakePathMtu {
+        fn apply(&mut self, path_mtu: u32) -> Result<()> {
+            self.0.lock().unwrap().push(path_mtu);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_pods_path_mtu_follows_the_backend_and_every_resync() {
+        let t0 = Instant::now();
+        let calls = FakePathMtu::default();
+        let mut l = control_loop(MemoryMaps::default(), conf("host-gw", false), t0)
+            .path_mtu(Box::new(calls.clone()));
+        l.turn(vec![Event::Snapshot(vec![])], t0).unwrap();
+        assert_eq!(*calls.0.lock().unwrap(), [1500], "the first resync");
+        // Lowered at the switch, before any route is in its new mode; raised once the routes
+        // are written (the next turn); unchanged: not applied.
+        for (backend, direct, at_switch, after_turn) in [
+            ("vxlan", false, vec![1450], vec![1450]),
+            ("vxlan", true, vec![], vec![]),
+            ("ipip", false, vec![], vec![1480]),
+            ("host-gw", false, vec![], vec![1500]),
+            ("ipip", false, vec![1480], vec![1480]),
+        ] {
+            calls.0.lock().unwrap().clear();
+            l.switch_backend(conf(backend, direct)).unwrap();
+            assert_eq!(
+                *calls.0.lock().unwrap(),
+                at_switch,
+                "{backend} at the switch"
+            );
+            l.turn(vec![], t0 + Duration::from_millis(1)).unwrap();
+            assert_eq!(
+                *calls.0.lock().unwrap(),
+                after_turn,
+                "{backend} after a turn"
+            );
+        }
+        calls.0.lock().unwrap().clear();
+        l.turn(vec![], t0 + Duration::from_secs(31)).unwrap();
+        assert_eq!(*calls.0.lock().unwrap(), [1480], "the next resync");
+        // Backend.MTU fixes the path MTU whatever the backend.
+        let fixed = |backend: &str| {
+            FlannelNetConf::parse(&format!(
+                r#"{{"Network": "10.244.0.0/16", "Backend": {{"Type": "{backend}", "MTU": 1400}}}}"#
+            ))
+            .unwrap()
+        };
+        calls.0.lock().unwrap().clear();
+        l.switch_backend(fixed("vxlan")).unwrap();
+        l.switch_backend(fixed("host-gw")).unwrap();
+        l.turn(vec![], t0 + Duration::from_secs(32)).unwrap();
+        assert_eq!(*calls.0.lock().unwrap(), [1400], "lowered once, then fixed");
     }
 
     /// What the fake BGP side was told, and what its table holds (shared with the test).

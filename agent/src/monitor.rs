@@ -375,20 +375,9 @@ impl Names {
             .collect();
         names.nodes = maps.nodes()?.into_iter().map(|(ip, _)| ip).collect();
         names.node_names = maps.node_names()?.into_iter().collect();
-        if let Ok(dirs) = std::fs::read_dir(cni_data_dir) {
-            for dir in dirs.flatten() {
-                let Ok(text) = std::fs::read_to_string(dir.path().join("allocations.json")) else {
-                    continue;
-                };
-                // One unreadable store never hides the others.
-                let Ok(state) = serde_json::from_str::<crate::ipam::State>(&text) else {
-                    continue;
-                };
-                for a in state.allocations {
-                    if let Some(pod) = a.pod {
-                        names.pods.insert(a.ip, pod);
-                    }
-                }
+        for a in crate::ipam::read_all(cni_data_dir) {
+            if let Some(pod) = a.pod {
+                names.pods.insert(a.ip, pod);
             }
         }
         Ok(names)

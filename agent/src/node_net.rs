@@ -13,12 +13,29 @@
 //! the agent's network namespace; sysctls are written under /proc/sys/net (per netns). Not
 //! sysfs: `/sys/class/net` shows the namespace sysfs was mounted in, not necessarily the agent's.
 //! The masquerade rule is the one thing written by a tool (`nft`, else `iptables`).
-use std::{net::Ipv4Addr, process::Command};
+use std::{
+    collections::HashSet,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use ipnet::Ipv4Net;
 use weft_common::{HOST_DEV, HOST_PEER_DEV, VXLAN_DEV};
-use weft_node::netlink::{self, BlockingNetlink, LinkInfo, Netlink, Scope};
+use weft_node::{
+    cni::names::POD_GATEWAY,
+    ipam,
+    netlink::{self, BlockingNetlink, LinkInfo, Netlink, Scope},
+    ns,
+    subnet_env::SubnetEnv,
+};
+
+use crate::control_loop::PathMtuControl;
 
 /// This node's VTEP MAC: stable, derived from its address, locally administered and unicast
 /// (`02:57` = 'W', then the IPv4 address). A restarted agent, a peer reading the lease and the
@@ -210,6 +227,166 @@ pub async fn ensure_host_link(
         .await
         .with_context(|| format!("routing {network} through {HOST_DEV}"))?;
     Ok(())
+}
+
+/// Whether `e` is the kernel refusing a permission (EPERM, EACCES).
+fn is_permission(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<nix::errno::Errno>(),
+            Some(nix::errno::Errno::EPERM | nix::errno::Errno::EACCES)
+        ) || c
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+    })
+}
+
+/// Gives the `weft_host`/`weft_net` pair the path MTU (node traffic is encapsulated like pod
+/// traffic).
+pub async fn set_host_link_mtu(nl: &Netlink, mtu: u32) -> Result<()> {
+    for dev in [HOST_DEV, HOST_PEER_DEV] {
+        let index = netlink::ifindex(dev)?;
+        nl.set_link(index, Some(mtu), None)
+            .await
+            .with_context(|| format!("setting the MTU of {dev} to {mtu}"))?;
+    }
+    Ok(())
+}
+
+/// What [`set_pod_route_mtu`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodRoute {
+    /// The route's MTU was changed.
+    Changed,
+    /// The route already had it.
+    Unchanged,
+    /// No interface `ifname` or no weft default route (yet: an ADD in flight; or the pod or a
+    /// chained plugin replaced it): nothing was done.
+    Missing,
+}
+
+/// Gives the default route of the pod in `netns` (weft's, via the pod gateway out of
+/// `ifname`) the MTU `path_mtu` when that is below the interface's MTU, and no MTU otherwise.
+pub fn set_pod_route_mtu(netns: &Path, ifname: &str, path_mtu: u32) -> Result<PodRoute> {
+    ns::run_in(netns, || {
+        let nl = BlockingNetlink::open()?;
+        let Some(link) = nl.block_on(nl.link(ifname))? else {
+            return Ok(PodRoute::Missing);
+        };
+        let want = (path_mtu < link.mtu).then_some(path_mtu);
+        let routes = nl.block_on(nl.routes())?;
+        let Some(route) = routes.iter().find(|r| {
+            r.dst == Ipv4Net::default()
+                && r.gateway == Some(POD_GATEWAY)
+                && r.oif == Some(link.ifindex)
+        }) else {
+            return Ok(PodRoute::Missing);
+        };
+        if route.mtu == want {
+            return Ok(PodRoute::Unchanged);
+        }
+        nl.block_on(nl.replace_default_route(POD_GATEWAY, link.ifindex, want))?;
+        Ok(PodRoute::Changed)
+    })
+}
+
+/// The pods' path MTU ([`PathMtuControl`]) on this node: the subnet file's `WEFT_ROUTE_MTU`
+/// (pods created from now on), the host link, and the default route of every pod the CNI
+/// plugin's IPAM stores under `cni_data_dir` name a network namespace for. A pod is visited
+/// until its route is found right, then again only when the path MTU changes: a resync costs
+/// nothing per settled pod.
+pub struct PodPathMtu {
+    pub subnet_file: PathBuf,
+    pub cni_data_dir: PathBuf,
+    /// The current path MTU, shared with whatever else writes the subnet file.
+    pub current: Arc<AtomicU32>,
+    /// Pods (namespace, interface) whose route has the current path MTU.
+    pub settled: HashSet<(String, String)>,
+}
+
+impl PodPathMtu {
+    pub fn new(subnet_file: PathBuf, cni_data_dir: PathBuf, current: Arc<AtomicU32>) -> Self {
+        Self {
+            subnet_file,
+            cni_data_dir,
+            current,
+            settled: HashSet::new(),
+        }
+    }
+}
+
+impl PathMtuControl for PodPathMtu {
+    fn apply(&mut self, path_mtu: u32) -> Result<()> {
+        let previous = self.current.swap(path_mtu, Ordering::Relaxed);
+        if previous != path_mtu {
+            self.settled.clear();
+        }
+        // No file: the node holds no subnet, and the file is written with the current value
+        // once it does.
+        if let Ok(mut env) = SubnetEnv::read(&self.subnet_file) {
+            let want = (path_mtu < env.mtu).then_some(path_mtu);
+            if env.route_mtu != want {
+                env.route_mtu = want;
+                env.write(&self.subnet_file)?;
+            }
+        }
+        let nl = BlockingNetlink::open()?;
+        nl.block_on(set_host_link_mtu(&nl, path_mtu))?;
+        let (mut changed, mut failed) = (0, 0);
+        let pods = ipam::read_all(&self.cni_data_dir);
+        // Deleted pods leave the set.
+        self.settled.retain(|(netns, ifname)| {
+            pods.iter()
+                .any(|p| p.netns.as_ref() == Some(netns) && p.ifname == *ifname)
+        });
+        for pod in pods {
+            let Some(netns) = pod.netns else {
+                continue;
+            };
+            let key = (netns, pod.ifname);
+            if self.settled.contains(&key) {
+                continue;
+            }
+            match set_pod_route_mtu(Path::new(&key.0), &key.1, path_mtu) {
+                Ok(PodRoute::Changed) => {
+                    changed += 1;
+                    self.settled.insert(key);
+                }
+                Ok(PodRoute::Unchanged) => {
+                    self.settled.insert(key);
+                }
+                Ok(PodRoute::Missing) => {}
+                Err(e) if is_permission(&e) => {
+                    // The same for every pod: said once per change.
+                    if previous != path_mtu {
+                        tracing::warn!(
+                            "cannot enter pods' network namespaces to set the MTU of their \
+                             default routes to {path_mtu} (entering one needs CAP_SYS_ADMIN): \
+                             running pods learn it from the datapath's fragmentation-needed, \
+                             new pods get it at creation: {e:#}"
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    failed += 1;
+                    // Said once per change, not at every resync.
+                    if previous != path_mtu {
+                        tracing::warn!(pod = %pod.ip, "setting the MTU of the pod's default route: {e:#}");
+                    }
+                }
+            }
+        }
+        if changed > 0 || previous != path_mtu {
+            tracing::info!(
+                path_mtu,
+                pods_changed = changed,
+                pods_failed = failed,
+                "pods' path MTU set"
+            );
+        }
+        Ok(())
+    }
 }
 
 /// What `weft_vxlan` must be: a metadata-mode VXLAN device on the configured port, with the

@@ -50,6 +50,11 @@ pub struct Allocation {
     /// in `CNI_ARGS`): `weft monitor` names endpoints with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// The pod's network namespace (`CNI_NETNS`): the agent enters it to change the MTU of the
+    /// pod's default route when a live backend switch changes the path MTU. None in records
+    /// written before weft recorded it or rebuilt from links.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +154,19 @@ impl Ipam {
     }
 }
 
+/// Every allocation of every network's store under `data_dir` (one directory per network),
+/// read without the lock: a snapshot for readers (`weft monitor`, the agent), which never
+/// change a store. One unreadable store never hides the others.
+pub fn read_all(data_dir: &Path) -> Vec<Allocation> {
+    let Ok(dirs) = std::fs::read_dir(data_dir) else {
+        return Vec::new();
+    };
+    dirs.flatten()
+        .filter_map(|dir| read_state(&dir.path().join(STATE_FILE)).ok())
+        .flat_map(|state| state.allocations)
+        .collect()
+}
+
 enum ReadError {
     Io(anyhow::Error),
     Corrupt(String),
@@ -214,6 +232,7 @@ impl Locked {
                 container_id: container_id.to_string(),
                 ifname: ifname.to_string(),
                 pod: None,
+                netns: None,
             });
             self.state.last = Some(ip);
             return Ok((ip, true));
@@ -224,16 +243,24 @@ impl Locked {
         })
     }
 
-    /// Records the pod an allocation belongs to; returns whether that changed anything.
-    pub fn set_pod(&mut self, container_id: &str, ifname: &str, pod: Option<String>) -> bool {
+    /// Records the pod an allocation belongs to and its network namespace; returns whether
+    /// that changed anything.
+    pub fn set_pod(
+        &mut self,
+        container_id: &str,
+        ifname: &str,
+        pod: Option<String>,
+        netns: Option<String>,
+    ) -> bool {
         match self
             .state
             .allocations
             .iter_mut()
             .find(|a| a.container_id == container_id && a.ifname == ifname)
         {
-            Some(a) if a.pod != pod => {
+            Some(a) if a.pod != pod || a.netns != netns => {
                 a.pod = pod;
+                a.netns = netns;
                 true
             }
             _ => false,
@@ -279,6 +306,7 @@ impl Locked {
             container_id: container_id.to_string(),
             ifname: ifname.to_string(),
             pod: None,
+            netns: None,
         });
         Ok((ip, true))
     }
@@ -426,6 +454,7 @@ mod tests {
                 container_id: "c".into(),
                 ifname: "eth0".into(),
                 pod: None,
+                netns: None,
             }],
         };
         let kept = l

@@ -32,7 +32,10 @@ use rtnetlink::{
             LinkMessage, LinkXdp, XdpAttached,
         },
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
-        route::{RouteAddress, RouteAttribute, RouteProtocol, RouteScope, RouteType},
+        route::{
+            RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteScope,
+            RouteType,
+        },
         tc::{TcAttribute, TcFilterBpfOption, TcOption},
     },
 };
@@ -233,6 +236,8 @@ pub struct RouteInfo {
     pub dst: Ipv4Net,
     pub gateway: Option<Ipv4Addr>,
     pub oif: Option<u32>,
+    /// The route's `mtu` metric, if it has one.
+    pub mtu: Option<u32>,
 }
 
 /// A unicast IPv4 route of a table other than main (weft's BGP table, which BIRD fills).
@@ -477,27 +482,39 @@ impl Netlink {
         onlink: bool,
         src: Option<Ipv4Addr>,
     ) -> Result<()> {
-        let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(dst.network(), dst.prefix_len())
-            .output_interface(ifindex)
-            // What iproute2 writes: routes of the administrator, not of a routing daemon.
-            .protocol(RouteProtocol::Boot)
-            .scope(match scope {
-                Scope::Link => RouteScope::Link,
-                Scope::Universe => RouteScope::Universe,
-            });
-        if let Some(gw) = gateway {
-            msg = msg.gateway(gw);
+        let msg = route_message(dst, gateway, ifindex, scope, onlink, src);
+        self.add_route(msg).await
+    }
+
+    /// Adds (or replaces) a pod's default route: via `gateway` `onlink` out of `ifindex`, with
+    /// the route metric `mtu` when given (`ip route replace default via GW dev IF onlink mtu
+    /// MTU`). The metric caps what the pod sends and the TCP MSS it advertises below its
+    /// interface's MTU (as Cilium's route MTU does), and can change under running connections.
+    pub async fn replace_default_route(
+        &self,
+        gateway: Ipv4Addr,
+        ifindex: u32,
+        mtu: Option<u32>,
+    ) -> Result<()> {
+        let mut msg = route_message(
+            Ipv4Net::default(),
+            Some(gateway),
+            ifindex,
+            Scope::Universe,
+            true,
+            None,
+        );
+        if let Some(mtu) = mtu {
+            msg.attributes
+                .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
         }
-        if let Some(src) = src {
-            msg = msg.pref_source(src);
-        }
-        if onlink {
-            msg = msg.onlink();
-        }
+        self.add_route(msg).await
+    }
+
+    async fn add_route(&self, msg: RouteMessage) -> Result<()> {
         self.handle
             .route()
-            .add(msg.build())
+            .add(msg)
             .replace()
             .execute()
             .await
@@ -550,11 +567,18 @@ impl Netlink {
                 let mut dst = Ipv4Addr::UNSPECIFIED;
                 let mut gateway = None;
                 let mut oif = None;
+                let mut mtu = None;
                 for a in &m.attributes {
                     match a {
                         RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = *ip,
                         RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(*ip),
                         RouteAttribute::Oif(i) => oif = Some(*i),
+                        RouteAttribute::Metrics(metrics) => {
+                            mtu = metrics.iter().find_map(|m| match m {
+                                RouteMetric::Mtu(v) => Some(*v),
+                                _ => None,
+                            })
+                        }
                         _ => {}
                     }
                 }
@@ -562,6 +586,7 @@ impl Netlink {
                     dst: Ipv4Net::new(dst, m.header.destination_prefix_length).unwrap_or_default(),
                     gateway,
                     oif,
+                    mtu,
                 }
             })
             .collect())
@@ -776,6 +801,37 @@ impl Deref for BlockingNetlink {
     fn deref(&self) -> &Netlink {
         &self.netlink
     }
+}
+
+/// A main-table route as `ip route` writes one: to `dst` out of `ifindex`, via `gateway` if
+/// any, preferring `src` as source, `onlink` when the gateway is outside every connected subnet.
+fn route_message(
+    dst: Ipv4Net,
+    gateway: Option<Ipv4Addr>,
+    ifindex: u32,
+    scope: Scope,
+    onlink: bool,
+    src: Option<Ipv4Addr>,
+) -> RouteMessage {
+    let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(dst.network(), dst.prefix_len())
+        .output_interface(ifindex)
+        // What iproute2 writes: routes of the administrator, not of a routing daemon.
+        .protocol(RouteProtocol::Boot)
+        .scope(match scope {
+            Scope::Link => RouteScope::Link,
+            Scope::Universe => RouteScope::Universe,
+        });
+    if let Some(gw) = gateway {
+        msg = msg.gateway(gw);
+    }
+    if let Some(src) = src {
+        msg = msg.pref_source(src);
+    }
+    if onlink {
+        msg = msg.onlink();
+    }
+    msg.build()
 }
 
 /// The ifindex of `name` in the calling thread's namespace.

@@ -19,8 +19,14 @@ pub struct SubnetEnv {
     pub network: Ipv4Net,
     /// This node's pod subnet.
     pub subnet: Ipv4Net,
-    /// MTU for pod interfaces (underlay MTU minus the largest enabled encapsulation overhead).
+    /// MTU for pod interfaces: the underlay's by default, `Backend.MTU` when the operator set
+    /// one (flannel's `FLANNEL_MTU`).
     pub mtu: u32,
+    /// MTU of each pod's default route (`WEFT_ROUTE_MTU`), when below `mtu`: what a pod's
+    /// packets may be long to cross the cluster with the current backend (the underlay MTU
+    /// minus its encapsulation overhead). The agent rewrites it, and the routes of running
+    /// pods, when a live backend switch changes it. None: no route MTU, pods send up to `mtu`.
+    pub route_mtu: Option<u32>,
     /// The underlay's MTU (`WEFT_UNDERLAY_MTU`): the CNI plugin refuses an `mtu` above it minus
     /// the largest encapsulation overhead. None in files that do not say (flannel's).
     pub underlay_mtu: Option<u32>,
@@ -43,6 +49,9 @@ impl SubnetEnv {
         if let Some(m) = self.underlay_mtu {
             text += &format!("WEFT_UNDERLAY_MTU={m}\n");
         }
+        if let Some(m) = self.route_mtu {
+            text += &format!("WEFT_ROUTE_MTU={m}\n");
+        }
         text
     }
 
@@ -51,6 +60,7 @@ impl SubnetEnv {
         let mut subnet = None;
         let mut mtu = None;
         let mut underlay_mtu = None;
+        let mut route_mtu = None;
         let mut ipmasq = false;
         let mut pin_root = PathBuf::from(weft_common::DEFAULT_PIN_ROOT);
         for (lineno, line) in text.lines().enumerate() {
@@ -83,6 +93,13 @@ impl SubnetEnv {
                             .with_context(|| format!("UNDERLAY_MTU: {value:?} is not a number"))?,
                     )
                 }
+                "ROUTE_MTU" => {
+                    route_mtu = Some(
+                        value
+                            .parse()
+                            .with_context(|| format!("ROUTE_MTU: {value:?} is not a number"))?,
+                    )
+                }
                 "IPMASQ" => ipmasq = value == "true",
                 "PIN_ROOT" => pin_root = PathBuf::from(value),
                 _ => {}
@@ -99,6 +116,7 @@ impl SubnetEnv {
             subnet,
             mtu,
             underlay_mtu,
+            route_mtu,
             ipmasq,
             pin_root,
         })
@@ -145,8 +163,9 @@ mod tests {
         let env = SubnetEnv {
             network: "10.244.0.0/16".parse().unwrap(),
             subnet: "10.244.3.0/24".parse().unwrap(),
-            mtu: 1450,
+            mtu: 1500,
             underlay_mtu: Some(1500),
+            route_mtu: Some(1450),
             ipmasq: true,
             pin_root: "/sys/fs/bpf/weft-x".into(),
         };
@@ -156,6 +175,7 @@ mod tests {
         assert_eq!(parsed.subnet, "10.244.3.0/24".parse().unwrap());
         assert_eq!(parsed.mtu, 1450);
         assert_eq!(parsed.underlay_mtu, None);
+        assert_eq!(parsed.route_mtu, None);
         assert_eq!(parsed.gateway(), Ipv4Addr::new(10, 244, 3, 1));
     }
 

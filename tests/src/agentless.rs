@@ -148,6 +148,12 @@ impl WeftNode {
     /// Creates a pod namespace wired as the CNI plugin wires it: a veth whose host side carries
     /// `from_pod`, the pod address as /32, the gateway as a static neighbour, a host route.
     pub fn add_pod(&self, ip: Ipv4Addr, mtu: u32) -> Pod {
+        self.add_pod_with_route_mtu(ip, mtu, None)
+    }
+
+    /// `add_pod`, the pod's default route with the MTU `route_mtu` if given (what the CNI
+    /// plugin gives pods when the node's path MTU is below their interface's).
+    pub fn add_pod_with_route_mtu(&self, ip: Ipv4Addr, mtu: u32, route_mtu: Option<u32>) -> Pod {
         let ns = Netns::new("wpod");
         let host_ifname = crate::netns::unique_name("wh");
         self.ns.ip(&format!(
@@ -164,8 +170,9 @@ impl WeftNode {
             "neigh replace {POD_GATEWAY} lladdr {} dev eth0 nud permanent",
             format_mac(&host_mac)
         ));
+        let route_mtu = route_mtu.map(|m| format!(" mtu {m}")).unwrap_or_default();
         ns.ip(&format!(
-            "route add default via {POD_GATEWAY} dev eth0 onlink"
+            "route add default via {POD_GATEWAY} dev eth0 onlink{route_mtu}"
         ));
         self.ns
             .ip(&format!("route add {ip}/32 dev {host_ifname} scope link"));

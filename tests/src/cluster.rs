@@ -444,6 +444,7 @@ impl Cluster {
                 subnet: format!("10.244.{n}.0/24").parse().unwrap(),
                 mtu: 1450,
                 underlay_mtu: None,
+                route_mtu: None,
                 ipmasq: true,
                 pin_root: node.pins.path.clone(),
             }
@@ -558,6 +559,8 @@ impl Cluster {
             node.pins.path.display().to_string(),
             "--subnet-file".into(),
             node.subnet_file().display().to_string(),
+            "--cni-data-dir".into(),
+            node.dir.join("ipam").display().to_string(),
             "--metrics-addr".into(),
             node.metrics_addr().to_string(),
             "--lease-ttl".into(),

@@ -315,6 +315,7 @@ impl CniNode {
             mtu: self.mtu,
             // As the agent writes it: the pod MTU is the underlay's minus 50.
             underlay_mtu: Some(self.mtu + weft_common::VXLAN_OVERHEAD),
+            route_mtu: None,
             ipmasq: true,
             pin_root: self.pins.path.clone(),
         }

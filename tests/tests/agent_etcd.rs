@@ -93,7 +93,12 @@ fn agents_share_etcd_join_and_leave() {
     for node in &c.nodes {
         let env = node.subnet_env();
         assert_eq!(env.network, "10.244.0.0/16".parse().unwrap());
-        assert_eq!(env.mtu, 1450, "underlay 1500 minus the VXLAN overhead");
+        assert_eq!(env.mtu, 1500, "pods' interfaces take the underlay's MTU");
+        assert_eq!(
+            env.route_mtu,
+            Some(1450),
+            "their default route the underlay's minus the VXLAN overhead"
+        );
         assert_eq!(env.pin_root, node.pins.path);
         assert!(env.ipmasq);
     }
@@ -596,7 +601,10 @@ fn backends_and_live_backend_switch() {
             "VNI and port applied live"
         );
         assert_eq!(n.subnet_env().subnet, *s);
-        assert_eq!(n.subnet_env().mtu, 1450);
+        assert_eq!(
+            (n.subnet_env().mtu, n.subnet_env().route_mtu),
+            (1500, Some(1450))
+        );
         assert!(n.agent.as_ref().unwrap().pid() > 0);
     }
 }

@@ -180,6 +180,41 @@ fn add_check_del_in_every_version() {
     }
 }
 
+/// The node's route MTU (`WEFT_ROUTE_MTU`, the path MTU under the agent's backend) goes on
+/// the pod's default route when below the interface's MTU, and the pod's namespace is recorded
+/// for the agent, which changes that route on a live backend switch.
+#[test]
+fn add_gives_the_default_route_the_nodes_route_mtu() {
+    let node = CniNode::new("10.244.16.0/24", 1500);
+    let mut env = weft_agent::subnet_env::SubnetEnv::read(&node.subnet_file()).unwrap();
+    env.route_mtu = Some(1450);
+    env.write(&node.subnet_file()).unwrap();
+    let pod = Netns::new("wcp");
+    let r = node.add("routed", &pod, "1.1.0");
+    assert_eq!(r["interfaces"][1]["mtu"], 1500, "{r}");
+    assert!(pod.ip("link show dev eth0").contains("mtu 1500"));
+    let route = pod.ip("-4 route show default");
+    assert!(route.contains("mtu 1450"), "{route}");
+    let ip = result_ip(&r);
+    assert_wired(&node, "routed", &pod, ip);
+    let check = node.check("routed", &pod, &r);
+    assert!(check.success, "CHECK: {} {}", check.stdout, check.stderr);
+    let recorded = weft_agent::ipam::read_all(&node.data_dir());
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0].netns.as_deref(), Some(pod.path().as_ref()));
+    // An interface MTU at or below the route's needs no route MTU: a config's `mtu`.
+    let mut conf = node.conf("1.1.0");
+    conf["mtu"] = json!(1400);
+    let small = Netns::new("wcp");
+    let out = node
+        .call("ADD", &conf)
+        .attachment("small", Some(&small.path()))
+        .run(&node.ns);
+    assert_eq!(out.ok()["interfaces"][1]["mtu"], 1400);
+    let route = small.ip("-4 route show default");
+    assert!(!route.contains("mtu"), "{route}");
+}
+
 #[test]
 fn repeated_add_returns_the_same_address() {
     let node = CniNode::new("10.244.6.0/24", 1400);

@@ -109,24 +109,49 @@ fn direct_routing_over_ipip_takes_both_paths() {
     direct_routing("ipip", RouteMode::Ipip);
 }
 
+/// The MTU of the default route of every pod of the cluster (None: the route has none), after
+/// checking that each pod's interface has the underlay's whole MTU.
+fn pod_route_mtus(c: &Cluster) -> Vec<Option<u32>> {
+    let mut out = Vec::new();
+    for node in &c.nodes {
+        for pod in &node.pods {
+            let mtu = pod.ns.exec("cat", &["/sys/class/net/eth0/mtu"]);
+            assert_eq!(mtu.trim(), "1500", "{}'s pod {}", node.name, pod.ip);
+            let route = pod.ns.exec("ip", &["-4", "route", "show", "default"]);
+            let words: Vec<&str> = route.split_whitespace().collect();
+            out.push(
+                words
+                    .iter()
+                    .position(|w| *w == "mtu")
+                    .map(|i| words[i + 1].parse().expect(&route)),
+            );
+        }
+    }
+    out
+}
+
 /// Changing `Backend.Type` (and DirectRouting) in net-conf.json while a flow runs: every node
-/// re-programs its routes, no pod is touched, pod addresses stay, and the loss is counted. The
+/// re-programs its routes, no pod is rebuilt, pod addresses stay, and the loss is counted. The
 /// agents' default hook: VXLAN through `weft_vxlan`, IPIP decapsulated by tc, host-gw plain.
+/// Pods keep the underlay's MTU on their interface; the MTU of their default route follows the
+/// backend's overhead, and bulk TCP and UDP of every size cross after each switch.
 #[test]
 fn live_backend_switch_through_the_config() {
     let mut c = cluster_with("vxlan", false, false, true);
+    let pods = c.nodes.iter().map(|n| n.pods.len()).sum::<usize>();
+    assert_eq!(pod_route_mtus(&c), vec![Some(1450); pods], "at ADD");
     let endpoints_before: Vec<_> = (0..c.nodes.len())
         .map(|i| c.nodes[i].maps().endpoints().unwrap())
         .collect();
     let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
     let flow = SequencedFlow::start(&a.ns, &b.ns, b.ip, 7400);
     let steps = [
-        ("ipip", false, RouteMode::Ipip),
-        ("host-gw", false, RouteMode::Direct),
-        ("vxlan", true, RouteMode::Direct),
-        ("vxlan", false, RouteMode::Vxlan),
+        ("ipip", false, RouteMode::Ipip, Some(1480)),
+        ("host-gw", false, RouteMode::Direct, None),
+        ("vxlan", true, RouteMode::Direct, Some(1450)),
+        ("vxlan", false, RouteMode::Vxlan, Some(1450)),
     ];
-    for (backend, direct, want) in steps {
+    for (backend, direct, want, route_mtu) in steps {
         std::thread::sleep(Duration::from_millis(300));
         c.options.backend = backend.into();
         c.options.direct_routing = direct;
@@ -140,6 +165,14 @@ fn live_backend_switch_through_the_config() {
                     !m.is_empty() && m.iter().all(|(_, mode)| *mode == want)
                 },
             );
+        }
+        wait_until(
+            &format!("the pods' route MTU {route_mtu:?} under {backend}"),
+            Duration::from_secs(10),
+            || pod_route_mtus(&c) == vec![route_mtu; pods],
+        );
+        for node in &c.nodes {
+            assert_eq!(node.subnet_env().route_mtu, route_mtu, "{}", node.name);
         }
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -158,6 +191,12 @@ fn live_backend_switch_through_the_config() {
         .collect();
     assert_eq!(endpoints_before, endpoints_after, "pods untouched");
     c.assert_full_matrix();
+    // Bulk both ways and UDP of every size, over vxlan after four switches.
+    let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
+    tcp_transfer(&b.ns, b.ip, 7410, &a.ns, 4 << 20, Duration::from_secs(30));
+    tcp_transfer(&a.ns, a.ip, 7411, &b.ns, 4 << 20, Duration::from_secs(30));
+    let retries = udp_echo_sizes(&a.ns, &b.ns, b.ip, 7412, 1300..=1500);
+    assert!(retries <= 2, "{retries} retries");
 }
 
 /// host-gw adds nothing: `Backend.MTU` may give pods the whole underlay MTU (1500 here), as

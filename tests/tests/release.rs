@@ -22,11 +22,13 @@ use std::{
 };
 
 use serde_json::{Value, json};
+use weft_common::RouteMode;
 use weft_tests::{
     cluster::{Cluster, ClusterOptions, bin_dir, cni},
+    flow::tcp_transfer,
     netns::{Netns, unique_name, veth_pair},
     pins::PinDir,
-    process::NsProcess,
+    process::{NsProcess, wait_until},
 };
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -806,6 +808,7 @@ fn unpacked_release_runs_a_cluster_as_the_daemonset_runs_it() {
         routes.contains(&other),
         "weft routes lists no route to {other}:\n{routes}"
     );
+    live_switch_without_entering_pods(&mut cluster);
 
     // Resources: what the agents use against what the manifest asks for.
     let resources = &agent_spec["resources"];
@@ -860,6 +863,65 @@ fn unpacked_release_runs_a_cluster_as_the_daemonset_runs_it() {
             "CPU request {req_cpu} is below the idle agent's {idle_cores:.4} cores"
         );
     }
+}
+
+/// A live backend switch under the manifest's capabilities. The agent may not enter pods'
+/// network namespaces (that needs CAP_SYS_ADMIN, which the manifest does not give), so it
+/// says so once per change and running pods keep their route MTU. Pods created under host-gw
+/// (no route MTU, 1500-byte packets) still get bulk TCP both ways once vxlan is back: they
+/// learn the path MTU from the datapath's fragmentation-needed.
+fn live_switch_without_entering_pods(cluster: &mut Cluster) {
+    const REFUSED: &str = "cannot enter pods' network namespaces";
+    let refusals = |c: &Cluster, i: usize| c.nodes[i].log().matches(REFUSED).count();
+    let switch = |c: &mut Cluster, backend: &str, mode: RouteMode, refused: usize| {
+        c.options.backend = backend.into();
+        c.write_net_conf();
+        for i in 0..c.nodes.len() {
+            wait_until(
+                &format!("{} to switch to {backend}", c.nodes[i].name),
+                Duration::from_secs(20),
+                || {
+                    let routes = c.nodes[i].maps().routes().unwrap_or_default();
+                    !routes.is_empty()
+                        && routes.iter().all(|(_, r)| r.mode == mode as u8)
+                        && refusals(c, i) >= refused
+                },
+            );
+        }
+    };
+    switch(cluster, "host-gw", RouteMode::Direct, 1);
+    let before = cluster
+        .nodes
+        .iter()
+        .map(|n| n.pods.len())
+        .collect::<Vec<_>>();
+    for i in 0..cluster.nodes.len() {
+        cluster.add_pod(i);
+    }
+    switch(cluster, "vxlan", RouteMode::Vxlan, 2);
+    let (a, b) = (
+        &cluster.nodes[0].pods[before[0]],
+        &cluster.nodes[1].pods[before[1]],
+    );
+    for pod in [a, b] {
+        let route = pod.ns.exec("ip", &["-4", "route", "show", "default"]);
+        assert!(!route.contains("mtu"), "a pod made under host-gw: {route}");
+    }
+    tcp_transfer(&b.ns, b.ip, 7500, &a.ns, 4 << 20, Duration::from_secs(30));
+    tcp_transfer(&a.ns, a.ip, 7501, &b.ns, 4 << 20, Duration::from_secs(30));
+    let sent: u64 = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            let stats = n.maps().stats().unwrap();
+            stats
+                .iter()
+                .find(|(k, _)| *k == weft_common::Stat::FragNeededSent)
+                .map_or(0, |(_, v)| *v)
+        })
+        .sum();
+    assert!(sent >= 2, "{sent} fragmentation-needed sent");
+    cluster.assert_full_matrix();
 }
 
 /// A node namespace with an underlay link, for one agent on its own (static datastore), with

@@ -7,7 +7,11 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::ExitCode,
-    sync::{Arc, mpsc},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
     time::{Duration, Instant},
 };
 
@@ -111,6 +115,11 @@ struct Args {
     cni_bin_dir: PathBuf,
     #[arg(long, default_value = "/etc/cni/net.d")]
     cni_conf_dir: PathBuf,
+    /// The CNI plugin's IPAM directory (`dataDir`, the one `--install-cni` writes): the agent
+    /// finds its pods' network namespaces there, to change the MTU of their default routes on
+    /// a live backend switch.
+    #[arg(long, default_value = "/var/lib/cni/weft")]
+    cni_data_dir: PathBuf,
     /// TTL of the etcd subnet lease in seconds (flannel's 24 h). A node away longer loses its
     /// subnet: it may be handed to another node once no never-used subnet is left.
     #[arg(long, default_value_t = 86_400)]
@@ -231,7 +240,7 @@ fn install_cni(args: &Args, conf_subnet_file: &Path) -> Result<()> {
         "plugins": [{
             "type": "weft-cni",
             "subnetFile": conf_subnet_file,
-            "dataDir": "/var/lib/cni/weft",
+            "dataDir": args.cni_data_dir,
             "pinRoot": args.pin_root,
             // A `bandwidth` plugin appended to this list shapes a pod only if weft knows
             // (the pod then takes the stack, where the plugin's qdiscs are, and gets TCX
@@ -424,7 +433,7 @@ fn program_datapath(
     args: &Args,
     conf: &FlannelNetConf,
     underlay: &Underlay,
-    pod_mtu: u32,
+    path_mtu: u32,
     nl: &BlockingNetlink,
 ) -> Result<Programmed> {
     let options = LoadOptions {
@@ -467,7 +476,8 @@ fn program_datapath(
     // through `weft_vxlan` if the device is still there as it must be.
     let vxlan = node_net::VxlanDevice {
         port: conf.backend.port,
-        mtu: pod_mtu,
+        // What VXLAN leaves room for, whatever the backend now.
+        mtu: weft_common::max_pod_mtu(underlay.mtu).min(path_mtu),
         mac: node_net::vtep_mac_for(underlay.node_ip),
         address: underlay.node_ip,
     };
@@ -521,7 +531,7 @@ fn program_datapath(
         nl,
         conf.network,
         underlay.node_ip,
-        pod_mtu,
+        path_mtu,
     ))?;
     dp.attach_from_host(HOST_PEER_DEV)?;
     let pods = dp.reattach_pods()?;
@@ -624,17 +634,18 @@ fn run(args: Args) -> Result<()> {
         )
     })?;
     let pod_mtu = conf.pod_mtu(underlay.mtu);
+    let path_mtu = conf.path_mtu(underlay.mtu);
     tracing::info!(
         iface = %underlay.name, node_ip = %underlay.node_ip, network = %conf.network,
         backend = conf.backend.kind.name(), direct_routing = conf.backend.direct_routing, pod_mtu,
-        "starting"
+        path_mtu, "starting"
     );
     node_net::set_sysctls(&underlay)?;
     let Programmed {
         dp,
         hook,
         vxlan_device,
-    } = program_datapath(&args, &conf, &underlay, pod_mtu, &nl)?;
+    } = program_datapath(&args, &conf, &underlay, path_mtu, &nl)?;
 
     let mut metrics = Metrics::new(Some(args.pin_root.clone()));
     let policy_metrics = Arc::new(PolicyMetrics::new());
@@ -678,13 +689,19 @@ fn run(args: Args) -> Result<()> {
         std::thread::sleep(backoff.next_delay());
     };
     tracing::info!(%subnet, "subnet acquired");
-    let subnet_env = move |args: &Args, conf: &FlannelNetConf, subnet| SubnetEnv {
-        network: conf.network,
-        subnet,
-        mtu: pod_mtu,
-        underlay_mtu: Some(underlay.mtu),
-        ipmasq: !args.no_ip_masq,
-        pin_root: args.pin_root.clone(),
+    // The pods' path MTU now: the control loop changes it on a live backend switch.
+    let current_path_mtu = Arc::new(AtomicU32::new(path_mtu));
+    let subnet_env = {
+        let current = current_path_mtu.clone();
+        move |args: &Args, conf: &FlannelNetConf, subnet| SubnetEnv {
+            network: conf.network,
+            subnet,
+            mtu: pod_mtu,
+            underlay_mtu: Some(underlay.mtu),
+            route_mtu: Some(current.load(Ordering::Relaxed)).filter(|m| *m < pod_mtu),
+            ipmasq: !args.no_ip_masq,
+            pin_root: args.pin_root.clone(),
+        }
     };
     subnet_env(&args, &conf, subnet).write(&args.subnet_file)?;
     fence.holds(subnet);
@@ -741,7 +758,7 @@ fn run(args: Args) -> Result<()> {
         );
         Ok(())
     };
-    let underlay_mtu = underlay.mtu;
+    let fixed_mtu = conf.backend.mtu;
     let mut control = ControlLoop::new(
         dp.maps,
         rec,
@@ -754,7 +771,13 @@ fn run(args: Args) -> Result<()> {
     // The hook's bits too, so a live backend switch keeps them for `weft status`.
     .config_flags(config_flags(&args) | hook.flags())
     .bgp(Box::new(bgp))
-    .watch_net_conf(args.net_conf.clone(), pod_mtu, underlay_mtu)
+    .watch_net_conf(args.net_conf.clone(), fixed_mtu)
+    // Pods from before a restart get the path MTU at the loop's first resync too.
+    .path_mtu(Box::new(node_net::PodPathMtu::new(
+        args.subnet_file.clone(),
+        args.cni_data_dir.clone(),
+        current_path_mtu,
+    )))
     .on_local_subnet(on_local_subnet)
     .on_subnet_lost(on_subnet_lost);
     if let Some((device, up)) = vxlan_device {

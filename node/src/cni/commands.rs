@@ -217,6 +217,10 @@ pub fn add(env: &Env, conf: &NetworkConfig, log: &Log) -> CniResult<Value> {
     let subnet = node_subnet(conf, code::TRY_AGAIN_LATER)?;
     let pin_root = pin_root(conf, Some(&subnet));
     let mtu = pod_mtu(conf, &subnet)?;
+    // Below the interface's MTU, the node's route MTU caps what the pod sends (the backend's
+    // encapsulation overhead is taken off the route, not the interface, so that a live switch
+    // changes only the route).
+    let route_mtu = subnet.route_mtu.filter(|r| *r < mtu);
     let mut maps = ready_maps(&pin_root, code::TRY_AGAIN_LATER)?;
     let names = AttachmentNames::of(&env.container_id, &env.ifname);
     let mut undo = Undo::default();
@@ -227,6 +231,7 @@ pub fn add(env: &Env, conf: &NetworkConfig, log: &Log) -> CniResult<Value> {
         netns: &netns,
         names: &names,
         mtu,
+        route_mtu,
         pin_root: &pin_root,
     };
     let ip = match wiring.wire(&mut maps, &mut undo, log) {
@@ -277,6 +282,8 @@ struct Wiring<'a> {
     netns: &'a Path,
     names: &'a AttachmentNames,
     mtu: u32,
+    /// The `mtu` metric of the pod's default route, when below `mtu`.
+    route_mtu: Option<u32>,
     pin_root: &'a Path,
 }
 
@@ -358,7 +365,12 @@ impl Wiring<'_> {
                 ),
             }
             .map_err(ipam_error)?;
-            let named = locked.set_pod(&env.container_id, &env.ifname, args.pod());
+            let named = locked.set_pod(
+                &env.container_id,
+                &env.ifname,
+                args.pod(),
+                Some(self.netns.display().to_string()),
+            );
             if got.1 || named {
                 locked.commit().map_err(ipam_error)?;
             }
@@ -446,15 +458,8 @@ impl Wiring<'_> {
                 .context("link up")?;
             nl.block_on(nl.replace_neighbour(index, POD_GATEWAY, &self.names.host_mac))
                 .context("gateway neighbour")?;
-            nl.block_on(nl.replace_route(
-                Ipv4Net::default(),
-                Some(POD_GATEWAY),
-                index,
-                Scope::Universe,
-                true,
-                None,
-            ))
-            .context("default route")?;
+            nl.block_on(nl.replace_default_route(POD_GATEWAY, index, self.route_mtu))
+                .context("default route")?;
             Ok(())
         };
         let (host_done, pod_done) = std::thread::scope(|s| {
@@ -972,6 +977,7 @@ mod tests {
             subnet: "10.244.1.0/24".parse().unwrap(),
             mtu,
             underlay_mtu: Some(underlay_mtu),
+            route_mtu: None,
             ipmasq: true,
             pin_root: PathBuf::from("/sys/fs/bpf/weft"),
         }

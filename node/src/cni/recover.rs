@@ -113,8 +113,11 @@ pub fn allocations(
             ip,
             container_id,
             ifname,
-            // Links do not carry pod names: `weft monitor` shows such a pod by its address.
+            // Links carry neither the pod's name (`weft monitor` shows such a pod by its
+            // address) nor its namespace (a live backend switch leaves its route MTU alone; path
+            // MTU discovery through the datapath's fragmentation-needed still sizes its packets).
             pod: None,
+            netns: None,
         });
     }
     state.allocations.sort_by_key(|a| a.ip);

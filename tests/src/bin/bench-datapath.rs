@@ -29,8 +29,9 @@ use weft_tests::{
     testrun::{run_tc, run_xdp},
 };
 
-/// weft's pod MTU: the underlay's 1500 minus the largest tunnel overhead (50), so a cluster
-/// can switch backends without rebuilding pods. Flannel's VXLAN pods get the same.
+/// Flannel's VXLAN pods' MTU (and the kernel's vxlan pods'): the underlay's 1500 minus 50.
+/// weft's pods get the underlay's on their interface and the path's on their default route
+/// (`weft_pod_mtus`).
 const POD_MTU: u32 = 1450;
 
 /// `--pod-mtu N`: every contestant's pods get MTU N, the kernel's routed ones (`kernel-hostgw`,
@@ -39,9 +40,25 @@ const POD_MTU: u32 = 1450;
 /// a fifth for the kernel alone: at equal MTU the datapaths are compared, not the MTUs.
 static POD_MTU_SET: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 
-/// The MTU of weft's and flannel's pods.
+/// The MTU of flannel's and the kernel's tunnel pods.
 fn pod_mtu() -> u32 {
     POD_MTU_SET.get().copied().unwrap_or(POD_MTU)
+}
+
+/// The underlay's MTU on both wires (veths at their default).
+const UNDERLAY_MTU: u32 = 1500;
+
+/// What the agent gives weft's pods by default under `mode`: the underlay's MTU on the
+/// interface and the path's (the underlay's minus the mode's overhead) on the default route
+/// when smaller. `--pod-mtu N`: N on the interface, no route MTU.
+fn weft_pod_mtus(mode: RouteMode) -> (u32, Option<u32>) {
+    match POD_MTU_SET.get() {
+        Some(mtu) => (*mtu, None),
+        None => (
+            UNDERLAY_MTU,
+            Some(UNDERLAY_MTU - mode.overhead()).filter(|m| *m < UNDERLAY_MTU),
+        ),
+    }
 }
 
 /// Builds a contestant's testbed; the argument selects the MTU-sized wire.
@@ -143,8 +160,9 @@ fn weft_with(mode: RouteMode, mtu_sized: bool, xdp: XdpSetting, vxlan_device: bo
         WeftNode::with_vxlan_device(na, NODE_A, "eth0", [2, 0x77, 0, 0, 0, 1], xdp, vxlan_device);
     let b =
         WeftNode::with_vxlan_device(nb, NODE_B, "eth0", [2, 0x77, 0, 0, 0, 2], xdp, vxlan_device);
-    let pa = a.add_pod(Ipv4Addr::new(10, 244, 1, 2), pod_mtu());
-    let pb = b.add_pod(Ipv4Addr::new(10, 244, 2, 2), pod_mtu());
+    let (mtu, route_mtu) = weft_pod_mtus(mode);
+    let pa = a.add_pod_with_route_mtu(Ipv4Addr::new(10, 244, 1, 2), mtu, route_mtu);
+    let pb = b.add_pod_with_route_mtu(Ipv4Addr::new(10, 244, 2, 2), mtu, route_mtu);
     a.add_peer("10.244.2.0/24".parse().unwrap(), NODE_B, b.vtep_mac, mode);
     b.add_peer("10.244.1.0/24".parse().unwrap(), NODE_A, a.vtep_mac, mode);
     let (decap, vxlan_device) = (a.decap, a.vxlan_device);
@@ -268,8 +286,9 @@ fn weft_bgp(mtu_sized: bool, xdp: XdpSetting) -> Testbed {
     let (na, router, nb) = routed_underlay(mtu_sized);
     let a = WeftNode::new(na, ROUTED_A, "eth0", [2, 0x77, 0, 0, 0, 1], xdp);
     let b = WeftNode::new(nb, ROUTED_B, "eth0", [2, 0x77, 0, 0, 0, 2], xdp);
-    let pa = a.add_pod(Ipv4Addr::new(10, 244, 1, 2), pod_mtu());
-    let pb = b.add_pod(Ipv4Addr::new(10, 244, 2, 2), pod_mtu());
+    let (mtu, route_mtu) = weft_pod_mtus(RouteMode::Bgp);
+    let pa = a.add_pod_with_route_mtu(Ipv4Addr::new(10, 244, 1, 2), mtu, route_mtu);
+    let pb = b.add_pod_with_route_mtu(Ipv4Addr::new(10, 244, 2, 2), mtu, route_mtu);
     for (node, subnet, peer, peer_mac, gw) in [
         (&a, "10.244.2.0/24", ROUTED_B, b.vtep_mac, ROUTER_A),
         (&b, "10.244.1.0/24", ROUTED_A, a.vtep_mac, ROUTER_B),
