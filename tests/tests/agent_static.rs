@@ -7,8 +7,11 @@ use weft_tests::{
     cluster::{METRICS_PORT, binary},
     netns::{Netns, unique_name, veth_pair},
     pins::PinDir,
-    process::{NsProcess, wait_until},
+    process::{NsProcess, output_within, wait_until},
 };
+
+/// How long an agent refusing its configuration may take to exit.
+const REFUSAL_WITHIN: Duration = Duration::from_secs(30);
 
 #[test]
 fn static_topology_programs_routes() {
@@ -185,18 +188,21 @@ fn static_topology_programs_routes() {
         )
         .unwrap();
         let scratch = PinDir::new("stm");
-        let out = std::process::Command::new("nsenter")
-            .arg(format!("--net={}", a.path()))
-            .arg(binary("weft-agent"))
-            .args(["--datastore", "static", "--node-name", "a", "--static-file"])
-            .arg(&topology)
-            .arg("--net-conf")
-            .arg(&big_mtu)
-            .arg("--pin-root")
-            .arg(&scratch.path)
-            .args(["--metrics-addr", "127.0.0.1:0"])
-            .output()
-            .unwrap();
+        let out = output_within(
+            std::process::Command::new("nsenter")
+                .arg(format!("--net={}", a.path()))
+                .arg(binary("weft-agent"))
+                .args(["--datastore", "static", "--node-name", "a", "--static-file"])
+                .arg(&topology)
+                .arg("--net-conf")
+                .arg(&big_mtu)
+                .arg("--pin-root")
+                .arg(&scratch.path)
+                .arg("--subnet-file")
+                .arg(dir.join("big-mtu.env"))
+                .args(["--metrics-addr", "127.0.0.1:0"]),
+            REFUSAL_WITHIN,
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{backend} {mtu}");
         assert!(
@@ -210,19 +216,25 @@ fn static_topology_programs_routes() {
         r#"{"nodes": [{"name": "a", "publicIP": "x", "subnet": "10.70.1.0/24"}]}"#,
     )
     .unwrap();
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", a.path()))
-        .arg(binary("weft-agent"))
-        .args([
-            "--datastore",
-            "static",
-            "--static-file",
-            topology.to_str().unwrap(),
-            "--net-conf",
-            conf.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let scratch = PinDir::new("stb");
+    let out = output_within(
+        std::process::Command::new("nsenter")
+            .arg(format!("--net={}", a.path()))
+            .arg(binary("weft-agent"))
+            .args([
+                "--datastore",
+                "static",
+                "--static-file",
+                topology.to_str().unwrap(),
+                "--net-conf",
+                conf.to_str().unwrap(),
+                "--pin-root",
+                scratch.path.to_str().unwrap(),
+                "--subnet-file",
+                dir.join("bad-topology.env").to_str().unwrap(),
+            ]),
+        REFUSAL_WITHIN,
+    );
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("nodes[0].publicIP"),
@@ -252,6 +264,8 @@ fn install_cni_copies_the_plugin_and_writes_the_conflist() {
         .arg(dir.join("bin"))
         .arg("--cni-conf-dir")
         .arg(dir.join("net.d"))
+        .arg("--cni-data-dir")
+        .arg(dir.join("ipam"))
         .arg("--subnet-file")
         .arg(dir.join("subnet.env"))
         .output()
@@ -274,6 +288,11 @@ fn install_cni_copies_the_plugin_and_writes_the_conflist() {
     assert_eq!(
         conf["plugins"][0]["subnetFile"],
         dir.join("subnet.env").to_str().unwrap()
+    );
+    // The IPAM directory the agent reads pods' namespaces from.
+    assert_eq!(
+        conf["plugins"][0]["dataDir"],
+        dir.join("ipam").to_str().unwrap()
     );
     // Nothing else happened: no datapath, no subnet file.
     assert!(!dir.join("subnet.env").exists());
