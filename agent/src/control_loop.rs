@@ -262,9 +262,8 @@ impl<M: PeerMaps> ControlLoop<M> {
         self
     }
 
-    /// Sets the pods' path MTU for `conf`; a failure is logged (the next resync tries again).
-    fn apply_path_mtu(&mut self, conf: &FlannelNetConf) {
-        let mtu = conf.path_mtu(self.underlay.mtu);
+    /// Sets the pods' path MTU; a failure is logged (the next resync tries again).
+    fn apply_path_mtu(&mut self, mtu: u32) {
         if let Some(control) = self.path_mtu.as_mut()
             && let Err(e) = control.apply(mtu)
         {
@@ -485,8 +484,7 @@ impl<M: PeerMaps> ControlLoop<M> {
                 // Every route is in the configured mode now.
                 if resync || self.raise_path_mtu {
                     self.raise_path_mtu = false;
-                    let conf = self.conf.clone();
-                    self.apply_path_mtu(&conf);
+                    self.apply_path_mtu(self.conf.path_mtu(self.underlay.mtu));
                 }
                 if self.metrics.ready.set(1) == 0 {
                     tracing::info!("ready");
@@ -511,7 +509,7 @@ impl<M: PeerMaps> ControlLoop<M> {
         let underlay_mtu = self.underlay.mtu;
         let (old_mtu, new_mtu) = (self.conf.path_mtu(underlay_mtu), new.path_mtu(underlay_mtu));
         if new_mtu < old_mtu {
-            self.apply_path_mtu(&new);
+            self.apply_path_mtu(new_mtu);
         }
         // A raise pending from an earlier switch is replaced by this one's.
         self.raise_path_mtu = new_mtu > old_mtu;

@@ -275,11 +275,10 @@ pub fn set_pod_route_mtu(netns: &Path, ifname: &str, path_mtu: u32) -> Result<Po
         };
         let want = (path_mtu < link.mtu).then_some(path_mtu);
         let routes = nl.block_on(nl.routes())?;
-        let Some(route) = routes.iter().find(|r| {
-            r.dst == Ipv4Net::default()
-                && r.gateway == Some(POD_GATEWAY)
-                && r.oif == Some(link.ifindex)
-        }) else {
+        let Some(route) = routes
+            .iter()
+            .find(|r| r.is_default_via(POD_GATEWAY, link.ifindex))
+        else {
             return Ok(PodRoute::Missing);
         };
         if route.mtu == want {
@@ -298,7 +297,8 @@ pub fn set_pod_route_mtu(netns: &Path, ifname: &str, path_mtu: u32) -> Result<Po
 pub struct PodPathMtu {
     pub subnet_file: PathBuf,
     pub cni_data_dir: PathBuf,
-    /// The current path MTU, shared with whatever else writes the subnet file.
+    /// The path MTU the subnet file and the host link have, shared with whatever else writes
+    /// the subnet file.
     pub current: Arc<AtomicU32>,
     /// Pods (namespace, interface) whose route has the current path MTU.
     pub settled: HashSet<(String, String)>,
@@ -317,21 +317,21 @@ impl PodPathMtu {
 
 impl PathMtuControl for PodPathMtu {
     fn apply(&mut self, path_mtu: u32) -> Result<()> {
-        let previous = self.current.swap(path_mtu, Ordering::Relaxed);
-        if previous != path_mtu {
+        // The subnet file and the host link are written at start with the path MTU, so only
+        // a change touches them; recorded once both took it (a failure is retried).
+        let change = self.current.load(Ordering::Relaxed) != path_mtu;
+        if change {
             self.settled.clear();
-        }
-        // No file: the node holds no subnet, and the file is written with the current value
-        // once it does.
-        if let Ok(mut env) = SubnetEnv::read(&self.subnet_file) {
-            let want = (path_mtu < env.mtu).then_some(path_mtu);
-            if env.route_mtu != want {
-                env.route_mtu = want;
+            // No file: the node holds no subnet, and the file is written with the current
+            // value once it does.
+            if let Ok(mut env) = SubnetEnv::read(&self.subnet_file) {
+                env.route_mtu = (path_mtu < env.mtu).then_some(path_mtu);
                 env.write(&self.subnet_file)?;
             }
+            let nl = BlockingNetlink::open()?;
+            nl.block_on(set_host_link_mtu(&nl, path_mtu))?;
+            self.current.store(path_mtu, Ordering::Relaxed);
         }
-        let nl = BlockingNetlink::open()?;
-        nl.block_on(set_host_link_mtu(&nl, path_mtu))?;
         let (mut changed, mut failed) = (0, 0);
         let pods = ipam::read_all(&self.cni_data_dir);
         // Deleted pods leave the set.
@@ -358,7 +358,7 @@ impl PathMtuControl for PodPathMtu {
                 Ok(PodRoute::Missing) => {}
                 Err(e) if is_permission(&e) => {
                     // The same for every pod: said once per change.
-                    if previous != path_mtu {
+                    if change {
                         tracing::warn!(
                             "cannot enter pods' network namespaces to set the MTU of their \
                              default routes to {path_mtu} (entering one needs CAP_SYS_ADMIN): \
@@ -371,13 +371,13 @@ impl PathMtuControl for PodPathMtu {
                 Err(e) => {
                     failed += 1;
                     // Said once per change, not at every resync.
-                    if previous != path_mtu {
+                    if change {
                         tracing::warn!(pod = %pod.ip, "setting the MTU of the pod's default route: {e:#}");
                     }
                 }
             }
         }
-        if changed > 0 || previous != path_mtu {
+        if changed > 0 || change {
             tracing::info!(
                 path_mtu,
                 pods_changed = changed,

@@ -240,6 +240,14 @@ pub struct RouteInfo {
     pub mtu: Option<u32>,
 }
 
+impl RouteInfo {
+    /// Whether this is the default route via `gateway` out of `ifindex` (a pod's, as the CNI
+    /// plugin writes it).
+    pub fn is_default_via(&self, gateway: Ipv4Addr, ifindex: u32) -> bool {
+        self.dst == Ipv4Net::default() && self.gateway == Some(gateway) && self.oif == Some(ifindex)
+    }
+}
+
 /// A unicast IPv4 route of a table other than main (weft's BGP table, which BIRD fills).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableRoute {

@@ -202,6 +202,13 @@ impl Node {
         })
     }
 
+    /// Whether the node has routes and every one is in `mode`.
+    pub fn routes_all_in(&self, mode: weft_common::RouteMode) -> bool {
+        Maps::open_pinned(&self.pins.path)
+            .and_then(|m| m.routes())
+            .is_ok_and(|r| !r.is_empty() && r.iter().all(|(_, r)| r.mode == mode as u8))
+    }
+
     pub fn subnet_env(&self) -> SubnetEnv {
         SubnetEnv::read(&self.subnet_file()).expect("reading the node's subnet file")
     }

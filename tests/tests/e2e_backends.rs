@@ -160,10 +160,7 @@ fn live_backend_switch_through_the_config() {
             wait_until(
                 &format!("{} to switch to {backend}", c.nodes[i].name),
                 Duration::from_secs(20),
-                || {
-                    let m = modes(&c, i);
-                    !m.is_empty() && m.iter().all(|(_, mode)| *mode == want)
-                },
+                || c.nodes[i].routes_all_in(want),
             );
         }
         wait_until(

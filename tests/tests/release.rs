@@ -880,12 +880,7 @@ fn live_switch_without_entering_pods(cluster: &mut Cluster) {
             wait_until(
                 &format!("{} to switch to {backend}", c.nodes[i].name),
                 Duration::from_secs(20),
-                || {
-                    let routes = c.nodes[i].maps().routes().unwrap_or_default();
-                    !routes.is_empty()
-                        && routes.iter().all(|(_, r)| r.mode == mode as u8)
-                        && refusals(c, i) >= refused
-                },
+                || c.nodes[i].routes_all_in(mode) && refusals(c, i) >= refused,
             );
         }
     };

@@ -730,9 +730,7 @@ pub fn check(env: &Env, conf: &NetworkConfig, _log: &Log) -> CniResult<()> {
         }
         let routes = nl.block_on(nl.routes())?;
         let gw = POD_GATEWAY;
-        if !routes.iter().any(|r| {
-            r.dst == Ipv4Net::default() && r.gateway == Some(gw) && r.oif == Some(l.ifindex)
-        }) {
+        if !routes.iter().any(|r| r.is_default_via(gw, l.ifindex)) {
             return Ok(Err(mismatch(format!(
                 "the pod's default route via {gw} dev {pod_if} is missing (routes: {routes:?})"
             ))));
