@@ -302,6 +302,9 @@ pub struct PodPathMtu {
     pub current: Arc<AtomicU32>,
     /// Pods (namespace, interface) whose route has the current path MTU.
     pub settled: HashSet<(String, String)>,
+    /// Entering pods' namespaces was refused (no CAP_SYS_ADMIN, as the shipped DaemonSet
+    /// runs): no pod is visited again until the path MTU changes.
+    pub denied: bool,
 }
 
 impl PodPathMtu {
@@ -311,6 +314,7 @@ impl PodPathMtu {
             cni_data_dir,
             current,
             settled: HashSet::new(),
+            denied: false,
         }
     }
 }
@@ -322,6 +326,7 @@ impl PathMtuControl for PodPathMtu {
         let change = self.current.load(Ordering::Relaxed) != path_mtu;
         if change {
             self.settled.clear();
+            self.denied = false;
             // No file: the node holds no subnet, and the file is written with the current
             // value once it does.
             if let Ok(mut env) = SubnetEnv::read(&self.subnet_file) {
@@ -332,13 +337,18 @@ impl PathMtuControl for PodPathMtu {
             nl.block_on(set_host_link_mtu(&nl, path_mtu))?;
             self.current.store(path_mtu, Ordering::Relaxed);
         }
+        if self.denied {
+            return Ok(());
+        }
         let (mut changed, mut failed) = (0, 0);
         let pods = ipam::read_all(&self.cni_data_dir);
         // Deleted pods leave the set.
-        self.settled.retain(|(netns, ifname)| {
-            pods.iter()
-                .any(|p| p.netns.as_ref() == Some(netns) && p.ifname == *ifname)
-        });
+        let present: HashSet<(&str, &str)> = pods
+            .iter()
+            .filter_map(|p| Some((p.netns.as_deref()?, p.ifname.as_str())))
+            .collect();
+        self.settled
+            .retain(|(netns, ifname)| present.contains(&(netns.as_str(), ifname.as_str())));
         for pod in pods {
             let Some(netns) = pod.netns else {
                 continue;
@@ -357,7 +367,8 @@ impl PathMtuControl for PodPathMtu {
                 }
                 Ok(PodRoute::Missing) => {}
                 Err(e) if is_permission(&e) => {
-                    // The same for every pod: said once per change.
+                    // The same for every pod: said, and tried, once per change.
+                    self.denied = true;
                     if change {
                         tracing::warn!(
                             "cannot enter pods' network namespaces to set the MTU of their \

@@ -187,24 +187,8 @@ fn static_topology_programs_routes() {
             ),
         )
         .unwrap();
-        let scratch = PinDir::new("stm");
-        let out = output_within(
-            std::process::Command::new("nsenter")
-                .arg(format!("--net={}", a.path()))
-                .arg(binary("weft-agent"))
-                .args(["--datastore", "static", "--node-name", "a", "--static-file"])
-                .arg(&topology)
-                .arg("--net-conf")
-                .arg(&big_mtu)
-                .arg("--pin-root")
-                .arg(&scratch.path)
-                .arg("--subnet-file")
-                .arg(dir.join("big-mtu.env"))
-                .args(["--metrics-addr", "127.0.0.1:0"]),
-            REFUSAL_WITHIN,
-        );
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{backend} {mtu}");
+        let (refused, stderr) = refusal(&a, &topology, &big_mtu, &dir.join("big-mtu.env"));
+        assert!(refused, "{backend} {mtu}");
         assert!(
             stderr.contains("Backend.MTU") && stderr.contains(&format!("at most {max}")),
             "{backend} {mtu}: {stderr}"
@@ -216,33 +200,42 @@ fn static_topology_programs_routes() {
         r#"{"nodes": [{"name": "a", "publicIP": "x", "subnet": "10.70.1.0/24"}]}"#,
     )
     .unwrap();
-    let scratch = PinDir::new("stb");
-    let out = output_within(
-        std::process::Command::new("nsenter")
-            .arg(format!("--net={}", a.path()))
-            .arg(binary("weft-agent"))
-            .args([
-                "--datastore",
-                "static",
-                "--static-file",
-                topology.to_str().unwrap(),
-                "--net-conf",
-                conf.to_str().unwrap(),
-                "--pin-root",
-                scratch.path.to_str().unwrap(),
-                "--subnet-file",
-                dir.join("bad-topology.env").to_str().unwrap(),
-            ]),
-        REFUSAL_WITHIN,
-    );
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("nodes[0].publicIP"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (refused, stderr) = refusal(&a, &topology, &conf, &dir.join("bad-topology.env"));
+    assert!(refused);
+    assert!(stderr.contains("nodes[0].publicIP"), "{stderr}");
     drop(agents);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs node `a`'s static agent in `ns` on `topology` and `net_conf` (its own pin root and
+/// subnet file), expecting it to refuse its configuration: whether it exited with failure, and
+/// its stderr (`output_within` fails the test if it still runs after `REFUSAL_WITHIN`).
+fn refusal(
+    ns: &Netns,
+    topology: &std::path::Path,
+    net_conf: &std::path::Path,
+    subnet_file: &std::path::Path,
+) -> (bool, String) {
+    let scratch = PinDir::new("str");
+    let out = output_within(
+        std::process::Command::new("nsenter")
+            .arg(format!("--net={}", ns.path()))
+            .arg(binary("weft-agent"))
+            .args(["--datastore", "static", "--node-name", "a", "--static-file"])
+            .arg(topology)
+            .arg("--net-conf")
+            .arg(net_conf)
+            .arg("--pin-root")
+            .arg(&scratch.path)
+            .arg("--subnet-file")
+            .arg(subnet_file)
+            .args(["--metrics-addr", "127.0.0.1:0"]),
+        REFUSAL_WITHIN,
+    );
+    (
+        !out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
